@@ -1,0 +1,195 @@
+//! Types shared by the eBPF probes (`profiler-ebpf`) and the user-space agent (`profiler-user`).
+//!
+//! Everything here crosses the kernel/user boundary through BPF maps, globals or attach cookies,
+//! so every struct is `#[repr(C)]`, has explicit padding and a size assertion, and uses integer
+//! flags instead of `bool`. With the `user` feature the structs implement `aya::Pod`.
+#![no_std]
+
+/// Which allocator entry point a probe is attached to. Sent to the probes in the attach cookie.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Reallocarray = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    Free = 9,
+}
+
+impl AllocKind {
+    pub const ALL: [AllocKind; 10] = [
+        AllocKind::Malloc,
+        AllocKind::Calloc,
+        AllocKind::Realloc,
+        AllocKind::Reallocarray,
+        AllocKind::PosixMemalign,
+        AllocKind::AlignedAlloc,
+        AllocKind::Memalign,
+        AllocKind::Valloc,
+        AllocKind::Pvalloc,
+        AllocKind::Free,
+    ];
+
+    pub const fn from_u8(v: u8) -> Option<AllocKind> {
+        if (v as usize) < Self::ALL.len() {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The C symbol of this entry point.
+    pub const fn symbol(self) -> &'static str {
+        match self {
+            AllocKind::Malloc => "malloc",
+            AllocKind::Calloc => "calloc",
+            AllocKind::Realloc => "realloc",
+            AllocKind::Reallocarray => "reallocarray",
+            AllocKind::PosixMemalign => "posix_memalign",
+            AllocKind::AlignedAlloc => "aligned_alloc",
+            AllocKind::Memalign => "memalign",
+            AllocKind::Valloc => "valloc",
+            AllocKind::Pvalloc => "pvalloc",
+            AllocKind::Free => "free",
+        }
+    }
+}
+
+/// Attach cookie layout: bits 0..8 = [`AllocKind`], bits 8..16 = how many bytes the probe site's
+/// stack pointer is below the entry stack pointer (the return address is at `[rsp + delta]`).
+pub const fn encode_cookie(kind: AllocKind, rsp_delta: u8) -> u64 {
+    (kind as u64) | ((rsp_delta as u64) << 8)
+}
+
+pub const fn decode_cookie(cookie: u64) -> (u8, u8) {
+    ((cookie & 0xff) as u8, ((cookie >> 8) & 0xff) as u8)
+}
+
+/// A live allocation, keyed by its address in the `LIVE` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocInfo {
+    /// Requested size in bytes.
+    pub size: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the allocation returned.
+    pub timestamp_ns: u64,
+    /// Which stack allocated it (also the key of its `STACK_STATS` entry).
+    pub stack: StackKey,
+}
+const _: () = assert!(core::mem::size_of::<AllocInfo>() == 32);
+
+/// Identifies an allocation site: the kernel's frame-pointer stack plus the immediate caller,
+/// which the kernel's walk misses when the allocator does not start with `push %rbp`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackKey {
+    /// Return address into the allocator's caller, read at `[rsp]` on entry (0 if unreadable).
+    pub caller: u64,
+    /// Id in the `STACKS` map, or -1 when the stack could not be recorded (then counted).
+    pub stack_id: i32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
+
+/// Per-stack totals kept in the kernel, so a heap snapshot reads one entry per stack instead of
+/// one per allocation. Updated with atomic adds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackStats {
+    pub live_bytes: u64,
+    pub live_allocs: u64,
+    pub total_bytes: u64,
+    pub total_allocs: u64,
+}
+const _: () = assert!(core::mem::size_of::<StackStats>() == 32);
+
+/// State of an allocator call between its entry and its return, per thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlight {
+    pub size: u64,
+    /// `realloc`'s old pointer or `posix_memalign`'s `memptr`.
+    pub ptr_arg: u64,
+    pub stack: StackKey,
+    /// [`AllocKind`] as u8.
+    pub kind: u32,
+    /// Allocator calls nested inside this one (glibc's realloc(NULL, n) calls malloc); the inner
+    /// calls are not recorded, the outer one is.
+    pub depth: u32,
+    /// 1 when this call was chosen by sampling and must be recorded.
+    pub sampled: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
+
+/// Indexes into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Successful allocations seen (sampled or not).
+    Allocs = 0,
+    AllocBytes = 1,
+    /// Frees of allocations that were being tracked.
+    Frees = 2,
+    FreeBytes = 3,
+    /// Frees of addresses not tracked: allocated before attach, or not sampled.
+    UntrackedFrees = 4,
+    /// Allocator calls that returned NULL (not recorded as allocations).
+    FailedAllocs = 5,
+    /// Allocations recorded with sampling (equal to Allocs at `--sampling full`).
+    SampledAllocs = 6,
+    SampledBytes = 7,
+    // Everything from here on is a drop: an event that could not be recorded.
+    DropLiveFull = 8,
+    DropStackCollision = 9,
+    DropStackError = 10,
+    DropStatsFull = 11,
+    DropInflightFull = 12,
+    DropNoInflight = 13,
+}
+
+pub const COUNTER_COUNT: u32 = 16;
+pub const FIRST_DROP_COUNTER: u32 = Counter::DropLiveFull as u32;
+
+impl Counter {
+    pub const DROPS: [Counter; 6] = [
+        Counter::DropLiveFull,
+        Counter::DropStackCollision,
+        Counter::DropStackError,
+        Counter::DropStatsFull,
+        Counter::DropInflightFull,
+        Counter::DropNoInflight,
+    ];
+
+    /// Stable name of a drop reason, used in `leaks.json`'s `dropped` object and in metrics.
+    pub const fn drop_reason(self) -> &'static str {
+        match self {
+            Counter::DropLiveFull => "live_map_full",
+            Counter::DropStackCollision => "stack_map_collision",
+            Counter::DropStackError => "stack_unreadable",
+            Counter::DropStatsFull => "stack_stats_full",
+            Counter::DropInflightFull => "inflight_map_full",
+            Counter::DropNoInflight => "return_without_entry",
+            _ => "not_a_drop",
+        }
+    }
+}
+
+/// Entries in the exponential table used for Poisson byte sampling.
+pub const EXP_TABLE_LEN: usize = 1024;
+/// Fixed-point scale of the exponential table's values.
+pub const EXP_TABLE_SHIFT: u32 = 16;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all fields are plain integers with explicit padding.
+    unsafe impl aya::Pod for super::AllocInfo {}
+    unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::StackStats {}
+    unsafe impl aya::Pod for super::InFlight {}
+}

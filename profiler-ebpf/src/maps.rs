@@ -1,0 +1,47 @@
+//! Every map and load-time setting of the probes. Capacities here are defaults: the agent
+//! resizes `LIVE`, `STACKS` and `STACK_STATS` at load time (`--max-allocs`, `--max-stacks`).
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
+    Global,
+};
+use profiler_common::{
+    AllocInfo, InFlight, StackKey, StackStats, COUNTER_COUNT, EXP_TABLE_LEN,
+};
+
+/// Only this process (tgid) is traced; 0 traces whoever hits the probe.
+#[unsafe(no_mangle)]
+pub static TARGET_TGID: Global<u32> = Global::new(0);
+
+/// Mean bytes between samples; 0 records every allocation.
+#[unsafe(no_mangle)]
+pub static SAMPLE_BYTES: Global<u64> = Global::new(0);
+
+/// `-ln(u)` for u uniform in (0, 1), in fixed point (see `EXP_TABLE_SHIFT`), filled at load time.
+#[map]
+pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32, 0);
+
+/// Live allocations: address -> size, time, stack.
+#[map]
+pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
+
+/// Per-stack totals, updated atomically.
+#[map]
+pub static STACK_STATS: HashMap<StackKey, StackStats> = HashMap::with_max_entries(1 << 16, 0);
+
+/// User stacks by id (`bpf_get_stackid`).
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(1 << 15, 0);
+
+/// Allocator calls between entry and return, by pid_tgid. LRU so a thread that dies inside
+/// malloc cannot leak an entry forever.
+#[map]
+pub static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(1 << 14, 0);
+
+/// Event and drop counters, see `profiler_common::Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Bytes left before the next sample on this CPU (Poisson byte sampling).
+#[map]
+pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,5 @@
+//! Aggregation: turns what the probes recorded (per-stack totals and live allocations) into a
+//! [`HeapProfile`], and compares profiles.
+pub mod profile;
+
+pub use profile::{Frame, HeapProfile, Measure, StackSample, Totals};

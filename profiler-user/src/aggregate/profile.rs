@@ -1,0 +1,171 @@
+//! The heap profile: pure data produced by a snapshot and consumed by every renderer, the
+//! snapshot store and the HTTP API. Nothing here touches the kernel.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One frame of an allocation stack, after symbolization.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// Demangled function name, when known.
+    pub function: Option<String>,
+    /// Source file, when debug info exists.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// Path of the object file (executable or library) holding the address.
+    pub module: Option<String>,
+    /// Virtual address in the target, as `0x...` (JSON numbers lose precision past 2^53).
+    #[serde(with = "hex_u64")]
+    pub address: u64,
+    /// Offset of the address in `module`'s file, for frames that could not be named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_offset: Option<u64>,
+}
+
+impl Frame {
+    /// The name shown in flamegraphs and reports: the function, else `module+0xoffset`,
+    /// else the raw address.
+    pub fn display_name(&self) -> String {
+        if let Some(f) = &self.function {
+            return f.clone();
+        }
+        match (&self.module, self.module_offset) {
+            (Some(m), Some(off)) => {
+                let base = m.rsplit('/').next().unwrap_or(m);
+                format!("{base}+{off:#x}")
+            }
+            _ => format!("{:#x}", self.address),
+        }
+    }
+
+    /// `file:line` when known.
+    pub fn location(&self) -> Option<String> {
+        match (&self.file, self.line) {
+            (Some(f), Some(l)) => Some(format!("{f}:{l}")),
+            (Some(f), None) => Some(f.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Everything known about one allocation stack at snapshot time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StackSample {
+    /// Innermost (the allocator's caller) first.
+    pub frames: Vec<Frame>,
+    /// Still allocated at snapshot time.
+    pub live_bytes: u64,
+    pub live_allocs: u64,
+    /// Allocated since attach, freed or not.
+    pub total_bytes: u64,
+    pub total_allocs: u64,
+    /// Live and older than the snapshot's `min_age_s`.
+    pub leak_bytes: u64,
+    pub leak_allocs: u64,
+    /// Age of the oldest live allocation of this stack, in seconds (0 when none is live).
+    pub oldest_age_s: f64,
+}
+
+/// Counts for the whole process since attach.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub live_bytes: u64,
+    pub live_allocs: u64,
+    pub allocated_bytes: u64,
+    pub allocs: u64,
+    pub frees: u64,
+}
+
+/// A heap snapshot of one process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeapProfile {
+    pub pid: u32,
+    /// Wall-clock time of the snapshot, milliseconds since the Unix epoch.
+    pub taken_at_ms: u64,
+    /// Seconds between attach and this snapshot.
+    pub duration_s: f64,
+    /// Live allocations younger than this are not counted as leaks.
+    pub min_age_s: f64,
+    /// Mean bytes between samples; 0 means every allocation was recorded. Values in `stacks`
+    /// and `totals` are already scaled up to estimates when sampling.
+    pub sample_bytes: u64,
+    pub totals: Totals,
+    /// Events that could not be recorded, by reason. Always lists every reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Heap bytes of the process that memscope never saw allocated (allocated before attach).
+    pub unseen_before_attach_bytes: u64,
+    /// Frees of addresses never seen allocated (allocated before attach, or not sampled).
+    pub untracked_frees: u64,
+    /// Set when the process exited during the recording.
+    #[serde(default)]
+    pub target_exited: bool,
+    pub stacks: Vec<StackSample>,
+}
+
+/// Which quantity a flamegraph, folded file or diff shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    /// Live bytes.
+    #[default]
+    Inuse,
+    /// Bytes allocated since attach.
+    Alloc,
+    /// Live bytes older than `min_age_s`.
+    Leaks,
+}
+
+impl Measure {
+    pub fn of(self, s: &StackSample) -> u64 {
+        match self {
+            Measure::Inuse => s.live_bytes,
+            Measure::Alloc => s.total_bytes,
+            Measure::Leaks => s.leak_bytes,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Measure> {
+        match s {
+            "inuse" => Some(Measure::Inuse),
+            "alloc" => Some(Measure::Alloc),
+            "leaks" => Some(Measure::Leaks),
+            _ => None,
+        }
+    }
+}
+
+impl HeapProfile {
+    /// Stacks with leaked bytes, largest first (ties broken by frames, so output is stable).
+    pub fn leaks(&self) -> Vec<&StackSample> {
+        let mut v: Vec<&StackSample> = self.stacks.iter().filter(|s| s.leak_bytes > 0).collect();
+        v.sort_by(|a, b| {
+            b.leak_bytes
+                .cmp(&a.leak_bytes)
+                .then_with(|| b.leak_allocs.cmp(&a.leak_allocs))
+                .then_with(|| frames_key(a).cmp(&frames_key(b)))
+        });
+        v
+    }
+
+    pub fn leaked_bytes(&self) -> u64 {
+        self.stacks.iter().map(|s| s.leak_bytes).sum()
+    }
+}
+
+fn frames_key(s: &StackSample) -> Vec<String> {
+    s.frames.iter().map(Frame::display_name).collect()
+}
+
+mod hex_u64 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:#x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s = String::deserialize(d)?;
+        let digits = s.strip_prefix("0x").ok_or_else(|| D::Error::custom("expected 0x..."))?;
+        u64::from_str_radix(digits, 16).map_err(D::Error::custom)
+    }
+}

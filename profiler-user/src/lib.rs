@@ -1,0 +1,6 @@
+//! memscope's user side, in the order the data flows:
+//! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
+//! [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
+//! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
+pub mod aggregate;
+pub mod render;
