@@ -2,5 +2,8 @@
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
 //! [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
+//! [`target`] is the seam between the tracing half and the serving half.
 pub mod aggregate;
+pub mod cli;
 pub mod render;
+pub mod target;

@@ -1,0 +1,35 @@
+//! A traced process as the rest of the program sees it: something that can produce a heap
+//! profile on demand and cheap live statistics. The eBPF implementation lives in
+//! [`crate::session`]; the HTTP API and the CLI only know this trait.
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use crate::aggregate::HeapProfile;
+
+/// Cheap statistics of a traced target, read without walking its live allocations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TargetStats {
+    pub pid: u32,
+    /// Executable name (`/proc/PID/comm`).
+    pub comm: String,
+    pub live_bytes: u64,
+    pub live_allocs: u64,
+    pub allocs: u64,
+    pub frees: u64,
+    pub dropped: BTreeMap<String, u64>,
+    /// Mean bytes between samples, 0 for every allocation.
+    pub sample_bytes: u64,
+    pub alive: bool,
+}
+
+/// A process being traced. Dropping the last handle detaches the probes.
+pub trait TracedTarget: Send + Sync {
+    fn pid(&self) -> u32;
+    /// A full heap profile, symbolized. Expensive: seconds at a million live allocations.
+    fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile>;
+    fn stats(&self) -> TargetStats;
+}
+
+/// Starts tracing processes. Errors carry one clear line for the operator.
+pub trait Attacher: Send + Sync {
+    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>>;
+}
