@@ -60,14 +60,13 @@ impl AllocKind {
     }
 }
 
-/// Attach cookie layout: bits 0..8 = [`AllocKind`], bits 8..16 = how many bytes the probe site's
-/// stack pointer is below the entry stack pointer (the return address is at `[rsp + delta]`).
-pub const fn encode_cookie(kind: AllocKind, rsp_delta: u8) -> u64 {
-    (kind as u64) | ((rsp_delta as u64) << 8)
+/// Attach cookie layout: bits 0..8 = [`AllocKind`]; the rest is reserved.
+pub const fn encode_cookie(kind: AllocKind) -> u64 {
+    kind as u64
 }
 
-pub const fn decode_cookie(cookie: u64) -> (u8, u8) {
-    ((cookie & 0xff) as u8, ((cookie >> 8) & 0xff) as u8)
+pub const fn decode_cookie(cookie: u64) -> u8 {
+    (cookie & 0xff) as u8
 }
 
 /// A live allocation, keyed by its address in the `LIVE` map.
@@ -88,7 +87,7 @@ const _: () = assert!(core::mem::size_of::<AllocInfo>() == 32);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackKey {
-    /// Return address into the allocator's caller, read at `[rsp]` on entry (0 if unreadable).
+    /// Return address into the allocator's caller (the instruction pointer in the return probe).
     pub caller: u64,
     /// Id in the `STACKS` map, or -1 when the stack could not be recorded (then counted).
     pub stack_id: i32,

@@ -88,7 +88,7 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
         unsafe { (*outer).depth += 1 };
         return Ok(());
     }
-    let (kind, rsp_delta) = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     let (size, ptr_arg) = match AllocKind::from_u8(kind).ok_or(())? {
         AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0),
         AllocKind::Calloc => (arg(ctx, 0).wrapping_mul(arg(ctx, 1)), 0),
@@ -111,8 +111,6 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
                 -1
             }
         };
-        let rsp = unsafe { (*ctx.regs).rsp } + rsp_delta as u64;
-        stack.caller = unsafe { bpf_probe_read_user(rsp as *const u64) }.unwrap_or(0);
     }
     let call = InFlight {
         size,
@@ -153,6 +151,12 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<(), ()> {
         *slot
     };
     let _ = INFLIGHT.remove(&pid_tgid);
+    let mut call = call;
+    // The kernel's frame-pointer walk at entry misses the allocator's caller when the
+    // allocator does not start with `push %rbp`; [rsp] at entry would hold it, but a uretprobe
+    // has already replaced it with its trampoline. In the return probe the kernel has restored
+    // the instruction pointer to the real return address: the caller.
+    call.stack.caller = unsafe { (*ctx.regs).rip };
     let ret: u64 = ctx.ret();
     let kind = AllocKind::from_u8(call.kind as u8).ok_or(())?;
     let ptr = match kind {
@@ -166,15 +170,16 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<(), ()> {
         AllocKind::Realloc | AllocKind::Reallocarray => {
             if ret == 0 {
                 if call.size == 0 && call.ptr_arg != 0 {
-                    // realloc(p, 0) frees p and returns NULL.
-                    forget(call.ptr_arg);
+                    // realloc(p, 0) frees p and returns NULL (glibc through free, which the
+                    // free probe already saw).
+                    forget(call.ptr_arg, false);
                 } else {
                     count(Counter::FailedAllocs, 1);
                 }
                 return Ok(());
             }
             if call.ptr_arg != 0 {
-                forget(call.ptr_arg);
+                forget(call.ptr_arg, false);
             }
             ret
         }
@@ -223,11 +228,14 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
     }
 }
 
-/// Drops a tracked allocation; counts frees of addresses that were never tracked.
+/// Drops a tracked allocation; counts frees of addresses that were never tracked (not for
+/// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
-fn forget(ptr: u64) {
+fn forget(ptr: u64, count_untracked: bool) {
     let Some(info) = (unsafe { LIVE.get(&ptr) }).copied() else {
-        count(Counter::UntrackedFrees, 1);
+        if count_untracked {
+            count(Counter::UntrackedFrees, 1);
+        }
         return;
     };
     if LIVE.remove(&ptr).is_err() {
@@ -250,7 +258,7 @@ pub fn free_entry(ctx: ProbeContext) -> u32 {
     if is_target(pid_tgid) {
         let ptr = arg(&ctx, 0);
         if ptr != 0 {
-            forget(ptr);
+            forget(ptr, true);
         }
     }
     0

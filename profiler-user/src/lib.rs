@@ -4,6 +4,12 @@
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
 //! [`target`] is the seam between the tracing half and the serving half.
 pub mod aggregate;
+pub mod api;
+pub mod bpf;
 pub mod cli;
+pub mod procfs;
 pub mod render;
+pub mod session;
+pub mod store;
+pub mod symbolize;
 pub mod target;

@@ -1,5 +1,7 @@
 //! Aggregation: turns what the probes recorded (per-stack totals and live allocations) into a
 //! [`HeapProfile`], and compares profiles.
+
+pub mod build;
 pub mod profile;
 
 pub use profile::{Frame, HeapProfile, Measure, StackSample, Totals};

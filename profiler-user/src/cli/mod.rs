@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod agent;
+pub mod client;
 pub mod record;
+pub mod units;
 
 #[derive(Parser, Debug)]
 #[command(name = "memscope", version, about = "Trace a live process's heap from outside, with eBPF")]
@@ -17,13 +20,36 @@ pub struct Cli {
 pub enum Command {
     /// Attach to a running process, record its allocations, write a leak report and profiles.
     Record(record::RecordArgs),
+    /// Serve the HTTP maintenance endpoint: live heap reports, leak reports, flamegraphs,
+    /// snapshots and metrics for the traced processes, behind tokens.
+    Agent(agent::AgentArgs),
+    /// List the targets of a running agent; attach or detach one.
+    Targets(client::TargetsArgs),
+    /// Fetch a target's live heap from a running agent.
+    Heap(client::HeapArgs),
+    /// Fetch a target's leak report from a running agent.
+    Leaks(client::LeaksArgs),
+    /// Fetch a target's flamegraph (SVG) from a running agent.
+    Flamegraph(client::FlamegraphArgs),
+    /// Take, list, fetch or delete snapshots stored by a running agent.
+    Snapshot(client::SnapshotArgs),
+    /// Compare two snapshots stored by a running agent: growth per stack.
+    Diff(client::DiffArgs),
 }
 
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Agent(_)));
+    let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
         Command::Record(args) => record::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Targets(args) => ok(client::targets(args)),
+        Command::Heap(args) => ok(client::heap(args)),
+        Command::Leaks(args) => ok(client::leaks(args)),
+        Command::Flamegraph(args) => ok(client::flamegraph(args)),
+        Command::Snapshot(args) => ok(client::snapshot(args)),
+        Command::Diff(args) => ok(client::diff(args)),
     };
     match result {
         Ok(code) => code,
@@ -49,8 +75,11 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-fn init_tracing() {
+/// Logs go to stderr, filtered by `MEMSCOPE_LOG`. The agent logs its own info lines and the
+/// audit log (target `audit`) by default, with targets shown so `audit` lines can be picked out.
+fn init_tracing(agent: bool) {
     use tracing_subscriber::{fmt, EnvFilter};
-    let filter = EnvFilter::try_from_env("MEMSCOPE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let default = if agent { "warn,audit=info,profiler_user=info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("MEMSCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(agent).init();
 }

@@ -1,15 +1,152 @@
-//! `memscope record`: attach, show progress, stop at the duration or Ctrl-C, write reports.
-use std::process::ExitCode;
+//! `memscope record`: attach to a running process, show progress, stop at the duration, on
+//! Ctrl-C or when the target exits, then print the leak report and write every output file.
+use std::{
+    fs,
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
+use anyhow::Context as _;
 use clap::Args;
+use profiler_common::Counter;
+
+use super::units::{parse_duration, parse_sampling};
+use crate::{
+    aggregate::{HeapProfile, Measure},
+    bpf::load::ProbeSettings,
+    render,
+    session::Session,
+    target::TracedTarget as _,
+};
+
+/// Exit code when the target exited before the recording ended (the files are still written).
+pub const EXIT_TARGET_EXITED: u8 = 3;
 
 #[derive(Args, Debug)]
 pub struct RecordArgs {
-    /// Process to trace.
+    /// Process to trace (it keeps running; nothing is injected into it).
     #[arg(long)]
     pub pid: u32,
+    /// How long to record (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Live allocations younger than this are not reported as leaks.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub min_age: Duration,
+    /// Directory for report.txt, leaks.json, flamegraph.svg, heap.folded, heap.pb.gz.
+    #[arg(long, default_value = "memscope-out")]
+    pub out: PathBuf,
+    /// `full` records every allocation; a size (e.g. 512KiB) samples one allocation per that
+    /// many bytes on average (Poisson) and scales estimates up.
+    #[arg(long, default_value = "full", value_parser = parse_sampling)]
+    pub sampling: u64,
+    /// Capacity for live allocations tracked at once.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_allocs: u32,
+    /// Capacity for distinct allocation stacks.
+    #[arg(long, default_value_t = 1 << 15)]
+    pub max_stacks: u32,
+    /// Leaks shown in the report.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
 }
 
-pub fn run(_args: RecordArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("record is not implemented yet")
+pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    let settings = ProbeSettings {
+        max_allocs: args.max_allocs,
+        max_stacks: args.max_stacks,
+        sample_bytes: args.sampling,
+    };
+    let session = Session::attach(args.pid, settings)?;
+    let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
+    eprintln!(
+        "memscope: attached to {} ({}), allocator {}, {rate}; recording for {:?} (Ctrl-C to stop)",
+        args.pid,
+        crate::procfs::comm(args.pid).unwrap_or_default(),
+        session.allocator(),
+        args.duration,
+    );
+    let stop = wait_for_end(&session, args.duration)?;
+    let profile = session.snapshot(args.min_age).context("taking the final snapshot")?;
+    write_outputs(&profile, &args.out, args.top)?;
+    print!("{}", render::text::leak_report(&profile, args.top));
+    std::io::stdout().flush().ok();
+    eprintln!("memscope: wrote report.txt, leaks.json, flamegraph.svg, heap.folded, heap.pb.gz to {}", args.out.display());
+    if stop == Stop::TargetExited {
+        eprintln!("memscope: process {} exited during the recording; the report covers what was recorded until it exited", args.pid);
+        return Ok(ExitCode::from(EXIT_TARGET_EXITED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Duration,
+    Interrupted,
+    TargetExited,
+}
+
+fn wait_for_end(session: &Session, duration: Duration) -> anyhow::Result<Stop> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let tty = std::io::stderr().is_terminal();
+    rt.block_on(async {
+        let deadline = tokio::time::sleep(duration);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut last_events = 0u64;
+        let mut last_print = std::time::Instant::now();
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let stop = loop {
+            tokio::select! {
+                _ = &mut deadline => break Stop::Duration,
+                _ = &mut ctrl_c => break Stop::Interrupted,
+                _ = tick.tick() => {
+                    if !session.alive() {
+                        break Stop::TargetExited;
+                    }
+                    if tty && last_print.elapsed() >= Duration::from_secs(1) {
+                        let c = session.counters().unwrap_or_default();
+                        let get = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
+                        let events = get(Counter::Allocs) + get(Counter::Frees) + get(Counter::UntrackedFrees);
+                        let rate = (events - last_events.min(events)) as f64 / last_print.elapsed().as_secs_f64();
+                        let live = get(Counter::SampledBytes).saturating_sub(get(Counter::FreeBytes));
+                        let drops: u64 = Counter::DROPS.iter().map(|d| get(*d)).sum();
+                        eprint!(
+                            "\r  {:>5.0}s elapsed  {:>10.0} events/s  {:>10} live  {} dropped   ",
+                            session.elapsed().as_secs_f64(),
+                            rate,
+                            render::human_bytes(live),
+                            drops
+                        );
+                        last_events = events;
+                        last_print = std::time::Instant::now();
+                    }
+                }
+            }
+        };
+        if tty {
+            eprintln!();
+        }
+        Ok(stop)
+    })
+}
+
+/// Writes every output file of a recording into `dir`.
+pub fn write_outputs(profile: &HeapProfile, dir: &Path, top: usize) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    write("report.txt", render::text::leak_report(profile, top).as_bytes())?;
+    let json = render::json::leaks_json(profile, None);
+    write("leaks.json", serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let title = format!("memscope: live heap of pid {}", profile.pid);
+    write("flamegraph.svg", &render::flamegraph::flamegraph_svg(profile, Measure::Inuse, &title)?)?;
+    write("heap.folded", render::folded::folded(profile, Measure::Inuse).as_bytes())?;
+    write("heap.pb.gz", &render::pprof::pprof_gz(profile)?)?;
+    Ok(())
 }

@@ -1,0 +1,593 @@
+//! Request handlers: each takes the parsed request (principal, path parameters, query, body)
+//! and the shared [`State`], and answers a reply or an [`ApiError`]. No routing here (see
+//! [`super::routes`]), no rendering (see [`crate::render`]).
+//!
+//! Expensive work (a snapshot of a live target, reading a stored snapshot, rendering) runs in
+//! `spawn_blocking` under the cap of [`super::limits`], through single-flight where identical
+//! concurrent requests can share the result, and under the request timeout.
+//! Admin actions and every denied request are written to the audit log (tracing target
+//! `audit`, level info) with the token's name and role, the route and the result.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+use warp::{
+    http::{header, HeaderValue, Method, StatusCode},
+    hyper::Body,
+    reply::Response,
+    Reply,
+};
+
+use super::{
+    auth::{Principal, Role},
+    errors::ApiError,
+    limits::{self, Rendered},
+    State, TargetEntry,
+};
+use crate::{
+    aggregate::{HeapProfile, Measure},
+    render,
+    store::{SnapshotId, SnapshotMeta},
+    target::{TargetStats, TracedTarget},
+};
+
+/// Leak age used when a request names none.
+pub const DEFAULT_MIN_AGE: Duration = Duration::from_secs(30);
+/// Longest `min_age` accepted.
+const MAX_MIN_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default and largest `top`.
+const DEFAULT_TOP: usize = 20;
+const MAX_TOP: usize = 10_000;
+
+// ---------------------------------------------------------------------------------------------
+// Authentication and audit
+
+fn audit_denied(p: Option<&Principal>, peer: Option<IpAddr>, method: &Method, path: &str, err: &ApiError) {
+    let (name, role) = p.map_or(("-", "-"), |p| (p.name.as_str(), p.role.as_str()));
+    let peer = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
+    info!(target: "audit", token = name, role, %peer, %method, route = path, result = "denied",
+          status = err.status.as_u16(), code = err.code, "request denied");
+}
+
+/// Logs an admin action and its result.
+pub(crate) fn audit_action(p: &Principal, method: &Method, route: &str, result: Result<&str, &ApiError>) {
+    match result {
+        Ok(detail) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route,
+                            result = "ok", detail, "admin action"),
+        Err(e) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route,
+                        result = "error", status = e.status.as_u16(), code = e.code, "admin action failed"),
+    }
+}
+
+/// Checks the bearer token, the per-IP failure limit, the per-token rate limit and the role.
+/// Every refusal is audited.
+pub(crate) fn authorize(
+    state: &State,
+    authorization: Option<&[u8]>,
+    peer: Option<SocketAddr>,
+    method: &Method,
+    path: &str,
+    needed: Role,
+) -> Result<Principal, ApiError> {
+    let ip = peer.map(|a| a.ip());
+    if let Some(ip) = ip {
+        if let Err(wait) = state.limiter.check_ip(ip) {
+            state.metrics.refused_ip.fetch_add(1, Ordering::Relaxed);
+            let err = ApiError::rate_limited("too many failed authentications from this address", wait);
+            audit_denied(None, ip.into(), method, path, &err);
+            return Err(err);
+        }
+    }
+    let principal = match state.auth.authenticate(authorization) {
+        Ok(p) => p,
+        Err(failure) => {
+            if let Some(ip) = ip {
+                state.limiter.record_failure(ip);
+            }
+            let err = ApiError::unauthorized(failure.code(), failure.message());
+            audit_denied(None, ip, method, path, &err);
+            return Err(err);
+        }
+    };
+    if let Err(wait) = state.limiter.check_token(&principal.name) {
+        state.metrics.refused_token.fetch_add(1, Ordering::Relaxed);
+        let err = ApiError::rate_limited("per-token limit", wait);
+        audit_denied(Some(&principal), ip, method, path, &err);
+        return Err(err);
+    }
+    if !principal.role.allows(needed) {
+        let err = ApiError::forbidden(format!("this route needs the {} role", needed.as_str()));
+        audit_denied(Some(&principal), ip, method, path, &err);
+        return Err(err);
+    }
+    Ok(principal)
+}
+
+/// The checks in front of every route but the health checks: body size by Content-Length,
+/// then the global rate limit.
+pub(crate) fn precheck(
+    state: &State,
+    content_length: Option<u64>,
+    peer: Option<SocketAddr>,
+    method: &Method,
+    path: &str,
+) -> Result<(), ApiError> {
+    if content_length.is_some_and(|n| n > state.limits.body_bytes) {
+        return Err(ApiError::too_large(state.limits.body_bytes));
+    }
+    if let Err(wait) = state.limiter.check_global() {
+        state.metrics.refused_global.fetch_add(1, Ordering::Relaxed);
+        let err = ApiError::rate_limited("agent-wide limit", wait);
+        audit_denied(None, peer.map(|a| a.ip()), method, path, &err);
+        return Err(err);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query parameters
+
+/// Query parameters of one request: only the allowed names, each at most once.
+pub(crate) struct Params(BTreeMap<String, String>);
+
+impl Params {
+    pub(crate) fn parse(raw: Vec<(String, String)>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let mut map = BTreeMap::new();
+        for (k, v) in raw {
+            if !allowed.contains(&k.as_str()) {
+                let hint = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {:?} (allowed: {hint})", truncate(&k)),
+                ));
+            }
+            if map.insert(k.clone(), v).is_some() {
+                return Err(ApiError::bad_request("duplicate_parameter", format!("query parameter {k:?} given twice")));
+            }
+        }
+        Ok(Params(map))
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    fn format(&self, default: render::Format, allowed: &[&str]) -> Result<render::Format, ApiError> {
+        let Some(v) = self.get("format") else { return Ok(default) };
+        let bad = || {
+            ApiError::bad_request(
+                "bad_format",
+                format!("unknown format {:?} (use {})", truncate(v), allowed.join(", ")),
+            )
+        };
+        if !allowed.contains(&v) {
+            return Err(bad());
+        }
+        parse_format(v).ok_or_else(bad)
+    }
+
+    fn measure(&self, key: &str) -> Result<Measure, ApiError> {
+        let Some(v) = self.get(key) else { return Ok(Measure::Inuse) };
+        Measure::parse(v).ok_or_else(|| {
+            ApiError::bad_request("bad_measure", format!("unknown {key} {:?} (use inuse, alloc or leaks)", truncate(v)))
+        })
+    }
+
+    fn min_age(&self) -> Result<Duration, ApiError> {
+        let Some(v) = self.get("min_age") else { return Ok(DEFAULT_MIN_AGE) };
+        let d = crate::cli::units::parse_duration(v).map_err(|_| {
+            ApiError::bad_request("bad_min_age", format!("invalid min_age {:?} (use e.g. 500ms, 30s, 5m)", truncate(v)))
+        })?;
+        if d > MAX_MIN_AGE {
+            return Err(ApiError::bad_request("bad_min_age", "min_age longer than 30 days"));
+        }
+        Ok(d)
+    }
+
+    fn top(&self) -> Result<usize, ApiError> {
+        let Some(v) = self.get("top") else { return Ok(DEFAULT_TOP) };
+        match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_TOP).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request("bad_top", format!("top must be 1 to {MAX_TOP}"))),
+        }
+    }
+}
+
+/// At most 64 characters of a client's string, for error messages.
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The renderers, as the API uses them.
+
+fn parse_format(s: &str) -> Option<render::Format> {
+    render::Format::parse(s)
+}
+
+fn content_type(f: render::Format) -> &'static str {
+    f.content_type()
+}
+
+fn render_failed(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "rendering failed");
+    ApiError::internal("render_failed", "rendering the report failed; see the agent's log")
+}
+
+fn render_profile(p: &HeapProfile, f: render::Format, m: Measure) -> Result<Rendered, ApiError> {
+    let body = render::render(p, f, m).map_err(render_failed)?;
+    Ok(Rendered { content_type: content_type(f), body: Bytes::from(body), status: 200 })
+}
+
+fn json_rendered(v: &serde_json::Value) -> Result<Rendered, ApiError> {
+    let body = serde_json::to_vec_pretty(v).map_err(render_failed)?;
+    Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
+}
+
+fn svg_rendered(body: Vec<u8>) -> Rendered {
+    Rendered { content_type: "image/svg+xml", body: Bytes::from(body), status: 200 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+
+pub(crate) fn json_reply<T: Serialize>(status: StatusCode, v: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(v), status).into_response()
+}
+
+fn rendered_reply(r: &Rendered) -> Response {
+    let mut resp = Response::new(Body::from(r.body.clone()));
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    if r.content_type.starts_with("image/svg") {
+        // Flamegraphs carry inline script for zooming: allow that, and nothing from elsewhere.
+        resp.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"),
+        );
+    }
+    resp
+}
+
+async fn with_timeout<T>(
+    state: &State,
+    fut: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let limit = state.limits.request_timeout;
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::timeout(limit)),
+    }
+}
+
+/// Runs an expensive computation through single-flight and the cap, under the timeout.
+async fn expensive<F>(state: &State, key: String, work: F) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Result<Rendered, ApiError> + Send + 'static,
+{
+    let result = with_timeout(state, state.flights.run(key, &state.expensive, work)).await;
+    if matches!(&result, Err(e) if e.code == "busy") {
+        state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(rendered_reply(&*result?))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+
+pub(crate) fn healthz() -> Response {
+    json_reply(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+pub(crate) fn readyz(state: &State) -> Response {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "status": "shutting down", "warnings": state.warnings }),
+        );
+    }
+    json_reply(StatusCode::OK, &serde_json::json!({ "status": "ready", "warnings": state.warnings }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets
+
+/// One target as `GET /v1/targets` lists it.
+#[derive(Serialize)]
+pub struct TargetView {
+    /// The id used in `/v1/targets/{id}`: the pid.
+    pub id: u32,
+    pub attached_at_ms: u64,
+    #[serde(flatten)]
+    pub stats: TargetStats,
+}
+
+fn view(entry: &TargetEntry) -> TargetView {
+    TargetView { id: entry.target.pid(), attached_at_ms: entry.attached_at_ms, stats: entry.target.stats() }
+}
+
+pub(crate) fn list_targets(state: &State) -> Response {
+    let targets: Vec<TargetView> = state.targets.read().unwrap().values().map(view).collect();
+    json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets }))
+}
+
+fn target(state: &State, id: u32) -> Result<Arc<dyn TracedTarget>, ApiError> {
+    state
+        .targets
+        .read()
+        .unwrap()
+        .get(&id)
+        .map(|e| e.target.clone())
+        .ok_or_else(|| ApiError::not_found("target_not_found", format!("no target {id}: attach it first")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    pid: u32,
+}
+
+pub(crate) async fn attach(state: Arc<State>, p: Principal, body: Bytes) -> Result<Response, ApiError> {
+    let result = attach_inner(&state, body).await;
+    let detail = result.as_ref().map(|(pid, _)| format!("attached pid {pid}"));
+    audit_action(&p, &Method::POST, "/v1/targets", detail.as_deref().map_err(|e| *e));
+    result.map(|(_, r)| r)
+}
+
+async fn attach_inner(state: &Arc<State>, body: Bytes) -> Result<(u32, Response), ApiError> {
+    let AttachBody { pid } = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("bad_body", "expected a JSON body {\"pid\": N}"))?;
+    if pid == 0 {
+        return Err(ApiError::bad_request("bad_pid", "pid must be a positive number"));
+    }
+    state.begin_attach(pid)?;
+    let result = attach_blocking(state, pid).await;
+    state.attaching.lock().unwrap().remove(&pid);
+    let target = result?;
+    let entry = TargetEntry { target, attached_at_ms: now_ms() };
+    let v = view(&entry);
+    state.targets.write().unwrap().insert(pid, entry);
+    Ok((pid, json_reply(StatusCode::CREATED, &v)))
+}
+
+async fn attach_blocking(state: &Arc<State>, pid: u32) -> Result<Arc<dyn TracedTarget>, ApiError> {
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(ApiError::not_found("no_such_process", format!("no process {pid}")));
+    }
+    let attacher = state.attacher.clone();
+    with_timeout(
+        state,
+        limits::exclusive(&state.expensive, move || {
+            attacher.attach(pid).map_err(|e| {
+                let line = crate::cli::one_line(&e);
+                tracing::warn!(pid, error = %line, "attach failed");
+                ApiError::internal("attach_failed", format!("attaching to {pid} failed: {line}"))
+            })
+        }),
+    )
+    .await
+}
+
+pub(crate) fn detach(state: &State, p: Principal, id: u32) -> Result<Response, ApiError> {
+    let removed = state.targets.write().unwrap().remove(&id);
+    let route = format!("/v1/targets/{id}");
+    let result = match removed {
+        Some(_) => Ok(json_reply(StatusCode::OK, &serde_json::json!({ "detached": id }))),
+        None => Err(ApiError::not_found("target_not_found", format!("no target {id}"))),
+    };
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "detached").map_err(|e| e));
+    result
+}
+
+pub(crate) async fn heap(state: Arc<State>, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let q = Params::parse(q, &["format", "measure", "min_age"])?;
+    let format = q.format(render::Format::Json, &["json", "pprof", "folded", "svg", "text"])?;
+    let measure = q.measure("measure")?;
+    let min_age = q.min_age()?;
+    let t = target(&state, id)?;
+    let key = format!("target:{id}|heap|{}|{measure:?}|{}", format.name(), min_age.as_millis());
+    expensive(&state, key, move || {
+        let p = snapshot_of(&*t, min_age)?;
+        render_profile(&p, format, measure)
+    })
+    .await
+}
+
+pub(crate) async fn leaks(state: Arc<State>, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let q = Params::parse(q, &["min_age", "top"])?;
+    let min_age = q.min_age()?;
+    let top = q.top()?;
+    let t = target(&state, id)?;
+    let key = format!("target:{id}|leaks|{}|{top}", min_age.as_millis());
+    expensive(&state, key, move || {
+        let p = snapshot_of(&*t, min_age)?;
+        json_rendered(&render::json::leaks_json(&p, Some(top)))
+    })
+    .await
+}
+
+pub(crate) async fn flamegraph(state: Arc<State>, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let q = Params::parse(q, &["kind", "min_age"])?;
+    let kind = q.measure("kind")?;
+    let min_age = q.min_age()?;
+    let t = target(&state, id)?;
+    let comm = t.stats().comm;
+    let key = format!("target:{id}|flamegraph|{kind:?}|{}", min_age.as_millis());
+    expensive(&state, key, move || {
+        let p = snapshot_of(&*t, min_age)?;
+        let title = format!("{comm} (pid {id}): {}", measure_title(kind));
+        let svg = render::flamegraph::flamegraph_svg(&p, kind, &title).map_err(render_failed)?;
+        Ok(svg_rendered(svg))
+    })
+    .await
+}
+
+fn measure_title(m: Measure) -> &'static str {
+    match m {
+        Measure::Inuse => "live bytes",
+        Measure::Alloc => "bytes allocated since attach",
+        Measure::Leaks => "leaked bytes",
+    }
+}
+
+fn snapshot_of(t: &dyn TracedTarget, min_age: Duration) -> Result<HeapProfile, ApiError> {
+    t.snapshot(min_age).map_err(|e| {
+        let line = crate::cli::one_line(&e);
+        tracing::warn!(pid = t.pid(), error = %line, "snapshot failed");
+        ApiError::internal("snapshot_failed", format!("snapshot of {} failed: {line}", t.pid()))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+pub(crate) async fn take_snapshot(
+    state: Arc<State>,
+    p: Principal,
+    id: u32,
+    q: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/snapshots");
+    let result = take_snapshot_inner(&state, id, q).await;
+    audit_action(&p, &Method::POST, &route, result.as_ref().map(|(m, _)| m.id.as_str()).map_err(|e| e));
+    result.map(|(_, r)| r)
+}
+
+async fn take_snapshot_inner(
+    state: &Arc<State>,
+    id: u32,
+    q: Vec<(String, String)>,
+) -> Result<(SnapshotMeta, Response), ApiError> {
+    let q = Params::parse(q, &["min_age"])?;
+    let min_age = q.min_age()?;
+    let t = target(state, id)?;
+    let store = state.store.clone();
+    let stored = with_timeout(
+        state,
+        limits::exclusive(&state.expensive, move || {
+            let p = snapshot_of(&*t, min_age)?;
+            let comm = t.stats().comm;
+            Ok(store.put(&p, &comm, "api")?)
+        }),
+    )
+    .await?;
+    if !stored.removed.is_empty() {
+        info!(removed = ?stored.removed, "snapshots removed by retention");
+    }
+    let resp = json_reply(StatusCode::CREATED, &stored.meta);
+    Ok((stored.meta, resp))
+}
+
+pub(crate) fn list_snapshots(state: &State) -> Response {
+    let mut list = state.store.list();
+    list.reverse();
+    let (count, bytes) = state.store.usage();
+    let r = state.store.retention();
+    json_reply(
+        StatusCode::OK,
+        &serde_json::json!({
+            "snapshots": list,
+            "count": count,
+            "bytes": bytes,
+            "retention": { "max_count": r.max_count, "max_bytes": r.max_bytes },
+        }),
+    )
+}
+
+fn snapshot_id(s: &str) -> Result<SnapshotId, ApiError> {
+    Ok(SnapshotId::parse(s)?)
+}
+
+fn load_snapshot(state: &State, id: &SnapshotId) -> Result<HeapProfile, ApiError> {
+    Ok(state.store.get(id)?.1)
+}
+
+pub(crate) async fn get_snapshot(state: Arc<State>, sid: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let id = snapshot_id(&sid)?;
+    let q = Params::parse(q, &["format", "measure"])?;
+    let format = q.format(render::Format::Json, &["json", "pprof", "folded", "svg", "text"])?;
+    let measure = q.measure("measure")?;
+    if state.store.meta(&id).is_none() {
+        return Err(ApiError::not_found("snapshot_not_found", format!("no snapshot {id}")));
+    }
+    let key = format!("snapshot:{id}|{}|{measure:?}", format.name());
+    let st = state.clone();
+    expensive(&state, key, move || {
+        let p = load_snapshot(&st, &id)?;
+        render_profile(&p, format, measure)
+    })
+    .await
+}
+
+pub(crate) fn delete_snapshot(state: &State, p: Principal, sid: String) -> Result<Response, ApiError> {
+    let result = snapshot_id(&sid).and_then(|id| Ok(state.store.delete(&id)?));
+    let route = format!("/v1/snapshots/{}", truncate(&sid));
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted").map_err(|e| e));
+    result.map(|m| json_reply(StatusCode::OK, &serde_json::json!({ "deleted": m.id })))
+}
+
+pub(crate) async fn diff(
+    state: Arc<State>,
+    a: String,
+    b: String,
+    q: Vec<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (a, b) = (snapshot_id(&a)?, snapshot_id(&b)?);
+    let q = Params::parse(q, &["format", "measure", "top"])?;
+    let format = q.format(render::Format::Json, &["svg", "json", "folded"])?;
+    let measure = q.measure("measure")?;
+    let top = q.top()?;
+    for id in [&a, &b] {
+        if state.store.meta(id).is_none() {
+            return Err(ApiError::not_found("snapshot_not_found", format!("no snapshot {id}")));
+        }
+    }
+    let key = format!("diff:{a}:{b}|{}|{measure:?}|{top}", format.name());
+    let st = state.clone();
+    expensive(&state, key, move || {
+        let before = load_snapshot(&st, &a)?;
+        let after = load_snapshot(&st, &b)?;
+        match format {
+            render::Format::Svg => {
+                let title = format!("growth from {a} to {b}: {}", measure_title(measure));
+                let svg = render::flamegraph::diff_flamegraph_svg(&before, &after, measure, &title)
+                    .map_err(render_failed)?;
+                Ok(svg_rendered(svg))
+            }
+            render::Format::Folded => {
+                let folded = render::json::diff_folded(&before, &after, measure);
+                Ok(Rendered { content_type: "text/plain; charset=utf-8", body: Bytes::from(folded), status: 200 })
+            }
+            _ => json_rendered(&render::json::diff_json(&before, &after, Some(top))),
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics and documents
+
+pub(crate) fn metrics(state: &State) -> Response {
+    let stats: Vec<TargetStats> = state.targets.read().unwrap().values().map(|e| e.target.stats()).collect();
+    let text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
+    let mut resp = Response::new(Body::from(text));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+pub(crate) fn openapi() -> Response {
+    let mut resp = Response::new(Body::from(super::routes::OPENAPI));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}

@@ -1,0 +1,371 @@
+//! Denial-of-service limits: nothing queues without bound, every limit answers at once.
+//!
+//! - [`RateLimiter`]: token buckets, one global, one per token name, and one per remote IP
+//!   that is only drawn from by failed authentications (so a scanner is slowed down before
+//!   the token comparison runs). A refusal carries the wait until the next token: sent as
+//!   `Retry-After` with a 429.
+//! - [`SingleFlight`]: identical concurrent expensive requests (same key = target or snapshot
+//!   + route + canonical query) share one computation. The computation runs in
+//!   `spawn_blocking` and finishes even when every waiter has gone (a disconnect does not
+//!   waste it, and its permit is held until it really ends).
+//! - [`Limits::max_expensive`]: a semaphore on concurrent snapshots and renders; when it is
+//!   full the request is answered 503 with `Retry-After` at once.
+//!
+//! The per-key maps are bounded: when full, idle (refilled) buckets are dropped first, then
+//! new keys share one overflow bucket.
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::Hash,
+    net::IpAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::Shared, FutureExt};
+use tokio::sync::Semaphore;
+
+use super::errors::ApiError;
+
+/// Largest request body accepted (bytes).
+pub const BODY_LIMIT_DEFAULT: u64 = 16 * 1024;
+/// Most distinct keys tracked per limiter map.
+const MAX_KEYS: usize = 10_000;
+
+/// All limits of the agent; the defaults suit one agent per node.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests per second for the whole agent (health checks excluded), and its burst.
+    pub global_per_sec: f64,
+    pub global_burst: u32,
+    /// Requests per second per token, and its burst.
+    pub token_per_sec: f64,
+    pub token_burst: u32,
+    /// Failed authentications per minute per remote IP, and its burst.
+    pub auth_failures_per_min: f64,
+    pub auth_failures_burst: u32,
+    /// Concurrent snapshots and renders; more are answered 503 at once.
+    pub max_expensive: usize,
+    /// Concurrent connections (TLS handshakes included); more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Most targets traced at once.
+    pub max_targets: usize,
+    /// Largest request body.
+    pub body_bytes: u64,
+    /// Longest an expensive request may take before it is answered 503.
+    pub request_timeout: Duration,
+    /// Longest a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Longest a client may take to send the request headers.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            global_per_sec: 50.0,
+            global_burst: 100,
+            token_per_sec: 5.0,
+            token_burst: 20,
+            auth_failures_per_min: 10.0,
+            auth_failures_burst: 10,
+            max_expensive: 2,
+            max_connections: 128,
+            max_targets: 64,
+            body_bytes: BODY_LIMIT_DEFAULT,
+            request_timeout: Duration::from_secs(120),
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_sec`.
+#[derive(Clone, Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    per_sec: f64,
+    burst: f64,
+}
+
+impl Rate {
+    fn new(per_sec: f64, burst: u32) -> Rate {
+        Rate { per_sec: per_sec.max(1e-6), burst: f64::from(burst.max(1)) }
+    }
+
+    fn full(self, now: Instant) -> Bucket {
+        Bucket { tokens: self.burst, last: now }
+    }
+
+    fn refill(self, b: &mut Bucket, now: Instant) {
+        let dt = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + dt * self.per_sec).min(self.burst);
+        b.last = now;
+    }
+
+    /// Takes one token, or says how long until one is there.
+    fn take(self, b: &mut Bucket, now: Instant) -> Result<(), Duration> {
+        self.refill(b, now);
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_sec))
+        }
+    }
+
+    /// Whether a token is there, without taking it.
+    fn peek(self, b: &mut Bucket, now: Instant) -> Result<(), Duration> {
+        self.refill(b, now);
+        if b.tokens >= 1.0 {
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_sec))
+        }
+    }
+}
+
+/// Buckets per key, bounded to `MAX_KEYS`.
+struct KeyedBuckets<K> {
+    rate: Rate,
+    map: HashMap<K, Bucket>,
+    overflow: Bucket,
+}
+
+impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
+    fn new(rate: Rate) -> Self {
+        KeyedBuckets { rate, map: HashMap::new(), overflow: rate.full(Instant::now()) }
+    }
+
+    fn with<R>(&mut self, key: &K, now: Instant, f: impl FnOnce(Rate, &mut Bucket) -> R) -> R {
+        if !self.map.contains_key(key) && self.map.len() >= MAX_KEYS {
+            let rate = self.rate;
+            self.map.retain(|_, b| {
+                rate.refill(b, now);
+                b.tokens < rate.burst
+            });
+            if self.map.len() >= MAX_KEYS {
+                return f(self.rate, &mut self.overflow);
+            }
+        }
+        let rate = self.rate;
+        let b = self.map.entry(key.clone()).or_insert_with(|| rate.full(now));
+        f(rate, b)
+    }
+}
+
+/// Global, per-token and per-IP (failed authentication) rate limits.
+pub struct RateLimiter {
+    global_rate: Rate,
+    global: Mutex<Bucket>,
+    per_token: Mutex<KeyedBuckets<String>>,
+    failures: Mutex<KeyedBuckets<IpAddr>>,
+}
+
+impl RateLimiter {
+    pub fn new(limits: &Limits) -> RateLimiter {
+        let now = Instant::now();
+        let global_rate = Rate::new(limits.global_per_sec, limits.global_burst);
+        RateLimiter {
+            global_rate,
+            global: Mutex::new(global_rate.full(now)),
+            per_token: Mutex::new(KeyedBuckets::new(Rate::new(limits.token_per_sec, limits.token_burst))),
+            failures: Mutex::new(KeyedBuckets::new(Rate::new(
+                limits.auth_failures_per_min / 60.0,
+                limits.auth_failures_burst,
+            ))),
+        }
+    }
+
+    /// One request against the global budget.
+    pub fn check_global(&self) -> Result<(), Duration> {
+        self.global_rate.take(&mut self.global.lock().unwrap(), Instant::now())
+    }
+
+    /// One request against the budget of the token named `name`.
+    pub fn check_token(&self, name: &str) -> Result<(), Duration> {
+        self.per_token.lock().unwrap().with(&name.to_owned(), Instant::now(), |r, b| r.take(b, Instant::now()))
+    }
+
+    /// Whether `ip` may still try to authenticate (does not use up anything).
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Duration> {
+        self.failures.lock().unwrap().with(&ip, Instant::now(), |r, b| r.peek(b, Instant::now()))
+    }
+
+    /// Records a failed authentication from `ip`.
+    pub fn record_failure(&self, ip: IpAddr) {
+        let _ = self.failures.lock().unwrap().with(&ip, Instant::now(), |r, b| r.take(b, Instant::now()));
+    }
+}
+
+/// What an expensive request produced: a body and its content type.
+#[derive(Debug)]
+pub struct Rendered {
+    pub content_type: &'static str,
+    pub body: bytes::Bytes,
+    /// HTTP status of the answer (200 for renders, 201 for a new snapshot).
+    pub status: u16,
+}
+
+type SharedResult = Shared<Pin<Box<dyn Future<Output = Result<Arc<Rendered>, ApiError>> + Send>>>;
+
+/// Identical concurrent requests share one computation.
+#[derive(Clone, Default)]
+pub struct SingleFlight {
+    inflight: Arc<Mutex<HashMap<String, SharedResult>>>,
+}
+
+impl SingleFlight {
+    pub fn new() -> SingleFlight {
+        SingleFlight::default()
+    }
+
+    /// Number of computations in progress.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.lock().unwrap().len()
+    }
+
+    /// Runs `work` in `spawn_blocking` unless a computation with the same `key` is already in
+    /// progress, in which case its result is shared. A new computation needs a permit of
+    /// `cap`; none free means 503 at once.
+    pub async fn run<F>(&self, key: String, cap: &Arc<Semaphore>, work: F) -> Result<Arc<Rendered>, ApiError>
+    where
+        F: FnOnce() -> Result<Rendered, ApiError> + Send + 'static,
+    {
+        let shared = {
+            let mut map = self.inflight.lock().unwrap();
+            if let Some(existing) = map.get(&key) {
+                existing.clone()
+            } else {
+                let permit = cap.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
+                let inflight = self.inflight.clone();
+                let k = key.clone();
+                let task = tokio::spawn(async move {
+                    let result = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        work()
+                    })
+                    .await;
+                    inflight.lock().unwrap().remove(&k);
+                    match result {
+                        Ok(r) => r.map(Arc::new),
+                        Err(e) => {
+                            tracing::error!(error = %e, "an expensive request panicked or was cancelled");
+                            Err(ApiError::internal("internal", "the computation failed; see the agent's log"))
+                        }
+                    }
+                });
+                let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                    task.await.unwrap_or_else(|_| Err(ApiError::internal("internal", "the computation was cancelled")))
+                });
+                let shared = fut.shared();
+                map.insert(key, shared.clone());
+                shared
+            }
+        };
+        shared.await
+    }
+}
+
+/// Runs blocking `work` under a permit of `cap` (503 at once when none is free), without
+/// sharing: for requests that must each have their own effect (taking a snapshot, attaching).
+pub async fn exclusive<T, F>(cap: &Arc<Semaphore>, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    let permit = cap.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a blocking request panicked or was cancelled");
+        Err(ApiError::internal("internal", "the computation failed; see the agent's log"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A bucket gives its burst, then refuses with the time until the next token.
+    #[test]
+    fn bucket_refuses_past_burst_with_wait() {
+        let rate = Rate::new(2.0, 3);
+        let t0 = Instant::now();
+        let mut b = rate.full(t0);
+        for _ in 0..3 {
+            rate.take(&mut b, t0).unwrap();
+        }
+        let wait = rate.take(&mut b, t0).unwrap_err();
+        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        rate.take(&mut b, t0 + Duration::from_millis(600)).unwrap();
+    }
+
+    /// Failed authentications are counted per IP; other IPs are not affected.
+    #[test]
+    fn failures_are_per_ip() {
+        let limits = Limits { auth_failures_per_min: 1.0, auth_failures_burst: 2, ..Limits::default() };
+        let rl = RateLimiter::new(&limits);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        rl.check_ip(a).unwrap();
+        rl.record_failure(a);
+        rl.record_failure(a);
+        assert!(rl.check_ip(a).unwrap_err() > Duration::from_secs(30));
+        rl.check_ip(b).unwrap();
+    }
+
+    /// The key maps stay bounded under many distinct keys.
+    #[test]
+    fn keyed_buckets_are_bounded() {
+        let mut kb = KeyedBuckets::new(Rate::new(0.001, 1));
+        let now = Instant::now();
+        for i in 0..(MAX_KEYS as u32 + 500) {
+            let ip = IpAddr::from(i.to_be_bytes());
+            let _ = kb.with(&ip, now, |r, b| r.take(b, now));
+        }
+        assert!(kb.map.len() <= MAX_KEYS);
+    }
+
+    /// Identical concurrent requests run the work once; a full cap answers 503 at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_flight_shares_and_cap_refuses() {
+        let sf = SingleFlight::new();
+        let cap = Arc::new(Semaphore::new(1));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mk = |runs: Arc<AtomicUsize>, rx: Arc<Mutex<std::sync::mpsc::Receiver<()>>>| {
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+                rx.lock().unwrap().recv().unwrap();
+                Ok(Rendered { content_type: "text/plain", body: bytes::Bytes::from_static(b"x"), status: 200 })
+            }
+        };
+        // The first poll registers the leader (or joins it) before anything is awaited.
+        let mut fa = Box::pin(sf.run("k".into(), &cap, mk(runs.clone(), rx.clone())));
+        assert!(futures_util::poll!(&mut fa).is_pending());
+        let mut fb = Box::pin(sf.run("k".into(), &cap, mk(runs.clone(), rx.clone())));
+        assert!(futures_util::poll!(&mut fb).is_pending());
+        // A different key needs a permit, and the only one is taken.
+        let other = sf.run("other".into(), &cap, mk(runs.clone(), rx.clone())).await.unwrap_err();
+        assert_eq!(other.status, 503);
+        tx.send(()).unwrap();
+        let (ra, rb) = tokio::join!(fa, fb);
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(Arc::ptr_eq(&ra, &rb));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(sf.in_flight(), 0);
+        assert_eq!(cap.available_permits(), 1);
+    }
+}

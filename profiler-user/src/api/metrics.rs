@@ -1,0 +1,226 @@
+//! `GET /metrics`: Prometheus text format (0.0.4). Per target: live bytes and allocations,
+//! allocation and free events, dropped events by reason. The agent itself: CPU seconds and
+//! resident memory (from `/proc/self/stat`), requests by route template and status, refusals
+//! by limit, snapshots stored.
+//!
+//! Route labels are templates (`/v1/targets/{id}/heap`), never raw paths, so label
+//! cardinality stays bounded whatever clients send; unknown routes count as `unmatched`.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
+
+use warp::http::{Method, StatusCode};
+
+use super::routes::ROUTES;
+use crate::target::TargetStats;
+
+/// Counters kept by the agent.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
+    /// Refusals by limit: global, token, ip, busy.
+    pub refused_global: AtomicU64,
+    pub refused_token: AtomicU64,
+    pub refused_ip: AtomicU64,
+    pub refused_busy: AtomicU64,
+}
+
+/// The route template that `method path` matches, or `unmatched`.
+pub fn route_label(method: &Method, path: &str) -> (&'static str, &'static str) {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    for &(m, template) in ROUTES {
+        if m != method.as_str() {
+            continue;
+        }
+        let tsegs: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+        if tsegs.len() == segs.len()
+            && tsegs.iter().zip(&segs).all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
+        {
+            return (m, template);
+        }
+    }
+    ("-", "unmatched")
+}
+
+impl Metrics {
+    pub fn observe(&self, method: &Method, path: &str, status: StatusCode) {
+        let (m, route) = route_label(method, path);
+        *self.requests.lock().unwrap().entry((m, route, status.as_u16())).or_default() += 1;
+    }
+
+    /// The whole exposition text.
+    pub fn render(&self, targets: &[TargetStats], snapshots: (usize, u64), in_flight: usize) -> String {
+        let mut out = String::with_capacity(4096);
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        family(&mut out, "memscope_target_live_bytes", "gauge", "Bytes allocated and not yet freed.");
+        for t in targets {
+            let _ = writeln!(out, "memscope_target_live_bytes{{{}}} {}", target_labels(t), t.live_bytes);
+        }
+        family(&mut out, "memscope_target_live_allocations", "gauge", "Allocations not yet freed.");
+        for t in targets {
+            let _ = writeln!(out, "memscope_target_live_allocations{{{}}} {}", target_labels(t), t.live_allocs);
+        }
+        family(&mut out, "memscope_target_events_total", "counter", "Allocation and free events seen since attach.");
+        for t in targets {
+            let l = target_labels(t);
+            let _ = writeln!(out, "memscope_target_events_total{{{l},kind=\"alloc\"}} {}", t.allocs);
+            let _ = writeln!(out, "memscope_target_events_total{{{l},kind=\"free\"}} {}", t.frees);
+        }
+        family(&mut out, "memscope_target_dropped_events_total", "counter", "Events that could not be recorded, by reason.");
+        for t in targets {
+            let l = target_labels(t);
+            for (reason, n) in &t.dropped {
+                let _ = writeln!(out, "memscope_target_dropped_events_total{{{l},reason=\"{}\"}} {n}", escape(reason));
+            }
+        }
+        family(&mut out, "memscope_target_alive", "gauge", "1 while the traced process runs.");
+        for t in targets {
+            let _ = writeln!(out, "memscope_target_alive{{{}}} {}", target_labels(t), u8::from(t.alive));
+        }
+        family(&mut out, "memscope_target_sample_bytes", "gauge", "Mean bytes between samples; 0 records every allocation.");
+        for t in targets {
+            let _ = writeln!(out, "memscope_target_sample_bytes{{{}}} {}", target_labels(t), t.sample_bytes);
+        }
+
+        if let Some(s) = self_stat() {
+            family(&mut out, "memscope_agent_cpu_seconds_total", "counter", "CPU time used by the agent (user and system).");
+            let _ = writeln!(out, "memscope_agent_cpu_seconds_total {:.3}", s.cpu_seconds);
+            family(&mut out, "memscope_agent_resident_bytes", "gauge", "Resident memory of the agent.");
+            let _ = writeln!(out, "memscope_agent_resident_bytes {}", s.rss_bytes);
+        }
+        family(&mut out, "memscope_agent_snapshots", "gauge", "Snapshots in the store.");
+        let _ = writeln!(out, "memscope_agent_snapshots {}", snapshots.0);
+        family(&mut out, "memscope_agent_snapshot_bytes", "gauge", "Bytes of snapshots on disk.");
+        let _ = writeln!(out, "memscope_agent_snapshot_bytes {}", snapshots.1);
+        family(&mut out, "memscope_agent_renders_in_flight", "gauge", "Expensive computations in progress.");
+        let _ = writeln!(out, "memscope_agent_renders_in_flight {in_flight}");
+
+        family(&mut out, "memscope_http_requests_total", "counter", "HTTP requests by route template and status.");
+        for ((m, route, status), n) in self.requests.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "memscope_http_requests_total{{method=\"{m}\",route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        family(&mut out, "memscope_http_refused_total", "counter", "Requests refused by a limit, by limit.");
+        for (limit, c) in [
+            ("global", &self.refused_global),
+            ("token", &self.refused_token),
+            ("ip", &self.refused_ip),
+            ("busy", &self.refused_busy),
+        ] {
+            let _ = writeln!(out, "memscope_http_refused_total{{limit=\"{limit}\"}} {}", c.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
+
+fn target_labels(t: &TargetStats) -> String {
+    format!("pid=\"{}\",comm=\"{}\"", t.pid, escape(&t.comm))
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The agent's own CPU time and resident memory.
+#[derive(Clone, Copy, Debug)]
+pub struct SelfStat {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+pub fn self_stat() -> Option<SelfStat> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_stat(&text)
+}
+
+/// Parses `/proc/PID/stat`: fields after the `)` that ends comm; utime and stime are fields 14
+/// and 15, rss (pages) field 24, counting from 1.
+fn parse_stat(text: &str) -> Option<SelfStat> {
+    let after = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state).
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+    let page = if page > 0 { page as u64 } else { 4096 };
+    Some(SelfStat {
+        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+        rss_bytes: field(24)? * page,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paths map to their route template; anything else is `unmatched`.
+    #[test]
+    fn labels_are_templates() {
+        assert_eq!(route_label(&Method::GET, "/v1/targets/123/heap"), ("GET", "/v1/targets/{id}/heap"));
+        assert_eq!(
+            route_label(&Method::GET, "/v1/snapshots/a/diff/b"),
+            ("GET", "/v1/snapshots/{a}/diff/{b}")
+        );
+        assert_eq!(route_label(&Method::GET, "/v1/targets/1/../../x").1, "unmatched");
+        assert_eq!(route_label(&Method::PUT, "/v1/targets").1, "unmatched");
+        assert_eq!(route_label(&Method::GET, "/metrics"), ("GET", "/metrics"));
+    }
+
+    /// `/proc/self/stat` parses, also with spaces and parentheses in comm.
+    #[test]
+    fn parses_proc_stat() {
+        let line = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 100 12345678 300 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert!((s.cpu_seconds - 300.0 / ticks).abs() < 1e-9);
+        assert_eq!(s.rss_bytes, 300 * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64);
+        assert!(self_stat().unwrap().rss_bytes > 0);
+    }
+
+    /// The exposition has target and agent families, with escaped labels.
+    #[test]
+    fn renders_exposition() {
+        let m = Metrics::default();
+        m.observe(&Method::GET, "/v1/targets/7/heap", StatusCode::OK);
+        m.observe(&Method::GET, "/nope", StatusCode::NOT_FOUND);
+        let t = TargetStats {
+            pid: 7,
+            comm: "we\"ird".into(),
+            live_bytes: 4096,
+            dropped: [("stack_map_full".to_string(), 3)].into(),
+            alive: true,
+            ..TargetStats::default()
+        };
+        let text = m.render(&[t], (2, 100), 0);
+        assert!(text.contains("memscope_target_live_bytes{pid=\"7\",comm=\"we\\\"ird\"} 4096"), "{text}");
+        assert!(text.contains("reason=\"stack_map_full\"} 3"));
+        assert!(text.contains(
+            "memscope_http_requests_total{method=\"GET\",route=\"/v1/targets/{id}/heap\",status=\"200\"} 1"
+        ));
+        assert!(text.contains("route=\"unmatched\",status=\"404\"} 1"));
+        assert!(text.contains("memscope_agent_cpu_seconds_total "));
+        assert!(text.contains("memscope_agent_resident_bytes "));
+    }
+}

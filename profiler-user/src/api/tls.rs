@@ -1,0 +1,190 @@
+//! The listener: TLS (rustls with ring, from PEM certificate and key files) or plain TCP, a
+//! cap on concurrent connections, and a timeout on each TLS handshake.
+//!
+//! Connections are accepted here, not by warp, so that: handshakes run in their own tasks (a
+//! slow client cannot stall the accept loop) and are bounded in time; a connection holds a
+//! permit of the connection cap until it closes (past the cap, new connections wait in the
+//! kernel's backlog); and each connection keeps its peer address for the per-IP limits.
+//! Only HTTP/1.1 is offered (ALPN `http/1.1`).
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_util::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
+    task::JoinHandle,
+};
+use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
+use tracing::{debug, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} holds no PEM certificate")]
+    NoCertificate(PathBuf),
+    #[error("{0} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey(PathBuf),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Builds the server configuration from PEM files: the certificate chain (leaf first) and
+/// its private key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let read = |what, path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Io { what, path: path.to_owned(), source })
+    };
+    let cert_pem = read("certificate", cert)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Io { what: "certificate", path: cert.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(cert.to_owned()));
+    }
+    let key_pem = read("private key", key)?;
+    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|source| TlsError::Io { what: "private key", path: key.to_owned(), source })?
+        .ok_or_else(|| TlsError::NoKey(key.to_owned()))?;
+    if let Ok(meta) = std::fs::metadata(key) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            warn!(path = %key.display(), "the TLS private key may be read by group or others (chmod 600 it)");
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One accepted connection, plain or TLS, with its peer address and its slot of the cap.
+pub struct Conn {
+    io: ConnIo,
+    pub peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum ConnIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            ConnIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The stream of ready connections (after the TLS handshake when TLS is on). Dropping it
+/// stops the accept loop.
+pub struct Incoming {
+    rx: mpsc::Receiver<Conn>,
+    accept_loop: JoinHandle<()>,
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<Conn>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|c| c.map(Ok))
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+/// Starts accepting on `listener`. At most `max_connections` connections (including those
+/// still in their TLS handshake) exist at once.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    handshake_timeout: Duration,
+) -> Incoming {
+    let (tx, rx) = mpsc::channel::<Conn>(64);
+    let cap = Arc::new(Semaphore::new(max_connections.max(1)));
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let Ok(permit) = cap.clone().acquire_owned().await else { return };
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match &tls {
+                None => {
+                    if tx.send(Conn { io: ConnIo::Plain(tcp), peer, _permit: permit }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => {
+                                let conn = Conn { io: ConnIo::Tls(Box::new(stream)), peer, _permit: permit };
+                                let _ = tx.send(conn).await;
+                            }
+                            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    Incoming { rx, accept_loop }
+}

@@ -1,0 +1,159 @@
+//! Decides which allocator a target really uses and attaches the probes to it: the allocation
+//! entry and return probes on every allocation function the library defines, the free probe on
+//! `free`, each entry probe at the site chosen by [`super::probe_site`].
+use std::{num::NonZeroU32, path::PathBuf};
+
+use aya::{
+    programs::{
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        ProgramError, UProbe,
+    },
+    Ebpf,
+};
+use profiler_common::{encode_cookie, AllocKind};
+use tracing::{debug, info};
+
+use super::{
+    elf_symbols::{self, FunctionSymbol},
+    probe_site::{self, ProbeRole},
+};
+use crate::procfs::{self, ProcError};
+
+/// The library (or executable) whose `malloc` and `free` the target calls.
+#[derive(Clone, Debug)]
+pub struct Allocator {
+    /// Path as the target sees it (inside its container, if any).
+    pub path_in_target: String,
+    /// Path the host opens: through `/proc/PID/root`.
+    pub host_path: PathBuf,
+    /// The allocation functions it defines; `malloc` and `free` are always present.
+    pub functions: Vec<(AllocKind, FunctionSymbol)>,
+}
+
+/// Where each probe went, for logs and `--verbose` output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProbeSiteReport {
+    pub function: &'static str,
+    pub offset: u64,
+    pub emulated: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error("process {pid} has no recognizable allocator: none of its mapped objects defines both malloc and free (searched {searched})")]
+    NoAllocator { pid: u32, searched: String },
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("cannot load eBPF program {name}: {source}")]
+    LoadProgram { name: &'static str, source: ProgramError },
+    #[error("cannot attach to {function} in {path}: {source}{hint}")]
+    Attach { function: &'static str, path: String, source: ProgramError, hint: &'static str },
+}
+
+/// Finds the object defining the allocator the target uses. Symbol interposition resolves
+/// `malloc` to the first definition in load order: the executable, then preloaded and linked
+/// libraries, libc last; `/proc/PID/maps` is in address order, so libc is tried last explicitly.
+pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
+    let exe = procfs::exe(pid)?;
+    let maps = procfs::maps(pid)?;
+    let mut candidates: Vec<String> = vec![exe];
+    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
+        let path = m.path.clone().unwrap_or_default();
+        if !candidates.contains(&path) {
+            candidates.push(path);
+        }
+    }
+    let is_libc = |p: &String| {
+        let base = p.rsplit('/').next().unwrap_or(p);
+        base.starts_with("libc.so") || base.starts_with("libc-")
+    };
+    candidates.sort_by_key(is_libc);
+    let names: Vec<&str> = AllocKind::ALL.iter().map(|k| k.symbol()).collect();
+    for path in &candidates {
+        let host_path = procfs::host_path(pid, path);
+        let symbols = match elf_symbols::resolve(&host_path, &names) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("skipping {path}: {e}");
+                continue;
+            }
+        };
+        let functions: Vec<(AllocKind, FunctionSymbol)> = AllocKind::ALL
+            .iter()
+            .zip(symbols)
+            .filter_map(|(k, s)| s.map(|s| (*k, s)))
+            .collect();
+        let has = |k: AllocKind| functions.iter().any(|(f, _)| *f == k);
+        if has(AllocKind::Malloc) && has(AllocKind::Free) {
+            return Ok(Allocator { path_in_target: path.clone(), host_path, functions });
+        }
+    }
+    Err(AttachError::NoAllocator { pid, searched: candidates.join(", ") })
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, AttachError> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(name)
+        .ok_or(AttachError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| AttachError::LoadProgram { name, source })?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|source| AttachError::LoadProgram { name, source })?;
+    }
+    Ok(prog)
+}
+
+/// Attaches every probe for `pid`. The links live as long as `ebpf`.
+pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
+    let mut report = Vec::new();
+    let mut seen = Vec::new();
+    for (kind, sym) in &alloc.functions {
+        // Aliases (glibc's aligned_alloc is memalign) get one set of probes.
+        if seen.contains(&sym.vaddr) {
+            continue;
+        }
+        seen.push(sym.vaddr);
+        let role = match kind {
+            AllocKind::Free => ProbeRole::FreeEntry,
+            _ => ProbeRole::AllocEntry { arg_regs: 3 },
+        };
+        let site = probe_site::choose(&sym.bytes, sym.vaddr, role);
+        debug!("{}: probe at +{:#x}, rsp delta {}: {}", kind.symbol(), site.offset, site.rsp_delta, site.reason);
+        if !site.emulated {
+            info!("{}: probe at +{:#x} is single-stepped (slow): {}", kind.symbol(), site.offset, site.reason);
+        }
+        let entry = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + site.offset),
+            cookie: Some(encode_cookie(*kind)),
+        };
+        let attach_err = |source: ProgramError| {
+            let hint = if format!("{source:?}").contains("EINVAL") || format!("{source:?}").contains("os error 22") {
+                " (the kernel said EINVAL: another tracer, e.g. bcc's memleak, may hold a uprobe with a reference counter at this place; stop it and retry)"
+            } else {
+                ""
+            };
+            AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source, hint }
+        };
+        if *kind == AllocKind::Free {
+            program(ebpf, "free_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
+        } else {
+            program(ebpf, "alloc_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
+            let ret = UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset),
+                cookie: Some(encode_cookie(*kind)),
+            };
+            program(ebpf, "alloc_return")?.attach(ret, &alloc.host_path, scope).map_err(attach_err)?;
+        }
+        report.push(ProbeSiteReport {
+            function: kind.symbol(),
+            offset: site.offset,
+            emulated: site.emulated,
+            reason: site.reason,
+        });
+    }
+    Ok(report)
+}

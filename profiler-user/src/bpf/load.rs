@@ -1,0 +1,155 @@
+//! Loads the embedded eBPF object with per-target settings (which process, map capacities,
+//! sampling rate) and hands out its maps. Checks privileges and kernel features first, so the
+//! operator gets one clear line instead of a verifier dump.
+use std::{fs, path::Path};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
+    Ebpf, EbpfLoader,
+};
+use profiler_common::{AllocInfo, StackKey, StackStats, EXP_TABLE_LEN, EXP_TABLE_SHIFT};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf.o"));
+
+/// Capacities and sampling, fixed when the probes are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Live allocations tracked at once (`LIVE` map entries).
+    pub max_allocs: u32,
+    /// Distinct stacks (`STACKS` and `STACK_STATS` entries).
+    pub max_stacks: u32,
+    /// Mean bytes between samples; 0 records every allocation.
+    pub sample_bytes: u64,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        ProbeSettings { max_allocs: 1 << 20, max_stacks: 1 << 15, sample_bytes: 0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("this memscope was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild")]
+    NotBuilt,
+    #[error("memscope needs root, or the capabilities CAP_BPF and CAP_PERFMON (running as uid {uid} without them)")]
+    NoPrivilege { uid: u32 },
+    #[error("this kernel has no uprobe support (/sys/bus/event_source/devices/uprobe is missing; CONFIG_UPROBE_EVENTS is off)")]
+    NoUprobes,
+    #[error("the kernel refused memscope's eBPF programs (needs BPF with attach cookies, kernel 5.15+): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+/// The loaded programs (still to be attached) and the maps the reader needs.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: ProbeMaps,
+}
+
+pub struct ProbeMaps {
+    pub live: HashMap<MapData, u64, AllocInfo>,
+    pub stack_stats: HashMap<MapData, StackKey, StackStats>,
+    pub stacks: StackTraceMap<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Verifies what loading needs, with a specific error for each missing piece.
+pub fn check_environment() -> Result<(), LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NotBuilt);
+    }
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 && !has_bpf_capabilities() {
+        return Err(LoadError::NoPrivilege { uid });
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        return Err(LoadError::NoUprobes);
+    }
+    Ok(())
+}
+
+fn has_bpf_capabilities() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = fs::read_to_string("/proc/self/status") else { return false };
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return false;
+    };
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+/// Loads the object for one target process.
+pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
+    check_environment()?;
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TARGET_TGID", &tgid, true)
+        .override_global("SAMPLE_BYTES", &settings.sample_bytes, true)
+        .map_max_entries("LIVE", settings.max_allocs.max(1))
+        .map_max_entries("STACKS", settings.max_stacks.max(1))
+        .map_max_entries("STACK_STATS", settings.max_stacks.max(1))
+        .load(OBJECT)
+        .map_err(|e| LoadError::Load(Box::new(e)))?;
+    fill_exp_table(&mut ebpf)?;
+    let maps = ProbeMaps {
+        live: take(&mut ebpf, "LIVE")?,
+        stack_stats: take(&mut ebpf, "STACK_STATS")?,
+        stacks: take(&mut ebpf, "STACKS")?,
+        counters: take(&mut ebpf, "COUNTERS")?,
+    };
+    Ok(Loaded { ebpf, maps })
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+/// `-ln(u)` for u at the centre of each of `EXP_TABLE_LEN` equal slices of (0, 1): drawing a
+/// random slot gives exponentially distributed gaps between samples (mean 1, fixed point).
+pub fn exp_table() -> Vec<u32> {
+    (0..EXP_TABLE_LEN)
+        .map(|i| {
+            let u = (i as f64 + 0.5) / EXP_TABLE_LEN as f64;
+            (-u.ln() * f64::from(1u32 << EXP_TABLE_SHIFT)).round() as u32
+        })
+        .collect()
+}
+
+fn fill_exp_table(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let name = "EXP_TABLE";
+    let map = ebpf.map_mut(name).ok_or(LoadError::MissingMap(name))?;
+    let mut table: Array<&mut MapData, u32> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name, source })?;
+    for (i, v) in exp_table().into_iter().enumerate() {
+        table.set(i as u32, v, 0).map_err(|source| LoadError::Map { name, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampling table has mean ~1 (in fixed point), so sampling gaps average the rate.
+    #[test]
+    fn exp_table_has_unit_mean() {
+        let t = exp_table();
+        let mean = t.iter().map(|&v| v as f64).sum::<f64>() / t.len() as f64;
+        let one = f64::from(1u32 << EXP_TABLE_SHIFT);
+        assert!((mean / one - 1.0).abs() < 0.01, "mean {}", mean / one);
+        assert!(t.windows(2).all(|w| w[0] >= w[1]));
+    }
+}

@@ -1,0 +1,131 @@
+//! Reads the probes' maps into a [`RawSnapshot`]: counters, per-stack totals, the stacks
+//! themselves, and (walking the live allocations once) each stack's leaked bytes and oldest
+//! allocation. No symbols here, only addresses.
+use std::collections::HashMap as StdHashMap;
+
+use aya::maps::MapError;
+use profiler_common::{StackKey, StackStats, COUNTER_COUNT};
+
+use super::load::ProbeMaps;
+
+/// One allocation site as the kernel recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawStack {
+    pub key: StackKey,
+    /// Frame-pointer stack from the stack map, innermost first; `ips[0]` is inside the
+    /// allocator. Empty when the stack could not be recorded.
+    pub ips: Vec<u64>,
+    pub stats: StackStats,
+    /// Live allocations at least `min_age` old.
+    pub leak_bytes: u64,
+    pub leak_allocs: u64,
+    /// Monotonic timestamp of the oldest live allocation, 0 when none is live.
+    pub oldest_ns: u64,
+}
+
+impl RawStack {
+    /// Return addresses of the stack, innermost first: the caller read at `[rsp]` on entry, then
+    /// the frame-pointer walk without the allocator's own frame. When the kernel already added
+    /// the caller (allocators starting with `push %rbp`), it is not repeated.
+    pub fn return_addresses(&self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.ips.len() + 1);
+        if self.key.caller != 0 {
+            out.push(self.key.caller);
+        }
+        for (i, &ip) in self.ips.iter().enumerate().skip(1) {
+            if i == 1 && ip == self.key.caller {
+                continue;
+            }
+            if ip != 0 {
+                out.push(ip);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RawSnapshot {
+    /// Per-CPU counters summed, indexed by `profiler_common::Counter`.
+    pub counters: Vec<u64>,
+    pub stacks: Vec<RawStack>,
+    /// CLOCK_MONOTONIC when the read started (the probes' clock).
+    pub now_ns: u64,
+}
+
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
+    (0..COUNTER_COUNT)
+        .map(|i| Ok(maps.counters.get(&i, 0)?.iter().copied().sum()))
+        .collect()
+}
+
+/// Reads everything. Allocations younger than `min_age_ns` are live but not leaks.
+pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
+    let now_ns = monotonic_ns();
+    let counters = read_counters(maps)?;
+    let mut stacks: StdHashMap<StackKey, RawStack> = StdHashMap::new();
+    for entry in maps.stack_stats.iter() {
+        let (key, stats) = entry?;
+        stacks.insert(key, RawStack { key, stats, ..Default::default() });
+    }
+    let cutoff = now_ns.saturating_sub(min_age_ns);
+    for entry in maps.live.iter() {
+        let (_addr, info) = match entry {
+            Ok(e) => e,
+            // Freed between listing its key and reading it.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        };
+        let s = stacks
+            .entry(info.stack)
+            .or_insert_with(|| RawStack { key: info.stack, ..Default::default() });
+        if s.oldest_ns == 0 || info.timestamp_ns < s.oldest_ns {
+            s.oldest_ns = info.timestamp_ns;
+        }
+        if info.timestamp_ns <= cutoff {
+            s.leak_bytes += info.size;
+            s.leak_allocs += 1;
+        }
+    }
+    let mut frames_by_id: StdHashMap<i32, Vec<u64>> = StdHashMap::new();
+    for s in stacks.values_mut() {
+        if s.key.stack_id < 0 {
+            continue;
+        }
+        let ips = frames_by_id.entry(s.key.stack_id).or_insert_with(|| {
+            maps.stacks
+                .get(&(s.key.stack_id as u32), 0)
+                .map(|t| t.frames().iter().map(|f| f.ip).collect())
+                .unwrap_or_default()
+        });
+        s.ips = ips.clone();
+    }
+    let mut stacks: Vec<RawStack> = stacks.into_values().collect();
+    stacks.sort_by_key(|s| s.key);
+    Ok(RawSnapshot { counters, stacks, now_ns })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The caller from [rsp] comes first, the allocator's own frame is dropped, and a caller the
+    /// kernel already found is not repeated.
+    #[test]
+    fn return_addresses_prepend_caller_once() {
+        let key = StackKey { caller: 0x20, stack_id: 3, _pad: 0 };
+        let s = RawStack { key, ips: vec![0x10, 0x30, 0x40], ..Default::default() };
+        assert_eq!(s.return_addresses(), vec![0x20, 0x30, 0x40]);
+        let s = RawStack { key, ips: vec![0x10, 0x20, 0x40], ..Default::default() };
+        assert_eq!(s.return_addresses(), vec![0x20, 0x40]);
+        let none = StackKey { caller: 0x20, stack_id: -1, _pad: 0 };
+        let s = RawStack { key: none, ..Default::default() };
+        assert_eq!(s.return_addresses(), vec![0x20]);
+    }
+}

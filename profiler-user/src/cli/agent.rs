@@ -1,0 +1,120 @@
+//! `memscope agent`: the long-running HTTP maintenance endpoint (see [`crate::api`]).
+//!
+//! Parses the flags into an [`AgentConfig`] and runs [`api::serve`] on a tokio runtime.
+//! Refuses to start, with one line, without a token file, with a token file that group or
+//! others may read, or on a non-loopback address without TLS (unless
+//! `--allow-insecure-remote`). Tokens are never taken on the command line.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::{
+    api::{self, AgentConfig, Limits, TlsFiles},
+    store::Retention,
+    target::Attacher,
+};
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Address to listen on. Loopback by default; a remote address needs TLS.
+    #[arg(long, default_value = api::DEFAULT_LISTEN, value_name = "ADDR:PORT")]
+    pub listen: SocketAddr,
+    /// Token file: lines `NAME ROLE TOKEN` (ROLE read or admin), mode 0600. Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve a non-loopback address without TLS: tokens and reports cross the network in clear.
+    #[arg(long)]
+    pub allow_insecure_remote: bool,
+    /// Where snapshots are kept.
+    #[arg(long, default_value = crate::store::DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Most snapshots kept; the oldest are removed first.
+    #[arg(long, default_value_t = Retention::DEFAULT_COUNT, value_name = "N")]
+    pub retain_count: usize,
+    /// Most bytes of snapshots kept on disk (e.g. 512MiB, 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = super::units::parse_size, value_name = "SIZE")]
+    pub retain_bytes: u64,
+    /// Process to trace from the start (repeat for several).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Concurrent snapshots and renders; more are answered 503 at once.
+    #[arg(long, default_value_t = Limits::default().max_expensive, value_name = "N")]
+    pub max_renders: usize,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = Limits::default().max_connections, value_name = "N")]
+    pub max_connections: usize,
+    /// Requests per second allowed per token (burst: 4x, at least 20).
+    #[arg(long, default_value_t = Limits::default().token_per_sec, value_name = "RPS")]
+    pub rate_limit: f64,
+    /// Longest a snapshot or render may take before the request is answered 503.
+    #[arg(long, default_value = "120s", value_parser = super::units::parse_duration, value_name = "DURATION")]
+    pub request_timeout: Duration,
+}
+
+impl AgentArgs {
+    pub fn config(&self) -> AgentConfig {
+        let defaults = Limits::default();
+        let burst = ((self.rate_limit * 4.0).ceil() as u32).max(defaults.token_burst);
+        AgentConfig {
+            listen: self.listen,
+            tokens_file: self.tokens.clone(),
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+                _ => None,
+            },
+            allow_insecure_remote: self.allow_insecure_remote,
+            data_dir: self.data_dir.clone(),
+            retention: Retention { max_count: self.retain_count, max_bytes: self.retain_bytes },
+            pids: self.pids.clone(),
+            limits: Limits {
+                max_expensive: self.max_renders.max(1),
+                max_connections: self.max_connections.max(1),
+                token_per_sec: self.rate_limit,
+                token_burst: burst,
+                request_timeout: self.request_timeout,
+                ..defaults
+            },
+        }
+    }
+}
+
+/// The attacher the agent uses for `--pid` and `POST /v1/targets`.
+fn attacher() -> Arc<dyn Attacher> {
+    Arc::new(NoTracer)
+}
+
+/// Stands in until this build's eBPF attacher is wired in: every attach fails with one line.
+struct NoTracer;
+
+impl Attacher for NoTracer {
+    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn crate::target::TracedTarget>> {
+        anyhow::bail!("cannot trace process {pid}: this memscope build has no eBPF attacher")
+    }
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config();
+    // Refuse bad configurations before starting threads or touching the data directory.
+    api::check_config(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .thread_name("memscope-agent")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let agent = api::Agent::start(config, attacher()).await?;
+        let scheme = if agent.is_tls() { "https" } else { "http" };
+        eprintln!("memscope agent: listening on {scheme}://{}", agent.local_addr());
+        agent.run(api::shutdown_signal()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

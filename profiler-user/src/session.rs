@@ -1,0 +1,172 @@
+//! One traced process, end to end: check it exists, find its allocator, load and attach the
+//! probes, and answer snapshots (read maps -> build profile -> symbolize). This is the eBPF
+//! implementation of [`crate::target::TracedTarget`].
+use std::{
+    os::fd::{FromRawFd, OwnedFd, AsRawFd},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use profiler_common::Counter;
+use tracing::info;
+
+use crate::{
+    aggregate::{build, HeapProfile},
+    bpf::{
+        attach::{self, ProbeSiteReport},
+        load::{self, Loaded, ProbeSettings},
+        reader,
+    },
+    procfs,
+    symbolize::Symbolizer,
+    target::{Attacher, TargetStats, TracedTarget},
+};
+
+pub struct Session {
+    pid: u32,
+    comm: String,
+    pidfd: Option<OwnedFd>,
+    settings: ProbeSettings,
+    attached_at: Instant,
+    unseen_before_attach_bytes: u64,
+    allocator: String,
+    sites: Vec<ProbeSiteReport>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    loaded: Loaded,
+    symbolizer: Symbolizer,
+}
+
+impl Session {
+    /// Starts tracing `pid`. Errors are one line each: no such process, no privilege, no
+    /// allocator, kernel refusal.
+    pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
+        if !procfs::exists(pid) {
+            return Err(procfs::ProcError::NoSuchProcess(pid).into());
+        }
+        load::check_environment()?;
+        let comm = procfs::comm(pid)?;
+        let pidfd = open_pidfd(pid);
+        let allocator = attach::find_allocator(pid)?;
+        let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
+        let mut loaded = load::load(pid, settings)?;
+        let sites = attach::attach(&mut loaded.ebpf, pid, &allocator)
+            .with_context(|| format!("attaching to process {pid} ({comm})"))?;
+        info!(pid, allocator = %allocator.path_in_target, "attached");
+        Ok(Session {
+            pid,
+            comm,
+            pidfd,
+            settings,
+            attached_at: Instant::now(),
+            unseen_before_attach_bytes: unseen,
+            allocator: allocator.path_in_target,
+            sites,
+            inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded }),
+        })
+    }
+
+    pub fn allocator(&self) -> &str {
+        &self.allocator
+    }
+
+    pub fn probe_sites(&self) -> &[ProbeSiteReport] {
+        &self.sites
+    }
+
+    pub fn settings(&self) -> ProbeSettings {
+        self.settings
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.attached_at.elapsed()
+    }
+
+    /// Whether the target is still running (a pidfd, so pid reuse cannot fool it).
+    pub fn alive(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                unsafe { libc::poll(&mut p, 1, 0) == 0 }
+            }
+            None => procfs::exists(self.pid),
+        }
+    }
+
+    /// Summed counters, indexed by `profiler_common::Counter`.
+    pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
+        let inner = self.inner.lock().unwrap();
+        Ok(reader::read_counters(&inner.loaded.maps)?)
+    }
+}
+
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl TracedTarget for Session {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile> {
+        let exited = !self.alive();
+        let mut guard = self.inner.lock().unwrap();
+        let Inner { loaded, symbolizer } = &mut *guard;
+        let raw = reader::read(&loaded.maps, min_age.as_nanos() as u64)
+            .context("reading the probes' maps")?;
+        let ctx = build::BuildContext {
+            pid: self.pid,
+            taken_at_ms: now_ms(),
+            duration_s: self.attached_at.elapsed().as_secs_f64(),
+            min_age_s: min_age.as_secs_f64(),
+            sample_bytes: self.settings.sample_bytes,
+            unseen_before_attach_bytes: self.unseen_before_attach_bytes,
+            target_exited: exited,
+        };
+        Ok(build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs)))
+    }
+
+    fn stats(&self) -> TargetStats {
+        let inner = self.inner.lock().unwrap();
+        let counters = reader::read_counters(&inner.loaded.maps).unwrap_or_default();
+        drop(inner);
+        let c = |k: Counter| counters.get(k as usize).copied().unwrap_or(0);
+        let sampled_live_bytes = c(Counter::SampledBytes).saturating_sub(c(Counter::FreeBytes));
+        let sampled_live = c(Counter::SampledAllocs).saturating_sub(c(Counter::Frees));
+        let k = build::sampling_scale(
+            c(Counter::SampledBytes) as f64 / c(Counter::SampledAllocs).max(1) as f64,
+            self.settings.sample_bytes,
+        );
+        TargetStats {
+            pid: self.pid,
+            comm: self.comm.clone(),
+            live_bytes: (sampled_live_bytes as f64 * k) as u64,
+            live_allocs: (sampled_live as f64 * k) as u64,
+            allocs: c(Counter::Allocs),
+            frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
+            dropped: build::dropped(&counters),
+            sample_bytes: self.settings.sample_bytes,
+            alive: self.alive(),
+        }
+    }
+}
+
+/// Attaches real eBPF sessions with fixed settings (the agent's).
+pub struct EbpfAttacher {
+    pub settings: ProbeSettings,
+}
+
+impl Attacher for EbpfAttacher {
+    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
+        Ok(Arc::new(Session::attach(pid, self.settings)?))
+    }
+}

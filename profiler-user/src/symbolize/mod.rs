@@ -1,0 +1,98 @@
+//! Symbolization: return addresses of a target -> function, `file:line`, module. Batched per
+//! module and cached per process (addresses are stable while the mappings are), using blazesym
+//! on the module files kept open by [`modules`]. Frames that cannot be named keep their module
+//! and file offset.
+pub mod modules;
+
+use std::collections::HashMap;
+
+use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer as Blaze};
+
+use crate::aggregate::Frame;
+use modules::{Modules, Place};
+
+thread_local! {
+    // blazesym's symbolizer is not Send; each thread keeps its own, with its parsed-file cache
+    // (keyed by path and file identity, so a reused /proc/self/fd number cannot fool it).
+    static BLAZE: Blaze = Blaze::builder().enable_inlined_fns(false).enable_code_info(true).build();
+}
+
+pub struct Symbolizer {
+    modules: Modules,
+    cache: HashMap<u64, Frame>,
+}
+
+impl Symbolizer {
+    pub fn new(pid: u32) -> Symbolizer {
+        let mut modules = Modules::new(pid);
+        modules.refresh();
+        Symbolizer {
+            modules,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Names every address (all are return addresses: the call is the byte before).
+    pub fn symbolize(&mut self, addrs: &[u64]) -> HashMap<u64, Frame> {
+        if self.modules.refresh() {
+            self.cache.clear();
+        }
+        // module path -> (open path, [(addr, file offset)])
+        let mut by_module: HashMap<String, (std::path::PathBuf, Vec<(u64, u64)>)> = HashMap::new();
+        for &addr in addrs {
+            if self.cache.contains_key(&addr) {
+                continue;
+            }
+            match self.modules.place(addr) {
+                Place::File { module, file_offset } => {
+                    by_module
+                        .entry(module.path.clone())
+                        .or_insert_with(|| (module.open_path.clone(), Vec::new()))
+                        .1
+                        .push((addr, file_offset));
+                }
+                Place::Anonymous => {
+                    self.cache.insert(addr, Frame { address: addr, ..Default::default() });
+                }
+            }
+        }
+        for (module, (open_path, items)) in by_module {
+            let offsets: Vec<u64> = items.iter().map(|&(_, off)| off.saturating_sub(1)).collect();
+            let src = Source::Elf(Elf::new(open_path));
+            let results = BLAZE
+                .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
+                .unwrap_or_default();
+            for (i, &(addr, off)) in items.iter().enumerate() {
+                let mut frame = Frame {
+                    address: addr,
+                    module: Some(module.clone()),
+                    module_offset: Some(off),
+                    ..Default::default()
+                };
+                if let Some(Some((function, file, line))) = results.get(i) {
+                    frame.function = Some(function.clone());
+                    frame.file = file.clone();
+                    frame.line = *line;
+                }
+                self.cache.insert(addr, frame);
+            }
+        }
+        addrs.iter().filter_map(|a| self.cache.get(a).map(|f| (*a, f.clone()))).collect()
+    }
+}
+
+/// Function name, source file and line of a symbolized address.
+fn named(s: Symbolized<'_>) -> Option<(String, Option<String>, Option<u32>)> {
+    let Symbolized::Sym(sym) = s else { return None };
+    let (file, line) = match &sym.code_info {
+        Some(ci) => {
+            let file = match &ci.dir {
+                Some(dir) => dir.join(&*ci.file).to_string_lossy().into_owned(),
+                None => ci.file.to_string_lossy().into_owned(),
+            };
+            (Some(file), ci.line)
+        }
+        None => (None, None),
+    };
+    Some((sym.name.to_string(), file, line))
+}

@@ -1,0 +1,71 @@
+//! The target's mapped object files, kept open: an address becomes (module, file offset), and
+//! the module stays readable through `/proc/self/fd/N` after the target exits, is upgraded on
+//! disk, or lives in another mount namespace.
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::fd::AsRawFd,
+    path::PathBuf,
+};
+
+use crate::procfs::{self, Mapping};
+
+pub struct Module {
+    /// Path as the target sees it.
+    pub path: String,
+    _file: File,
+    /// Path this process reads it through.
+    pub open_path: PathBuf,
+}
+
+#[derive(Default)]
+pub struct Modules {
+    pid: u32,
+    maps: Vec<Mapping>,
+    open: HashMap<String, Module>,
+}
+
+/// Where an address falls.
+pub enum Place<'a> {
+    File { module: &'a Module, file_offset: u64 },
+    Anonymous,
+}
+
+impl Modules {
+    pub fn new(pid: u32) -> Modules {
+        Modules { pid, ..Default::default() }
+    }
+
+    /// Re-reads `/proc/PID/maps` and opens new modules. Keeps the old view when the target is
+    /// gone. Returns whether anything changed.
+    pub fn refresh(&mut self) -> bool {
+        let Ok(maps) = procfs::maps(self.pid) else { return false };
+        if maps == self.maps {
+            return false;
+        }
+        for m in maps.iter().filter(|m| m.is_file()) {
+            let path = m.path.clone().unwrap_or_default();
+            if self.open.contains_key(&path) {
+                continue;
+            }
+            let by_root = procfs::host_path(self.pid, &path);
+            let by_map_file = PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end));
+            if let Ok(file) = File::open(&by_root).or_else(|_| File::open(&by_map_file)) {
+                let open_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                self.open.insert(path.clone(), Module { path, _file: file, open_path });
+            }
+        }
+        self.maps = maps;
+        true
+    }
+
+    pub fn place(&self, addr: u64) -> Place<'_> {
+        let Some(m) = self.maps.iter().find(|m| m.contains(addr)) else { return Place::Anonymous };
+        match m.path.as_ref().and_then(|p| self.open.get(p)) {
+            Some(module) if m.is_file() => {
+                Place::File { module, file_offset: addr - m.start + m.offset }
+            }
+            _ => Place::Anonymous,
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! End-to-end tests of the tracing path: real eBPF probes attached to real fixture processes
+//! of known ground truth (see tests/fixtures/alloc_fixture.c), through the `memscope record`
+//! binary and through the library. Need root; CI runs them as root.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{alloc_fixture, require_root, Fixture};
+use profiler_user::{
+    aggregate::HeapProfile,
+    bpf::load::ProbeSettings,
+    session::Session,
+    target::TracedTarget,
+};
+use serde_json::Value;
+
+const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
+
+/// Runs `memscope record` on a fixture: waits for "attached", lets the workload run, then
+/// stops the recording with SIGINT. Returns (exit code, stderr).
+fn record(fixture: &mut Fixture, out: &Path, extra: &[&str], stop: bool) -> (i32, String) {
+    let mut child = Command::new(MEMSCOPE)
+        .args(["record", "--pid", &fixture.pid.to_string(), "--duration", "60s", "--out"])
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    while !first.contains("attached") {
+        let before = first.len();
+        stderr.read_line(&mut first).unwrap();
+        assert!(first.len() > before, "memscope ended before attaching: {first}");
+    }
+    fixture.go();
+    if stop {
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    } else {
+        fixture.finish();
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or(-1), first + &rest)
+}
+
+fn leak<'a>(leaks: &'a Value, function: &str) -> Option<&'a Value> {
+    leaks_in(leaks, function).into_iter().next()
+}
+
+/// Leaks whose innermost frame (the allocator's caller) is `function`: one per call site.
+fn leaks_in<'a>(leaks: &'a Value, function: &str) -> Vec<&'a Value> {
+    leaks["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["frames"][0]["function"].as_str() == Some(function))
+        .collect()
+}
+
+/// Bytes and allocations leaked from all call sites in `function` are exactly as expected.
+fn assert_site(leaks: &Value, function: &str, bytes: u64, allocs: u64) {
+    let sites = leaks_in(leaks, function);
+    assert!(!sites.is_empty(), "no leak reported for {function}: {leaks:#}");
+    let sum = |k: &str| sites.iter().map(|l| l[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("bytes"), sum("allocs")), (bytes, allocs), "{function}");
+}
+
+/// `memscope record` reports every leaking site of the fixture with exact bytes and counts,
+/// never a churn site, exact totals, no drops, the pre-attach heap as unseen, and writes all
+/// five files with the fixture's function names in them.
+#[test]
+fn record_reports_exact_leaks_per_site() {
+    require_root();
+    let mut fixture = Fixture::start(&alloc_fixture(), "basic");
+    let out = tempfile::tempdir().unwrap();
+    let (code, stderr) = record(&mut fixture, out.path(), &["--min-age", "0s", "--sampling", "full"], true);
+    assert_eq!(code, 0, "{stderr}");
+    let leaks: Value = serde_json::from_slice(&std::fs::read(out.path().join("leaks.json")).unwrap()).unwrap();
+    assert_site(&leaks, "leak_fixed", 7000, 7);
+    assert_site(&leaks, "leak_calloc", 1500, 3);
+    assert_site(&leaks, "leak_realloc", 5000, 1);
+    assert_site(&leaks, "leak_aligned", 1136, 6);
+    assert_site(&leaks, "leak_big", 2 << 20, 2);
+    for f in ["churn_strings", "realloc_to_zero", "failed_and_null", "pre_attach_leak"] {
+        assert!(leak(&leaks, f).is_none(), "{f} reported as a leak: {leaks:#}");
+    }
+    let t = &leaks["totals"];
+    assert_eq!(t["allocs"], 1022, "{t}");
+    assert_eq!(t["frees"], 1003, "{t}");
+    assert_eq!(t["live_allocs"], 19, "{t}");
+    assert_eq!(t["live_bytes"], 2111788, "{t}");
+    assert!(leaks["dropped"].as_object().unwrap().values().all(|v| v == 0), "{}", leaks["dropped"]);
+    assert!(leaks["unseen_before_attach_bytes"].as_u64().unwrap() >= 3 << 20);
+    // The caller frame carries file:line from the fixture's debug info.
+    let fixed = leak(&leaks, "leak_fixed").unwrap();
+    assert!(fixed["frames"][0]["file"].as_str().unwrap().ends_with("alloc_fixture.c"));
+    assert!(fixed["frames"][0]["line"].as_u64().unwrap() > 0);
+    assert!(fixed["frames"].as_array().unwrap().iter().any(|f| f["function"] == "main"), "{fixed}");
+
+    let report = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
+    assert!(report.contains("leak_big") && report.contains("leak_fixed"), "{report}");
+    let svg = std::fs::read_to_string(out.path().join("flamegraph.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("leak_calloc"));
+    let folded = std::fs::read_to_string(out.path().join("heap.folded")).unwrap();
+    assert!(folded.lines().any(|l| l.contains("main;leak_fixed") && l.ends_with(" 7000")), "{folded}");
+    assert!(std::fs::metadata(out.path().join("heap.pb.gz")).unwrap().len() > 100);
+}
+
+/// Allocations younger than --min-age are live but not leaks.
+#[test]
+fn min_age_filters_young_allocations() {
+    require_root();
+    let mut fixture = Fixture::start(&alloc_fixture(), "basic");
+    let out = tempfile::tempdir().unwrap();
+    let (code, stderr) = record(&mut fixture, out.path(), &["--min-age", "1h"], true);
+    assert_eq!(code, 0, "{stderr}");
+    let leaks: Value = serde_json::from_slice(&std::fs::read(out.path().join("leaks.json")).unwrap()).unwrap();
+    assert_eq!(leaks["leaks"].as_array().unwrap().len(), 0, "{leaks:#}");
+    assert_eq!(leaks["totals"]["live_bytes"], 2111788);
+}
+
+/// When the target exits during the recording, the files are still written (an end-of-run
+/// report) and memscope says so with exit code 3.
+#[test]
+fn target_exit_keeps_the_recording() {
+    require_root();
+    let mut fixture = Fixture::start(&alloc_fixture(), "exit");
+    let out = tempfile::tempdir().unwrap();
+    let (code, stderr) = record(&mut fixture, out.path(), &["--min-age", "0s"], false);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("exited during the recording"), "{stderr}");
+    let leaks: Value = serde_json::from_slice(&std::fs::read(out.path().join("leaks.json")).unwrap()).unwrap();
+    assert_eq!(leaks["target_exited"], true);
+    assert_site(&leaks, "leak_fixed", 7000, 7);
+}
+
+/// Bad targets give one clear line and a non-zero exit.
+#[test]
+fn bad_targets_fail_with_one_line() {
+    require_root();
+    let out = Command::new(MEMSCOPE).args(["record", "--pid", "999999999", "--duration", "1s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "memscope: no process with pid 999999999", "{err}");
+
+    // A static program without malloc: nothing to probe.
+    let exe = common::build_fixture("no_allocator", &["-nostdlib", "-static"]);
+    let mut child = Command::new(&exe).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let out = Command::new(MEMSCOPE).args(["record", "--pid", &child.id().to_string(), "--duration", "1s"]).output().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no recognizable allocator") && err.lines().count() == 1, "{err}");
+
+    let out = Command::new(MEMSCOPE).args(["record", "--pid", "1", "--duration", "ten"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
+}
+
+fn snapshot_of(mode: &str, settings: ProbeSettings) -> HeapProfile {
+    let mut fixture = Fixture::start(&alloc_fixture(), mode);
+    let session = Session::attach(fixture.pid, settings).unwrap();
+    fixture.go();
+    session.snapshot(Duration::ZERO).unwrap()
+}
+
+/// (live bytes, live allocations) of all stacks whose innermost frame is `function`.
+fn site(p: &HeapProfile, function: &str) -> (u64, u64) {
+    p.stacks
+        .iter()
+        .filter(|s| s.frames.first().and_then(|f| f.function.as_deref()) == Some(function))
+        .fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
+}
+
+/// Allocations from several threads are all seen, with their thread function as caller.
+#[test]
+fn threads_are_traced() {
+    require_root();
+    let p = snapshot_of("threads", ProbeSettings::default());
+    assert_eq!(site(&p, "thread_leak"), (2664, 8), "{:#?}", p.stacks);
+}
+
+/// Maps made too small count what they lose instead of losing it silently.
+#[test]
+fn full_maps_are_counted_as_drops() {
+    require_root();
+    let p = snapshot_of("basic", ProbeSettings { max_allocs: 4, ..Default::default() });
+    assert!(p.dropped["live_map_full"] > 0, "{:?}", p.dropped);
+    assert_eq!(p.totals.allocs, 1022);
+    let p = snapshot_of("basic", ProbeSettings { max_stacks: 2, ..Default::default() });
+    let stack_drops = p.dropped["stack_map_collision"] + p.dropped["stack_stats_full"];
+    assert!(stack_drops > 0, "{:?}", p.dropped);
+}
