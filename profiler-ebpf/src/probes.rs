@@ -89,7 +89,8 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
         return Ok(());
     }
     let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    let (size, ptr_arg) = match AllocKind::from_u8(kind).ok_or(())? {
+    let kind_enum = AllocKind::from_u8(kind).ok_or(())?;
+    let (size, ptr_arg) = match kind_enum {
         AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0),
         AllocKind::Calloc => (arg(ctx, 0).wrapping_mul(arg(ctx, 1)), 0),
         AllocKind::Realloc => (arg(ctx, 1), arg(ctx, 0)),
@@ -99,6 +100,13 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
         AllocKind::Free => return Err(()),
     };
     let sampled = sample(size);
+    let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray);
+    if !sampled && !frees_old && kind_enum != AllocKind::PosixMemalign {
+        // Cheap path: nothing to remember. The return probe sees no in-flight entry and only
+        // counts the call.
+        count(Counter::AllocBytes, size);
+        return Ok(());
+    }
     let mut stack = StackKey { caller: 0, stack_id: -1, _pad: 0 };
     if sampled {
         stack.stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK) {
@@ -140,7 +148,13 @@ fn try_alloc_return(ctx: &RetProbeContext) -> Result<(), ()> {
         return Ok(());
     }
     let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
-        count(Counter::DropNoInflight, 1);
+        if SAMPLE_BYTES.load() == 0 {
+            count(Counter::DropNoInflight, 1);
+        } else {
+            // An unsampled call (its bytes were counted at entry).
+            let ret: u64 = ctx.ret();
+            count(if ret != 0 { Counter::Allocs } else { Counter::FailedAllocs }, 1);
+        }
         return Ok(());
     };
     let call = unsafe {

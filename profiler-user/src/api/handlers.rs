@@ -385,7 +385,7 @@ pub(crate) fn detach(state: &State, p: Principal, id: u32) -> Result<Response, A
         Some(_) => Ok(json_reply(StatusCode::OK, &serde_json::json!({ "detached": id }))),
         None => Err(ApiError::not_found("target_not_found", format!("no target {id}"))),
     };
-    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "detached").map_err(|e| e));
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "detached"));
     result
 }
 
@@ -459,7 +459,7 @@ pub(crate) async fn take_snapshot(
 ) -> Result<Response, ApiError> {
     let route = format!("/v1/targets/{id}/snapshots");
     let result = take_snapshot_inner(&state, id, q).await;
-    audit_action(&p, &Method::POST, &route, result.as_ref().map(|(m, _)| m.id.as_str()).map_err(|e| e));
+    audit_action(&p, &Method::POST, &route, result.as_ref().map(|(m, _)| m.id.as_str()));
     result.map(|(_, r)| r)
 }
 
@@ -532,7 +532,7 @@ pub(crate) async fn get_snapshot(state: Arc<State>, sid: String, q: Vec<(String,
 pub(crate) fn delete_snapshot(state: &State, p: Principal, sid: String) -> Result<Response, ApiError> {
     let result = snapshot_id(&sid).and_then(|id| Ok(state.store.delete(&id)?));
     let route = format!("/v1/snapshots/{}", truncate(&sid));
-    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted").map_err(|e| e));
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
     result.map(|m| json_reply(StatusCode::OK, &serde_json::json!({ "deleted": m.id })))
 }
 

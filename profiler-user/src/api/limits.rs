@@ -4,8 +4,8 @@
 //!   that is only drawn from by failed authentications (so a scanner is slowed down before
 //!   the token comparison runs). A refusal carries the wait until the next token: sent as
 //!   `Retry-After` with a 429.
-//! - [`SingleFlight`]: identical concurrent expensive requests (same key = target or snapshot
-//!   + route + canonical query) share one computation. The computation runs in
+//! - [`SingleFlight`]: identical concurrent expensive requests (same key: target or snapshot,
+//!   route and canonical query) share one computation. The computation runs in
 //!   `spawn_blocking` and finishes even when every waiter has gone (a disconnect does not
 //!   waste it, and its permit is held until it really ends).
 //! - [`Limits::max_expensive`]: a semaphore on concurrent snapshots and renders; when it is

@@ -194,7 +194,7 @@ pub fn check_config(config: &AgentConfig) -> anyhow::Result<Vec<String>> {
             );
         }
         warnings.push(format!(
-            "listening on non-loopback address {} without TLS (--allow-insecure-remote): tokens and \
+            "serving non-loopback address {} without TLS (--allow-insecure-remote): tokens and \
              reports cross the network in clear",
             config.listen
         ));

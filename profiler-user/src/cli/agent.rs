@@ -11,6 +11,8 @@ use clap::Args;
 
 use crate::{
     api::{self, AgentConfig, Limits, TlsFiles},
+    bpf::load::ProbeSettings,
+    session::EbpfAttacher,
     store::Retention,
     target::Attacher,
 };
@@ -44,6 +46,15 @@ pub struct AgentArgs {
     /// Process to trace from the start (repeat for several).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// `full` records every allocation; a size (e.g. 512KiB) samples one per that many bytes.
+    #[arg(long, default_value = "full", value_parser = super::units::parse_sampling)]
+    pub sampling: u64,
+    /// Live allocations tracked at once per target.
+    #[arg(long, default_value_t = ProbeSettings::default().max_allocs)]
+    pub max_allocs: u32,
+    /// Distinct allocation stacks tracked per target.
+    #[arg(long, default_value_t = ProbeSettings::default().max_stacks)]
+    pub max_stacks: u32,
     /// Concurrent snapshots and renders; more are answered 503 at once.
     #[arg(long, default_value_t = Limits::default().max_expensive, value_name = "N")]
     pub max_renders: usize,
@@ -85,22 +96,16 @@ impl AgentArgs {
     }
 }
 
-/// The attacher the agent uses for `--pid` and `POST /v1/targets`.
-fn attacher() -> Arc<dyn Attacher> {
-    Arc::new(NoTracer)
-}
-
-/// Stands in until this build's eBPF attacher is wired in: every attach fails with one line.
-struct NoTracer;
-
-impl Attacher for NoTracer {
-    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn crate::target::TracedTarget>> {
-        anyhow::bail!("cannot trace process {pid}: this memscope build has no eBPF attacher")
-    }
+/// The attacher the agent uses for `--pid` and `POST /v1/targets`: the eBPF session.
+fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
+    let settings =
+        ProbeSettings { max_allocs: args.max_allocs, max_stacks: args.max_stacks, sample_bytes: args.sampling };
+    Arc::new(EbpfAttacher { settings })
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = args.config();
+    let attacher = attacher(&args);
     // Refuse bad configurations before starting threads or touching the data directory.
     api::check_config(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -111,7 +116,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let agent = api::Agent::start(config, attacher()).await?;
+        let agent = api::Agent::start(config, attacher).await?;
         let scheme = if agent.is_tls() { "https" } else { "http" };
         eprintln!("memscope agent: listening on {scheme}://{}", agent.local_addr());
         agent.run(api::shutdown_signal()).await

@@ -28,16 +28,16 @@ const MAX_ANSWER_BYTES: u64 = 1 << 30;
 #[derive(Args, Debug, Clone)]
 pub struct ConnArgs {
     /// The agent's base URL.
-    #[arg(long, env = "MEMSCOPE_AGENT", default_value = "http://127.0.0.1:7411", value_name = "URL")]
+    #[arg(long, global = true, env = "MEMSCOPE_AGENT", default_value = "http://127.0.0.1:7411", value_name = "URL")]
     pub agent: String,
     /// File holding the token (else the MEMSCOPE_TOKEN environment variable is used).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// PEM CA certificate to trust for an https agent (e.g. its self-signed certificate).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Give up on an answer after this long.
-    #[arg(long, default_value = "150s", value_parser = super::units::parse_duration, value_name = "DURATION")]
+    #[arg(long, global = true, default_value = "150s", value_parser = super::units::parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
 }
 
@@ -314,6 +314,12 @@ impl Client {
     fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
         let base = &self.base;
         match e {
+            ureq::Error::Io(io)
+                if io.get_ref().is_some_and(|e| e.is::<tokio_rustls::rustls::Error>())
+                    || (base.starts_with("https://") && io.kind() == std::io::ErrorKind::InvalidData) =>
+            {
+                anyhow!("TLS with the agent at {base} failed: {io} (for a self-signed agent give --ca-cert FILE)")
+            }
             ureq::Error::Io(io) => match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => {
                     anyhow!("cannot reach the agent at {base}: connection refused (is `memscope agent` running?)")

@@ -40,7 +40,7 @@ pub struct RecordArgs {
     pub out: PathBuf,
     /// `full` records every allocation; a size (e.g. 512KiB) samples one allocation per that
     /// many bytes on average (Poisson) and scales estimates up.
-    #[arg(long, default_value = "full", value_parser = parse_sampling)]
+    #[arg(long, default_value = "512KiB", value_parser = parse_sampling)]
     pub sampling: u64,
     /// Capacity for live allocations tracked at once.
     #[arg(long, default_value_t = 1 << 20)]
