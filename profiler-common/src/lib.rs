@@ -179,6 +179,9 @@ impl Counter {
     }
 }
 
+/// Snapshot triggers (`--on-return`, `--on-usdt`) one target can have.
+pub const MAX_TRIGGERS: u32 = 64;
+
 /// Entries in the exponential table used for Poisson byte sampling.
 pub const EXP_TABLE_LEN: usize = 1024;
 /// Fixed-point scale of the exponential table's values.

@@ -16,6 +16,7 @@
 
 mod maps;
 mod probes;
+mod triggers;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -45,3 +45,8 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 /// Bytes left before the next sample on this CPU (Poisson byte sampling).
 #[map]
 pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Hits of snapshot triggers (`--on-return`, `--on-usdt`), indexed by the attach cookie; the
+/// agent polls it and takes a snapshot when a count moves.
+#[map]
+pub static TRIGGER_HITS: Array<u64> = Array::with_max_entries(profiler_common::MAX_TRIGGERS, 0);

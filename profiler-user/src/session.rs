@@ -14,7 +14,7 @@ use tracing::info;
 use crate::{
     aggregate::{build, HeapProfile},
     bpf::{
-        attach::{self, ProbeSiteReport},
+        attach::{self, ProbeSiteReport, TriggerPoint},
         load::{self, Loaded, ProbeSettings},
         reader,
     },
@@ -38,6 +38,7 @@ pub struct Session {
 struct Inner {
     loaded: Loaded,
     symbolizer: Symbolizer,
+    triggers_used: u32,
 }
 
 impl Session {
@@ -65,7 +66,7 @@ impl Session {
             unseen_before_attach_bytes: unseen,
             allocator: allocator.path_in_target,
             sites,
-            inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded }),
+            inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }),
         })
     }
 
@@ -103,6 +104,28 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Attaches a snapshot trigger at `file_offset` of the file the target maps at
+    /// `path_in_target`; returns its slot in [`Session::trigger_hits`].
+    pub fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
+        let mut inner = self.inner.lock().unwrap();
+        let slot = inner.triggers_used;
+        anyhow::ensure!(slot < profiler_common::MAX_TRIGGERS, "at most {} triggers per target", profiler_common::MAX_TRIGGERS);
+        let host = procfs::host_path(self.pid, path_in_target);
+        attach::attach_trigger(&mut inner.loaded.ebpf, self.pid, &host, file_offset, point, slot)?;
+        inner.triggers_used += 1;
+        Ok(slot)
+    }
+
+    /// How often each trigger slot has fired since it was attached.
+    pub fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
+        let inner = self.inner.lock().unwrap();
+        (0..inner.triggers_used)
+            .map(|i| Ok(inner.loaded.maps.trigger_hits.get(&i, 0)?))
+            .collect()
+    }
+}
+
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -120,7 +143,7 @@ impl TracedTarget for Session {
     fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile> {
         let exited = !self.alive();
         let mut guard = self.inner.lock().unwrap();
-        let Inner { loaded, symbolizer } = &mut *guard;
+        let Inner { loaded, symbolizer, .. } = &mut *guard;
         let raw = reader::read(&loaded.maps, min_age.as_nanos() as u64)
             .context("reading the probes' maps")?;
         let ctx = build::BuildContext {

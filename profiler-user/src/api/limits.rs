@@ -57,7 +57,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Longest a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
-    /// Longest a client may take to send the request headers.
+    /// Longest a client may take to send the request headers, and a request body.
     pub header_read_timeout: Duration,
 }
 

@@ -283,6 +283,9 @@ impl Agent {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let server = hyper::Server::builder(hyper::server::accept::from_stream(incoming))
             .http1_only(true)
+            // One request per connection: no idle keep-alive connection holds a slot of the
+            // connection cap (a maintenance endpoint does not need connection reuse).
+            .http1_keepalive(false)
             .http1_header_read_timeout(limits.header_read_timeout)
             .http1_max_buf_size(64 * 1024)
             .serve(make)

@@ -80,9 +80,14 @@ fn authed(
         })
 }
 
-/// The body, at most `limit` bytes, with or without Content-Length.
-fn body(limit: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
-    warp::body::stream().and_then(move |s| async move { collect_limited(s, limit).await.map_err(reject) })
+/// The body, at most `limit` bytes, with or without Content-Length, within `timeout`.
+fn body(limit: u64, timeout: std::time::Duration) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::body::stream().and_then(move |s| async move {
+        match tokio::time::timeout(timeout, collect_limited(s, limit)).await {
+            Ok(r) => r.map_err(reject),
+            Err(_) => Err(reject(ApiError::bad_request("body_timeout", "the request body arrived too slowly"))),
+        }
+    })
 }
 
 /// Collects a body stream, refusing (413) as soon as it grows past `limit`.
@@ -123,6 +128,7 @@ pub fn routes(
     state: Arc<State>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
     let body_bytes = state.limits.body_bytes;
+    let body_timeout = state.limits.header_read_timeout;
     let s = state.clone();
     let st = move || with_state(s.clone());
     let a = state.clone();
@@ -150,7 +156,7 @@ pub fn routes(
         .and(warp::post())
         .and(auth(Role::Admin))
         .and(st())
-        .and(body(body_bytes))
+        .and(body(body_bytes, body_timeout))
         .and_then(|p, s, b| async move { done(handlers::attach(s, p, b).await) })
         .boxed();
     let detach = warp::path!("v1" / "targets" / u32)
@@ -185,7 +191,7 @@ pub fn routes(
         .and(auth(Role::Admin))
         .and(st())
         .and(query())
-        .and(body(body_bytes))
+        .and(body(body_bytes, body_timeout))
         .and_then(|id, p, s, q, _body: Bytes| async move { done(handlers::take_snapshot(s, p, id, q).await) })
         .boxed();
     let list_snapshots = warp::path!("v1" / "snapshots")

@@ -5,7 +5,8 @@
 //! slow client cannot stall the accept loop) and are bounded in time; a connection holds a
 //! permit of the connection cap until it closes (past the cap, new connections wait in the
 //! kernel's backlog); and each connection keeps its peer address for the per-IP limits.
-//! Only HTTP/1.1 is offered (ALPN `http/1.1`).
+//! Only HTTP/1.1 is offered (ALPN `http/1.1`). A write stalled for 60 s (a client that stopped
+//! reading) ends its connection.
 use std::{
     io,
     net::SocketAddr,
@@ -17,6 +18,7 @@ use std::{
 };
 
 use futures_util::Stream;
+use std::future::Future as _;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -75,11 +77,43 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(Arc::new(config))
 }
 
+/// A write that makes no progress for this long (the client stopped reading) ends the
+/// connection, so a stalled client cannot hold a slot of the connection cap forever.
+const WRITE_STALL: Duration = Duration::from_secs(60);
+
 /// One accepted connection, plain or TLS, with its peer address and its slot of the cap.
 pub struct Conn {
     io: ConnIo,
     pub peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    /// Running while a write is blocked.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Conn {
+    fn new(io: ConnIo, peer: SocketAddr, permit: OwnedSemaphorePermit) -> Conn {
+        Conn { io, peer, _permit: permit, stall: None }
+    }
+
+    /// Passes a write-side result through, timing how long it stays pending.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(r) => {
+                self.stall = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timer = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client stopped reading the answer",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
 }
 
 enum ConnIo {
@@ -98,17 +132,21 @@ impl AsyncRead for Conn {
 
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let poll = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        };
+        this.watch(cx, poll)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let poll = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_flush(cx),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        };
+        this.watch(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -165,7 +203,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             match &tls {
                 None => {
-                    if tx.send(Conn { io: ConnIo::Plain(tcp), peer, _permit: permit }).await.is_err() {
+                    if tx.send(Conn::new(ConnIo::Plain(tcp), peer, permit)).await.is_err() {
                         return;
                     }
                 }
@@ -175,7 +213,7 @@ pub fn incoming(
                     tokio::spawn(async move {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
-                                let conn = Conn { io: ConnIo::Tls(Box::new(stream)), peer, _permit: permit };
+                                let conn = Conn::new(ConnIo::Tls(Box::new(stream)), peer, permit);
                                 let _ = tx.send(conn).await;
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),

@@ -157,3 +157,39 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeS
     }
     Ok(report)
 }
+
+/// Where a snapshot trigger fires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerPoint {
+    /// When the function at the offset returns (uretprobe).
+    Return,
+    /// When execution reaches the offset (uprobe: a function entry or a USDT site).
+    Entry,
+}
+
+/// Attaches a trigger probe counting into `TRIGGER_HITS[slot]`.
+pub fn attach_trigger(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    host_path: &std::path::Path,
+    file_offset: u64,
+    point: TriggerPoint,
+    slot: u32,
+) -> Result<(), AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
+    let name = match point {
+        TriggerPoint::Return => "trigger_return",
+        TriggerPoint::Entry => "trigger_entry",
+    };
+    let at = UProbeAttachPoint {
+        location: UProbeAttachLocation::AbsoluteOffset(file_offset),
+        cookie: Some(u64::from(slot)),
+    };
+    program(ebpf, name)?.attach(at, host_path, scope).map_err(|source| AttachError::Attach {
+        function: name,
+        path: host_path.display().to_string(),
+        source,
+        hint: "",
+    })?;
+    Ok(())
+}

@@ -55,6 +55,8 @@ pub struct ProbeMaps {
     pub stack_stats: HashMap<MapData, StackKey, StackStats>,
     pub stacks: StackTraceMap<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Hits per snapshot trigger slot (see `bpf::attach::attach_trigger`).
+    pub trigger_hits: Array<MapData, u64>,
 }
 
 /// Verifies what loading needs, with a specific error for each missing piece.
@@ -105,6 +107,7 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         stack_stats: take(&mut ebpf, "STACK_STATS")?,
         stacks: take(&mut ebpf, "STACKS")?,
         counters: take(&mut ebpf, "COUNTERS")?,
+        trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
     };
     Ok(Loaded { ebpf, maps })
 }
