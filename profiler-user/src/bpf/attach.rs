@@ -142,8 +142,11 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeS
             program(ebpf, "free_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
         } else {
             program(ebpf, "alloc_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
+            // A uretprobe is an entry probe that swaps the return address at [rsp]: it can sit
+            // at the chosen (cheap) site as long as rsp has not moved there.
+            let ret_offset = if site.rsp_delta == 0 { site.offset } else { 0 };
             let ret = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset),
+                location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + ret_offset),
                 cookie: Some(encode_cookie(*kind)),
             };
             program(ebpf, "alloc_return")?.attach(ret, &alloc.host_path, scope).map_err(attach_err)?;

@@ -5,7 +5,8 @@ use std::{
     io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
     process::ExitCode,
-    time::Duration,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -59,6 +60,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         max_stacks: args.max_stacks,
         sample_bytes: args.sampling,
     };
+    install_stop_handler();
     let session = Session::attach(args.pid, settings)?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
     eprintln!(
@@ -88,50 +90,58 @@ enum Stop {
     TargetExited,
 }
 
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM end the recording (and still write the files) instead of killing
+/// memscope. Installed before attaching, so no early signal is lost.
+fn install_stop_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        unsafe { libc::signal(sig, request_stop as *const () as libc::sighandler_t) };
+    }
+}
+
 fn wait_for_end(session: &Session, duration: Duration) -> anyhow::Result<Stop> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let tty = std::io::stderr().is_terminal();
-    rt.block_on(async {
-        let deadline = tokio::time::sleep(duration);
-        tokio::pin!(deadline);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut last_events = 0u64;
-        let mut last_print = std::time::Instant::now();
-        let ctrl_c = tokio::signal::ctrl_c();
-        tokio::pin!(ctrl_c);
-        let stop = loop {
-            tokio::select! {
-                _ = &mut deadline => break Stop::Duration,
-                _ = &mut ctrl_c => break Stop::Interrupted,
-                _ = tick.tick() => {
-                    if !session.alive() {
-                        break Stop::TargetExited;
-                    }
-                    if tty && last_print.elapsed() >= Duration::from_secs(1) {
-                        let c = session.counters().unwrap_or_default();
-                        let get = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
-                        let events = get(Counter::Allocs) + get(Counter::Frees) + get(Counter::UntrackedFrees);
-                        let rate = (events - last_events.min(events)) as f64 / last_print.elapsed().as_secs_f64();
-                        let live = get(Counter::SampledBytes).saturating_sub(get(Counter::FreeBytes));
-                        let drops: u64 = Counter::DROPS.iter().map(|d| get(*d)).sum();
-                        eprint!(
-                            "\r  {:>5.0}s elapsed  {:>10.0} events/s  {:>10} live  {} dropped   ",
-                            session.elapsed().as_secs_f64(),
-                            rate,
-                            render::human_bytes(live),
-                            drops
-                        );
-                        last_events = events;
-                        last_print = std::time::Instant::now();
-                    }
-                }
-            }
-        };
-        if tty {
-            eprintln!();
+    let started = Instant::now();
+    let mut last_events = 0u64;
+    let mut last_print = Instant::now();
+    let stop = loop {
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            break Stop::Interrupted;
         }
-        Ok(stop)
-    })
+        if started.elapsed() >= duration {
+            break Stop::Duration;
+        }
+        if !session.alive() {
+            break Stop::TargetExited;
+        }
+        if tty && last_print.elapsed() >= Duration::from_secs(1) {
+            let c = session.counters().unwrap_or_default();
+            let get = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
+            let events = get(Counter::Allocs) + get(Counter::Frees) + get(Counter::UntrackedFrees);
+            let rate = events.saturating_sub(last_events) as f64 / last_print.elapsed().as_secs_f64();
+            let live = get(Counter::SampledBytes).saturating_sub(get(Counter::FreeBytes));
+            let drops: u64 = Counter::DROPS.iter().map(|d| get(*d)).sum();
+            eprint!(
+                "\r  {:>5.0}s elapsed  {:>10.0} events/s  {:>10} live (sampled)  {} dropped   ",
+                session.elapsed().as_secs_f64(),
+                rate,
+                render::human_bytes(live),
+                drops
+            );
+            last_events = events;
+            last_print = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if tty {
+        eprintln!();
+    }
+    Ok(stop)
 }
 
 /// Writes every output file of a recording into `dir`.
