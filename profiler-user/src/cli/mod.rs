@@ -64,8 +64,20 @@ pub fn main() -> ExitCode {
 }
 
 /// The whole error chain on one line: `outer: cause: root cause`.
+/// Causes already quoted by the message above them are not repeated.
 pub fn one_line(err: &anyhow::Error) -> String {
-    err.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
