@@ -3,133 +3,14 @@
 //! neither root nor eBPF. They cover the start-up refusals, TLS with a self-signed certificate
 //! made by the test, the client's one-line errors, SIGHUP reload and SIGTERM.
 //!
-//! The end-to-end tests with a traced fixture behind the agent come with the eBPF attacher's
-//! own tests.
+//! The end-to-end tests with a traced fixture behind the agent are in agent_traced_e2e.rs.
+mod common;
+
+use common::agent::*;
 use std::{
-    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
-
-const READ: &str = "e2e-read-token-0123456789";
-const ADMIN: &str = "e2e-admin-token-0123456789";
-
-fn memscope() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_memscope"));
-    c.env_remove("MEMSCOPE_TOKEN").env_remove("MEMSCOPE_AGENT").env("MEMSCOPE_LOG", "warn,audit=info");
-    c
-}
-
-fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
-    let path = dir.join("tokens");
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path
-}
-
-fn standard_tokens(dir: &Path) -> PathBuf {
-    token_file(dir, &format!("# e2e\nviewer read {READ}\nops admin {ADMIN}\n"), 0o600)
-}
-
-/// Runs a command to its end (at most 60 s); returns its status, stdout and stderr.
-fn run(mut cmd: Command) -> (ExitStatus, String, String) {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = rx.recv_timeout(Duration::from_secs(60)).expect("command did not end within 60 s").unwrap();
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// A running agent; killed when dropped.
-struct Agent {
-    child: Child,
-    url: String,
-    /// Lines before the "listening on" line.
-    early: Vec<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Agent {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Stderr lines printed so far.
-    fn log(&self) -> Vec<String> {
-        self.early.iter().cloned().chain(self.stderr.try_iter()).collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `memscope agent ARGS` and waits for its "listening on URL" line; on an early exit
-/// returns its stderr.
-fn start_agent(args: &[&str]) -> Result<Agent, String> {
-    let mut child = memscope()
-        .arg("agent")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                if let Some(url) = line.strip_prefix("memscope agent: listening on ") {
-                    return Ok(Agent { child, url: url.trim().to_owned(), early: seen, stderr: rx });
-                }
-                seen.push(line);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let _ = child.wait();
-                return Err(seen.join("\n"));
-            }
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("agent did not start within 30 s: {}", seen.join("\n"));
-        }
-    }
-}
-
-fn data_dir(dir: &Path) -> String {
-    dir.join("data").display().to_string()
-}
-
-/// A client command against `url` with `token` in MEMSCOPE_TOKEN.
-fn client(url: &str, token: Option<&str>, args: &[&str]) -> (ExitStatus, String, String) {
-    let mut c = memscope();
-    c.args(args).arg("--agent").arg(url);
-    if let Some(t) = token {
-        c.env("MEMSCOPE_TOKEN", t);
-    }
-    run(c)
-}
 
 /// A token file that group or others may read is refused, in one line that does not show the
 /// token; so is a missing --tokens.

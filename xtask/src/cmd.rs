@@ -81,10 +81,31 @@ pub fn cargo() -> Command {
     let program = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(program);
     cmd.current_dir(workspace_root());
+    remove_outer_package_vars(&mut cmd);
     if env::var_os("CARGO_TARGET_DIR").is_some() {
         cmd.env("CARGO_TARGET_DIR", target_dir());
     }
     cmd
+}
+
+/// Drops what `cargo run` set about the xtask package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...):
+/// cargo compares tracked env vars such as `CARGO_MANIFEST_DIR` with its own environment, so
+/// leaving them makes some crates (ring) rebuild every time xtask and a plain cargo alternate.
+fn remove_outer_package_vars(cmd: &mut Command) {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+    ];
+    for (key, _) in env::vars_os() {
+        let key_str = key.to_string_lossy();
+        if EXACT.contains(&key_str.as_ref()) || key_str.starts_with("CARGO_PKG_") {
+            cmd.env_remove(&key);
+        }
+    }
 }
 
 /// A rustup proxy (`cargo`, `rustc`) with the variables that the outer cargo and rustup set for
@@ -95,6 +116,7 @@ pub fn rustup_proxy(tool: &str) -> Command {
         .filter(|p| p.is_file());
     let mut cmd = Command::new(proxy.unwrap_or_else(|| tool.into()));
     cmd.current_dir(workspace_root());
+    remove_outer_package_vars(&mut cmd);
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",

@@ -215,34 +215,142 @@ fn resolve_in(
     Ok(queries
         .iter()
         .zip(best)
-        .map(|(q, c)| {
-            c.map(|c| {
-                let want = if c.size == 0 {
-                    MAX_FUNCTION_BYTES as u64
-                } else {
-                    c.size.min(MAX_FUNCTION_BYTES as u64)
-                };
-                let end = c
-                    .file_offset
-                    .saturating_add(want)
-                    .min(c.region_end)
-                    .min(data.len() as u64);
-                let bytes = data
-                    .get(c.file_offset as usize..end as usize)
-                    .unwrap_or_default()
-                    .to_vec();
-                FunctionSymbol {
-                    name: q.base.to_owned(),
-                    version: c
-                        .version
-                        .map(|(v, default)| format!("{}{v}", if default { "@@" } else { "@" })),
-                    vaddr: c.vaddr,
-                    size: c.size,
-                    file_offset: c.file_offset,
-                    bytes,
+        .map(|(q, c)| c.map(|c| function_symbol(data, q.base, c)))
+        .collect())
+}
+
+fn function_symbol(data: &[u8], name: &str, c: Candidate) -> FunctionSymbol {
+    let want = if c.size == 0 {
+        MAX_FUNCTION_BYTES as u64
+    } else {
+        c.size.min(MAX_FUNCTION_BYTES as u64)
+    };
+    let end = c
+        .file_offset
+        .saturating_add(want)
+        .min(c.region_end)
+        .min(data.len() as u64);
+    let bytes = data
+        .get(c.file_offset as usize..end as usize)
+        .unwrap_or_default()
+        .to_vec();
+    FunctionSymbol {
+        name: name.to_owned(),
+        version: c
+            .version
+            .map(|(v, default)| format!("{}{v}", if default { "@@" } else { "@" })),
+        vaddr: c.vaddr,
+        size: c.size,
+        file_offset: c.file_offset,
+        bytes,
+    }
+}
+
+/// Every function of `path` whose symbol name (without its version, still mangled, e.g.
+/// `_ZN2ns5Cache8gc_cycleEv`) satisfies `matches`: for lookups that are not exact names, such
+/// as demangled names (see `crate::trigger::resolve`). Same candidates as [`resolve`] (defined
+/// `STT_FUNC` symbols with a non-zero value); a function named in several tables or under
+/// several matching aliases is returned once, by the best-ranked name, ordered by address.
+pub fn find_functions(
+    path: impl AsRef<Path>,
+    mut matches: impl FnMut(&str) -> bool,
+) -> Result<Vec<FunctionSymbol>, ElfError> {
+    let path = path.as_ref();
+    let io = |source| ElfError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: as in `resolve`.
+    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+    find_in(path, &map, &mut matches)
+}
+
+fn find_in(
+    path: &Path,
+    data: &[u8],
+    matches: &mut dyn FnMut(&str) -> bool,
+) -> Result<Vec<FunctionSymbol>, ElfError> {
+    let parse_err = |source| ElfError::Parse {
+        path: path.to_owned(),
+        source,
+    };
+    let unsupported = |reason| ElfError::Unsupported {
+        path: path.to_owned(),
+        reason,
+    };
+    let ident = data
+        .get(..16)
+        .ok_or_else(|| unsupported("file is shorter than an ELF header"))?;
+    if ident[..4] != elf::ELFMAG {
+        return Err(unsupported("no ELF magic"));
+    }
+    if ident[4] != elf::ELFCLASS64 {
+        return Err(unsupported("only 64-bit ELF files are supported"));
+    }
+    let header = Elf64::parse(data).map_err(parse_err)?;
+    let endian = header.endian().map_err(parse_err)?;
+    if header.e_type(endian) == elf::ET_REL {
+        return Err(unsupported(
+            "relocatable object (.o): symbol values are not addresses",
+        ));
+    }
+    let sections = header.sections(endian, data).map_err(parse_err)?;
+    let dynsym = sections
+        .symbols(endian, data, elf::SHT_DYNSYM)
+        .map_err(parse_err)?;
+    let symtab = sections
+        .symbols(endian, data, elf::SHT_SYMTAB)
+        .map_err(parse_err)?;
+    if dynsym.is_empty() && symtab.is_empty() {
+        return Err(ElfError::NoSymbols {
+            path: path.to_owned(),
+        });
+    }
+    let versions = sections.versions(endian, data).ok().flatten();
+    let segments = header.program_headers(endian, data).map_err(parse_err)?;
+
+    // vaddr -> (name, best candidate)
+    let mut found: std::collections::BTreeMap<u64, (String, Candidate)> = Default::default();
+    let tables = [(&dynsym, versions.as_ref(), 1u8), (&symtab, None, 0u8)];
+    for (table, versions, table_rank) in tables {
+        for (index, sym) in table.enumerate() {
+            if sym.st_type() != elf::STT_FUNC
+                || sym.st_value(endian) == 0
+                || sym.is_undefined(endian)
+            {
+                continue;
+            }
+            let Ok(raw_name) = table.symbol_name(endian, sym) else {
+                continue;
+            };
+            let Ok(raw_name) = std::str::from_utf8(raw_name) else {
+                continue;
+            };
+            let (base, inline_version) = split_version(raw_name);
+            if !matches(base) {
+                continue;
+            }
+            let version = match inline_version {
+                Some((v, default)) => Some((v.to_owned(), default)),
+                None => versions.and_then(|vt| dynsym_version(vt, endian, index)),
+            };
+            let Some(c) = candidate(
+                endian, data, &sections, table, segments, index, sym, version, table_rank,
+            ) else {
+                continue;
+            };
+            match found.get(&c.vaddr) {
+                Some((_, have)) if have.rank >= c.rank => {}
+                _ => {
+                    found.insert(c.vaddr, (base.to_owned(), c));
                 }
-            })
-        })
+            }
+        }
+    }
+    Ok(found
+        .into_values()
+        .map(|(name, c)| function_symbol(data, &name, c))
         .collect())
 }
 
@@ -508,6 +616,29 @@ mod tests {
         std::fs::write(&elf32, &header).unwrap();
         let err = resolve(&elf32, &["malloc"]).unwrap_err();
         assert!(err.to_string().contains("64-bit"), "{err}");
+    }
+
+    /// `find_functions` sees every defined function name and returns each matching function
+    /// once: `main` of the test binary by predicate, with the same offset `resolve` gives, and
+    /// a Rust function by the prefix of its mangled name.
+    #[test]
+    fn finds_functions_by_predicate() {
+        let exe = std::env::current_exe().unwrap();
+        let by_name = resolve(&exe, &["main"]).unwrap()[0].clone().unwrap();
+        let found = find_functions(&exe, |n| n == "main").unwrap();
+        assert_eq!(found, vec![by_name]);
+        let mut seen = 0;
+        let found = find_functions(&exe, |n| {
+            seen += 1;
+            n.starts_with("_ZN") && n.contains("11elf_symbols")
+        })
+        .unwrap();
+        assert!(seen > 100, "the predicate saw only {seen} names");
+        assert!(!found.is_empty());
+        let mut addrs: Vec<u64> = found.iter().map(|f| f.vaddr).collect();
+        addrs.dedup();
+        assert_eq!(addrs.len(), found.len(), "each function once");
+        assert!(find_functions(&exe, |_| false).unwrap().is_empty());
     }
 
     /// Query parsing: bare, `@@` (default) and `@` (any) versions.

@@ -71,8 +71,12 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         args.duration,
     );
     let stop = wait_for_end(&session, args.duration)?;
+    let snapshot_started = Instant::now();
     let profile = session.snapshot(args.min_age).context("taking the final snapshot")?;
+    let snapshot_ms = snapshot_started.elapsed().as_millis() as u64;
     write_outputs(&profile, &args.out, args.top)?;
+    let render_ms = snapshot_started.elapsed().as_millis() as u64 - snapshot_ms;
+    tracing::info!(stacks = profile.stacks.len(), live_allocs = profile.totals.live_allocs, snapshot_ms, render_ms, "final snapshot");
     print!("{}", render::text::leak_report(&profile, args.top));
     std::io::stdout().flush().ok();
     eprintln!("memscope: wrote report.txt, leaks.json, flamegraph.svg, heap.folded, heap.pb.gz to {}", args.out.display());

@@ -2,6 +2,8 @@
 //! compiler, start them, and talk to them over their stdin/stdout protocol.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::{
     io::{BufRead, BufReader, Write},
     path::PathBuf,
