@@ -3,6 +3,7 @@
 //!
 //! Targets Debian 12 with rustup (stable default, nightly present or installable); the apt step
 //! and the privileged commands (`test`, `demo`) need root.
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -43,8 +44,8 @@ enum Task {
     },
     /// Set up, build, and record the demo leaky program for 5 s (root).
     Demo,
-    /// Compare memscope with its peers (not implemented yet).
-    Bench,
+    /// Measure memscope's overhead against bpftrace, its agent CPU/RSS and snapshot time (root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,10 +67,7 @@ fn run(task: Task) -> Result<ExitCode> {
         }
         Task::Test { args } => test::run(&args)?,
         Task::Demo => demo::run()?,
-        Task::Bench => {
-            eprintln!("[xtask] bench: not implemented yet");
-            return Ok(ExitCode::from(2));
-        }
+        Task::Bench(args) => bench::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

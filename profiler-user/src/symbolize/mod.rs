@@ -3,6 +3,7 @@
 //! on the module files kept open by [`modules`]. Frames that cannot be named keep their module
 //! and file offset.
 pub mod modules;
+pub mod perf_map;
 
 use std::collections::HashMap;
 
@@ -10,6 +11,7 @@ use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer a
 
 use crate::aggregate::Frame;
 use modules::{Modules, Place};
+use perf_map::PerfMap;
 
 thread_local! {
     // blazesym's symbolizer is not Send; each thread keeps its own, with its parsed-file cache
@@ -19,6 +21,8 @@ thread_local! {
 
 pub struct Symbolizer {
     modules: Modules,
+    /// JIT code names, for addresses outside any file (Node.js with --perf-basic-prof).
+    jit: PerfMap,
     cache: HashMap<u64, Frame>,
 }
 
@@ -28,6 +32,7 @@ impl Symbolizer {
         modules.refresh();
         Symbolizer {
             modules,
+            jit: PerfMap::for_pid(pid),
             cache: HashMap::new(),
         }
     }
@@ -37,6 +42,8 @@ impl Symbolizer {
         if self.modules.refresh() {
             self.cache.clear();
         }
+        self.jit.refresh();
+        let mut jit_frames: HashMap<u64, Frame> = HashMap::new();
         // module path -> (open path, [(addr, file offset)])
         let mut by_module: HashMap<String, (std::path::PathBuf, Vec<(u64, u64)>)> = HashMap::new();
         for &addr in addrs {
@@ -52,7 +59,9 @@ impl Symbolizer {
                         .push((addr, file_offset));
                 }
                 Place::Anonymous => {
-                    self.cache.insert(addr, Frame { address: addr, ..Default::default() });
+                    // JIT code can be replaced: never cached.
+                    let frame = self.jit.lookup(addr).unwrap_or(Frame { address: addr, ..Default::default() });
+                    jit_frames.insert(addr, frame);
                 }
             }
         }
@@ -77,7 +86,10 @@ impl Symbolizer {
                 self.cache.insert(addr, frame);
             }
         }
-        addrs.iter().filter_map(|a| self.cache.get(a).map(|f| (*a, f.clone()))).collect()
+        addrs
+            .iter()
+            .filter_map(|a| jit_frames.remove(a).or_else(|| self.cache.get(a).cloned()).map(|f| (*a, f)))
+            .collect()
     }
 }
 

@@ -1,0 +1,1252 @@
+//! `cargo xtask bench`: what watching a heap from outside costs, memscope against the classic
+//! bpftrace memleak probes, measured in one invocation on the same machine.
+//!
+//! The target workloads are `bench/alloc_bench.c` (built into `target/bench/`):
+//! - `pairs`: `malloc(64)`/`free` pairs on one thread;
+//! - `mixed`: several threads, sizes 16 B..1 MiB from a fixed-seed distribution, ~1% leaked;
+//! - `paced`: 100k allocations per second for 10 s (the agent's own CPU time);
+//! - `stacks`: 1M live allocations from 50k distinct call stacks (snapshot and render time).
+//!
+//! `pairs` and `mixed` run bare, under `memscope record` at default settings, under
+//! `memscope record --sampling full` and under bpftrace (uprobe malloc, uretprobe malloc,
+//! uprobe free, each attached to the target's pid only). Each workload prints `ready PID`, waits
+//! for a line on stdin so the tracer attaches first, times its own loop (CLOCK_MONOTONIC), prints
+//! the result, and waits again so the tracer is measured and stopped while the target still
+//! runs. Every measurement is repeated (`--repeat`, default 3, the runs interleaved across
+//! tracers) and the median reported. Overhead is `traced ns - bare ns` per pair.
+//!
+//! Nothing is asserted: the targets of the issue are printed as met or not met, with the
+//! numbers. `--json FILE` also writes every run. Needs root (eBPF); installs bpftrace when it is
+//! missing and builds the eBPF object, `memscope` (release) and the workloads first.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{self, Receiver, RecvTimeoutError, Sender},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+
+use crate::{
+    cmd::{self, step},
+    ebpf, setup,
+};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Also write every number (each run, medians, targets) to this JSON file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    repeat: u32,
+}
+
+// Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
+// per pair, the bare loop ~5 ns).
+const PAIRS_BARE: u64 = 20_000_000;
+const PAIRS_TRACED: u64 = 200_000;
+const MIXED_THREADS: u64 = 2;
+const MIXED_BARE: u64 = 1_000_000; // per thread
+const MIXED_TRACED: u64 = 100_000; // per thread
+const PACED_RATE: u64 = 100_000;
+const PACED_SECONDS: u64 = 10;
+const STACKS_ALLOCS: u64 = 1_000_000;
+const STACKS_DISTINCT: u64 = 50_000;
+
+// The issue's targets.
+const FULL_MAX_FRACTION: f64 = 1.0 / 4.0;
+const DEFAULT_MAX_FRACTION: f64 = 1.0 / 8.0;
+const AGENT_MAX_CORE: f64 = 0.05;
+const SNAPSHOT_MAX_S: f64 = 1.0;
+const AGENT_MAX_RSS_MIB: f64 = 256.0;
+
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    cmd::require_root("`cargo xtask bench`")?;
+    let started = Instant::now();
+    let tools = prepare()?;
+    let load_before = loadavg();
+    let measured = Instant::now();
+    let pairs = compare(&tools, &PAIRS, args.repeat)?;
+    let mixed = compare(&tools, &MIXED, args.repeat)?;
+    let agent = agent_cpu(&tools, args.repeat)?;
+    let snapshot = snapshot_cost(&tools, args.repeat)?;
+    let report = Report {
+        machine: machine(load_before),
+        repeat: args.repeat,
+        workloads: vec![pairs, mixed],
+        agent,
+        snapshot,
+        measure_s: measured.elapsed().as_secs_f64(),
+        total_s: started.elapsed().as_secs_f64(),
+    };
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        step(format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
+
+// ---- preparation ------------------------------------------------------------------------------
+
+/// What the runs start: the workload binary, memscope, bpftrace, and a scratch directory.
+struct Tools {
+    workload: PathBuf,
+    memscope: PathBuf,
+    bpftrace: PathBuf,
+    scratch: PathBuf,
+}
+
+fn prepare() -> Result<Tools> {
+    if cmd::find_in_path("bpftrace").is_none() {
+        setup::debian_packages().context("installing bpftrace failed")?;
+    }
+    let bpftrace = cmd::find_in_path("bpftrace")
+        .context("bpftrace is still missing after installing Debian packages")?;
+    ebpf::build(false)?;
+    step("cargo build --release -p profiler-user");
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"]))
+        .context("building memscope failed")?;
+    let dir = cmd::target_dir().join("bench");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let workload = compile_workload(&dir)?;
+    Ok(Tools {
+        workload,
+        memscope: cmd::target_dir().join("release/memscope"),
+        bpftrace,
+        scratch: dir.join("out"),
+    })
+}
+
+fn compile_workload(dir: &Path) -> Result<PathBuf> {
+    let source = cmd::workspace_root().join("bench/alloc_bench.c");
+    let program = dir.join("alloc_bench");
+    step(format!("cc bench/alloc_bench.c -> {}", program.display()));
+    cmd::run(
+        Command::new("cc")
+            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+            .arg(&program)
+            .arg(&source),
+    )
+    .context("compiling the workloads failed (is a C compiler installed?)")?;
+    Ok(program)
+}
+
+// ---- tracers and workloads --------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracer {
+    Bare,
+    MemscopeDefault,
+    MemscopeFull,
+    Bpftrace,
+}
+
+impl Tracer {
+    const ALL: [Tracer; 4] = [
+        Tracer::Bare,
+        Tracer::MemscopeDefault,
+        Tracer::MemscopeFull,
+        Tracer::Bpftrace,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Tracer::Bare => "bare",
+            Tracer::MemscopeDefault => "memscope_default",
+            Tracer::MemscopeFull => "memscope_full",
+            Tracer::Bpftrace => "bpftrace",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Tracer::Bare => "bare",
+            Tracer::MemscopeDefault => "memscope default (512KiB)",
+            Tracer::MemscopeFull => "memscope --sampling full",
+            Tracer::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// One workload compared across the four tracers.
+struct Spec {
+    name: &'static str,
+    title: &'static str,
+    mode: &'static str,
+    /// Arguments after the mode: bare, then traced (fewer iterations under a tracer).
+    bare: &'static [u64],
+    traced: &'static [u64],
+}
+
+static PAIRS: Spec = Spec {
+    name: "pairs",
+    title: "malloc(64)+free, 1 thread",
+    mode: "pairs",
+    bare: &[PAIRS_BARE],
+    traced: &[PAIRS_TRACED],
+};
+
+static MIXED: Spec = Spec {
+    name: "mixed",
+    title: "mixed 16 B..1 MiB, 2 threads, ~1% leaked",
+    mode: "mixed",
+    bare: &[MIXED_BARE, MIXED_THREADS],
+    traced: &[MIXED_TRACED, MIXED_THREADS],
+};
+
+impl Spec {
+    fn args(&self, tracer: Tracer) -> Vec<String> {
+        let counts = if tracer == Tracer::Bare {
+            self.bare
+        } else {
+            self.traced
+        };
+        std::iter::once(self.mode.to_string())
+            .chain(counts.iter().map(u64::to_string))
+            .collect()
+    }
+}
+
+/// Reads a child's output line by line on a thread, so pipes never fill up.
+fn forward_lines(reader: impl Read + Send + 'static, tx: Sender<String>) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Waits for a line matching `wanted`, keeping every line seen in `seen`. Fails when the
+/// output ends first (the process exited) or at the deadline.
+fn wait_for_line(
+    lines: &Receiver<String>,
+    seen: &mut Vec<String>,
+    what: &str,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if wanted(&line) {
+                    return Ok(line);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                bail!(
+                    "no {what} within {timeout:?}; output so far:\n{}",
+                    tail(seen)
+                )
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("exited before {what}; output:\n{}", tail(seen))
+            }
+        }
+    }
+}
+
+fn tail(lines: &[String]) -> String {
+    let start = lines.len().saturating_sub(15);
+    lines[start..].join("\n")
+}
+
+/// A running `alloc_bench`; killed when dropped before it finished.
+struct Workload {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    pid: u32,
+}
+
+impl Workload {
+    fn start(program: &Path, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let (tx, lines) = mpsc::channel();
+        forward_lines(child.stdout.take().context("no stdout pipe")?, tx);
+        let stdin = child.stdin.take();
+        let mut w = Workload {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            pid: 0,
+        };
+        let what = format!("`ready` line from alloc_bench {}", args.join(" "));
+        let line = wait_for_line(&w.lines, &mut w.seen, &what, ATTACH_TIMEOUT, |l| {
+            l.starts_with("ready ")
+        })?;
+        w.pid = line[6..]
+            .trim()
+            .parse()
+            .with_context(|| format!("bad line {line:?}"))?;
+        Ok(w)
+    }
+
+    /// Sends a line: the first starts the timed loop, the second lets the process exit.
+    fn send_line(&mut self) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin already closed")?;
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .context("cannot write to the workload")
+    }
+
+    /// The timed result: (`ns_per_pair` or `elapsed_ns` value, ops).
+    fn result(&mut self) -> Result<(f64, u64)> {
+        let is_value = |l: &str| l.starts_with("ns_per_pair ") || l.starts_with("elapsed_ns ");
+        let line = wait_for_line(&self.lines, &mut self.seen, "result", RUN_TIMEOUT, is_value)?;
+        let value = parse_field(&line)?;
+        let ops = wait_for_line(&self.lines, &mut self.seen, "ops", RUN_TIMEOUT, |l| {
+            l.starts_with("ops ")
+        })?;
+        Ok((value, parse_field(&ops)? as u64))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.send_line()?;
+        self.stdin = None;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("alloc_bench exited with {status}");
+                }
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        bail!("alloc_bench did not exit within {STOP_TIMEOUT:?}")
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn parse_field(line: &str) -> Result<f64> {
+    let value = line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("no value in {line:?}"))?;
+    value
+        .parse()
+        .with_context(|| format!("bad number in {line:?}"))
+}
+
+/// CPU time and peak RSS of a live process, from /proc.
+#[derive(Clone, Copy, Debug, Default)]
+struct ProcUsage {
+    cpu_s: f64,
+    hwm_kib: u64,
+}
+
+fn proc_usage(pid: u32) -> Result<ProcUsage> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        let v: u64 = fields.get(i).context("short /proc/PID/stat")?.parse()?;
+        Ok(v as f64)
+    };
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu_s = (ticks(11)? + ticks(12)?) / hz;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    let hwm_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    Ok(ProcUsage { cpu_s, hwm_kib })
+}
+
+/// How a tracer ended: reaped with `wait4`, so its rusage covers the whole process.
+struct Exit {
+    /// From SIGINT to the process being reaped.
+    stop_s: f64,
+    cpu_s: f64,
+    max_rss_kib: u64,
+    code: Option<i32>,
+    lines: Vec<String>,
+}
+
+/// A running tracer (memscope or bpftrace); SIGKILLed when dropped before it was stopped.
+struct TracerProc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    reaped: bool,
+    /// From spawn to "attached".
+    attach_s: f64,
+}
+
+impl TracerProc {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", cmd::describe(cmd)))?;
+        let (tx, lines) = mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            forward_lines(out, tx.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            forward_lines(err, tx);
+        }
+        Ok(TracerProc {
+            child,
+            lines,
+            seen: Vec::new(),
+            reaped: false,
+            attach_s: 0.0,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn usage(&self) -> Result<ProcUsage> {
+        proc_usage(self.pid())
+    }
+
+    /// SIGINT (both tracers then write their output and exit), reaped with its rusage.
+    fn stop(mut self) -> Result<Exit> {
+        let pid = self.pid() as libc::pid_t;
+        let sent = Instant::now();
+        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
+            bail!(
+                "cannot send SIGINT to {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let (status, usage) = reap(pid, STOP_TIMEOUT)?;
+        let stop_s = sent.elapsed().as_secs_f64();
+        self.reaped = true;
+        // The output pipes close with the process; collect what is left.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+        Ok(Exit {
+            stop_s,
+            cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
+            max_rss_kib: usage.ru_maxrss as u64,
+            code,
+            lines: std::mem::take(&mut self.seen),
+        })
+    }
+}
+
+impl Drop for TracerProc {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `wait4` with a deadline (polling WNOHANG): the exit status and the child's rusage.
+fn reap(pid: libc::pid_t, timeout: Duration) -> Result<(i32, libc::rusage)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            return Ok((status, usage));
+        }
+        if r < 0 {
+            bail!("wait4({pid}) failed: {}", std::io::Error::last_os_error());
+        }
+        if Instant::now() >= deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            bail!("tracer {pid} did not exit within {timeout:?} of SIGINT (killed)");
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `memscope record` on `pid`, started and attached.
+fn start_memscope(tools: &Tools, pid: u32, out: &Path, extra: &[&str]) -> Result<TracerProc> {
+    let started = Instant::now();
+    let mut cmd = Command::new(&tools.memscope);
+    cmd.args([
+        "record",
+        "--pid",
+        &pid.to_string(),
+        "--duration",
+        "1h",
+        "--out",
+    ])
+    .arg(out)
+    .args(extra)
+    .env("MEMSCOPE_LOG", "info")
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut t = TracerProc::spawn(&mut cmd)?;
+    wait_for_line(
+        &t.lines,
+        &mut t.seen,
+        "`attached` from memscope",
+        ATTACH_TIMEOUT,
+        |l| l.contains("attached"),
+    )?;
+    t.attach_s = started.elapsed().as_secs_f64();
+    Ok(t)
+}
+
+/// bpftrace with the classic memleak probes on the libc that `pid` really maps, started and
+/// with every probe attached.
+fn start_bpftrace(tools: &Tools, pid: u32) -> Result<TracerProc> {
+    let started = Instant::now();
+    let libc_path = mapped_libc(pid)?;
+    let program = format!(
+        "uprobe:{libc_path}:malloc /pid == {pid}/ {{ @size[tid] = arg0; }} \
+         uretprobe:{libc_path}:malloc /pid == {pid}/ {{ @live[retval] = @size[tid]; delete(@size[tid]); }} \
+         uprobe:{libc_path}:free /pid == {pid}/ {{ delete(@live[arg0]); }}"
+    );
+    let mut cmd = Command::new(&tools.bpftrace);
+    // -p: the probes go into this process only, as memscope's do (without it bpftrace traps
+    // every process on the machine that maps libc, the predicate filters only afterwards).
+    cmd.args(["-p", &pid.to_string(), "-e", &program])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut t = TracerProc::spawn(&mut cmd)?;
+    let line = wait_for_line(
+        &t.lines,
+        &mut t.seen,
+        "`Attaching` from bpftrace",
+        ATTACH_TIMEOUT,
+        |l| l.starts_with("Attaching "),
+    )?;
+    let probes: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    wait_attached(t.pid(), probes)?;
+    t.attach_s = started.elapsed().as_secs_f64();
+    Ok(t)
+}
+
+/// bpftrace prints "Attaching N probes..." before it attaches them: wait until it holds at least
+/// N perf-event descriptors (one per uprobe, plus its per-CPU output buffers) and their number
+/// has not changed for 300 ms.
+fn wait_attached(pid: u32, probes: usize) -> Result<()> {
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    let (mut last, mut since) = (usize::MAX, Instant::now());
+    while Instant::now() < deadline {
+        let n = perf_event_fds(pid);
+        if n != last {
+            (last, since) = (n, Instant::now());
+        } else if n >= probes && since.elapsed() >= Duration::from_millis(300) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    bail!("bpftrace ({pid}) did not finish attaching {probes} probes within {ATTACH_TIMEOUT:?}")
+}
+
+fn perf_event_fds(pid: u32) -> usize {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.as_os_str() == "anon_inode:[perf_event]")
+        .count()
+}
+
+/// The libc file that `pid` maps (as its maps show it, e.g. /usr/lib/x86_64-linux-gnu/libc.so.6).
+fn mapped_libc(pid: u32) -> Result<String> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            let base = p.rsplit('/').next().unwrap_or(p);
+            base.starts_with("libc.so") || base.starts_with("libc-")
+        })
+        .map(str::to_string)
+        .with_context(|| format!("process {pid} maps no libc"))
+}
+
+fn start_tracer(tools: &Tools, tracer: Tracer, pid: u32, out: &Path) -> Result<Option<TracerProc>> {
+    Ok(match tracer {
+        Tracer::Bare => None,
+        Tracer::MemscopeDefault => Some(start_memscope(tools, pid, out, &[])?),
+        Tracer::MemscopeFull => Some(start_memscope(tools, pid, out, &["--sampling", "full"])?),
+        Tracer::Bpftrace => Some(start_bpftrace(tools, pid)?),
+    })
+}
+
+// ---- the comparison of tracers ----------------------------------------------------------------
+
+/// One run of one workload under one tracer.
+#[derive(Clone, Debug)]
+struct Run {
+    ns_per_pair: f64,
+    ops: u64,
+    tracer: Option<TracerRun>,
+}
+
+#[derive(Clone, Debug)]
+struct TracerRun {
+    attach_s: f64,
+    /// Tracer CPU from spawn until just before SIGINT (the final report excluded).
+    cpu_s: f64,
+    /// Tracer CPU during the timed loop only.
+    loop_cpu_s: f64,
+    /// VmHWM just before SIGINT.
+    peak_rss_kib: u64,
+    /// Whole process (rusage at exit): CPU and peak RSS including the final report.
+    exit_cpu_s: f64,
+    exit_max_rss_kib: u64,
+    stop_s: f64,
+}
+
+struct Comparison {
+    spec: &'static Spec,
+    runs: BTreeMap<&'static str, Vec<Run>>,
+}
+
+fn compare(tools: &Tools, spec: &'static Spec, repeat: u32) -> Result<Comparison> {
+    let mut runs: BTreeMap<&'static str, Vec<Run>> = BTreeMap::new();
+    for rep in 1..=repeat {
+        for tracer in Tracer::ALL {
+            step(format!(
+                "{} under {} ({rep}/{repeat})",
+                spec.name,
+                tracer.label()
+            ));
+            let run = measure(tools, spec, tracer)
+                .with_context(|| format!("{} under {}", spec.name, tracer.label()))?;
+            step(format!("  {:.1} ns per pair", run.ns_per_pair));
+            runs.entry(tracer.key()).or_default().push(run);
+        }
+    }
+    Ok(Comparison { spec, runs })
+}
+
+fn measure(tools: &Tools, spec: &Spec, tracer: Tracer) -> Result<Run> {
+    let mut workload = Workload::start(&tools.workload, &spec.args(tracer))?;
+    let out = tools
+        .scratch
+        .join(format!("{}-{}", spec.name, tracer.key()));
+    let traced = start_tracer(tools, tracer, workload.pid, &out)?;
+    let before = traced.as_ref().map(TracerProc::usage).transpose()?;
+    workload.send_line()?;
+    let (ns_per_pair, ops) = workload.result()?;
+    let tracer_run = match traced {
+        None => None,
+        Some(t) => {
+            let after = t.usage()?;
+            let attach_s = t.attach_s;
+            let exit = t.stop()?;
+            check_exit(tracer, &exit)?;
+            Some(TracerRun {
+                attach_s,
+                cpu_s: after.cpu_s,
+                loop_cpu_s: after.cpu_s - before.unwrap_or_default().cpu_s,
+                peak_rss_kib: after.hwm_kib,
+                exit_cpu_s: exit.cpu_s,
+                exit_max_rss_kib: exit.max_rss_kib,
+                stop_s: exit.stop_s,
+            })
+        }
+    };
+    workload.finish()?;
+    Ok(Run {
+        ns_per_pair,
+        ops,
+        tracer: tracer_run,
+    })
+}
+
+fn check_exit(tracer: Tracer, exit: &Exit) -> Result<()> {
+    // bpftrace exits 0 on SIGINT; memscope 0 (3 would mean the target exited first).
+    if exit.code != Some(0) {
+        bail!(
+            "{} ended with {:?}; its output:\n{}",
+            tracer.label(),
+            exit.code,
+            tail(&exit.lines)
+        );
+    }
+    Ok(())
+}
+
+impl Comparison {
+    fn median_ns(&self, tracer: Tracer) -> f64 {
+        median(self.runs[tracer.key()].iter().map(|r| r.ns_per_pair))
+    }
+
+    fn overhead(&self, tracer: Tracer) -> f64 {
+        self.median_ns(tracer) - self.median_ns(Tracer::Bare)
+    }
+
+    /// The tracer's overhead as a fraction of bpftrace's overhead.
+    fn vs_bpftrace(&self, tracer: Tracer) -> f64 {
+        self.overhead(tracer) / self.overhead(Tracer::Bpftrace)
+    }
+
+    fn tracer_median(&self, tracer: Tracer, f: impl Fn(&TracerRun) -> f64) -> f64 {
+        median(
+            self.runs[tracer.key()]
+                .iter()
+                .filter_map(|r| r.tracer.as_ref())
+                .map(f),
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        let mut tracers = serde_json::Map::new();
+        for tracer in Tracer::ALL {
+            let mut entry = json!({
+                "ns_per_pair": self.median_ns(tracer),
+                "args": self.spec.args(tracer),
+                "runs": self.runs[tracer.key()].iter().map(run_json).collect::<Vec<_>>(),
+            });
+            if tracer != Tracer::Bare {
+                entry["overhead_ns"] = json!(self.overhead(tracer));
+                entry["x_bare"] = json!(self.median_ns(tracer) / self.median_ns(Tracer::Bare));
+                entry["overhead_vs_bpftrace"] = json!(self.vs_bpftrace(tracer));
+                entry["tracer_cpu_s"] = json!(self.tracer_median(tracer, |t| t.cpu_s));
+                entry["tracer_peak_rss_kib"] =
+                    json!(self.tracer_median(tracer, |t| t.peak_rss_kib as f64));
+                entry["tracer_attach_s"] = json!(self.tracer_median(tracer, |t| t.attach_s));
+            }
+            tracers.insert(tracer.key().to_string(), entry);
+        }
+        json!({ "title": self.spec.title, "tracers": tracers })
+    }
+}
+
+fn run_json(run: &Run) -> Value {
+    let mut v = json!({ "ns_per_pair": run.ns_per_pair, "ops": run.ops });
+    if let Some(t) = &run.tracer {
+        v["tracer"] = json!({
+            "attach_s": t.attach_s,
+            "cpu_s_before_stop": t.cpu_s,
+            "cpu_s_timed_loop": t.loop_cpu_s,
+            "peak_rss_kib_before_stop": t.peak_rss_kib,
+            "cpu_s_at_exit": t.exit_cpu_s,
+            "max_rss_kib_at_exit": t.exit_max_rss_kib,
+            "sigint_to_exit_s": t.stop_s,
+        });
+    }
+    v
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+// ---- the agent's own CPU at a steady rate -----------------------------------------------------
+
+struct AgentRun {
+    wall_s: f64,
+    allocs: u64,
+    agent_cpu_s: f64,
+    target_cpu_s: f64,
+    peak_rss_kib: u64,
+}
+
+fn agent_cpu(tools: &Tools, repeat: u32) -> Result<Vec<AgentRun>> {
+    let mut runs = Vec::new();
+    for rep in 1..=repeat {
+        step(format!(
+            "paced {PACED_RATE} allocs/s for {PACED_SECONDS} s under memscope default ({rep}/{repeat})"
+        ));
+        let run = paced_run(tools).context("paced workload under memscope")?;
+        step(format!(
+            "  agent {:.2}% of a core, target {:.1}%",
+            100.0 * run.agent_cpu_s / run.wall_s,
+            100.0 * run.target_cpu_s / run.wall_s
+        ));
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+fn paced_run(tools: &Tools) -> Result<AgentRun> {
+    let args = [
+        "paced".to_string(),
+        PACED_RATE.to_string(),
+        PACED_SECONDS.to_string(),
+    ];
+    let mut workload = Workload::start(&tools.workload, &args)?;
+    let tracer = start_memscope(tools, workload.pid, &tools.scratch.join("paced"), &[])?;
+    let agent_before = tracer.usage()?;
+    let target_before = proc_usage(workload.pid)?;
+    let started = Instant::now();
+    workload.send_line()?;
+    let (_, allocs) = workload.result()?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let agent_after = tracer.usage()?;
+    let target_after = proc_usage(workload.pid)?;
+    let exit = tracer.stop()?;
+    check_exit(Tracer::MemscopeDefault, &exit)?;
+    workload.finish()?;
+    Ok(AgentRun {
+        wall_s,
+        allocs,
+        agent_cpu_s: agent_after.cpu_s - agent_before.cpu_s,
+        target_cpu_s: target_after.cpu_s - target_before.cpu_s,
+        peak_rss_kib: agent_after.hwm_kib,
+    })
+}
+
+// ---- snapshot and render at 1M live allocations -----------------------------------------------
+
+struct SnapshotRun {
+    /// Per traced allocation while the workload ran (stack walk of ~37 frames included).
+    alloc_ns: f64,
+    /// From SIGINT to memscope's exit: read maps, symbolize, build, five renders, report.
+    sigint_to_exit_s: f64,
+    snapshot_ms: Option<f64>,
+    render_ms: Option<f64>,
+    stacks: Option<f64>,
+    live_allocs: Option<f64>,
+    rss_before_stop_kib: u64,
+    max_rss_kib: u64,
+    dropped: Value,
+}
+
+fn snapshot_cost(tools: &Tools, repeat: u32) -> Result<Vec<SnapshotRun>> {
+    let mut runs = Vec::new();
+    for rep in 1..=repeat {
+        step(format!(
+            "stacks: {STACKS_ALLOCS} live allocations from {STACKS_DISTINCT} stacks under memscope --sampling full ({rep}/{repeat})"
+        ));
+        let run = snapshot_run(tools).context("stacks workload under memscope")?;
+        step(format!(
+            "  SIGINT to exit {:.2} s, peak RSS {:.0} MiB",
+            run.sigint_to_exit_s,
+            mib(run.max_rss_kib)
+        ));
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+fn snapshot_run(tools: &Tools) -> Result<SnapshotRun> {
+    let args = [
+        "stacks".to_string(),
+        STACKS_ALLOCS.to_string(),
+        STACKS_DISTINCT.to_string(),
+    ];
+    let mut workload = Workload::start(&tools.workload, &args)?;
+    let out = tools.scratch.join("stacks");
+    let extra = [
+        "--sampling",
+        "full",
+        "--min-age",
+        "0s",
+        "--max-allocs",
+        "2000000",
+        "--max-stacks",
+        "131072",
+    ];
+    let tracer = start_memscope(tools, workload.pid, &out, &extra)?;
+    workload.send_line()?;
+    let (elapsed_ns, allocs) = workload.result()?;
+    let before = tracer.usage()?;
+    let exit = tracer.stop()?;
+    check_exit(Tracer::MemscopeFull, &exit)?;
+    workload.finish()?;
+    let fields = exit
+        .lines
+        .iter()
+        .find(|l| l.contains("final snapshot"))
+        .map(|l| log_fields(l))
+        .unwrap_or_default();
+    let field = |k: &str| fields.get(k).and_then(|v| v.parse::<f64>().ok());
+    Ok(SnapshotRun {
+        alloc_ns: elapsed_ns / allocs.max(1) as f64,
+        sigint_to_exit_s: exit.stop_s,
+        snapshot_ms: field("snapshot_ms"),
+        render_ms: field("render_ms"),
+        stacks: field("stacks"),
+        live_allocs: field("live_allocs"),
+        rss_before_stop_kib: before.hwm_kib,
+        max_rss_kib: exit.max_rss_kib,
+        dropped: read_dropped(&out.join("leaks.json")),
+    })
+}
+
+/// `key=value` fields of a tracing log line (ANSI colours stripped).
+fn log_fields(line: &str) -> BTreeMap<String, String> {
+    strip_ansi(line)
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The `dropped` counters of memscope's leaks.json (stack-map collisions and the like).
+fn read_dropped(path: &Path) -> Value {
+    let parsed = fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    parsed.map(|v| v["dropped"].clone()).unwrap_or(Value::Null)
+}
+
+fn dropped_total(v: &Value) -> u64 {
+    v.as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0)
+}
+
+// ---- the report -------------------------------------------------------------------------------
+
+struct Machine {
+    cpus: usize,
+    kernel: String,
+    load_before: String,
+    load_after: String,
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn machine(load_before: String) -> Machine {
+    Machine {
+        cpus: thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        load_before,
+        load_after: loadavg(),
+    }
+}
+
+struct Report {
+    machine: Machine,
+    repeat: u32,
+    workloads: Vec<Comparison>,
+    agent: Vec<AgentRun>,
+    snapshot: Vec<SnapshotRun>,
+    measure_s: f64,
+    total_s: f64,
+}
+
+struct Target {
+    name: String,
+    limit: String,
+    value: String,
+    met: bool,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+impl Report {
+    fn agent_core(&self) -> f64 {
+        median(self.agent.iter().map(|r| r.agent_cpu_s / r.wall_s))
+    }
+
+    fn target_core(&self) -> f64 {
+        median(self.agent.iter().map(|r| r.target_cpu_s / r.wall_s))
+    }
+
+    fn snap<F: Fn(&SnapshotRun) -> f64>(&self, f: F) -> f64 {
+        median(self.snapshot.iter().map(f))
+    }
+
+    fn snap_opt<F: Fn(&SnapshotRun) -> Option<f64>>(&self, f: F) -> Option<f64> {
+        let v: Vec<f64> = self.snapshot.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v.into_iter()))
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        for c in &self.workloads {
+            for (tracer, limit, what) in [
+                (Tracer::MemscopeFull, FULL_MAX_FRACTION, "full tracing"),
+                (
+                    Tracer::MemscopeDefault,
+                    DEFAULT_MAX_FRACTION,
+                    "default settings",
+                ),
+            ] {
+                let frac = c.vs_bpftrace(tracer);
+                out.push(Target {
+                    name: format!("{what}: overhead per pair vs bpftrace's ({})", c.spec.name),
+                    limit: format!("<= {limit:.3}"),
+                    value: format!(
+                        "{frac:.3} ({:.0} ns vs {:.0} ns)",
+                        c.overhead(tracer),
+                        c.overhead(Tracer::Bpftrace)
+                    ),
+                    met: frac <= limit,
+                });
+            }
+        }
+        let core = self.agent_core();
+        out.push(Target {
+            name: format!(
+                "agent CPU at {}k allocs/s (default settings)",
+                PACED_RATE / 1000
+            ),
+            limit: format!("<= {:.0}% of one core", AGENT_MAX_CORE * 100.0),
+            value: format!("{:.2}%", core * 100.0),
+            met: core <= AGENT_MAX_CORE,
+        });
+        let snap_s = self.snap(|r| r.sigint_to_exit_s);
+        out.push(Target {
+            name: format!(
+                "snapshot + flamegraph at {}M live allocations ({}k stacks)",
+                STACKS_ALLOCS / 1_000_000,
+                STACKS_DISTINCT / 1000
+            ),
+            limit: format!("<= {SNAPSHOT_MAX_S:.1} s"),
+            value: format!("{snap_s:.2} s (SIGINT to exit, all five outputs)"),
+            met: snap_s <= SNAPSHOT_MAX_S,
+        });
+        let rss = self.snap(|r| mib(r.max_rss_kib));
+        out.push(Target {
+            name: format!(
+                "agent RSS at {}M tracked allocations",
+                STACKS_ALLOCS / 1_000_000
+            ),
+            limit: format!("<= {AGENT_MAX_RSS_MIB:.0} MiB"),
+            value: format!("{rss:.0} MiB (peak, snapshot included)"),
+            met: rss <= AGENT_MAX_RSS_MIB,
+        });
+        out
+    }
+
+    fn render(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        s += &format!(
+            "\nmemscope bench: {} CPUs, kernel {}, load {} -> {}, median of {} runs\n\n",
+            m.cpus, m.kernel, m.load_before, m.load_after, self.repeat
+        );
+        s += "ns per malloc+free pair (x = slowdown vs bare; frac = overhead / bpftrace's overhead)\n\n";
+        s += "| workload | bare | memscope default | memscope full | bpftrace |\n";
+        s += "|---|---:|---:|---:|---:|\n";
+        for c in &self.workloads {
+            let cell = |t: Tracer| {
+                format!(
+                    "{:.0} (x{:.0}, frac {:.3})",
+                    c.median_ns(t),
+                    c.median_ns(t) / c.median_ns(Tracer::Bare),
+                    c.vs_bpftrace(t)
+                )
+            };
+            s += &format!(
+                "| {} | {:.1} | {} | {} | {:.0} (x{:.0}) |\n",
+                c.spec.title,
+                c.median_ns(Tracer::Bare),
+                cell(Tracer::MemscopeDefault),
+                cell(Tracer::MemscopeFull),
+                c.median_ns(Tracer::Bpftrace),
+                c.median_ns(Tracer::Bpftrace) / c.median_ns(Tracer::Bare),
+            );
+        }
+        s += "\ntracer process: CPU seconds until stopped (attach included) / peak RSS\n\n";
+        s += "| workload | memscope default | memscope full | bpftrace |\n|---|---:|---:|---:|\n";
+        for c in &self.workloads {
+            let cell = |t: Tracer| {
+                format!(
+                    "{:.2} s / {:.0} MiB",
+                    c.tracer_median(t, |r| r.cpu_s),
+                    mib(c.tracer_median(t, |r| r.peak_rss_kib as f64) as u64)
+                )
+            };
+            s += &format!(
+                "| {} | {} | {} | {} |\n",
+                c.spec.name,
+                cell(Tracer::MemscopeDefault),
+                cell(Tracer::MemscopeFull),
+                cell(Tracer::Bpftrace)
+            );
+        }
+        s += &self.render_agent();
+        s += &self.render_snapshot();
+        s += "\ntargets\n\n";
+        for t in self.targets() {
+            let mark = if t.met { "met    " } else { "NOT MET" };
+            s += &format!("  [{mark}] {}: {} (target {})\n", t.name, t.value, t.limit);
+        }
+        s += &format!(
+            "\nmeasurements took {:.0} s ({:.0} s with the builds)\n",
+            self.measure_s, self.total_s
+        );
+        s
+    }
+
+    fn render_agent(&self) -> String {
+        let rate = median(self.agent.iter().map(|r| r.allocs as f64 / r.wall_s));
+        let rss = median(self.agent.iter().map(|r| mib(r.peak_rss_kib)));
+        format!(
+            "\nagent at {:.0} allocs/s for {PACED_SECONDS} s (memscope default): {:.2}% of one core, peak RSS {rss:.0} MiB; \
+             the target spent {:.1}% of a core meanwhile (the probes run in its context)\n",
+            rate,
+            100.0 * self.agent_core(),
+            100.0 * self.target_core()
+        )
+    }
+
+    fn render_snapshot(&self) -> String {
+        let opt =
+            |v: Option<f64>, unit: &str| v.map_or("?".to_string(), |v| format!("{v:.0}{unit}"));
+        format!(
+            "\nsnapshot at {}M live allocations from {}k stacks (memscope --sampling full): SIGINT to exit {:.2} s \
+             (snapshot {} + render {}), {} stacks and {} live allocations in the profile, {} events dropped; \
+             memscope RSS {:.0} MiB before the snapshot, {:.0} MiB peak; {:.0} ns per traced allocation meanwhile\n",
+            STACKS_ALLOCS / 1_000_000,
+            STACKS_DISTINCT / 1000,
+            self.snap(|r| r.sigint_to_exit_s),
+            opt(self.snap_opt(|r| r.snapshot_ms), " ms"),
+            opt(self.snap_opt(|r| r.render_ms), " ms"),
+            opt(self.snap_opt(|r| r.stacks), ""),
+            opt(self.snap_opt(|r| r.live_allocs), ""),
+            median(self.snapshot.iter().map(|r| dropped_total(&r.dropped) as f64)),
+            self.snap(|r| mib(r.rss_before_stop_kib)),
+            self.snap(|r| mib(r.max_rss_kib)),
+            self.snap(|r| r.alloc_ns),
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        let m = &self.machine;
+        let workloads: serde_json::Map<String, Value> = self
+            .workloads
+            .iter()
+            .map(|c| (c.spec.name.to_string(), c.to_json()))
+            .collect();
+        let agent: Vec<Value> = self
+            .agent
+            .iter()
+            .map(|r| {
+                json!({
+                    "wall_s": r.wall_s, "allocs": r.allocs, "agent_cpu_s": r.agent_cpu_s,
+                    "target_cpu_s": r.target_cpu_s, "agent_peak_rss_kib": r.peak_rss_kib,
+                })
+            })
+            .collect();
+        let snapshot: Vec<Value> = self
+            .snapshot
+            .iter()
+            .map(|r| {
+                json!({
+                    "alloc_ns": r.alloc_ns, "sigint_to_exit_s": r.sigint_to_exit_s,
+                    "snapshot_ms": r.snapshot_ms, "render_ms": r.render_ms, "stacks": r.stacks,
+                    "live_allocs": r.live_allocs, "rss_before_stop_kib": r.rss_before_stop_kib,
+                    "max_rss_kib": r.max_rss_kib, "dropped": r.dropped,
+                })
+            })
+            .collect();
+        let targets: Vec<Value> = self
+            .targets()
+            .into_iter()
+            .map(|t| json!({ "name": t.name, "limit": t.limit, "value": t.value, "met": t.met }))
+            .collect();
+        json!({
+            "machine": { "cpus": m.cpus, "kernel": m.kernel, "loadavg_before": m.load_before, "loadavg_after": m.load_after },
+            "repeat": self.repeat,
+            "workloads": workloads,
+            "agent_paced": {
+                "rate": PACED_RATE, "seconds": PACED_SECONDS,
+                "agent_core_fraction": self.agent_core(), "target_core_fraction": self.target_core(),
+                "runs": agent,
+            },
+            "snapshot": {
+                "allocs": STACKS_ALLOCS, "stacks": STACKS_DISTINCT,
+                "sigint_to_exit_s": self.snap(|r| r.sigint_to_exit_s),
+                "max_rss_kib": self.snap(|r| r.max_rss_kib as f64),
+                "runs": snapshot,
+            },
+            "targets": targets,
+            "measure_s": self.measure_s,
+            "total_s": self.total_s,
+        })
+    }
+}
