@@ -48,9 +48,9 @@ pub enum AttachError {
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("cannot load eBPF program {name}: {source}")]
-    LoadProgram { name: &'static str, source: ProgramError },
+    LoadProgram { name: &'static str, source: Box<ProgramError> },
     #[error("cannot attach to {function} in {path}: {source}{hint}")]
-    Attach { function: &'static str, path: String, source: ProgramError, hint: &'static str },
+    Attach { function: &'static str, path: String, source: Box<ProgramError>, hint: &'static str },
 }
 
 /// Finds the object defining the allocator the target uses. Symbol interposition resolves
@@ -99,9 +99,9 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
         .program_mut(name)
         .ok_or(AttachError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| AttachError::LoadProgram { name, source })?;
+        .map_err(|source| AttachError::LoadProgram { name, source: Box::new(source) })?;
     if prog.fd().is_err() {
-        prog.load().map_err(|source| AttachError::LoadProgram { name, source })?;
+        prog.load().map_err(|source| AttachError::LoadProgram { name, source: Box::new(source) })?;
     }
     Ok(prog)
 }
@@ -136,7 +136,7 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeS
             } else {
                 ""
             };
-            AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source, hint }
+            AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
         };
         if *kind == AllocKind::Free {
             program(ebpf, "free_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
@@ -191,7 +191,7 @@ pub fn attach_trigger(
     program(ebpf, name)?.attach(at, host_path, scope).map_err(|source| AttachError::Attach {
         function: name,
         path: host_path.display().to_string(),
-        source,
+        source: Box::new(source),
         hint: "",
     })?;
     Ok(())
