@@ -47,7 +47,7 @@ pub struct AgentArgs {
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// `full` records every allocation; a size (e.g. 512KiB) samples one per that many bytes.
-    #[arg(long, default_value = "full", value_parser = super::units::parse_sampling)]
+    #[arg(long, default_value = "512KiB", value_parser = super::units::parse_sampling)]
     pub sampling: u64,
     /// Live allocations tracked at once per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_allocs)]
