@@ -162,6 +162,16 @@ fn bad_targets_fail_with_one_line() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no recognizable allocator") && err.lines().count() == 1, "{err}");
 
+    // Without root or CAP_BPF + CAP_PERFMON (as user nobody, with no capabilities).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", MEMSCOPE, "record", "--pid"])
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"), "{err}");
+
     let out = Command::new(MEMSCOPE).args(["record", "--pid", "1", "--duration", "ten"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
