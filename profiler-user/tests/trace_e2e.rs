@@ -231,3 +231,22 @@ fn full_maps_are_counted_as_drops() {
     let stack_drops = p.dropped["stack_map_collision"] + p.dropped["stack_stats_full"];
     assert!(stack_drops > 0, "{:?}", p.dropped);
 }
+
+/// The probes sit at the cheap sites chosen by decoding each function (free after its NULL
+/// check, the memalign family after their flag test) and still count exactly: the fixture's
+/// 1022 allocations and 1003 non-NULL frees, with free(NULL) calls not reaching the probe.
+#[test]
+fn chosen_probe_sites_count_exactly() {
+    require_root();
+    let mut fixture = Fixture::start(&alloc_fixture(), "basic");
+    let session = Session::attach(fixture.pid, ProbeSettings::default()).unwrap();
+    let sites = session.probe_sites();
+    let free = sites.iter().find(|s| s.function == "free").unwrap();
+    assert!(free.offset > 0 && free.emulated, "free probe at +{} ({})", free.offset, free.reason);
+    fixture.go();
+    let c = session.counters().unwrap();
+    use profiler_common::Counter;
+    assert_eq!(c[Counter::Allocs as usize], 1022);
+    assert_eq!(c[Counter::Frees as usize] + c[Counter::UntrackedFrees as usize], 1003);
+    assert_eq!(c[Counter::FailedAllocs as usize], 1, "malloc(SIZE_MAX)");
+}

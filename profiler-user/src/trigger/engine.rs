@@ -1,0 +1,579 @@
+//! The trigger engine: owns a target's triggers and says when to take a snapshot. The caller
+//! polls it every [`POLL_INTERVAL`] and takes a snapshot for each [`Fired`] it returns; the
+//! engine itself never snapshots, so `memscope record` and the agent drive it the same way.
+//!
+//! What each trigger watches, at each poll:
+//! - interval: the clock (ticks at start + k × interval; ticks missed while the caller was busy
+//!   are counted as suppressed, not made up);
+//! - growth: live heap bytes (the probes' counters, cheap) against the live bytes at the last
+//!   snapshot, whatever its reason ([`TriggerEngine::note_snapshot`] tells the engine of
+//!   snapshots taken elsewhere);
+//! - rss: `VmRSS` or the cgroup's `memory.current`; fires when it is at or above the
+//!   threshold and armed, then re-arms once it falls below 90% of it (also fires at the first
+//!   poll if the target is already above);
+//! - return / usdt: hit counters of uprobes the engine attached (via [`TriggerHost`]);
+//! - exit: whether the target still runs. The exit firing ignores the minimum spacing; after
+//!   it (or after the target exited without an exit trigger) the engine is finished.
+//!
+//! Spacing: at most one firing per poll, and firings are at least `min_spacing` apart across
+//! all triggers of the engine (a snapshot is a snapshot, whatever asked for it). A firing that
+//! the spacing holds back is counted as *suppressed*: probe hits are lost (a later snapshot
+//! would not be "at the return" any more) and each counts; interval ticks are lost and count;
+//! growth and RSS conditions stay pending and fire as soon as the spacing allows, counted once.
+//!
+//! Latency: a return or USDT hit is seen at the next poll (≤ 20 ms) and the snapshot follows;
+//! the target keeps running meanwhile (nothing stops it).
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tracing::info;
+
+use super::{
+    resolve,
+    spec::{GrowthThreshold, MemorySource, TriggerSpec},
+    usdt,
+};
+use crate::{bpf::attach::TriggerPoint, procfs, session::Session, target::TracedTarget as _};
+
+/// How often the caller should call [`TriggerEngine::poll`].
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// `--min-spacing` unless told otherwise.
+pub const DEFAULT_MIN_SPACING: Duration = Duration::from_secs(5);
+/// A percentage growth trigger also needs at least this many bytes of growth.
+pub const GROWTH_PERCENT_FLOOR: u64 = 256 << 10;
+/// An RSS trigger re-arms when the value falls below this fraction of its threshold.
+pub const RSS_REARM_FRACTION: f64 = 0.9;
+
+/// What the engine needs of a traced target. [`Session`] implements it; tests fake it.
+pub trait TriggerHost {
+    fn pid(&self) -> u32;
+    fn alive(&self) -> bool;
+    /// Live heap bytes as the probes count them (an estimate when sampling).
+    fn live_bytes(&self) -> u64;
+    /// Attaches a counting probe; returns its slot in [`TriggerHost::trigger_hits`].
+    fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32>;
+    fn trigger_hits(&self) -> anyhow::Result<Vec<u64>>;
+    fn rss_bytes(&self) -> Option<u64> {
+        procfs::status_bytes(self.pid(), "VmRSS").ok()
+    }
+    fn cgroup_memory_bytes(&self) -> Option<u64> {
+        procfs::cgroup_memory_current(self.pid())
+    }
+}
+
+impl TriggerHost for Session {
+    fn pid(&self) -> u32 {
+        crate::target::TracedTarget::pid(self)
+    }
+    fn alive(&self) -> bool {
+        Session::alive(self)
+    }
+    fn live_bytes(&self) -> u64 {
+        self.stats().live_bytes
+    }
+    fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
+        Session::attach_trigger(self, path_in_target, file_offset, point)
+    }
+    fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
+        Session::trigger_hits(self)
+    }
+}
+
+/// A trigger fired: take a snapshot now and store it with `reason`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fired {
+    /// The trigger's reason name (`interval`, `return:gc_cycle`, ...).
+    pub reason: String,
+    /// Index of the trigger in the engine's list.
+    pub trigger: usize,
+    pub at: Instant,
+    /// Wall-clock time of the firing, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Counts of one trigger, for reports and the API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TriggerStatus {
+    pub reason: String,
+    /// The `kind=value` form of the trigger.
+    pub spec: String,
+    pub fired: u64,
+    pub suppressed: u64,
+    /// Probe sites attached (return and USDT triggers), 0 for the others.
+    pub probes: usize,
+}
+
+enum State {
+    Interval { every: Duration, next_due: Instant },
+    Growth { threshold: GrowthThreshold, pending: bool },
+    Rss { threshold: u64, source: MemorySource, armed: bool, pending: bool },
+    Probe { slots: Vec<u32>, seen: u64 },
+    Exit,
+}
+
+struct Trigger {
+    spec: TriggerSpec,
+    state: State,
+    fired: u64,
+    suppressed: u64,
+}
+
+/// The triggers of one target. See the module doc.
+pub struct TriggerEngine {
+    triggers: Vec<Trigger>,
+    min_spacing: Duration,
+    last_fired: Option<Instant>,
+    baseline_live: u64,
+    finished: bool,
+    // Dropped with the engine: the semaphores go back to what they were.
+    semaphores: Vec<usdt::Semaphore>,
+}
+
+impl TriggerEngine {
+    /// Resolves and attaches every trigger of `specs` to the target: return triggers find
+    /// their function (executable first, then mapped libraries) and get a uretprobe per match;
+    /// USDT triggers get a uprobe per probe site and their semaphores enabled. Clocks start now.
+    pub fn attach(host: &dyn TriggerHost, specs: &[TriggerSpec], min_spacing: Duration) -> anyhow::Result<TriggerEngine> {
+        let pid = host.pid();
+        let now = Instant::now();
+        let mut triggers = Vec::with_capacity(specs.len());
+        let mut semaphores = Vec::new();
+        for spec in specs {
+            let state = match spec {
+                TriggerSpec::Return(query) => {
+                    let found = resolve::find_function(pid, query).with_context(|| format!("--on-return {query}"))?;
+                    let mut slots = Vec::new();
+                    for f in &found {
+                        let slot = host
+                            .attach_trigger(&f.path_in_target, f.symbol.file_offset, TriggerPoint::Return)
+                            .with_context(|| format!("attaching --on-return {query} to {}", f.path_in_target))?;
+                        info!(
+                            pid,
+                            "trigger return:{query}: uretprobe on {} at {:#x} of {}",
+                            f.demangled.as_deref().unwrap_or(&f.symbol.name),
+                            f.symbol.file_offset,
+                            f.path_in_target
+                        );
+                        slots.push(slot);
+                    }
+                    State::Probe { slots, seen: 0 }
+                }
+                TriggerSpec::Usdt { provider, name } => {
+                    let what = format!("{provider}:{name}");
+                    let found = usdt::find(pid, provider, name).with_context(|| format!("--on-usdt {what}"))?;
+                    let mut slots = Vec::new();
+                    let mut enabled: HashSet<u64> = HashSet::new();
+                    for f in &found {
+                        let slot = host
+                            .attach_trigger(&f.path_in_target, f.probe.file_offset, TriggerPoint::Entry)
+                            .with_context(|| format!("attaching --on-usdt {what} in {}", f.path_in_target))?;
+                        slots.push(slot);
+                        if let Some(addr) = usdt::semaphore_address(pid, &f.path_in_target, &f.probe)? {
+                            if enabled.insert(addr) {
+                                semaphores.push(usdt::Semaphore::enable(pid, addr, &what)?);
+                            }
+                        }
+                        info!(pid, "trigger usdt:{what}: uprobe at {:#x} of {}", f.probe.file_offset, f.path_in_target);
+                    }
+                    State::Probe { slots, seen: 0 }
+                }
+                other => state_for(other, now),
+            };
+            triggers.push(Trigger { spec: spec.clone(), state, fired: 0, suppressed: 0 });
+        }
+        let mut engine = TriggerEngine {
+            triggers,
+            min_spacing,
+            last_fired: None,
+            baseline_live: 0,
+            finished: false,
+            semaphores,
+        };
+        engine.start(host);
+        Ok(engine)
+    }
+
+    /// An engine for triggers that need no probe (interval, growth, rss, exit); return and
+    /// USDT triggers need [`TriggerEngine::attach`].
+    pub fn without_probes(host: &dyn TriggerHost, specs: &[TriggerSpec], min_spacing: Duration) -> anyhow::Result<TriggerEngine> {
+        if let Some(s) = specs.iter().find(|s| s.needs_probe()) {
+            anyhow::bail!("trigger {s} needs a probe: use TriggerEngine::attach");
+        }
+        Self::attach(host, specs, min_spacing)
+    }
+
+    fn start(&mut self, host: &dyn TriggerHost) {
+        if self.triggers.iter().any(|t| matches!(t.state, State::Growth { .. })) {
+            self.baseline_live = host.live_bytes();
+        }
+        if self.triggers.iter().any(|t| matches!(t.state, State::Probe { .. })) {
+            let hits = host.trigger_hits().unwrap_or_default();
+            for t in &mut self.triggers {
+                if let State::Probe { slots, seen } = &mut t.state {
+                    *seen = slots.iter().map(|s| hits.get(*s as usize).copied().unwrap_or(0)).sum();
+                }
+            }
+        }
+    }
+
+    pub fn min_spacing(&self) -> Duration {
+        self.min_spacing
+    }
+
+    /// Whether the target has exited (and the exit firing, if any, was returned).
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Whether one of the triggers is `exit`.
+    pub fn has_exit_trigger(&self) -> bool {
+        self.triggers.iter().any(|t| matches!(t.state, State::Exit))
+    }
+
+    /// Suppressed firings of all triggers.
+    pub fn suppressed(&self) -> u64 {
+        self.triggers.iter().map(|t| t.suppressed).sum()
+    }
+
+    pub fn status(&self) -> Vec<TriggerStatus> {
+        self.triggers
+            .iter()
+            .map(|t| TriggerStatus {
+                reason: t.spec.reason(),
+                spec: t.spec.describe(),
+                fired: t.fired,
+                suppressed: t.suppressed,
+                probes: match &t.state {
+                    State::Probe { slots, .. } => slots.len(),
+                    _ => 0,
+                },
+            })
+            .collect()
+    }
+
+    /// Tells the engine a snapshot was taken outside it (e.g. on request): growth is then
+    /// measured from `live_bytes`.
+    pub fn note_snapshot(&mut self, live_bytes: u64) {
+        self.baseline_live = live_bytes;
+    }
+
+    /// Checks every trigger now; returns at most one firing.
+    pub fn poll(&mut self, host: &dyn TriggerHost) -> Vec<Fired> {
+        self.poll_at(host, Instant::now(), wall_ms())
+    }
+
+    /// [`TriggerEngine::poll`] at a given time (for tests).
+    pub fn poll_at(&mut self, host: &dyn TriggerHost, now: Instant, now_ms: u64) -> Vec<Fired> {
+        if self.finished {
+            return Vec::new();
+        }
+        if !host.alive() {
+            self.finished = true;
+            return match self.triggers.iter().position(|t| matches!(t.state, State::Exit)) {
+                Some(i) => {
+                    self.triggers[i].fired += 1;
+                    self.last_fired = Some(now);
+                    vec![Fired { reason: self.triggers[i].spec.reason(), trigger: i, at: now, at_ms: now_ms }]
+                }
+                None => Vec::new(),
+            };
+        }
+        let has = |f: fn(&State) -> bool| self.triggers.iter().any(|t| f(&t.state));
+        let live = has(|s| matches!(s, State::Growth { .. })).then(|| host.live_bytes());
+        let hits = if has(|s| matches!(s, State::Probe { .. })) { host.trigger_hits().ok() } else { None };
+        let rss = has(|s| matches!(s, State::Rss { source: MemorySource::ProcessRss, .. }))
+            .then(|| host.rss_bytes())
+            .flatten();
+        let cgroup = has(|s| matches!(s, State::Rss { source: MemorySource::CgroupMemory, .. }))
+            .then(|| host.cgroup_memory_bytes())
+            .flatten();
+
+        let mut spacing_ok = self.last_fired.is_none_or(|t| now.saturating_duration_since(t) >= self.min_spacing);
+        let mut out = Vec::new();
+        for (i, t) in self.triggers.iter_mut().enumerate() {
+            // How many firings this trigger asks for now, and whether a held-back one waits.
+            let (wanted, deferrable) = match &mut t.state {
+                State::Interval { every, next_due } => {
+                    if now < *next_due {
+                        (0, false)
+                    } else {
+                        let mut ticks = 0u64;
+                        while *next_due <= now {
+                            *next_due += *every;
+                            ticks += 1;
+                        }
+                        t.suppressed += ticks - 1;
+                        (1, false)
+                    }
+                }
+                State::Growth { threshold, .. } => {
+                    let Some(live) = live else { continue };
+                    let need = match *threshold {
+                        GrowthThreshold::Bytes(b) => b,
+                        GrowthThreshold::Percent(p) => {
+                            ((self.baseline_live as f64 * p / 100.0) as u64).max(GROWTH_PERCENT_FLOOR)
+                        }
+                    };
+                    (u64::from(live >= self.baseline_live.saturating_add(need)), true)
+                }
+                State::Rss { threshold, source, armed, .. } => {
+                    let value = match source {
+                        MemorySource::ProcessRss => rss,
+                        MemorySource::CgroupMemory => cgroup,
+                    };
+                    let Some(value) = value else { continue };
+                    if !*armed && (value as f64) < *threshold as f64 * RSS_REARM_FRACTION {
+                        *armed = true;
+                    }
+                    (u64::from(*armed && value >= *threshold), true)
+                }
+                State::Probe { slots, seen } => {
+                    let Some(hits) = &hits else { continue };
+                    let total: u64 = slots.iter().map(|s| hits.get(*s as usize).copied().unwrap_or(0)).sum();
+                    let new = total.saturating_sub(*seen);
+                    *seen = total;
+                    (new, false)
+                }
+                State::Exit => (0, false),
+            };
+            let pending = match &mut t.state {
+                State::Growth { pending, .. } | State::Rss { pending, .. } => Some(pending),
+                _ => None,
+            };
+            if wanted == 0 {
+                if let Some(p) = pending {
+                    *p = false;
+                }
+                continue;
+            }
+            if spacing_ok {
+                spacing_ok = false;
+                t.fired += 1;
+                t.suppressed += wanted - 1;
+                if let Some(p) = pending {
+                    *p = false;
+                }
+                if let State::Rss { armed, .. } = &mut t.state {
+                    *armed = false;
+                }
+                out.push(Fired { reason: t.spec.reason(), trigger: i, at: now, at_ms: now_ms });
+            } else if deferrable {
+                if let Some(p) = pending {
+                    if !*p {
+                        *p = true;
+                        t.suppressed += 1;
+                    }
+                }
+            } else {
+                t.suppressed += wanted;
+            }
+        }
+        if !out.is_empty() {
+            self.last_fired = Some(now);
+            if let Some(live) = live {
+                self.baseline_live = live;
+            }
+        }
+        out
+    }
+}
+
+fn state_for(spec: &TriggerSpec, now: Instant) -> State {
+    match spec {
+        TriggerSpec::Interval(every) => State::Interval { every: *every, next_due: now + *every },
+        TriggerSpec::Growth(threshold) => State::Growth { threshold: *threshold, pending: false },
+        TriggerSpec::Rss { threshold, source } => {
+            State::Rss { threshold: *threshold, source: *source, armed: true, pending: false }
+        }
+        TriggerSpec::Exit => State::Exit,
+        TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } => State::Probe { slots: Vec::new(), seen: 0 },
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Fake {
+        dead: Cell<bool>,
+        live: Cell<u64>,
+        rss: Cell<u64>,
+        hits: RefCell<Vec<u64>>,
+    }
+
+    impl TriggerHost for Fake {
+        fn pid(&self) -> u32 {
+            1
+        }
+        fn alive(&self) -> bool {
+            !self.dead.get()
+        }
+        fn live_bytes(&self) -> u64 {
+            self.live.get()
+        }
+        fn attach_trigger(&self, _: &str, _: u64, _: TriggerPoint) -> anyhow::Result<u32> {
+            let mut h = self.hits.borrow_mut();
+            h.push(0);
+            Ok(h.len() as u32 - 1)
+        }
+        fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
+            Ok(self.hits.borrow().clone())
+        }
+        fn rss_bytes(&self) -> Option<u64> {
+            Some(self.rss.get())
+        }
+        fn cgroup_memory_bytes(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    /// An engine with a probe trigger on a fake host (no symbol lookup).
+    fn with_probe(host: &Fake, others: &[TriggerSpec], spacing: Duration) -> TriggerEngine {
+        let mut e = TriggerEngine::without_probes(host, others, spacing).unwrap();
+        let slot = host.attach_trigger("/x", 0, TriggerPoint::Return).unwrap();
+        e.triggers.push(Trigger {
+            spec: TriggerSpec::Return("gc".into()),
+            state: State::Probe { slots: vec![slot], seen: 0 },
+            fired: 0,
+            suppressed: 0,
+        });
+        e
+    }
+
+    fn ms(start: Instant, m: u64) -> Instant {
+        start + Duration::from_millis(m)
+    }
+
+    fn reasons(f: Vec<Fired>) -> Vec<String> {
+        f.into_iter().map(|f| f.reason).collect()
+    }
+
+    /// Interval ticks fire on time; ticks missed while the caller was busy count as
+    /// suppressed, and ticks within the min spacing of another firing too.
+    #[test]
+    fn interval_ticks_and_missed_ticks() {
+        let host = Fake::default();
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::Interval(Duration::from_millis(100))], Duration::ZERO).unwrap();
+        let t0 = Instant::now();
+        assert!(e.poll_at(&host, ms(t0, 50), 0).is_empty());
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 101), 0)), ["interval"]);
+        assert!(e.poll_at(&host, ms(t0, 150), 0).is_empty());
+        // Busy until 450 ms: ticks 200, 300, 400 -> one firing, two suppressed.
+        assert_eq!(e.poll_at(&host, ms(t0, 450), 0).len(), 1);
+        assert_eq!(e.status()[0].fired, 2);
+        assert_eq!(e.status()[0].suppressed, 2);
+    }
+
+    /// Growth fires at the threshold since the last snapshot, whatever took it; percentages
+    /// have a floor.
+    #[test]
+    fn growth_since_last_snapshot() {
+        let host = Fake::default();
+        host.live.set(1000);
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::Growth(GrowthThreshold::Bytes(500))], Duration::ZERO).unwrap();
+        let t0 = Instant::now();
+        host.live.set(1499);
+        assert!(e.poll_at(&host, ms(t0, 20), 0).is_empty());
+        host.live.set(1500);
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 40), 0)), ["growth"]);
+        host.live.set(1900);
+        assert!(e.poll_at(&host, ms(t0, 60), 0).is_empty());
+        e.note_snapshot(1900);
+        host.live.set(2300);
+        assert!(e.poll_at(&host, ms(t0, 80), 0).is_empty(), "measured from the noted snapshot");
+        host.live.set(2400);
+        assert_eq!(e.poll_at(&host, ms(t0, 100), 0).len(), 1);
+
+        host.live.set(0);
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::Growth(GrowthThreshold::Percent(50.0))], Duration::ZERO).unwrap();
+        host.live.set(GROWTH_PERCENT_FLOOR - 1);
+        assert!(e.poll_at(&host, ms(t0, 20), 0).is_empty(), "floor");
+        host.live.set(GROWTH_PERCENT_FLOOR);
+        assert_eq!(e.poll_at(&host, ms(t0, 40), 0).len(), 1);
+        host.live.set(GROWTH_PERCENT_FLOOR * 3 / 2);
+        assert!(e.poll_at(&host, ms(t0, 60), 0).is_empty(), "+50% but below the floor");
+        host.live.set(GROWTH_PERCENT_FLOOR * 4);
+        assert_eq!(e.poll_at(&host, ms(t0, 80), 0).len(), 1);
+        host.live.set(GROWTH_PERCENT_FLOOR * 6 - 1);
+        assert!(e.poll_at(&host, ms(t0, 100), 0).is_empty());
+        host.live.set(GROWTH_PERCENT_FLOOR * 6);
+        assert_eq!(e.poll_at(&host, ms(t0, 120), 0).len(), 1, "+50%");
+    }
+
+    /// RSS fires once when crossing upwards, not again while above, again after falling
+    /// below 90% and crossing anew.
+    #[test]
+    fn rss_crossing_with_rearm() {
+        let host = Fake::default();
+        let spec = TriggerSpec::Rss { threshold: 1000, source: MemorySource::ProcessRss };
+        let mut e = TriggerEngine::without_probes(&host, &[spec], Duration::ZERO).unwrap();
+        let t0 = Instant::now();
+        let mut fired = 0;
+        for (i, v) in [500, 999, 1000, 2000, 1500, 950, 1200, 899, 1000].into_iter().enumerate() {
+            host.rss.set(v);
+            fired += e.poll_at(&host, ms(t0, i as u64 * 20), 0).len();
+            let expect = match v {
+                _ if i < 2 => 0,
+                _ if i < 8 => 1,
+                _ => 2,
+            };
+            assert_eq!(fired, expect, "after value {v} (poll {i})");
+        }
+    }
+
+    /// A hot function is limited by the min spacing; its extra hits are counted as
+    /// suppressed; pending conditions (RSS) fire once the spacing allows, counted once.
+    #[test]
+    fn min_spacing_and_suppression() {
+        let host = Fake::default();
+        let rss = TriggerSpec::Rss { threshold: 1000, source: MemorySource::ProcessRss };
+        let mut e = with_probe(&host, &[rss], Duration::from_millis(100));
+        let t0 = Instant::now();
+        let mut fired = Vec::new();
+        for i in 0..50u64 {
+            host.hits.borrow_mut()[0] += 3; // 3 returns per 10 ms
+            if i == 12 {
+                host.rss.set(5000);
+            }
+            fired.extend(e.poll_at(&host, ms(t0, i * 10), 0));
+        }
+        let times: Vec<u128> = fired.iter().map(|f| f.at.duration_since(t0).as_millis()).collect();
+        assert_eq!(times, [0, 100, 200, 300, 400], "{fired:?}");
+        let st = e.status();
+        assert_eq!((st[0].reason.as_str(), st[0].fired, st[0].suppressed), ("rss", 1, 1));
+        assert_eq!((st[1].reason.as_str(), st[1].fired), ("return:gc", 4));
+        assert_eq!(st[1].fired + st[1].suppressed, 150, "every hit is either fired or suppressed");
+        assert_eq!(fired[2].reason, "rss", "{fired:?}");
+        assert_eq!(e.suppressed(), st[0].suppressed + st[1].suppressed);
+    }
+
+    /// On exit: one exit firing regardless of spacing, then nothing; without an exit
+    /// trigger just finished.
+    #[test]
+    fn exit_fires_once() {
+        let host = Fake::default();
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::Interval(Duration::from_millis(50)), TriggerSpec::Exit], Duration::from_secs(60)).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(e.poll_at(&host, ms(t0, 60), 0).len(), 1);
+        host.dead.set(true);
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 70), 7)), ["exit"]);
+        assert!(e.finished() && e.has_exit_trigger());
+        assert!(e.poll_at(&host, ms(t0, 90), 0).is_empty());
+
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::Interval(Duration::from_millis(50))], Duration::ZERO).unwrap();
+        assert!(e.poll_at(&host, ms(t0, 100), 0).is_empty());
+        assert!(e.finished());
+        assert!(TriggerEngine::without_probes(&host, &[TriggerSpec::Return("f".into())], Duration::ZERO).is_err());
+    }
+}
