@@ -2,6 +2,7 @@
 //! [`HeapProfile`], and compares profiles.
 
 pub mod build;
+pub mod growth;
 pub mod profile;
 
 pub use profile::{Frame, HeapProfile, Measure, StackSample, Totals};

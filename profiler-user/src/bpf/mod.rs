@@ -3,5 +3,6 @@
 pub mod elf_symbols;
 pub mod probe_site;
 pub mod attach;
+pub mod batch;
 pub mod load;
 pub mod reader;

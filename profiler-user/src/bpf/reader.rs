@@ -3,10 +3,12 @@
 //! allocation. No symbols here, only addresses.
 use std::collections::HashMap as StdHashMap;
 
-use aya::maps::MapError;
-use profiler_common::{StackKey, StackStats, COUNTER_COUNT};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use super::load::ProbeMaps;
+use aya::maps::{IterableMap as _, MapError};
+use profiler_common::{AllocInfo, StackKey, StackStats, COUNTER_COUNT};
+
+use super::{batch, load::ProbeMaps};
 
 /// One allocation site as the kernel recorded it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,6 +61,24 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Every live allocation: one batched read, or entry by entry on kernels without batches.
+fn live_allocations(maps: &ProbeMaps) -> Result<Vec<(u64, AllocInfo)>, MapError> {
+    let fd = maps.live.map().fd().as_fd().as_raw_fd();
+    if let Ok(all) = batch::lookup_all::<u64, AllocInfo>(fd) {
+        return Ok(all);
+    }
+    let mut all = Vec::new();
+    for entry in maps.live.iter() {
+        match entry {
+            Ok(e) => all.push(e),
+            // Freed between listing its key and reading it.
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(all)
+}
+
 pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
     (0..COUNTER_COUNT)
         .map(|i| Ok(maps.counters.get(&i, 0)?.iter().copied().sum()))
@@ -75,13 +95,7 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
         stacks.insert(key, RawStack { key, stats, ..Default::default() });
     }
     let cutoff = now_ns.saturating_sub(min_age_ns);
-    for entry in maps.live.iter() {
-        let (_addr, info) = match entry {
-            Ok(e) => e,
-            // Freed between listing its key and reading it.
-            Err(MapError::KeyNotFound) => continue,
-            Err(e) => return Err(e),
-        };
+    for (_addr, info) in live_allocations(maps)? {
         let s = stacks
             .entry(info.stack)
             .or_insert_with(|| RawStack { key: info.stack, ..Default::default() });

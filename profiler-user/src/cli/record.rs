@@ -1,6 +1,15 @@
 //! `memscope record`: attach to a running process, show progress, stop at the duration, on
 //! Ctrl-C or when the target exits, then print the leak report and write every output file.
+//!
+//! With trigger flags (`--every`, `--on-growth`, `--on-rss`, `--on-return`, `--on-usdt`,
+//! `--on-exit`; see [`crate::trigger`]) it also takes snapshots during the recording, writes
+//! each to `OUT/snapshots/<seq>-<reason>.json` (the `leaks.json` schema plus `reason` and
+//! `taken_at`) with an `index.json` beside them, and judges every leak's growth across the last
+//! `--verdict-window` snapshots (the final one included): `leaks.json` and the report then
+//! carry verdicts. With `--on-exit`, the target's exit is expected: the final snapshot is taken
+//! on exit and memscope exits 0.
 use std::{
+    collections::HashMap,
     fs,
     io::{IsTerminal as _, Write as _},
     path::{Path, PathBuf},
@@ -15,11 +24,15 @@ use profiler_common::Counter;
 
 use super::units::{parse_duration, parse_sampling};
 use crate::{
-    aggregate::{HeapProfile, Measure},
+    aggregate::{
+        growth::{self, Verdict},
+        HeapProfile, Measure,
+    },
     bpf::load::ProbeSettings,
     render,
     session::Session,
     target::TracedTarget as _,
+    trigger::{self, spec, GrowthThreshold, MemorySource, TriggerEngine, TriggerSpec},
 };
 
 /// Exit code when the target exited before the recording ended (the files are still written).
@@ -52,6 +65,68 @@ pub struct RecordArgs {
     /// Leaks shown in the report.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
+    /// Take a snapshot every this long (e.g. 30s).
+    #[arg(long, value_parser = spec::parse_every, help_heading = "Triggers")]
+    pub every: Option<Duration>,
+    /// Take a snapshot when the live heap grew by this much since the last snapshot: a size
+    /// (64MiB) or a percentage (20%).
+    #[arg(long, value_parser = spec::parse_growth, help_heading = "Triggers")]
+    pub on_growth: Option<GrowthThreshold>,
+    /// Take a snapshot when the process's RSS crosses SIZE (e.g. 1GiB), or with `cgroup:SIZE`
+    /// when its cgroup's memory.current does. Repeatable.
+    #[arg(long, value_name = "[cgroup:]SIZE", value_parser = spec::parse_rss, help_heading = "Triggers")]
+    pub on_rss: Vec<(u64, MemorySource)>,
+    /// Take a snapshot each time this function returns: mangled or demangled name, in the
+    /// executable or any mapped library. Repeatable.
+    #[arg(long, value_name = "SYMBOL", value_parser = spec::parse_symbol, help_heading = "Triggers")]
+    pub on_return: Vec<String>,
+    /// Take a snapshot each time the target reaches this USDT probe (.note.stapsdt).
+    /// Repeatable.
+    #[arg(long, value_name = "PROVIDER:NAME", value_parser = spec::parse_usdt, help_heading = "Triggers")]
+    pub on_usdt: Vec<(String, String)>,
+    /// When the target exits, take the final snapshot and report, and exit 0.
+    #[arg(long, help_heading = "Triggers")]
+    pub on_exit: bool,
+    /// Triggered snapshots are at least this far apart; firings in between are counted as
+    /// suppressed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Triggers")]
+    pub min_spacing: Duration,
+    /// Leak verdicts use the last this many snapshots (at least 3).
+    #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = parse_window, help_heading = "Triggers")]
+    pub verdict_window: usize,
+}
+
+fn parse_window(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= growth::MIN_SNAPSHOTS => Ok(n),
+        _ => Err(format!("invalid window {s:?}: a number of snapshots, at least {}", growth::MIN_SNAPSHOTS)),
+    }
+}
+
+impl RecordArgs {
+    /// The triggers the flags ask for, in a fixed order.
+    pub fn trigger_specs(&self) -> Vec<TriggerSpec> {
+        let mut specs = Vec::new();
+        if let Some(d) = self.every {
+            specs.push(TriggerSpec::Interval(d));
+        }
+        if let Some(g) = self.on_growth {
+            specs.push(TriggerSpec::Growth(g));
+        }
+        for (threshold, source) in &self.on_rss {
+            specs.push(TriggerSpec::Rss { threshold: *threshold, source: *source });
+        }
+        for sym in &self.on_return {
+            specs.push(TriggerSpec::Return(sym.clone()));
+        }
+        for (provider, name) in &self.on_usdt {
+            specs.push(TriggerSpec::Usdt { provider: provider.clone(), name: name.clone() });
+        }
+        if self.on_exit {
+            specs.push(TriggerSpec::Exit);
+        }
+        specs
+    }
 }
 
 pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
@@ -70,21 +145,155 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         session.allocator(),
         args.duration,
     );
-    let stop = wait_for_end(&session, args.duration)?;
+    let specs = args.trigger_specs();
+    let mut triggered = if specs.is_empty() {
+        None
+    } else {
+        let engine = TriggerEngine::attach(&session, &specs, args.min_spacing)?;
+        let reasons: Vec<String> = specs.iter().map(|s| s.describe()).collect();
+        eprintln!(
+            "memscope: triggers {} (at least {:?} apart); snapshots go to {}",
+            reasons.join(", "),
+            args.min_spacing,
+            args.out.join("snapshots").display()
+        );
+        Some(Triggered::new(engine, &args)?)
+    };
+    let stop = wait_for_end(&session, args.duration, triggered.as_mut(), args.min_age)?;
     let snapshot_started = Instant::now();
-    let profile = session.snapshot(args.min_age).context("taking the final snapshot")?;
+    // With --on-exit the snapshot taken at the exit is the final one.
+    let exit_profile = triggered.as_mut().and_then(|t| t.exit_profile.take());
+    let on_exit = exit_profile.is_some();
+    let profile = match exit_profile {
+        Some(p) => p,
+        None => session.snapshot(args.min_age).context("taking the final snapshot")?,
+    };
     let snapshot_ms = snapshot_started.elapsed().as_millis() as u64;
-    write_outputs(&profile, &args.out, args.top)?;
+    let verdicts = triggered.as_mut().map(|t| {
+        if !on_exit {
+            t.series.push(&profile);
+        }
+        (t.series.verdicts(), t.series.len())
+    });
+    write_outputs_with(&profile, &args.out, args.top, verdicts.as_ref().map(|(v, n)| (v, *n)))?;
     let render_ms = snapshot_started.elapsed().as_millis() as u64 - snapshot_ms;
     tracing::info!(stacks = profile.stacks.len(), live_allocs = profile.totals.live_allocs, snapshot_ms, render_ms, "final snapshot");
     print!("{}", render::text::leak_report(&profile, args.top));
+    if let Some((v, n)) = &verdicts {
+        print!("\n{}", growth::verdict_report(&profile, v, *n, args.top));
+    }
     std::io::stdout().flush().ok();
     eprintln!("memscope: wrote report.txt, leaks.json, flamegraph.svg, heap.folded, heap.pb.gz to {}", args.out.display());
+    if let Some(t) = &triggered {
+        eprintln!("memscope: {}", t.summary());
+    }
     if stop == Stop::TargetExited {
+        if on_exit {
+            eprintln!("memscope: process {} exited; the final snapshot and report were taken at its exit", args.pid);
+            return Ok(ExitCode::SUCCESS);
+        }
         eprintln!("memscope: process {} exited during the recording; the report covers what was recorded until it exited", args.pid);
         return Ok(ExitCode::from(EXIT_TARGET_EXITED));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The triggered snapshots of a recording: the engine, the files, the series for verdicts.
+struct Triggered {
+    engine: TriggerEngine,
+    dir: PathBuf,
+    pid: u32,
+    seq: u64,
+    series: growth::Series,
+    index: Vec<serde_json::Value>,
+    /// The snapshot taken when the target exited (`--on-exit`): the final one.
+    exit_profile: Option<HeapProfile>,
+}
+
+impl Triggered {
+    fn new(engine: TriggerEngine, args: &RecordArgs) -> anyhow::Result<Triggered> {
+        let dir = args.out.join("snapshots");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Triggered {
+            engine,
+            dir,
+            pid: args.pid,
+            seq: 0,
+            series: growth::Series::new(args.verdict_window),
+            index: Vec::new(),
+            exit_profile: None,
+        })
+    }
+
+    /// Polls the engine; takes, writes and keeps a snapshot for each firing.
+    fn poll(&mut self, session: &Session, min_age: Duration, tty: bool) -> anyhow::Result<()> {
+        for fired in self.engine.poll(session) {
+            let profile = match session.snapshot(min_age) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("memscope: snapshot for {} failed: {}", fired.reason, super::one_line(&e));
+                    continue;
+                }
+            };
+            self.seq += 1;
+            self.series.push(&profile);
+            let json = trigger::snapshot_json(&profile, &fired.reason, &self.series.verdicts());
+            let file = trigger::snapshot_file_name(self.seq, &fired.reason);
+            let path = self.dir.join(&file);
+            fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+            self.index.push(serde_json::json!({
+                "seq": self.seq,
+                "reason": fired.reason,
+                "file": file,
+                "taken_at": json["taken_at"],
+                "taken_at_ms": profile.taken_at_ms,
+                "fired_at_ms": fired.at_ms,
+                "live_bytes": profile.totals.live_bytes,
+                "leaked_bytes": profile.leaked_bytes(),
+            }));
+            self.write_index()?;
+            eprintln!(
+                "{}memscope: snapshot {} ({}) at {:.1}s: {} live -> snapshots/{file}",
+                if tty { "\r\x1b[2K" } else { "" },
+                self.seq,
+                fired.reason,
+                profile.duration_s,
+                render::human_bytes(profile.totals.live_bytes),
+            );
+            if fired.reason == TriggerSpec::Exit.reason() {
+                self.exit_profile = Some(profile);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_index(&self) -> anyhow::Result<()> {
+        let index = serde_json::json!({
+            "pid": self.pid,
+            "min_spacing_s": self.engine.min_spacing().as_secs_f64(),
+            "triggers": self.engine.status(),
+            "snapshots": self.index,
+        });
+        let path = self.dir.join("index.json");
+        fs::write(&path, serde_json::to_string_pretty(&index)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn summary(&self) -> String {
+        let _ = self.write_index();
+        let per: Vec<String> = self
+            .engine
+            .status()
+            .iter()
+            .map(|t| format!("{} fired {}, suppressed {}", t.reason, t.fired, t.suppressed))
+            .collect();
+        format!(
+            "{} triggered snapshots in {} ({}); {} firings suppressed by --min-spacing",
+            self.seq,
+            self.dir.display(),
+            per.join("; "),
+            self.engine.suppressed()
+        )
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -108,17 +317,29 @@ fn install_stop_handler() {
     }
 }
 
-fn wait_for_end(session: &Session, duration: Duration) -> anyhow::Result<Stop> {
+fn wait_for_end(
+    session: &Session,
+    duration: Duration,
+    mut triggered: Option<&mut Triggered>,
+    min_age: Duration,
+) -> anyhow::Result<Stop> {
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut last_events = 0u64;
     let mut last_print = Instant::now();
+    let tick = if triggered.is_some() { trigger::POLL_INTERVAL } else { Duration::from_millis(50) };
     let stop = loop {
         if STOP_REQUESTED.load(Ordering::SeqCst) {
             break Stop::Interrupted;
         }
         if started.elapsed() >= duration {
             break Stop::Duration;
+        }
+        if let Some(t) = triggered.as_deref_mut() {
+            t.poll(session, min_age, tty)?;
+            if t.engine.finished() {
+                break Stop::TargetExited;
+            }
         }
         if !session.alive() {
             break Stop::TargetExited;
@@ -140,7 +361,7 @@ fn wait_for_end(session: &Session, duration: Duration) -> anyhow::Result<Stop> {
             last_events = events;
             last_print = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(tick);
     };
     if tty {
         eprintln!();
@@ -150,13 +371,32 @@ fn wait_for_end(session: &Session, duration: Duration) -> anyhow::Result<Stop> {
 
 /// Writes every output file of a recording into `dir`.
 pub fn write_outputs(profile: &HeapProfile, dir: &Path, top: usize) -> anyhow::Result<()> {
+    write_outputs_with(profile, dir, top, None)
+}
+
+/// [`write_outputs`], with leak verdicts (and the number of snapshots they come from) added to
+/// `leaks.json` and `report.txt` when given.
+pub fn write_outputs_with(
+    profile: &HeapProfile,
+    dir: &Path,
+    top: usize,
+    verdicts: Option<(&HashMap<String, Verdict>, usize)>,
+) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| {
         let path = dir.join(name);
         fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
     };
-    write("report.txt", render::text::leak_report(profile, top).as_bytes())?;
-    let json = render::json::leaks_json(profile, None);
+    let mut report = render::text::leak_report(profile, top);
+    if let Some((v, n)) = verdicts {
+        report.push('\n');
+        report.push_str(&growth::verdict_report(profile, v, n, top));
+    }
+    write("report.txt", report.as_bytes())?;
+    let mut json = render::json::leaks_json(profile, None);
+    if let Some((v, _)) = verdicts {
+        growth::annotate_leaks_json(&mut json, v);
+    }
     write("leaks.json", serde_json::to_string_pretty(&json)?.as_bytes())?;
     let title = format!("memscope: live heap of pid {}", profile.pid);
     write("flamegraph.svg", &render::flamegraph::flamegraph_svg(profile, Measure::Inuse, &title)?)?;

@@ -220,6 +220,11 @@ impl TriggerEngine {
         }
     }
 
+    /// Addresses (in the target) of the USDT semaphores the engine enabled.
+    pub fn enabled_semaphores(&self) -> Vec<u64> {
+        self.semaphores.iter().map(usdt::Semaphore::address).collect()
+    }
+
     pub fn min_spacing(&self) -> Duration {
         self.min_spacing
     }
