@@ -11,9 +11,10 @@
  *                                    the bits of i % STACKS), kept live until the end
  *
  * Protocol (so that a tracer attaches before the timed loop): prints `ready PID`, waits for a
- * line on stdin, runs, prints `ns_per_pair X` (pairs, mixed) or `elapsed_ns X` (paced, stacks)
- * plus `ops N`, then waits for another line (or EOF) on stdin before exiting, so the tracer can
- * be measured and stopped (or take its snapshot) while the process still runs.
+ * line on stdin, runs, prints `ns_per_pair X` (pairs, mixed) or `elapsed_ns X` (paced, stacks),
+ * `cpu_ns_per_op X` (process CPU time, all threads, from the go line to the result, per op) and
+ * `ops N`, then waits for another line (or EOF) on stdin before exiting, so the tracer can be
+ * measured and stopped (or take its snapshot) while the process still runs.
  *
  * Build: cc -O2 -g -fno-omit-frame-pointer -pthread -o alloc_bench alloc_bench.c
  */
@@ -60,14 +61,26 @@ static void wait_line(void) {
     }
 }
 
+/* CPU time of the whole process (all threads, user + system: a probe's trap is system time
+ * of the thread that hit it). Unlike the wall clock, it does not grow when the machine is busy. */
+static uint64_t cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t cpu_started;
+
 static void handshake(void) {
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
     wait_line();
+    cpu_started = cpu_ns();
 }
 
 static void finish(const char *key, double value, uint64_t ops) {
-    printf("%s %.3f\nops %llu\n", key, value, (unsigned long long)ops);
+    double cpu = (double)(cpu_ns() - cpu_started) / (double)ops;
+    printf("%s %.3f\ncpu_ns_per_op %.3f\nops %llu\n", key, value, cpu, (unsigned long long)ops);
     fflush(stdout);
     wait_line();
 }

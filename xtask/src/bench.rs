@@ -324,15 +324,22 @@ impl Workload {
             .context("cannot write to the workload")
     }
 
-    /// The timed result: (`ns_per_pair` or `elapsed_ns` value, ops).
-    fn result(&mut self) -> Result<(f64, u64)> {
+    /// The timed result: `ns_per_pair` or `elapsed_ns`, `cpu_ns_per_op`, `ops`.
+    fn result(&mut self) -> Result<Outcome> {
         let is_value = |l: &str| l.starts_with("ns_per_pair ") || l.starts_with("elapsed_ns ");
         let line = wait_for_line(&self.lines, &mut self.seen, "result", RUN_TIMEOUT, is_value)?;
         let value = parse_field(&line)?;
+        let cpu = wait_for_line(&self.lines, &mut self.seen, "cpu", RUN_TIMEOUT, |l| {
+            l.starts_with("cpu_ns_per_op ")
+        })?;
         let ops = wait_for_line(&self.lines, &mut self.seen, "ops", RUN_TIMEOUT, |l| {
             l.starts_with("ops ")
         })?;
-        Ok((value, parse_field(&ops)? as u64))
+        Ok(Outcome {
+            value,
+            cpu_ns_per_op: parse_field(&cpu)?,
+            ops: parse_field(&ops)? as u64,
+        })
     }
 
     fn finish(mut self) -> Result<()> {
@@ -359,6 +366,16 @@ impl Drop for Workload {
             let _ = self.child.wait();
         }
     }
+}
+
+/// What a workload prints at the end of its timed loop.
+struct Outcome {
+    /// `ns_per_pair` (wall clock per thread, CLOCK_MONOTONIC) or `elapsed_ns`.
+    value: f64,
+    /// Process CPU time (all threads, user + system) per op: immune to preemption by other
+    /// processes, and it includes the probes' trap time, which the kernel charges to the target.
+    cpu_ns_per_op: f64,
+    ops: u64,
 }
 
 fn parse_field(line: &str) -> Result<f64> {
@@ -636,6 +653,7 @@ fn start_tracer(tools: &Tools, tracer: Tracer, pid: u32, out: &Path) -> Result<O
 #[derive(Clone, Debug)]
 struct Run {
     ns_per_pair: f64,
+    cpu_ns_per_op: f64,
     ops: u64,
     tracer: Option<TracerRun>,
 }
@@ -655,6 +673,23 @@ struct TracerRun {
     stop_s: f64,
 }
 
+/// Which number of a run: the workload's wall clock per pair (per thread), the issue's metric,
+/// or the process CPU time per op, which other load on the machine does not inflate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Metric {
+    Wall,
+    Cpu,
+}
+
+impl Metric {
+    fn of(self, run: &Run) -> f64 {
+        match self {
+            Metric::Wall => run.ns_per_pair,
+            Metric::Cpu => run.cpu_ns_per_op,
+        }
+    }
+}
+
 struct Comparison {
     spec: &'static Spec,
     runs: BTreeMap<&'static str, Vec<Run>>,
@@ -671,7 +706,10 @@ fn compare(tools: &Tools, spec: &'static Spec, repeat: u32) -> Result<Comparison
             ));
             let run = measure(tools, spec, tracer)
                 .with_context(|| format!("{} under {}", spec.name, tracer.label()))?;
-            step(format!("  {:.1} ns per pair", run.ns_per_pair));
+            step(format!(
+                "  {:.1} ns per pair ({:.1} ns CPU)",
+                run.ns_per_pair, run.cpu_ns_per_op
+            ));
             runs.entry(tracer.key()).or_default().push(run);
         }
     }
@@ -686,7 +724,7 @@ fn measure(tools: &Tools, spec: &Spec, tracer: Tracer) -> Result<Run> {
     let traced = start_tracer(tools, tracer, workload.pid, &out)?;
     let before = traced.as_ref().map(TracerProc::usage).transpose()?;
     workload.send_line()?;
-    let (ns_per_pair, ops) = workload.result()?;
+    let outcome = workload.result()?;
     let tracer_run = match traced {
         None => None,
         Some(t) => {
@@ -707,8 +745,9 @@ fn measure(tools: &Tools, spec: &Spec, tracer: Tracer) -> Result<Run> {
     };
     workload.finish()?;
     Ok(Run {
-        ns_per_pair,
-        ops,
+        ns_per_pair: outcome.value,
+        cpu_ns_per_op: outcome.cpu_ns_per_op,
+        ops: outcome.ops,
         tracer: tracer_run,
     })
 }
@@ -727,17 +766,21 @@ fn check_exit(tracer: Tracer, exit: &Exit) -> Result<()> {
 }
 
 impl Comparison {
-    fn median_ns(&self, tracer: Tracer) -> f64 {
-        median(self.runs[tracer.key()].iter().map(|r| r.ns_per_pair))
+    fn median_ns(&self, metric: Metric, tracer: Tracer) -> f64 {
+        median(self.runs[tracer.key()].iter().map(|r| metric.of(r)))
     }
 
-    fn overhead(&self, tracer: Tracer) -> f64 {
-        self.median_ns(tracer) - self.median_ns(Tracer::Bare)
+    fn overhead(&self, metric: Metric, tracer: Tracer) -> f64 {
+        self.median_ns(metric, tracer) - self.median_ns(metric, Tracer::Bare)
+    }
+
+    fn x_bare(&self, metric: Metric, tracer: Tracer) -> f64 {
+        self.median_ns(metric, tracer) / self.median_ns(metric, Tracer::Bare)
     }
 
     /// The tracer's overhead as a fraction of bpftrace's overhead.
-    fn vs_bpftrace(&self, tracer: Tracer) -> f64 {
-        self.overhead(tracer) / self.overhead(Tracer::Bpftrace)
+    fn vs_bpftrace(&self, metric: Metric, tracer: Tracer) -> f64 {
+        self.overhead(metric, tracer) / self.overhead(metric, Tracer::Bpftrace)
     }
 
     fn tracer_median(&self, tracer: Tracer, f: impl Fn(&TracerRun) -> f64) -> f64 {
@@ -753,14 +796,17 @@ impl Comparison {
         let mut tracers = serde_json::Map::new();
         for tracer in Tracer::ALL {
             let mut entry = json!({
-                "ns_per_pair": self.median_ns(tracer),
+                "ns_per_pair": self.median_ns(Metric::Wall, tracer),
+                "cpu_ns_per_op": self.median_ns(Metric::Cpu, tracer),
                 "args": self.spec.args(tracer),
                 "runs": self.runs[tracer.key()].iter().map(run_json).collect::<Vec<_>>(),
             });
             if tracer != Tracer::Bare {
-                entry["overhead_ns"] = json!(self.overhead(tracer));
-                entry["x_bare"] = json!(self.median_ns(tracer) / self.median_ns(Tracer::Bare));
-                entry["overhead_vs_bpftrace"] = json!(self.vs_bpftrace(tracer));
+                entry["overhead_ns"] = json!(self.overhead(Metric::Wall, tracer));
+                entry["x_bare"] = json!(self.x_bare(Metric::Wall, tracer));
+                entry["overhead_vs_bpftrace"] = json!(self.vs_bpftrace(Metric::Wall, tracer));
+                entry["cpu_overhead_ns"] = json!(self.overhead(Metric::Cpu, tracer));
+                entry["cpu_overhead_vs_bpftrace"] = json!(self.vs_bpftrace(Metric::Cpu, tracer));
                 entry["tracer_cpu_s"] = json!(self.tracer_median(tracer, |t| t.cpu_s));
                 entry["tracer_peak_rss_kib"] =
                     json!(self.tracer_median(tracer, |t| t.peak_rss_kib as f64));
@@ -773,7 +819,11 @@ impl Comparison {
 }
 
 fn run_json(run: &Run) -> Value {
-    let mut v = json!({ "ns_per_pair": run.ns_per_pair, "ops": run.ops });
+    let mut v = json!({
+        "ns_per_pair": run.ns_per_pair,
+        "cpu_ns_per_op": run.cpu_ns_per_op,
+        "ops": run.ops,
+    });
     if let Some(t) = &run.tracer {
         v["tracer"] = json!({
             "attach_s": t.attach_s,
@@ -841,7 +891,7 @@ fn paced_run(tools: &Tools) -> Result<AgentRun> {
     let target_before = proc_usage(workload.pid)?;
     let started = Instant::now();
     workload.send_line()?;
-    let (_, allocs) = workload.result()?;
+    let allocs = workload.result()?.ops;
     let wall_s = started.elapsed().as_secs_f64();
     let agent_after = tracer.usage()?;
     let target_after = proc_usage(workload.pid)?;
@@ -910,7 +960,7 @@ fn snapshot_run(tools: &Tools) -> Result<SnapshotRun> {
     ];
     let tracer = start_memscope(tools, workload.pid, &out, &extra)?;
     workload.send_line()?;
-    let (elapsed_ns, allocs) = workload.result()?;
+    let outcome = workload.result()?;
     let before = tracer.usage()?;
     let exit = tracer.stop()?;
     check_exit(Tracer::MemscopeFull, &exit)?;
@@ -923,7 +973,7 @@ fn snapshot_run(tools: &Tools) -> Result<SnapshotRun> {
         .unwrap_or_default();
     let field = |k: &str| fields.get(k).and_then(|v| v.parse::<f64>().ok());
     Ok(SnapshotRun {
-        alloc_ns: elapsed_ns / allocs.max(1) as f64,
+        alloc_ns: outcome.value / outcome.ops.max(1) as f64,
         sigint_to_exit_s: exit.stop_s,
         snapshot_ms: field("snapshot_ms"),
         render_ms: field("render_ms"),
@@ -1054,14 +1104,16 @@ impl Report {
                     "default settings",
                 ),
             ] {
-                let frac = c.vs_bpftrace(tracer);
+                // Judged on the wall clock (the issue's metric); the CPU-time ratio is shown too.
+                let frac = c.vs_bpftrace(Metric::Wall, tracer);
                 out.push(Target {
                     name: format!("{what}: overhead per pair vs bpftrace's ({})", c.spec.name),
                     limit: format!("<= {limit:.3}"),
                     value: format!(
-                        "{frac:.3} ({:.0} ns vs {:.0} ns)",
-                        c.overhead(tracer),
-                        c.overhead(Tracer::Bpftrace)
+                        "{frac:.3} ({:.0} ns vs {:.0} ns; by CPU time {:.3})",
+                        c.overhead(Metric::Wall, tracer),
+                        c.overhead(Metric::Wall, Tracer::Bpftrace),
+                        c.vs_bpftrace(Metric::Cpu, tracer),
                     ),
                     met: frac <= limit,
                 });
@@ -1108,28 +1160,12 @@ impl Report {
             "\nmemscope bench: {} CPUs, kernel {}, load {} -> {}, median of {} runs\n\n",
             m.cpus, m.kernel, m.load_before, m.load_after, self.repeat
         );
-        s += "ns per malloc+free pair (x = slowdown vs bare; frac = overhead / bpftrace's overhead)\n\n";
-        s += "| workload | bare | memscope default | memscope full | bpftrace |\n";
-        s += "|---|---:|---:|---:|---:|\n";
-        for c in &self.workloads {
-            let cell = |t: Tracer| {
-                format!(
-                    "{:.0} (x{:.0}, frac {:.3})",
-                    c.median_ns(t),
-                    c.median_ns(t) / c.median_ns(Tracer::Bare),
-                    c.vs_bpftrace(t)
-                )
-            };
-            s += &format!(
-                "| {} | {:.1} | {} | {} | {:.0} (x{:.0}) |\n",
-                c.spec.title,
-                c.median_ns(Tracer::Bare),
-                cell(Tracer::MemscopeDefault),
-                cell(Tracer::MemscopeFull),
-                c.median_ns(Tracer::Bpftrace),
-                c.median_ns(Tracer::Bpftrace) / c.median_ns(Tracer::Bare),
-            );
-        }
+        s += "ns per malloc+free pair, wall clock of each thread's loop \
+              (x = slowdown vs bare; frac = overhead / bpftrace's overhead)\n\n";
+        s += &self.ns_table(Metric::Wall);
+        s += "\nthe same as process CPU time (user + system, all threads) per pair: \
+              not inflated when other processes take the CPU\n\n";
+        s += &self.ns_table(Metric::Cpu);
         s += "\ntracer process: CPU seconds until stopped (attach included) / peak RSS\n\n";
         s += "| workload | memscope default | memscope full | bpftrace |\n|---|---:|---:|---:|\n";
         for c in &self.workloads {
@@ -1162,14 +1198,45 @@ impl Report {
         s
     }
 
+    fn ns_table(&self, metric: Metric) -> String {
+        let mut s = String::new();
+        s += "| workload | bare | memscope default | memscope full | bpftrace |\n";
+        s += "|---|---:|---:|---:|---:|\n";
+        for c in &self.workloads {
+            let cell = |t: Tracer| {
+                format!(
+                    "{:.0} (x{:.0}, frac {:.3})",
+                    c.median_ns(metric, t),
+                    c.x_bare(metric, t),
+                    c.vs_bpftrace(metric, t)
+                )
+            };
+            s += &format!(
+                "| {} | {:.1} | {} | {} | {:.0} (x{:.0}) |\n",
+                c.spec.title,
+                c.median_ns(metric, Tracer::Bare),
+                cell(Tracer::MemscopeDefault),
+                cell(Tracer::MemscopeFull),
+                c.median_ns(metric, Tracer::Bpftrace),
+                c.x_bare(metric, Tracer::Bpftrace),
+            );
+        }
+        s
+    }
+
     fn render_agent(&self) -> String {
         let rate = median(self.agent.iter().map(|r| r.allocs as f64 / r.wall_s));
         let rss = median(self.agent.iter().map(|r| mib(r.peak_rss_kib)));
+        let wall = median(self.agent.iter().map(|r| r.wall_s));
+        // /proc counts CPU time in clock ticks: one tick over the run is the resolution.
+        let tick_s = 1.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         format!(
-            "\nagent at {:.0} allocs/s for {PACED_SECONDS} s (memscope default): {:.2}% of one core, peak RSS {rss:.0} MiB; \
-             the target spent {:.1}% of a core meanwhile (the probes run in its context)\n",
+            "\nagent at {:.0} allocs/s for {PACED_SECONDS} s (memscope default): {:.2}% of one core \
+             (resolution {:.2}%), peak RSS {rss:.0} MiB; the target spent {:.1}% of a core meanwhile \
+             (the probes run in its context)\n",
             rate,
             100.0 * self.agent_core(),
+            100.0 * tick_s / wall,
             100.0 * self.target_core()
         )
     }
@@ -1179,13 +1246,15 @@ impl Report {
             |v: Option<f64>, unit: &str| v.map_or("?".to_string(), |v| format!("{v:.0}{unit}"));
         format!(
             "\nsnapshot at {}M live allocations from {}k stacks (memscope --sampling full): SIGINT to exit {:.2} s \
-             (snapshot {} + render {}), {} stacks and {} live allocations in the profile, {} events dropped; \
+             (snapshot {} + render {} + {:.2} s to stop polling, print and detach), {} stacks and {} live allocations in the profile, {} events dropped; \
              memscope RSS {:.0} MiB before the snapshot, {:.0} MiB peak; {:.0} ns per traced allocation meanwhile\n",
             STACKS_ALLOCS / 1_000_000,
             STACKS_DISTINCT / 1000,
             self.snap(|r| r.sigint_to_exit_s),
             opt(self.snap_opt(|r| r.snapshot_ms), " ms"),
             opt(self.snap_opt(|r| r.render_ms), " ms"),
+            self.snap(|r| r.sigint_to_exit_s
+                - (r.snapshot_ms.unwrap_or(0.0) + r.render_ms.unwrap_or(0.0)) / 1000.0),
             opt(self.snap_opt(|r| r.stacks), ""),
             opt(self.snap_opt(|r| r.live_allocs), ""),
             median(self.snapshot.iter().map(|r| dropped_total(&r.dropped) as f64)),

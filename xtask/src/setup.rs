@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "bpftrace",                       // eBPF peer for the benchmark
     "heaptrack",                      // ground truth for leak tests
     "openssl",                        // test certificates
+    "systemtap-sdt-dev",              // <sys/sdt.h>, for the USDT trigger fixture
+    "util-linux",                     // setpriv, for the missing-privilege test
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -87,7 +87,7 @@ pub struct RecordArgs {
     /// When the target exits, take the final snapshot and report, and exit 0.
     #[arg(long, help_heading = "Triggers")]
     pub on_exit: bool,
-    /// Triggered snapshots are at least this far apart; firings in between are counted as
+    /// Each trigger fires at most once per this long; its firings in between are counted as
     /// suppressed.
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Triggers")]
     pub min_spacing: Duration,
@@ -152,7 +152,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         let engine = TriggerEngine::attach(&session, &specs, args.min_spacing)?;
         let reasons: Vec<String> = specs.iter().map(|s| s.describe()).collect();
         eprintln!(
-            "memscope: triggers {} (at least {:?} apart); snapshots go to {}",
+            "memscope: triggers {} (each at most once per {:?}); snapshots go to {}",
             reasons.join(", "),
             args.min_spacing,
             args.out.join("snapshots").display()
@@ -335,13 +335,13 @@ fn wait_for_end(
         if started.elapsed() >= duration {
             break Stop::Duration;
         }
+        // With triggers the engine notices the exit (and takes the --on-exit snapshot).
         if let Some(t) = triggered.as_deref_mut() {
             t.poll(session, min_age, tty)?;
             if t.engine.finished() {
                 break Stop::TargetExited;
             }
-        }
-        if !session.alive() {
+        } else if !session.alive() {
             break Stop::TargetExited;
         }
         if tty && last_print.elapsed() >= Duration::from_secs(1) {

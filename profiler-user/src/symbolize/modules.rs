@@ -40,7 +40,8 @@ impl Modules {
     /// gone. Returns whether anything changed.
     pub fn refresh(&mut self) -> bool {
         let Ok(maps) = procfs::maps(self.pid) else { return false };
-        if maps == self.maps {
+        // An exited but not yet reaped target (a zombie) has empty maps: it is gone too.
+        if maps.is_empty() || maps == self.maps {
             return false;
         }
         for m in maps.iter().filter(|m| m.is_file()) {

@@ -8,18 +8,22 @@
 //! - growth: live heap bytes (the probes' counters, cheap) against the live bytes at the last
 //!   snapshot, whatever its reason ([`TriggerEngine::note_snapshot`] tells the engine of
 //!   snapshots taken elsewhere);
-//! - rss: `VmRSS` or the cgroup's `memory.current`; fires when it is at or above the
+//! - rss: `VmRSS`, or the memory charged to the target's cgroup ([`cgroup_memory`]: v2
+//!   `memory.current`, v1 `memory.usage_in_bytes`); fires when it is at or above the
 //!   threshold and armed, then re-arms once it falls below 90% of it (also fires at the first
 //!   poll if the target is already above);
 //! - return / usdt: hit counters of uprobes the engine attached (via [`TriggerHost`]);
 //! - exit: whether the target still runs. The exit firing ignores the minimum spacing; after
 //!   it (or after the target exited without an exit trigger) the engine is finished.
 //!
-//! Spacing: at most one firing per poll, and firings are at least `min_spacing` apart across
-//! all triggers of the engine (a snapshot is a snapshot, whatever asked for it). A firing that
-//! the spacing holds back is counted as *suppressed*: probe hits are lost (a later snapshot
-//! would not be "at the return" any more) and each counts; interval ticks are lost and count;
-//! growth and RSS conditions stay pending and fire as soon as the spacing allows, counted once.
+//! Spacing: each trigger fires at least `min_spacing` after its own previous firing, so a hot
+//! function cannot flood the store, and one trigger cannot starve another (an interval locked
+//! in phase with a gc cycle would otherwise hide every gc snapshot). Several triggers may fire
+//! in the same poll: one snapshot each. A firing that the spacing holds back is counted as
+//! *suppressed*: probe hits are lost (a later snapshot would not be "at the return" any more)
+//! and each counts; interval ticks are lost and count; growth and RSS conditions stay pending
+//! and fire as soon as the spacing allows, counted once. At most one firing per trigger per
+//! poll; the extra hits of a probe trigger in one poll count as suppressed.
 //!
 //! Latency: a return or USDT hit is seen at the next poll (≤ 20 ms) and the snapshot follows;
 //! the target keeps running meanwhile (nothing stops it).
@@ -30,7 +34,7 @@ use std::{
 
 use anyhow::Context as _;
 use serde::Serialize;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{
     resolve,
@@ -61,8 +65,23 @@ pub trait TriggerHost {
         procfs::status_bytes(self.pid(), "VmRSS").ok()
     }
     fn cgroup_memory_bytes(&self) -> Option<u64> {
-        procfs::cgroup_memory_current(self.pid())
+        cgroup_memory(self.pid())
     }
+}
+
+/// Memory charged to the cgroup of process `pid`: `memory.current` with cgroup v2, else the
+/// v1 memory controller's `memory.usage_in_bytes` (hybrid hierarchies). `None` when neither
+/// can be read.
+pub fn cgroup_memory(pid: u32) -> Option<u64> {
+    procfs::cgroup_memory_current(pid).or_else(|| {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = cgroup.lines().find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, controllers, path) = (it.next()?, it.next()?, it.next()?);
+            controllers.split(',').any(|c| c == "memory").then_some(path)
+        })?;
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")).ok()?.trim().parse().ok()
+    })
 }
 
 impl TriggerHost for Session {
@@ -120,13 +139,13 @@ struct Trigger {
     state: State,
     fired: u64,
     suppressed: u64,
+    last_fired: Option<Instant>,
 }
 
 /// The triggers of one target. See the module doc.
 pub struct TriggerEngine {
     triggers: Vec<Trigger>,
     min_spacing: Duration,
-    last_fired: Option<Instant>,
     baseline_live: u64,
     finished: bool,
     // Dropped with the engine: the semaphores go back to what they were.
@@ -181,14 +200,21 @@ impl TriggerEngine {
                     }
                     State::Probe { slots, seen: 0 }
                 }
+                TriggerSpec::Rss { source: MemorySource::CgroupMemory, .. } => {
+                    if host.cgroup_memory_bytes().is_none() {
+                        anyhow::bail!(
+                            "--on-rss cgroup:…: cannot read the memory of process {pid}'s cgroup (neither cgroup v2 memory.current nor v1 memory.usage_in_bytes)"
+                        );
+                    }
+                    state_for(spec, now)
+                }
                 other => state_for(other, now),
             };
-            triggers.push(Trigger { spec: spec.clone(), state, fired: 0, suppressed: 0 });
+            triggers.push(Trigger { spec: spec.clone(), state, fired: 0, suppressed: 0, last_fired: None });
         }
         let mut engine = TriggerEngine {
             triggers,
             min_spacing,
-            last_fired: None,
             baseline_live: 0,
             finished: false,
             semaphores,
@@ -266,7 +292,7 @@ impl TriggerEngine {
         self.baseline_live = live_bytes;
     }
 
-    /// Checks every trigger now; returns at most one firing.
+    /// Checks every trigger now; returns the firings (at most one per trigger).
     pub fn poll(&mut self, host: &dyn TriggerHost) -> Vec<Fired> {
         self.poll_at(host, Instant::now(), wall_ms())
     }
@@ -281,7 +307,7 @@ impl TriggerEngine {
             return match self.triggers.iter().position(|t| matches!(t.state, State::Exit)) {
                 Some(i) => {
                     self.triggers[i].fired += 1;
-                    self.last_fired = Some(now);
+                    self.triggers[i].last_fired = Some(now);
                     vec![Fired { reason: self.triggers[i].spec.reason(), trigger: i, at: now, at_ms: now_ms }]
                 }
                 None => Vec::new(),
@@ -297,7 +323,7 @@ impl TriggerEngine {
             .then(|| host.cgroup_memory_bytes())
             .flatten();
 
-        let mut spacing_ok = self.last_fired.is_none_or(|t| now.saturating_duration_since(t) >= self.min_spacing);
+        let min_spacing = self.min_spacing;
         let mut out = Vec::new();
         for (i, t) in self.triggers.iter_mut().enumerate() {
             // How many firings this trigger asks for now, and whether a held-back one waits.
@@ -323,7 +349,11 @@ impl TriggerEngine {
                             ((self.baseline_live as f64 * p / 100.0) as u64).max(GROWTH_PERCENT_FLOOR)
                         }
                     };
-                    (u64::from(live >= self.baseline_live.saturating_add(need)), true)
+                    let grown = live >= self.baseline_live.saturating_add(need);
+                    if grown {
+                        debug!(live, baseline = self.baseline_live, need, "growth trigger condition met");
+                    }
+                    (u64::from(grown), true)
                 }
                 State::Rss { threshold, source, armed, .. } => {
                     let value = match source {
@@ -355,8 +385,8 @@ impl TriggerEngine {
                 }
                 continue;
             }
-            if spacing_ok {
-                spacing_ok = false;
+            if t.last_fired.is_none_or(|last| now.saturating_duration_since(last) >= min_spacing) {
+                t.last_fired = Some(now);
                 t.fired += 1;
                 t.suppressed += wanted - 1;
                 if let Some(p) = pending {
@@ -378,7 +408,6 @@ impl TriggerEngine {
             }
         }
         if !out.is_empty() {
-            self.last_fired = Some(now);
             if let Some(live) = live {
                 self.baseline_live = live;
             }
@@ -452,6 +481,7 @@ mod tests {
             state: State::Probe { slots: vec![slot], seen: 0 },
             fired: 0,
             suppressed: 0,
+            last_fired: None,
         });
         e
     }
@@ -537,8 +567,9 @@ mod tests {
         }
     }
 
-    /// A hot function is limited by the min spacing; its extra hits are counted as
-    /// suppressed; pending conditions (RSS) fire once the spacing allows, counted once.
+    /// A hot function is limited by the min spacing, its extra hits counted as suppressed;
+    /// another trigger is spaced on its own (not starved by the hot one); a pending condition
+    /// (RSS crossing again too soon) fires once its spacing allows, counted once.
     #[test]
     fn min_spacing_and_suppression() {
         let host = Fake::default();
@@ -548,19 +579,43 @@ mod tests {
         let mut fired = Vec::new();
         for i in 0..50u64 {
             host.hits.borrow_mut()[0] += 3; // 3 returns per 10 ms
-            if i == 12 {
-                host.rss.set(5000);
+            match i {
+                12 | 16 => host.rss.set(5000), // crosses at 120 ms, and again at 160 ms
+                14 => host.rss.set(0),         // re-arms
+                _ => {}
             }
             fired.extend(e.poll_at(&host, ms(t0, i * 10), 0));
         }
-        let times: Vec<u128> = fired.iter().map(|f| f.at.duration_since(t0).as_millis()).collect();
-        assert_eq!(times, [0, 100, 200, 300, 400], "{fired:?}");
+        let got: Vec<(u128, &str)> =
+            fired.iter().map(|f| (f.at.duration_since(t0).as_millis(), f.reason.as_str())).collect();
+        assert_eq!(
+            got,
+            [(0, "return:gc"), (100, "return:gc"), (120, "rss"), (200, "return:gc"), (220, "rss"), (300, "return:gc"), (400, "return:gc")]
+        );
         let st = e.status();
-        assert_eq!((st[0].reason.as_str(), st[0].fired, st[0].suppressed), ("rss", 1, 1));
-        assert_eq!((st[1].reason.as_str(), st[1].fired), ("return:gc", 4));
+        assert_eq!((st[0].reason.as_str(), st[0].fired, st[0].suppressed), ("rss", 2, 1));
+        assert_eq!((st[1].reason.as_str(), st[1].fired), ("return:gc", 5));
         assert_eq!(st[1].fired + st[1].suppressed, 150, "every hit is either fired or suppressed");
-        assert_eq!(fired[2].reason, "rss", "{fired:?}");
         assert_eq!(e.suppressed(), st[0].suppressed + st[1].suppressed);
+    }
+
+    /// The engine can move to another thread (the agent polls from a blocking task).
+    #[test]
+    fn engine_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<TriggerEngine>();
+    }
+
+    /// Two triggers due in the same poll both fire (one snapshot each).
+    #[test]
+    fn triggers_do_not_starve_each_other() {
+        let host = Fake::default();
+        let mut e = with_probe(&host, &[TriggerSpec::Interval(Duration::from_millis(100))], Duration::from_millis(100));
+        let t0 = Instant::now();
+        host.hits.borrow_mut()[0] += 1;
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 100), 0)), ["interval", "return:gc"]);
+        host.hits.borrow_mut()[0] += 1;
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 200), 0)), ["interval", "return:gc"]);
     }
 
     /// On exit: one exit firing regardless of spacing, then nothing; without an exit

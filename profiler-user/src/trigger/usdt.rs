@@ -332,7 +332,7 @@ mod tests {
             notes.extend_from_slice(&NT_STAPSDT.to_le_bytes());
             notes.extend_from_slice(b"stapsdt\0");
             notes.extend_from_slice(&desc);
-            while notes.len() % 4 != 0 {
+            while !notes.len().is_multiple_of(4) {
                 notes.push(0);
             }
         };
