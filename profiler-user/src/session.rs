@@ -144,8 +144,10 @@ impl TracedTarget for Session {
         let exited = !self.alive();
         let mut guard = self.inner.lock().unwrap();
         let Inner { loaded, symbolizer, .. } = &mut *guard;
+        let started = Instant::now();
         let raw = reader::read(&loaded.maps, min_age.as_nanos() as u64)
             .context("reading the probes' maps")?;
+        tracing::debug!(stacks = raw.stacks.len(), ms = started.elapsed().as_millis() as u64, "maps read");
         let ctx = build::BuildContext {
             pid: self.pid,
             taken_at_ms: now_ms(),
@@ -155,7 +157,10 @@ impl TracedTarget for Session {
             unseen_before_attach_bytes: self.unseen_before_attach_bytes,
             target_exited: exited,
         };
-        Ok(build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs)))
+        let started = Instant::now();
+        let profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
+        Ok(profile)
     }
 
     fn stats(&self) -> TargetStats {

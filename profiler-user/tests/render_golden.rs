@@ -310,6 +310,7 @@ fn leaks_json_matches_golden() {
         "dropped",
         "unseen_before_attach_bytes",
         "untracked_frees",
+        "leak_stacks",
         "leaks",
     ];
     top.sort_unstable();

@@ -488,21 +488,26 @@ fn verdicts_tell_a_leak_from_a_cache() {
         &["--every", "200ms", "--min-spacing", "50ms", "--verdict-window", "20"],
     );
     target.go();
-    thread::sleep(Duration::from_millis(2600));
+    thread::sleep(Duration::from_millis(3000));
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let leaks = read_json(&out.path().join("leaks.json"));
     let n = leaks["verdict_snapshots"].as_u64().unwrap();
-    assert!(n >= 10, "{n} snapshots");
+    // Fewer when the machine is loaded (CI runs tests in parallel); 6 is plenty for a trend.
+    assert!(n >= 6, "{n} snapshots");
     let grow = leak_of(&leaks, "leak_grow");
     assert_eq!(grow["verdict"], "growing", "{grow:#}");
     let slope = grow["slope_bytes_per_s"].as_f64().unwrap();
-    assert!((60.0 * 1024.0..=100.0 * 1024.0).contains(&slope), "leak slope {slope} B/s, expected ~80 KiB/s");
+    // The fixture leaks on a usleep timer: a loaded machine slows it, never speeds it up.
+    assert!((40.0 * 1024.0..=100.0 * 1024.0).contains(&slope), "leak slope {slope} B/s, expected ~80 KiB/s");
     assert!(grow["confidence"].as_f64().unwrap() >= 0.8, "{grow:#}");
     let cache = leak_of(&leaks, "cache_put");
     assert_eq!(cache["verdict"], "stable", "{cache:#}");
     assert!(cache["confidence"].as_f64().unwrap() >= 0.5, "{cache:#}");
-    assert_eq!(site_bytes(&leaks, "cache_put"), 32 * 4096);
+    // 32 entries, or 31 when the snapshot fell between freeing the entry replaced and its
+    // replacement's malloc.
+    let cache_bytes = site_bytes(&leaks, "cache_put");
+    assert!(cache_bytes == 32 * 4096 || cache_bytes == 31 * 4096, "cache holds {cache_bytes} bytes");
     let report = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
     assert!(report.contains(&format!("Leak verdicts from growth across {n} snapshots")), "{report}");
     assert!(report.lines().any(|l| l.contains("growing") && l.contains("leak_grow")), "{report}");

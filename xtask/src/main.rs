@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod deploy;
 mod ebpf;
 mod setup;
 mod test;
@@ -46,6 +47,9 @@ enum Task {
     Demo,
     /// Measure memscope's overhead against bpftrace, its agent CPU/RSS and snapshot time (root).
     Bench(bench::BenchArgs),
+    /// Validate deploy/*.yaml (kubernetes-validate --strict, Kubernetes 1.29) and check the
+    /// DaemonSet's agent flags against `memscope agent --help`.
+    DeployCheck,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Test { args } => test::run(&args)?,
         Task::Demo => demo::run()?,
         Task::Bench(args) => bench::run(args)?,
+        Task::DeployCheck => deploy::check()?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     cmd::{self, step},
-    ebpf, setup,
+    deploy, ebpf, setup,
 };
 
 const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
@@ -17,6 +17,7 @@ pub fn run(extra: &[String]) -> Result<()> {
     cmd::require_root("`cargo xtask test`")?;
     setup::debian_packages()?;
     ebpf::build(false)?; // runs setup's toolchain part first
+    deploy::check()?;
     if has_nextest() {
         // Doc tests first: CI reads the test runner's closing lines, which must be nextest's
         // summary of the real suite, not the doc tests' "0 passed".

@@ -138,12 +138,7 @@ impl HeapProfile {
     /// Stacks with leaked bytes, largest first (ties broken by frames, so output is stable).
     pub fn leaks(&self) -> Vec<&StackSample> {
         let mut v: Vec<&StackSample> = self.stacks.iter().filter(|s| s.leak_bytes > 0).collect();
-        v.sort_by(|a, b| {
-            b.leak_bytes
-                .cmp(&a.leak_bytes)
-                .then_with(|| b.leak_allocs.cmp(&a.leak_allocs))
-                .then_with(|| frames_key(a).cmp(&frames_key(b)))
-        });
+        v.sort_by_cached_key(|s| (std::cmp::Reverse((s.leak_bytes, s.leak_allocs)), frames_key(s)));
         v
     }
 

@@ -61,6 +61,15 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Every stack's totals: batched, or entry by entry on kernels without batches.
+fn stack_stats(maps: &ProbeMaps) -> Result<Vec<(StackKey, StackStats)>, MapError> {
+    let fd = maps.stack_stats.map().fd().as_fd().as_raw_fd();
+    if let Ok(all) = batch::lookup_all::<StackKey, StackStats>(fd) {
+        return Ok(all);
+    }
+    maps.stack_stats.iter().collect()
+}
+
 /// Every live allocation: one batched read, or entry by entry on kernels without batches.
 fn live_allocations(maps: &ProbeMaps) -> Result<Vec<(u64, AllocInfo)>, MapError> {
     let fd = maps.live.map().fd().as_fd().as_raw_fd();
@@ -90,8 +99,7 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
     let now_ns = monotonic_ns();
     let counters = read_counters(maps)?;
     let mut stacks: StdHashMap<StackKey, RawStack> = StdHashMap::new();
-    for entry in maps.stack_stats.iter() {
-        let (key, stats) = entry?;
+    for (key, stats) in stack_stats(maps)? {
         stacks.insert(key, RawStack { key, stats, ..Default::default() });
     }
     let cutoff = now_ns.saturating_sub(min_age_ns);

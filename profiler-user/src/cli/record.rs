@@ -65,6 +65,9 @@ pub struct RecordArgs {
     /// Leaks shown in the report.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
+    /// Leaks listed in leaks.json (the largest; `leak_stacks` says how many there are).
+    #[arg(long, default_value_t = 1000)]
+    pub json_top: usize,
     /// Take a snapshot every this long (e.g. 30s).
     #[arg(long, value_parser = spec::parse_every, help_heading = "Triggers")]
     pub every: Option<Duration>,
@@ -175,7 +178,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         }
         (t.series.verdicts(), t.series.len())
     });
-    write_outputs_with(&profile, &args.out, args.top, verdicts.as_ref().map(|(v, n)| (v, *n)))?;
+    write_outputs(&profile, &args.out, args.top, args.json_top, verdicts.as_ref().map(|(v, n)| (v, *n)))?;
     let render_ms = snapshot_started.elapsed().as_millis() as u64 - snapshot_ms;
     tracing::info!(stacks = profile.stacks.len(), live_allocs = profile.totals.live_allocs, snapshot_ms, render_ms, "final snapshot");
     print!("{}", render::text::leak_report(&profile, args.top));
@@ -369,23 +372,25 @@ fn wait_for_end(
     Ok(stop)
 }
 
-/// Writes every output file of a recording into `dir`.
-pub fn write_outputs(profile: &HeapProfile, dir: &Path, top: usize) -> anyhow::Result<()> {
-    write_outputs_with(profile, dir, top, None)
-}
-
-/// [`write_outputs`], with leak verdicts (and the number of snapshots they come from) added to
-/// `leaks.json` and `report.txt` when given.
-pub fn write_outputs_with(
+/// Writes every output file of a recording into `dir`: the report shows `top` leaks,
+/// leaks.json at most `json_top`; verdicts, when given, annotate both.
+pub fn write_outputs(
     profile: &HeapProfile,
     dir: &Path,
     top: usize,
+    json_top: usize,
     verdicts: Option<(&HashMap<String, Verdict>, usize)>,
 ) -> anyhow::Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write = |name: &str, bytes: &[u8]| {
+    let create = |name: &str| {
         let path = dir.join(name);
-        fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+        fs::File::create(&path).map(std::io::BufWriter::new).with_context(|| format!("writing {}", path.display()))
+    };
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let started = Instant::now();
+        create(name)?.write_all(bytes).with_context(|| format!("writing {name}"))?;
+        tracing::debug!(file = name, ms = started.elapsed().as_millis() as u64, "written");
+        Ok(())
     };
     let mut report = render::text::leak_report(profile, top);
     if let Some((v, n)) = verdicts {
@@ -393,14 +398,24 @@ pub fn write_outputs_with(
         report.push_str(&growth::verdict_report(profile, v, n, top));
     }
     write("report.txt", report.as_bytes())?;
-    let mut json = render::json::leaks_json(profile, None);
+    let started = Instant::now();
+    let mut json = render::json::leaks_json(profile, Some(json_top));
     if let Some((v, _)) = verdicts {
         growth::annotate_leaks_json(&mut json, v);
     }
-    write("leaks.json", serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let mut out = create("leaks.json")?;
+    serde_json::to_writer_pretty(&mut out, &json).context("writing leaks.json")?;
+    out.flush().context("writing leaks.json")?;
+    tracing::debug!(file = "leaks.json", ms = started.elapsed().as_millis() as u64, "written");
     let title = format!("memscope: live heap of pid {}", profile.pid);
-    write("flamegraph.svg", &render::flamegraph::flamegraph_svg(profile, Measure::Inuse, &title)?)?;
+    let started = Instant::now();
+    let svg = render::flamegraph::flamegraph_svg(profile, Measure::Inuse, &title)?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "flamegraph rendered");
+    write("flamegraph.svg", &svg)?;
     write("heap.folded", render::folded::folded(profile, Measure::Inuse).as_bytes())?;
-    write("heap.pb.gz", &render::pprof::pprof_gz(profile)?)?;
+    let started = Instant::now();
+    let pprof = render::pprof::pprof_gz(profile)?;
+    tracing::debug!(ms = started.elapsed().as_millis() as u64, "pprof rendered");
+    write("heap.pb.gz", &pprof)?;
     Ok(())
 }

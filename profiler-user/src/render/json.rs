@@ -40,11 +40,12 @@ fn frames_json(frames: &[Frame]) -> Value {
 }
 
 /// The leak report as JSON (schema in the module doc), listing at most `top` leaks
-/// (all when `None`).
+/// (all when `None`); `leak_stacks` counts them all, so a cut list is visible as such.
 pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
     let t = &p.totals;
-    let leaks: Vec<Value> = p
-        .leaks()
+    let all = p.leaks();
+    let leak_stacks = all.len();
+    let leaks: Vec<Value> = all
         .into_iter()
         .take(top.unwrap_or(usize::MAX))
         .map(|s| {
@@ -73,6 +74,7 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         "dropped": p.dropped,
         "unseen_before_attach_bytes": p.unseen_before_attach_bytes,
         "untracked_frees": p.untracked_frees,
+        "leak_stacks": leak_stacks,
         "leaks": leaks,
     })
 }
