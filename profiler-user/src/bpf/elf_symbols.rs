@@ -75,6 +75,10 @@ pub fn resolve(
     names: &[&str],
 ) -> Result<Vec<Option<FunctionSymbol>>, ElfError> {
     let path = path.as_ref();
+    resolve_in(path, &map_file(path)?, names)
+}
+
+fn map_file(path: &Path) -> Result<Mmap, ElfError> {
     let io = |source| ElfError::Io {
         path: path.to_owned(),
         source,
@@ -84,8 +88,7 @@ pub fn resolve(
     // file meanwhile, reads may fault (SIGBUS); that is the usual, accepted risk of mapping
     // binaries (every debugger and symbolizer does it), and libraries are replaced by rename,
     // not rewritten in place.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    resolve_in(path, &map, names)
+    unsafe { Mmap::map(&file) }.map_err(io)
 }
 
 /// A parsed query: the base name and, if given, the version and whether `@@` was used.
@@ -123,6 +126,44 @@ fn resolve_in(
     data: &[u8],
     names: &[&str],
 ) -> Result<Vec<Option<FunctionSymbol>>, ElfError> {
+    let queries: Vec<Query> = names
+        .iter()
+        .map(|n| {
+            let (base, version) = split_version(n);
+            Query { base, version }
+        })
+        .collect();
+    let mut best: Vec<Option<Candidate>> = vec![None; names.len()];
+    for_each_function(
+        path,
+        data,
+        &mut |base| queries.iter().any(|q| q.base == base),
+        &mut |base, candidate| {
+            for (q, slot) in queries.iter().zip(best.iter_mut()) {
+                if q.base != base || !version_matches(q, &candidate.version) {
+                    continue;
+                }
+                if slot.as_ref().is_none_or(|b| candidate.rank > b.rank) {
+                    *slot = Some(candidate.clone());
+                }
+            }
+        },
+    )?;
+    Ok(queries
+        .iter()
+        .zip(best)
+        .map(|(q, c)| c.map(|c| function_symbol(data, q.base, c)))
+        .collect())
+}
+
+/// Parses the ELF header and visits every defined function symbol (`.dynsym` then `.symtab`)
+/// whose unversioned name passes `wants`, with its placement in the file.
+fn for_each_function(
+    path: &Path,
+    data: &[u8],
+    wants: &mut dyn FnMut(&str) -> bool,
+    visit: &mut dyn FnMut(&str, Candidate),
+) -> Result<(), ElfError> {
     let parse_err = |source| ElfError::Parse {
         path: path.to_owned(),
         source,
@@ -164,15 +205,6 @@ fn resolve_in(
     let versions = sections.versions(endian, data).ok().flatten();
     let segments = header.program_headers(endian, data).map_err(parse_err)?;
 
-    let queries: Vec<Query> = names
-        .iter()
-        .map(|n| {
-            let (base, version) = split_version(n);
-            Query { base, version }
-        })
-        .collect();
-    let mut best: Vec<Option<Candidate>> = vec![None; names.len()];
-
     let tables = [(&dynsym, versions.as_ref(), 1u8), (&symtab, None, 0u8)];
     for (table, versions, table_rank) in tables {
         for (index, sym) in table.enumerate() {
@@ -189,34 +221,21 @@ fn resolve_in(
                 continue;
             };
             let (base, inline_version) = split_version(raw_name);
-            if !queries.iter().any(|q| q.base == base) {
+            if !wants(base) {
                 continue;
             }
             let version = match inline_version {
                 Some((v, default)) => Some((v.to_owned(), default)),
                 None => versions.and_then(|vt| dynsym_version(vt, endian, index)),
             };
-            let Some(candidate) = candidate(
+            if let Some(c) = candidate(
                 endian, data, &sections, table, segments, index, sym, version, table_rank,
-            ) else {
-                continue;
-            };
-            for (q, slot) in queries.iter().zip(best.iter_mut()) {
-                if q.base != base || !version_matches(q, &candidate.version) {
-                    continue;
-                }
-                if slot.as_ref().is_none_or(|b| candidate.rank > b.rank) {
-                    *slot = Some(candidate.clone());
-                }
+            ) {
+                visit(base, c);
             }
         }
     }
-
-    Ok(queries
-        .iter()
-        .zip(best)
-        .map(|(q, c)| c.map(|c| function_symbol(data, q.base, c)))
-        .collect())
+    Ok(())
 }
 
 fn function_symbol(data: &[u8], name: &str, c: Candidate) -> FunctionSymbol {
@@ -256,101 +275,18 @@ pub fn find_functions(
     mut matches: impl FnMut(&str) -> bool,
 ) -> Result<Vec<FunctionSymbol>, ElfError> {
     let path = path.as_ref();
-    let io = |source| ElfError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: as in `resolve`.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-    find_in(path, &map, &mut matches)
-}
-
-fn find_in(
-    path: &Path,
-    data: &[u8],
-    matches: &mut dyn FnMut(&str) -> bool,
-) -> Result<Vec<FunctionSymbol>, ElfError> {
-    let parse_err = |source| ElfError::Parse {
-        path: path.to_owned(),
-        source,
-    };
-    let unsupported = |reason| ElfError::Unsupported {
-        path: path.to_owned(),
-        reason,
-    };
-    let ident = data
-        .get(..16)
-        .ok_or_else(|| unsupported("file is shorter than an ELF header"))?;
-    if ident[..4] != elf::ELFMAG {
-        return Err(unsupported("no ELF magic"));
-    }
-    if ident[4] != elf::ELFCLASS64 {
-        return Err(unsupported("only 64-bit ELF files are supported"));
-    }
-    let header = Elf64::parse(data).map_err(parse_err)?;
-    let endian = header.endian().map_err(parse_err)?;
-    if header.e_type(endian) == elf::ET_REL {
-        return Err(unsupported(
-            "relocatable object (.o): symbol values are not addresses",
-        ));
-    }
-    let sections = header.sections(endian, data).map_err(parse_err)?;
-    let dynsym = sections
-        .symbols(endian, data, elf::SHT_DYNSYM)
-        .map_err(parse_err)?;
-    let symtab = sections
-        .symbols(endian, data, elf::SHT_SYMTAB)
-        .map_err(parse_err)?;
-    if dynsym.is_empty() && symtab.is_empty() {
-        return Err(ElfError::NoSymbols {
-            path: path.to_owned(),
-        });
-    }
-    let versions = sections.versions(endian, data).ok().flatten();
-    let segments = header.program_headers(endian, data).map_err(parse_err)?;
-
+    let data = map_file(path)?;
     // vaddr -> (name, best candidate)
     let mut found: std::collections::BTreeMap<u64, (String, Candidate)> = Default::default();
-    let tables = [(&dynsym, versions.as_ref(), 1u8), (&symtab, None, 0u8)];
-    for (table, versions, table_rank) in tables {
-        for (index, sym) in table.enumerate() {
-            if sym.st_type() != elf::STT_FUNC
-                || sym.st_value(endian) == 0
-                || sym.is_undefined(endian)
-            {
-                continue;
-            }
-            let Ok(raw_name) = table.symbol_name(endian, sym) else {
-                continue;
-            };
-            let Ok(raw_name) = std::str::from_utf8(raw_name) else {
-                continue;
-            };
-            let (base, inline_version) = split_version(raw_name);
-            if !matches(base) {
-                continue;
-            }
-            let version = match inline_version {
-                Some((v, default)) => Some((v.to_owned(), default)),
-                None => versions.and_then(|vt| dynsym_version(vt, endian, index)),
-            };
-            let Some(c) = candidate(
-                endian, data, &sections, table, segments, index, sym, version, table_rank,
-            ) else {
-                continue;
-            };
-            match found.get(&c.vaddr) {
-                Some((_, have)) if have.rank >= c.rank => {}
-                _ => {
-                    found.insert(c.vaddr, (base.to_owned(), c));
-                }
-            }
+    for_each_function(path, &data, &mut matches, &mut |base, c| match found.get(&c.vaddr) {
+        Some((_, have)) if have.rank >= c.rank => {}
+        _ => {
+            found.insert(c.vaddr, (base.to_owned(), c));
         }
-    }
+    })?;
     Ok(found
         .into_values()
-        .map(|(name, c)| function_symbol(data, &name, c))
+        .map(|(name, c)| function_symbol(&data, &name, c))
         .collect())
 }
 

@@ -32,7 +32,7 @@ impl Default for ProbeSettings {
 pub enum LoadError {
     #[error("this memscope was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild")]
     NotBuilt,
-    #[error("memscope needs root, or the capabilities CAP_BPF and CAP_PERFMON (running as uid {uid} without them)")]
+    #[error("memscope needs root, or the capabilities CAP_SYS_ADMIN (uprobes need it since Linux 6.16) and CAP_SYS_PTRACE (running as uid {uid} without them)")]
     NoPrivilege { uid: u32 },
     #[error("this kernel has no uprobe support (/sys/bus/event_source/devices/uprobe is missing; CONFIG_UPROBE_EVENTS is off)")]
     NoUprobes,
@@ -75,9 +75,8 @@ pub fn check_environment() -> Result<(), LoadError> {
 }
 
 fn has_bpf_capabilities() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
     const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
     let Ok(status) = fs::read_to_string("/proc/self/status") else { return false };
     let Some(eff) = status
         .lines()
@@ -86,8 +85,11 @@ fn has_bpf_capabilities() -> bool {
     else {
         return false;
     };
+    // CAP_BPF + CAP_PERFMON used to be enough; uprobe perf events need CAP_SYS_ADMIN again
+    // since 6.16 (also backported to 6.6 and 6.12), and reading other processes' /proc
+    // entries needs CAP_SYS_PTRACE.
     let has = |cap: u32| eff & (1u64 << cap) != 0;
-    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+    has(CAP_SYS_ADMIN) && has(CAP_SYS_PTRACE)
 }
 
 /// Loads the object for one target process.
