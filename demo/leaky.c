@@ -13,8 +13,10 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Pointers pass through here so the compiler cannot drop an allocation nobody reads. */
-void *volatile sink;
+/* Pointers pass through these so the compiler cannot drop an allocation nobody reads; one
+ * per thread, so the churn thread never frees what the main thread leaked. */
+void *volatile leak_sink;
+void *volatile churn_sink;
 
 static void sleep_ms(long ms) {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
@@ -25,11 +27,11 @@ __attribute__((noinline)) void leak_session_cache(void) {
     char *entry = malloc(4096);
     if (entry)
         memset(entry, 0x5a, 4096);
-    sink = entry; /* overwritten next time: unreachable, a real leak */
+    leak_sink = entry; /* overwritten next time: unreachable, a real leak */
 }
 
 __attribute__((noinline)) void leak_request_buffers(void) {
-    sink = calloc(1, 512);
+    leak_sink = calloc(1, 512);
 }
 
 __attribute__((noinline)) void churn_temporary_strings(unsigned round) {
@@ -39,8 +41,8 @@ __attribute__((noinline)) void churn_temporary_strings(unsigned round) {
         if (!s)
             continue;
         memset(s, 'x', size);
-        sink = s;
-        free(sink);
+        churn_sink = s;
+        free(churn_sink);
     }
 }
 

@@ -186,6 +186,10 @@ impl TracedTarget for Session {
             alive: self.alive(),
         }
     }
+
+    fn trigger_host(&self) -> Option<&dyn crate::trigger::TriggerHost> {
+        Some(self)
+    }
 }
 
 /// Attaches real eBPF sessions with fixed settings (the agent's).

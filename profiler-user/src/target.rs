@@ -3,7 +3,7 @@
 //! [`crate::session`]; the HTTP API and the CLI only know this trait.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use crate::aggregate::HeapProfile;
+use crate::{aggregate::HeapProfile, trigger::TriggerHost};
 
 /// Cheap statistics of a traced target, read without walking its live allocations.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -27,6 +27,11 @@ pub trait TracedTarget: Send + Sync {
     /// A full heap profile, symbolized. Expensive: seconds at a million live allocations.
     fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile>;
     fn stats(&self) -> TargetStats;
+    /// What snapshot triggers need of the target (probe hit counters, liveness), when it can
+    /// host them; `None` (the default) when it cannot.
+    fn trigger_host(&self) -> Option<&dyn TriggerHost> {
+        None
+    }
 }
 
 /// Starts tracing processes. Errors carry one clear line for the operator.

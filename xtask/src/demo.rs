@@ -80,6 +80,11 @@ fn record(pid: u32, out: &Path) -> Result<()> {
                 "1s",
                 "--sampling",
                 "full",
+                // A snapshot a second, so the report ends with growth verdicts.
+                "--every",
+                "1s",
+                "--min-spacing",
+                "500ms",
                 "--out",
             ])
             .arg(out),

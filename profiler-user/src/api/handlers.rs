@@ -11,7 +11,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{atomic::Ordering, Arc},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -28,13 +28,15 @@ use super::{
     auth::{Principal, Role},
     errors::ApiError,
     limits::{self, Rendered},
+    triggers::{self, Tracking},
     State, TargetEntry,
 };
 use crate::{
-    aggregate::{HeapProfile, Measure},
+    aggregate::{growth, HeapProfile, Measure},
     render,
     store::{SnapshotId, SnapshotMeta},
     target::{TargetStats, TracedTarget},
+    trigger::TriggerSpec,
 };
 
 /// Leak age used when a request names none.
@@ -278,10 +280,6 @@ where
     Ok(rendered_reply(&*result?))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Health
 
@@ -322,12 +320,17 @@ pub(crate) fn list_targets(state: &State) -> Response {
 }
 
 fn target(state: &State, id: u32) -> Result<Arc<dyn TracedTarget>, ApiError> {
+    tracked(state, id).map(|(t, _)| t)
+}
+
+/// A target and its trigger and verdict state.
+fn tracked(state: &State, id: u32) -> Result<(Arc<dyn TracedTarget>, Arc<Tracking>), ApiError> {
     state
         .targets
         .read()
         .unwrap()
         .get(&id)
-        .map(|e| e.target.clone())
+        .map(|e| (e.target.clone(), e.tracking.clone()))
         .ok_or_else(|| ApiError::not_found("target_not_found", format!("no target {id}: attach it first")))
 }
 
@@ -354,7 +357,7 @@ async fn attach_inner(state: &Arc<State>, body: Bytes) -> Result<(u32, Response)
     let result = attach_blocking(state, pid).await;
     state.attaching.lock().unwrap().remove(&pid);
     let target = result?;
-    let entry = TargetEntry { target, attached_at_ms: now_ms() };
+    let entry = state.entry(target);
     let v = view(&entry);
     state.targets.write().unwrap().insert(pid, entry);
     Ok((pid, json_reply(StatusCode::CREATED, &v)))
@@ -407,11 +410,14 @@ pub(crate) async fn leaks(state: Arc<State>, id: u32, q: Vec<(String, String)>) 
     let q = Params::parse(q, &["min_age", "top"])?;
     let min_age = q.min_age()?;
     let top = q.top()?;
-    let t = target(&state, id)?;
+    let (t, tracking) = tracked(&state, id)?;
     let key = format!("target:{id}|leaks|{}|{top}", min_age.as_millis());
     expensive(&state, key, move || {
         let p = snapshot_of(&*t, min_age)?;
-        json_rendered(&render::json::leaks_json(&p, Some(top)))
+        let mut json = render::json::leaks_json(&p, Some(top));
+        // Verdicts of the target's stored snapshots (read after this snapshot: the newest).
+        growth::annotate_leaks_json(&mut json, &tracking.verdicts());
+        json_rendered(&json)
     })
     .await
 }
@@ -470,14 +476,16 @@ async fn take_snapshot_inner(
 ) -> Result<(SnapshotMeta, Response), ApiError> {
     let q = Params::parse(q, &["min_age"])?;
     let min_age = q.min_age()?;
-    let t = target(state, id)?;
-    let store = state.store.clone();
+    let (t, tracking) = tracked(state, id)?;
+    let st = state.clone();
     let stored = with_timeout(
         state,
         limits::exclusive(&state.expensive, move || {
             let p = snapshot_of(&*t, min_age)?;
             let comm = t.stats().comm;
-            Ok(store.put(&p, &comm, "api")?)
+            let stored = st.store.put(&p, &comm, "api")?;
+            triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
+            Ok(stored)
         }),
     )
     .await?;
@@ -514,8 +522,14 @@ fn load_snapshot(state: &State, id: &SnapshotId) -> Result<HeapProfile, ApiError
 
 pub(crate) async fn get_snapshot(state: Arc<State>, sid: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
     let id = snapshot_id(&sid)?;
-    let q = Params::parse(q, &["format", "measure"])?;
-    let format = q.format(render::Format::Json, &["json", "pprof", "folded", "svg", "text"])?;
+    let q = Params::parse(q, &["format", "measure", "top"])?;
+    if q.get("format") == Some("leaks") {
+        return snapshot_leaks(state, id, &q).await;
+    }
+    if q.get("top").is_some() {
+        return Err(ApiError::bad_request("bad_top", "top is only for format=leaks"));
+    }
+    let format = q.format(render::Format::Json, &["json", "pprof", "folded", "svg", "text", "leaks"])?;
     let measure = q.measure("measure")?;
     if state.store.meta(&id).is_none() {
         return Err(ApiError::not_found("snapshot_not_found", format!("no snapshot {id}")));
@@ -529,8 +543,41 @@ pub(crate) async fn get_snapshot(state: Arc<State>, sid: String, q: Vec<(String,
     .await
 }
 
+/// A stored snapshot as a leak report (`leaks.json` plus `id`, `reason`, `taken_at`), its
+/// leaks annotated with the verdicts of the target's series when it was taken.
+async fn snapshot_leaks(state: Arc<State>, id: SnapshotId, q: &Params) -> Result<Response, ApiError> {
+    let top = match q.get("top") {
+        Some(_) => Some(q.top()?),
+        None => None,
+    };
+    if q.get("measure").is_some() {
+        return Err(ApiError::bad_request("bad_measure", "measure is not for format=leaks"));
+    }
+    let Some(meta) = state.store.meta(&id) else {
+        return Err(ApiError::not_found("snapshot_not_found", format!("no snapshot {id}")));
+    };
+    let key = format!("snapshot:{id}|leaks|{top:?}");
+    let st = state.clone();
+    expensive(&state, key, move || {
+        let p = load_snapshot(&st, &id)?;
+        let verdicts = st.snapshot_verdicts.lock().unwrap().get(id.as_str()).map(|v| v.by_stack(&p)).unwrap_or_default();
+        let mut json = render::json::leaks_json(&p, top);
+        growth::annotate_leaks_json(&mut json, &verdicts);
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert("id".into(), serde_json::json!(meta.id));
+            obj.insert("reason".into(), serde_json::json!(meta.reason));
+            obj.insert("taken_at".into(), serde_json::json!(crate::trigger::rfc3339_utc(meta.taken_at_ms)));
+        }
+        json_rendered(&json)
+    })
+    .await
+}
+
 pub(crate) fn delete_snapshot(state: &State, p: Principal, sid: String) -> Result<Response, ApiError> {
     let result = snapshot_id(&sid).and_then(|id| Ok(state.store.delete(&id)?));
+    if let Ok(meta) = &result {
+        state.snapshot_verdicts.lock().unwrap().remove(&meta.id);
+    }
     let route = format!("/v1/snapshots/{}", truncate(&sid));
     audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
     result.map(|m| json_reply(StatusCode::OK, &serde_json::json!({ "deleted": m.id })))
@@ -572,6 +619,129 @@ pub(crate) async fn diff(
         }
     })
     .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Triggers
+
+/// Most specs in one `POST /v1/targets/{id}/triggers`.
+const MAX_SPECS_PER_REQUEST: usize = 16;
+/// Longest `min_spacing` accepted.
+const MAX_MIN_SPACING: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggersBody {
+    spec: Option<String>,
+    specs: Option<Vec<String>>,
+    min_spacing: Option<String>,
+}
+
+/// The specs and spacing of a `POST /v1/targets/{id}/triggers` body.
+fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
+    let shape = "expected a JSON body {\"spec\": \"every=30s\"} or {\"specs\": [\"gc\", \"growth=20%\"]}, optionally with \"min_spacing\": \"5s\"";
+    let b: TriggersBody = serde_json::from_slice(body).map_err(|_| ApiError::bad_request("bad_body", shape))?;
+    let raw = match (b.spec, b.specs) {
+        (Some(one), None) => vec![one],
+        (None, Some(many)) if !many.is_empty() && many.len() <= MAX_SPECS_PER_REQUEST => many,
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request("bad_body", format!("\"specs\" takes 1 to {MAX_SPECS_PER_REQUEST} triggers")))
+        }
+        _ => return Err(ApiError::bad_request("bad_body", shape)),
+    };
+    let mut specs: Vec<TriggerSpec> = Vec::with_capacity(raw.len());
+    for r in &raw {
+        let spec: TriggerSpec = r.parse().map_err(|e: String| ApiError::bad_request("bad_trigger", truncate_line(&e)))?;
+        if specs.contains(&spec) {
+            return Err(ApiError::bad_request("bad_trigger", format!("trigger {} is given twice", spec.describe())));
+        }
+        specs.push(spec);
+    }
+    let min_spacing = match b.min_spacing.as_deref() {
+        None => state.trigger_settings.min_spacing,
+        Some(v) => {
+            let d = crate::cli::units::parse_duration(v).map_err(|_| {
+                ApiError::bad_request("bad_min_spacing", format!("invalid min_spacing {:?} (use e.g. 500ms, 5s)", truncate(v)))
+            })?;
+            if d > MAX_MIN_SPACING {
+                return Err(ApiError::bad_request("bad_min_spacing", "min_spacing longer than a day"));
+            }
+            d
+        }
+    };
+    Ok((specs, min_spacing))
+}
+
+/// A client's message, at most 200 characters.
+fn truncate_line(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+pub(crate) async fn list_triggers(state: Arc<State>, id: u32) -> Result<Response, ApiError> {
+    let (t, tracking) = tracked(&state, id)?;
+    // Waits while a poll of the target runs: off the async threads.
+    let views = with_timeout(&state, async move {
+        tokio::task::spawn_blocking(move || tracking.views())
+            .await
+            .map_err(|_| ApiError::internal("internal", "listing the triggers failed; see the agent's log"))
+    })
+    .await?;
+    let alive = t.trigger_host().map(|h| h.alive());
+    Ok(json_reply(StatusCode::OK, &serde_json::json!({ "id": id, "alive": alive, "triggers": views })))
+}
+
+pub(crate) async fn add_triggers(state: Arc<State>, p: Principal, id: u32, body: Bytes) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/triggers");
+    let result = add_triggers_inner(&state, id, body).await;
+    let detail = result.as_ref().map(|(ids, _)| format!("added triggers {ids:?}"));
+    audit_action(&p, &Method::POST, &route, detail.as_deref().map_err(|e| *e));
+    result.map(|(_, r)| r)
+}
+
+async fn add_triggers_inner(state: &Arc<State>, id: u32, body: Bytes) -> Result<(Vec<u64>, Response), ApiError> {
+    let (t, tracking) = tracked(state, id)?;
+    let (specs, min_spacing) = parse_triggers_body(state, &body)?;
+    let st = state.clone();
+    let views = with_timeout(
+        state,
+        limits::exclusive(&state.expensive, move || {
+            triggers::attach(&st, &*t, &tracking, &specs, min_spacing, triggers::Origin::Api).map_err(|e| {
+                let msg = truncate_line(&e.to_string());
+                match e {
+                    triggers::AttachError::Unsupported(_) | triggers::AttachError::Exited(_) => {
+                        ApiError::conflict("target_exited", msg)
+                    }
+                    triggers::AttachError::TooMany(_) => ApiError::conflict("too_many_triggers", msg),
+                    triggers::AttachError::Exists { .. } => ApiError::conflict("trigger_exists", msg),
+                    triggers::AttachError::Failed(_) => ApiError::bad_request("trigger_failed", msg),
+                }
+            })
+        }),
+    )
+    .await?;
+    let ids: Vec<u64> = views.iter().map(|v| v.id).collect();
+    let resp = json_reply(StatusCode::CREATED, &serde_json::json!({ "ids": ids, "triggers": views }));
+    Ok((ids, resp))
+}
+
+pub(crate) async fn delete_trigger(state: Arc<State>, p: Principal, id: u32, tid: u64) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/triggers/{tid}");
+    let result = async {
+        let (_, tracking) = tracked(&state, id)?;
+        let removed = with_timeout(&state, async move {
+            tokio::task::spawn_blocking(move || tracking.remove(tid))
+                .await
+                .map_err(|_| ApiError::internal("internal", "deleting the trigger failed; see the agent's log"))
+        })
+        .await?;
+        if !removed {
+            return Err(ApiError::not_found("trigger_not_found", format!("target {id} has no trigger {tid}")));
+        }
+        Ok(json_reply(StatusCode::OK, &serde_json::json!({ "deleted": tid })))
+    }
+    .await;
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
+    result
 }
 
 // ---------------------------------------------------------------------------------------------

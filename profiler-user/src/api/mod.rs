@@ -9,7 +9,8 @@
 //! errors ([`errors`]).
 //!
 //! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`], [`errors`], [`metrics`],
-//! [`tls`] (listener, TLS, connection cap). Snapshots are kept by [`crate::store`].
+//! [`tls`] (listener, TLS, connection cap), [`triggers`] (snapshot triggers, their poller, and
+//! leak verdicts per target). Snapshots are kept by [`crate::store`].
 //!
 //! Limits: HTTP/1.1 only; one agent per data directory; the handshake timeout and connection
 //! cap bound what a slow client holds, not what a botnet sends.
@@ -18,7 +19,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     path::PathBuf,
-    sync::{atomic::AtomicBool, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc, Mutex, RwLock,
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -33,6 +37,7 @@ use warp::hyper::{
 use crate::{
     store::{Retention, SnapshotStore},
     target::{Attacher, TracedTarget},
+    trigger::TriggerSpec,
 };
 
 pub mod auth;
@@ -42,12 +47,14 @@ pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod tls;
+pub mod triggers;
 
 #[cfg(test)]
 mod tests;
 
 pub use errors::ApiError;
 pub use limits::Limits;
+pub use triggers::TriggerSettings;
 
 /// How long requests in progress may still run after the shutdown signal.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -75,6 +82,10 @@ pub struct AgentConfig {
     pub retention: Retention,
     /// Processes to attach to at start.
     pub pids: Vec<u32>,
+    /// Snapshot triggers given on the command line, attached to each of `pids` at start.
+    pub triggers: Vec<TriggerSpec>,
+    /// `--min-spacing`, `--verdict-window`.
+    pub trigger_settings: TriggerSettings,
     pub limits: Limits,
 }
 
@@ -88,6 +99,8 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from(crate::store::DEFAULT_DATA_DIR),
             retention: Retention::default(),
             pids: Vec::new(),
+            triggers: Vec::new(),
+            trigger_settings: TriggerSettings::default(),
             limits: Limits::default(),
         }
     }
@@ -97,6 +110,8 @@ impl Default for AgentConfig {
 pub struct TargetEntry {
     pub target: Arc<dyn TracedTarget>,
     pub attached_at_ms: u64,
+    /// Its snapshot triggers, recent snapshots and verdicts.
+    pub tracking: Arc<triggers::Tracking>,
 }
 
 /// Everything the handlers share.
@@ -115,6 +130,11 @@ pub struct State {
     /// Shown by `/readyz` (e.g. an insecure remote listener).
     pub(crate) warnings: Vec<String>,
     pub(crate) shutting_down: AtomicBool,
+    pub(crate) trigger_settings: TriggerSettings,
+    /// Ids of triggers, unique within this run of the agent.
+    pub(crate) next_trigger_id: AtomicU64,
+    /// Verdicts of stored snapshots, by snapshot id (in memory only).
+    pub(crate) snapshot_verdicts: Mutex<std::collections::HashMap<String, triggers::StoredVerdicts>>,
 }
 
 impl State {
@@ -138,13 +158,27 @@ impl State {
             limits,
             warnings,
             shutting_down: AtomicBool::new(false),
+            trigger_settings: TriggerSettings::default(),
+            next_trigger_id: AtomicU64::new(1),
+            snapshot_verdicts: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
-    /// Adds a target attached outside the API (at start).
-    pub fn insert_target(&self, target: Arc<dyn TracedTarget>) {
-        let entry = TargetEntry { target: target.clone(), attached_at_ms: now_ms() };
+    /// A new entry for a target attached now.
+    pub(crate) fn entry(&self, target: Arc<dyn TracedTarget>) -> TargetEntry {
+        TargetEntry {
+            target,
+            attached_at_ms: now_ms(),
+            tracking: Arc::new(triggers::Tracking::new(self.trigger_settings.verdict_window)),
+        }
+    }
+
+    /// Adds a target attached outside the API (at start); returns its tracking state.
+    pub fn insert_target(&self, target: Arc<dyn TracedTarget>) -> Arc<triggers::Tracking> {
+        let entry = self.entry(target.clone());
+        let tracking = entry.tracking.clone();
         self.targets.write().unwrap().insert(target.pid(), entry);
+        tracking
     }
 
     /// Reserves `pid` for an attach: 409 when it is attached, being attached, or the target
@@ -230,7 +264,9 @@ impl Agent {
         for w in &warnings {
             warn!("{w}");
         }
-        let state = Arc::new(State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings));
+        let mut state = State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings);
+        state.trigger_settings = config.trigger_settings.clone();
+        let state = Arc::new(state);
         for &pid in &config.pids {
             let attacher = attacher.clone();
             let target = tokio::task::spawn_blocking(move || attacher.attach(pid))
@@ -238,7 +274,17 @@ impl Agent {
                 .context("attaching")?
                 .with_context(|| format!("attaching to process {pid}"))?;
             info!(pid, "attached");
-            state.insert_target(target);
+            let tracking = state.insert_target(target.clone());
+            if !config.triggers.is_empty() {
+                let (st, specs) = (state.clone(), config.triggers.clone());
+                let spacing = st.trigger_settings.min_spacing;
+                tokio::task::spawn_blocking(move || {
+                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag)
+                })
+                .await
+                .context("attaching triggers")?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
         }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -265,6 +311,7 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Agent { state, listener, tls, local_addr } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
+        let poller = triggers::spawn_poller(state.clone());
         let limits = state.limits.clone();
         let incoming = tls::incoming(listener, tls, limits.max_connections, limits.tls_handshake_timeout);
         let filter = routes::routes(state.clone());
@@ -311,6 +358,7 @@ impl Agent {
             }
         };
         reload.abort();
+        poller.abort();
         result
     }
 }

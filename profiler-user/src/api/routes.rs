@@ -35,6 +35,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/targets/{id}/leaks"),
     ("GET", "/v1/targets/{id}/flamegraph.svg"),
     ("POST", "/v1/targets/{id}/snapshots"),
+    ("GET", "/v1/targets/{id}/triggers"),
+    ("POST", "/v1/targets/{id}/triggers"),
+    ("DELETE", "/v1/targets/{id}/triggers/{tid}"),
     ("GET", "/v1/snapshots"),
     ("GET", "/v1/snapshots/{sid}"),
     ("DELETE", "/v1/snapshots/{sid}"),
@@ -194,6 +197,25 @@ pub fn routes(
         .and(body(body_bytes, body_timeout))
         .and_then(|id, p, s, q, _body: Bytes| async move { done(handlers::take_snapshot(s, p, id, q).await) })
         .boxed();
+    let list_triggers = warp::path!("v1" / "targets" / u32 / "triggers")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and_then(|id, _p, s| async move { done(handlers::list_triggers(s, id).await) })
+        .boxed();
+    let add_triggers = warp::path!("v1" / "targets" / u32 / "triggers")
+        .and(warp::post())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and(body(body_bytes, body_timeout))
+        .and_then(|id, p, s, b| async move { done(handlers::add_triggers(s, p, id, b).await) })
+        .boxed();
+    let delete_trigger = warp::path!("v1" / "targets" / u32 / "triggers" / u64)
+        .and(warp::delete())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and_then(|id, tid, p, s| async move { done(handlers::delete_trigger(s, p, id, tid).await) })
+        .boxed();
     let list_snapshots = warp::path!("v1" / "snapshots")
         .and(warp::get())
         .and(auth(Role::Read))
@@ -237,6 +259,12 @@ pub fn routes(
         .or(flamegraph)
         .unify()
         .or(take_snapshot)
+        .unify()
+        .or(list_triggers)
+        .unify()
+        .or(add_triggers)
+        .unify()
+        .or(delete_trigger)
         .unify()
         .or(list_snapshots)
         .unify()

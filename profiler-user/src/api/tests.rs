@@ -4,8 +4,8 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -20,8 +20,10 @@ use super::{
 };
 use crate::{
     aggregate::{Frame, HeapProfile, StackSample, Totals},
+    bpf::attach::TriggerPoint,
     store::{Retention, SnapshotStore},
     target::{Attacher, TargetStats, TracedTarget},
+    trigger::TriggerHost,
 };
 
 const READ: &str = "read-token-0123456789abcdef";
@@ -66,11 +68,48 @@ fn sample_profile(pid: u32, scale: u64) -> HeapProfile {
     }
 }
 
-/// A traced target that answers a fixed profile, optionally slowly, counting snapshots.
+/// The `n`th snapshot (from 0) of the fake target: the leak grows by 2 KiB per snapshot, and
+/// snapshots are one second apart.
+fn fake_profile(pid: u32, n: u64) -> HeapProfile {
+    let mut p = sample_profile(pid, n + 1);
+    p.taken_at_ms += n * 1000;
+    p
+}
+
+/// A traced target that answers a fixed profile, optionally slowly, counting snapshots. It
+/// hosts triggers: probe hits and death are set by the test.
 struct FakeTarget {
     pid: u32,
     delay: Duration,
     snapshots: AtomicUsize,
+    dead: AtomicBool,
+    hits: Mutex<Vec<u64>>,
+}
+
+impl FakeTarget {
+    fn new(pid: u32, delay: Duration) -> FakeTarget {
+        FakeTarget { pid, delay, snapshots: AtomicUsize::new(0), dead: AtomicBool::new(false), hits: Mutex::new(Vec::new()) }
+    }
+}
+
+impl TriggerHost for FakeTarget {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn alive(&self) -> bool {
+        !self.dead.load(Ordering::SeqCst)
+    }
+    fn live_bytes(&self) -> u64 {
+        3072
+    }
+    fn attach_trigger(&self, _: &str, _: u64, _: TriggerPoint) -> anyhow::Result<u32> {
+        let mut h = self.hits.lock().unwrap();
+        h.push(0);
+        Ok(h.len() as u32 - 1)
+    }
+    fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
+        Ok(self.hits.lock().unwrap().clone())
+    }
 }
 
 impl TracedTarget for FakeTarget {
@@ -81,7 +120,13 @@ impl TracedTarget for FakeTarget {
     fn snapshot(&self, _min_age: Duration) -> anyhow::Result<HeapProfile> {
         let n = self.snapshots.fetch_add(1, Ordering::SeqCst) as u64;
         std::thread::sleep(self.delay);
-        Ok(sample_profile(self.pid, n + 1))
+        let mut p = fake_profile(self.pid, n);
+        p.target_exited = self.dead.load(Ordering::SeqCst);
+        Ok(p)
+    }
+
+    fn trigger_host(&self) -> Option<&dyn TriggerHost> {
+        Some(self)
     }
 
     fn stats(&self) -> TargetStats {
@@ -94,7 +139,7 @@ impl TracedTarget for FakeTarget {
             frees: 7,
             dropped: [("stack_map_full".to_string(), 1)].into(),
             sample_bytes: 0,
-            alive: true,
+            alive: !self.dead.load(Ordering::SeqCst),
         }
     }
 }
@@ -105,7 +150,7 @@ struct FakeAttacher {
 
 impl Attacher for FakeAttacher {
     fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
-        Ok(Arc::new(FakeTarget { pid, delay: self.delay, snapshots: AtomicUsize::new(0) }))
+        Ok(Arc::new(FakeTarget::new(pid, self.delay)))
     }
 }
 
@@ -142,7 +187,7 @@ fn fixture_with(limits: Limits, delay: Duration) -> Fixture {
         limits,
         vec![],
     ));
-    let target = Arc::new(FakeTarget { pid: PID, delay, snapshots: AtomicUsize::new(0) });
+    let target = Arc::new(FakeTarget::new(PID, delay));
     state.insert_target(target.clone());
     Fixture { state, target, _dir: dir }
 }
@@ -203,7 +248,12 @@ async fn take_snapshot(state: &Arc<State>) -> String {
 
 /// A concrete path for a route template.
 fn concrete(template: &str, sid: &str) -> String {
-    template.replace("{id}", &PID.to_string()).replace("{sid}", sid).replace("{a}", sid).replace("{b}", sid)
+    template
+        .replace("{id}", &PID.to_string())
+        .replace("{sid}", sid)
+        .replace("{a}", sid)
+        .replace("{b}", sid)
+        .replace("{tid}", "1")
 }
 
 fn needed_role(method: &str, template: &str) -> Option<&'static str> {
@@ -407,8 +457,11 @@ async fn leaks_report() {
     let r = get(&f.state, &format!("/v1/targets/{PID}/leaks?min_age=30s&top=5"), Some(READ)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.content_type(), "application/json");
-    let expected = crate::render::json::leaks_json(&sample_profile(PID, 1), Some(5));
+    let mut expected = crate::render::json::leaks_json(&sample_profile(PID, 1), Some(5));
+    // No stored snapshots yet: verdict keys are null.
+    crate::aggregate::growth::annotate_leaks_json(&mut expected, &Default::default());
     assert_eq!(r.json(), expected);
+    assert!(r.json()["leaks"][0]["verdict"].is_null() && r.json()["verdict_snapshots"].is_null());
     for bad in ["top=0", "top=many", "top=100000", "min_age=1y"] {
         let r = get(&f.state, &format!("/v1/targets/{PID}/leaks?{bad}"), Some(READ)).await;
         assert_eq!(r.status, 400, "{bad}");
@@ -457,7 +510,7 @@ async fn snapshots_lifecycle_and_diff() {
         assert!(r.content_type().starts_with(ct), "{format}: {}", r.content_type());
     }
     let r = get(&f.state, &format!("/v1/snapshots/{a}/diff/{b}"), Some(READ)).await;
-    let expected = crate::render::json::diff_json(&sample_profile(PID, 1), &sample_profile(PID, 2), Some(20));
+    let expected = crate::render::json::diff_json(&fake_profile(PID, 0), &fake_profile(PID, 1), Some(20));
     assert_eq!(r.json(), expected);
     let r = get(&f.state, &format!("/v1/snapshots/{a}/diff/{b}?format=pprof"), Some(READ)).await;
     assert_eq!(r.status, 400);
@@ -662,7 +715,6 @@ async fn metrics_exposition() {
 /// The audit log names the token and role for admin actions and denials, never the token.
 #[tokio::test]
 async fn audit_log_names_never_tokens() {
-    use std::sync::Mutex;
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {
@@ -696,4 +748,247 @@ async fn audit_log_names_never_tokens() {
     for secret in [READ, ADMIN, "wrong-token"] {
         assert!(!log.contains(secret), "token in the audit log:\n{log}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Triggers
+
+async fn post_triggers(state: &Arc<State>, pid: u32, body: &str, token: &str) -> Resp {
+    call(state, "POST", &format!("/v1/targets/{pid}/triggers"), Some(token), Some(body.as_bytes())).await
+}
+
+/// Runs one poll of every target's triggers to its end (the poller does this every 20 ms).
+async fn poll(state: &Arc<State>) {
+    for job in super::triggers::poll_once(state) {
+        job.await.unwrap();
+    }
+}
+
+/// The triggers of the fake target, by spec.
+async fn trigger_views(state: &Arc<State>, pid: u32) -> Vec<Value> {
+    let r = get(state, &format!("/v1/targets/{pid}/triggers"), Some(READ)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.json()["triggers"].as_array().unwrap().clone()
+}
+
+/// Add with `spec` or `specs` (201 with the ids), list, delete; bad bodies and specs are 400,
+/// an identical trigger 409, an unknown target or trigger 404.
+#[tokio::test]
+async fn triggers_add_list_delete() {
+    let f = fixture();
+    let r = post_triggers(&f.state, PID, r#"{"spec": "every=100ms"}"#, ADMIN).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let first = r.json()["ids"][0].as_u64().unwrap();
+    assert_eq!(r.json()["triggers"][0]["spec"], "every=100ms");
+    let r = post_triggers(&f.state, PID, r#"{"specs": ["growth=20%", "exit"], "min_spacing": "1s"}"#, ADMIN).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let ids: Vec<u64> = r.json()["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&first));
+
+    let views = trigger_views(&f.state, PID).await;
+    let specs: Vec<&str> = views.iter().map(|v| v["spec"].as_str().unwrap()).collect();
+    assert_eq!(specs, ["every=100ms", "growth=20%", "exit"]);
+    assert_eq!(views[0]["reason"], "interval");
+    assert_eq!(views[0]["origin"], "api");
+    assert_eq!(views[0]["min_spacing_s"], 5.0, "the agent's default spacing");
+    assert_eq!(views[1]["min_spacing_s"], 1.0);
+    for key in ["id", "fired", "suppressed", "suppressed_busy", "probes", "finished"] {
+        assert!(!views[0][key].is_null(), "{key} in {}", views[0]);
+    }
+
+    let r = post_triggers(&f.state, PID, r#"{"spec": "every=100ms"}"#, ADMIN).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::CONFLICT, "trigger_exists"));
+    for (bad, code) in [
+        ("not json", "bad_body"),
+        ("{}", "bad_body"),
+        (r#"{"spec": "exit", "specs": ["gc"]}"#, "bad_body"),
+        (r#"{"specs": []}"#, "bad_body"),
+        (r#"{"spec": "every=1s", "x": 1}"#, "bad_body"),
+        (r#"{"spec": "sometimes=1"}"#, "bad_trigger"),
+        (r#"{"spec": "every=1ms"}"#, "bad_trigger"),
+        (r#"{"specs": ["rss=1GiB", "rss=1GiB"]}"#, "bad_trigger"),
+        (r#"{"spec": "rss=1GiB", "min_spacing": "soon"}"#, "bad_min_spacing"),
+        (r#"{"spec": "rss=1GiB", "min_spacing": "2d"}"#, "bad_min_spacing"),
+    ] {
+        let r = post_triggers(&f.state, PID, bad, ADMIN).await;
+        assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, code), "{bad}");
+    }
+    // All or nothing: the return trigger cannot be resolved (no process 4242 here), so the
+    // interval trigger before it is not added either.
+    let r = post_triggers(&f.state, PID, r#"{"specs": ["every=7s", "return=no_such_function"]}"#, ADMIN).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "trigger_failed"), "{:?}", r.body);
+    assert_eq!(trigger_views(&f.state, PID).await.len(), 3);
+    let r = post_triggers(&f.state, 999_999, r#"{"spec": "exit"}"#, ADMIN).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "target_not_found"));
+    assert_eq!(get(&f.state, "/v1/targets/999999/triggers", Some(READ)).await.status, 404);
+
+    let r = call(&f.state, "DELETE", &format!("/v1/targets/{PID}/triggers/{first}"), Some(ADMIN), None).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["deleted"], first);
+    let r = call(&f.state, "DELETE", &format!("/v1/targets/{PID}/triggers/{first}"), Some(ADMIN), None).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::NOT_FOUND, "trigger_not_found"));
+    let left: Vec<u64> = trigger_views(&f.state, PID).await.iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    assert_eq!(left, ids);
+}
+
+/// The auth matrix of the trigger routes: a read token may list, not add or delete; no token
+/// or a wrong one is 401; an admin token may do all three.
+#[tokio::test]
+async fn trigger_routes_auth_matrix() {
+    let f = fixture();
+    let list = format!("/v1/targets/{PID}/triggers");
+    let r = post_triggers(&f.state, PID, r#"{"spec": "exit"}"#, ADMIN).await;
+    assert_eq!(r.status, 201);
+    let tid = r.json()["ids"][0].as_u64().unwrap();
+    let one = format!("/v1/targets/{PID}/triggers/{tid}");
+    let body = br#"{"spec": "every=1s"}"#;
+    for token in [None, Some("wrong-token-0123456789abcdef")] {
+        for (method, path) in [("GET", &list), ("POST", &list), ("DELETE", &one)] {
+            let r = call(&f.state, method, path, token, Some(body)).await;
+            assert_eq!(r.status, 401, "{method} {path} with {token:?}");
+        }
+    }
+    assert_eq!(get(&f.state, &list, Some(READ)).await.status, 200);
+    let r = call(&f.state, "POST", &list, Some(READ), Some(body)).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = call(&f.state, "DELETE", &one, Some(READ), None).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(trigger_views(&f.state, PID).await.len(), 1, "nothing changed");
+    assert_eq!(call(&f.state, "POST", &list, Some(ADMIN), Some(body)).await.status, 201);
+    assert_eq!(call(&f.state, "DELETE", &one, Some(ADMIN), None).await.status, 200);
+    assert_eq!(get(&f.state, &list, Some(ADMIN)).await.status, 200);
+}
+
+/// Interval firings are stored with their reason and time; once 3 snapshots are in, the leak
+/// report and the stored snapshots' leak view carry verdicts (the fake leak grows linearly:
+/// `growing`); API snapshots count for the series too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggered_snapshots_are_stored_with_verdicts() {
+    let f = fixture();
+    let r = post_triggers(&f.state, PID, r#"{"spec": "every=50ms", "min_spacing": "0s"}"#, ADMIN).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // Before the first tick nothing fires.
+    poll(&f.state).await;
+    assert!(f.state.store.list().is_empty());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        poll(&f.state).await;
+    }
+    let api = take_snapshot(&f.state).await;
+    let list = f.state.store.list();
+    let reasons: Vec<&str> = list.iter().map(|m| m.reason.as_str()).collect();
+    assert_eq!(reasons, ["interval", "interval", "interval", "api"]);
+    assert!(list.windows(2).all(|w| w[0].taken_at_ms < w[1].taken_at_ms));
+    let views = trigger_views(&f.state, PID).await;
+    assert_eq!(views[0]["fired"], 3);
+
+    let r = get(&f.state, &format!("/v1/targets/{PID}/leaks?min_age=0s"), Some(READ)).await;
+    let v = r.json();
+    assert_eq!(v["verdict_snapshots"], 4, "{v:#}");
+    let leak = &v["leaks"][0];
+    assert_eq!(leak["frames"][0]["function"], "leaky_alloc");
+    assert_eq!(leak["verdict"], "growing", "{v:#}");
+    assert_eq!(leak["slope_bytes_per_s"], 2048.0);
+    assert!(leak["confidence"].as_f64().unwrap() > 0.5);
+
+    // The stored snapshots: the first has no verdict, the last (the API one) has.
+    let r = get(&f.state, &format!("/v1/snapshots/{}?format=leaks", list[0].id), Some(READ)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let first = r.json();
+    assert_eq!(first["reason"], "interval");
+    assert_eq!(first["id"], list[0].id.as_str());
+    assert!(first["taken_at"].as_str().unwrap().ends_with('Z'));
+    assert!(first["leaks"][0]["verdict"].is_null() && first["verdict_snapshots"].is_null());
+    let r = get(&f.state, &format!("/v1/snapshots/{api}?format=leaks&top=1"), Some(READ)).await;
+    let last = r.json();
+    assert_eq!(last["reason"], "api");
+    assert_eq!(last["leaks"].as_array().unwrap().len(), 1);
+    assert_eq!(last["leaks"][0]["verdict"], "growing", "{last:#}");
+    for bad in ["format=leaks&measure=inuse", "format=svg&top=3", "format=leaks&top=0"] {
+        let r = get(&f.state, &format!("/v1/snapshots/{api}?{bad}"), Some(READ)).await;
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    // Deleting a snapshot forgets its verdicts.
+    assert_eq!(call(&f.state, "DELETE", &format!("/v1/snapshots/{api}"), Some(ADMIN), None).await.status, 200);
+    assert!(!f.state.snapshot_verdicts.lock().unwrap().contains_key(&api));
+}
+
+/// A firing while the cap on expensive work is full is dropped and counted as suppressed,
+/// not queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firing_at_full_cap_is_suppressed() {
+    let f = fixture_with(Limits { max_expensive: 1, ..generous() }, Duration::ZERO);
+    let r = post_triggers(&f.state, PID, r#"{"spec": "every=50ms", "min_spacing": "0s"}"#, ADMIN).await;
+    assert_eq!(r.status, 201);
+    let held = f.state.expensive.clone().try_acquire_owned().unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    poll(&f.state).await;
+    assert!(f.state.store.list().is_empty());
+    let v = &trigger_views(&f.state, PID).await[0];
+    assert_eq!((v["fired"].as_u64(), v["suppressed"].as_u64(), v["suppressed_busy"].as_u64()), (Some(1), Some(1), Some(1)));
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    poll(&f.state).await;
+    assert_eq!(f.state.store.list().len(), 1);
+}
+
+/// When the target exits, the exit trigger's final snapshot is stored with reason `exit`; the
+/// target stays listed as not alive, its triggers finished, and no trigger can be added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_trigger_stores_the_final_snapshot() {
+    let f = fixture();
+    let r = post_triggers(&f.state, PID, r#"{"specs": ["exit", "every=1h"]}"#, ADMIN).await;
+    assert_eq!(r.status, 201);
+    poll(&f.state).await;
+    assert!(f.state.store.list().is_empty());
+    f.target.dead.store(true, Ordering::SeqCst);
+    poll(&f.state).await;
+    let list = f.state.store.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].reason, "exit");
+    poll(&f.state).await;
+    assert_eq!(f.state.store.list().len(), 1, "only one exit snapshot");
+    let views = trigger_views(&f.state, PID).await;
+    assert!(views.iter().all(|v| v["finished"] == true), "{views:?}");
+    assert_eq!(views[0]["fired"], 1);
+    let targets = get(&f.state, "/v1/targets", Some(READ)).await.json();
+    assert_eq!(targets["targets"][0]["alive"], false);
+    let r = post_triggers(&f.state, PID, r#"{"spec": "every=1s"}"#, ADMIN).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::CONFLICT, "target_exited"));
+}
+
+#[inline(never)]
+#[no_mangle]
+pub extern "C" fn memscope_api_test_trigger_target(x: u64) -> u64 {
+    std::hint::black_box(x.wrapping_add(1))
+}
+
+/// Return and gc triggers resolve functions in the target process (here: this test process,
+/// behind a fake target): a function of it gets a probe and fires on a hit with reason
+/// `return:...` (stored as `return_...`); `gc` on a process without V8 fails with one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn return_and_gc_triggers_resolve_in_the_process() {
+    assert_eq!(memscope_api_test_trigger_target(1), 2);
+    let f = fixture();
+    let me = std::process::id();
+    let target = Arc::new(FakeTarget::new(me, Duration::ZERO));
+    f.state.insert_target(target.clone());
+    let r = post_triggers(&f.state, me, r#"{"spec": "gc"}"#, ADMIN).await;
+    assert_eq!((r.status, r.code().as_str()), (StatusCode::BAD_REQUEST, "trigger_failed"));
+    assert_eq!(
+        r.json()["error"],
+        format!("--on-gc: no V8 garbage collector found in process {me}'s executable or libraries (is it a Node.js process?)")
+    );
+    let r = post_triggers(&f.state, me, r#"{"spec": "return=memscope_api_test_trigger_target", "min_spacing": "0s"}"#, ADMIN).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.json()["triggers"][0]["probes"], 1);
+    poll(&f.state).await;
+    assert!(f.state.store.list().is_empty());
+    target.hits.lock().unwrap()[0] += 1;
+    poll(&f.state).await;
+    let list = f.state.store.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].reason, "return_memscope_api_test_trigger");
+    assert_eq!(trigger_views(&f.state, me).await[0]["reason"], "return:memscope_api_test_trigger_target");
 }

@@ -1,6 +1,9 @@
 //! `memscope agent`: the long-running HTTP maintenance endpoint (see [`crate::api`]).
 //!
-//! Parses the flags into an [`AgentConfig`] and runs [`api::serve`] on a tokio runtime.
+//! Parses the flags into an [`AgentConfig`] and runs [`api::serve`] on a tokio runtime. The
+//! trigger flags ([`TriggerArgs`], as for `memscope record`) are attached to every `--pid`
+//! target at start; a trigger that cannot be attached (e.g. `--on-gc` on a process without V8)
+//! stops the agent with one line.
 //! Refuses to start, with one line, without a token file, with a token file that group or
 //! others may read, or on a non-loopback address without TLS (unless
 //! `--allow-insecure-remote`). Tokens are never taken on the command line.
@@ -9,8 +12,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 use anyhow::Context as _;
 use clap::Args;
 
+use super::trigger_args::TriggerArgs;
 use crate::{
-    api::{self, AgentConfig, Limits, TlsFiles},
+    aggregate::growth,
+    api::{self, AgentConfig, Limits, TlsFiles, TriggerSettings},
     bpf::load::ProbeSettings,
     session::EbpfAttacher,
     store::Retention,
@@ -67,13 +72,24 @@ pub struct AgentArgs {
     /// Longest a snapshot or render may take before the request is answered 503.
     #[arg(long, default_value = "120s", value_parser = super::units::parse_duration, value_name = "DURATION")]
     pub request_timeout: Duration,
+    /// Snapshot triggers for every --pid target (as for `memscope record`; more through
+    /// `POST /v1/targets/{id}/triggers`).
+    #[command(flatten)]
+    pub triggers: TriggerArgs,
+    /// Leak verdicts use each target's last this many snapshots (at least 3).
+    #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = super::record::parse_window, help_heading = "Triggers")]
+    pub verdict_window: usize,
 }
 
 impl AgentArgs {
-    pub fn config(&self) -> AgentConfig {
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
         let defaults = Limits::default();
         let burst = ((self.rate_limit * 4.0).ceil() as u32).max(defaults.token_burst);
-        AgentConfig {
+        let triggers = self.triggers.specs()?;
+        if !triggers.is_empty() && self.pids.is_empty() {
+            anyhow::bail!("trigger flags apply to --pid targets: give --pid (or add triggers with POST /v1/targets/ID/triggers)");
+        }
+        Ok(AgentConfig {
             listen: self.listen,
             tokens_file: self.tokens.clone(),
             tls: match (&self.tls_cert, &self.tls_key) {
@@ -84,6 +100,12 @@ impl AgentArgs {
             data_dir: self.data_dir.clone(),
             retention: Retention { max_count: self.retain_count, max_bytes: self.retain_bytes },
             pids: self.pids.clone(),
+            triggers,
+            trigger_settings: TriggerSettings {
+                min_spacing: self.triggers.min_spacing,
+                verdict_window: self.verdict_window,
+                ..TriggerSettings::default()
+            },
             limits: Limits {
                 max_expensive: self.max_renders.max(1),
                 max_connections: self.max_connections.max(1),
@@ -92,7 +114,7 @@ impl AgentArgs {
                 request_timeout: self.request_timeout,
                 ..defaults
             },
-        }
+        })
     }
 }
 
@@ -104,7 +126,7 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let config = args.config();
+    let config = args.config()?;
     let attacher = attacher(&args);
     // Refuse bad configurations before starting threads or touching the data directory.
     api::check_config(&config)?;

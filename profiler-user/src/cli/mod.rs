@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod agent;
 pub mod client;
 pub mod record;
+pub mod trigger_args;
 pub mod units;
 
 #[derive(Parser, Debug)]

@@ -2,7 +2,7 @@
 //! Ctrl-C or when the target exits, then print the leak report and write every output file.
 //!
 //! With trigger flags (`--every`, `--on-growth`, `--on-rss`, `--on-return`, `--on-usdt`,
-//! `--on-exit`; see [`crate::trigger`]) it also takes snapshots during the recording, writes
+//! `--on-exit`, `--on-gc`; [`super::trigger_args`], see [`crate::trigger`]) it also takes snapshots during the recording, writes
 //! each to `OUT/snapshots/<seq>-<reason>.json` (the `leaks.json` schema plus `reason` and
 //! `taken_at`) with an `index.json` beside them, and judges every leak's growth across the last
 //! `--verdict-window` snapshots (the final one included): `leaks.json` and the report then
@@ -22,7 +22,10 @@ use anyhow::Context as _;
 use clap::Args;
 use profiler_common::Counter;
 
-use super::units::{parse_duration, parse_sampling};
+use super::{
+    trigger_args::TriggerArgs,
+    units::{parse_duration, parse_sampling},
+};
 use crate::{
     aggregate::{
         growth::{self, Verdict},
@@ -32,7 +35,7 @@ use crate::{
     render,
     session::Session,
     target::TracedTarget as _,
-    trigger::{self, spec, GrowthThreshold, MemorySource, TriggerEngine, TriggerSpec},
+    trigger::{self, TriggerEngine, TriggerSpec},
 };
 
 /// Exit code when the target exited before the recording ended (the files are still written).
@@ -68,67 +71,18 @@ pub struct RecordArgs {
     /// Leaks listed in leaks.json (the largest; `leak_stacks` says how many there are).
     #[arg(long, default_value_t = 1000)]
     pub json_top: usize,
-    /// Take a snapshot every this long (e.g. 30s).
-    #[arg(long, value_parser = spec::parse_every, help_heading = "Triggers")]
-    pub every: Option<Duration>,
-    /// Take a snapshot when the live heap grew by this much since the last snapshot: a size
-    /// (64MiB) or a percentage (20%).
-    #[arg(long, value_parser = spec::parse_growth, help_heading = "Triggers")]
-    pub on_growth: Option<GrowthThreshold>,
-    /// Take a snapshot when the process's RSS crosses SIZE (e.g. 1GiB), or with `cgroup:SIZE`
-    /// when its cgroup's memory.current does. Repeatable.
-    #[arg(long, value_name = "[cgroup:]SIZE", value_parser = spec::parse_rss, help_heading = "Triggers")]
-    pub on_rss: Vec<(u64, MemorySource)>,
-    /// Take a snapshot each time this function returns: mangled or demangled name, in the
-    /// executable or any mapped library. Repeatable.
-    #[arg(long, value_name = "SYMBOL", value_parser = spec::parse_symbol, help_heading = "Triggers")]
-    pub on_return: Vec<String>,
-    /// Take a snapshot each time the target reaches this USDT probe (.note.stapsdt).
-    /// Repeatable.
-    #[arg(long, value_name = "PROVIDER:NAME", value_parser = spec::parse_usdt, help_heading = "Triggers")]
-    pub on_usdt: Vec<(String, String)>,
-    /// When the target exits, take the final snapshot and report, and exit 0.
-    #[arg(long, help_heading = "Triggers")]
-    pub on_exit: bool,
-    /// Each trigger fires at most once per this long; its firings in between are counted as
-    /// suppressed.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Triggers")]
-    pub min_spacing: Duration,
+    /// Snapshot triggers (shared with `memscope agent`).
+    #[command(flatten)]
+    pub triggers: TriggerArgs,
     /// Leak verdicts use the last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
 }
 
-fn parse_window(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_window(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n >= growth::MIN_SNAPSHOTS => Ok(n),
         _ => Err(format!("invalid window {s:?}: a number of snapshots, at least {}", growth::MIN_SNAPSHOTS)),
-    }
-}
-
-impl RecordArgs {
-    /// The triggers the flags ask for, in a fixed order.
-    pub fn trigger_specs(&self) -> Vec<TriggerSpec> {
-        let mut specs = Vec::new();
-        if let Some(d) = self.every {
-            specs.push(TriggerSpec::Interval(d));
-        }
-        if let Some(g) = self.on_growth {
-            specs.push(TriggerSpec::Growth(g));
-        }
-        for (threshold, source) in &self.on_rss {
-            specs.push(TriggerSpec::Rss { threshold: *threshold, source: *source });
-        }
-        for sym in &self.on_return {
-            specs.push(TriggerSpec::Return(sym.clone()));
-        }
-        for (provider, name) in &self.on_usdt {
-            specs.push(TriggerSpec::Usdt { provider: provider.clone(), name: name.clone() });
-        }
-        if self.on_exit {
-            specs.push(TriggerSpec::Exit);
-        }
-        specs
     }
 }
 
@@ -148,16 +102,16 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         session.allocator(),
         args.duration,
     );
-    let specs = args.trigger_specs();
+    let specs = args.triggers.specs()?;
     let mut triggered = if specs.is_empty() {
         None
     } else {
-        let engine = TriggerEngine::attach(&session, &specs, args.min_spacing)?;
+        let engine = TriggerEngine::attach(&session, &specs, args.triggers.min_spacing)?;
         let reasons: Vec<String> = specs.iter().map(|s| s.describe()).collect();
         eprintln!(
             "memscope: triggers {} (each at most once per {:?}); snapshots go to {}",
             reasons.join(", "),
-            args.min_spacing,
+            args.triggers.min_spacing,
             args.out.join("snapshots").display()
         );
         Some(Triggered::new(engine, &args)?)

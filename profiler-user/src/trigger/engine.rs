@@ -12,7 +12,8 @@
 //!   `memory.current`, v1 `memory.usage_in_bytes`); fires when it is at or above the
 //!   threshold and armed, then re-arms once it falls below 90% of it (also fires at the first
 //!   poll if the target is already above);
-//! - return / usdt: hit counters of uprobes the engine attached (via [`TriggerHost`]);
+//! - return / usdt / gc: hit counters of uprobes the engine attached (via [`TriggerHost`]);
+//!   `gc` is a return trigger on V8's [`V8_GC_FUNCTION`] with its own reason;
 //! - exit: whether the target still runs. The exit firing ignores the minimum spacing; after
 //!   it (or after the target exited without an exit trigger) the engine is finished.
 //!
@@ -38,7 +39,7 @@ use tracing::{debug, info};
 
 use super::{
     resolve,
-    spec::{GrowthThreshold, MemorySource, TriggerSpec},
+    spec::{GrowthThreshold, MemorySource, TriggerSpec, V8_GC_FUNCTION},
     usdt,
 };
 use crate::{bpf::attach::TriggerPoint, procfs, session::Session, target::TracedTarget as _};
@@ -165,21 +166,17 @@ impl TriggerEngine {
             let state = match spec {
                 TriggerSpec::Return(query) => {
                     let found = resolve::find_function(pid, query).with_context(|| format!("--on-return {query}"))?;
-                    let mut slots = Vec::new();
-                    for f in &found {
-                        let slot = host
-                            .attach_trigger(&f.path_in_target, f.symbol.file_offset, TriggerPoint::Return)
-                            .with_context(|| format!("attaching --on-return {query} to {}", f.path_in_target))?;
-                        info!(
-                            pid,
-                            "trigger return:{query}: uretprobe on {} at {:#x} of {}",
-                            f.demangled.as_deref().unwrap_or(&f.symbol.name),
-                            f.symbol.file_offset,
-                            f.path_in_target
-                        );
-                        slots.push(slot);
-                    }
-                    State::Probe { slots, seen: 0 }
+                    attach_returns(host, &found, &format!("--on-return {query}"), &spec.reason())?
+                }
+                TriggerSpec::Gc => {
+                    let found = match resolve::find_function(pid, V8_GC_FUNCTION) {
+                        Ok(found) => found,
+                        Err(resolve::ResolveError::NotFound { .. }) => anyhow::bail!(
+                            "--on-gc: no V8 garbage collector found in process {pid}'s executable or libraries (is it a Node.js process?)"
+                        ),
+                        Err(e) => return Err(anyhow::Error::new(e).context("--on-gc")),
+                    };
+                    attach_returns(host, &found, "--on-gc", "gc")?
                 }
                 TriggerSpec::Usdt { provider, name } => {
                     let what = format!("{provider}:{name}");
@@ -416,6 +413,27 @@ impl TriggerEngine {
     }
 }
 
+/// A uretprobe on each function of `found`; `what` names the flag in errors, `reason` the
+/// trigger in the log.
+fn attach_returns(host: &dyn TriggerHost, found: &[resolve::ResolvedFunction], what: &str, reason: &str) -> anyhow::Result<State> {
+    let pid = host.pid();
+    let mut slots = Vec::new();
+    for f in found {
+        let slot = host
+            .attach_trigger(&f.path_in_target, f.symbol.file_offset, TriggerPoint::Return)
+            .with_context(|| format!("attaching {what} to {}", f.path_in_target))?;
+        info!(
+            pid,
+            "trigger {reason}: uretprobe on {} at {:#x} of {}",
+            f.demangled.as_deref().unwrap_or(&f.symbol.name),
+            f.symbol.file_offset,
+            f.path_in_target
+        );
+        slots.push(slot);
+    }
+    Ok(State::Probe { slots, seen: 0 })
+}
+
 fn state_for(spec: &TriggerSpec, now: Instant) -> State {
     match spec {
         TriggerSpec::Interval(every) => State::Interval { every: *every, next_due: now + *every },
@@ -424,7 +442,9 @@ fn state_for(spec: &TriggerSpec, now: Instant) -> State {
             State::Rss { threshold: *threshold, source: *source, armed: true, pending: false }
         }
         TriggerSpec::Exit => State::Exit,
-        TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } => State::Probe { slots: Vec::new(), seen: 0 },
+        TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } | TriggerSpec::Gc => {
+            State::Probe { slots: Vec::new(), seen: 0 }
+        }
     }
 }
 

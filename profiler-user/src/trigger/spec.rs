@@ -1,16 +1,22 @@
 //! What a trigger is: parsed from command-line flags (`--every 30s`, `--on-growth 64MiB`,
-//! `--on-rss cgroup:1GiB`, `--on-return SYMBOL`, `--on-usdt provider:name`, `--on-exit`) or
-//! from one `kind=value` string (`every=30s`, `growth=20%`, `rss=1GiB`, `return=gc_cycle`,
-//! `usdt=myapp:gc_done`, `exit`), the form an API or a config file can carry.
+//! `--on-rss cgroup:1GiB`, `--on-return SYMBOL`, `--on-usdt provider:name`, `--on-exit`,
+//! `--on-gc`) or from one `kind=value` string (`every=30s`, `growth=20%`, `rss=1GiB`,
+//! `return=gc_cycle`, `usdt=myapp:gc_done`, `exit`, `gc`), the form an API or a config file
+//! can carry.
 //!
 //! [`TriggerSpec`]'s `Display` is the *reason* stored with each snapshot it causes:
-//! `interval`, `growth`, `rss`, `return:SYMBOL`, `usdt:PROVIDER:NAME`, `exit`.
+//! `interval`, `growth`, `rss`, `return:SYMBOL`, `usdt:PROVIDER:NAME`, `exit`, `gc`.
 use std::{fmt, str::FromStr, time::Duration};
 
 use crate::cli::units::{parse_duration, parse_size};
 
 /// The shortest interval accepted by `--every`: below it the poll period (20 ms) dominates.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The function whose returns [`TriggerSpec::Gc`] watches: V8's garbage collector entry
+/// point (every scavenge and mark-compact of a Node.js process, `global.gc()` included), by
+/// its demangled name without parameters.
+pub const V8_GC_FUNCTION: &str = "v8::internal::Heap::CollectGarbage";
 
 /// One snapshot trigger of a target.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,6 +34,9 @@ pub enum TriggerSpec {
     Usdt { provider: String, name: String },
     /// When the target exits: a final snapshot.
     Exit,
+    /// At the end of each garbage collection of a Node.js (V8) process: a return trigger on
+    /// [`V8_GC_FUNCTION`], with its own reason `gc` (`--on-gc`).
+    Gc,
 }
 
 /// How much growth of the live heap fires [`TriggerSpec::Growth`].
@@ -60,6 +69,7 @@ impl fmt::Display for TriggerSpec {
             TriggerSpec::Return(sym) => write!(f, "return:{sym}"),
             TriggerSpec::Usdt { provider, name } => write!(f, "usdt:{provider}:{name}"),
             TriggerSpec::Exit => f.write_str("exit"),
+            TriggerSpec::Gc => f.write_str("gc"),
         }
     }
 }
@@ -84,12 +94,13 @@ impl TriggerSpec {
             TriggerSpec::Return(sym) => format!("return={sym}"),
             TriggerSpec::Usdt { provider, name } => format!("usdt={provider}:{name}"),
             TriggerSpec::Exit => "exit".to_string(),
+            TriggerSpec::Gc => "gc".to_string(),
         }
     }
 
-    /// Whether the engine needs a kernel probe for it (return and USDT triggers).
+    /// Whether the engine needs a kernel probe for it (return, USDT and gc triggers).
     pub fn needs_probe(&self) -> bool {
-        matches!(self, TriggerSpec::Return(_) | TriggerSpec::Usdt { .. })
+        matches!(self, TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } | TriggerSpec::Gc)
     }
 }
 
@@ -174,22 +185,24 @@ impl FromStr for TriggerSpec {
     type Err = String;
 
     /// `every=DURATION`, `growth=SIZE|PCT%`, `rss=[cgroup:]SIZE`, `return=SYMBOL`,
-    /// `usdt=PROVIDER:NAME`, `exit`.
+    /// `usdt=PROVIDER:NAME`, `exit`, `gc`.
     fn from_str(s: &str) -> Result<TriggerSpec, String> {
         let s = s.trim();
-        if s == "exit" {
-            return Ok(TriggerSpec::Exit);
+        match s {
+            "exit" => return Ok(TriggerSpec::Exit),
+            "gc" => return Ok(TriggerSpec::Gc),
+            _ => {}
         }
-        let (kind, value) = s
-            .split_once('=')
-            .ok_or_else(|| format!("invalid trigger {s:?}: expected kind=value (every, growth, rss, return, usdt) or exit"))?;
+        let (kind, value) = s.split_once('=').ok_or_else(|| {
+            format!("invalid trigger {s:?}: expected kind=value (every, growth, rss, return, usdt), exit or gc")
+        })?;
         match kind.trim() {
             "every" | "interval" => parse_every(value).map(TriggerSpec::Interval),
             "growth" => parse_growth(value).map(TriggerSpec::Growth),
             "rss" => parse_rss(value).map(|(threshold, source)| TriggerSpec::Rss { threshold, source }),
             "return" => parse_symbol(value).map(TriggerSpec::Return),
             "usdt" => parse_usdt(value).map(|(provider, name)| TriggerSpec::Usdt { provider, name }),
-            other => Err(format!("unknown trigger kind {other:?}: use every, growth, rss, return, usdt or exit")),
+            other => Err(format!("unknown trigger kind {other:?}: use every, growth, rss, return, usdt, exit or gc")),
         }
     }
 }
@@ -241,11 +254,12 @@ mod tests {
             TriggerSpec::Return("gc_cycle".into()),
             TriggerSpec::Usdt { provider: "p".into(), name: "n".into() },
             TriggerSpec::Exit,
+            TriggerSpec::Gc,
         ];
         let reasons: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
         assert_eq!(
             reasons,
-            ["interval", "interval", "growth", "growth", "rss", "rss", "return:gc_cycle", "usdt:p:n", "exit"]
+            ["interval", "interval", "growth", "growth", "rss", "rss", "return:gc_cycle", "usdt:p:n", "exit", "gc"]
         );
         for s in &specs {
             assert_eq!(&s.describe().parse::<TriggerSpec>().unwrap(), s, "{}", s.describe());
@@ -253,5 +267,7 @@ mod tests {
         assert!("sometimes=1".parse::<TriggerSpec>().unwrap_err().contains("unknown trigger kind"));
         assert!("every".parse::<TriggerSpec>().is_err());
         assert!(TriggerSpec::Return("f".into()).needs_probe() && !TriggerSpec::Exit.needs_probe());
+        assert!(TriggerSpec::Gc.needs_probe());
+        assert!("gc=1".parse::<TriggerSpec>().is_err());
     }
 }

@@ -1,0 +1,447 @@
+//! Snapshot triggers and leak verdicts in the agent.
+//!
+//! Each target has a [`Tracking`]: its triggers (one [`TriggerEngine`] per trigger, so each can
+//! be added and deleted on its own; each engine spaces its own firings, as in `memscope
+//! record`), the [`growth::Series`] of its recent snapshots (every snapshot stored for it, by a
+//! trigger or by `POST /v1/targets/{id}/snapshots`) and the verdicts of that series.
+//!
+//! One background task ([`spawn_poller`]) wakes every [`POLL_INTERVAL`] and, for every target
+//! with a trigger still running and no job in progress, starts one blocking job: poll the
+//! target's engines, then take and store a snapshot for each firing. So a slow snapshot of one
+//! target never delays the triggers of another, and the triggers of one target are not polled
+//! while its snapshot runs (what fired meanwhile is seen at the next poll, as in `record`).
+//! Each snapshot needs a permit of the cap on expensive work (`--max-renders`); a firing that
+//! finds the cap full is dropped and counted as suppressed (`suppressed_busy`), never queued.
+//! Only the exit snapshot waits for a permit (up to the request timeout): it cannot be taken
+//! later.
+//!
+//! When a target exits: with an `exit` trigger its final snapshot is stored with reason
+//! `exit`; either way the target stays listed (`alive: false`) with its triggers finished,
+//! until it is detached.
+//!
+//! Verdicts: `GET /v1/targets/{id}/leaks` annotates leaks with the verdicts of the target's
+//! series as of its last stored snapshot; each stored snapshot keeps the verdicts of the series
+//! when it was taken, in memory (for `GET /v1/snapshots/{sid}?format=leaks`). A restarted agent
+//! has no verdicts for the snapshots of before the restart (the keys are then `null`).
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tokio::{sync::OwnedSemaphorePermit, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::State;
+use crate::{
+    aggregate::{
+        growth::{self, Verdict},
+        HeapProfile,
+    },
+    target::TracedTarget,
+    trigger::{TriggerEngine, TriggerSpec, POLL_INTERVAL},
+};
+
+/// Most triggers one target may have at once (probe sites have their own limit of 64).
+pub const MAX_TRIGGERS_PER_TARGET: usize = 32;
+/// Most leaks per stored snapshot whose verdicts are kept (the largest).
+const MAX_STORED_VERDICTS: usize = 10_000;
+
+/// Trigger settings of the agent (`--min-spacing`, `--verdict-window`).
+#[derive(Clone, Debug)]
+pub struct TriggerSettings {
+    /// Spacing of the command-line triggers, and of API triggers that name none.
+    pub min_spacing: Duration,
+    /// Snapshots per target the verdicts are computed from.
+    pub verdict_window: usize,
+    /// Leak age of triggered snapshots (what their leak reports count as leaked).
+    pub min_age: Duration,
+}
+
+impl Default for TriggerSettings {
+    fn default() -> Self {
+        TriggerSettings {
+            min_spacing: crate::trigger::DEFAULT_MIN_SPACING,
+            verdict_window: growth::DEFAULT_WINDOW,
+            min_age: super::handlers::DEFAULT_MIN_AGE,
+        }
+    }
+}
+
+/// Who made a trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// A command-line flag of `memscope agent` (`--every`, ...).
+    Flag,
+    /// `POST /v1/targets/{id}/triggers`.
+    Api,
+}
+
+struct AgentTrigger {
+    id: u64,
+    origin: Origin,
+    engine: TriggerEngine,
+    /// Firings dropped because the cap on expensive work was full.
+    busy_suppressed: u64,
+}
+
+/// One trigger as `GET /v1/targets/{id}/triggers` shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TriggerView {
+    pub id: u64,
+    /// The `kind=value` form (`every=30s`, `return=gc_cycle`, `gc`, ...).
+    pub spec: String,
+    /// The reason its snapshots are stored with (before [`store_reason`]).
+    pub reason: String,
+    pub fired: u64,
+    /// Firings not taken: held back by the minimum spacing, or dropped while the cap on
+    /// expensive work was full (`suppressed_busy` of them).
+    pub suppressed: u64,
+    pub suppressed_busy: u64,
+    /// Probe sites attached (return, usdt and gc triggers).
+    pub probes: usize,
+    pub min_spacing_s: f64,
+    pub origin: Origin,
+    /// The target has exited: the trigger fires no more.
+    pub finished: bool,
+}
+
+impl AgentTrigger {
+    fn view(&self) -> TriggerView {
+        let st = self.engine.status().into_iter().next();
+        let (spec, reason, fired, suppressed, probes) = match st {
+            Some(s) => (s.spec, s.reason, s.fired, s.suppressed, s.probes),
+            None => Default::default(),
+        };
+        TriggerView {
+            id: self.id,
+            spec,
+            reason,
+            fired,
+            suppressed: suppressed + self.busy_suppressed,
+            suppressed_busy: self.busy_suppressed,
+            probes,
+            min_spacing_s: self.engine.min_spacing().as_secs_f64(),
+            origin: self.origin,
+            finished: self.engine.finished(),
+        }
+    }
+}
+
+/// The agent's per-target trigger and verdict state (see the module doc).
+pub struct Tracking {
+    triggers: Mutex<Vec<AgentTrigger>>,
+    series: Mutex<growth::Series>,
+    /// The verdicts of `series` as of its last snapshot.
+    verdicts: Mutex<Arc<HashMap<String, Verdict>>>,
+    /// A poll job of this target is running.
+    busy: AtomicBool,
+}
+
+impl Tracking {
+    pub fn new(verdict_window: usize) -> Tracking {
+        Tracking {
+            triggers: Mutex::new(Vec::new()),
+            series: Mutex::new(growth::Series::new(verdict_window)),
+            verdicts: Mutex::new(Arc::new(HashMap::new())),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// The current verdicts (empty below 3 snapshots).
+    pub fn verdicts(&self) -> Arc<HashMap<String, Verdict>> {
+        self.verdicts.lock().unwrap().clone()
+    }
+
+    /// Snapshots in the series.
+    pub fn snapshots(&self) -> usize {
+        self.series.lock().unwrap().len()
+    }
+
+    /// Every trigger of the target. Waits while a poll of the target runs (call it from a
+    /// blocking thread).
+    pub fn views(&self) -> Vec<TriggerView> {
+        self.triggers.lock().unwrap().iter().map(AgentTrigger::view).collect()
+    }
+
+    /// Removes trigger `id` (its USDT semaphores go back; a uretprobe stays attached,
+    /// uncounted, until the target is detached). Whether it was there.
+    pub fn remove(&self, id: u64) -> bool {
+        let mut t = self.triggers.lock().unwrap();
+        let before = t.len();
+        t.retain(|x| x.id != id);
+        t.len() != before
+    }
+
+    /// Whether the poller has something to do for this target now (never blocks: a target
+    /// whose triggers are being changed is skipped for one tick).
+    fn wants_poll(&self) -> bool {
+        if self.busy.load(Ordering::Acquire) {
+            return false;
+        }
+        match self.triggers.try_lock() {
+            Ok(t) => t.iter().any(|x| !x.engine.finished()),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The reason as the snapshot store takes it: lowercase, characters other than `a-z`, `0-9`,
+/// `-` and `_` become `_`, at most 32 characters (`return:gc_cycle` → `return_gc_cycle`).
+pub fn store_reason(reason: &str) -> String {
+    let s: String = reason
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' { c } else { '_' })
+        .take(32)
+        .collect();
+    if s.is_empty() {
+        "trigger".to_string()
+    } else {
+        s
+    }
+}
+
+/// The verdicts of one stored snapshot: one per leak, in the order of
+/// [`HeapProfile::leaks`] (the stored profile reads back equal, so the order holds).
+pub(crate) struct StoredVerdicts {
+    per_leak: Vec<Option<Verdict>>,
+}
+
+impl StoredVerdicts {
+    fn of(p: &HeapProfile, verdicts: &HashMap<String, Verdict>) -> StoredVerdicts {
+        let per_leak = p
+            .leaks()
+            .iter()
+            .take(MAX_STORED_VERDICTS)
+            .map(|s| verdicts.get(&growth::stack_id(&s.frames)).cloned())
+            .collect();
+        StoredVerdicts { per_leak }
+    }
+
+    /// The verdicts by stack id, for [`growth::annotate_leaks_json`] on `p` (the profile they
+    /// were taken with).
+    pub(crate) fn by_stack(&self, p: &HeapProfile) -> HashMap<String, Verdict> {
+        p.leaks()
+            .iter()
+            .zip(&self.per_leak)
+            .filter_map(|(s, v)| v.clone().map(|v| (growth::stack_id(&s.frames), v)))
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Attaches one engine per spec to `target` (blocking: symbol lookups, probes). All or nothing:
+/// on an error no trigger is added. Returns the new triggers.
+pub(crate) fn attach(
+    state: &State,
+    target: &dyn TracedTarget,
+    tracking: &Tracking,
+    specs: &[TriggerSpec],
+    min_spacing: Duration,
+    origin: Origin,
+) -> Result<Vec<TriggerView>, AttachError> {
+    let pid = target.pid();
+    let host = target.trigger_host().ok_or(AttachError::Unsupported(pid))?;
+    if !host.alive() {
+        return Err(AttachError::Exited(pid));
+    }
+    {
+        let existing = tracking.triggers.lock().unwrap();
+        if existing.len() + specs.len() > MAX_TRIGGERS_PER_TARGET {
+            return Err(AttachError::TooMany(existing.len()));
+        }
+        for s in specs {
+            if let Some(t) = existing.iter().find(|t| t.engine.status().first().is_some_and(|st| st.spec == s.describe())) {
+                return Err(AttachError::Exists { spec: s.describe(), id: t.id });
+            }
+        }
+    }
+    let mut added = Vec::with_capacity(specs.len());
+    for s in specs {
+        let engine = TriggerEngine::attach(host, std::slice::from_ref(s), min_spacing).map_err(AttachError::Failed)?;
+        let id = state.next_trigger_id.fetch_add(1, Ordering::Relaxed);
+        added.push(AgentTrigger { id, origin, engine, busy_suppressed: 0 });
+    }
+    let views: Vec<TriggerView> = added.iter().map(AgentTrigger::view).collect();
+    tracking.triggers.lock().unwrap().extend(added);
+    info!(pid, triggers = ?views.iter().map(|v| v.spec.as_str()).collect::<Vec<_>>(), "triggers attached");
+    Ok(views)
+}
+
+/// Why triggers could not be added.
+#[derive(Debug)]
+pub(crate) enum AttachError {
+    Unsupported(u32),
+    Exited(u32),
+    TooMany(usize),
+    Exists { spec: String, id: u64 },
+    Failed(anyhow::Error),
+}
+
+impl std::fmt::Display for AttachError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttachError::Unsupported(pid) => write!(f, "target {pid} cannot host snapshot triggers"),
+            AttachError::Exited(pid) => write!(f, "process {pid} has exited"),
+            AttachError::TooMany(n) => {
+                write!(f, "the target has {n} triggers; at most {MAX_TRIGGERS_PER_TARGET} (delete one first)")
+            }
+            AttachError::Exists { spec, id } => write!(f, "trigger {spec} already exists (id {id})"),
+            AttachError::Failed(e) => f.write_str(&crate::cli::one_line(e)),
+        }
+    }
+}
+
+/// Notes a snapshot stored for a target (by a trigger or the API): adds it to the series,
+/// recomputes the verdicts, keeps them for the stored snapshot `id`, and tells every engine
+/// (growth triggers measure from the last snapshot). Forgets the verdicts of snapshots the
+/// store `removed`.
+pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, p: &HeapProfile, id: &str, removed: &[String]) {
+    let verdicts = {
+        let mut series = tracking.series.lock().unwrap();
+        series.push(p);
+        Arc::new(series.verdicts())
+    };
+    *tracking.verdicts.lock().unwrap() = verdicts.clone();
+    {
+        let mut map = state.snapshot_verdicts.lock().unwrap();
+        for r in removed {
+            map.remove(r);
+        }
+        if !verdicts.is_empty() {
+            map.insert(id.to_string(), StoredVerdicts::of(p, &verdicts));
+        }
+    }
+    for t in tracking.triggers.lock().unwrap().iter_mut() {
+        t.engine.note_snapshot(p.totals.live_bytes);
+    }
+}
+
+/// One poll job of one target (blocking): poll its engines, then a snapshot per firing.
+fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
+    let Some(host) = target.trigger_host() else { return };
+    let fired: Vec<(u64, crate::trigger::Fired)> = {
+        let mut triggers = tracking.triggers.lock().unwrap();
+        triggers
+            .iter_mut()
+            .flat_map(|t| {
+                let id = t.id;
+                t.engine.poll(host).into_iter().map(move |f| (id, f))
+            })
+            .collect::<Vec<_>>()
+    };
+    for (tid, f) in fired {
+        let is_exit = f.reason == TriggerSpec::Exit.reason();
+        let Some(_permit) = permit(state, is_exit) else {
+            if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
+                t.busy_suppressed += 1;
+            }
+            state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let pid = target.pid();
+        let profile = match target.snapshot(state.trigger_settings.min_age) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(pid, reason = %f.reason, error = %crate::cli::one_line(&e), "triggered snapshot failed");
+                continue;
+            }
+        };
+        let comm = target.stats().comm;
+        match state.store.put(&profile, &comm, &store_reason(&f.reason)) {
+            Ok(stored) => {
+                info!(pid, reason = %f.reason, id = %stored.meta.id, live_bytes = profile.totals.live_bytes,
+                      latency_ms = now_ms().saturating_sub(f.at_ms), "triggered snapshot stored");
+                note_snapshot(state, tracking, &profile, &stored.meta.id, &stored.removed);
+            }
+            Err(e) => warn!(pid, reason = %f.reason, error = %e, "storing a triggered snapshot failed"),
+        }
+    }
+}
+
+/// A permit of the cap on expensive work: at once or `None`; for the exit snapshot, waiting
+/// up to the request timeout.
+fn permit(state: &State, wait: bool) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = state.expensive.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    if !wait {
+        return None;
+    }
+    let sem = state.expensive.clone();
+    let limit = state.limits.request_timeout;
+    tokio::runtime::Handle::current()
+        .block_on(async move { tokio::time::timeout(limit, sem.acquire_owned()).await.ok()?.ok() })
+}
+
+/// Clears a target's busy flag when its job ends, even by a panic.
+struct BusyGuard(Arc<Tracking>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Starts a poll job for every target that has a running trigger and no job in progress;
+/// returns the jobs (the poller lets them run; tests await them).
+pub(crate) fn poll_once(state: &Arc<State>) -> Vec<JoinHandle<()>> {
+    let due: Vec<(Arc<dyn TracedTarget>, Arc<Tracking>)> = state
+        .targets
+        .read()
+        .unwrap()
+        .values()
+        .filter(|e| e.tracking.wants_poll())
+        .map(|e| (e.target.clone(), e.tracking.clone()))
+        .collect();
+    let mut jobs = Vec::new();
+    for (target, tracking) in due {
+        if tracking.busy.swap(true, Ordering::AcqRel) {
+            continue;
+        }
+        let st = state.clone();
+        jobs.push(tokio::task::spawn_blocking(move || {
+            let guard = BusyGuard(tracking);
+            poll_job(&st, &*target, &guard.0);
+        }));
+    }
+    jobs
+}
+
+/// The one background task that polls every target's triggers every [`POLL_INTERVAL`].
+pub(crate) fn spawn_poller(state: Arc<State>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POLL_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            drop(poll_once(&state));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reasons become store reasons: lowercase, safe characters, at most 32 of them.
+    #[test]
+    fn store_reasons() {
+        assert_eq!(store_reason("interval"), "interval");
+        assert_eq!(store_reason("gc"), "gc");
+        assert_eq!(store_reason("return:gc_cycle"), "return_gc_cycle");
+        assert_eq!(store_reason("usdt:app:gc-done"), "usdt_app_gc-done");
+        assert_eq!(store_reason("return:ns::Cache::Collect(int)"), "return_ns__cache__collect_int_");
+        assert_eq!(store_reason(&format!("return:{}", "x".repeat(100))).len(), 32);
+        assert_eq!(store_reason(""), "trigger");
+    }
+}
