@@ -98,12 +98,19 @@ pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
 pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
     let now_ns = monotonic_ns();
     let counters = read_counters(maps)?;
+    // The live allocations (the bulk) and the stacks are read on two threads.
+    let (live, stats, frames_by_id) = std::thread::scope(|scope| {
+        let live = scope.spawn(|| live_allocations(maps));
+        let stats = stack_stats(maps);
+        let frames = stats.as_ref().map(|stats| stack_frames(maps, stats)).unwrap_or_default();
+        (live.join().expect("live map reader panicked"), stats, frames)
+    });
     let mut stacks: StdHashMap<StackKey, RawStack> = StdHashMap::new();
-    for (key, stats) in stack_stats(maps)? {
+    for (key, stats) in stats? {
         stacks.insert(key, RawStack { key, stats, ..Default::default() });
     }
     let cutoff = now_ns.saturating_sub(min_age_ns);
-    for (_addr, info) in live_allocations(maps)? {
+    for (_addr, info) in live? {
         let s = stacks
             .entry(info.stack)
             .or_insert_with(|| RawStack { key: info.stack, ..Default::default() });
@@ -115,22 +122,31 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
             s.leak_allocs += 1;
         }
     }
-    let mut frames_by_id: StdHashMap<i32, Vec<u64>> = StdHashMap::new();
     for s in stacks.values_mut() {
-        if s.key.stack_id < 0 {
-            continue;
+        if let Some(ips) = frames_by_id.get(&s.key.stack_id) {
+            s.ips = ips.clone();
         }
-        let ips = frames_by_id.entry(s.key.stack_id).or_insert_with(|| {
-            maps.stacks
-                .get(&(s.key.stack_id as u32), 0)
-                .map(|t| t.frames().iter().map(|f| f.ip).collect())
-                .unwrap_or_default()
-        });
-        s.ips = ips.clone();
     }
     let mut stacks: Vec<RawStack> = stacks.into_values().collect();
     stacks.sort_by_key(|s| s.key);
     Ok(RawSnapshot { counters, stacks, now_ns })
+}
+
+/// The frames of every stack id in `stats` (a stack whose id was evicted reads as empty).
+fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> StdHashMap<i32, Vec<u64>> {
+    let mut frames: StdHashMap<i32, Vec<u64>> = StdHashMap::new();
+    for (key, _) in stats {
+        if key.stack_id < 0 || frames.contains_key(&key.stack_id) {
+            continue;
+        }
+        let ips = maps
+            .stacks
+            .get(&(key.stack_id as u32), 0)
+            .map(|t| t.frames().iter().map(|f| f.ip).collect())
+            .unwrap_or_default();
+        frames.insert(key.stack_id, ips);
+    }
+    frames
 }
 
 #[cfg(test)]
