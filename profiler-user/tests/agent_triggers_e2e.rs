@@ -48,6 +48,8 @@ struct Proc {
     pid: u32,
     stdin: Option<ChildStdin>,
     stdout: BufReader<std::process::ChildStdout>,
+    /// node's working directory (V8 writes isolate-*.log files there), removed on drop.
+    cwd: Option<tempfile::TempDir>,
 }
 
 impl Proc {
@@ -58,7 +60,7 @@ impl Proc {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert!(line.starts_with("ready "), "fixture said {line:?}");
-        Proc { pid: child.id(), child, stdin, stdout }
+        Proc { pid: child.id(), child, stdin, stdout, cwd: None }
     }
 
     /// The trigger fixture in `mode`, waiting for "go".
@@ -71,9 +73,12 @@ impl Proc {
     /// tests/fixtures/node_gc.js under node, collecting garbage every 100 ms from the start.
     fn node() -> Proc {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_gc.js");
+        let cwd = tempfile::tempdir().unwrap();
         let mut c = Command::new("node");
-        c.args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack", script]);
-        Proc::start(c)
+        c.args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack", script]).current_dir(cwd.path());
+        let mut p = Proc::start(c);
+        p.cwd = Some(cwd);
+        p
     }
 
     /// Starts the fixture's workload ("go" -> "done").
@@ -93,6 +98,10 @@ impl Drop for Proc {
         self.stdin.take();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.cwd.is_some() {
+            // The JIT map that --perf-basic-prof wrote.
+            let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid));
+        }
     }
 }
 
@@ -172,7 +181,9 @@ fn agent_interval_snapshots_and_verdicts() {
         assert_eq!(s["pid"].as_u64(), Some(u64::from(fixture.pid)));
     }
     let g = gaps(&list, "taken_at_ms");
-    assert!(g.iter().all(|&d| d >= 250), "interval snapshots closer than the 300 ms ticks: {g:?}");
+    // Each snapshot follows its tick after a latency that varies with the machine's load: the
+    // gaps are not exactly 300 ms, but never near the 100 ms spacing, and 300 ms typically.
+    assert!(g.iter().all(|&d| d >= 150), "interval snapshots too close for 300 ms ticks: {g:?}");
     let mut sorted = g.clone();
     sorted.sort_unstable();
     let median = sorted[sorted.len() / 2];
@@ -226,7 +237,7 @@ fn agent_exit_trigger_keeps_the_target_listed() {
     assert_eq!(list.len(), 1, "{list:#?}");
     assert_eq!(list[0]["reason"], "exit");
     let (_, targets) = http(&agent, "GET", "/v1/targets", READ, None);
-    let t = targets["targets"].as_array().unwrap().iter().find(|t| t["id"].to_string() == pid).cloned().unwrap();
+    let t = targets["targets"].as_array().unwrap().iter().find(|t| t["id"].as_u64() == Some(u64::from(fixture.pid))).cloned().unwrap();
     assert_eq!(t["alive"], false, "{t}");
     let (_, v) = http(&agent, "GET", &format!("/v1/targets/{pid}/triggers"), READ, None);
     assert_eq!(v["triggers"][0]["finished"], true, "{v}");

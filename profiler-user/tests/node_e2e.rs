@@ -27,7 +27,10 @@ fn live_through(p: &HeapProfile, name: &str) -> u64 {
 fn node_buffers_are_attributed_to_javascript_functions() {
     require_root();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_leak.js");
+    // node writes isolate-*-v8.log files into its working directory.
+    let cwd = tempfile::tempdir().unwrap();
     let mut node = Command::new("node")
+        .current_dir(cwd.path())
         .args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -45,6 +48,7 @@ fn node_buffers_are_attributed_to_javascript_functions() {
     let p = session.snapshot(Duration::ZERO).unwrap();
     let _ = node.kill();
     let _ = node.wait();
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", session.pid()));
     let truth = 200.0 * 65536.0;
     let leaked = live_through(&p, "leakyHandler") as f64;
     assert!((leaked - truth).abs() / truth < 0.05, "leakyHandler: {leaked} live bytes vs {truth}");

@@ -560,10 +560,15 @@ async fn snapshot_leaks(state: Arc<State>, id: SnapshotId, q: &Params) -> Result
     let st = state.clone();
     expensive(&state, key, move || {
         let p = load_snapshot(&st, &id)?;
-        let verdicts = st.snapshot_verdicts.lock().unwrap().get(id.as_str()).map(|v| v.by_stack(&p)).unwrap_or_default();
+        let (verdicts, snapshots) = match st.snapshot_verdicts.lock().unwrap().get(id.as_str()) {
+            Some(v) => (v.by_stack(&p), Some(v.snapshots)),
+            None => (Default::default(), None),
+        };
         let mut json = render::json::leaks_json(&p, top);
         growth::annotate_leaks_json(&mut json, &verdicts);
         if let Some(obj) = json.as_object_mut() {
+            // Also when the snapshot has no leaks to annotate.
+            obj.insert("verdict_snapshots".into(), serde_json::json!(snapshots));
             obj.insert("id".into(), serde_json::json!(meta.id));
             obj.insert("reason".into(), serde_json::json!(meta.reason));
             obj.insert("taken_at".into(), serde_json::json!(crate::trigger::rfc3339_utc(meta.taken_at_ms)));
@@ -708,9 +713,8 @@ async fn add_triggers_inner(state: &Arc<State>, id: u32, body: Bytes) -> Result<
             triggers::attach(&st, &*t, &tracking, &specs, min_spacing, triggers::Origin::Api).map_err(|e| {
                 let msg = truncate_line(&e.to_string());
                 match e {
-                    triggers::AttachError::Unsupported(_) | triggers::AttachError::Exited(_) => {
-                        ApiError::conflict("target_exited", msg)
-                    }
+                    triggers::AttachError::Unsupported(_) => ApiError::conflict("triggers_unsupported", msg),
+                    triggers::AttachError::Exited(_) => ApiError::conflict("target_exited", msg),
                     triggers::AttachError::TooMany(_) => ApiError::conflict("too_many_triggers", msg),
                     triggers::AttachError::Exists { .. } => ApiError::conflict("trigger_exists", msg),
                     triggers::AttachError::Failed(_) => ApiError::bad_request("trigger_failed", msg),

@@ -933,17 +933,24 @@ async fn firing_at_full_cap_is_suppressed() {
     assert_eq!(f.state.store.list().len(), 1);
 }
 
-/// When the target exits, the exit trigger's final snapshot is stored with reason `exit`; the
-/// target stays listed as not alive, its triggers finished, and no trigger can be added.
+/// When the target exits, the exit trigger's final snapshot is stored with reason `exit` (it
+/// waits for a permit of a full cap instead of being dropped); the target stays listed as not
+/// alive, its triggers finished, and no trigger can be added.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_trigger_stores_the_final_snapshot() {
-    let f = fixture();
+    let f = fixture_with(Limits { max_expensive: 1, ..generous() }, Duration::ZERO);
     let r = post_triggers(&f.state, PID, r#"{"specs": ["exit", "every=1h"]}"#, ADMIN).await;
     assert_eq!(r.status, 201);
     poll(&f.state).await;
     assert!(f.state.store.list().is_empty());
     f.target.dead.store(true, Ordering::SeqCst);
-    poll(&f.state).await;
+    let held = f.state.expensive.clone().try_acquire_owned().unwrap();
+    let st = f.state.clone();
+    let polling = tokio::spawn(async move { poll(&st).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(f.state.store.list().is_empty() && !polling.is_finished(), "waits for the permit");
+    drop(held);
+    polling.await.unwrap();
     let list = f.state.store.list();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].reason, "exit");

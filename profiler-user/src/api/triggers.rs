@@ -211,17 +211,19 @@ pub fn store_reason(reason: &str) -> String {
 /// [`HeapProfile::leaks`] (the stored profile reads back equal, so the order holds).
 pub(crate) struct StoredVerdicts {
     per_leak: Vec<Option<Verdict>>,
+    /// Snapshots the verdicts are based on.
+    pub(crate) snapshots: usize,
 }
 
 impl StoredVerdicts {
-    fn of(p: &HeapProfile, verdicts: &HashMap<String, Verdict>) -> StoredVerdicts {
+    fn of(p: &HeapProfile, verdicts: &HashMap<String, Verdict>, snapshots: usize) -> StoredVerdicts {
         let per_leak = p
             .leaks()
             .iter()
             .take(MAX_STORED_VERDICTS)
             .map(|s| verdicts.get(&growth::stack_id(&s.frames)).cloned())
             .collect();
-        StoredVerdicts { per_leak }
+        StoredVerdicts { per_leak, snapshots }
     }
 
     /// The verdicts by stack id, for [`growth::annotate_leaks_json`] on `p` (the profile they
@@ -306,10 +308,10 @@ impl std::fmt::Display for AttachError {
 /// (growth triggers measure from the last snapshot). Forgets the verdicts of snapshots the
 /// store `removed`.
 pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, p: &HeapProfile, id: &str, removed: &[String]) {
-    let verdicts = {
+    let (verdicts, snapshots) = {
         let mut series = tracking.series.lock().unwrap();
         series.push(p);
-        Arc::new(series.verdicts())
+        (Arc::new(series.verdicts()), series.len())
     };
     *tracking.verdicts.lock().unwrap() = verdicts.clone();
     {
@@ -317,8 +319,8 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, p: &HeapProfile,
         for r in removed {
             map.remove(r);
         }
-        if !verdicts.is_empty() {
-            map.insert(id.to_string(), StoredVerdicts::of(p, &verdicts));
+        if snapshots >= growth::MIN_SNAPSHOTS {
+            map.insert(id.to_string(), StoredVerdicts::of(p, &verdicts, snapshots));
         }
     }
     for t in tracking.triggers.lock().unwrap().iter_mut() {
