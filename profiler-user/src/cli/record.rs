@@ -132,9 +132,17 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         }
         (t.series.verdicts(), t.series.len())
     });
-    write_outputs(&profile, &args.out, args.top, args.json_top, verdicts.as_ref().map(|(v, n)| (v, *n)))?;
+    let flamegraph_ms =
+        write_outputs(&profile, &args.out, args.top, args.json_top, verdicts.as_ref().map(|(v, n)| (v, *n)))?;
     let render_ms = snapshot_started.elapsed().as_millis() as u64 - snapshot_ms;
-    tracing::info!(stacks = profile.stacks.len(), live_allocs = profile.totals.live_allocs, snapshot_ms, render_ms, "final snapshot");
+    tracing::info!(
+        stacks = profile.stacks.len(),
+        live_allocs = profile.totals.live_allocs,
+        snapshot_ms,
+        flamegraph_ms,
+        render_ms,
+        "final snapshot"
+    );
     print!("{}", render::text::leak_report(&profile, args.top));
     if let Some((v, n)) = &verdicts {
         print!("\n{}", growth::verdict_report(&profile, v, *n, args.top));
@@ -327,14 +335,15 @@ fn wait_for_end(
 }
 
 /// Writes every output file of a recording into `dir`: the report shows `top` leaks,
-/// leaks.json at most `json_top`; verdicts, when given, annotate both.
+/// leaks.json at most `json_top`; verdicts, when given, annotate both. Returns how long the
+/// flamegraph took to render, in milliseconds.
 pub fn write_outputs(
     profile: &HeapProfile,
     dir: &Path,
     top: usize,
     json_top: usize,
     verdicts: Option<(&HashMap<String, Verdict>, usize)>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let create = |name: &str| {
         let path = dir.join(name);
@@ -364,12 +373,12 @@ pub fn write_outputs(
     let title = format!("memscope: live heap of pid {}", profile.pid);
     let started = Instant::now();
     let svg = render::flamegraph::flamegraph_svg(profile, Measure::Inuse, &title)?;
-    tracing::debug!(ms = started.elapsed().as_millis() as u64, "flamegraph rendered");
+    let flamegraph_ms = started.elapsed().as_millis() as u64;
     write("flamegraph.svg", &svg)?;
     write("heap.folded", render::folded::folded(profile, Measure::Inuse).as_bytes())?;
     let started = Instant::now();
     let pprof = render::pprof::pprof_gz(profile)?;
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "pprof rendered");
     write("heap.pb.gz", &pprof)?;
-    Ok(())
+    Ok(flamegraph_ms)
 }
