@@ -31,10 +31,10 @@ const PLUGIN: &str = "/usr/lib/libplugin.so";
 
 fn frame(function: Option<&str>, file_line: Option<(&str, u32)>, module: &str, address: u64) -> Frame {
     Frame {
-        function: function.map(str::to_string),
-        file: file_line.map(|(f, _)| f.to_string()),
+        function: function.map(Into::into),
+        file: file_line.map(|(f, _)| f.into()),
         line: file_line.map(|(_, l)| l),
-        module: Some(module.to_string()),
+        module: Some(module.into()),
         address,
         module_offset: None,
     }
@@ -75,7 +75,7 @@ fn leak_b() -> StackSample {
                 function: None,
                 file: None,
                 line: None,
-                module: Some(PLUGIN.to_string()),
+                module: Some(PLUGIN.into()),
                 address: 0x7f00_1000_1a2b,
                 module_offset: Some(0x1a2b),
             },

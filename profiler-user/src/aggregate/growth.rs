@@ -90,7 +90,7 @@ pub fn stack_id(frames: &[Frame]) -> String {
     }
     let token = |f: &Frame| match (&f.function, f.line, &f.module) {
         (Some(func), Some(line), _) => format!("{func}:{line}"),
-        (Some(func), None, _) => func.clone(),
+        (Some(func), None, _) => func.to_string(),
         (None, _, Some(m)) => format!("{}@{:#x}", m.rsplit('/').next().unwrap_or(m), f.address),
         (None, _, None) => format!("{:#x}", f.address),
     };

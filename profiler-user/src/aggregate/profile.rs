@@ -1,19 +1,20 @@
 //! The heap profile: pure data produced by a snapshot and consumed by every renderer, the
 //! snapshot store and the HTTP API. Nothing here touches the kernel.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
 /// One frame of an allocation stack, after symbolization.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
-    /// Demangled function name, when known.
-    pub function: Option<String>,
+    /// Demangled function name, when known. Names are shared (`Arc`): a million frames name a
+    /// few thousand functions.
+    pub function: Option<Arc<str>>,
     /// Source file, when debug info exists.
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub line: Option<u32>,
     /// Path of the object file (executable or library) holding the address.
-    pub module: Option<String>,
+    pub module: Option<Arc<str>>,
     /// Virtual address in the target, as `0x...` (JSON numbers lose precision past 2^53).
     #[serde(with = "hex_u64")]
     pub address: u64,
@@ -27,7 +28,7 @@ impl Frame {
     /// else the raw address.
     pub fn display_name(&self) -> String {
         if let Some(f) = &self.function {
-            return f.clone();
+            return f.to_string();
         }
         match (&self.module, self.module_offset) {
             (Some(m), Some(off)) => {
@@ -42,7 +43,7 @@ impl Frame {
     pub fn location(&self) -> Option<String> {
         match (&self.file, self.line) {
             (Some(f), Some(l)) => Some(format!("{f}:{l}")),
-            (Some(f), None) => Some(f.clone()),
+            (Some(f), None) => Some(f.to_string()),
             _ => None,
         }
     }

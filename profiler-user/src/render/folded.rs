@@ -70,7 +70,7 @@ mod tests {
     use super::*;
 
     fn named(n: &str) -> Frame {
-        Frame { function: Some(n.to_string()), ..Frame::default() }
+        Frame { function: Some(n.into()), ..Frame::default() }
     }
 
     #[test]

@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn warns_loudly_on_drops_and_caps_top() {
         let leak = |b: u64| StackSample {
-            frames: vec![Frame { function: Some(format!("f{b}")), ..Frame::default() }],
+            frames: vec![Frame { function: Some(format!("f{b}").into()), ..Frame::default() }],
             leak_bytes: b,
             leak_allocs: 1,
             ..StackSample::default()

@@ -332,7 +332,7 @@ mod tests {
             stacks: (0..stacks)
                 .map(|i| StackSample {
                     frames: vec![Frame {
-                        function: Some(format!("alloc_site_{i}_{}", "x".repeat(i % 50))),
+                        function: Some(format!("alloc_site_{i}_{}", "x".repeat(i % 50)).into()),
                         address: 0x1000 + i as u64,
                         ..Frame::default()
                     }],

@@ -5,7 +5,10 @@
 pub mod modules;
 pub mod perf_map;
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer as Blaze};
 
@@ -20,6 +23,8 @@ thread_local! {
 }
 
 pub struct Symbolizer {
+    /// Names shared by every frame that carries them.
+    names: HashSet<Arc<str>>,
     modules: Modules,
     /// JIT code names, for addresses outside any file (Node.js with --perf-basic-prof).
     jit: PerfMap,
@@ -31,6 +36,7 @@ impl Symbolizer {
         let mut modules = Modules::new(pid);
         modules.refresh();
         Symbolizer {
+            names: HashSet::new(),
             modules,
             jit: PerfMap::for_pid(pid),
             cache: HashMap::new(),
@@ -71,6 +77,7 @@ impl Symbolizer {
             let results = BLAZE
                 .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
                 .unwrap_or_default();
+            let module = intern(&mut self.names, &module);
             for (i, &(addr, off)) in items.iter().enumerate() {
                 let mut frame = Frame {
                     address: addr,
@@ -79,8 +86,8 @@ impl Symbolizer {
                     ..Default::default()
                 };
                 if let Some(Some((function, file, line))) = results.get(i) {
-                    frame.function = Some(function.clone());
-                    frame.file = file.clone();
+                    frame.function = Some(intern(&mut self.names, function));
+                    frame.file = file.as_deref().map(|f| intern(&mut self.names, f));
                     frame.line = *line;
                 }
                 self.cache.insert(addr, frame);
@@ -91,6 +98,15 @@ impl Symbolizer {
             .filter_map(|a| jit_frames.remove(a).or_else(|| self.cache.get(a).cloned()).map(|f| (*a, f)))
             .collect()
     }
+}
+
+fn intern(names: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(known) = names.get(s) {
+        return known.clone();
+    }
+    let new: Arc<str> = s.into();
+    names.insert(new.clone());
+    new
 }
 
 /// Function name, source file and line of a symbolized address.

@@ -53,20 +53,20 @@ fn parse_line(line: &str) -> Option<(u64, u64, &str)> {
 fn frame_for(addr: u64, name: &str) -> Frame {
     let mut frame = Frame { address: addr, module: Some("[jit]".into()), ..Default::default() };
     let Some(js) = name.strip_prefix("JS:") else {
-        frame.function = Some(name.to_string());
+        frame.function = Some(name.into());
         return frame;
     };
     let js = js.trim_start_matches(['*', '~', '^', '+']);
     let (function, location) = js.split_once(' ').unwrap_or((js, ""));
-    frame.function = Some(if function.is_empty() { "(anonymous)".to_string() } else { function.to_string() });
+    frame.function = Some(if function.is_empty() { "(anonymous)" } else { function }.into());
     let mut parts = location.rsplitn(3, ':');
     let (col, line, file) = (parts.next(), parts.next(), parts.next());
     match (file, line.and_then(|l| l.parse().ok()), col) {
         (Some(file), Some(line), Some(_)) => {
-            frame.file = Some(file.to_string());
+            frame.file = Some(file.into());
             frame.line = Some(line);
         }
-        _ if !location.is_empty() => frame.file = Some(location.to_string()),
+        _ if !location.is_empty() => frame.file = Some(location.into()),
         _ => {}
     }
     frame
