@@ -19,27 +19,10 @@ use serde_json::Value;
 
 const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
 
-/// Compiles tests/fixtures/trigger_fixture.c once per test process, to a file of its own
-/// (written aside and renamed into place: other test processes may run theirs meanwhile).
+/// The trigger fixture (tests/fixtures/trigger_fixture.c), compiled once per test process.
 fn trigger_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trigger_fixture.c");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("trigger_fixture_agent");
-        let tmp = dir.join(format!(".trigger_fixture_agent.{}", std::process::id()));
-        let status = Command::new("cc")
-            .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
-            .arg(&tmp)
-            .arg(&src)
-            .status()
-            .expect("running cc (install gcc)");
-        assert!(status.success(), "compiling {} (needs <sys/sdt.h>: systemtap-sdt-dev)", src.display());
-        std::fs::rename(&tmp, &out).unwrap();
-        out
-    })
-    .clone()
+    P.get_or_init(|| common::build_fixture("trigger_fixture", &[])).clone()
 }
 
 /// A running process that printed "ready <pid>"; killed when dropped.

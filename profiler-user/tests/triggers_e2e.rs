@@ -38,20 +38,7 @@ fn trigger_fixture() -> PathBuf {
             cc.wait().unwrap().success(),
             "<sys/sdt.h> is missing: install the Debian package systemtap-sdt-dev (the USDT fixture needs it)"
         );
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trigger_fixture.c");
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("trigger_fixture");
-        let tmp = dir.join(format!(".trigger_fixture.{}", std::process::id()));
-        let status = Command::new("cc")
-            .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
-            .arg(&tmp)
-            .arg(&src)
-            .status()
-            .expect("running cc (install gcc)");
-        assert!(status.success(), "compiling {}", src.display());
-        std::fs::rename(&tmp, &out).unwrap();
-        out
+        common::build_fixture("trigger_fixture", &[])
     })
     .clone()
 }

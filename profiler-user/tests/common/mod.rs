@@ -11,21 +11,25 @@ use std::{
     sync::OnceLock,
 };
 
-/// Compiles `tests/fixtures/<name>.c` once per test binary; returns the executable.
+/// Compiles `tests/fixtures/<name>.c` (with `extra` cc flags) and returns the executable.
+/// Test binaries run in parallel processes (nextest), so each compiles to a private file and
+/// renames it into place: no test ever runs, or overwrites, a half-written binary.
 pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
     let tag = extra.join("").replace(['-', '='], "");
     let out = dir.join(format!("{name}{tag}"));
+    let tmp = dir.join(format!(".{name}{tag}.{}.{:?}", std::process::id(), std::thread::current().id()));
     let status = Command::new("cc")
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&out)
+        .arg(&tmp)
         .arg(&src)
         .args(extra)
         .status()
         .expect("running cc (install gcc)");
     assert!(status.success(), "compiling {}", src.display());
+    std::fs::rename(&tmp, &out).unwrap();
     out
 }
 
