@@ -282,7 +282,9 @@ fn on_return_fires_after_each_gc_cycle() {
     }
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
-    assert!(g.iter().all(|g| (400..=600).contains(g)), "gc gaps {g:?}");
+    // Cycles are 500 ms apart; each firing is seen within a poll (20 ms) or later on a loaded
+    // machine, so a gap can shrink or stretch by that lateness.
+    assert!(g.iter().all(|g| (300..=700).contains(g)), "gc gaps {g:?}");
     assert!(snaps.iter().filter(|s| s["reason"] == "interval").count() >= 6, "{index:#}");
     let gc_trigger = index["triggers"].as_array().unwrap().iter().find(|t| t["reason"] == "return:gc_cycle").unwrap();
     assert_eq!(gc_trigger["probes"], 1);
