@@ -305,15 +305,17 @@ fn min_spacing_limits_a_hot_function() {
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
-    assert!((3..=6).contains(&snaps.len()), "{} snapshots: {index:#}", snaps.len());
+    // 2 s at one snapshot per 400 ms at most; fewer when the machine is loaded.
+    assert!((2..=6).contains(&snaps.len()), "{} snapshots: {index:#}", snaps.len());
     for g in gaps(&index) {
         assert!(g >= 400, "gaps {:?} below the min spacing", gaps(&index));
     }
     let t = &index["triggers"][0];
     let (fired, suppressed) = (t["fired"].as_u64().unwrap(), t["suppressed"].as_u64().unwrap());
     assert_eq!(fired, snaps.len() as u64);
-    // ~200 returns in 2 s; all but the fired ones are suppressed.
-    assert!(suppressed >= 120 && fired + suppressed <= 260, "fired {fired}, suppressed {suppressed}");
+    // ~200 returns in 2 s (fewer when the fixture is starved of CPU); all but the fired ones
+    // are suppressed.
+    assert!(suppressed >= 60 && fired + suppressed <= 260, "fired {fired}, suppressed {suppressed}");
     assert!(stderr.contains(&format!("{suppressed} firings suppressed")), "{stderr}");
 }
 
