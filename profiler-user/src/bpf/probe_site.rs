@@ -35,9 +35,10 @@
 //!      used-register info, not from a hand-written list. Reading them, or writing other
 //!      registers and the flags, is fine: the probe reads neither, and an emulated `jcc` at the
 //!      site consumes the flags the prefix produced, exactly as without a probe;
-//!    - the return address: the probe reads it at `[rsp + rsp_delta]`. Only `push` (+8) and
-//!      `sub rsp, imm` (+imm) are understood; any other write to rsp (pop, add, lea, mov, and,
-//!      leave, enter, ...) is refused. `rsp_delta` must fit in a `u8`;
+//!    - the return address, at `[rsp + rsp_delta]` at the site: the uretprobe that swaps it is
+//!      moved to the same site only when `rsp_delta` is 0 (`bpf::attach`). Only `push` (+8)
+//!      and `sub rsp, imm` (+imm) are understood; any other write to rsp (pop, add, lea, mov,
+//!      and, leave, enter, ...) is refused. `rsp_delta` must fit in a `u8`;
 //!    - memory: a store in the prefix is a side effect the probe neither undoes nor repeats, so
 //!      it does not matter *as a side effect*. It matters only if it could overwrite the one
 //!      memory word the probe reads, the return-address slot (`mov %rax,(%rsp)` before any push
