@@ -7,14 +7,13 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, ChildStdin, Command, Stdio},
+    process::{Command, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
 };
 
-use common::{agent::*, require_root};
+use common::{agent::*, require_root, Fixture};
 use serde_json::Value;
 
 const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
@@ -23,69 +22,6 @@ const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
 fn trigger_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| common::build_fixture("trigger_fixture", &[])).clone()
-}
-
-/// A running process that printed "ready <pid>"; killed when dropped.
-struct Proc {
-    child: Child,
-    pid: u32,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<std::process::ChildStdout>,
-    /// node's working directory (V8 writes isolate-*.log files there), removed on drop.
-    cwd: Option<tempfile::TempDir>,
-}
-
-impl Proc {
-    fn start(mut cmd: Command) -> Proc {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("starting the fixture");
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready "), "fixture said {line:?}");
-        Proc { pid: child.id(), child, stdin, stdout, cwd: None }
-    }
-
-    /// The trigger fixture in `mode`, waiting for "go".
-    fn fixture(mode: &str) -> Proc {
-        let mut c = Command::new(trigger_fixture());
-        c.arg(mode);
-        Proc::start(c)
-    }
-
-    /// tests/fixtures/node_gc.js under node, collecting garbage every 100 ms from the start.
-    fn node() -> Proc {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_gc.js");
-        let cwd = tempfile::tempdir().unwrap();
-        let mut c = Command::new("node");
-        c.args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack", script]).current_dir(cwd.path());
-        let mut p = Proc::start(c);
-        p.cwd = Some(cwd);
-        p
-    }
-
-    /// Starts the fixture's workload ("go" -> "done").
-    fn go(&mut self) {
-        use std::io::Write;
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(b"go\n").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert_eq!(line, "done\n");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if self.cwd.is_some() {
-            // The JIT map that --perf-basic-prof wrote.
-            let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid));
-        }
-    }
 }
 
 /// One HTTP call to the agent with `token`; returns the status and the JSON answer.
@@ -152,7 +88,7 @@ fn agent_interval_snapshots_and_verdicts() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path()).display().to_string();
     let data = data_dir(dir.path());
-    let mut fixture = Proc::fixture("gc");
+    let mut fixture = Fixture::start(&trigger_fixture(), "gc");
     let pid = fixture.pid.to_string();
     let agent = start_agent(&agent_args(&tokens, &data, &pid, &["--every", "300ms", "--min-spacing", "100ms"]))
         .unwrap_or_else(|e| panic!("agent did not start: {e}"));
@@ -212,7 +148,7 @@ fn agent_exit_trigger_keeps_the_target_listed() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path()).display().to_string();
     let data = data_dir(dir.path());
-    let mut fixture = Proc::fixture("exit");
+    let mut fixture = Fixture::start(&trigger_fixture(), "exit");
     let pid = fixture.pid.to_string();
     let agent = start_agent(&agent_args(&tokens, &data, &pid, &["--on-exit"])).unwrap();
     fixture.go();
@@ -260,7 +196,7 @@ fn rfc3339_ms(s: &str) -> i64 {
 fn record_on_gc_in_node() {
     require_root();
     assert_eq!(rfc3339_ms("2026-11-24T16:05:01.250Z"), 1_795_536_301_250);
-    let node = Proc::node();
+    let node = Fixture::node("node_gc.js");
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(MEMSCOPE)
         .args(["record", "--pid", &node.pid.to_string(), "--on-gc", "--min-spacing", "500ms", "--duration", "3s", "--out"])
@@ -304,7 +240,7 @@ fn record_on_gc_in_node() {
 #[test]
 fn agent_gc_trigger_in_node() {
     require_root();
-    let node = Proc::node();
+    let node = Fixture::node("node_gc.js");
     let pid = node.pid.to_string();
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path()).display().to_string();
@@ -345,7 +281,7 @@ fn agent_gc_trigger_in_node() {
 #[test]
 fn on_gc_without_v8_fails_with_one_line() {
     require_root();
-    let fixture = Proc::fixture("gc");
+    let fixture = Fixture::start(&trigger_fixture(), "gc");
     let pid = fixture.pid.to_string();
     let expected = format!(
         "memscope: --on-gc: no V8 garbage collector found in process {pid}'s executable or libraries (is it a Node.js process?)"

@@ -3,13 +3,9 @@
 //! and `node` (installed on these machines).
 mod common;
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::require_root;
+use common::{require_root, Fixture};
 use profiler_user::{aggregate::HeapProfile, bpf::load::ProbeSettings, session::Session, target::TracedTarget};
 
 /// Live bytes of the stacks that pass through JavaScript function `name`.
@@ -26,29 +22,11 @@ fn live_through(p: &HeapProfile, name: &str) -> u64 {
 #[test]
 fn node_buffers_are_attributed_to_javascript_functions() {
     require_root();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_leak.js");
-    // node writes isolate-*-v8.log files into its working directory.
-    let cwd = tempfile::tempdir().unwrap();
-    let mut node = Command::new("node")
-        .current_dir(cwd.path())
-        .args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting node (it is installed on these machines)");
-    let mut out = BufReader::new(node.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert!(line.starts_with("ready"), "{line}");
-    let session = Session::attach(node.id(), ProbeSettings::default()).unwrap();
-    node.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "done\n");
+    let mut node = Fixture::node("node_leak.js");
+    let session = Session::attach(node.pid, ProbeSettings::default()).unwrap();
+    node.go();
     let p = session.snapshot(Duration::ZERO).unwrap();
-    let _ = node.kill();
-    let _ = node.wait();
-    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", session.pid()));
+    drop(node);
     let truth = 200.0 * 65536.0;
     let leaked = live_through(&p, "leakyHandler") as f64;
     assert!((leaked - truth).abs() / truth < 0.05, "leakyHandler: {leaked} live bytes vs {truth}");

@@ -9,13 +9,13 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, Command, Stdio},
     sync::{mpsc, OnceLock},
     thread,
     time::{Duration, Instant},
 };
 
-use common::require_root;
+use common::{require_root, Fixture};
 use profiler_user::trigger::{resolve, usdt};
 use serde_json::Value;
 
@@ -43,57 +43,10 @@ fn trigger_fixture() -> PathBuf {
     .clone()
 }
 
-/// A running trigger fixture (see its protocol): `go` starts the workload, `ask` queries it.
-struct Target {
-    child: Child,
-    pid: u32,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Target {
-    fn start(mode: &str) -> Target {
-        let mut child = Command::new(trigger_fixture())
-            .arg(mode)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting the trigger fixture");
-        let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        assert!(line.starts_with("ready "), "fixture said {line:?}");
-        Target { pid: child.id(), child, stdin, stdout }
-    }
-
-    fn go(&mut self) {
-        assert_eq!(self.ask("go"), "done");
-    }
-
-    /// Sends one line, returns the answer line (without newline).
-    fn ask(&mut self, q: &str) -> String {
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(format!("{q}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim_end().to_string()
-    }
-
-    /// The number after `word` in the answer to `word?`.
-    fn count(&mut self, word: &str) -> u64 {
-        let a = self.ask(&format!("{word}?"));
-        a.strip_prefix(&format!("{word} ")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("fixture said {a:?}"))
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A running trigger fixture in `mode` (see its protocol): `go` starts the workload, `ask`
+/// queries it.
+fn target(mode: &str) -> Fixture {
+    Fixture::start(&trigger_fixture(), mode)
 }
 
 /// A running `memscope record`, its stderr collected line by line.
@@ -219,7 +172,7 @@ fn leak_of<'a>(leaks: &'a Value, function: &str) -> &'a Value {
 #[test]
 fn interval_snapshots_fire_on_schedule() {
     require_root();
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--every", "300ms", "--min-spacing", "100ms"]);
     target.go();
@@ -256,7 +209,7 @@ fn interval_snapshots_fire_on_schedule() {
 #[test]
 fn on_return_fires_after_each_gc_cycle() {
     require_root();
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(
         target.pid,
@@ -297,7 +250,7 @@ fn on_return_fires_after_each_gc_cycle() {
 #[test]
 fn min_spacing_limits_a_hot_function() {
     require_root();
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-return", "tick_fast", "--min-spacing", "400ms"]);
     target.go();
@@ -324,7 +277,7 @@ fn min_spacing_limits_a_hot_function() {
 #[test]
 fn rss_threshold_fires_once_at_the_crossing() {
     require_root();
-    let mut target = Target::start("rss");
+    let mut target = target("rss");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-rss", "40MiB", "--min-spacing", "50ms"]);
     target.go();
@@ -392,7 +345,7 @@ impl Drop for TestCgroup {
 #[test]
 fn cgroup_memory_threshold_fires_once() {
     require_root();
-    let mut target = Target::start("rss");
+    let mut target = target("rss");
     let _cgroup = TestCgroup::enter(target.pid);
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-rss", "cgroup:40MiB", "--min-spacing", "50ms"]);
@@ -423,7 +376,7 @@ fn growth_triggers_fire_per_step() {
         ("100%", 8, |prev, cur| cur >= 2 * prev && cur <= 2 * prev + 32),
     ];
     for (arg, first, rule) in cases {
-        let mut target = Target::start("rss");
+        let mut target = target("rss");
         let out = tempfile::tempdir().unwrap();
         let rec = Recording::start(target.pid, out.path(), &["--on-growth", arg, "--min-spacing", "20ms"]);
         target.go();
@@ -444,7 +397,7 @@ fn growth_triggers_fire_per_step() {
 #[test]
 fn on_exit_writes_the_final_report() {
     require_root();
-    let mut target = Target::start("exit");
+    let mut target = target("exit");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-exit"]);
     target.go();
@@ -471,7 +424,7 @@ fn on_exit_writes_the_final_report() {
 #[test]
 fn verdicts_tell_a_leak_from_a_cache() {
     require_root();
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(
         target.pid,
@@ -510,7 +463,7 @@ fn verdicts_tell_a_leak_from_a_cache() {
 #[test]
 fn usdt_probe_with_semaphore() {
     require_root();
-    let mut target = Target::start("usdt");
+    let mut target = target("usdt");
     target.go();
     assert_eq!(target.count("sem"), 0);
     let out = tempfile::tempdir().unwrap();
@@ -536,7 +489,7 @@ fn bad_triggers_fail_clearly() {
     let out = Command::new(MEMSCOPE).args(["record", "--pid", "1", "--on-usdt", "nocolon"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     target.go();
     let dir = tempfile::tempdir().unwrap();
     for (flag, value, says) in [
@@ -588,7 +541,7 @@ fn usdt_notes_of_the_fixture() {
 /// executable (same offset as the exact-name resolver), a libc function in libc.
 #[test]
 fn return_symbols_resolve_in_the_fixture() {
-    let mut target = Target::start("gc");
+    let mut target = target("gc");
     target.go();
     let found = resolve::find_function(target.pid, "gc_cycle").unwrap();
     assert_eq!(found.len(), 1);

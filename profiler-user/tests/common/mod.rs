@@ -12,24 +12,24 @@ use std::{
 };
 
 /// Compiles `tests/fixtures/<name>.c` (with `extra` cc flags) and returns the executable.
-/// Test binaries run in parallel processes (nextest), so each compiles to a private file and
-/// renames it into place: no test ever runs, or overwrites, a half-written binary.
+/// Tests run in parallel processes (nextest), so each process compiles its own copy: replacing
+/// a binary another test is running would make its mappings read `(deleted)`, and a shared
+/// half-written file could be executed.
 pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
     let tag = extra.join("").replace(['-', '='], "");
-    let out = dir.join(format!("{name}{tag}"));
-    let tmp = dir.join(format!(".{name}{tag}.{}.{:?}", std::process::id(), std::thread::current().id()));
+    let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+    let out = dir.join(format!("{name}{tag}.{}.{thread}", std::process::id()));
     let status = Command::new("cc")
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&tmp)
+        .arg(&out)
         .arg(&src)
         .args(extra)
         .status()
         .expect("running cc (install gcc)");
     assert!(status.success(), "compiling {}", src.display());
-    std::fs::rename(&tmp, &out).unwrap();
     out
 }
 
@@ -38,39 +38,69 @@ pub fn alloc_fixture() -> PathBuf {
     P.get_or_init(|| build_fixture("alloc_fixture", &[])).clone()
 }
 
-/// A running fixture: waits at "ready" until `go()`.
+/// A running fixture process: it printed "ready <pid>" and waits for "go" on stdin (the
+/// protocol of every fixture under tests/fixtures). Killed when dropped.
 pub struct Fixture {
     pub child: Child,
     pub pid: u32,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
+    /// node's working directory (V8 writes isolate-*-v8.log files there), removed on drop.
+    node_cwd: Option<tempfile::TempDir>,
 }
 
 impl Fixture {
-    pub fn start(exe: &std::path::Path, mode: &str) -> Fixture {
-        let mut child = Command::new(exe)
-            .arg(mode)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting fixture");
+    /// Starts `cmd` with piped stdin/stdout and waits for its "ready" line.
+    pub fn spawn(mut cmd: Command) -> Fixture {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("starting fixture");
         let stdin = child.stdin.take();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert!(line.starts_with("ready "), "fixture said {line:?}");
-        let pid = child.id();
-        Fixture { child, pid, stdin, stdout }
+        Fixture { pid: child.id(), child, stdin, stdout, node_cwd: None }
+    }
+
+    /// A compiled fixture in `mode`.
+    pub fn start(exe: &std::path::Path, mode: &str) -> Fixture {
+        let mut cmd = Command::new(exe);
+        cmd.arg(mode);
+        Fixture::spawn(cmd)
+    }
+
+    /// tests/fixtures/`script` under node with JIT symbols (`--perf-basic-prof
+    /// --interpreted-frames-native-stack`) and `--expose-gc`, in a temporary directory.
+    pub fn node(script: &str) -> Fixture {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(script);
+        let cwd = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("node");
+        cmd.current_dir(cwd.path())
+            .args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack"])
+            .arg(script);
+        let mut f = Fixture::spawn(cmd);
+        f.node_cwd = Some(cwd);
+        f
+    }
+
+    /// Sends one line, returns the answer line (without its newline).
+    pub fn ask(&mut self, q: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{q}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim_end().to_string()
     }
 
     /// Lets the workload run and waits until it says "done".
     pub fn go(&mut self) {
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(b"go\n").unwrap();
-        stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        assert_eq!(line, "done\n");
+        assert_eq!(self.ask("go"), "done");
+    }
+
+    /// The number after `word` in the answer to `word?`.
+    pub fn count(&mut self, word: &str) -> u64 {
+        let a = self.ask(&format!("{word}?"));
+        a.strip_prefix(&format!("{word} ")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("fixture said {a:?}"))
     }
 
     /// Closes stdin: the fixture exits.
@@ -82,8 +112,13 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        self.stdin.take();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.node_cwd.is_some() {
+            // The JIT map that --perf-basic-prof wrote.
+            let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.pid));
+        }
     }
 }
 
