@@ -20,7 +20,6 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Args;
-use profiler_common::Counter;
 
 use super::{
     trigger_args::TriggerArgs,
@@ -310,17 +309,15 @@ fn wait_for_end(
             break Stop::TargetExited;
         }
         if tty && last_print.elapsed() >= Duration::from_secs(1) {
-            let c = session.counters().unwrap_or_default();
-            let get = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
-            let events = get(Counter::Allocs) + get(Counter::Frees) + get(Counter::UntrackedFrees);
+            let stats = session.stats();
+            let events = stats.allocs + stats.frees;
             let rate = events.saturating_sub(last_events) as f64 / last_print.elapsed().as_secs_f64();
-            let live = get(Counter::SampledBytes).saturating_sub(get(Counter::FreeBytes));
-            let drops: u64 = Counter::DROPS.iter().map(|d| get(*d)).sum();
+            let drops: u64 = stats.dropped.values().sum();
             eprint!(
-                "\r  {:>5.0}s elapsed  {:>10.0} events/s  {:>10} live (sampled)  {} dropped   ",
+                "\r  {:>5.0}s elapsed  {:>10.0} events/s  {:>10} live  {} dropped   ",
                 session.elapsed().as_secs_f64(),
                 rate,
-                render::human_bytes(live),
+                render::human_bytes(stats.live_bytes),
                 drops
             );
             last_events = events;
