@@ -82,30 +82,39 @@ pub struct AllocInfo {
 }
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 32);
 
-/// Identifies an allocation site: the kernel's frame-pointer stack plus the immediate caller,
-/// which the kernel's walk misses when the allocator does not start with `push %rbp`.
+/// Identifies an allocation site: the frame-pointer stack plus the immediate caller, which a
+/// frame-pointer walk from inside the allocator misses (the allocator has not pushed rbp yet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackKey {
     /// Return address into the allocator's caller (the instruction pointer in the return probe).
     pub caller: u64,
-    /// Id in the `STACKS` map, or -1 when the stack could not be recorded (then counted).
-    pub stack_id: i32,
-    pub _pad: u32,
+    /// Key in the `STACKS` map (a hash of the frames), or 0 when the stack was not recorded.
+    pub stack_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 
-/// Per-stack totals kept in the kernel, so a heap snapshot reads one entry per stack instead of
-/// one per allocation. Updated with atomic adds.
+/// Frames kept per stack: deeper stacks lose their outermost frames.
+pub const MAX_FRAMES: usize = 64;
+
+/// One user stack, as the probes walk it: `ips[0]` is the probed instruction in the allocator,
+/// then the return addresses found through the frame-pointer chain, outwards; zero-filled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackFrames {
+    pub ips: [u64; MAX_FRAMES],
+}
+const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * MAX_FRAMES);
+
+/// Per-stack totals of everything allocated since attach, kept in the kernel with atomic adds.
+/// (What is still live per stack comes from walking `LIVE` at snapshot time.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackStats {
-    pub live_bytes: u64,
-    pub live_allocs: u64,
     pub total_bytes: u64,
     pub total_allocs: u64,
 }
-const _: () = assert!(core::mem::size_of::<StackStats>() == 32);
+const _: () = assert!(core::mem::size_of::<StackStats>() == 16);
 
 /// State of an allocator call between its entry and its return, per thread.
 #[repr(C)]
@@ -122,7 +131,9 @@ pub struct InFlight {
     pub depth: u32,
     /// 1 when this call was chosen by sampling and must be recorded.
     pub sampled: u32,
-    pub _pad: u32,
+    /// 1 between a recorded call's entry and its return; a thread's slot stays in the map
+    /// (inactive) between calls.
+    pub active: u32,
 }
 const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
 
@@ -145,21 +156,19 @@ pub enum Counter {
     SampledBytes = 7,
     // Everything from here on is a drop: an event that could not be recorded.
     DropLiveFull = 8,
-    DropStackCollision = 9,
-    DropStackError = 10,
-    DropStatsFull = 11,
-    DropInflightFull = 12,
-    DropNoInflight = 13,
+    DropStackMapFull = 9,
+    DropStatsFull = 10,
+    DropInflightFull = 11,
+    DropNoInflight = 12,
 }
 
 pub const COUNTER_COUNT: u32 = 16;
 pub const FIRST_DROP_COUNTER: u32 = Counter::DropLiveFull as u32;
 
 impl Counter {
-    pub const DROPS: [Counter; 6] = [
+    pub const DROPS: [Counter; 5] = [
         Counter::DropLiveFull,
-        Counter::DropStackCollision,
-        Counter::DropStackError,
+        Counter::DropStackMapFull,
         Counter::DropStatsFull,
         Counter::DropInflightFull,
         Counter::DropNoInflight,
@@ -169,8 +178,7 @@ impl Counter {
     pub const fn drop_reason(self) -> &'static str {
         match self {
             Counter::DropLiveFull => "live_map_full",
-            Counter::DropStackCollision => "stack_map_collision",
-            Counter::DropStackError => "stack_unreadable",
+            Counter::DropStackMapFull => "stack_map_full",
             Counter::DropStatsFull => "stack_stats_full",
             Counter::DropInflightFull => "inflight_map_full",
             Counter::DropNoInflight => "return_without_entry",
@@ -192,6 +200,7 @@ mod pod {
     // SAFETY: all fields are plain integers with explicit padding.
     unsafe impl aya::Pod for super::AllocInfo {}
     unsafe impl aya::Pod for super::StackKey {}
+    unsafe impl aya::Pod for super::StackFrames {}
     unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::InFlight {}
 }

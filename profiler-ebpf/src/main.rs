@@ -16,6 +16,7 @@
 
 mod maps;
 mod probes;
+mod stack;
 mod triggers;
 
 #[cfg(not(test))]

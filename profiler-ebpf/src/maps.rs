@@ -2,11 +2,11 @@
 //! resizes `LIVE`, `STACKS` and `STACK_STATS` at load time (`--max-allocs`, `--max-stacks`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, StackTrace},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     Global,
 };
 use profiler_common::{
-    AllocInfo, InFlight, StackKey, StackStats, COUNTER_COUNT, EXP_TABLE_LEN,
+    AllocInfo, InFlight, StackFrames, StackKey, StackStats, COUNTER_COUNT, EXP_TABLE_LEN,
 };
 
 /// Only this process (tgid) is traced; 0 traces whoever hits the probe.
@@ -29,12 +29,16 @@ pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0)
 #[map]
 pub static STACK_STATS: HashMap<StackKey, StackStats> = HashMap::with_max_entries(1 << 16, 0);
 
-/// User stacks by id (`bpf_get_stackid`).
+/// User stacks by the hash of their frames (see `stack.rs`).
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(1 << 15, 0);
+pub static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(1 << 15, 0);
 
-/// Allocator calls between entry and return, by pid_tgid. LRU so a thread that dies inside
-/// malloc cannot leak an entry forever.
+/// Where a stack is assembled before it is hashed and stored (too big for the BPF stack).
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+
+/// Allocator calls between entry and return, one slot per thread (pid_tgid), reused from call
+/// to call. LRU so the slots of threads that ended make room for new ones.
 #[map]
 pub static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(1 << 14, 0);
 

@@ -1,13 +1,22 @@
-//! The three programs: allocation entry, allocation return, free.
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+//! The allocator probes. Two ways to attach them, same logic underneath:
+//! - `alloc_session` (uprobe.session, Linux 6.13+): one program sees both the entry and the
+//!   return of an allocator call, and its entry tells the kernel whether to stop at the return
+//!   at all: unsampled calls skip that second trap. It also handles `free`.
+//! - `alloc_entry` + `alloc_return` (uprobe + uretprobe) and `free_entry` on older kernels:
+//!   every call pays for its return probe.
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_probe_read_user,
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_func_ip, bpf_get_prandom_u32,
+        bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{uprobe, uretprobe},
-    programs::{tracing::StackIdContext as _, ProbeContext, RetProbeContext},
+    bindings::pt_regs,
+    programs::{ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
 use profiler_common::{
@@ -16,22 +25,19 @@ use profiler_common::{
 };
 
 use crate::maps::{
-    COUNTERS, EXP_TABLE, INFLIGHT, LIVE, SAMPLE_BYTES, SAMPLE_COUNTDOWN, STACKS, STACK_STATS,
-    TARGET_TGID,
+    COUNTERS, EXP_TABLE, INFLIGHT, LIVE, SAMPLE_BYTES, SAMPLE_COUNTDOWN, STACK_STATS, TARGET_TGID,
 };
-
-const BPF_F_USER_STACK: u64 = 1 << 8;
-const EEXIST: i32 = 17;
+use crate::stack;
 
 #[inline(always)]
-fn count(counter: Counter, value: u64) {
+pub fn count(counter: Counter, value: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other CPU writes it.
         unsafe { *slot += value };
     }
 }
 
-/// Atomic add shared by all CPUs (BPF_ATOMIC_ADD); subtraction adds the two's complement.
+/// Atomic add shared by all CPUs (BPF_ATOMIC_ADD).
 #[inline(always)]
 unsafe fn add(dst: *mut u64, value: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(dst, value) };
@@ -60,7 +66,8 @@ fn sample(size: u64) -> bool {
         return true;
     };
     unsafe {
-        *left -= size as i64;
+        // Sizes past i64::MAX (malloc(SIZE_MAX)) fail anyway; they must not add to the budget.
+        *left -= size.min(i64::MAX as u64) as i64;
         if *left > 0 {
             return false;
         }
@@ -71,25 +78,69 @@ fn sample(size: u64) -> bool {
     true
 }
 
-#[uprobe]
-pub fn alloc_entry(ctx: ProbeContext) -> u32 {
-    match try_alloc_entry(&ctx) {
-        Ok(()) | Err(()) => 0,
+/// Returned by a session program's entry: 0 = run me again at this call's return, 1 = don't.
+const WANT_RETURN: u32 = 0;
+const SKIP_RETURN: u32 = 1;
+
+/// Not `#[uprobe]`: that macro returns 0 whatever the function returns, and the return value
+/// is what a session program says to the kernel.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn alloc_session(ctx: *mut c_void) -> u32 {
+    on_session(ProbeContext::new(ctx))
+}
+
+#[inline(always)]
+fn on_session(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_target(pid_tgid) {
+        return SKIP_RETURN;
+    }
+    // At the return, the kernel has restored the instruction pointer to the caller's return
+    // address; at the entry it is the probed address, which bpf_get_func_ip reports in both.
+    if unsafe { (*ctx.regs).rip != bpf_get_func_ip(ctx.as_ptr()) } {
+        let _ = on_alloc_return(ctx.regs, pid_tgid);
+        return SKIP_RETURN;
+    }
+    let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    match AllocKind::from_u8(kind) {
+        Some(AllocKind::Free) => {
+            on_free(arg(&ctx, 0));
+            SKIP_RETURN
+        }
+        Some(kind) => match on_alloc_entry(&ctx, pid_tgid, kind) {
+            Ok(true) => WANT_RETURN,
+            Ok(false) | Err(()) => SKIP_RETURN,
+        },
+        None => SKIP_RETURN,
     }
 }
 
-fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
+#[uprobe]
+pub fn alloc_entry(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_target(pid_tgid) {
-        return Ok(());
+    if is_target(pid_tgid) {
+        let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+        if let Some(kind) = AllocKind::from_u8(kind) {
+            let _ = on_alloc_entry(&ctx, pid_tgid, kind);
+        }
     }
-    if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
-        // An allocator function called from inside another one: the outer call records.
-        unsafe { (*outer).depth += 1 };
-        return Ok(());
+    0
+}
+
+/// Decides whether the call is sampled and parks what its return needs in `INFLIGHT`.
+/// Ok(true) when the return must be seen.
+#[inline(always)]
+fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Result<bool, ()> {
+    let slot = INFLIGHT.get_ptr_mut(&pid_tgid);
+    if let Some(outer) = slot {
+        if unsafe { (*outer).active } != 0 {
+            // An allocator function called from inside another one: the outer call records.
+            unsafe { (*outer).depth += 1 };
+            return Ok(true);
+        }
     }
-    let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    let kind_enum = AllocKind::from_u8(kind).ok_or(())?;
+    let kind = kind_enum as u8;
     let (size, ptr_arg) = match kind_enum {
         AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0),
         AllocKind::Calloc => (arg(ctx, 0).wrapping_mul(arg(ctx, 1)), 0),
@@ -102,23 +153,15 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
     let sampled = sample(size);
     let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray);
     if !sampled && !frees_old && kind_enum != AllocKind::PosixMemalign {
-        // Cheap path: nothing to remember. The return probe sees no in-flight entry and only
-        // counts the call.
+        // Cheap path: nothing to remember and no need to see the return. The call is counted
+        // here (a NULL result of an unsampled call still counts as an allocation).
+        count(Counter::Allocs, 1);
         count(Counter::AllocBytes, size);
-        return Ok(());
+        return Ok(false);
     }
-    let mut stack = StackKey { caller: 0, stack_id: -1, _pad: 0 };
+    let mut stack = StackKey { caller: 0, stack_id: 0 };
     if sampled {
-        stack.stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK) {
-            Ok(id) => id as i32,
-            Err(e) => {
-                count(
-                    if -e == EEXIST { Counter::DropStackCollision } else { Counter::DropStackError },
-                    1,
-                );
-                -1
-            }
-        };
+        stack.stack_id = stack::record(ctx.regs);
     }
     let call = InFlight {
         size,
@@ -127,51 +170,55 @@ fn try_alloc_entry(ctx: &ProbeContext) -> Result<(), ()> {
         kind: kind as u32,
         depth: 0,
         sampled: sampled as u32,
-        _pad: 0,
+        active: 1,
     };
-    if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
+    // A thread's slot is reused in place from call to call: an insert and a delete per call
+    // cost more than the rest of the probe's map work.
+    if let Some(slot) = slot {
+        unsafe { *slot = call };
+    } else if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
         count(Counter::DropInflightFull, 1);
+        return Ok(false);
     }
-    Ok(())
+    Ok(true)
 }
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-    match try_alloc_return(&ctx) {
-        Ok(()) | Err(()) => 0,
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_target(pid_tgid) {
+        let _ = on_alloc_return(ctx.regs, pid_tgid);
     }
+    0
 }
 
-fn try_alloc_return(ctx: &RetProbeContext) -> Result<(), ()> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_target(pid_tgid) {
-        return Ok(());
-    }
-    let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
-        if SAMPLE_BYTES.load() == 0 {
-            count(Counter::DropNoInflight, 1);
-        } else {
-            // An unsampled call (its bytes were counted at entry).
-            let ret: u64 = ctx.ret();
-            count(if ret != 0 { Counter::Allocs } else { Counter::FailedAllocs }, 1);
+/// Reads the result of a call parked by `on_alloc_entry` and records the allocation.
+#[inline(always)]
+fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
+    let slot = match INFLIGHT.get_ptr_mut(&pid_tgid) {
+        Some(slot) if unsafe { (*slot).active } != 0 => slot,
+        _ => {
+            if SAMPLE_BYTES.load() == 0 {
+                count(Counter::DropNoInflight, 1);
+            }
+            // Otherwise an unsampled call, counted at entry (uretprobes see every call).
+            return Ok(());
         }
-        return Ok(());
     };
-    let call = unsafe {
+    let mut call = unsafe {
         if (*slot).depth > 0 {
             (*slot).depth -= 1;
             return Ok(());
         }
+        (*slot).active = 0;
         *slot
     };
-    let _ = INFLIGHT.remove(&pid_tgid);
-    let mut call = call;
     // The kernel's frame-pointer walk at entry misses the allocator's caller when the
-    // allocator does not start with `push %rbp`; [rsp] at entry would hold it, but a uretprobe
-    // has already replaced it with its trampoline. In the return probe the kernel has restored
+    // allocator does not start with `push %rbp`; [rsp] at entry would hold it, but a return
+    // probe has already replaced it with its trampoline. At the return the kernel has restored
     // the instruction pointer to the real return address: the caller.
-    call.stack.caller = unsafe { (*ctx.regs).rip };
-    let ret: u64 = ctx.ret();
+    let (ret, caller) = unsafe { ((*regs).rax, (*regs).rip) };
+    call.stack.caller = caller;
     let kind = AllocKind::from_u8(call.kind as u8).ok_or(())?;
     let ptr = match kind {
         AllocKind::PosixMemalign => {
@@ -235,8 +282,6 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
         }
     };
     unsafe {
-        add(&raw mut (*stats).live_bytes, size);
-        add(&raw mut (*stats).live_allocs, 1);
         add(&raw mut (*stats).total_bytes, size);
         add(&raw mut (*stats).total_allocs, 1);
     }
@@ -246,7 +291,7 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
 /// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
 fn forget(ptr: u64, count_untracked: bool) {
-    let Some(info) = (unsafe { LIVE.get(&ptr) }).copied() else {
+    let Some(size) = (unsafe { LIVE.get(&ptr) }).map(|info| info.size) else {
         if count_untracked {
             count(Counter::UntrackedFrees, 1);
         }
@@ -257,23 +302,20 @@ fn forget(ptr: u64, count_untracked: bool) {
         return;
     }
     count(Counter::Frees, 1);
-    count(Counter::FreeBytes, info.size);
-    if let Some(stats) = STACK_STATS.get_ptr_mut(&info.stack) {
-        unsafe {
-            add(&raw mut (*stats).live_bytes, (info.size as u64).wrapping_neg());
-            add(&raw mut (*stats).live_allocs, (1 as u64).wrapping_neg());
-        }
-    }
+    count(Counter::FreeBytes, size);
 }
 
 #[uprobe]
 pub fn free_entry(ctx: ProbeContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if is_target(pid_tgid) {
-        let ptr = arg(&ctx, 0);
-        if ptr != 0 {
-            forget(ptr, true);
-        }
+    if is_target(bpf_get_current_pid_tgid()) {
+        on_free(arg(&ctx, 0));
     }
     0
+}
+
+#[inline(always)]
+fn on_free(ptr: u64) {
+    if ptr != 0 {
+        forget(ptr, true);
+    }
 }

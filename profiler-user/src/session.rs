@@ -54,7 +54,7 @@ impl Session {
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
         let mut loaded = load::load(pid, settings)?;
-        let sites = attach::attach(&mut loaded.ebpf, pid, &allocator)
+        let sites = attach::attach(&mut loaded, pid, &allocator)
             .with_context(|| format!("attaching to process {pid} ({comm})"))?;
         info!(pid, allocator = %allocator.path_in_target, "attached");
         Ok(Session {

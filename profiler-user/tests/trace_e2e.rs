@@ -13,7 +13,7 @@ use std::{
 use common::{alloc_fixture, require_root, Fixture};
 use profiler_user::{
     aggregate::HeapProfile,
-    bpf::load::ProbeSettings,
+    bpf::load::{ProbeMode, ProbeSettings},
     session::Session,
     target::TracedTarget,
 };
@@ -228,7 +228,7 @@ fn full_maps_are_counted_as_drops() {
     assert!(p.dropped["live_map_full"] > 0, "{:?}", p.dropped);
     assert_eq!(p.totals.allocs, 1022);
     let p = snapshot_of("basic", ProbeSettings { max_stacks: 2, ..Default::default() });
-    let stack_drops = p.dropped["stack_map_collision"] + p.dropped["stack_stats_full"];
+    let stack_drops = p.dropped["stack_map_full"] + p.dropped["stack_stats_full"];
     assert!(stack_drops > 0, "{:?}", p.dropped);
 }
 
@@ -249,6 +249,24 @@ fn chosen_probe_sites_count_exactly() {
     assert_eq!(c[Counter::Allocs as usize], 1022);
     assert_eq!(c[Counter::Frees as usize] + c[Counter::UntrackedFrees as usize], 1003);
     assert_eq!(c[Counter::FailedAllocs as usize], 1, "malloc(SIZE_MAX)");
+}
+
+/// The two ways of attaching, uprobe.session (one probe per function; unsampled calls skip
+/// the return) and uprobe + uretprobe (kernels before 6.13), record the same thing, every
+/// allocation or sampled.
+#[test]
+fn session_and_classic_probes_agree() {
+    require_root();
+    for probe_mode in [ProbeMode::Session, ProbeMode::Classic] {
+        let p = snapshot_of("basic", ProbeSettings { probe_mode, ..Default::default() });
+        let t = &p.totals;
+        assert_eq!((t.allocs, t.frees, t.live_allocs, t.live_bytes), (1022, 1003, 19, 2111788), "{probe_mode:?}");
+        assert_eq!(site(&p, "leak_fixed"), (7000, 7), "{probe_mode:?}");
+        assert_eq!(p.dropped.values().sum::<u64>(), 0, "{probe_mode:?}: {:?}", p.dropped);
+        let p = snapshot_of("sample", ProbeSettings { probe_mode, sample_bytes: 512 * 1024, ..Default::default() });
+        assert_eq!(p.totals.allocs, 6400 + 100_000, "{probe_mode:?} sampled");
+        assert_eq!(site(&p, "churn_strings"), (0, 0), "{probe_mode:?} sampled");
+    }
 }
 
 /// Two targets traced at once (as the agent does) each see exactly their own allocations,

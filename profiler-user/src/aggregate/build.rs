@@ -71,8 +71,8 @@ pub fn build(
         };
         stacks.push(StackSample {
             frames,
-            live_bytes: scale(s.stats.live_bytes),
-            live_allocs: scale(s.stats.live_allocs),
+            live_bytes: scale(s.live_bytes),
+            live_allocs: scale(s.live_allocs),
             total_bytes: scale(s.stats.total_bytes),
             total_allocs: scale(s.stats.total_allocs),
             leak_bytes: scale(s.leak_bytes),

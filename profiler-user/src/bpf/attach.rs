@@ -1,6 +1,7 @@
-//! Decides which allocator a target really uses and attaches the probes to it: the allocation
-//! entry and return probes on every allocation function the library defines, the free probe on
-//! `free`, each entry probe at the site chosen by [`super::probe_site`].
+//! Decides which allocator a target really uses and attaches the probes to it: on every
+//! allocation function the library defines and on `free`, each at the site chosen by
+//! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) all of them go into
+//! one link; otherwise each allocation function gets a uprobe and a uretprobe, `free` a uprobe.
 use std::{num::NonZeroU32, path::PathBuf};
 
 use aya::{
@@ -15,7 +16,9 @@ use tracing::{debug, info};
 
 use super::{
     elf_symbols::{self, FunctionSymbol},
-    probe_site::{self, ProbeRole},
+    load::Loaded,
+    probe_site::{self, ProbeRole, ProbeSite},
+    session_link::{SessionLinkError, SessionProbe},
 };
 use crate::procfs::{self, ProcError};
 
@@ -51,7 +54,11 @@ pub enum AttachError {
     LoadProgram { name: &'static str, source: Box<ProgramError> },
     #[error("cannot attach to {function} in {path}: {source}{hint}")]
     Attach { function: &'static str, path: String, source: Box<ProgramError>, hint: &'static str },
+    #[error(transparent)]
+    Session(#[from] SessionLinkError),
 }
+
+const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's memleak, may hold a uprobe with a reference counter at this place; stop it and retry)";
 
 /// Finds the object defining the allocator the target uses. Symbol interposition resolves
 /// `malloc` to the first definition in load order: the executable, then preloaded and linked
@@ -106,50 +113,42 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
     Ok(prog)
 }
 
-/// Attaches every probe for `pid`. The links live as long as `ebpf`.
-pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
-    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
+/// Attaches every probe for `pid`. The links live as long as `loaded`.
+pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
     let mut report = Vec::new();
-    let mut seen = Vec::new();
+    let mut sites = Vec::new();
     for (kind, sym) in &alloc.functions {
         // Aliases (glibc's aligned_alloc is memalign) get one set of probes.
-        if seen.contains(&sym.vaddr) {
+        if sites.iter().any(|(_, s): &(AllocKind, &FunctionSymbol)| s.vaddr == sym.vaddr) {
             continue;
         }
-        seen.push(sym.vaddr);
+        sites.push((*kind, sym));
+    }
+    let mut session_probes = Vec::new();
+    for (kind, sym) in sites {
         let role = match kind {
             AllocKind::Free => ProbeRole::FreeEntry,
             _ => ProbeRole::AllocEntry { arg_regs: 3 },
         };
-        let site = probe_site::choose(&sym.bytes, sym.vaddr, role);
+        let mut site = probe_site::choose(&sym.bytes, sym.vaddr, role);
         debug!("{}: probe at +{:#x}, rsp delta {}: {}", kind.symbol(), site.offset, site.rsp_delta, site.reason);
+        if loaded.session.is_some() {
+            if kind != AllocKind::Free && site.rsp_delta != 0 {
+                // The session's return swaps the return address at [rsp]: only before rsp moves.
+                // +0 was not chosen, so it is not emulated.
+                site = ProbeSite {
+                    offset: 0,
+                    rsp_delta: 0,
+                    emulated: false,
+                    reason: format!("probe at +0: the return probe needs rsp unmoved ({})", site.reason),
+                };
+            }
+            session_probes.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind) });
+        } else {
+            attach_classic(&mut loaded.ebpf, pid, alloc, kind, sym, &site)?;
+        }
         if !site.emulated {
             info!("{}: probe at +{:#x} is single-stepped (slow): {}", kind.symbol(), site.offset, site.reason);
-        }
-        let entry = UProbeAttachPoint {
-            location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + site.offset),
-            cookie: Some(encode_cookie(*kind)),
-        };
-        let attach_err = |source: ProgramError| {
-            let hint = if format!("{source:?}").contains("EINVAL") || format!("{source:?}").contains("os error 22") {
-                " (the kernel said EINVAL: another tracer, e.g. bcc's memleak, may hold a uprobe with a reference counter at this place; stop it and retry)"
-            } else {
-                ""
-            };
-            AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
-        };
-        if *kind == AllocKind::Free {
-            program(ebpf, "free_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
-        } else {
-            program(ebpf, "alloc_entry")?.attach(entry, &alloc.host_path, scope).map_err(attach_err)?;
-            // A uretprobe is an entry probe that swaps the return address at [rsp]: it can sit
-            // at the chosen (cheap) site as long as rsp has not moved there.
-            let ret_offset = if site.rsp_delta == 0 { site.offset } else { 0 };
-            let ret = UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + ret_offset),
-                cookie: Some(encode_cookie(*kind)),
-            };
-            program(ebpf, "alloc_return")?.attach(ret, &alloc.host_path, scope).map_err(attach_err)?;
         }
         report.push(ProbeSiteReport {
             function: kind.symbol(),
@@ -158,7 +157,42 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeS
             reason: site.reason,
         });
     }
+    if let Some(program) = &loaded.session {
+        let link = program.attach(&alloc.host_path, &session_probes, pid)?;
+        loaded.session_links.push(link);
+    }
     Ok(report)
+}
+
+/// A uprobe (and for allocation functions a uretprobe) on one function.
+fn attach_classic(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    alloc: &Allocator,
+    kind: AllocKind,
+    sym: &FunctionSymbol,
+    site: &ProbeSite,
+) -> Result<(), AttachError> {
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
+    let at = |offset: u64| UProbeAttachPoint {
+        location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + offset),
+        cookie: Some(encode_cookie(kind)),
+    };
+    let attach_err = |source: ProgramError| {
+        let text = format!("{source:?}");
+        let hint = if text.contains("EINVAL") || text.contains("os error 22") { EINVAL_HINT } else { "" };
+        AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
+    };
+    if kind == AllocKind::Free {
+        program(ebpf, "free_entry")?.attach(at(site.offset), &alloc.host_path, scope).map_err(attach_err)?;
+        return Ok(());
+    }
+    program(ebpf, "alloc_entry")?.attach(at(site.offset), &alloc.host_path, scope).map_err(attach_err)?;
+    // A uretprobe is an entry probe that swaps the return address at [rsp]: it can sit at the
+    // chosen (cheap) site as long as rsp has not moved there.
+    let ret_offset = if site.rsp_delta == 0 { site.offset } else { 0 };
+    program(ebpf, "alloc_return")?.attach(at(ret_offset), &alloc.host_path, scope).map_err(attach_err)?;
+    Ok(())
 }
 
 /// Where a snapshot trigger fires.

@@ -4,10 +4,13 @@
 use std::{fs, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     Ebpf, EbpfLoader,
 };
-use profiler_common::{AllocInfo, StackKey, StackStats, EXP_TABLE_LEN, EXP_TABLE_SHIFT};
+use profiler_common::{AllocInfo, StackFrames, StackKey, StackStats, EXP_TABLE_LEN, EXP_TABLE_SHIFT};
+use tracing::{debug, info};
+
+use super::session_link::{SessionLink, SessionLinkError, SessionProgram};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf.o"));
 
@@ -20,12 +23,27 @@ pub struct ProbeSettings {
     pub max_stacks: u32,
     /// Mean bytes between samples; 0 records every allocation.
     pub sample_bytes: u64,
+    /// How the allocator probes are attached.
+    pub probe_mode: ProbeMode,
 }
 
 impl Default for ProbeSettings {
     fn default() -> Self {
-        ProbeSettings { max_allocs: 1 << 20, max_stacks: 1 << 15, sample_bytes: 0 }
+        ProbeSettings { max_allocs: 1 << 20, max_stacks: 1 << 15, sample_bytes: 0, probe_mode: ProbeMode::Auto }
     }
+}
+
+/// How the allocator probes are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// `session` where the kernel has it (6.13+), `classic` otherwise.
+    #[default]
+    Auto,
+    /// One uprobe.session program per call: unsampled calls skip the return trap.
+    Session,
+    /// A uprobe and a uretprobe per allocation function (any kernel since 5.15).
+    Classic,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,18 +60,24 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("eBPF map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("{0} (uprobe.session needs Linux 6.13+; --probe-mode classic works on older kernels)")]
+    Session(#[source] SessionLinkError),
 }
 
 /// The loaded programs (still to be attached) and the maps the reader needs.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// `alloc_session`, when the probes are attached as uprobe.session.
+    pub session: Option<SessionProgram>,
+    /// Links that are not aya's (which live inside `ebpf`).
+    pub session_links: Vec<SessionLink>,
     pub maps: ProbeMaps,
 }
 
 pub struct ProbeMaps {
     pub live: HashMap<MapData, u64, AllocInfo>,
     pub stack_stats: HashMap<MapData, StackKey, StackStats>,
-    pub stacks: StackTraceMap<MapData>,
+    pub stacks: HashMap<MapData, u64, StackFrames>,
     pub counters: PerCpuArray<MapData, u64>,
     /// Hits per snapshot trigger slot (see `bpf::attach::attach_trigger`).
     pub trigger_hits: Array<MapData, u64>,
@@ -104,6 +128,18 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
     fill_exp_table(&mut ebpf)?;
+    let session = match settings.probe_mode {
+        ProbeMode::Classic => None,
+        ProbeMode::Session => Some(SessionProgram::load(OBJECT, &ebpf, "alloc_session").map_err(LoadError::Session)?),
+        ProbeMode::Auto => match SessionProgram::load(OBJECT, &ebpf, "alloc_session") {
+            Ok(p) => Some(p),
+            Err(e) => {
+                info!("using classic uprobes + uretprobes: {e}");
+                None
+            }
+        },
+    };
+    debug!(session = session.is_some(), "probe programs loaded");
     let maps = ProbeMaps {
         live: take(&mut ebpf, "LIVE")?,
         stack_stats: take(&mut ebpf, "STACK_STATS")?,
@@ -111,7 +147,7 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         counters: take(&mut ebpf, "COUNTERS")?,
         trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
     };
-    Ok(Loaded { ebpf, maps })
+    Ok(Loaded { ebpf, session, session_links: Vec::new(), maps })
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>

@@ -6,3 +6,4 @@ pub mod attach;
 pub mod batch;
 pub mod load;
 pub mod reader;
+pub mod session_link;

@@ -1,5 +1,5 @@
 //! Reads the probes' maps into a [`RawSnapshot`]: counters, per-stack totals, the stacks
-//! themselves, and (walking the live allocations once) each stack's leaked bytes and oldest
+//! themselves, and (walking the live allocations once) each stack's live and leaked bytes and oldest
 //! allocation. No symbols here, only addresses.
 use std::collections::HashMap as StdHashMap;
 
@@ -17,7 +17,11 @@ pub struct RawStack {
     /// Frame-pointer stack from the stack map, innermost first; `ips[0]` is inside the
     /// allocator. Empty when the stack could not be recorded.
     pub ips: Vec<u64>,
+    /// Allocated since attach (the kernel's per-stack totals).
     pub stats: StackStats,
+    /// Live allocations.
+    pub live_bytes: u64,
+    pub live_allocs: u64,
     /// Live allocations at least `min_age` old.
     pub leak_bytes: u64,
     pub leak_allocs: u64,
@@ -114,6 +118,8 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
         let s = stacks
             .entry(info.stack)
             .or_insert_with(|| RawStack { key: info.stack, ..Default::default() });
+        s.live_bytes += info.size;
+        s.live_allocs += 1;
         if s.oldest_ns == 0 || info.timestamp_ns < s.oldest_ns {
             s.oldest_ns = info.timestamp_ns;
         }
@@ -133,16 +139,16 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
 }
 
 /// The frames of every stack id in `stats` (a stack whose id was evicted reads as empty).
-fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> StdHashMap<i32, Vec<u64>> {
-    let mut frames: StdHashMap<i32, Vec<u64>> = StdHashMap::new();
+fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> StdHashMap<u64, Vec<u64>> {
+    let mut frames: StdHashMap<u64, Vec<u64>> = StdHashMap::new();
     for (key, _) in stats {
-        if key.stack_id < 0 || frames.contains_key(&key.stack_id) {
+        if key.stack_id == 0 || frames.contains_key(&key.stack_id) {
             continue;
         }
         let ips = maps
             .stacks
-            .get(&(key.stack_id as u32), 0)
-            .map(|t| t.frames().iter().map(|f| f.ip).collect())
+            .get(&key.stack_id, 0)
+            .map(|t| t.ips.iter().copied().take_while(|&ip| ip != 0).collect())
             .unwrap_or_default();
         frames.insert(key.stack_id, ips);
     }
@@ -157,12 +163,12 @@ mod tests {
     /// kernel already found is not repeated.
     #[test]
     fn return_addresses_prepend_caller_once() {
-        let key = StackKey { caller: 0x20, stack_id: 3, _pad: 0 };
+        let key = StackKey { caller: 0x20, stack_id: 3 };
         let s = RawStack { key, ips: vec![0x10, 0x30, 0x40], ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20, 0x30, 0x40]);
         let s = RawStack { key, ips: vec![0x10, 0x20, 0x40], ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20, 0x40]);
-        let none = StackKey { caller: 0x20, stack_id: -1, _pad: 0 };
+        let none = StackKey { caller: 0x20, stack_id: 0 };
         let s = RawStack { key: none, ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20]);
     }

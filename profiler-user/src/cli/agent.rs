@@ -16,7 +16,7 @@ use super::trigger_args::TriggerArgs;
 use crate::{
     aggregate::growth,
     api::{self, AgentConfig, Limits, TlsFiles, TriggerSettings},
-    bpf::load::ProbeSettings,
+    bpf::load::{ProbeMode, ProbeSettings},
     session::EbpfAttacher,
     store::Retention,
     target::Attacher,
@@ -60,6 +60,10 @@ pub struct AgentArgs {
     /// Distinct allocation stacks tracked per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_stacks)]
     pub max_stacks: u32,
+    /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
+    /// skip the return trap; `auto` uses it where the kernel has it.
+    #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
+    pub probe_mode: ProbeMode,
     /// Concurrent snapshots and renders; more are answered 503 at once.
     #[arg(long, default_value_t = Limits::default().max_expensive, value_name = "N")]
     pub max_renders: usize,
@@ -121,7 +125,7 @@ impl AgentArgs {
 /// The attacher the agent uses for `--pid` and `POST /v1/targets`: the eBPF session.
 fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
     let settings =
-        ProbeSettings { max_allocs: args.max_allocs, max_stacks: args.max_stacks, sample_bytes: args.sampling };
+        ProbeSettings { max_allocs: args.max_allocs, max_stacks: args.max_stacks, sample_bytes: args.sampling, probe_mode: args.probe_mode };
     Arc::new(EbpfAttacher { settings })
 }
 

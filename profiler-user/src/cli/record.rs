@@ -30,7 +30,7 @@ use crate::{
         growth::{self, Verdict},
         HeapProfile, Measure,
     },
-    bpf::load::ProbeSettings,
+    bpf::load::{ProbeMode, ProbeSettings},
     render,
     session::Session,
     target::TracedTarget as _,
@@ -64,6 +64,10 @@ pub struct RecordArgs {
     /// Capacity for distinct allocation stacks.
     #[arg(long, default_value_t = 1 << 15)]
     pub max_stacks: u32,
+    /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
+    /// skip the return trap; `auto` uses it where the kernel has it.
+    #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
+    pub probe_mode: ProbeMode,
     /// Leaks shown in the report.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -90,6 +94,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         max_allocs: args.max_allocs,
         max_stacks: args.max_stacks,
         sample_bytes: args.sampling,
+        probe_mode: args.probe_mode,
     };
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;

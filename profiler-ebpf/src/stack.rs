@@ -1,0 +1,76 @@
+//! The user stack of an allocation: a frame-pointer walk done here rather than by
+//! `bpf_get_stackid`. The kernel's walk only stops after reading through the chain's last
+//! frame pointer (0, by the ABI's convention, or garbage where a function without frame
+//! pointers used rbp): that read faults, and a fault costs as much as all the rest of a probe.
+//! This walk checks each frame pointer before reading through it.
+use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
+use profiler_common::{Counter, MAX_FRAMES};
+
+use crate::{
+    maps::{STACKS, STACK_SCRATCH},
+    probes::count,
+};
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+/// Frames further apart than this are not one thread's stack.
+const MAX_FRAME_SIZE: u64 = 16 << 20;
+
+/// Walks the stack at an allocator's entry, stores it in `STACKS` and returns its key (0 when
+/// it could not be stored, then counted).
+#[inline(always)]
+pub fn record(regs: *const pt_regs) -> u64 {
+    let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let frames = unsafe { &mut *frames };
+    let (ip, sp, mut fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    frames.ips[0] = ip;
+    let mut hash = mix(FNV_OFFSET, ip);
+    let mut low = sp;
+    let mut n = 1;
+    while n < MAX_FRAMES {
+        // A frame pointer lies above the previous one, inside the stack, 8-byte aligned.
+        if fp < low || fp - low > MAX_FRAME_SIZE || fp & 7 != 0 {
+            break;
+        }
+        let Ok(frame) = (unsafe { bpf_probe_read_user(fp as *const [u64; 2]) }) else {
+            break;
+        };
+        let ret = frame[1];
+        if ret == 0 {
+            break;
+        }
+        frames.ips[n] = ret;
+        hash = mix(hash, ret);
+        n += 1;
+        low = fp + 16;
+        fp = frame[0];
+    }
+    while n < MAX_FRAMES {
+        frames.ips[n] = 0;
+        n += 1;
+    }
+    let id = if hash == 0 { 1 } else { hash };
+    if unsafe { STACKS.get(&id) }.is_some() {
+        return id;
+    }
+    match STACKS.insert(&id, frames, BPF_NOEXIST) {
+        Ok(()) => id,
+        Err(e) if e == -EEXIST => id,
+        Err(_) => {
+            count(Counter::DropStackMapFull, 1);
+            0
+        }
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over the address's 8 bytes at once, then a multiply-shift finish: cheap, and
+/// different stacks of one process practically never share a 64-bit value.
+#[inline(always)]
+fn mix(hash: u64, ip: u64) -> u64 {
+    let h = (hash ^ ip).wrapping_mul(0x0000_0100_0000_01b3);
+    h ^ (h >> 29)
+}
