@@ -14,7 +14,7 @@ use std::{
 };
 
 use profiler_user::{
-    aggregate::{Frame, HeapProfile, Measure, StackSample, Totals},
+    aggregate::{Frame, FrameInfo, HeapProfile, Measure, StackSample, Totals},
     render::{
         self, flamegraph, folded,
         json::{self, diff_folded, diff_json, leaks_json},
@@ -30,7 +30,7 @@ const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 const PLUGIN: &str = "/usr/lib/libplugin.so";
 
 fn frame(function: Option<&str>, file_line: Option<(&str, u32)>, module: &str, address: u64) -> Frame {
-    Frame {
+    FrameInfo {
         function: function.map(Into::into),
         file: file_line.map(|(f, _)| f.into()),
         line: file_line.map(|(_, l)| l),
@@ -38,6 +38,7 @@ fn frame(function: Option<&str>, file_line: Option<(&str, u32)>, module: &str, a
         address,
         module_offset: None,
     }
+    .into()
 }
 
 fn main_frame() -> Frame {
@@ -71,14 +72,15 @@ fn leak_a(live: u64, allocs: u64, oldest: f64) -> StackSample {
 fn leak_b() -> StackSample {
     StackSample {
         frames: vec![
-            Frame {
+            FrameInfo {
                 function: None,
                 file: None,
                 line: None,
                 module: Some(PLUGIN.into()),
                 address: 0x7f00_1000_1a2b,
                 module_offset: Some(0x1a2b),
-            },
+            }
+            .into(),
             frame(Some("plugin_load"), None, PLUGIN, 0x7f00_1000_2000),
             frame(Some("main"), Some(("src/main.c", 14)), APP, 0x5555_5555_1250),
             libc_start(),

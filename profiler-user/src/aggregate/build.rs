@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use profiler_common::Counter;
 
-use super::profile::{Frame, HeapProfile, StackSample, Totals};
+use super::profile::{Frame, FrameInfo, HeapProfile, StackSample, Totals};
 use crate::bpf::reader::RawSnapshot;
 
 /// What the builder needs to know besides the raw data.
@@ -62,7 +62,7 @@ pub fn build(
         let frames = s
             .return_addresses()
             .iter()
-            .map(|a| names.get(a).cloned().unwrap_or(Frame { address: *a, ..Default::default() }))
+            .map(|a| names.get(a).cloned().unwrap_or_else(|| FrameInfo { address: *a, ..Default::default() }.into()))
             .collect();
         let oldest_age_s = if s.oldest_ns > 0 {
             raw.now_ns.saturating_sub(s.oldest_ns) as f64 / 1e9

@@ -305,7 +305,7 @@ pub fn verdict_report(p: &HeapProfile, verdicts: &HashMap<String, Verdict>, snap
         out.push_str("  no leaks to judge\n");
     }
     for (i, s) in leaks.iter().take(top).enumerate() {
-        let name = s.frames.first().map(Frame::display_name).unwrap_or_else(|| "[no stack]".into());
+        let name = s.frames.first().map(|f| f.display_name()).unwrap_or_else(|| "[no stack]".into());
         match verdicts.get(&stack_id(&s.frames)) {
             Some(v) => out.push_str(&format!(
                 "  #{:<3} {:<9}  {:>14}  confidence {:.2}  {name}\n",
@@ -339,6 +339,7 @@ fn rate(bytes_per_s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::FrameInfo;
     use crate::aggregate::StackSample;
 
     fn series(ys: &[f64], dt: f64) -> Vec<(f64, f64)> {
@@ -418,7 +419,7 @@ mod tests {
     }
 
     fn frame(name: &str, line: u32) -> Frame {
-        Frame { function: Some(name.into()), line: Some(line), address: 0x1000 + u64::from(line), ..Frame::default() }
+        FrameInfo { function: Some(name.into()), line: Some(line), address: 0x1000 + u64::from(line), ..FrameInfo::default() }.into()
     }
 
     fn profile(t_ms: u64, grow: u64, cache: u64) -> HeapProfile {
@@ -478,7 +479,7 @@ mod tests {
         assert_eq!(s.len(), 3);
         let v = s.verdicts();
         assert_eq!(v["main:50;leak_grow:10"].window_s, 2.0);
-        let unnamed = Frame { module: Some("/usr/lib/libfoo.so".into()), address: 0xabc, ..Frame::default() };
+        let unnamed: Frame = FrameInfo { module: Some("/usr/lib/libfoo.so".into()), address: 0xabc, ..FrameInfo::default() }.into();
         assert_eq!(stack_id(&[unnamed, frame("main", 3)]), "main:3;libfoo.so@0xabc");
         assert_eq!(stack_id(&[]), "[no stack]");
         assert_eq!(rate(1536.0), "+1.5 KiB/s");

@@ -4,9 +4,35 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-/// One frame of an allocation stack, after symbolization.
+/// One frame of an allocation stack, after symbolization. Shared: the frames of 50k stacks
+/// are a few thousand distinct addresses, so a stack holds pointers, not copies.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Frame {
+#[serde(transparent)]
+pub struct Frame(Arc<FrameInfo>);
+
+impl std::ops::Deref for Frame {
+    type Target = FrameInfo;
+    fn deref(&self) -> &FrameInfo {
+        &self.0
+    }
+}
+
+/// Changing a shared frame copies it first.
+impl std::ops::DerefMut for Frame {
+    fn deref_mut(&mut self) -> &mut FrameInfo {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<FrameInfo> for Frame {
+    fn from(info: FrameInfo) -> Frame {
+        Frame(Arc::new(info))
+    }
+}
+
+/// What is known about one address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameInfo {
     /// Demangled function name, when known. Names are shared (`Arc`): a million frames name a
     /// few thousand functions.
     pub function: Option<Arc<str>>,
@@ -23,7 +49,7 @@ pub struct Frame {
     pub module_offset: Option<u64>,
 }
 
-impl Frame {
+impl FrameInfo {
     /// The name shown in flamegraphs and reports: the function, else `module+0xoffset`,
     /// else the raw address.
     pub fn display_name(&self) -> String {
@@ -149,7 +175,7 @@ impl HeapProfile {
 }
 
 fn frames_key(s: &StackSample) -> Vec<String> {
-    s.frames.iter().map(Frame::display_name).collect()
+    s.frames.iter().map(|f| f.display_name()).collect()
 }
 
 mod hex_u64 {

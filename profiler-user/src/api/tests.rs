@@ -19,7 +19,7 @@ use super::{
     Limits, State,
 };
 use crate::{
-    aggregate::{Frame, HeapProfile, StackSample, Totals},
+    aggregate::{Frame, FrameInfo, HeapProfile, StackSample, Totals},
     bpf::attach::TriggerPoint,
     store::{Retention, SnapshotStore},
     target::{Attacher, TargetStats, TracedTarget},
@@ -30,7 +30,7 @@ const READ: &str = "read-token-0123456789abcdef";
 const ADMIN: &str = "admin-token-0123456789abcdef";
 
 fn frame(name: &str, addr: u64) -> Frame {
-    Frame { function: Some(name.into()), file: Some("demo.c".into()), line: Some(7), address: addr, ..Frame::default() }
+    FrameInfo { function: Some(name.into()), file: Some("demo.c".into()), line: Some(7), address: addr, ..FrameInfo::default() }.into()
 }
 
 /// A profile with one leaking stack and one live, young stack.

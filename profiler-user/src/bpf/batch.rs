@@ -24,15 +24,26 @@ struct BatchAttr {
 /// Every (key, value) of the hash map behind `fd`. Entries changing during the read may be
 /// missed or seen once more, as with iteration.
 pub fn lookup_all<K: Pod + Default, V: Pod + Default>(fd: RawFd) -> io::Result<Vec<(K, V)>> {
-    let mut chunk: usize = 1 << 16;
     let mut out: Vec<(K, V)> = Vec::new();
+    for_each_chunk(fd, |keys: &[K], values: &[V]| out.extend(keys.iter().copied().zip(values.iter().copied())))?;
+    Ok(out)
+}
+
+/// Hands the hash map behind `fd` to `f` a chunk at a time (up to 64Ki entries), so a caller
+/// can aggregate a million entries without holding them all. On error, `f` may already have
+/// seen part of the map.
+pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(
+    fd: RawFd,
+    mut f: impl FnMut(&[K], &[V]),
+) -> io::Result<()> {
+    let mut chunk: usize = 1 << 16;
+    let mut keys: Vec<K> = vec![K::default(); chunk];
+    let mut values: Vec<V> = vec![V::default(); chunk];
     // The position token: a bucket index for hash maps; sized generously.
     let mut in_token = [0u64; 2];
     let mut out_token = [0u64; 2];
     let mut first = true;
     loop {
-        let mut keys: Vec<K> = vec![K::default(); chunk];
-        let mut values: Vec<V> = vec![V::default(); chunk];
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { in_token.as_mut_ptr() as u64 },
             out_batch: out_token.as_mut_ptr() as u64,
@@ -48,16 +59,20 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(fd: RawFd) -> io::Result<V
         let err = (ret < 0).then(io::Error::last_os_error);
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None | Some(libc::ENOENT) => {
-                let n = attr.count as usize;
-                out.extend(keys.into_iter().zip(values).take(n));
+                let n = (attr.count as usize).min(chunk);
+                f(&keys[..n], &values[..n]);
                 if err.is_some() {
-                    return Ok(out);
+                    return Ok(());
                 }
                 in_token = out_token;
                 first = false;
             }
             // A bucket holds more entries than fit: retry the same position with more room.
-            Some(libc::ENOSPC) if chunk < (1 << 24) => chunk *= 4,
+            Some(libc::ENOSPC) if chunk < (1 << 24) => {
+                chunk *= 4;
+                keys.resize(chunk, K::default());
+                values.resize(chunk, V::default());
+            }
             _ => return Err(err.unwrap()),
         }
     }

@@ -74,22 +74,53 @@ fn stack_stats(maps: &ProbeMaps) -> Result<Vec<(StackKey, StackStats)>, MapError
     maps.stack_stats.iter().collect()
 }
 
-/// Every live allocation: one batched read, or entry by entry on kernels without batches.
-fn live_allocations(maps: &ProbeMaps) -> Result<Vec<(u64, AllocInfo)>, MapError> {
+/// What is live per stack, from one pass over `LIVE`.
+#[derive(Clone, Copy, Debug, Default)]
+struct LiveAgg {
+    bytes: u64,
+    allocs: u64,
+    leak_bytes: u64,
+    leak_allocs: u64,
+    oldest_ns: u64,
+}
+
+type FastMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
+
+/// Live allocations aggregated per stack as they are read (a million entries are never held
+/// at once); allocations made at or before `cutoff_ns` are leaks. Batched, or entry by entry
+/// on kernels without batches.
+fn live_by_stack(maps: &ProbeMaps, cutoff_ns: u64) -> Result<FastMap<StackKey, LiveAgg>, MapError> {
+    let mut agg: FastMap<StackKey, LiveAgg> = FastMap::default();
     let fd = maps.live.map().fd().as_fd().as_raw_fd();
-    if let Ok(all) = batch::lookup_all::<u64, AllocInfo>(fd) {
-        return Ok(all);
+    let batched = batch::for_each_chunk(fd, |_: &[u64], infos: &[AllocInfo]| {
+        infos.iter().for_each(|info| add_live(&mut agg, info, cutoff_ns))
+    });
+    if batched.is_ok() {
+        return Ok(agg);
     }
-    let mut all = Vec::new();
+    agg.clear();
     for entry in maps.live.iter() {
         match entry {
-            Ok(e) => all.push(e),
+            Ok((_, info)) => add_live(&mut agg, &info, cutoff_ns),
             // Freed between listing its key and reading it.
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(e),
         }
     }
-    Ok(all)
+    Ok(agg)
+}
+
+fn add_live(agg: &mut FastMap<StackKey, LiveAgg>, info: &AllocInfo, cutoff_ns: u64) {
+    let s = agg.entry(info.stack).or_default();
+    s.bytes += info.size;
+    s.allocs += 1;
+    if s.oldest_ns == 0 || info.timestamp_ns < s.oldest_ns {
+        s.oldest_ns = info.timestamp_ns;
+    }
+    if info.timestamp_ns <= cutoff_ns {
+        s.leak_bytes += info.size;
+        s.leak_allocs += 1;
+    }
 }
 
 pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
@@ -102,31 +133,22 @@ pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
 pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
     let now_ns = monotonic_ns();
     let counters = read_counters(maps)?;
+    let cutoff = now_ns.saturating_sub(min_age_ns);
     // The live allocations (the bulk) and the stacks are read on two threads.
     let (live, stats, frames_by_id) = std::thread::scope(|scope| {
-        let live = scope.spawn(|| live_allocations(maps));
+        let live = scope.spawn(|| live_by_stack(maps, cutoff));
         let stats = stack_stats(maps);
         let frames = stats.as_ref().map(|stats| stack_frames(maps, stats)).unwrap_or_default();
         (live.join().expect("live map reader panicked"), stats, frames)
     });
-    let mut stacks: StdHashMap<StackKey, RawStack> = StdHashMap::new();
+    let mut stacks: FastMap<StackKey, RawStack> = FastMap::default();
     for (key, stats) in stats? {
         stacks.insert(key, RawStack { key, stats, ..Default::default() });
     }
-    let cutoff = now_ns.saturating_sub(min_age_ns);
-    for (_addr, info) in live? {
-        let s = stacks
-            .entry(info.stack)
-            .or_insert_with(|| RawStack { key: info.stack, ..Default::default() });
-        s.live_bytes += info.size;
-        s.live_allocs += 1;
-        if s.oldest_ns == 0 || info.timestamp_ns < s.oldest_ns {
-            s.oldest_ns = info.timestamp_ns;
-        }
-        if info.timestamp_ns <= cutoff {
-            s.leak_bytes += info.size;
-            s.leak_allocs += 1;
-        }
+    for (key, l) in live? {
+        let s = stacks.entry(key).or_insert_with(|| RawStack { key, ..Default::default() });
+        (s.live_bytes, s.live_allocs, s.leak_bytes, s.leak_allocs, s.oldest_ns) =
+            (l.bytes, l.allocs, l.leak_bytes, l.leak_allocs, l.oldest_ns);
     }
     for s in stacks.values_mut() {
         if let Some(ips) = frames_by_id.get(&s.key.stack_id) {

@@ -21,6 +21,8 @@ fn options(title: &str, subtitle: String) -> Options<'static> {
     let mut o = Options::default();
     o.colors = Palette::Basic(BasicPalette::Mem);
     o.deterministic = true;
+    // Folded input comes sorted (see `folded`): inferno need not sort it again.
+    o.no_sort = true;
     o.count_name = "bytes".to_string();
     o.title = title.to_string();
     o.subtitle = Some(subtitle);

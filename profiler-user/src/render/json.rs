@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::folded::stack_key;
+use super::folded::Folder;
 use crate::aggregate::{Frame, HeapProfile, Measure, StackSample};
 
 fn frame_json(f: &Frame) -> Value {
@@ -104,7 +104,7 @@ struct Pair<'a> {
 /// first). Frames are taken from `after` when the stack is in both.
 fn pair_stacks<'a>(before: &'a HeapProfile, after: &'a HeapProfile) -> BTreeMap<Vec<String>, Pair<'a>> {
     let mut map: BTreeMap<Vec<String>, Pair<'a>> = BTreeMap::new();
-    let key = |s: &StackSample| s.frames.iter().map(Frame::display_name).collect::<Vec<_>>();
+    let key = |s: &StackSample| s.frames.iter().map(|f| f.display_name()).collect::<Vec<_>>();
     for s in &after.stacks {
         let e = map.entry(key(s)).or_default();
         e.frames.get_or_insert(&s.frames);
@@ -186,17 +186,18 @@ pub fn diff_json(before: &HeapProfile, after: &HeapProfile, top: Option<usize>) 
 /// way), values in bytes of measure `m`; stacks with the same folded names are merged, lines
 /// where both values are zero are left out, lines are sorted.
 pub fn diff_folded(before: &HeapProfile, after: &HeapProfile, m: Measure) -> String {
+    let mut folder = Folder::default();
     let mut merged: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for s in &before.stacks {
         let v = m.of(s);
         if v > 0 {
-            merged.entry(stack_key(s)).or_default().0 += v;
+            merged.entry(folder.stack_key(s)).or_default().0 += v;
         }
     }
     for s in &after.stacks {
         let v = m.of(s);
         if v > 0 {
-            merged.entry(stack_key(s)).or_default().1 += v;
+            merged.entry(folder.stack_key(s)).or_default().1 += v;
         }
     }
     let mut out = String::new();
@@ -209,10 +210,11 @@ pub fn diff_folded(before: &HeapProfile, after: &HeapProfile, m: Measure) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::FrameInfo;
 
     fn stack(name: &str, live: u64, address: u64) -> StackSample {
         StackSample {
-            frames: vec![Frame { function: Some(name.into()), address, ..Frame::default() }],
+            frames: vec![FrameInfo { function: Some(name.into()), address, ..FrameInfo::default() }.into()],
             live_bytes: live,
             live_allocs: live / 8,
             ..StackSample::default()

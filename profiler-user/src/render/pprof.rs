@@ -377,15 +377,14 @@ pub fn decode_pprof_gz(bytes: &[u8]) -> Result<PprofProfile, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::FrameInfo;
     use crate::aggregate::StackSample;
 
     #[test]
     fn round_trips_and_shares_locations() {
-        let f = |name: &str, address: u64| Frame {
-            function: Some(name.into()),
-            module: Some("/bin/x".into()),
-            address,
-            ..Frame::default()
+        let f = |name: &str, address: u64| -> Frame {
+            FrameInfo { function: Some(name.into()), module: Some("/bin/x".into()), address, ..FrameInfo::default() }
+                .into()
         };
         let p = HeapProfile {
             sample_bytes: 4096,

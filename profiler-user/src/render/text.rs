@@ -134,6 +134,7 @@ fn secs(s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::FrameInfo;
     use crate::aggregate::StackSample;
 
     #[test]
@@ -147,7 +148,7 @@ mod tests {
     #[test]
     fn warns_loudly_on_drops_and_caps_top() {
         let leak = |b: u64| StackSample {
-            frames: vec![Frame { function: Some(format!("f{b}").into()), ..Frame::default() }],
+            frames: vec![FrameInfo { function: Some(format!("f{b}").into()), ..FrameInfo::default() }.into()],
             leak_bytes: b,
             leak_allocs: 1,
             ..StackSample::default()

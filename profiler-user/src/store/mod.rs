@@ -323,7 +323,7 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{Frame, StackSample};
+    use crate::aggregate::{FrameInfo, StackSample};
 
     fn profile(pid: u32, stacks: usize) -> HeapProfile {
         HeapProfile {
@@ -331,11 +331,12 @@ mod tests {
             taken_at_ms: 1_795_536_301_000,
             stacks: (0..stacks)
                 .map(|i| StackSample {
-                    frames: vec![Frame {
+                    frames: vec![FrameInfo {
                         function: Some(format!("alloc_site_{i}_{}", "x".repeat(i % 50)).into()),
                         address: 0x1000 + i as u64,
-                        ..Frame::default()
-                    }],
+                        ..FrameInfo::default()
+                    }
+                    .into()],
                     live_bytes: 100 * i as u64,
                     live_allocs: 1,
                     ..StackSample::default()

@@ -12,7 +12,7 @@ use std::{
 
 use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::aggregate::Frame;
+use crate::aggregate::{Frame, FrameInfo};
 use modules::{Modules, Place};
 use perf_map::PerfMap;
 
@@ -66,7 +66,7 @@ impl Symbolizer {
                 }
                 Place::Anonymous => {
                     // JIT code can be replaced: never cached.
-                    let frame = self.jit.lookup(addr).unwrap_or(Frame { address: addr, ..Default::default() });
+                    let frame = self.jit.lookup(addr).unwrap_or_else(|| FrameInfo { address: addr, ..Default::default() }.into());
                     jit_frames.insert(addr, frame);
                 }
             }
@@ -79,7 +79,7 @@ impl Symbolizer {
                 .unwrap_or_default();
             let module = intern(&mut self.names, &module);
             for (i, &(addr, off)) in items.iter().enumerate() {
-                let mut frame = Frame {
+                let mut frame = FrameInfo {
                     address: addr,
                     module: Some(module.clone()),
                     module_offset: Some(off),
@@ -90,7 +90,7 @@ impl Symbolizer {
                     frame.file = file.as_deref().map(|f| intern(&mut self.names, f));
                     frame.line = *line;
                 }
-                self.cache.insert(addr, frame);
+                self.cache.insert(addr, frame.into());
             }
         }
         addrs

@@ -4,7 +4,7 @@
 //! (`JS:*handler /app/server.js:12:3`) are split into function, file and line.
 use std::{collections::BTreeMap, fs, path::PathBuf};
 
-use crate::aggregate::Frame;
+use crate::aggregate::{Frame, FrameInfo};
 
 pub struct PerfMap {
     path: PathBuf,
@@ -51,10 +51,10 @@ fn parse_line(line: &str) -> Option<(u64, u64, &str)> {
 
 /// `JS:*name /path/file.js:12:3` -> function `name`, file, line 12. Other names are kept whole.
 fn frame_for(addr: u64, name: &str) -> Frame {
-    let mut frame = Frame { address: addr, module: Some("[jit]".into()), ..Default::default() };
+    let mut frame = FrameInfo { address: addr, module: Some("[jit]".into()), ..Default::default() };
     let Some(js) = name.strip_prefix("JS:") else {
         frame.function = Some(name.into());
-        return frame;
+        return frame.into();
     };
     let js = js.trim_start_matches(['*', '~', '^', '+']);
     let (function, location) = js.split_once(' ').unwrap_or((js, ""));
@@ -69,7 +69,7 @@ fn frame_for(addr: u64, name: &str) -> Frame {
         _ if !location.is_empty() => frame.file = Some(location.into()),
         _ => {}
     }
-    frame
+    frame.into()
 }
 
 #[cfg(test)]
