@@ -106,7 +106,7 @@ pub struct StackFrames {
 }
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * MAX_FRAMES);
 
-/// Per-stack totals of everything allocated since attach, kept in the kernel with atomic adds.
+/// Per-stack totals of everything allocated since attach, kept in the kernel per CPU.
 /// (What is still live per stack comes from walking `LIVE` at snapshot time.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! resizes `LIVE`, `STACKS` and `STACK_STATS` at load time (`--max-allocs`, `--max-stacks`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     Global,
 };
 use profiler_common::{
@@ -25,9 +25,10 @@ pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32,
 #[map]
 pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Per-stack totals, updated atomically.
+/// Per-stack totals, one copy per CPU: threads allocating from the same stack on several CPUs
+/// would otherwise fight over one cache line.
 #[map]
-pub static STACK_STATS: HashMap<StackKey, StackStats> = HashMap::with_max_entries(1 << 16, 0);
+pub static STACK_STATS: PerCpuHashMap<StackKey, StackStats> = PerCpuHashMap::with_max_entries(1 << 16, 0);
 
 /// User stacks by the hash of their frames (see `stack.rs`).
 #[map]
@@ -41,6 +42,11 @@ pub static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entri
 /// to call. LRU so the slots of threads that ended make room for new ones.
 #[map]
 pub static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(1 << 14, 0);
+
+/// Calls of all threads between a recorded entry and its return, kept only while sampling:
+/// when it is 0, an entry cannot be nested in a recorded call and skips the `INFLIGHT` lookup.
+#[map]
+pub static ACTIVE_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Event and drop counters, see `profiler_common::Counter`.
 #[map]

@@ -25,7 +25,7 @@ use profiler_common::{
 };
 
 use crate::maps::{
-    COUNTERS, EXP_TABLE, INFLIGHT, LIVE, SAMPLE_BYTES, SAMPLE_COUNTDOWN, STACK_STATS, TARGET_TGID,
+    ACTIVE_CALLS, COUNTERS, EXP_TABLE, INFLIGHT, LIVE, SAMPLE_BYTES, SAMPLE_COUNTDOWN, STACK_STATS, TARGET_TGID,
 };
 use crate::stack;
 
@@ -52,6 +52,23 @@ fn is_target(pid_tgid: u64) -> bool {
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+#[inline(always)]
+fn sampling() -> bool {
+    SAMPLE_BYTES.load() != 0
+}
+
+#[inline(always)]
+fn active_calls() -> u64 {
+    ACTIVE_CALLS.get(0).copied().unwrap_or(1)
+}
+
+#[inline(always)]
+fn add_active_calls(delta: u64) {
+    if let Some(n) = ACTIVE_CALLS.get_ptr_mut(0) {
+        unsafe { add(n, delta) };
+    }
 }
 
 /// Poisson byte sampling: an allocation of `size` bytes is sampled with probability
@@ -132,14 +149,6 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
 /// Ok(true) when the return must be seen.
 #[inline(always)]
 fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Result<bool, ()> {
-    let slot = INFLIGHT.get_ptr_mut(&pid_tgid);
-    if let Some(outer) = slot {
-        if unsafe { (*outer).active } != 0 {
-            // An allocator function called from inside another one: the outer call records.
-            unsafe { (*outer).depth += 1 };
-            return Ok(true);
-        }
-    }
     let kind = kind_enum as u8;
     let (size, ptr_arg) = match kind_enum {
         AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0),
@@ -150,6 +159,18 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
         AllocKind::AlignedAlloc | AllocKind::Memalign => (arg(ctx, 1), 0),
         AllocKind::Free => return Err(()),
     };
+    // Is this call nested in one being recorded? While sampling, most calls take the cheap
+    // path below, and no call of any thread is being recorded most of the time: then the
+    // answer is no without a lookup.
+    if !sampling() || active_calls() != 0 {
+        if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
+            if unsafe { (*outer).active } != 0 {
+                // An allocator function called from inside another one: the outer call records.
+                unsafe { (*outer).depth += 1 };
+                return Ok(true);
+            }
+        }
+    }
     let sampled = sample(size);
     let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray);
     if !sampled && !frees_old && kind_enum != AllocKind::PosixMemalign {
@@ -174,11 +195,14 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
     };
     // A thread's slot is reused in place from call to call: an insert and a delete per call
     // cost more than the rest of the probe's map work.
-    if let Some(slot) = slot {
+    if let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) {
         unsafe { *slot = call };
     } else if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
         count(Counter::DropInflightFull, 1);
         return Ok(false);
+    }
+    if sampling() {
+        add_active_calls(1);
     }
     Ok(true)
 }
@@ -213,6 +237,9 @@ fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
         (*slot).active = 0;
         *slot
     };
+    if sampling() {
+        add_active_calls(1u64.wrapping_neg());
+    }
     // The kernel's frame-pointer walk at entry misses the allocator's caller when the
     // allocator does not start with `push %rbp`; [rsp] at entry would hold it, but a return
     // probe has already replaced it with its trampoline. At the return the kernel has restored
@@ -270,7 +297,7 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
     let stats = match STACK_STATS.get_ptr_mut(&stack) {
         Some(s) => s,
         None => {
-            // BPF_NOEXIST: two CPUs may race to create the entry; the loser just re-reads it.
+            // BPF_NOEXIST: another CPU may have created the entry meanwhile.
             let _ = STACK_STATS.insert(&stack, &StackStats::default(), 1);
             match STACK_STATS.get_ptr_mut(&stack) {
                 Some(s) => s,
@@ -281,9 +308,10 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
             }
         }
     };
+    // This CPU's copy: no other CPU writes it.
     unsafe {
-        add(&raw mut (*stats).total_bytes, size);
-        add(&raw mut (*stats).total_allocs, 1);
+        (*stats).total_bytes += size;
+        (*stats).total_allocs += 1;
     }
 }
 

@@ -32,13 +32,21 @@ pub fn lookup_all<K: Pod + Default, V: Pod + Default>(fd: RawFd) -> io::Result<V
 /// Hands the hash map behind `fd` to `f` a chunk at a time (up to 64Ki entries), so a caller
 /// can aggregate a million entries without holding them all. On error, `f` may already have
 /// seen part of the map.
-pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(
+pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(fd: RawFd, f: impl FnMut(&[K], &[V])) -> io::Result<()> {
+    for_each_chunk_per_cpu(fd, 1, f)
+}
+
+/// [`for_each_chunk`] for per-CPU maps: each key comes with `cpus` values (the kernel's
+/// possible CPUs; `V`'s size must be a multiple of 8, the kernel's per-CPU stride).
+pub fn for_each_chunk_per_cpu<K: Pod + Default, V: Pod + Default>(
     fd: RawFd,
+    cpus: usize,
     mut f: impl FnMut(&[K], &[V]),
 ) -> io::Result<()> {
+    debug_assert!(cpus == 1 || size_of::<V>() % 8 == 0);
     let mut chunk: usize = 1 << 16;
     let mut keys: Vec<K> = vec![K::default(); chunk];
-    let mut values: Vec<V> = vec![V::default(); chunk];
+    let mut values: Vec<V> = vec![V::default(); chunk * cpus];
     // The position token: a bucket index for hash maps; sized generously.
     let mut in_token = [0u64; 2];
     let mut out_token = [0u64; 2];
@@ -60,7 +68,7 @@ pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None | Some(libc::ENOENT) => {
                 let n = (attr.count as usize).min(chunk);
-                f(&keys[..n], &values[..n]);
+                f(&keys[..n], &values[..n * cpus]);
                 if err.is_some() {
                     return Ok(());
                 }
@@ -71,7 +79,7 @@ pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(
             Some(libc::ENOSPC) if chunk < (1 << 24) => {
                 chunk *= 4;
                 keys.resize(chunk, K::default());
-                values.resize(chunk, V::default());
+                values.resize(chunk * cpus, V::default());
             }
             _ => return Err(err.unwrap()),
         }

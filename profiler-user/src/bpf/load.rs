@@ -4,7 +4,7 @@
 use std::{fs, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
     Ebpf, EbpfLoader,
 };
 use profiler_common::{AllocInfo, StackFrames, StackKey, StackStats, EXP_TABLE_LEN, EXP_TABLE_SHIFT};
@@ -76,7 +76,7 @@ pub struct Loaded {
 
 pub struct ProbeMaps {
     pub live: HashMap<MapData, u64, AllocInfo>,
-    pub stack_stats: HashMap<MapData, StackKey, StackStats>,
+    pub stack_stats: PerCpuHashMap<MapData, StackKey, StackStats>,
     pub stacks: HashMap<MapData, u64, StackFrames>,
     pub counters: PerCpuArray<MapData, u64>,
     /// Hits per snapshot trigger slot (see `bpf::attach::attach_trigger`).

@@ -65,13 +65,26 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Every stack's totals: batched, or entry by entry on kernels without batches.
+/// Every stack's totals, summed over CPUs: batched, or entry by entry on kernels without
+/// batches.
 fn stack_stats(maps: &ProbeMaps) -> Result<Vec<(StackKey, StackStats)>, MapError> {
+    let sum = |per_cpu: &[StackStats]| {
+        per_cpu.iter().fold(StackStats::default(), |a, s| StackStats {
+            total_bytes: a.total_bytes + s.total_bytes,
+            total_allocs: a.total_allocs + s.total_allocs,
+        })
+    };
     let fd = maps.stack_stats.map().fd().as_fd().as_raw_fd();
-    if let Ok(all) = batch::lookup_all::<StackKey, StackStats>(fd) {
-        return Ok(all);
+    if let Ok(cpus) = aya::util::nr_cpus() {
+        let mut all = Vec::new();
+        let batched = batch::for_each_chunk_per_cpu(fd, cpus, |keys: &[StackKey], values: &[StackStats]| {
+            all.extend(keys.iter().zip(values.chunks(cpus)).map(|(k, v)| (*k, sum(v))));
+        });
+        if batched.is_ok() {
+            return Ok(all);
+        }
     }
-    maps.stack_stats.iter().collect()
+    maps.stack_stats.iter().map(|e| e.map(|(k, v)| (k, sum(&v)))).collect()
 }
 
 /// What is live per stack, from one pass over `LIVE`.

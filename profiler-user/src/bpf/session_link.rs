@@ -205,7 +205,12 @@ fn prog_load(
     attr.log_buf = log.as_mut_ptr() as u64;
     let _ = bpf(BPF_PROG_LOAD, &attr);
     let text = String::from_utf8_lossy(&log[..log.iter().position(|&b| b == 0).unwrap_or(0)]).into_owned();
-    // The verifier's conclusion is its last non-empty line.
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).map(|l| format!(" (verifier: {l})"));
+    // The verifier's conclusion is its last line before the statistics.
+    let last = text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time"))
+        .map(|l| format!(" (verifier: {l})"));
     Err((first, last.unwrap_or_default()))
 }
