@@ -6,6 +6,7 @@
 //!   every call pays for its return probe.
 use core::{
     ffi::c_void,
+    ptr::null_mut,
     intrinsics::{atomic_xadd, AtomicOrdering},
 };
 
@@ -52,6 +53,12 @@ fn is_target(pid_tgid: u64) -> bool {
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// This thread's `INFLIGHT` slot, or null.
+#[inline(always)]
+fn inflight_slot(pid_tgid: u64) -> *mut InFlight {
+    INFLIGHT.get_ptr_mut(&pid_tgid).unwrap_or(null_mut())
 }
 
 #[inline(always)]
@@ -162,14 +169,14 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
     // Is this call nested in one being recorded? While sampling, most calls take the cheap
     // path below, and no call of any thread is being recorded most of the time: then the
     // answer is no without a lookup.
-    if !sampling() || active_calls() != 0 {
-        if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
-            if unsafe { (*outer).active } != 0 {
-                // An allocator function called from inside another one: the outer call records.
-                unsafe { (*outer).depth += 1 };
-                return Ok(true);
-            }
-        }
+    // A null pointer, not `Option<*mut _>`: a `None` leaves the pointer undefined, which LLVM
+    // may read on a path the verifier then rejects.
+    let looked_up = !sampling() || active_calls() != 0;
+    let slot = if looked_up { inflight_slot(pid_tgid) } else { null_mut() };
+    if !slot.is_null() && unsafe { (*slot).active } != 0 {
+        // An allocator function called from inside another one: the outer call records.
+        unsafe { (*slot).depth += 1 };
+        return Ok(true);
     }
     let sampled = sample(size);
     let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray);
@@ -195,7 +202,8 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
     };
     // A thread's slot is reused in place from call to call: an insert and a delete per call
     // cost more than the rest of the probe's map work.
-    if let Some(slot) = INFLIGHT.get_ptr_mut(&pid_tgid) {
+    let slot = if looked_up { slot } else { inflight_slot(pid_tgid) };
+    if !slot.is_null() {
         unsafe { *slot = call };
     } else if INFLIGHT.insert(&pid_tgid, &call, 0).is_err() {
         count(Counter::DropInflightFull, 1);

@@ -25,6 +25,8 @@ pub struct Mapping {
     pub executable: bool,
     /// File offset of `start`.
     pub offset: u64,
+    /// Device (as `st_dev` encodes it) and inode of the mapped file.
+    pub dev: u64,
     pub inode: u64,
     /// Path as the target sees it; `None` for anonymous memory. Pseudo paths like `[heap]`
     /// are kept as they are.
@@ -36,7 +38,7 @@ impl Mapping {
         self.start <= addr && addr < self.end
     }
 
-    /// A regular file (not `[heap]`, `[vdso]`, anonymous or deleted).
+    /// A file (not `[heap]`, `[vdso]` or anonymous memory), possibly deleted on disk since.
     pub fn is_file(&self) -> bool {
         self.inode != 0 && self.path.as_deref().is_some_and(|p| p.starts_with('/'))
     }
@@ -67,7 +69,8 @@ pub fn maps(pid: u32) -> Result<Vec<Mapping>, ProcError> {
 
 fn parse_maps_line(line: &str) -> Option<Mapping> {
     let mut it = line.splitn(6, ' ');
-    let (range, perms, offset, _dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let (range, perms, offset, dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let (major, minor) = dev.split_once(':')?;
     let path = it.next().map(str::trim).filter(|p| !p.is_empty()).map(str::to_string);
     let (start, end) = range.split_once('-')?;
     Some(Mapping {
@@ -76,14 +79,46 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
         readable: perms.starts_with('r'),
         executable: perms.as_bytes().get(2) == Some(&b'x'),
         offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
         inode: inode.parse().ok()?,
         path,
     })
 }
 
-/// How the host opens a file that the target maps at `path_in_target`.
+/// How the host opens the file that the target maps at `path_in_target` (a path from its
+/// maps, or its executable): see [`mapped_file`]. A path the target does not map is opened
+/// through `/proc/PID/root`.
 pub fn host_path(pid: u32, path_in_target: &str) -> PathBuf {
+    let mapping = maps(pid).ok().and_then(|maps| {
+        maps.into_iter().find(|m| m.path.as_deref().is_some_and(|p| p == path_in_target || without_deleted(p) == path_in_target))
+    });
+    match mapping {
+        Some(m) => mapped_file(pid, &m),
+        None => by_root(pid, path_in_target),
+    }
+}
+
+/// How the host opens the file of mapping `m`: through `/proc/PID/root` (so targets in
+/// containers work) while that path still names the mapped file; once the file was deleted or
+/// replaced on disk (a package upgrade under a running service), through
+/// `/proc/PID/map_files/START-END`, which reaches the mapped inode itself.
+pub fn mapped_file(pid: u32, m: &Mapping) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = m.path.as_deref().unwrap_or_default();
+    let root = by_root(pid, without_deleted(path));
+    match fs::metadata(&root) {
+        Ok(md) if md.ino() == m.inode && md.dev() == m.dev => root,
+        _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+    }
+}
+
+fn by_root(pid: u32, path_in_target: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/root{path_in_target}"))
+}
+
+/// The path of a mapped file without the ` (deleted)` the kernel appends once it is unlinked.
+pub fn without_deleted(path: &str) -> &str {
+    path.strip_suffix(" (deleted)").unwrap_or(path)
 }
 
 /// Path of the target's executable as the target sees it.
@@ -138,6 +173,35 @@ mod tests {
         assert!(!heap.is_file());
         let spaced = parse_maps_line("1000-2000 r-xp 00000000 fe:01 77 /opt/my app/bin").unwrap();
         assert_eq!(spaced.path.as_deref(), Some("/opt/my app/bin"));
+        assert_eq!(m.dev, libc::makedev(0xfe, 0x01));
+    }
+
+    /// A mapped file is opened by its path while the path names it, else through map_files.
+    #[test]
+    fn mapped_files_survive_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lib.so");
+        fs::write(&path, vec![7u8; 8192]).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        let len = 8192;
+        let addr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&file), 0)
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let me = std::process::id();
+        let find = || maps(me).unwrap().into_iter().find(|m| m.start == addr as u64).unwrap();
+        let by_name = mapped_file(me, &find());
+        assert!(by_name.ends_with(path.strip_prefix("/").unwrap()), "{}", by_name.display());
+        // Replaced on disk: same name, another inode.
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"new").unwrap();
+        let m = find();
+        assert!(m.path.as_deref().unwrap().ends_with(" (deleted)"), "{m:?}");
+        let by_inode = mapped_file(me, &m);
+        assert!(by_inode.to_string_lossy().contains("/map_files/"), "{}", by_inode.display());
+        assert_eq!(fs::read(&by_inode).unwrap(), vec![7u8; 8192]);
+        assert_eq!(host_path(me, m.path.as_deref().unwrap()), by_inode);
+        unsafe { libc::munmap(addr, len) };
     }
 
     /// Reads kB fields of /proc/PID/status as bytes, and this process's own entries.

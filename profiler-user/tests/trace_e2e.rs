@@ -269,6 +269,32 @@ fn session_and_classic_probes_agree() {
     }
 }
 
+/// A service whose libc was deleted or replaced on disk since it started (a package upgrade):
+/// its maps say `libc.so.6 (deleted)`, and the probes still go into the libc it runs.
+#[test]
+fn allocator_deleted_on_disk_is_traced() {
+    require_root();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let libc = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .expect("this test process maps libc.so.6");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("libc.so.6");
+    std::fs::copy(libc, &copy).unwrap();
+    let mut cmd = Command::new(alloc_fixture());
+    cmd.arg("basic").env("LD_LIBRARY_PATH", dir.path());
+    let mut fixture = Fixture::spawn(cmd);
+    std::fs::remove_file(&copy).unwrap();
+    let session = Session::attach(fixture.pid, ProbeSettings::default()).unwrap();
+    assert!(session.allocator().ends_with("/libc.so.6 (deleted)"), "{}", session.allocator());
+    fixture.go();
+    let p = session.snapshot(Duration::ZERO).unwrap();
+    assert_eq!((p.totals.allocs, p.totals.live_bytes), (1022, 2111788));
+    assert_eq!(site(&p, "leak_fixed"), (7000, 7));
+}
+
 /// Two targets traced at once (as the agent does) each see exactly their own allocations,
 /// though their probes sit on the same libc instructions.
 #[test]

@@ -49,9 +49,7 @@ impl Modules {
             if self.open.contains_key(&path) {
                 continue;
             }
-            let by_root = procfs::host_path(self.pid, &path);
-            let by_map_file = PathBuf::from(format!("/proc/{}/map_files/{:x}-{:x}", self.pid, m.start, m.end));
-            if let Ok(file) = File::open(&by_root).or_else(|_| File::open(&by_map_file)) {
+            if let Ok(file) = File::open(procfs::mapped_file(self.pid, m)) {
                 let open_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
                 self.open.insert(path.clone(), Module { path, _file: file, open_path });
             }
