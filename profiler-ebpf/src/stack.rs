@@ -47,13 +47,14 @@ pub fn record(regs: *const pt_regs) -> u64 {
         low = fp + 16;
         fp = frame[0];
     }
-    while n < MAX_FRAMES {
-        frames.ips[n] = 0;
-        n += 1;
-    }
     let id = if hash == 0 { 1 } else { hash };
     if unsafe { STACKS.get(&id) }.is_some() {
         return id;
+    }
+    // A new stack: what is left of the scratch from a deeper one must not be stored with it.
+    while n < MAX_FRAMES {
+        frames.ips[n] = 0;
+        n += 1;
     }
     match STACKS.insert(&id, frames, BPF_NOEXIST) {
         Ok(()) => id,
