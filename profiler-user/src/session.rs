@@ -15,7 +15,7 @@ use crate::{
     aggregate::{build, HeapProfile},
     bpf::{
         attach::{self, ProbeSiteReport, TriggerPoint},
-        load::{self, Loaded, ProbeSettings},
+        load::{self, Loaded, ProbeMode, ProbeSettings},
         reader,
     },
     procfs,
@@ -32,6 +32,8 @@ pub struct Session {
     unseen_before_attach_bytes: u64,
     allocator: String,
     sites: Vec<ProbeSiteReport>,
+    /// `Session` or `Classic`: what `Auto` came to.
+    probe_mode: ProbeMode,
     inner: Mutex<Inner>,
 }
 
@@ -56,7 +58,8 @@ impl Session {
         let mut loaded = load::load(pid, settings)?;
         let sites = attach::attach(&mut loaded, pid, &allocator)
             .with_context(|| format!("attaching to process {pid} ({comm})"))?;
-        info!(pid, allocator = %allocator.path_in_target, "attached");
+        let probe_mode = if loaded.session.is_some() { ProbeMode::Session } else { ProbeMode::Classic };
+        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, "attached");
         Ok(Session {
             pid,
             comm,
@@ -66,6 +69,7 @@ impl Session {
             unseen_before_attach_bytes: unseen,
             allocator: allocator.path_in_target,
             sites,
+            probe_mode,
             inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }),
         })
     }
@@ -76,6 +80,11 @@ impl Session {
 
     pub fn probe_sites(&self) -> &[ProbeSiteReport] {
         &self.sites
+    }
+
+    /// How the probes were attached: `Session` or `Classic`.
+    pub fn probe_mode(&self) -> ProbeMode {
+        self.probe_mode
     }
 
     pub fn settings(&self) -> ProbeSettings {

@@ -240,6 +240,8 @@ fn chosen_probe_sites_count_exactly() {
     require_root();
     let mut fixture = Fixture::start(&alloc_fixture(), "basic");
     let session = Session::attach(fixture.pid, ProbeSettings::default()).unwrap();
+    // This kernel (6.18) has uprobe.session: `auto` must not have fallen back.
+    assert_eq!(session.probe_mode(), ProbeMode::Session);
     let sites = session.probe_sites();
     let free = sites.iter().find(|s| s.function == "free").unwrap();
     assert!(free.offset > 0 && free.emulated, "free probe at +{} ({})", free.offset, free.reason);

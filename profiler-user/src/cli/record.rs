@@ -100,10 +100,14 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let session = Session::attach(args.pid, settings)?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
     eprintln!(
-        "memscope: attached to {} ({}), allocator {}, {rate}; recording for {:?} (Ctrl-C to stop)",
+        "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
         args.pid,
         crate::procfs::comm(args.pid).unwrap_or_default(),
         session.allocator(),
+        match session.probe_mode() {
+            ProbeMode::Classic => "uprobe+uretprobe",
+            _ => "uprobe.session",
+        },
         args.duration,
     );
     let specs = args.triggers.specs()?;
