@@ -101,8 +101,9 @@ fn agent_interval_snapshots_and_verdicts() {
     }
     let g = gaps(&list, "taken_at_ms");
     // Each snapshot follows its tick after a latency that varies with the machine's load: the
-    // gaps are not exactly 300 ms, but never near the 100 ms spacing, and 300 ms typically.
-    assert!(g.iter().all(|&d| d >= 150), "interval snapshots too close for 300 ms ticks: {g:?}");
+    // gaps are not exactly 300 ms (a late snapshot followed by a prompt one can be closer), but
+    // never under the 100 ms minimum spacing, and 300 ms typically.
+    assert!(g.iter().all(|&d| d >= 100), "interval snapshots closer than --min-spacing: {g:?}");
     let mut sorted = g.clone();
     sorted.sort_unstable();
     let median = sorted[sorted.len() / 2];

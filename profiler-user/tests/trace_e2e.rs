@@ -232,9 +232,9 @@ fn full_maps_are_counted_as_drops() {
     assert!(stack_drops > 0, "{:?}", p.dropped);
 }
 
-/// The probes sit at the cheap sites chosen by decoding each function (free after its NULL
-/// check, the memalign family after their flag test) and still count exactly: the fixture's
-/// 1022 allocations and 1003 non-NULL frees, with free(NULL) calls not reaching the probe.
+/// The probes sit at the cheap sites chosen by decoding each function (free on its NULL
+/// check's branch, the memalign family on theirs) and still count exactly: the fixture's
+/// 1022 allocations and 1003 non-NULL frees; its free(NULL) calls hit the probe and are ignored.
 #[test]
 fn chosen_probe_sites_count_exactly() {
     require_root();
