@@ -1,12 +1,14 @@
 //! memscope's kernel side: uprobes on the target's allocator that keep a table of live
 //! allocations with their user stacks.
 //!
-//! Data flow: `alloc_entry` (uprobe on malloc, calloc, realloc, ...) decides whether the call is
-//! sampled, captures the stack and parks the call's arguments in `INFLIGHT`; `alloc_return`
-//! (uretprobe on the same functions) reads the result and records the allocation in `LIVE` and
-//! its stack's totals in `STACK_STATS`; `free_entry` forgets it again. Every event that cannot be
-//! recorded is counted in `COUNTERS` by reason. The attach cookie says which function a probe is
-//! on and where the return address sits (see `profiler_common::encode_cookie`).
+//! Data flow: at an allocator's entry (malloc, calloc, realloc, ...) the probe decides whether
+//! the call is sampled, walks the user stack into `STACKS` (`stack.rs`) and parks the call in
+//! the thread's `INFLIGHT` slot; at its return it reads the result and records the allocation in
+//! `LIVE` and its stack's totals in `STACK_STATS`; at `free` it forgets it again. Every event
+//! that cannot be recorded is counted in `COUNTERS` by reason. `alloc_session` does entry and
+//! return in one uprobe.session program (Linux 6.13+), so unsampled calls skip the return trap;
+//! `alloc_entry` + `alloc_return` (uprobe + uretprobe) do the same on older kernels. The attach
+//! cookie says which function a probe is on (see `profiler_common::encode_cookie`).
 //!
 //! Needs a kernel with uprobes, BPF attach cookies (5.15+) and atomics (5.12+).
 #![no_std]

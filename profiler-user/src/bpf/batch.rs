@@ -21,17 +21,10 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every (key, value) of the hash map behind `fd`. Entries changing during the read may be
-/// missed or seen once more, as with iteration.
-pub fn lookup_all<K: Pod + Default, V: Pod + Default>(fd: RawFd) -> io::Result<Vec<(K, V)>> {
-    let mut out: Vec<(K, V)> = Vec::new();
-    for_each_chunk(fd, |keys: &[K], values: &[V]| out.extend(keys.iter().copied().zip(values.iter().copied())))?;
-    Ok(out)
-}
-
 /// Hands the hash map behind `fd` to `f` a chunk at a time (up to 64Ki entries), so a caller
-/// can aggregate a million entries without holding them all. On error, `f` may already have
-/// seen part of the map.
+/// can aggregate a million entries without holding them all. Entries changing during the read
+/// may be missed or seen once more, as with iteration. On error, `f` may already have seen part
+/// of the map.
 pub fn for_each_chunk<K: Pod + Default, V: Pod + Default>(fd: RawFd, f: impl FnMut(&[K], &[V])) -> io::Result<()> {
     for_each_chunk_per_cpu(fd, 1, f)
 }
@@ -43,7 +36,7 @@ pub fn for_each_chunk_per_cpu<K: Pod + Default, V: Pod + Default>(
     cpus: usize,
     mut f: impl FnMut(&[K], &[V]),
 ) -> io::Result<()> {
-    debug_assert!(cpus == 1 || size_of::<V>() % 8 == 0);
+    debug_assert!(cpus == 1 || size_of::<V>().is_multiple_of(8));
     let mut chunk: usize = 1 << 16;
     let mut keys: Vec<K> = vec![K::default(); chunk];
     let mut values: Vec<V> = vec![V::default(); chunk * cpus];
