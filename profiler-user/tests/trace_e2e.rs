@@ -297,6 +297,26 @@ fn allocator_deleted_on_disk_is_traced() {
     assert_eq!(site(&p, "leak_fixed"), (7000, 7));
 }
 
+/// A service running jemalloc (LD_PRELOAD, as deployments usually do) is traced in jemalloc,
+/// not in libc: the first object in load order defining malloc and free. jemalloc has no
+/// `reallocarray`/`pvalloc`, so `sample` mode (malloc and free only) is the exact check.
+#[test]
+fn preloaded_jemalloc_is_traced() {
+    require_root();
+    let jemalloc = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    assert!(Path::new(jemalloc).exists(), "{jemalloc} missing: `cargo xtask setup` installs libjemalloc2");
+    let mut cmd = Command::new(alloc_fixture());
+    cmd.arg("sample").env("LD_PRELOAD", jemalloc);
+    let mut fixture = Fixture::spawn(cmd);
+    let session = Session::attach(fixture.pid, ProbeSettings::default()).unwrap();
+    assert_eq!(session.allocator(), jemalloc);
+    fixture.go();
+    let p = session.snapshot(Duration::ZERO).unwrap();
+    assert_eq!(site(&p, "leak_sampled"), (6400 * 65536, 6400));
+    assert_eq!((p.totals.allocs, p.totals.frees), (6400 + 100_000, 100_000));
+    assert_eq!(p.dropped.values().sum::<u64>(), 0, "{:?}", p.dropped);
+}
+
 /// Two targets traced at once (as the agent does) each see exactly their own allocations,
 /// though their probes sit on the same libc instructions.
 #[test]

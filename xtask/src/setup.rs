@@ -27,6 +27,7 @@ const PACKAGES: &[&str] = &[
     "openssl",                        // test certificates
     "systemtap-sdt-dev",              // <sys/sdt.h>, for the USDT trigger fixture
     "util-linux",                     // setpriv, for the missing-privilege test
+    "libjemalloc2",                   // a second allocator, preloaded in a tracing test
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
