@@ -192,6 +192,7 @@ impl TracedTarget for Session {
             frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
             dropped: build::dropped(&counters),
             sample_bytes: self.settings.sample_bytes,
+            probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),
         }
     }

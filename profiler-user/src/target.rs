@@ -18,6 +18,8 @@ pub struct TargetStats {
     pub dropped: BTreeMap<String, u64>,
     /// Mean bytes between samples, 0 for every allocation.
     pub sample_bytes: u64,
+    /// How the allocator probes are attached: `session` or `classic`.
+    pub probe_mode: String,
     pub alive: bool,
 }
 

@@ -70,7 +70,9 @@ fn agent_serves_a_traced_process_over_tls() {
     // A read token may not attach.
     let (status, _, stderr) = client(&agent.url, Some(READ), &["targets", "--attach", &pid, "--ca-cert", &cert]);
     assert!(!status.success() && stderr.contains("admin"), "{stderr}");
-    ok(&agent, ADMIN, &cert, &["targets", "--attach", &pid]);
+    let targets: Value = serde_json::from_str(&ok(&agent, ADMIN, &cert, &["targets", "--attach", &pid])).unwrap();
+    // This kernel (6.18) has uprobe.session.
+    assert_eq!(targets["targets"][0]["probe_mode"], "session", "{targets:#}");
     fixture.go();
 
     let leaks: Value = serde_json::from_str(&ok(&agent, READ, &cert, &["leaks", &pid, "--min-age", "0s", "--json"])).unwrap();

@@ -139,6 +139,7 @@ impl TracedTarget for FakeTarget {
             frees: 7,
             dropped: [("stack_map_full".to_string(), 1)].into(),
             sample_bytes: 0,
+            probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),
         }
     }

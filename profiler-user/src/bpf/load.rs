@@ -46,6 +46,16 @@ pub enum ProbeMode {
     Classic,
 }
 
+impl ProbeMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeMode::Auto => "auto",
+            ProbeMode::Session => "session",
+            ProbeMode::Classic => "classic",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("this memscope was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild")]

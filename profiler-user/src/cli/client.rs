@@ -531,11 +531,12 @@ pub(crate) fn targets_table(v: &Value) -> String {
                 u(&t["allocs"]).to_string(),
                 u(&t["frees"]).to_string(),
                 dropped.to_string(),
+                t["probe_mode"].as_str().unwrap_or("").to_owned(),
                 ago(u(&t["attached_at_ms"])),
             ]
         })
         .collect();
-    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "ATTACHED"], &rows)
+    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "ATTACHED"], &rows)
 }
 
 pub(crate) fn leaks_table(v: &Value) -> String {
@@ -801,10 +802,11 @@ mod tests {
     #[test]
     fn renders_tables() {
         let targets = serde_json::json!({"targets": [{"id": 7, "pid": 7, "comm": "demo", "alive": true,
-            "live_bytes": 2048, "live_allocs": 2, "allocs": 10, "frees": 8, "dropped": {"x": 1}, "attached_at_ms": 0}]});
+            "live_bytes": 2048, "live_allocs": 2, "allocs": 10, "frees": 8, "dropped": {"x": 1},
+            "probe_mode": "session", "attached_at_ms": 0}]});
         let t = targets_table(&targets);
         assert!(t.starts_with("PID"), "{t}");
-        assert!(t.contains("demo") && t.contains("2.0 KiB"), "{t}");
+        assert!(t.contains("demo") && t.contains("2.0 KiB") && t.contains("session"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});

@@ -104,10 +104,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         args.pid,
         crate::procfs::comm(args.pid).unwrap_or_default(),
         session.allocator(),
-        match session.probe_mode() {
-            ProbeMode::Classic => "uprobe+uretprobe",
-            _ => "uprobe.session",
-        },
+        session.probe_mode().name(),
         args.duration,
     );
     let specs = args.triggers.specs()?;
