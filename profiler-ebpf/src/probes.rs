@@ -248,10 +248,10 @@ fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
     if sampling() {
         add_active_calls(1u64.wrapping_neg());
     }
-    // The kernel's frame-pointer walk at entry misses the allocator's caller when the
-    // allocator does not start with `push %rbp`; [rsp] at entry would hold it, but a return
-    // probe has already replaced it with its trampoline. At the return the kernel has restored
-    // the instruction pointer to the real return address: the caller.
+    // The frame-pointer walk at entry misses the allocator's caller (the allocator has not
+    // pushed rbp yet); [rsp] at entry would hold it, but a return probe has already replaced
+    // it with its trampoline. At the return the kernel has restored the instruction pointer to
+    // the real return address: the caller.
     let (ret, caller) = unsafe { ((*regs).rax, (*regs).rip) };
     call.stack.caller = caller;
     let kind = AllocKind::from_u8(call.kind as u8).ok_or(())?;

@@ -89,13 +89,39 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
 /// maps, or its executable): see [`mapped_file`]. A path the target does not map is opened
 /// through `/proc/PID/root`.
 pub fn host_path(pid: u32, path_in_target: &str) -> PathBuf {
-    let mapping = maps(pid).ok().and_then(|maps| {
-        maps.into_iter().find(|m| m.path.as_deref().is_some_and(|p| p == path_in_target || without_deleted(p) == path_in_target))
-    });
-    match mapping {
-        Some(m) => mapped_file(pid, &m),
+    host_path_in(pid, &maps(pid).unwrap_or_default(), path_in_target)
+}
+
+fn host_path_in(pid: u32, maps: &[Mapping], path_in_target: &str) -> PathBuf {
+    let named = |m: &&Mapping| m.path.as_deref().is_some_and(|p| p == path_in_target || without_deleted(p) == path_in_target);
+    match maps.iter().find(named) {
+        Some(m) => mapped_file(pid, m),
         None => by_root(pid, path_in_target),
     }
+}
+
+/// A file the target runs code from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedObject {
+    /// Path as the target sees it.
+    pub path: String,
+    /// How the host opens it (see [`mapped_file`]).
+    pub host_path: PathBuf,
+}
+
+/// The target's executable, then every file it maps executable code from, in address order,
+/// each once.
+pub fn objects(pid: u32) -> Result<Vec<MappedObject>, ProcError> {
+    let exe = exe(pid)?;
+    let maps = maps(pid)?;
+    let mut out = vec![MappedObject { host_path: host_path_in(pid, &maps, &exe), path: exe }];
+    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
+        let path = m.path.clone().unwrap_or_default();
+        if !out.iter().any(|o| o.path == path) {
+            out.push(MappedObject { host_path: mapped_file(pid, m), path });
+        }
+    }
+    Ok(out)
 }
 
 /// How the host opens the file of mapping `m`: through `/proc/PID/root` (so targets in

@@ -64,24 +64,15 @@ const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's 
 /// `malloc` to the first definition in load order: the executable, then preloaded and linked
 /// libraries, libc last; `/proc/PID/maps` is in address order, so libc is tried last explicitly.
 pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
-    let exe = procfs::exe(pid)?;
-    let maps = procfs::maps(pid)?;
-    let mut candidates: Vec<String> = vec![exe];
-    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
-        let path = m.path.clone().unwrap_or_default();
-        if !candidates.contains(&path) {
-            candidates.push(path);
-        }
-    }
-    let is_libc = |p: &String| {
-        let base = p.rsplit('/').next().unwrap_or(p);
+    let mut candidates = procfs::objects(pid)?;
+    let is_libc = |o: &procfs::MappedObject| {
+        let base = o.path.rsplit('/').next().unwrap_or(&o.path);
         base.starts_with("libc.so") || base.starts_with("libc-")
     };
     candidates.sort_by_key(is_libc);
     let names: Vec<&str> = AllocKind::ALL.iter().map(|k| k.symbol()).collect();
-    for path in &candidates {
-        let host_path = procfs::host_path(pid, path);
-        let symbols = match elf_symbols::resolve(&host_path, &names) {
+    for procfs::MappedObject { path, host_path } in &candidates {
+        let symbols = match elf_symbols::resolve(host_path, &names) {
             Ok(s) => s,
             Err(e) => {
                 debug!("skipping {path}: {e}");
@@ -95,10 +86,11 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
             .collect();
         let has = |k: AllocKind| functions.iter().any(|(f, _)| *f == k);
         if has(AllocKind::Malloc) && has(AllocKind::Free) {
-            return Ok(Allocator { path_in_target: path.clone(), host_path, functions });
+            return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions });
         }
     }
-    Err(AttachError::NoAllocator { pid, searched: candidates.join(", ") })
+    let searched: Vec<&str> = candidates.iter().map(|o| o.path.as_str()).collect();
+    Err(AttachError::NoAllocator { pid, searched: searched.join(", ") })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, AttachError> {

@@ -34,8 +34,7 @@ impl Default for ProbeSettings {
 }
 
 /// How the allocator probes are attached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeMode {
     /// `session` where the kernel has it (6.13+), `classic` otherwise.
     #[default]
@@ -47,6 +46,7 @@ pub enum ProbeMode {
 }
 
 impl ProbeMode {
+    /// The name `--probe-mode` takes and the agent's JSON shows.
     pub fn name(self) -> &'static str {
         match self {
             ProbeMode::Auto => "auto",
@@ -140,13 +140,13 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
     fill_exp_table(&mut ebpf)?;
     let session = match settings.probe_mode {
         ProbeMode::Classic => None,
-        ProbeMode::Session => Some(SessionProgram::load(OBJECT, &ebpf, "alloc_session").map_err(LoadError::Session)?),
-        ProbeMode::Auto => match SessionProgram::load(OBJECT, &ebpf, "alloc_session") {
+        mode => match SessionProgram::load(OBJECT, &ebpf, "alloc_session") {
             Ok(p) => Some(p),
-            Err(e) => {
+            Err(e) if mode == ProbeMode::Auto => {
                 info!("using classic uprobes + uretprobes: {e}");
                 None
             }
+            Err(e) => return Err(LoadError::Session(e)),
         },
     };
     debug!(session = session.is_some(), "probe programs loaded");

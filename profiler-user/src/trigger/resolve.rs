@@ -42,25 +42,11 @@ pub enum ResolveError {
     Ambiguous { query: String, path: String, count: usize, examples: String },
 }
 
-/// The target's executable, then every mapped executable regular file, in address order,
-/// each once (paths as the target sees them).
-pub fn objects_of(pid: u32) -> Result<Vec<String>, ProcError> {
-    let mut out = vec![procfs::exe(pid)?];
-    for m in procfs::maps(pid)?.into_iter().filter(|m| m.executable && m.is_file()) {
-        let path = m.path.unwrap_or_default();
-        if !out.contains(&path) {
-            out.push(path);
-        }
-    }
-    Ok(out)
-}
-
 /// Every function matching `query` in the first object of the target that defines one.
 pub fn find_function(pid: u32, query: &str) -> Result<Vec<ResolvedFunction>, ResolveError> {
     let mut searched = Vec::new();
-    for path in objects_of(pid)? {
-        let host = procfs::host_path(pid, &path);
-        let found = match elf_symbols::find_functions(&host, |raw| symbol_matches(query, raw)) {
+    for procfs::MappedObject { path, host_path } in procfs::objects(pid)? {
+        let found = match elf_symbols::find_functions(&host_path, |raw| symbol_matches(query, raw)) {
             Ok(f) => f,
             Err(e) => {
                 debug!("symbol search skips {path}: {e}");

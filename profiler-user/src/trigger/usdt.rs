@@ -163,9 +163,8 @@ pub struct FoundProbe {
 /// searching the executable first, then every mapped executable file in address order.
 pub fn find(pid: u32, provider: &str, name: &str) -> Result<Vec<FoundProbe>, UsdtError> {
     let mut searched: Vec<String> = Vec::new();
-    for path in crate::trigger::resolve::objects_of(pid)? {
-        let host = procfs::host_path(pid, &path);
-        let all = match probes(&host) {
+    for procfs::MappedObject { path, host_path } in procfs::objects(pid)? {
+        let all = match probes(&host_path) {
             Ok(p) => p,
             Err(e) => {
                 debug!("USDT search skips {path}: {e}");
