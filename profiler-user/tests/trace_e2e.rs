@@ -6,11 +6,11 @@ mod common;
 use std::{
     io::{BufRead, BufReader},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::Duration,
 };
 
-use common::{alloc_fixture, require_root, Fixture};
+use common::{alloc_fixture, require_root, spawn_record, Fixture};
 use profiler_user::{
     aggregate::HeapProfile,
     bpf::load::{ProbeMode, ProbeSettings},
@@ -24,14 +24,7 @@ const MEMSCOPE: &str = env!("CARGO_BIN_EXE_memscope");
 /// Runs `memscope record` on a fixture: waits for "attached", lets the workload run, then
 /// stops the recording with SIGINT. Returns (exit code, stderr).
 fn record(fixture: &mut Fixture, out: &Path, extra: &[&str], stop: bool) -> (i32, String) {
-    let mut child = Command::new(MEMSCOPE)
-        .args(["record", "--pid", &fixture.pid.to_string(), "--duration", "60s", "--out"])
-        .arg(out)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_record(fixture.pid, out, extra);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut first = String::new();
     while !first.contains("attached") {

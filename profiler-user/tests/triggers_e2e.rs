@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{require_root, Fixture};
+use common::{require_root, spawn_record, Fixture};
 use profiler_user::trigger::{resolve, usdt};
 use serde_json::Value;
 
@@ -59,14 +59,8 @@ struct Recording {
 impl Recording {
     /// Starts recording `pid` into `out`, and returns once the triggers are attached.
     fn start(pid: u32, out: &Path, extra: &[&str]) -> Recording {
-        let mut child = Command::new(MEMSCOPE)
-            .args(["record", "--pid", &pid.to_string(), "--duration", "60s", "--sampling", "full", "--min-age", "0s", "--out"])
-            .arg(out)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let args = [&["--sampling", "full", "--min-age", "0s"], extra].concat();
+        let mut child = spawn_record(pid, out, &args);
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {

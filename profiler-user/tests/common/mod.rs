@@ -6,7 +6,7 @@ pub mod agent;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::OnceLock,
 };
@@ -31,6 +31,19 @@ pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
         .expect("running cc (install gcc)");
     assert!(status.success(), "compiling {}", src.display());
     out
+}
+
+/// `memscope record --pid PID --duration 60s --out OUT EXTRA...`, started with stderr piped
+/// (its progress and "attached" line) and stdout discarded.
+pub fn spawn_record(pid: u32, out: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_memscope"))
+        .args(["record", "--pid", &pid.to_string(), "--duration", "60s", "--out"])
+        .arg(out)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting memscope record")
 }
 
 pub fn alloc_fixture() -> PathBuf {
