@@ -20,6 +20,8 @@ use crate::cmd::{self, step};
 
 /// Debian packages the tests and the demo use (node comes from apt only when absent).
 const PACKAGES: &[&str] = &[
+    "gcc",                            // `cc` for the test fixtures, the demo and bench targets
+    "libc6-dev",                      // their C headers (not pulled in without recommends)
     "protobuf-compiler",              // protoc, to decode pprof output in tests
     "golang-github-google-pprof-dev", // pprof's profile.proto
     "bpftrace",                       // eBPF peer for the benchmark
