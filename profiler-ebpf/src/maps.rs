@@ -25,6 +25,14 @@ pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32,
 #[map]
 pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
+/// log2 of `LIVE_FILTER`'s length.
+pub const LIVE_FILTER_BITS: u32 = 15;
+
+/// While sampling: how many `LIVE` addresses hash to each slot (a counting filter, see
+/// `probes::forget`). A free whose slot is 0 was not sampled, and skips the `LIVE` lookup.
+#[map]
+pub static LIVE_FILTER: Array<u64> = Array::with_max_entries(1 << LIVE_FILTER_BITS, 0);
+
 /// Per-stack totals, one copy per CPU: threads allocating from the same stack on several CPUs
 /// would otherwise fight over one cache line.
 #[map]

@@ -1,9 +1,17 @@
 //! The allocator probes. Two ways to attach them, same logic underneath:
-//! - `alloc_session` (uprobe.session, Linux 6.13+): one program sees both the entry and the
-//!   return of an allocator call, and its entry tells the kernel whether to stop at the return
-//!   at all: unsampled calls skip that second trap. It also handles `free`.
+//! - `malloc_session`, `alloc_session` (the other allocation functions, told apart by the
+//!   attach cookie) and `free_session` (uprobe.session, Linux 6.13+): one program sees both the
+//!   entry and the return of an allocator call, and its entry tells the kernel whether to stop
+//!   at the return at all: unsampled calls skip that second trap. Their links fire in the
+//!   target process only, so they do not check the pid.
 //! - `alloc_entry` + `alloc_return` (uprobe + uretprobe) and `free_entry` on older kernels:
 //!   every call pays for its return probe.
+//!
+//! Every helper call costs ~20 ns on the hot path (measured with `kernel.bpf_stats_enabled`:
+//! an empty program runs in ~46 ns, one with `bpf_get_current_pid_tgid`, `bpf_get_func_ip` and
+//! `bpf_get_attach_cookie` in ~90 ns), more than the rest of an unsampled call's work: the
+//! fast paths below avoid them, and `malloc`, the most frequent, has a program of its own
+//! (reading the cookie and dispatching on it cost ~22 ns).
 use core::{
     ffi::c_void,
     ptr::null_mut,
@@ -26,7 +34,8 @@ use profiler_common::{
 };
 
 use crate::maps::{
-    ACTIVE_CALLS, COUNTERS, EXP_TABLE, INFLIGHT, LIVE, SAMPLE_BYTES, SAMPLE_COUNTDOWN, STACK_STATS, TARGET_TGID,
+    ACTIVE_CALLS, COUNTERS, EXP_TABLE, INFLIGHT, LIVE, LIVE_FILTER, LIVE_FILTER_BITS, SAMPLE_BYTES,
+    SAMPLE_COUNTDOWN, STACK_STATS, TARGET_TGID,
 };
 use crate::stack;
 
@@ -53,6 +62,12 @@ fn is_target(pid_tgid: u64) -> bool {
 #[inline(always)]
 fn arg(ctx: &ProbeContext, n: usize) -> u64 {
     ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// `known` if it is already read (non-zero: no thread has pid 0), else a helper call.
+#[inline(always)]
+fn thread_key(known: u64) -> u64 {
+    if known != 0 { known } else { bpf_get_current_pid_tgid() }
 }
 
 /// This thread's `INFLIGHT` slot, or null.
@@ -111,33 +126,44 @@ const SKIP_RETURN: u32 = 1;
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "uprobe")]
 pub fn alloc_session(ctx: *mut c_void) -> u32 {
-    on_session(ProbeContext::new(ctx))
+    on_alloc_session(ProbeContext::new(ctx), None)
 }
 
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn malloc_session(ctx: *mut c_void) -> u32 {
+    on_alloc_session(ProbeContext::new(ctx), Some(AllocKind::Malloc))
+}
+
+/// `kind`: known for the program's every probe, or None to read it from the attach cookie.
 #[inline(always)]
-fn on_session(ctx: ProbeContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_target(pid_tgid) {
+fn on_alloc_session(ctx: ProbeContext, kind: Option<AllocKind>) -> u32 {
+    // A return is pending only for a call whose entry asked for it. While sampling, those are
+    // counted in ACTIVE_CALLS: when no call of any thread is in flight, this is an entry.
+    // Otherwise: at the return the kernel has restored the instruction pointer to the caller's
+    // return address; at the entry it is the probed address, which bpf_get_func_ip reports in
+    // both.
+    let surely_entry = sampling() && active_calls() == 0;
+    if !surely_entry && unsafe { (*ctx.regs).rip != bpf_get_func_ip(ctx.as_ptr()) } {
+        let _ = on_alloc_return(ctx.regs, bpf_get_current_pid_tgid());
         return SKIP_RETURN;
     }
-    // At the return, the kernel has restored the instruction pointer to the caller's return
-    // address; at the entry it is the probed address, which bpf_get_func_ip reports in both.
-    if unsafe { (*ctx.regs).rip != bpf_get_func_ip(ctx.as_ptr()) } {
-        let _ = on_alloc_return(ctx.regs, pid_tgid);
-        return SKIP_RETURN;
-    }
-    let kind = decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
-    match AllocKind::from_u8(kind) {
-        Some(AllocKind::Free) => {
-            on_free(arg(&ctx, 0));
-            SKIP_RETURN
-        }
-        Some(kind) => match on_alloc_entry(&ctx, pid_tgid, kind) {
+    let kind = kind.or_else(|| AllocKind::from_u8(decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) })));
+    match kind {
+        Some(AllocKind::Free) | None => SKIP_RETURN,
+        Some(kind) => match on_alloc_entry(&ctx, 0, kind) {
             Ok(true) => WANT_RETURN,
             Ok(false) | Err(()) => SKIP_RETURN,
         },
-        None => SKIP_RETURN,
     }
+}
+
+/// `free` never needs its return: its own link, no cookie, no pid, no return check.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "uprobe")]
+pub fn free_session(ctx: *mut c_void) -> u32 {
+    on_free(arg(&ProbeContext::new(ctx), 0));
+    SKIP_RETURN
 }
 
 #[uprobe]
@@ -153,7 +179,7 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
 }
 
 /// Decides whether the call is sampled and parks what its return needs in `INFLIGHT`.
-/// Ok(true) when the return must be seen.
+/// Ok(true) when the return must be seen. `pid_tgid` is 0 when not read yet.
 #[inline(always)]
 fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Result<bool, ()> {
     let kind = kind_enum as u8;
@@ -172,6 +198,7 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
     // A null pointer, not `Option<*mut _>`: a `None` leaves the pointer undefined, which LLVM
     // may read on a path the verifier then rejects.
     let looked_up = !sampling() || active_calls() != 0;
+    let pid_tgid = if looked_up { thread_key(pid_tgid) } else { pid_tgid };
     let slot = if looked_up { inflight_slot(pid_tgid) } else { null_mut() };
     if !slot.is_null() && unsafe { (*slot).active } != 0 {
         // An allocator function called from inside another one: the outer call records.
@@ -202,6 +229,7 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
     };
     // A thread's slot is reused in place from call to call: an insert and a delete per call
     // cost more than the rest of the probe's map work.
+    let pid_tgid = thread_key(pid_tgid);
     let slot = if looked_up { slot } else { inflight_slot(pid_tgid) };
     if !slot.is_null() {
         unsafe { *slot = call };
@@ -300,6 +328,10 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
         count(Counter::DropLiveFull, 1);
         return;
     }
+    let filter = live_filter_slot(ptr);
+    if !filter.is_null() {
+        unsafe { add(filter, 1) };
+    }
     count(Counter::SampledAllocs, 1);
     count(Counter::SampledBytes, size);
     let stats = match STACK_STATS.get_ptr_mut(&stack) {
@@ -323,11 +355,28 @@ fn remember(ptr: u64, size: u64, stack: StackKey) {
     }
 }
 
+/// While sampling, `ptr`'s counter in `LIVE_FILTER` (null otherwise: then most addresses are
+/// tracked and the filter would only add work).
+#[inline(always)]
+fn live_filter_slot(ptr: u64) -> *mut u64 {
+    if !sampling() {
+        return null_mut();
+    }
+    // Fibonacci hashing: the top bits of the product mix every bit of the address.
+    let idx = (ptr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - LIVE_FILTER_BITS)) as u32;
+    LIVE_FILTER.get_ptr_mut(idx).unwrap_or(null_mut())
+}
+
 /// Drops a tracked allocation; counts frees of addresses that were never tracked (not for
 /// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
 fn forget(ptr: u64, count_untracked: bool) {
-    let Some(size) = (unsafe { LIVE.get(&ptr) }).map(|info| info.size) else {
+    // Most frees are of unsampled memory: a zero counter says so without a `LIVE` lookup
+    // (a hash-map lookup is a function call, an array lookup is inlined).
+    let filter = live_filter_slot(ptr);
+    let tracked = filter.is_null() || unsafe { *filter } != 0;
+    let size = if tracked { (unsafe { LIVE.get(&ptr) }).map(|info| info.size) } else { None };
+    let Some(size) = size else {
         if count_untracked {
             count(Counter::UntrackedFrees, 1);
         }
@@ -336,6 +385,9 @@ fn forget(ptr: u64, count_untracked: bool) {
     if LIVE.remove(&ptr).is_err() {
         // Another thread freed it first (a double free in the target).
         return;
+    }
+    if !filter.is_null() {
+        unsafe { add(filter, 1u64.wrapping_neg()) };
     }
     count(Counter::Frees, 1);
     count(Counter::FreeBytes, size);

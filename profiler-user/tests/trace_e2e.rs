@@ -248,7 +248,7 @@ fn chosen_probe_sites_count_exactly() {
 
 /// The two ways of attaching, uprobe.session (one probe per function; unsampled calls skip
 /// the return) and uprobe + uretprobe (kernels before 6.13), record the same thing, every
-/// allocation or sampled.
+/// allocation, sampled, or sampled at one byte (exact again, through the sampled paths).
 #[test]
 fn session_and_classic_probes_agree() {
     require_root();
@@ -261,6 +261,12 @@ fn session_and_classic_probes_agree() {
         let p = snapshot_of("sample", ProbeSettings { probe_mode, sample_bytes: 512 * 1024, ..Default::default() });
         assert_eq!(p.totals.allocs, 6400 + 100_000, "{probe_mode:?} sampled");
         assert_eq!(site(&p, "churn_strings"), (0, 0), "{probe_mode:?} sampled");
+        // One sample per byte: every allocation goes through the sampled path, and every free
+        // through the filter in front of the live map (see probes::forget).
+        let p = snapshot_of("basic", ProbeSettings { probe_mode, sample_bytes: 1, ..Default::default() });
+        let t = &p.totals;
+        assert_eq!((t.allocs, t.frees, t.live_allocs, t.live_bytes), (1022, 1003, 19, 2111788), "{probe_mode:?} 1 B");
+        assert_eq!(site(&p, "leak_fixed"), (7000, 7), "{probe_mode:?} 1 B");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Decides which allocator a target really uses and attaches the probes to it: on every
 //! allocation function the library defines and on `free`, each at the site chosen by
-//! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) all of them go into
-//! one link; otherwise each allocation function gets a uprobe and a uretprobe, `free` a uprobe.
+//! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
+//! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function gets a uprobe and a uretprobe, `free` a uprobe.
 use std::{num::NonZeroU32, path::PathBuf};
 
 use aya::{
@@ -116,7 +116,7 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
         }
         sites.push((*kind, sym));
     }
-    let mut session_probes = Vec::new();
+    let (mut malloc_probes, mut alloc_probes, mut free_probes) = (Vec::new(), Vec::new(), Vec::new());
     for (kind, sym) in sites {
         let role = match kind {
             AllocKind::Free => ProbeRole::FreeEntry,
@@ -135,7 +135,12 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
                     reason: format!("probe at +0: the return probe needs rsp unmoved ({})", site.reason),
                 };
             }
-            session_probes.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind) });
+            let probes = match kind {
+                AllocKind::Malloc => &mut malloc_probes,
+                AllocKind::Free => &mut free_probes,
+                _ => &mut alloc_probes,
+            };
+            probes.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind) });
         } else {
             attach_classic(&mut loaded.ebpf, pid, alloc, kind, sym, &site)?;
         }
@@ -149,9 +154,15 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
             reason: site.reason,
         });
     }
-    if let Some(program) = &loaded.session {
-        let link = program.attach(&alloc.host_path, &session_probes, pid)?;
-        loaded.session_links.push(link);
+    if let Some(programs) = &loaded.session {
+        let links = [(&programs.malloc, &malloc_probes), (&programs.alloc, &alloc_probes), (&programs.free, &free_probes)];
+        for (program, probes) in links {
+            if probes.is_empty() {
+                continue;
+            }
+            let link = program.attach(&alloc.host_path, probes, pid)?;
+            loaded.session_links.push(link);
+        }
     }
     Ok(report)
 }

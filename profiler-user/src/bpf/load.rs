@@ -77,11 +77,21 @@ pub enum LoadError {
 /// The loaded programs (still to be attached) and the maps the reader needs.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    /// `alloc_session`, when the probes are attached as uprobe.session.
-    pub session: Option<SessionProgram>,
+    /// The programs, when the probes are attached as uprobe.session.
+    pub session: Option<SessionPrograms>,
     /// Links that are not aya's (which live inside `ebpf`).
     pub session_links: Vec<SessionLink>,
     pub maps: ProbeMaps,
+}
+
+/// uprobe.session programs. `malloc` and `free`, the most frequent calls, have their own:
+/// they skip reading and dispatching on the attach cookie (and `free`, which never needs its
+/// return, telling entry from return).
+pub struct SessionPrograms {
+    pub malloc: SessionProgram,
+    /// Every other allocation function, told apart by the attach cookie.
+    pub alloc: SessionProgram,
+    pub free: SessionProgram,
 }
 
 pub struct ProbeMaps {
@@ -140,8 +150,8 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
     fill_exp_table(&mut ebpf)?;
     let session = match settings.probe_mode {
         ProbeMode::Classic => None,
-        mode => match SessionProgram::load(OBJECT, &ebpf, "alloc_session") {
-            Ok(p) => Some(p),
+        mode => match SessionProgram::load(OBJECT, &ebpf, ["malloc_session", "alloc_session", "free_session"]) {
+            Ok([malloc, alloc, free]) => Some(SessionPrograms { malloc, alloc, free }),
             Err(e) if mode == ProbeMode::Auto => {
                 info!("using classic uprobes + uretprobes: {e}");
                 None

@@ -1,6 +1,6 @@
 //! uprobe.session (Linux 6.13+): one program sees both the entry and the return of a call, and
-//! its entry decides whether the kernel stops at the return at all. All probes go into one
-//! uprobe_multi link, attached and detached in one system call each.
+//! its entry decides whether the kernel stops at the return at all. All probes of a program go
+//! into one uprobe_multi link, attached and detached in one system call each.
 //!
 //! aya 0.14 can neither load a program with the `BPF_TRACE_UPROBE_SESSION` attach type nor
 //! create uprobe_multi links, so this module does both with raw `bpf(2)` calls. The program's
@@ -72,9 +72,9 @@ fn map_fd(map: &Map) -> Option<RawFd> {
 }
 
 impl SessionProgram {
-    /// Loads program `name` of `object`, its map references pointing at `ebpf`'s maps (call
+    /// Loads programs `names` of `object`, their map references pointing at `ebpf`'s maps (call
     /// before taking any map out of `ebpf`).
-    pub fn load(object: &[u8], ebpf: &Ebpf, name: &str) -> Result<Self, SessionLinkError> {
+    pub fn load<const N: usize>(object: &[u8], ebpf: &Ebpf, names: [&str; N]) -> Result<[Self; N], SessionLinkError> {
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| SessionLinkError::Parse(e.to_string()))?;
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
@@ -85,21 +85,26 @@ impl SessionProgram {
         }
         let maps = obj.maps.clone();
         let relocate_err =
-            |reason: String| SessionLinkError::Relocate { name: name.to_string(), reason };
+            |reason: String| SessionLinkError::Relocate { name: names.join(", "), reason };
         let with_fds = maps
             .iter()
             .map(|(n, m)| Ok((n.as_str(), *fds.get(n).ok_or_else(|| relocate_err(format!("map {n} was not created")))?, m)))
             .collect::<Result<Vec<_>, SessionLinkError>>()?;
         obj.relocate_maps(with_fds.into_iter(), &text_sections).map_err(|e| relocate_err(e.to_string()))?;
         obj.relocate_calls(&text_sections).map_err(|e| relocate_err(e.to_string()))?;
-        let program = obj.programs.get(name).ok_or_else(|| SessionLinkError::MissingProgram(name.to_string()))?;
-        let function = obj
-            .functions
-            .get(&program.function_key())
-            .ok_or_else(|| SessionLinkError::MissingProgram(name.to_string()))?;
-        let fd = prog_load(name, &function.instructions, &obj.license)
-            .map_err(|(source, log)| SessionLinkError::Load { name: name.to_string(), source, log })?;
-        Ok(SessionProgram { fd })
+        let load_one = |name: &str| {
+            let missing = || SessionLinkError::MissingProgram(name.to_string());
+            let program = obj.programs.get(name).ok_or_else(missing)?;
+            let function = obj.functions.get(&program.function_key()).ok_or_else(missing)?;
+            let fd = prog_load(name, &function.instructions, &obj.license)
+                .map_err(|(source, log)| SessionLinkError::Load { name: name.to_string(), source, log })?;
+            Ok(SessionProgram { fd })
+        };
+        let mut loaded = Vec::with_capacity(N);
+        for name in names {
+            loaded.push(load_one(name)?);
+        }
+        Ok(loaded.try_into().expect("one program per name"))
     }
 
     /// Attaches the program at every probe of `path` (host path of the target's file), for the
