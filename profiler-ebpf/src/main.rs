@@ -5,10 +5,11 @@
 //! the call is sampled, walks the user stack into `STACKS` (`stack.rs`) and parks the call in
 //! the thread's `INFLIGHT` slot; at its return it reads the result and records the allocation in
 //! `LIVE` and its stack's totals in `STACK_STATS`; at `free` it forgets it again. Every event
-//! that cannot be recorded is counted in `COUNTERS` by reason. `alloc_session` does entry and
-//! return in one uprobe.session program (Linux 6.13+), so unsampled calls skip the return trap;
-//! `alloc_entry` + `alloc_return` (uprobe + uretprobe) do the same on older kernels. The attach
-//! cookie says which function a probe is on (see `profiler_common::encode_cookie`).
+//! that cannot be recorded is counted in `COUNTERS` by reason. `malloc_session`,
+//! `alloc_session` and `free_session` do entry and return in uprobe.session programs (Linux
+//! 6.13+), so unsampled calls skip the return trap; `alloc_entry` + `alloc_return` (uprobe +
+//! uretprobe) and `free_entry` do the same on older kernels. The attach cookie says which
+//! function a probe is on (see `profiler_common::encode_cookie`).
 //!
 //! Needs a kernel with uprobes, BPF attach cookies (5.15+) and atomics (5.12+).
 #![no_std]
