@@ -198,7 +198,7 @@ fn interval_snapshots_fire_on_schedule() {
 }
 
 /// `--on-return gc_cycle`: one snapshot right after each gc cycle (every 500 ms), so each sees
-/// the garbage just freed (a few KiB at most, against ~50 KiB just before a cycle). An interval
+/// the garbage just freed (a few KiB, against ~50 KiB just before a cycle). An interval
 /// trigger running at the same time, in phase with the gc cycles, does not hold them back.
 #[test]
 fn on_return_fires_after_each_gc_cycle() {
@@ -223,9 +223,12 @@ fn on_return_fires_after_each_gc_cycle() {
         "{} gc snapshots for {cycles} gc cycles: {index:#}",
         gc.len()
     );
+    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): under
+    // half of that proves the snapshot came after the cycle, with room for a loaded machine
+    // (once, with the whole suite running on 2 cores, a snapshot came 210 ms late).
     for s in &gc {
         let garbage = site_bytes(s, "garbage_alloc");
-        assert!(garbage <= 20 * 1024, "{garbage} bytes of garbage right after a gc cycle");
+        assert!(garbage < 25 * 1024, "{garbage} bytes of garbage right after a gc cycle: {index:#}");
     }
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
