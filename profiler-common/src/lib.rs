@@ -19,10 +19,15 @@ pub enum AllocKind {
     Valloc = 7,
     Pvalloc = 8,
     Free = 9,
+    /// Every C++ `operator new` (size in the first argument), where the allocator defines its
+    /// own (jemalloc, tcmalloc) instead of libstdc++'s, which calls `malloc`.
+    OperatorNew = 10,
+    /// Every C++ `operator delete` (pointer in the first argument), likewise.
+    OperatorDelete = 11,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 10] = [
+    pub const ALL: [AllocKind; 12] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -33,6 +38,8 @@ impl AllocKind {
         AllocKind::Valloc,
         AllocKind::Pvalloc,
         AllocKind::Free,
+        AllocKind::OperatorNew,
+        AllocKind::OperatorDelete,
     ];
 
     pub const fn from_u8(v: u8) -> Option<AllocKind> {
@@ -43,19 +50,58 @@ impl AllocKind {
         }
     }
 
-    /// The C symbol of this entry point.
-    pub const fn symbol(self) -> &'static str {
+    /// The name of this entry point, as logs and reports show it.
+    pub const fn name(self) -> &'static str {
         match self {
-            AllocKind::Malloc => "malloc",
-            AllocKind::Calloc => "calloc",
-            AllocKind::Realloc => "realloc",
-            AllocKind::Reallocarray => "reallocarray",
-            AllocKind::PosixMemalign => "posix_memalign",
-            AllocKind::AlignedAlloc => "aligned_alloc",
-            AllocKind::Memalign => "memalign",
-            AllocKind::Valloc => "valloc",
-            AllocKind::Pvalloc => "pvalloc",
-            AllocKind::Free => "free",
+            AllocKind::OperatorNew => "operator new",
+            AllocKind::OperatorDelete => "operator delete",
+            _ => self.symbols()[0],
+        }
+    }
+
+    /// Whether the entry point releases memory (its first argument) instead of allocating.
+    pub const fn frees(self) -> bool {
+        matches!(self, AllocKind::Free | AllocKind::OperatorDelete)
+    }
+
+    /// The symbols of this entry point: a C function, or every Itanium-mangled variant of the
+    /// C++ operator (array, nothrow, aligned, sized).
+    pub const fn symbols(self) -> &'static [&'static str] {
+        match self {
+            AllocKind::Malloc => &["malloc"],
+            AllocKind::Calloc => &["calloc"],
+            AllocKind::Realloc => &["realloc"],
+            AllocKind::Reallocarray => &["reallocarray"],
+            AllocKind::PosixMemalign => &["posix_memalign"],
+            AllocKind::AlignedAlloc => &["aligned_alloc"],
+            AllocKind::Memalign => &["memalign"],
+            AllocKind::Valloc => &["valloc"],
+            AllocKind::Pvalloc => &["pvalloc"],
+            AllocKind::Free => &["free"],
+            AllocKind::OperatorNew => &[
+                "_Znwm",
+                "_Znam",
+                "_ZnwmRKSt9nothrow_t",
+                "_ZnamRKSt9nothrow_t",
+                "_ZnwmSt11align_val_t",
+                "_ZnamSt11align_val_t",
+                "_ZnwmSt11align_val_tRKSt9nothrow_t",
+                "_ZnamSt11align_val_tRKSt9nothrow_t",
+            ],
+            AllocKind::OperatorDelete => &[
+                "_ZdlPv",
+                "_ZdaPv",
+                "_ZdlPvm",
+                "_ZdaPvm",
+                "_ZdlPvRKSt9nothrow_t",
+                "_ZdaPvRKSt9nothrow_t",
+                "_ZdlPvSt11align_val_t",
+                "_ZdaPvSt11align_val_t",
+                "_ZdlPvmSt11align_val_t",
+                "_ZdaPvmSt11align_val_t",
+                "_ZdlPvSt11align_val_tRKSt9nothrow_t",
+                "_ZdaPvSt11align_val_tRKSt9nothrow_t",
+            ],
         }
     }
 }

@@ -150,7 +150,7 @@ fn on_alloc_session(ctx: ProbeContext, kind: Option<AllocKind>) -> u32 {
     }
     let kind = kind.or_else(|| AllocKind::from_u8(decode_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) })));
     match kind {
-        Some(AllocKind::Free) | None => SKIP_RETURN,
+        Some(AllocKind::Free | AllocKind::OperatorDelete) | None => SKIP_RETURN,
         Some(kind) => match on_alloc_entry(&ctx, 0, kind) {
             Ok(true) => WANT_RETURN,
             Ok(false) | Err(()) => SKIP_RETURN,
@@ -184,13 +184,15 @@ pub fn alloc_entry(ctx: ProbeContext) -> u32 {
 fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Result<bool, ()> {
     let kind = kind_enum as u8;
     let (size, ptr_arg) = match kind_enum {
-        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc => (arg(ctx, 0), 0),
+        // A throwing `operator new` unwinds instead of returning: its slot stays active and the
+        // thread's next call is taken for a nested one, once (the kernel drops the return).
+        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc | AllocKind::OperatorNew => (arg(ctx, 0), 0),
         AllocKind::Calloc => (arg(ctx, 0).wrapping_mul(arg(ctx, 1)), 0),
         AllocKind::Realloc => (arg(ctx, 1), arg(ctx, 0)),
         AllocKind::Reallocarray => (arg(ctx, 1).wrapping_mul(arg(ctx, 2)), arg(ctx, 0)),
         AllocKind::PosixMemalign => (arg(ctx, 2), arg(ctx, 0)),
         AllocKind::AlignedAlloc | AllocKind::Memalign => (arg(ctx, 1), 0),
-        AllocKind::Free => return Err(()),
+        AllocKind::Free | AllocKind::OperatorDelete => return Err(()),
     };
     // Is this call nested in one being recorded? While sampling, most calls take the cheap
     // path below, and no call of any thread is being recorded most of the time: then the

@@ -22,6 +22,7 @@ use crate::cmd::{self, step};
 const PACKAGES: &[&str] = &[
     "gcc",                            // `cc` for the test fixtures, the demo and bench targets
     "libc6-dev",                      // their C headers (not pulled in without recommends)
+    "g++",                            // `c++` for the C++ new/delete fixture
     "protobuf-compiler",              // protoc, to decode pprof output in tests
     "golang-github-google-pprof-dev", // pprof's profile.proto
     "bpftrace",                       // eBPF peer for the benchmark
@@ -29,7 +30,8 @@ const PACKAGES: &[&str] = &[
     "openssl",                        // test certificates
     "systemtap-sdt-dev",              // <sys/sdt.h>, for the USDT trigger fixture
     "util-linux",                     // setpriv, for the missing-privilege test
-    "libjemalloc2",                   // a second allocator, preloaded in a tracing test
+    "libjemalloc2",                   // other allocators, preloaded in a tracing test
+    "libtcmalloc-minimal4",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

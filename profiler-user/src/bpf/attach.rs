@@ -2,7 +2,11 @@
 //! allocation function the library defines and on `free`, each at the site chosen by
 //! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
 //! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function gets a uprobe and a uretprobe, `free` a uprobe.
-use std::{num::NonZeroU32, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     programs::{
@@ -15,7 +19,8 @@ use profiler_common::{encode_cookie, AllocKind};
 use tracing::{debug, info};
 
 use super::{
-    elf_symbols::{self, FunctionSymbol},
+    elf_symbols::{self, CodeImage, FunctionSymbol},
+    forwarding,
     load::Loaded,
     probe_site::{self, ProbeRole, ProbeSite},
     session_link::{SessionLinkError, SessionProbe},
@@ -36,7 +41,8 @@ pub struct Allocator {
 /// Where each probe went, for logs and `--verbose` output.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ProbeSiteReport {
-    pub function: &'static str,
+    /// The symbol (C++ operators mangled).
+    pub function: String,
     pub offset: u64,
     pub emulated: bool,
     pub reason: String,
@@ -53,7 +59,7 @@ pub enum AttachError {
     #[error("cannot load eBPF program {name}: {source}")]
     LoadProgram { name: &'static str, source: Box<ProgramError> },
     #[error("cannot attach to {function} in {path}: {source}{hint}")]
-    Attach { function: &'static str, path: String, source: Box<ProgramError>, hint: &'static str },
+    Attach { function: String, path: String, source: Box<ProgramError>, hint: &'static str },
     #[error(transparent)]
     Session(#[from] SessionLinkError),
 }
@@ -70,7 +76,9 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
         base.starts_with("libc.so") || base.starts_with("libc-")
     };
     candidates.sort_by_key(is_libc);
-    let names: Vec<&str> = AllocKind::ALL.iter().map(|k| k.symbol()).collect();
+    let kinds: Vec<AllocKind> =
+        AllocKind::ALL.iter().flat_map(|k| std::iter::repeat_n(*k, k.symbols().len())).collect();
+    let names: Vec<&str> = AllocKind::ALL.iter().flat_map(|k| k.symbols().iter().copied()).collect();
     for procfs::MappedObject { path, host_path } in &candidates {
         let symbols = match elf_symbols::resolve(host_path, &names) {
             Ok(s) => s,
@@ -79,13 +87,14 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
                 continue;
             }
         };
-        let functions: Vec<(AllocKind, FunctionSymbol)> = AllocKind::ALL
+        let functions: Vec<(AllocKind, FunctionSymbol)> = kinds
             .iter()
             .zip(symbols)
             .filter_map(|(k, s)| s.map(|s| (*k, s)))
             .collect();
         let has = |k: AllocKind| functions.iter().any(|(f, _)| *f == k);
         if has(AllocKind::Malloc) && has(AllocKind::Free) {
+            let functions = without_forwarders(host_path, functions);
             return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions });
         }
     }
@@ -105,6 +114,34 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
     Ok(prog)
 }
 
+/// Drops the C++ operators that only forward to another probed entry point (see
+/// [`forwarding`]): the target's probe sees their calls once.
+fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) -> Vec<(AllocKind, FunctionSymbol)> {
+    let is_operator = |k: AllocKind| matches!(k, AllocKind::OperatorNew | AllocKind::OperatorDelete);
+    if !functions.iter().any(|(k, _)| is_operator(*k)) {
+        return functions;
+    }
+    let image = match CodeImage::open(path) {
+        Ok(image) => image,
+        Err(e) => {
+            debug!("not checking {}'s C++ operators for forwarders: {e}", path.display());
+            return functions;
+        }
+    };
+    let probed: HashMap<u64, String> = functions.iter().map(|(_, f)| (f.vaddr, f.name.clone())).collect();
+    let names: HashSet<String> = probed.values().cloned().collect();
+    functions
+        .into_iter()
+        .filter(|(kind, f)| {
+            let target = is_operator(*kind).then(|| forwarding::forwards_to(&image, f, &probed, &names)).flatten();
+            if let Some(target) = &target {
+                debug!("{}: not probed, it forwards to {target}", f.name);
+            }
+            target.is_none()
+        })
+        .collect()
+}
+
 /// Attaches every probe for `pid`. The links live as long as `loaded`.
 pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
     let mut report = Vec::new();
@@ -118,14 +155,11 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
     }
     let (mut malloc_probes, mut alloc_probes, mut free_probes) = (Vec::new(), Vec::new(), Vec::new());
     for (kind, sym) in sites {
-        let role = match kind {
-            AllocKind::Free => ProbeRole::FreeEntry,
-            _ => ProbeRole::AllocEntry { arg_regs: 3 },
-        };
+        let role = if kind.frees() { ProbeRole::FreeEntry } else { ProbeRole::AllocEntry { arg_regs: 3 } };
         let mut site = probe_site::choose(&sym.bytes, sym.vaddr, role);
-        debug!("{}: probe at +{:#x}, rsp delta {}: {}", kind.symbol(), site.offset, site.rsp_delta, site.reason);
+        debug!("{}: probe at +{:#x}, rsp delta {}: {}", sym.name, site.offset, site.rsp_delta, site.reason);
         if loaded.session.is_some() {
-            if kind != AllocKind::Free && site.rsp_delta != 0 {
+            if !kind.frees() && site.rsp_delta != 0 {
                 // The session's return swaps the return address at [rsp]: only before rsp moves.
                 // +0 was not chosen, so it is not emulated.
                 site = ProbeSite {
@@ -137,7 +171,7 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
             }
             let probes = match kind {
                 AllocKind::Malloc => &mut malloc_probes,
-                AllocKind::Free => &mut free_probes,
+                k if k.frees() => &mut free_probes,
                 _ => &mut alloc_probes,
             };
             probes.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind) });
@@ -145,10 +179,10 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
             attach_classic(&mut loaded.ebpf, pid, alloc, kind, sym, &site)?;
         }
         if !site.emulated {
-            info!("{}: probe at +{:#x} is single-stepped (slow): {}", kind.symbol(), site.offset, site.reason);
+            info!("{}: probe at +{:#x} is single-stepped (slow): {}", sym.name, site.offset, site.reason);
         }
         report.push(ProbeSiteReport {
-            function: kind.symbol(),
+            function: sym.name.clone(),
             offset: site.offset,
             emulated: site.emulated,
             reason: site.reason,
@@ -184,9 +218,9 @@ fn attach_classic(
     let attach_err = |source: ProgramError| {
         let text = format!("{source:?}");
         let hint = if text.contains("EINVAL") || text.contains("os error 22") { EINVAL_HINT } else { "" };
-        AttachError::Attach { function: kind.symbol(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
+        AttachError::Attach { function: sym.name.clone(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
     };
-    if kind == AllocKind::Free {
+    if kind.frees() {
         program(ebpf, "free_entry")?.attach(at(site.offset), &alloc.host_path, scope).map_err(attach_err)?;
         return Ok(());
     }
@@ -226,7 +260,7 @@ pub fn attach_trigger(
         cookie: Some(u64::from(slot)),
     };
     program(ebpf, name)?.attach(at, host_path, scope).map_err(|source| AttachError::Attach {
-        function: name,
+        function: name.to_string(),
         path: host_path.display().to_string(),
         source: Box::new(source),
         hint: "",

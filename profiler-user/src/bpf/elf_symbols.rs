@@ -373,6 +373,65 @@ fn candidate(
     })
 }
 
+/// A file's code by virtual address, and its PLT imports: for following a function's direct
+/// branches to the functions they reach (see [`super::forwarding`]).
+pub struct CodeImage {
+    data: Mmap,
+    /// `(sh_addr, sh_size, sh_offset)` of each executable section.
+    code_sections: Vec<(u64, u64, u64)>,
+    /// GOT slot address -> imported function name, from the `R_X86_64_JUMP_SLOT` relocations
+    /// (each PLT stub jumps through one slot).
+    plt_slots: std::collections::HashMap<u64, String>,
+}
+
+impl CodeImage {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ElfError> {
+        let path = path.as_ref();
+        let data = map_file(path)?;
+        let parse_err = |source| ElfError::Parse { path: path.to_owned(), source };
+        let header = Elf64::parse(&*data).map_err(parse_err)?;
+        let endian = header.endian().map_err(parse_err)?;
+        let sections = header.sections(endian, &*data).map_err(parse_err)?;
+        let mut code_sections = Vec::new();
+        let mut plt_slots = std::collections::HashMap::new();
+        for section in sections.iter() {
+            let flags = section.sh_flags(endian);
+            if section.sh_type(endian) == elf::SHT_PROGBITS && flags & u64::from(elf::SHF_EXECINSTR) != 0 {
+                code_sections.push((section.sh_addr(endian), section.sh_size(endian), section.sh_offset(endian)));
+            }
+            let Ok(Some((relas, link))) = section.rela(endian, &*data) else { continue };
+            let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, sections.section(link).map_err(parse_err)?) else {
+                continue;
+            };
+            for rela in relas {
+                if rela.r_type(endian, false) != elf::R_X86_64_JUMP_SLOT {
+                    continue;
+                }
+                let index = SymbolIndex(rela.r_sym(endian, false) as usize);
+                let name = symbols.symbol(index).ok().and_then(|sym| symbols.symbol_name(endian, sym).ok());
+                if let Some(name) = name.and_then(|n| std::str::from_utf8(n).ok()) {
+                    plt_slots.insert(rela.r_offset.get(endian), split_version(name).0.to_owned());
+                }
+            }
+        }
+        Ok(CodeImage { data, code_sections, plt_slots })
+    }
+
+    /// Up to `len` bytes of code from `vaddr`, never past the end of its section.
+    pub fn code(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let &(addr, size, offset) =
+            self.code_sections.iter().find(|(addr, size, _)| vaddr >= *addr && vaddr - addr < *size)?;
+        let start = offset + (vaddr - addr);
+        let end = start + len.min(size - (vaddr - addr));
+        self.data.get(start as usize..end as usize)
+    }
+
+    /// The function a PLT stub jumping through GOT slot `slot` imports.
+    pub fn import_at_slot(&self, slot: u64) -> Option<&str> {
+        self.plt_slots.get(&slot).map(String::as_str)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,24 +11,29 @@ use std::{
     sync::OnceLock,
 };
 
-/// Compiles `tests/fixtures/<name>.c` (with `extra` cc flags) and returns the executable.
+/// Compiles `tests/fixtures/<name>.c` with `cc`, or `<name>.cc` with `c++` (with `extra`
+/// flags), and returns the executable.
 /// Tests run in parallel processes (nextest), so each process compiles its own copy: replacing
 /// a binary another test is running would make its mappings read `(deleted)`, and a shared
 /// half-written file could be executed.
 pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.c"));
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (src, compiler) = match fixtures.join(format!("{name}.cc")) {
+        cxx if cxx.exists() => (cxx, "c++"),
+        _ => (fixtures.join(format!("{name}.c")), "cc"),
+    };
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
     let tag = extra.join("").replace(['-', '='], "");
     let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
     let out = dir.join(format!("{name}{tag}.{}.{thread}", std::process::id()));
-    let status = Command::new("cc")
+    let status = Command::new(compiler)
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
         .arg(&out)
         .arg(&src)
         .args(extra)
         .status()
-        .expect("running cc (install gcc)");
+        .unwrap_or_else(|e| panic!("running {compiler} (`cargo xtask setup` installs gcc and g++): {e}"));
     assert!(status.success(), "compiling {}", src.display());
     out
 }
