@@ -25,8 +25,12 @@ use object::{
     Endianness, SymbolIndex,
 };
 
-/// How many bytes of each function [`FunctionSymbol::bytes`] holds at most.
-pub const MAX_FUNCTION_BYTES: usize = 64;
+/// How many bytes of each function [`FunctionSymbol::bytes`] holds at most: the whole of any
+/// allocator entry point, so that [`super::probe_site`] sees every branch into its prologue.
+pub const MAX_FUNCTION_BYTES: usize = 4096;
+
+/// How many bytes [`FunctionSymbol::bytes`] holds for a symbol that does not say its size.
+const UNSIZED_FUNCTION_BYTES: u64 = 64;
 
 type Elf64 = elf::FileHeader64<Endianness>;
 
@@ -45,7 +49,7 @@ pub struct FunctionSymbol {
     /// Where the function's first byte is in the file; what a uprobe attaches to
     /// (`vaddr - sh_addr + sh_offset` of the containing section).
     pub file_offset: u64,
-    /// The first `min(size, 64)` bytes of the function (64 when the size is unknown), never past
+    /// The first `min(size, 4096)` bytes of the function (64 when the size is unknown), never past
     /// the end of the containing section.
     pub bytes: Vec<u8>,
 }
@@ -240,7 +244,7 @@ fn for_each_function(
 
 fn function_symbol(data: &[u8], name: &str, c: Candidate) -> FunctionSymbol {
     let want = if c.size == 0 {
-        MAX_FUNCTION_BYTES as u64
+        UNSIZED_FUNCTION_BYTES
     } else {
         c.size.min(MAX_FUNCTION_BYTES as u64)
     };
@@ -494,7 +498,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} not found in {LIBC}"));
             assert_eq!(sym.name, *name);
             assert!(sym.vaddr != 0 && sym.size > 0, "{sym:?}");
-            let len = sym.size.min(64) as usize;
+            let len = sym.size.min(MAX_FUNCTION_BYTES as u64) as usize;
             assert_eq!(sym.bytes.len(), len, "{name}");
             let off = sym.file_offset as usize;
             assert_eq!(

@@ -24,7 +24,7 @@
 //!      control flow (iced's `FlowControl::Next` only). A branch out of the prefix would make
 //!      some calls miss the probe;
 //!    - nothing jumps *into* `(F, F+k]`, or one call could hit the probe twice. This is checked
-//!      over the bytes given to [`choose`] (64 for a [`super::elf_symbols::FunctionSymbol`]);
+//!      over the bytes given to [`choose`] (a whole function for a [`super::elf_symbols::FunctionSymbol`]);
 //!      jumps from further away (another function, a `.cold` part) cannot be seen from here;
 //!    - a fault inside the prefix (a bad memory read) ends the call in a signal: no allocation
 //!      happened either.
@@ -69,8 +69,9 @@ use iced_x86::{
     Mnemonic, OpAccess, OpKind, Register,
 };
 
-/// How far the walk goes: the site must start within the first 32 bytes of the function.
-pub const MAX_WALK_BYTES: u64 = 32;
+/// How far the walk goes: the site must start within the first 64 bytes of the function
+/// (jemalloc's `free` reaches its first branch at +0x30).
+pub const MAX_WALK_BYTES: u64 = 64;
 
 /// Integer argument registers of the System V x86-64 calling convention, in order.
 const ARG_REGS: [Register; 6] = [
@@ -902,7 +903,7 @@ mod tests {
     }
 
     /// Doubt stays at 0 with a reason: garbage bytes, empty input, bytes that end before any
-    /// emulated instruction, no emulated instruction within 32 bytes, more than 6 argument
+    /// emulated instruction, no emulated instruction within 64 bytes, more than 6 argument
     /// registers.
     #[test]
     fn doubt_stays_at_zero() {
@@ -918,11 +919,11 @@ mod tests {
         let s = site("48 85 ff", ProbeRole::FreeEntry);
         assert_eq!(s.offset, 0);
         assert!(s.reason.contains("ran out"), "{}", s.reason);
-        let s = site(&format!("{}53", "48 85 f6 ".repeat(11)), ALLOC3);
+        let s = site(&format!("{}53", "48 85 f6 ".repeat(22)), ALLOC3);
         assert_eq!(s.offset, 0);
-        assert!(s.reason.contains("32 bytes"), "{}", s.reason);
-        let s = site(&format!("{}53", "48 85 f6 ".repeat(10)), ALLOC3);
-        assert_eq!(s.offset, 30, "{}", s.reason);
+        assert!(s.reason.contains("64 bytes"), "{}", s.reason);
+        let s = site(&format!("{}53", "48 85 f6 ".repeat(21)), ALLOC3);
+        assert_eq!(s.offset, 63, "{}", s.reason);
         let s = site("48 85 f6 53", ProbeRole::AllocEntry { arg_regs: 7 });
         assert_eq!(s.offset, 0);
         assert!(s.reason.contains("at most 6"), "{}", s.reason);
