@@ -25,6 +25,17 @@ pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32,
 #[map]
 pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
+/// Return address of a call to the allocator from a function without frame pointers -> how
+/// far above rsp, at the allocator's entry, that function's own return address is. Filled by
+/// the agent from the libraries' CFI (`profiler-user/src/bpf/caller_frames.rs`).
+#[map]
+pub static CALLER_FRAMES: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+
+/// `[lowest, highest]` return address in `CALLER_FRAMES`: most allocations come from elsewhere,
+/// and an array read is cheaper than a hash-map miss.
+#[map]
+pub static CALLER_RANGE: Array<u64> = Array::with_max_entries(2, 0);
+
 /// log2 of `LIVE_FILTER`'s length.
 pub const LIVE_FILTER_BITS: u32 = 15;
 

@@ -216,10 +216,8 @@ fn on_alloc_entry(ctx: &ProbeContext, pid_tgid: u64, kind_enum: AllocKind) -> Re
         count(Counter::AllocBytes, size);
         return Ok(false);
     }
-    let mut stack = StackKey { caller: 0, stack_id: 0 };
-    if sampled {
-        stack.stack_id = stack::record(ctx.regs);
-    }
+    // The stack is walked at the return (see `on_alloc_return`).
+    let stack = StackKey { caller: 0, stack_id: 0 };
     let call = InFlight {
         size,
         ptr_arg,
@@ -278,10 +276,9 @@ fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
     if sampling() {
         add_active_calls(1u64.wrapping_neg());
     }
-    // The frame-pointer walk at entry misses the allocator's caller (the allocator has not
-    // pushed rbp yet); [rsp] at entry would hold it, but a return probe has already replaced
-    // it with its trampoline. At the return the kernel has restored the instruction pointer to
-    // the real return address: the caller.
+    // The frame-pointer walk misses the allocator's caller (whose frame rbp points to); a
+    // return probe has replaced [rsp] at entry with its trampoline. At the return the kernel
+    // has restored the instruction pointer to the real return address: the caller.
     let (ret, caller) = unsafe { ((*regs).rax, (*regs).rip) };
     call.stack.caller = caller;
     let kind = AllocKind::from_u8(call.kind as u8).ok_or(())?;
@@ -318,6 +315,9 @@ fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
     count(Counter::Allocs, 1);
     count(Counter::AllocBytes, call.size);
     if call.sampled != 0 {
+        // Walked here, not at the entry: the caller's frame is the same, and its return
+        // address is in rip instead of a user-memory read away (see `stack::record`).
+        call.stack.stack_id = stack::record(regs);
         remember(ptr, call.size, call.stack);
     }
     Ok(())

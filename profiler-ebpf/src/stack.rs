@@ -7,7 +7,7 @@ use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
 use profiler_common::{Counter, MAX_FRAMES};
 
 use crate::{
-    maps::{STACKS, STACK_SCRATCH},
+    maps::{CALLER_FRAMES, CALLER_RANGE, STACKS, STACK_SCRATCH},
     probes::count,
 };
 
@@ -16,8 +16,9 @@ const EEXIST: i32 = 17;
 /// Frames further apart than this are not one thread's stack.
 const MAX_FRAME_SIZE: u64 = 16 << 20;
 
-/// Walks the stack at an allocator's entry, stores it in `STACKS` and returns its key (0 when
-/// it could not be stored, then counted).
+/// Walks the stack at an allocator's return (rip is the caller's return address, just popped
+/// from `[rsp - 8]`; rbp and the caller's frame are as they were at the entry), stores it in
+/// `STACKS` and returns its key (0 when it could not be stored, then counted).
 #[inline(always)]
 pub fn record(regs: *const pt_regs) -> u64 {
     let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
@@ -29,6 +30,30 @@ pub fn record(regs: *const pt_regs) -> u64 {
     let mut hash = mix(FNV_OFFSET, ip);
     let mut low = sp;
     let mut n = 1;
+    // Callers without frame pointers (libstdc++'s operator new, libc's strdup) leave rbp to
+    // their own caller, whose frame the walk below would skip: CALLER_FRAMES says where their
+    // return address is (and their saved rbp, if they reuse the register), at most 3 deep.
+    let (lowest, highest) = (CALLER_RANGE.get(0).copied().unwrap_or(0), CALLER_RANGE.get(1).copied().unwrap_or(0));
+    let (mut at, mut ret) = (sp - 8, ip);
+    for _ in 0..3 {
+        // Outside the range (most calls), or the range not filled: nothing to look up.
+        if ret < lowest || ret > highest {
+            break;
+        }
+        let Some(&frame) = (unsafe { CALLER_FRAMES.get(&ret) }) else { break };
+        let rbp_slot = frame >> 32;
+        if rbp_slot != 0 {
+            if let Ok(saved) = unsafe { bpf_probe_read_user((at + rbp_slot - 1) as *const u64) } {
+                fp = saved;
+            }
+        }
+        at += frame & 0xffff_ffff;
+        let Ok(up) = (unsafe { bpf_probe_read_user(at as *const u64) }) else { break };
+        frames.ips[n] = up;
+        hash = mix(hash, up);
+        n += 1;
+        ret = up;
+    }
     while n < MAX_FRAMES {
         // A frame pointer lies above the previous one, inside the stack, 8-byte aligned.
         if fp < low || fp - low > MAX_FRAME_SIZE || fp & 7 != 0 {

@@ -296,10 +296,19 @@ fn allocator_deleted_on_disk_is_traced() {
     assert_eq!(site(&p, "leak_fixed"), (7000, 7));
 }
 
+/// (live bytes, live allocations) of all stacks with `function` in any frame.
+fn site_anywhere(p: &HeapProfile, function: &str) -> (u64, u64) {
+    p.stacks
+        .iter()
+        .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(function)))
+        .fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
+}
+
 /// C++ `new` and `delete`: through libstdc++'s operators (which call malloc and free) with
 /// glibc, and through the operators jemalloc and tcmalloc define themselves (which do not:
 /// without probes on them a C++ service on those allocators showed nothing). Every allocation
-/// exactly, and sampled.
+/// exactly, and sampled. The function that called `new` (or libc's `strdup`) is in the stack
+/// although libstdc++, libc and jemalloc have no frame pointers (`bpf::caller_frames`).
 #[test]
 fn cxx_new_and_delete_are_traced() {
     require_root();
@@ -320,28 +329,30 @@ fn cxx_new_and_delete_are_traced() {
         fixture.go();
         let p = session.snapshot(Duration::ZERO).unwrap();
         let t = &p.totals;
-        assert_eq!((t.allocs, t.frees, t.live_allocs, t.live_bytes), (1513, 1500, 13, 9056), "{preload:?}");
+        assert_eq!((t.allocs, t.frees, t.live_allocs, t.live_bytes), (1514, 1500, 14, 9097), "{preload:?}");
         assert_eq!(p.dropped.values().sum::<u64>(), 0, "{preload:?}: {:?}", p.dropped);
+        for (function, expected) in [
+            ("leak_objects()", (7000, 7)),
+            ("leak_arrays()", (1500, 3)),
+            ("leak_aligned()", (256, 2)),
+            ("leak_nothrow()", (300, 1)),
+            ("leak_strdup()", (41, 1)),
+        ] {
+            assert_eq!(site_anywhere(&p, function), expected, "{function} {preload:?}: {:#?}", p.stacks);
+        }
         if preload.is_some() {
-            // The probes are on the operators: the function calling `new` is the innermost frame.
-            assert_eq!(site(&p, "leak_objects()"), (7000, 7), "{preload:?}");
-            assert_eq!(site(&p, "leak_arrays()"), (1500, 3), "{preload:?}");
-            assert_eq!(site(&p, "leak_nothrow()"), (300, 1), "{preload:?}");
-            // Except where the aligned operator forwards to aligned_alloc (jemalloc): its probe
-            // sees the operator as the caller.
-            let aligned = site(&p, "leak_aligned()").0 + site(&p, "operator new(unsigned long, std::align_val_t)").0;
-            assert_eq!(aligned, 256, "{preload:?}");
-        } else {
-            // libstdc++ has no frame pointers: malloc's caller (operator new) is found, the
-            // function calling `new` is not (that needs DWARF unwinding).
-            assert_eq!(site(&p, "operator new(unsigned long)"), (8800, 11));
-            assert_eq!(site(&p, "operator new(unsigned long, std::align_val_t)"), (256, 2));
+            // The probes are on the allocator's own operators: the caller of `new` is the
+            // innermost frame (jemalloc's aligned ones forward to aligned_alloc: not those).
+            for function in ["leak_objects()", "leak_arrays()", "leak_nothrow()"] {
+                assert_eq!(site(&p, function), site_anywhere(&p, function), "{function} {preload:?}");
+            }
         }
 
         let (mut fixture, session) = start("sample", 512 * 1024);
         fixture.go();
         let p = session.snapshot(Duration::ZERO).unwrap();
         assert_eq!((p.totals.allocs, p.totals.frees), (156_400, 150_000), "{preload:?}");
+        assert!(site_anywhere(&p, "leak_sampled()").0 > 0, "{preload:?}");
         let (live, truth) = (p.totals.live_bytes as f64, (6400 * 65536) as f64);
         assert!((live - truth).abs() / truth < 0.10, "{preload:?}: estimate {live} vs {truth}");
     }

@@ -19,6 +19,7 @@ use profiler_common::{encode_cookie, AllocKind};
 use tracing::{debug, info};
 
 use super::{
+    caller_frames,
     elf_symbols::{self, CodeImage, FunctionSymbol},
     forwarding,
     load::Loaded,
@@ -142,8 +143,44 @@ fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) 
         .collect()
 }
 
+/// Fills `CALLER_FRAMES` (see [`caller_frames`]) from the target's libc and libstdc++ and
+/// from its allocator. Best effort: a library that cannot be read only costs its frames.
+fn fill_caller_frames(loaded: &mut Loaded, pid: u32, alloc: &Allocator) {
+    let allocating = alloc.functions.iter().filter(|(k, _)| !k.frees());
+    // Calls to operator new too: libstdc++'s (glibc) is itself such a caller of malloc.
+    let operators = AllocKind::OperatorNew.symbols().iter().map(|s| s.to_string());
+    let names: HashSet<String> = allocating.clone().map(|(_, f)| f.name.clone()).chain(operators).collect();
+    let (Ok(objects), Ok(maps)) = (procfs::objects(pid), procfs::maps(pid)) else { return };
+    let (mut added, mut lowest, mut highest) = (0, u64::MAX, 0);
+    for object in objects {
+        let is_allocator = object.path == alloc.path_in_target;
+        if !is_allocator && !caller_frames::is_wrapper_library(&object.path) {
+            continue;
+        }
+        let Ok(image) = CodeImage::open(&object.host_path) else { continue };
+        let own: HashSet<u64> =
+            if is_allocator { allocating.clone().map(|(_, f)| f.vaddr).collect() } else { HashSet::new() };
+        for (ret, k) in caller_frames::call_sites(&image, &own, &names) {
+            let Some(at) = caller_frames::runtime_address(&image, &maps, &object.path, ret) else { continue };
+            if loaded.maps.caller_frames.insert(at, k, 0).is_err() {
+                debug!("CALLER_FRAMES is full after {added} call sites");
+                break;
+            }
+            (added, lowest, highest) = (added + 1, lowest.min(at), highest.max(at));
+        }
+    }
+    if added > 0 {
+        let range = &mut loaded.maps.caller_range;
+        if range.set(0, lowest, 0).and_then(|()| range.set(1, highest, 0)).is_err() {
+            debug!("cannot set CALLER_RANGE: frames of callers without frame pointers are off");
+        }
+    }
+    debug!("{added} calls to the allocator from functions without frame pointers");
+}
+
 /// Attaches every probe for `pid`. The links live as long as `loaded`.
 pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
+    fill_caller_frames(loaded, pid, alloc);
     let mut report = Vec::new();
     let mut sites = Vec::new();
     for (kind, sym) in &alloc.functions {

@@ -377,14 +377,20 @@ fn candidate(
     })
 }
 
+/// A section's address and bytes.
+pub type SectionBytes<'a> = (u64, &'a [u8]);
+
 /// A file's code by virtual address, and its PLT imports: for following a function's direct
 /// branches to the functions they reach (see [`super::forwarding`]).
 pub struct CodeImage {
     data: Mmap,
     /// `(sh_addr, sh_size, sh_offset)` of each executable section.
     code_sections: Vec<(u64, u64, u64)>,
-    /// GOT slot address -> imported function name, from the `R_X86_64_JUMP_SLOT` relocations
-    /// (each PLT stub jumps through one slot).
+    /// `(sh_addr, sh_size, sh_offset)` of `.eh_frame` and `.eh_frame_hdr`.
+    eh_frame: Option<(u64, u64, u64)>,
+    eh_frame_hdr: Option<(u64, u64, u64)>,
+    /// GOT slot address -> imported name, from the `R_X86_64_JUMP_SLOT` and `R_X86_64_GLOB_DAT`
+    /// relocations (each PLT stub jumps through one slot).
     plt_slots: std::collections::HashMap<u64, String>,
 }
 
@@ -397,8 +403,15 @@ impl CodeImage {
         let endian = header.endian().map_err(parse_err)?;
         let sections = header.sections(endian, &*data).map_err(parse_err)?;
         let mut code_sections = Vec::new();
+        let (mut eh_frame, mut eh_frame_hdr) = (None, None);
         let mut plt_slots = std::collections::HashMap::new();
         for section in sections.iter() {
+            let place = (section.sh_addr(endian), section.sh_size(endian), section.sh_offset(endian));
+            match sections.section_name(endian, section) {
+                Ok(b".eh_frame") => eh_frame = Some(place),
+                Ok(b".eh_frame_hdr") => eh_frame_hdr = Some(place),
+                _ => {}
+            }
             let flags = section.sh_flags(endian);
             if section.sh_type(endian) == elf::SHT_PROGBITS && flags & u64::from(elf::SHF_EXECINSTR) != 0 {
                 code_sections.push((section.sh_addr(endian), section.sh_size(endian), section.sh_offset(endian)));
@@ -408,7 +421,8 @@ impl CodeImage {
                 continue;
             };
             for rela in relas {
-                if rela.r_type(endian, false) != elf::R_X86_64_JUMP_SLOT {
+                // `.plt` stubs jump through JUMP_SLOT entries, `.plt.got` ones through GLOB_DAT.
+                if !matches!(rela.r_type(endian, false), elf::R_X86_64_JUMP_SLOT | elf::R_X86_64_GLOB_DAT) {
                     continue;
                 }
                 let index = SymbolIndex(rela.r_sym(endian, false) as usize);
@@ -418,7 +432,29 @@ impl CodeImage {
                 }
             }
         }
-        Ok(CodeImage { data, code_sections, plt_slots })
+        Ok(CodeImage { data, code_sections, eh_frame, eh_frame_hdr, plt_slots })
+    }
+
+    /// Every executable section.
+    pub fn code_sections(&self) -> impl Iterator<Item = SectionBytes<'_>> {
+        self.code_sections.iter().filter_map(|&(addr, size, offset)| {
+            Some((addr, self.data.get(offset as usize..offset.checked_add(size)? as usize)?))
+        })
+    }
+
+    /// Where code at `vaddr` is in the file.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        let &(addr, _, offset) =
+            self.code_sections.iter().find(|(addr, size, _)| vaddr >= *addr && vaddr - addr < *size)?;
+        Some(offset + (vaddr - addr))
+    }
+
+    /// `.eh_frame` and `.eh_frame_hdr`.
+    pub fn eh_frame(&self) -> Option<(SectionBytes<'_>, SectionBytes<'_>)> {
+        let bytes = |(addr, size, offset): (u64, u64, u64)| {
+            Some((addr, self.data.get(offset as usize..offset.checked_add(size)? as usize)?))
+        };
+        Some((bytes(self.eh_frame?)?, bytes(self.eh_frame_hdr?)?))
     }
 
     /// Up to `len` bytes of code from `vaddr`, never past the end of its section.

@@ -52,7 +52,7 @@ pub fn forwards_to(
 
 /// The import a PLT stub at `stub` jumps to: its first instruction after an optional
 /// `endbr64` is `jmp [rip + slot]` (`bnd jmp` in IBT stubs).
-fn plt_import(image: &CodeImage, stub: u64) -> Option<&str> {
+pub fn plt_import(image: &CodeImage, stub: u64) -> Option<&str> {
     let code = image.code(stub, 16)?;
     let mut decoder = Decoder::with_ip(64, code, stub, DecoderOptions::NONE);
     for insn in decoder.iter().take(2) {

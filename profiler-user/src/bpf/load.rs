@@ -101,6 +101,10 @@ pub struct ProbeMaps {
     pub counters: PerCpuArray<MapData, u64>,
     /// Hits per snapshot trigger slot (see `bpf::attach::attach_trigger`).
     pub trigger_hits: Array<MapData, u64>,
+    /// See `bpf::caller_frames`.
+    pub caller_frames: HashMap<MapData, u64, u64>,
+    /// Lowest and highest key of `caller_frames`.
+    pub caller_range: Array<MapData, u64>,
 }
 
 /// Verifies what loading needs, with a specific error for each missing piece.
@@ -166,6 +170,8 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         stacks: take(&mut ebpf, "STACKS")?,
         counters: take(&mut ebpf, "COUNTERS")?,
         trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
+        caller_frames: take(&mut ebpf, "CALLER_FRAMES")?,
+        caller_range: take(&mut ebpf, "CALLER_RANGE")?,
     };
     Ok(Loaded { ebpf, session, session_links: Vec::new(), maps })
 }

@@ -30,9 +30,9 @@ pub struct RawStack {
 }
 
 impl RawStack {
-    /// Return addresses of the stack, innermost first: the caller read at `[rsp]` on entry, then
-    /// the frame-pointer walk without the allocator's own frame. When the kernel already added
-    /// the caller (allocators starting with `push %rbp`), it is not repeated.
+    /// Return addresses of the stack, innermost first: the caller (the return address, seen at
+    /// the allocator's return), then the walk (`ips[0]` is the caller again). A walk that starts
+    /// with the caller does not repeat it.
     pub fn return_addresses(&self) -> Vec<u64> {
         let mut out = Vec::with_capacity(self.ips.len() + 1);
         if self.key.caller != 0 {

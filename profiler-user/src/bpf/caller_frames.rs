@@ -1,0 +1,94 @@
+//! The frame the frame-pointer walk cannot see: the caller of a library function without frame
+//! pointers that calls the allocator (libstdc++'s `operator new`, libc's `strdup`). Without it
+//! a C++ allocation on glibc shows `operator new` called from the caller's caller, because
+//! `operator new` leaves rbp to the function that called it.
+//!
+//! At attach, every call to a probed allocation function or to an `operator new` in such a
+//! library is found (a direct `call`, or one through a PLT stub importing it); the CFI
+//! (`.eh_frame`) says how far above rsp the calling function's own return address is at that
+//! call: for return address R, CFA = rsp + k after the call returns, so at the callee's entry
+//! (rsp 8 lower) it is at [rsp + k]. If the function saved rbp (and may use it for something
+//! else), the CFI also says where. `CALLER_FRAMES` maps R, as the target sees it, to both; the
+//! probes follow up to three such frames at a sampled allocation (`nothrow new` -> `new` ->
+//! `malloc`) and restore rbp before the frame-pointer walk (`profiler-ebpf/src/stack.rs`).
+use std::collections::{HashMap, HashSet};
+
+use gimli::{
+    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, LittleEndian, RegisterRule, UnwindContext, UnwindSection as _,
+    X86_64,
+};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
+
+use super::{elf_symbols::CodeImage, forwarding::plt_import};
+use crate::procfs::Mapping;
+
+/// Libraries whose calls to the allocator are looked for: the usual allocating wrappers built
+/// without frame pointers.
+pub fn is_wrapper_library(path: &str) -> bool {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.starts_with("libc.so") || base.starts_with("libstdc++.so")
+}
+
+/// `(return address, CALLER_FRAMES value)` of every call in `image` to a probed allocation
+/// function: one at an address of `probed` (same file), or an import named in `names`. The
+/// value is `k | (rbp_slot << 32)`: the caller's return address is at `[rsp + k]` at the
+/// callee's entry, and its saved rbp at `[rsp + rbp_slot - 1]` (`rbp_slot` 0: not saved).
+/// Calls where the CFA is not rsp-based (the function keeps a frame pointer: the walk sees its
+/// caller) are left out.
+pub fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>) -> Vec<(u64, u64)> {
+    let mut returns = Vec::new();
+    let mut stubs: HashMap<u64, bool> = HashMap::new();
+    for (addr, code) in image.code_sections() {
+        let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+        for insn in decoder.iter() {
+            if insn.flow_control() != FlowControl::Call || insn.op0_kind() != OpKind::NearBranch64 {
+                continue;
+            }
+            let target = insn.near_branch_target();
+            let allocates = probed.contains(&target)
+                || *stubs.entry(target).or_insert_with(|| plt_import(image, target).is_some_and(|n| names.contains(n)));
+            if allocates {
+                returns.push(insn.next_ip());
+            }
+        }
+    }
+    let Some(((eh_addr, eh), (hdr_addr, hdr))) = image.eh_frame() else {
+        return Vec::new();
+    };
+    let bases = BaseAddresses::default().set_eh_frame(eh_addr).set_eh_frame_hdr(hdr_addr);
+    let eh_frame = EhFrame::new(eh, LittleEndian);
+    let Ok(parsed) = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8) else {
+        return Vec::new();
+    };
+    let Some(table) = parsed.table() else {
+        return Vec::new();
+    };
+    let mut ctx = UnwindContext::new();
+    returns
+        .into_iter()
+        .filter_map(|ret| {
+            let row = table
+                .unwind_info_for_address(&eh_frame, &bases, &mut ctx, ret, EhFrame::cie_from_offset)
+                .ok()?;
+            let CfaRule::RegisterAndOffset { register, offset } = *row.cfa() else { return None };
+            if register != X86_64::RSP || !(8..1 << 20).contains(&offset) {
+                return None;
+            }
+            let rbp_slot = match row.register(X86_64::RBP) {
+                // Saved at CFA + n; the CFA is 8 + offset above rsp at the callee's entry.
+                Some(RegisterRule::Offset(n)) => u64::try_from(8 + offset + n + 1).ok().filter(|s| *s < 1 << 20)?,
+                _ => 0,
+            };
+            Some((ret, offset as u64 | rbp_slot << 32))
+        })
+        .collect()
+}
+
+/// Where `vaddr` of `image` (mapped by the target as `path`) is in the target's memory.
+pub fn runtime_address(image: &CodeImage, maps: &[Mapping], path: &str, vaddr: u64) -> Option<u64> {
+    let offset = image.file_offset(vaddr)?;
+    maps.iter()
+        .filter(|m| m.executable && m.path.as_deref() == Some(path))
+        .find(|m| offset >= m.offset && offset - m.offset < m.end - m.start)
+        .map(|m| m.start + (offset - m.offset))
+}
