@@ -2,9 +2,9 @@
 //! allocations with their user stacks.
 //!
 //! Data flow: at an allocator's entry (malloc, calloc, realloc, ...) the probe decides whether
-//! the call is sampled, walks the user stack into `STACKS` (`stack.rs`) and parks the call in
-//! the thread's `INFLIGHT` slot; at its return it reads the result and records the allocation in
-//! `LIVE` and its stack's totals in `STACK_STATS`; at `free` it forgets it again. Every event
+//! the call is sampled and parks it in the thread's `INFLIGHT` slot; at its return it reads the
+//! result, walks the user stack into `STACKS` (`stack.rs`) and records the allocation in `LIVE`
+//! and its stack's totals in `STACK_STATS`; at `free` it forgets it again. Every event
 //! that cannot be recorded is counted in `COUNTERS` by reason. `malloc_session`,
 //! `alloc_session` and `free_session` do entry and return in uprobe.session programs (Linux
 //! 6.13+), so unsampled calls skip the return trap; `alloc_entry` + `alloc_return` (uprobe +
