@@ -1,12 +1,9 @@
 //! Decides which allocator a target really uses and attaches the probes to it: on every
 //! allocation function the library defines and on `free`, each at the site chosen by
 //! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
-//! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function gets a uprobe and a uretprobe, `free` a uprobe.
-use std::{
-    collections::{HashMap, HashSet},
-    num::NonZeroU32,
-    path::{Path, PathBuf},
-};
+//! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function
+//! gets a uprobe and a uretprobe, `free` a uprobe.
+use std::{num::NonZeroU32, path::PathBuf};
 
 use aya::{
     programs::{
@@ -20,7 +17,7 @@ use tracing::{debug, info};
 
 use super::{
     caller_frames,
-    elf_symbols::{self, CodeImage, FunctionSymbol},
+    elf_symbols::{self, FunctionSymbol},
     forwarding,
     load::Loaded,
     probe_site::{self, ProbeRole, ProbeSite},
@@ -95,7 +92,7 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
             .collect();
         let has = |k: AllocKind| functions.iter().any(|(f, _)| *f == k);
         if has(AllocKind::Malloc) && has(AllocKind::Free) {
-            let functions = without_forwarders(host_path, functions);
+            let functions = forwarding::without_forwarders(host_path, functions);
             return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions });
         }
     }
@@ -115,72 +112,9 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
     Ok(prog)
 }
 
-/// Drops the C++ operators that only forward to another probed entry point (see
-/// [`forwarding`]): the target's probe sees their calls once.
-fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) -> Vec<(AllocKind, FunctionSymbol)> {
-    let is_operator = |k: AllocKind| matches!(k, AllocKind::OperatorNew | AllocKind::OperatorDelete);
-    if !functions.iter().any(|(k, _)| is_operator(*k)) {
-        return functions;
-    }
-    let image = match CodeImage::open(path) {
-        Ok(image) => image,
-        Err(e) => {
-            debug!("not checking {}'s C++ operators for forwarders: {e}", path.display());
-            return functions;
-        }
-    };
-    let probed: HashMap<u64, String> = functions.iter().map(|(_, f)| (f.vaddr, f.name.clone())).collect();
-    let names: HashSet<String> = probed.values().cloned().collect();
-    functions
-        .into_iter()
-        .filter(|(kind, f)| {
-            let target = is_operator(*kind).then(|| forwarding::forwards_to(&image, f, &probed, &names)).flatten();
-            if let Some(target) = &target {
-                debug!("{}: not probed, it forwards to {target}", f.name);
-            }
-            target.is_none()
-        })
-        .collect()
-}
-
-/// Fills `CALLER_FRAMES` (see [`caller_frames`]) from the target's libc and libstdc++ and
-/// from its allocator. Best effort: a library that cannot be read only costs its frames.
-fn fill_caller_frames(loaded: &mut Loaded, pid: u32, alloc: &Allocator) {
-    let allocating = alloc.functions.iter().filter(|(k, _)| !k.frees());
-    // Calls to operator new too: libstdc++'s (glibc) is itself such a caller of malloc.
-    let operators = AllocKind::OperatorNew.symbols().iter().map(|s| s.to_string());
-    let names: HashSet<String> = allocating.clone().map(|(_, f)| f.name.clone()).chain(operators).collect();
-    let (Ok(objects), Ok(maps)) = (procfs::objects(pid), procfs::maps(pid)) else { return };
-    let (mut added, mut lowest, mut highest) = (0, u64::MAX, 0);
-    for object in objects {
-        let is_allocator = object.path == alloc.path_in_target;
-        if !is_allocator && !caller_frames::is_wrapper_library(&object.path) {
-            continue;
-        }
-        let Ok(image) = CodeImage::open(&object.host_path) else { continue };
-        let own: HashSet<u64> =
-            if is_allocator { allocating.clone().map(|(_, f)| f.vaddr).collect() } else { HashSet::new() };
-        for (ret, k) in caller_frames::call_sites(&image, &own, &names) {
-            let Some(at) = caller_frames::runtime_address(&image, &maps, &object.path, ret) else { continue };
-            if loaded.maps.caller_frames.insert(at, k, 0).is_err() {
-                debug!("CALLER_FRAMES is full after {added} call sites");
-                break;
-            }
-            (added, lowest, highest) = (added + 1, lowest.min(at), highest.max(at));
-        }
-    }
-    if added > 0 {
-        let range = &mut loaded.maps.caller_range;
-        if range.set(0, lowest, 0).and_then(|()| range.set(1, highest, 0)).is_err() {
-            debug!("cannot set CALLER_RANGE: frames of callers without frame pointers are off");
-        }
-    }
-    debug!("{added} calls to the allocator from functions without frame pointers");
-}
-
 /// Attaches every probe for `pid`. The links live as long as `loaded`.
 pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
-    fill_caller_frames(loaded, pid, alloc);
+    caller_frames::fill(loaded, pid, alloc);
     let mut report = Vec::new();
     let mut sites = Vec::new();
     for (kind, sym) in &alloc.functions {

@@ -7,7 +7,7 @@
 //! library is found (a direct `call`, or one through a PLT stub importing it); the CFI
 //! (`.eh_frame`) says how far above rsp the calling function's own return address is at that
 //! call: for return address R, CFA = rsp + k after the call returns, so at the callee's entry
-//! (rsp 8 lower) it is at [rsp + k]. If the function saved rbp (and may use it for something
+//! (rsp 8 lower, R at [rsp]) it is at [rsp + k]. If the function saved rbp (and may use it for something
 //! else), the CFI also says where. `CALLER_FRAMES` maps R, as the target sees it, to both; the
 //! probes follow up to three such frames at a sampled allocation (`nothrow new` -> `new` ->
 //! `malloc`) and restore rbp before the frame-pointer walk (`profiler-ebpf/src/stack.rs`).
@@ -18,13 +18,50 @@ use gimli::{
     X86_64,
 };
 use iced_x86::{Decoder, DecoderOptions, FlowControl, OpKind};
+use profiler_common::AllocKind;
+use tracing::debug;
 
-use super::{elf_symbols::CodeImage, forwarding::plt_import};
-use crate::procfs::Mapping;
+use super::{attach::Allocator, elf_symbols::CodeImage, forwarding::plt_import, load::Loaded};
+use crate::procfs::{self, Mapping};
+
+/// Fills `CALLER_FRAMES` from the target's libc and libstdc++ and from its allocator. Best
+/// effort: a library that cannot be read only costs its frames.
+pub fn fill(loaded: &mut Loaded, pid: u32, alloc: &Allocator) {
+    let allocating = alloc.functions.iter().filter(|(k, _)| !k.frees());
+    // Calls to operator new too: libstdc++'s (glibc) is itself such a caller of malloc.
+    let operators = AllocKind::OperatorNew.symbols().iter().map(|s| s.to_string());
+    let names: HashSet<String> = allocating.clone().map(|(_, f)| f.name.clone()).chain(operators).collect();
+    let (Ok(objects), Ok(maps)) = (procfs::objects(pid), procfs::maps(pid)) else { return };
+    let (mut added, mut lowest, mut highest) = (0, u64::MAX, 0);
+    for object in objects {
+        let is_allocator = object.path == alloc.path_in_target;
+        if !is_allocator && !is_wrapper_library(&object.path) {
+            continue;
+        }
+        let Ok(image) = CodeImage::open(&object.host_path) else { continue };
+        let own: HashSet<u64> =
+            if is_allocator { allocating.clone().map(|(_, f)| f.vaddr).collect() } else { HashSet::new() };
+        for (ret, k) in call_sites(&image, &own, &names) {
+            let Some(at) = runtime_address(&image, &maps, &object.path, ret) else { continue };
+            if loaded.maps.caller_frames.insert(at, k, 0).is_err() {
+                debug!("CALLER_FRAMES is full after {added} call sites");
+                break;
+            }
+            (added, lowest, highest) = (added + 1, lowest.min(at), highest.max(at));
+        }
+    }
+    if added > 0 {
+        let range = &mut loaded.maps.caller_range;
+        if range.set(0, lowest, 0).and_then(|()| range.set(1, highest, 0)).is_err() {
+            debug!("cannot set CALLER_RANGE: frames of callers without frame pointers are off");
+        }
+    }
+    debug!("{added} calls to the allocator from functions without frame pointers");
+}
 
 /// Libraries whose calls to the allocator are looked for: the usual allocating wrappers built
 /// without frame pointers.
-pub fn is_wrapper_library(path: &str) -> bool {
+fn is_wrapper_library(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
     base.starts_with("libc.so") || base.starts_with("libstdc++.so")
 }
@@ -35,7 +72,7 @@ pub fn is_wrapper_library(path: &str) -> bool {
 /// callee's entry, and its saved rbp at `[rsp + rbp_slot - 1]` (`rbp_slot` 0: not saved).
 /// Calls where the CFA is not rsp-based (the function keeps a frame pointer: the walk sees its
 /// caller) are left out.
-pub fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>) -> Vec<(u64, u64)> {
+fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>) -> Vec<(u64, u64)> {
     let mut returns = Vec::new();
     let mut stubs: HashMap<u64, bool> = HashMap::new();
     for (addr, code) in image.code_sections() {
@@ -85,7 +122,7 @@ pub fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<Stri
 }
 
 /// Where `vaddr` of `image` (mapped by the target as `path`) is in the target's memory.
-pub fn runtime_address(image: &CodeImage, maps: &[Mapping], path: &str, vaddr: u64) -> Option<u64> {
+fn runtime_address(image: &CodeImage, maps: &[Mapping], path: &str, vaddr: u64) -> Option<u64> {
     let offset = image.file_offset(vaddr)?;
     maps.iter()
         .filter(|m| m.executable && m.path.as_deref() == Some(path))

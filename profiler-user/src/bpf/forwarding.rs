@@ -9,11 +9,44 @@
 //! A function forwards when one of its direct branches (`call`, `jmp`, `jcc` with an immediate
 //! target) reaches a probed entry point, either at its address or through the PLT stub of an
 //! import of that name (`endbr64`, then `jmp [rip + slot]`).
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
+use profiler_common::AllocKind;
+use tracing::debug;
 
 use super::elf_symbols::{CodeImage, FunctionSymbol};
+
+/// `functions` (of the allocator at `path`) without the C++ operators that only forward to
+/// another of them: the target's probe sees their calls once.
+pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) -> Vec<(AllocKind, FunctionSymbol)> {
+    let is_operator = |k: AllocKind| matches!(k, AllocKind::OperatorNew | AllocKind::OperatorDelete);
+    if !functions.iter().any(|(k, _)| is_operator(*k)) {
+        return functions;
+    }
+    let image = match CodeImage::open(path) {
+        Ok(image) => image,
+        Err(e) => {
+            debug!("not checking {}'s C++ operators for forwarders: {e}", path.display());
+            return functions;
+        }
+    };
+    let probed: HashMap<u64, String> = functions.iter().map(|(_, f)| (f.vaddr, f.name.clone())).collect();
+    let names: HashSet<String> = probed.values().cloned().collect();
+    functions
+        .into_iter()
+        .filter(|(kind, f)| {
+            let target = is_operator(*kind).then(|| forwards_to(&image, f, &probed, &names)).flatten();
+            if let Some(target) = &target {
+                debug!("{}: not probed, it forwards to {target}", f.name);
+            }
+            target.is_none()
+        })
+        .collect()
+}
 
 /// How much of a function is decoded (operators are small; a size-less symbol gets this much).
 const MAX_BODY: u64 = 4096;
@@ -21,7 +54,7 @@ const MAX_BODY: u64 = 4096;
 /// The probed entry point `function` forwards to, if any. `probed`: address -> name of every
 /// entry point probed in this file; `probed_names`: their names (an import of the same name
 /// resolves to them, the allocator being first in load order).
-pub fn forwards_to(
+fn forwards_to(
     image: &CodeImage,
     function: &FunctionSymbol,
     probed: &HashMap<u64, String>,
