@@ -129,3 +129,28 @@ fn runtime_address(image: &CodeImage, maps: &[Mapping], path: &str, vaddr: u64) 
         .find(|m| offset >= m.offset && offset - m.offset < m.end - m.start)
         .map(|m| m.start + (offset - m.offset))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::elf_symbols::{self, FunctionSymbol};
+
+    /// libstdc++'s `operator new(unsigned long)` pushes rbx and calls `malloc@plt`: at malloc's
+    /// entry its own return address is 16 above rsp, and rbp is untouched. Its nothrow array
+    /// variant calls `operator new[]` through a `.plt.got` stub (a GLOB_DAT slot).
+    #[test]
+    fn libstdcxx_operator_new_frames() {
+        let lib = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6";
+        let image = CodeImage::open(lib).unwrap();
+        let names: HashSet<String> = ["malloc", "_Znwm", "_Znam"].map(String::from).into();
+        let sites = call_sites(&image, &HashSet::new(), &names);
+        let found = elf_symbols::resolve(lib, &["_Znwm", "_ZnamRKSt9nothrow_t"]).unwrap();
+        let in_function = |f: &Option<FunctionSymbol>| {
+            let f = f.as_ref().unwrap();
+            sites.iter().filter(|(r, _)| *r > f.vaddr && *r <= f.vaddr + f.size).map(|(_, v)| *v).collect::<Vec<_>>()
+        };
+        assert_eq!(in_function(&found[0]), [16]);
+        assert_eq!(in_function(&found[1]), [16]);
+        assert!(sites.len() > 20, "{} call sites", sites.len());
+    }
+}

@@ -6,9 +6,11 @@
 //! fast path, which keeps no per-thread state, cannot tell). So a forwarder is not probed: its
 //! target's probe sees the call, with the same arguments.
 //!
-//! A function forwards when one of its direct branches (`call`, `jmp`, `jcc` with an immediate
-//! target) reaches a probed entry point, either at its address or through the PLT stub of an
-//! import of that name (`endbr64`, then `jmp [rip + slot]`).
+//! A function forwards when its first control transfer is an unconditional direct `call` or
+//! `jmp` to a probed entry point, at its address or through the PLT stub of an import of that
+//! name (`endbr64`, then `jmp [rip + slot]`): every call goes there. One that branches first
+//! (a fast path of its own, the slow one calling `malloc`) is probed: its slow path may then
+//! be seen twice while sampling, which costs less than missing its fast path.
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
@@ -48,8 +50,8 @@ pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol
         .collect()
 }
 
-/// How much of a function is decoded (operators are small; a size-less symbol gets this much).
-const MAX_BODY: u64 = 4096;
+/// How much of a function is decoded to find its first control transfer.
+const MAX_PREFIX: u64 = 256;
 
 /// The probed entry point `function` forwards to, if any. `probed`: address -> name of every
 /// entry point probed in this file; `probed_names`: their names (an import of the same name
@@ -60,27 +62,19 @@ fn forwards_to(
     probed: &HashMap<u64, String>,
     probed_names: &HashSet<String>,
 ) -> Option<String> {
-    let len = if function.size == 0 { MAX_BODY } else { function.size.min(MAX_BODY) };
-    let body = image.code(function.vaddr, len)?;
-    let own = function.vaddr..function.vaddr + body.len() as u64;
-    let mut decoder = Decoder::with_ip(64, body, function.vaddr, DecoderOptions::NONE);
-    for insn in decoder.iter() {
-        let direct = matches!(
-            insn.flow_control(),
-            FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-        ) && insn.op0_kind() == OpKind::NearBranch64;
-        if !direct || own.contains(&insn.near_branch_target()) {
-            continue;
-        }
-        let target = insn.near_branch_target();
-        if let Some(name) = probed.get(&target) {
-            return Some(name.clone());
-        }
-        if let Some(name) = plt_import(image, target).filter(|n| probed_names.contains(*n)) {
-            return Some(name.to_owned());
-        }
+    let len = if function.size == 0 { MAX_PREFIX } else { function.size.min(MAX_PREFIX) };
+    let code = image.code(function.vaddr, len)?;
+    let mut decoder = Decoder::with_ip(64, code, function.vaddr, DecoderOptions::NONE);
+    let first = decoder.iter().find(|insn| insn.flow_control() != FlowControl::Next)?;
+    let unconditional = matches!(first.flow_control(), FlowControl::Call | FlowControl::UnconditionalBranch);
+    if !unconditional || first.op0_kind() != OpKind::NearBranch64 {
+        return None;
     }
-    None
+    let target = first.near_branch_target();
+    if let Some(name) = probed.get(&target) {
+        return Some(name.clone());
+    }
+    plt_import(image, target).filter(|n| probed_names.contains(*n)).map(str::to_owned)
 }
 
 /// The import a PLT stub at `stub` jumps to: its first instruction after an optional
@@ -98,4 +92,35 @@ pub fn plt_import(image: &CodeImage, stub: u64) -> Option<&str> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::elf_symbols;
+
+    /// Debian 12's jemalloc (libjemalloc2, installed by `cargo xtask setup`): `operator new[]`
+    /// jumps to `operator new`, `operator delete` to `free@plt`, the aligned `operator new`
+    /// calls `aligned_alloc@plt` first thing; `operator new` and the sized `operator delete`
+    /// allocate and free themselves.
+    #[test]
+    fn jemalloc_forwarders_are_left_out() {
+        let lib = Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2");
+        assert!(lib.exists(), "{} missing: `cargo xtask setup` installs libjemalloc2", lib.display());
+        let wanted = [
+            (AllocKind::Malloc, "malloc"),
+            (AllocKind::Free, "free"),
+            (AllocKind::AlignedAlloc, "aligned_alloc"),
+            (AllocKind::OperatorNew, "_Znwm"),
+            (AllocKind::OperatorNew, "_Znam"),
+            (AllocKind::OperatorNew, "_ZnwmSt11align_val_t"),
+            (AllocKind::OperatorDelete, "_ZdlPv"),
+            (AllocKind::OperatorDelete, "_ZdlPvm"),
+        ];
+        let names: Vec<&str> = wanted.iter().map(|(_, n)| *n).collect();
+        let symbols = elf_symbols::resolve(lib, &names).unwrap();
+        let functions = wanted.iter().zip(symbols).map(|((k, n), s)| (*k, s.unwrap_or_else(|| panic!("{n}")))).collect();
+        let kept: Vec<String> = without_forwarders(lib, functions).into_iter().map(|(_, f)| f.name).collect();
+        assert_eq!(kept, ["malloc", "free", "aligned_alloc", "_Znwm", "_ZdlPvm"]);
+    }
 }
