@@ -315,17 +315,25 @@ fn cxx_new_and_delete_are_traced() {
     let exe = common::build_fixture("cxx_fixture", &[]);
     let preloads = [None, Some("libjemalloc.so.2"), Some("libtcmalloc_minimal.so.4")];
     for preload in preloads.map(|l| l.map(|l| Path::new("/usr/lib/x86_64-linux-gnu").join(l))) {
-        let start = |mode: &str, sample_bytes: u64| {
+        let start = |mode: &str, sample_bytes: u64, probe_mode: ProbeMode| {
             let mut cmd = Command::new(&exe);
             cmd.arg(mode);
             if let Some(lib) = &preload {
                 cmd.env("LD_PRELOAD", lib);
             }
             let fixture = Fixture::spawn(cmd);
-            let session = Session::attach(fixture.pid, ProbeSettings { sample_bytes, ..Default::default() }).unwrap();
+            let settings = ProbeSettings { sample_bytes, probe_mode, ..Default::default() };
+            let session = Session::attach(fixture.pid, settings).unwrap();
             (fixture, session)
         };
-        let (mut fixture, session) = start("basic", 0);
+        if preload.is_none() {
+            // Classic uprobes + uretprobes recover the same frames (the walk runs at the return).
+            let (mut fixture, session) = start("basic", 0, ProbeMode::Classic);
+            fixture.go();
+            let p = session.snapshot(Duration::ZERO).unwrap();
+            assert_eq!(site_anywhere(&p, "leak_nothrow()"), (300, 1), "classic: {:#?}", p.stacks);
+        }
+        let (mut fixture, session) = start("basic", 0, ProbeMode::Auto);
         fixture.go();
         let p = session.snapshot(Duration::ZERO).unwrap();
         let t = &p.totals;
@@ -348,7 +356,7 @@ fn cxx_new_and_delete_are_traced() {
             }
         }
 
-        let (mut fixture, session) = start("sample", 512 * 1024);
+        let (mut fixture, session) = start("sample", 512 * 1024, ProbeMode::Auto);
         fixture.go();
         let p = session.snapshot(Duration::ZERO).unwrap();
         assert_eq!((p.totals.allocs, p.totals.frees), (156_400, 150_000), "{preload:?}");
