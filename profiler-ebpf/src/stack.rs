@@ -2,7 +2,9 @@
 //! `bpf_get_stackid`. The kernel's walk only stops after reading through the chain's last
 //! frame pointer (0, by the ABI's convention, or garbage where a function without frame
 //! pointers used rbp): that read faults, and a fault costs as much as all the rest of a probe.
-//! This walk checks each frame pointer before reading through it.
+//! This walk checks each frame pointer before reading through it. Before it, the callers of
+//! allocating wrappers without frame pointers (libstdc++'s operator new, libc's strdup) are
+//! recovered from `CALLER_FRAMES`, which the agent fills from the libraries' CFI.
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
 use profiler_common::{Counter, MAX_FRAMES};
 
