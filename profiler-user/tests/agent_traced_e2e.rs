@@ -117,6 +117,25 @@ fn agent_serves_a_traced_process_over_tls() {
     ok(&agent, READ, &cert, &["diff", &a, &b, "--format", "svg", "-o", diff_svg.to_str().unwrap()]);
     parse_svg(&std::fs::read_to_string(&diff_svg).unwrap());
 
+    // Triggers through the client: a read token may list but not add; add, see it fire, delete.
+    let (status, _, stderr) = client(&agent.url, Some(READ), &["triggers", "add", &gpid, "every=150ms", "--ca-cert", &cert]);
+    assert!(!status.success() && stderr.contains("admin"), "{stderr}");
+    let added: Value = serde_json::from_str(&ok(
+        &agent,
+        ADMIN,
+        &cert,
+        &["triggers", "add", &gpid, "every=150ms", "--min-spacing", "100ms", "--json"],
+    ))
+    .unwrap();
+    let id = added["ids"][0].as_u64().unwrap_or_else(|| panic!("no id in {added}")).to_string();
+    std::thread::sleep(Duration::from_millis(700));
+    let list: Value = serde_json::from_str(&ok(&agent, READ, &cert, &["triggers", "list", &gpid, "--json"])).unwrap();
+    let fired = list["triggers"].as_array().and_then(|t| t.first()).map(|t| t["fired"].as_u64().unwrap_or(0));
+    assert!(fired >= Some(2), "{list:#}");
+    ok(&agent, ADMIN, &cert, &["triggers", "delete", &gpid, &id]);
+    let list: Value = serde_json::from_str(&ok(&agent, READ, &cert, &["triggers", "list", &gpid, "--json"])).unwrap();
+    assert_eq!(list["triggers"].as_array().map(Vec::len), Some(0), "{list:#}");
+
     // The snapshots survive a restart of the agent.
     drop(agent);
     let agent = start_agent(&args).unwrap();

@@ -174,6 +174,38 @@ pub struct DiffArgs {
     pub output: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+pub struct TriggersArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(subcommand)]
+    pub action: TriggersAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TriggersAction {
+    /// List a target's triggers: spec, firings, suppressed firings.
+    List {
+        pid: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add triggers to a target (admin token), all or none: specs as in the agent's API
+    /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`).
+    Add {
+        pid: u32,
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<String>,
+        /// Each trigger fires at most once in this time (default: the agent's --min-spacing).
+        #[arg(long, value_name = "DURATION")]
+        min_spacing: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one of a target's triggers (admin token).
+    Delete { pid: u32, id: u64 },
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP
 
@@ -631,6 +663,29 @@ pub(crate) fn snapshots_table(v: &Value) -> String {
     out
 }
 
+pub(crate) fn triggers_table(v: &Value) -> String {
+    let empty = Vec::new();
+    let list = v["triggers"].as_array().unwrap_or(&empty);
+    if list.is_empty() {
+        return "no triggers\n".to_string();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|t| {
+            vec![
+                u(&t["id"]).to_string(),
+                t["spec"].as_str().unwrap_or("").to_owned(),
+                u(&t["fired"]).to_string(),
+                u(&t["suppressed"]).to_string(),
+                t["min_spacing_s"].as_f64().map(secs).unwrap_or_default(),
+                t["origin"].as_str().unwrap_or("").to_owned(),
+                if t["finished"].as_bool() == Some(true) { "finished" } else { "active" }.to_owned(),
+            ]
+        })
+        .collect();
+    table(&["ID", "SPEC", "FIRED", "SUPPRESSED", "MIN SPACING", "ORIGIN", "STATE"], &rows)
+}
+
 fn pretty(v: &Value) -> Vec<u8> {
     let mut s = serde_json::to_vec_pretty(v).unwrap_or_default();
     s.push(b'\n');
@@ -738,6 +793,27 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
     }
 }
 
+pub fn triggers(args: TriggersArgs) -> anyhow::Result<()> {
+    let c = Client::new(&args.conn)?;
+    let (v, json) = match args.action {
+        TriggersAction::List { pid, json } => (c.call("GET", &format!("/v1/targets/{pid}/triggers"), None)?.json()?, json),
+        TriggersAction::Add { pid, specs, min_spacing, json } => {
+            let body = serde_json::json!({ "specs": specs, "min_spacing": min_spacing }).to_string();
+            (c.call("POST", &format!("/v1/targets/{pid}/triggers"), Some(&body))?.json()?, json)
+        }
+        TriggersAction::Delete { pid, id } => {
+            c.call("DELETE", &format!("/v1/targets/{pid}/triggers/{id}"), None)?;
+            eprintln!("memscope: deleted trigger {id} of target {pid}");
+            return Ok(());
+        }
+    };
+    if json || !stdout_is_terminal() {
+        print(&pretty(&v))
+    } else {
+        print(triggers_table(&v).as_bytes())
+    }
+}
+
 pub fn diff(args: DiffArgs) -> anyhow::Result<()> {
     let c = Client::new(&args.conn)?;
     let (before, after) = (snapshot_id(&args.before)?, snapshot_id(&args.after)?);
@@ -817,5 +893,10 @@ mod tests {
             "frames": [{"function": "leaky"}, {"function": "main"}]}]});
         let d = diff_table(&diff, "a", "b");
         assert!(d.contains("-1.0 KiB") && d.contains("+2.0 KiB") && d.contains("leaky <- main"), "{d}");
+        let triggers = serde_json::json!({"id": 7, "alive": true, "triggers": [{"id": 3, "spec": "every=30s",
+            "reason": "interval", "fired": 4, "suppressed": 1, "min_spacing_s": 5.0, "origin": "api", "finished": false}]});
+        let t = triggers_table(&triggers);
+        assert!(t.starts_with("ID") && t.contains("every=30s") && t.contains("api") && t.contains("active"), "{t}");
+        assert_eq!(triggers_table(&serde_json::json!({"triggers": []})), "no triggers\n");
     }
 }

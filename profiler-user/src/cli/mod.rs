@@ -36,6 +36,8 @@ pub enum Command {
     Snapshot(client::SnapshotArgs),
     /// Compare two snapshots stored by a running agent: growth per stack.
     Diff(client::DiffArgs),
+    /// List, add or delete a target's snapshot triggers in a running agent.
+    Triggers(client::TriggersArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -51,6 +53,7 @@ pub fn main() -> ExitCode {
         Command::Flamegraph(args) => ok(client::flamegraph(args)),
         Command::Snapshot(args) => ok(client::snapshot(args)),
         Command::Diff(args) => ok(client::diff(args)),
+        Command::Triggers(args) => ok(client::triggers(args)),
     };
     match result {
         Ok(code) => code,
