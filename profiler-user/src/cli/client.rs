@@ -186,24 +186,34 @@ pub struct TriggersArgs {
 pub enum TriggersAction {
     /// List a target's triggers: spec, firings, suppressed firings.
     List {
+        /// The target's pid.
         pid: u32,
+        /// Print the agent's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add triggers to a target (admin token), all or none: specs as in the agent's API
     /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`).
     Add {
+        /// The target's pid.
         pid: u32,
+        /// One or more trigger specs.
         #[arg(required = true, value_name = "SPEC")]
         specs: Vec<String>,
         /// Each trigger fires at most once in this time (default: the agent's --min-spacing).
         #[arg(long, value_name = "DURATION")]
         min_spacing: Option<String>,
+        /// Print the agent's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Delete one of a target's triggers (admin token).
-    Delete { pid: u32, id: u64 },
+    Delete {
+        /// The target's pid.
+        pid: u32,
+        /// The trigger's id (see `list`).
+        id: u64,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
