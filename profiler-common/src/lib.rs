@@ -143,8 +143,9 @@ const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 /// Frames kept per stack: deeper stacks lose their outermost frames.
 pub const MAX_FRAMES: usize = 64;
 
-/// One user stack, as the probes walk it: `ips[0]` is the probed instruction in the allocator,
-/// then the return addresses found through the frame-pointer chain, outwards; zero-filled.
+/// One user stack, as the probes walk it at the allocator's return: `ips[0]` is the caller (the
+/// return address), then the callers recovered from `CALLER_FRAMES` and the return addresses
+/// found through the frame-pointer chain, outwards; zero-filled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackFrames {

@@ -26,8 +26,9 @@ pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32,
 pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
 /// Return address of a call to the allocator from a function without frame pointers -> how
-/// far above rsp, at the allocator's entry, that function's own return address is. Filled by
-/// the agent from the libraries' CFI (`profiler-user/src/bpf/caller_frames.rs`).
+/// far above rsp, at the allocator's entry, that function's own return address is (low 32
+/// bits) and where it saved rbp (high 32 bits, 0: not saved). Filled by the agent from the
+/// libraries' CFI (`profiler-user/src/bpf/caller_frames.rs`).
 #[map]
 pub static CALLER_FRAMES: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
 

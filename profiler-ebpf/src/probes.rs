@@ -258,7 +258,7 @@ fn on_alloc_return(regs: *const pt_regs, pid_tgid: u64) -> Result<(), ()> {
     let slot = match INFLIGHT.get_ptr_mut(&pid_tgid) {
         Some(slot) if unsafe { (*slot).active } != 0 => slot,
         _ => {
-            if SAMPLE_BYTES.load() == 0 {
+            if !sampling() {
                 count(Counter::DropNoInflight, 1);
             }
             // Otherwise an unsampled call, counted at entry (uretprobes see every call).

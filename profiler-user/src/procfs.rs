@@ -142,6 +142,17 @@ fn by_root(pid: u32, path_in_target: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/root{path_in_target}"))
 }
 
+/// Where the target maps the `len` bytes at `file_offset` of the file it maps as
+/// `path_in_target` (a path from its maps), if one mapping holds them all.
+pub fn address_of(maps: &[Mapping], path_in_target: &str, file_offset: u64, len: u64) -> Option<u64> {
+    maps.iter().find_map(|m| {
+        let inside = m.path.as_deref() == Some(path_in_target)
+            && file_offset >= m.offset
+            && file_offset - m.offset + len <= m.end - m.start;
+        inside.then(|| m.start + (file_offset - m.offset))
+    })
+}
+
 /// The path of a mapped file without the ` (deleted)` the kernel appends once it is unlinked.
 pub fn without_deleted(path: &str) -> &str {
     path.strip_suffix(" (deleted)").unwrap_or(path)

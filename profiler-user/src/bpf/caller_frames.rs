@@ -22,7 +22,7 @@ use profiler_common::AllocKind;
 use tracing::debug;
 
 use super::{attach::Allocator, elf_symbols::CodeImage, forwarding::plt_import, load::Loaded};
-use crate::procfs::{self, Mapping};
+use crate::procfs;
 
 /// Fills `CALLER_FRAMES` from the target's libc and libstdc++ and from its allocator. Best
 /// effort: a library that cannot be read only costs its frames.
@@ -42,7 +42,10 @@ pub fn fill(loaded: &mut Loaded, pid: u32, alloc: &Allocator) {
         let own: HashSet<u64> =
             if is_allocator { allocating.clone().map(|(_, f)| f.vaddr).collect() } else { HashSet::new() };
         for (ret, k) in call_sites(&image, &own, &names) {
-            let Some(at) = runtime_address(&image, &maps, &object.path, ret) else { continue };
+            let Some(at) = image.file_offset(ret).and_then(|off| procfs::address_of(&maps, &object.path, off, 1))
+            else {
+                continue;
+            };
             if loaded.maps.caller_frames.insert(at, k, 0).is_err() {
                 debug!("CALLER_FRAMES is full after {added} call sites");
                 break;
@@ -119,15 +122,6 @@ fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>)
             Some((ret, offset as u64 | rbp_slot << 32))
         })
         .collect()
-}
-
-/// Where `vaddr` of `image` (mapped by the target as `path`) is in the target's memory.
-fn runtime_address(image: &CodeImage, maps: &[Mapping], path: &str, vaddr: u64) -> Option<u64> {
-    let offset = image.file_offset(vaddr)?;
-    maps.iter()
-        .filter(|m| m.executable && m.path.as_deref() == Some(path))
-        .find(|m| offset >= m.offset && offset - m.offset < m.end - m.start)
-        .map(|m| m.start + (offset - m.offset))
 }
 
 #[cfg(test)]

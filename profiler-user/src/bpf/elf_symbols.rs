@@ -414,7 +414,7 @@ impl CodeImage {
             }
             let flags = section.sh_flags(endian);
             if section.sh_type(endian) == elf::SHT_PROGBITS && flags & u64::from(elf::SHF_EXECINSTR) != 0 {
-                code_sections.push((section.sh_addr(endian), section.sh_size(endian), section.sh_offset(endian)));
+                code_sections.push(place);
             }
             let Ok(Some((relas, link))) = section.rela(endian, &*data) else { continue };
             let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, sections.section(link).map_err(parse_err)?) else {
@@ -435,32 +435,35 @@ impl CodeImage {
         Ok(CodeImage { data, code_sections, eh_frame, eh_frame_hdr, plt_slots })
     }
 
+    /// The bytes of the section at `(sh_addr, sh_size, sh_offset)`.
+    fn section_bytes(&self, (addr, size, offset): (u64, u64, u64)) -> Option<SectionBytes<'_>> {
+        Some((addr, self.data.get(offset as usize..offset.checked_add(size)? as usize)?))
+    }
+
+    /// The executable section holding `vaddr`.
+    fn code_section_at(&self, vaddr: u64) -> Option<(u64, u64, u64)> {
+        self.code_sections.iter().copied().find(|&(addr, size, _)| vaddr >= addr && vaddr - addr < size)
+    }
+
     /// Every executable section.
     pub fn code_sections(&self) -> impl Iterator<Item = SectionBytes<'_>> {
-        self.code_sections.iter().filter_map(|&(addr, size, offset)| {
-            Some((addr, self.data.get(offset as usize..offset.checked_add(size)? as usize)?))
-        })
+        self.code_sections.iter().filter_map(|&place| self.section_bytes(place))
     }
 
     /// Where code at `vaddr` is in the file.
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
-        let &(addr, _, offset) =
-            self.code_sections.iter().find(|(addr, size, _)| vaddr >= *addr && vaddr - addr < *size)?;
+        let (addr, _, offset) = self.code_section_at(vaddr)?;
         Some(offset + (vaddr - addr))
     }
 
     /// `.eh_frame` and `.eh_frame_hdr`.
     pub fn eh_frame(&self) -> Option<(SectionBytes<'_>, SectionBytes<'_>)> {
-        let bytes = |(addr, size, offset): (u64, u64, u64)| {
-            Some((addr, self.data.get(offset as usize..offset.checked_add(size)? as usize)?))
-        };
-        Some((bytes(self.eh_frame?)?, bytes(self.eh_frame_hdr?)?))
+        Some((self.section_bytes(self.eh_frame?)?, self.section_bytes(self.eh_frame_hdr?)?))
     }
 
     /// Up to `len` bytes of code from `vaddr`, never past the end of its section.
     pub fn code(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
-        let &(addr, size, offset) =
-            self.code_sections.iter().find(|(addr, size, _)| vaddr >= *addr && vaddr - addr < *size)?;
+        let (addr, size, offset) = self.code_section_at(vaddr)?;
         let start = offset + (vaddr - addr);
         let end = start + len.min(size - (vaddr - addr));
         self.data.get(start as usize..end as usize)

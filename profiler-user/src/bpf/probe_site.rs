@@ -50,10 +50,11 @@
 //! # Branches are probed, not skipped
 //! The walk stops at the *first* emulated instruction, and `jcc`/`jmp`/`call` are emulated: a
 //! branch is never walked past; the probe goes *on* it, which observes every path (free's
-//! `test %rdi,%rdi; je` gets it on the `je` at +3). So `test %rsi,%rsi; jne ...` puts the probe on the `jne` (+3), not past it,
-//! and glibc 2.36's `memalign` (`cmpb $0x0,x(%rip); je init_path`) gets it on the `je` at +7: the
-//! `cmpb` writes only the flags. Whether the hook/initialisation path would still allocate does
-//! not matter, because the probe fires before the branch decides. If the branch after such a
+//! `test %rdi,%rdi; je` gets it on the `je` at +3). So `test %rsi,%rsi; jne ...` puts the
+//! probe on the `jne` (+3), not past it, and glibc 2.36's `memalign` (`cmpb $0x0,x(%rip); je
+//! init_path`) gets it on the `je` at +7: the `cmpb` writes only the flags. Whether the
+//! hook/initialisation path would still allocate does not matter, because the probe fires
+//! before the branch decides. If the branch after such a
 //! `cmpb` were not emulatable (a `66` prefix, an indirect jump), the site stays at 0.
 //!
 //! # When in doubt, offset 0
@@ -239,7 +240,6 @@ fn text(insn: &Instruction) -> String {
     out
 }
 
-/// `test rdi,rdi` (64-bit, both operands rdi).
 fn is_writing(access: OpAccess) -> bool {
     matches!(
         access,

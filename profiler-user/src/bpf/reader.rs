@@ -1,6 +1,6 @@
 //! Reads the probes' maps into a [`RawSnapshot`]: counters, per-stack totals, the stacks
-//! themselves, and (walking the live allocations once) each stack's live and leaked bytes and oldest
-//! allocation. No symbols here, only addresses.
+//! themselves, and (walking the live allocations once) each stack's live and leaked bytes and
+//! oldest allocation. No symbols here, only addresses.
 use std::collections::HashMap as StdHashMap;
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
@@ -14,8 +14,8 @@ use super::{batch, load::ProbeMaps};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawStack {
     pub key: StackKey,
-    /// Frame-pointer stack from the stack map, innermost first; `ips[0]` is inside the
-    /// allocator. Empty when the stack could not be recorded.
+    /// The stack from the stack map, innermost first; `ips[0]` is the caller (as `key.caller`).
+    /// Empty when the stack could not be recorded.
     pub ips: Vec<u64>,
     /// Allocated since attach (the kernel's per-stack totals).
     pub stats: StackStats,

@@ -191,13 +191,7 @@ pub fn semaphore_address(pid: u32, path_in_target: &str, probe: &UsdtProbe) -> R
     let Some(off) = probe.semaphore_file_offset else {
         return Ok(None);
     };
-    let maps = procfs::maps(pid)?;
-    let addr = maps.iter().find_map(|m| {
-        let len = m.end - m.start;
-        (m.path.as_deref() == Some(path_in_target) && off >= m.offset && off - m.offset + 2 <= len)
-            .then(|| m.start + (off - m.offset))
-    });
-    match addr {
+    match procfs::address_of(&procfs::maps(pid)?, path_in_target, off, 2) {
         Some(a) => Ok(Some(a)),
         None => Err(UsdtError::SemaphoreNotMapped {
             probe: format!("{}:{}", probe.provider, probe.name),
