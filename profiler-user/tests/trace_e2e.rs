@@ -191,10 +191,22 @@ fn sampling_estimates_are_unbiased() {
 }
 
 fn snapshot_of(mode: &str, settings: ProbeSettings) -> HeapProfile {
-    let mut fixture = Fixture::start(&alloc_fixture(), mode);
-    let session = Session::attach(fixture.pid, settings).unwrap();
+    let (mut fixture, session) = traced(&alloc_fixture(), mode, None, settings);
     fixture.go();
     session.snapshot(Duration::ZERO).unwrap()
+}
+
+/// Fixture `exe` in `mode` (with `preload`, a library of /usr/lib/x86_64-linux-gnu, as
+/// LD_PRELOAD), attached with `settings` and waiting for `go`.
+fn traced(exe: &Path, mode: &str, preload: Option<&str>, settings: ProbeSettings) -> (Fixture, Session) {
+    let mut cmd = Command::new(exe);
+    cmd.arg(mode);
+    if let Some(lib) = preload {
+        cmd.env("LD_PRELOAD", Path::new("/usr/lib/x86_64-linux-gnu").join(lib));
+    }
+    let fixture = Fixture::spawn(cmd);
+    let session = Session::attach(fixture.pid, settings).unwrap();
+    (fixture, session)
 }
 
 /// (live bytes, live allocations) of all stacks whose innermost frame is `function`.
@@ -231,8 +243,7 @@ fn full_maps_are_counted_as_drops() {
 #[test]
 fn chosen_probe_sites_count_exactly() {
     require_root();
-    let mut fixture = Fixture::start(&alloc_fixture(), "basic");
-    let session = Session::attach(fixture.pid, ProbeSettings::default()).unwrap();
+    let (mut fixture, session) = traced(&alloc_fixture(), "basic", None, ProbeSettings::default());
     // This kernel (6.18) has uprobe.session: `auto` must not have fallen back.
     assert_eq!(session.probe_mode(), ProbeMode::Session);
     let sites = session.probe_sites();
@@ -313,18 +324,9 @@ fn site_anywhere(p: &HeapProfile, function: &str) -> (u64, u64) {
 fn cxx_new_and_delete_are_traced() {
     require_root();
     let exe = common::build_fixture("cxx_fixture", &[]);
-    let preloads = [None, Some("libjemalloc.so.2"), Some("libtcmalloc_minimal.so.4")];
-    for preload in preloads.map(|l| l.map(|l| Path::new("/usr/lib/x86_64-linux-gnu").join(l))) {
+    for preload in [None, Some("libjemalloc.so.2"), Some("libtcmalloc_minimal.so.4")] {
         let start = |mode: &str, sample_bytes: u64, probe_mode: ProbeMode| {
-            let mut cmd = Command::new(&exe);
-            cmd.arg(mode);
-            if let Some(lib) = &preload {
-                cmd.env("LD_PRELOAD", lib);
-            }
-            let fixture = Fixture::spawn(cmd);
-            let settings = ProbeSettings { sample_bytes, probe_mode, ..Default::default() };
-            let session = Session::attach(fixture.pid, settings).unwrap();
-            (fixture, session)
+            traced(&exe, mode, preload, ProbeSettings { sample_bytes, probe_mode, ..Default::default() })
         };
         if preload.is_none() {
             // Classic uprobes + uretprobes recover the same frames (the walk runs at the return).
@@ -373,15 +375,13 @@ fn cxx_new_and_delete_are_traced() {
 #[test]
 fn preloaded_allocators_are_traced() {
     require_root();
-    let libs = ["libjemalloc.so.2", "libtcmalloc_minimal.so.4"];
-    for lib in libs.map(|l| Path::new("/usr/lib/x86_64-linux-gnu").join(l)) {
-        assert!(lib.exists(), "{} missing: `cargo xtask setup` installs it", lib.display());
-        let real = std::fs::canonicalize(&lib).unwrap();
+    for lib in ["libjemalloc.so.2", "libtcmalloc_minimal.so.4"] {
+        let path = Path::new("/usr/lib/x86_64-linux-gnu").join(lib);
+        assert!(path.exists(), "{} missing: `cargo xtask setup` installs it", path.display());
+        let real = std::fs::canonicalize(&path).unwrap();
         let start = |mode: &str, sample_bytes: u64| {
-            let mut cmd = Command::new(alloc_fixture());
-            cmd.arg(mode).env("LD_PRELOAD", &lib);
-            let fixture = Fixture::spawn(cmd);
-            let session = Session::attach(fixture.pid, ProbeSettings { sample_bytes, ..Default::default() }).unwrap();
+            let (fixture, session) =
+                traced(&alloc_fixture(), mode, Some(lib), ProbeSettings { sample_bytes, ..Default::default() });
             assert_eq!(Path::new(session.allocator()), real);
             (fixture, session)
         };
