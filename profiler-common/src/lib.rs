@@ -128,8 +128,7 @@ pub struct AllocInfo {
 }
 const _: () = assert!(core::mem::size_of::<AllocInfo>() == 32);
 
-/// Identifies an allocation site: the frame-pointer stack plus the immediate caller, which a
-/// frame-pointer walk from inside the allocator misses (the allocator has not pushed rbp yet).
+/// Identifies an allocation site: the unwound stack plus the immediate caller.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StackKey {
@@ -143,9 +142,8 @@ const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
 /// Frames kept per stack: deeper stacks lose their outermost frames.
 pub const MAX_FRAMES: usize = 64;
 
-/// One user stack, as the probes walk it at the allocator's return: `ips[0]` is the caller (the
-/// return address), then the callers recovered from `CALLER_FRAMES` and the return addresses
-/// found through the frame-pointer chain, outwards; zero-filled.
+/// One user stack, as the probes unwind it at the allocator's return: `ips[0]` is the caller
+/// (the return address), then the return addresses of the frames further out; zero-filled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackFrames {
@@ -207,9 +205,22 @@ pub enum Counter {
     DropStatsFull = 10,
     DropInflightFull = 11,
     DropNoInflight = 12,
+    // Stack walks (one per recorded allocation) that stopped before the outermost frame, by
+    // reason, and frames found by frame pointers where no CFI was known (see `unwind`).
+    /// The next frame's code has no unwind information (a gap in `.eh_frame`).
+    TruncatedNoCfi = 13,
+    /// A step could not be verified: the CFA did not move up the stack, a register rule that
+    /// cannot be evaluated, a frame pointer outside the stack, a read that faulted.
+    TruncatedBadFrame = 14,
+    /// `MAX_FRAMES` frames and still not at the outermost one.
+    TruncatedDepth = 15,
+    /// A return address outside every executable mapping known for the target.
+    TruncatedUnmapped = 16,
+    /// Frames unwound by frame pointers, in code with no CFI (JIT code, stripped files).
+    FramePointerFrames = 17,
 }
 
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 24;
 pub const FIRST_DROP_COUNTER: u32 = Counter::DropLiveFull as u32;
 
 impl Counter {
@@ -234,6 +245,114 @@ impl Counter {
     }
 }
 
+impl Counter {
+    /// The counters of how stack walks ended early, and the frame-pointer fallback.
+    pub const UNWIND: [Counter; 5] = [
+        Counter::TruncatedNoCfi,
+        Counter::TruncatedBadFrame,
+        Counter::TruncatedDepth,
+        Counter::TruncatedUnmapped,
+        Counter::FramePointerFrames,
+    ];
+
+    /// Stable name of an unwind counter, used in `leaks.json`'s `unwind` object and in metrics.
+    pub const fn unwind_reason(self) -> &'static str {
+        match self {
+            Counter::TruncatedNoCfi => "truncated_no_cfi",
+            Counter::TruncatedBadFrame => "truncated_bad_frame",
+            Counter::TruncatedDepth => "truncated_depth",
+            Counter::TruncatedUnmapped => "truncated_unmapped",
+            Counter::FramePointerFrames => "frame_pointer_frames",
+            _ => "not_an_unwind_counter",
+        }
+    }
+}
+
+/// How the probes find the caller's frame at each step: one row of a file's unwind table,
+/// compiled by the agent from its CFI (`.eh_frame` or `.debug_frame`). A row holds from its `pc`
+/// to the next row's. 8 bytes: a table of a few million rows stays in tens of MiB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindRow {
+    /// Start of the row: the file's virtual address (`st_value` space), lower 32 bits.
+    pub pc: u32,
+    /// The CFA's offset from the register `kind` names (for [`row::PLT`]: the threshold of
+    /// the PLT expression; for [`row::DEREF_RBP`]: an `i16`).
+    pub cfa_offset: u16,
+    /// One of [`row`].
+    pub kind: u8,
+    /// Where the caller's rbp is: [`rbp::SAME`] (untouched), saved at `CFA + 8 * rbp`,
+    /// [`rbp::AT_RBP`] or [`rbp::UNKNOWN`].
+    pub rbp: i8,
+}
+const _: () = assert!(core::mem::size_of::<UnwindRow>() == 8);
+
+/// [`UnwindRow::kind`]s.
+pub mod row {
+    /// No unwind information here (between functions, or code the CFI does not cover).
+    pub const NONE: u8 = 0;
+    /// CFA = rsp + offset.
+    pub const RSP: u8 = 1;
+    /// CFA = rbp + offset.
+    pub const RBP: u8 = 2;
+    /// A PLT stub: CFA = rsp + 8, + 8 more when `(rip & 15) >= offset` (the expression every
+    /// linker emits for `.plt`).
+    pub const PLT: u8 = 3;
+    /// The outermost frame (the return address is undefined: `_start`, `clone3`'s child).
+    pub const END: u8 = 4;
+    /// A signal trampoline (`__restore_rt`): the interrupted registers are in the `ucontext`
+    /// at rsp.
+    pub const SIGNAL: u8 = 5;
+    /// CFA = *(rbp + (offset as i16)) (functions that realign the stack: gcc's `main`).
+    pub const DEREF_RBP: u8 = 6;
+    /// Unwind information this unwinder cannot evaluate: the stack ends here.
+    pub const UNSUPPORTED: u8 = 7;
+}
+
+/// [`UnwindRow::rbp`]'s special values.
+pub mod rbp {
+    pub const SAME: i8 = 0;
+    /// rbp is restored from `*(rbp)` (with [`super::row::DEREF_RBP`]).
+    pub const AT_RBP: i8 = i8::MIN;
+    /// A rule the unwinder cannot evaluate: the caller's rbp is unknown.
+    pub const UNKNOWN: i8 = i8::MAX;
+}
+
+/// One executable mapping of the target, as the unwinder sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnwindMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Address minus file virtual address (`pc - bias` is what the file's rows are keyed by).
+    pub bias: u64,
+    /// The file's rows in `UNWIND_ROWS`: `[rows_start, rows_start + rows_len)`.
+    pub rows_start: u32,
+    pub rows_len: u32,
+    /// One of [`mapping`].
+    pub kind: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<UnwindMapping>() == 40);
+
+/// [`UnwindMapping::kind`]s.
+pub mod mapping {
+    /// Unwound by its rows.
+    pub const CFI: u32 = 0;
+    /// No unwind information (JIT code, a file without CFI): frame pointers.
+    pub const FRAME_POINTERS: u32 = 1;
+}
+
+/// Mappings per half of `UNWIND_MAPPINGS` (the agent fills one half while the probes read the
+/// other, then flips `UNWIND_STATE[0]`).
+pub const MAX_UNWIND_MAPPINGS: u32 = 2048;
+/// Binary-search steps over a half of `UNWIND_MAPPINGS` (2^11 = 2048).
+pub const MAPPING_SEARCH_STEPS: u32 = 11;
+/// Binary-search steps over one file's rows: files have at most 2^22 rows (4 Mi; a 100 MiB
+/// executable has ~1.5 Mi).
+pub const ROW_SEARCH_STEPS: u32 = 22;
+pub const MAX_ROWS_PER_FILE: u32 = 1 << ROW_SEARCH_STEPS;
+
 /// Snapshot triggers (`--on-return`, `--on-usdt`) one target can have.
 pub const MAX_TRIGGERS: u32 = 64;
 
@@ -250,4 +369,6 @@ mod pod {
     unsafe impl aya::Pod for super::StackFrames {}
     unsafe impl aya::Pod for super::StackStats {}
     unsafe impl aya::Pod for super::InFlight {}
+    unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::UnwindMapping {}
 }

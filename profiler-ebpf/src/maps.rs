@@ -1,12 +1,13 @@
 //! Every map and load-time setting of the probes. Capacities here are defaults: the agent
-//! resizes `LIVE`, `STACKS` and `STACK_STATS` at load time (`--max-allocs`, `--max-stacks`).
+//! resizes `LIVE`, `STACKS`, `STACK_STATS` and `UNWIND_ROWS` at load time (`--max-allocs`, `--max-stacks`).
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     Global,
 };
 use profiler_common::{
-    AllocInfo, InFlight, StackFrames, StackKey, StackStats, COUNTER_COUNT, EXP_TABLE_LEN,
+    AllocInfo, InFlight, StackFrames, StackKey, StackStats, UnwindMapping, UnwindRow, COUNTER_COUNT,
+    EXP_TABLE_LEN, MAX_UNWIND_MAPPINGS,
 };
 
 /// Only this process (tgid) is traced; 0 traces whoever hits the probe.
@@ -25,17 +26,23 @@ pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32,
 #[map]
 pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
-/// Return address of a call to the allocator from a function without frame pointers -> how
-/// far above rsp, at the allocator's entry, that function's own return address is (low 32
-/// bits) and where it saved rbp (high 32 bits, 0: not saved). Filled by the agent from the
-/// libraries' CFI (`profiler-user/src/bpf/caller_frames.rs`).
-#[map]
-pub static CALLER_FRAMES: HashMap<u64, u64> = HashMap::with_max_entries(1 << 14, 0);
+/// The agent writes the unwind tables through a memory mapping of the map: a million rows
+/// are a copy, not a million `bpf(2)` calls.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// `[lowest, highest]` return address in `CALLER_FRAMES`: most allocations come from elsewhere,
-/// and an array read is cheaper than a hash-map miss.
+/// Every unwind row of every file the target maps, each file's rows sorted by pc in one range
+/// (see `profiler_common::UnwindRow`). Sized by the agent at load time.
 #[map]
-pub static CALLER_RANGE: Array<u64> = Array::with_max_entries(2, 0);
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 16, BPF_F_MMAPABLE);
+
+/// The target's executable mappings sorted by start, in two halves of `MAX_UNWIND_MAPPINGS`:
+/// the probes search the half `UNWIND_STATE[0]` names, the agent rewrites the other and flips.
+#[map]
+pub static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, BPF_F_MMAPABLE);
+
+/// `[active half, mappings in half 0, mappings in half 1]`.
+#[map]
+pub static UNWIND_STATE: Array<u32> = Array::with_max_entries(3, 0);
 
 /// log2 of `LIVE_FILTER`'s length.
 pub const LIVE_FILTER_BITS: u32 = 15;

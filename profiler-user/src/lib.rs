@@ -1,6 +1,6 @@
 //! memscope's user side, in the order the data flows:
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
-//! [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
+//! [`unwind`] gives the probes each mapped file's CFI as tables, [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
 //! [`target`] is the seam between the tracing half and the serving half; [`trigger`] decides
 //! when to take snapshots without being asked.
@@ -15,3 +15,4 @@ pub mod store;
 pub mod symbolize;
 pub mod target;
 pub mod trigger;
+pub mod unwind;

@@ -21,6 +21,7 @@ use crate::{
     procfs,
     symbolize::Symbolizer,
     target::{Attacher, TargetStats, TracedTarget},
+    unwind::{self, TargetUnwinder, UnwindHandle},
 };
 
 pub struct Session {
@@ -34,6 +35,7 @@ pub struct Session {
     sites: Vec<ProbeSiteReport>,
     /// `Session` or `Classic`: what `Auto` came to.
     probe_mode: ProbeMode,
+    unwind: Option<UnwindHandle>,
     inner: Mutex<Inner>,
 }
 
@@ -55,7 +57,14 @@ impl Session {
         let pidfd = open_pidfd(pid);
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        let mut loaded = load::load(pid, settings)?;
+        // Tables first: the probes' row map is sized to what the target maps.
+        let (rows, _tables) = unwind::target::plan(pid);
+        let capacity = load::unwind_capacity(rows, settings.max_unwind_rows);
+        let mut loaded = load::load(pid, settings, capacity)?;
+        let unwind = match loaded.maps.unwind.take() {
+            Some(maps) => Some(UnwindHandle::start(TargetUnwinder::new(pid, maps.rows, maps.mappings, maps.state, capacity)?, maps.counters)),
+            None => None,
+        };
         let sites = attach::attach(&mut loaded, pid, &allocator)
             .with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = if loaded.session.is_some() { ProbeMode::Session } else { ProbeMode::Classic };
@@ -70,6 +79,7 @@ impl Session {
             allocator: allocator.path_in_target,
             sites,
             probe_mode,
+            unwind,
             inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }),
         })
     }
@@ -191,6 +201,8 @@ impl TracedTarget for Session {
             allocs: c(Counter::Allocs),
             frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
             dropped: build::dropped(&counters),
+            unwind: build::unwind(&counters),
+            unwind_tables: self.unwind.as_ref().map(UnwindHandle::stats),
             sample_bytes: self.settings.sample_bytes,
             probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),

@@ -16,6 +16,11 @@ pub struct TargetStats {
     pub allocs: u64,
     pub frees: u64,
     pub dropped: BTreeMap<String, u64>,
+    /// Stack walks that ended early, by reason, and frame-pointer frames (see
+    /// [`crate::aggregate::HeapProfile::unwind`]).
+    pub unwind: BTreeMap<String, u64>,
+    /// The target's unwind tables: files, rows, kernel memory.
+    pub unwind_tables: Option<crate::unwind::UnwindStats>,
     /// Mean bytes between samples, 0 for every allocation.
     pub sample_bytes: u64,
     /// How the allocator probes are attached: `session` or `classic`.

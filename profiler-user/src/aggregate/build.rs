@@ -26,6 +26,14 @@ pub fn dropped(counters: &[u64]) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Every unwind counter with its count (zeros included).
+pub fn unwind(counters: &[u64]) -> BTreeMap<String, u64> {
+    Counter::UNWIND
+        .iter()
+        .map(|c| (c.unwind_reason().to_string(), counters.get(*c as usize).copied().unwrap_or(0)))
+        .collect()
+}
+
 /// Poisson sampling keeps an allocation of `size` bytes with probability
 /// `1 - exp(-size / rate)`; dividing by it gives unbiased estimates. Like pprof, the average
 /// allocation size of a stack stands for its sizes.
@@ -95,6 +103,7 @@ pub fn build(
         sample_bytes: ctx.sample_bytes,
         totals,
         dropped: dropped(&raw.counters),
+        unwind: unwind(&raw.counters),
         unseen_before_attach_bytes: ctx.unseen_before_attach_bytes,
         untracked_frees: c(Counter::UntrackedFrees),
         target_exited: ctx.target_exited,

@@ -119,6 +119,10 @@ pub struct HeapProfile {
     pub totals: Totals,
     /// Events that could not be recorded, by reason. Always lists every reason.
     pub dropped: BTreeMap<String, u64>,
+    /// How the stack walks of recorded allocations ended early, by reason, and frames found by
+    /// frame pointers (see `profiler_common::Counter::UNWIND`). Always lists every reason.
+    #[serde(default)]
+    pub unwind: BTreeMap<String, u64>,
     /// Heap bytes of the process that memscope never saw allocated (allocated before attach).
     pub unseen_before_attach_bytes: u64,
     /// Frees of addresses never seen allocated (allocated before attach, or not sampled).

@@ -81,6 +81,18 @@ impl Metrics {
                 let _ = writeln!(out, "memscope_target_dropped_events_total{{{l},reason=\"{}\"}} {n}", escape(reason));
             }
         }
+        family(&mut out, "memscope_target_unwind_total", "counter", "Stack walks that ended early by reason (truncated_*), and frames found by frame pointers.");
+        for t in targets {
+            let l = target_labels(t);
+            for (reason, n) in &t.unwind {
+                let _ = writeln!(out, "memscope_target_unwind_total{{{l},reason=\"{}\"}} {n}", escape(reason));
+            }
+        }
+        family(&mut out, "memscope_target_unwind_table_bytes", "gauge", "Kernel memory of the target's unwind tables (map size).");
+        for t in targets {
+            let bytes = t.unwind_tables.as_ref().map_or(0, |u| u.map_bytes);
+            let _ = writeln!(out, "memscope_target_unwind_table_bytes{{{}}} {bytes}", target_labels(t));
+        }
         family(&mut out, "memscope_target_alive", "gauge", "1 while the traced process runs.");
         for t in targets {
             let _ = writeln!(out, "memscope_target_alive{{{}}} {}", target_labels(t), u8::from(t.alive));

@@ -16,7 +16,6 @@ use profiler_common::{encode_cookie, AllocKind};
 use tracing::{debug, info};
 
 use super::{
-    caller_frames,
     elf_symbols::{self, FunctionSymbol},
     forwarding,
     load::Loaded,
@@ -114,7 +113,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
 
 /// Attaches every probe for `pid`. The links live as long as `loaded`.
 pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
-    caller_frames::fill(loaded, pid, alloc);
     let mut report = Vec::new();
     let mut sites = Vec::new();
     for (kind, sym) in &alloc.functions {

@@ -1,7 +1,7 @@
 //! Loads the embedded eBPF object with per-target settings (which process, map capacities,
 //! sampling rate) and hands out its maps. Checks privileges and kernel features first, so the
 //! operator gets one clear line instead of a verifier dump.
-use std::{fs, path::Path};
+use std::{fs, os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
@@ -25,12 +25,31 @@ pub struct ProbeSettings {
     pub sample_bytes: u64,
     /// How the allocator probes are attached.
     pub probe_mode: ProbeMode,
+    /// At most this many unwind rows (8 bytes each) per target; the map is sized to what the
+    /// target maps at attach, plus room for libraries loaded later.
+    pub max_unwind_rows: u32,
 }
 
 impl Default for ProbeSettings {
     fn default() -> Self {
-        ProbeSettings { max_allocs: 1 << 20, max_stacks: 1 << 15, sample_bytes: 0, probe_mode: ProbeMode::Auto }
+        ProbeSettings {
+            max_allocs: 1 << 20,
+            max_stacks: 1 << 15,
+            sample_bytes: 0,
+            probe_mode: ProbeMode::Auto,
+            max_unwind_rows: DEFAULT_MAX_UNWIND_ROWS,
+        }
     }
+}
+
+/// 16 Mi rows, 128 MiB: libc, libstdc++ and a 100 MiB executable take about a tenth of it.
+pub const DEFAULT_MAX_UNWIND_ROWS: u32 = 1 << 24;
+
+/// `UNWIND_ROWS` for a target whose files need `rows` now: room for libraries it loads later
+/// (a quarter more, at least 256Ki rows), within `max`.
+pub fn unwind_capacity(rows: usize, max: u32) -> u32 {
+    let wanted = rows.saturating_add((rows / 4).max(1 << 18));
+    u32::try_from(wanted).unwrap_or(u32::MAX).clamp(1, max.max(1))
 }
 
 /// How the allocator probes are attached.
@@ -101,10 +120,17 @@ pub struct ProbeMaps {
     pub counters: PerCpuArray<MapData, u64>,
     /// Hits per snapshot trigger slot (see `bpf::attach::attach_trigger`).
     pub trigger_hits: Array<MapData, u64>,
-    /// See `bpf::caller_frames`.
-    pub caller_frames: HashMap<MapData, u64, u64>,
-    /// Lowest and highest key of `caller_frames`.
-    pub caller_range: Array<MapData, u64>,
+    /// The unwinder's maps, handed to `unwind::TargetUnwinder`.
+    pub unwind: Option<UnwindMaps>,
+}
+
+/// `UNWIND_ROWS`, `UNWIND_MAPPINGS`, `UNWIND_STATE`, and a second handle on `COUNTERS` (the
+/// unwinder's refresher watches `truncated_unmapped`).
+pub struct UnwindMaps {
+    pub rows: MapData,
+    pub mappings: MapData,
+    pub state: MapData,
+    pub counters: PerCpuArray<MapData, u64>,
 }
 
 /// Verifies what loading needs, with a specific error for each missing piece.
@@ -140,8 +166,8 @@ fn has_bpf_capabilities() -> bool {
     has(CAP_SYS_ADMIN) && has(CAP_SYS_PTRACE)
 }
 
-/// Loads the object for one target process.
-pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
+/// Loads the object for one target process, with room for `unwind_rows` unwind rows.
+pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32) -> Result<Loaded, LoadError> {
     check_environment()?;
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
@@ -149,6 +175,7 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         .map_max_entries("LIVE", settings.max_allocs.max(1))
         .map_max_entries("STACKS", settings.max_stacks.max(1))
         .map_max_entries("STACK_STATS", settings.max_stacks.max(1))
+        .map_max_entries("UNWIND_ROWS", unwind_rows.max(1))
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
     fill_exp_table(&mut ebpf)?;
@@ -164,14 +191,19 @@ pub fn load(tgid: u32, settings: ProbeSettings) -> Result<Loaded, LoadError> {
         },
     };
     debug!(session = session.is_some(), "probe programs loaded");
+    let unwind = UnwindMaps {
+        counters: counters_handle(&ebpf)?,
+        rows: array(&mut ebpf, "UNWIND_ROWS")?,
+        mappings: array(&mut ebpf, "UNWIND_MAPPINGS")?,
+        state: array(&mut ebpf, "UNWIND_STATE")?,
+    };
     let maps = ProbeMaps {
         live: take(&mut ebpf, "LIVE")?,
         stack_stats: take(&mut ebpf, "STACK_STATS")?,
         stacks: take(&mut ebpf, "STACKS")?,
         counters: take(&mut ebpf, "COUNTERS")?,
         trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
-        caller_frames: take(&mut ebpf, "CALLER_FRAMES")?,
-        caller_range: take(&mut ebpf, "CALLER_RANGE")?,
+        unwind: Some(unwind),
     };
     Ok(Loaded { ebpf, session, session_links: Vec::new(), maps })
 }
@@ -182,6 +214,22 @@ where
 {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn counters_handle(ebpf: &Ebpf) -> Result<PerCpuArray<MapData, u64>, LoadError> {
+    let name = "COUNTERS";
+    let Some(aya::maps::Map::PerCpuArray(data)) = ebpf.map(name) else { return Err(LoadError::MissingMap(name)) };
+    let dup = |e: std::io::Error| LoadError::Map { name, source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }) };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(dup)?;
+    let data = MapData::from_fd(fd).map_err(|source| LoadError::Map { name, source })?;
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| LoadError::Map { name, source })
+}
+
+fn array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, LoadError> {
+    match ebpf.take_map(name) {
+        Some(aya::maps::Map::Array(data)) => Ok(data),
+        _ => Err(LoadError::MissingMap(name)),
+    }
 }
 
 /// `-ln(u)` for u at the centre of each of `EXP_TABLE_LEN` equal slices of (0, 1): drawing a

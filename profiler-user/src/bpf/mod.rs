@@ -2,7 +2,6 @@
 //! object, read its maps.
 pub mod elf_symbols;
 pub mod forwarding;
-pub mod caller_frames;
 pub mod probe_site;
 pub mod attach;
 pub mod batch;

@@ -60,6 +60,10 @@ pub struct AgentArgs {
     /// Distinct allocation stacks tracked per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_stacks)]
     pub max_stacks: u32,
+    /// Unwind rows (8 bytes each) per target at most: the tables of the files it maps, sized to
+    /// what it maps at attach plus room for later libraries. Files past it use frame pointers.
+    #[arg(long, default_value_t = ProbeSettings::default().max_unwind_rows, value_name = "N")]
+    pub max_unwind_rows: u32,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
@@ -124,8 +128,13 @@ impl AgentArgs {
 
 /// The attacher the agent uses for `--pid` and `POST /v1/targets`: the eBPF session.
 fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
-    let settings =
-        ProbeSettings { max_allocs: args.max_allocs, max_stacks: args.max_stacks, sample_bytes: args.sampling, probe_mode: args.probe_mode };
+    let settings = ProbeSettings {
+        max_allocs: args.max_allocs,
+        max_stacks: args.max_stacks,
+        sample_bytes: args.sampling,
+        probe_mode: args.probe_mode,
+        max_unwind_rows: args.max_unwind_rows,
+    };
     Arc::new(EbpfAttacher { settings })
 }
 

@@ -64,6 +64,10 @@ pub struct RecordArgs {
     /// Capacity for distinct allocation stacks.
     #[arg(long, default_value_t = 1 << 15)]
     pub max_stacks: u32,
+    /// Unwind rows (8 bytes each) per target at most: the tables of the files it maps, sized to
+    /// what it maps at attach plus room for later libraries. Files past it use frame pointers.
+    #[arg(long, default_value_t = ProbeSettings::default().max_unwind_rows, value_name = "N")]
+    pub max_unwind_rows: u32,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
@@ -95,6 +99,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         max_stacks: args.max_stacks,
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
+        max_unwind_rows: args.max_unwind_rows,
     };
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;

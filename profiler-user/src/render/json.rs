@@ -7,6 +7,8 @@
 //! { "pid", "duration_s", "sample_bytes", "min_age_s", "taken_at_ms", "target_exited",
 //!   "totals": { "live_bytes", "live_allocs", "allocated_bytes", "allocs", "frees" },
 //!   "dropped": { "<reason>": count, ... },
+//!   "unwind": { "truncated_no_cfi": n, "truncated_bad_frame": n, "truncated_depth": n,
+//!               "truncated_unmapped": n, "frame_pointer_frames": n },
 //!   "unseen_before_attach_bytes", "untracked_frees",
 //!   "leaks": [ { "bytes", "allocs", "oldest_age_s",
 //!                "frames": [ { "function", "file", "line", "module", "address" } ] } ] }
@@ -72,6 +74,7 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
             "frees": t.frees,
         },
         "dropped": p.dropped,
+        "unwind": p.unwind,
         "unseen_before_attach_bytes": p.unseen_before_attach_bytes,
         "untracked_frees": p.untracked_frees,
         "leak_stacks": leak_stacks,

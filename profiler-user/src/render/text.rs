@@ -52,6 +52,18 @@ fn header(out: &mut String, p: &HeapProfile) {
             plural(dropped, "event")
         );
     }
+    let truncated: u64 = p.unwind.iter().filter(|(k, _)| k.starts_with("truncated")).map(|(_, v)| v).sum();
+    if !p.unwind.is_empty() {
+        let reasons: Vec<String> = p.unwind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "  stacks:     {}", reasons.join(", "));
+    }
+    if truncated > 0 {
+        let _ = writeln!(
+            out,
+            "NOTE: {} ended before the outermost frame (code without unwind information, or a frame that could not be verified)",
+            plural(truncated, "stack walk")
+        );
+    }
     let _ =
         writeln!(out, "  heap bytes allocated before attach (not seen): {}", human_bytes(p.unseen_before_attach_bytes));
     if p.untracked_frees > 0 {

@@ -1,0 +1,306 @@
+//! Compiles one file's CFI into the rows the probes search (`profiler_common::UnwindRow`).
+//!
+//! The source is the file's `.eh_frame` (almost every binary and library has it, C++ and Rust
+//! need it for exceptions and panics), else its `.debug_frame`, else the `.debug_frame` of its
+//! separate debug file (`/usr/lib/debug/.build-id/xx/yyyy.debug` in the target's root). gimli
+//! evaluates every FDE's instructions into rows; each row becomes 8 bytes: where the CFA is (rsp
+//! or rbp plus an offset, the PLT expression, `*(rbp + k)`), where the caller's rbp is, or a
+//! marker (outermost frame, signal trampoline, no information, unsupported rule). Gaps between
+//! FDEs get a "no information" row, so a lookup never borrows a neighbour's rule.
+//! libc (2 MiB of code) gives ~50k rows in ~20 ms (see docs/performance.md).
+use std::path::{Path, PathBuf};
+
+use gimli::{
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, Reader as _, RegisterRule,
+    UnwindContext, UnwindSection, X86_64,
+};
+use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use profiler_common::{rbp, row, UnwindRow, MAX_ROWS_PER_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not an ELF file memscope can read: {source}")]
+    Parse { path: PathBuf, source: object::Error },
+    #[error("{path}: bad CFI: {source}")]
+    Cfi { path: PathBuf, source: gimli::Error },
+}
+
+/// Where a table's rows came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CfiSource {
+    EhFrame,
+    DebugFrame,
+    DebugFile,
+    /// No CFI anywhere: the file's frames are unwound by frame pointers.
+    None,
+}
+
+/// A loadable segment: file range -> virtual address, to place a mapping's rows.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub file_offset: u64,
+    pub file_size: u64,
+    pub vaddr: u64,
+}
+
+/// One file's unwind table.
+#[derive(Debug)]
+pub struct Table {
+    pub rows: Vec<UnwindRow>,
+    pub source: CfiSource,
+    pub segments: Vec<Segment>,
+    /// Rows whose rule the probes cannot evaluate (their frames end the stack).
+    pub unsupported_rows: usize,
+    /// The file's GNU build id, hex.
+    pub build_id: Option<String>,
+}
+
+impl Table {
+    /// `start - vaddr` for a mapping of this file at `start` from file offset `offset`.
+    pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| offset >= s.file_offset && offset < s.file_offset + s.file_size.max(1))?;
+        Some(start.wrapping_sub(seg.vaddr + (offset - seg.file_offset)))
+    }
+
+    /// Bytes the rows take in the probes' map.
+    pub fn bytes(&self) -> usize {
+        self.rows.len() * std::mem::size_of::<UnwindRow>()
+    }
+}
+
+/// Builds the table of the ELF file at `path` (a host path). `debug_file` finds a separate debug
+/// file by build id when the file itself has no CFI (None: don't look).
+pub fn compile(path: &Path, debug_file: Option<&dyn Fn(&str) -> Option<PathBuf>>) -> Result<Table, TableError> {
+    let data = read_file(path)?;
+    let file = object::File::parse(&*data).map_err(|source| TableError::Parse { path: path.into(), source })?;
+    let segments = file
+        .segments()
+        .map(|s| {
+            let (file_offset, file_size) = s.file_range();
+            Segment { file_offset, file_size, vaddr: s.address() }
+        })
+        .collect();
+    let build_id = file.build_id().ok().flatten().map(hex);
+    let cfi_err = |source| TableError::Cfi { path: path.into(), source };
+    let (mut entries, mut source) = (Vec::new(), CfiSource::None);
+    if let Some(eh) = file.section_by_name(".eh_frame") {
+        let bytes = eh.data().unwrap_or_default();
+        let mut bases = BaseAddresses::default().set_eh_frame(eh.address());
+        if let Some(text) = file.section_by_name(".text") {
+            bases = bases.set_text(text.address());
+        }
+        if let Some(got) = file.section_by_name(".got") {
+            bases = bases.set_got(got.address());
+        }
+        rows_of(&EhFrame::new(bytes, LittleEndian), &bases, &mut entries).map_err(cfi_err)?;
+        source = CfiSource::EhFrame;
+    }
+    if entries.is_empty() {
+        if let Some(df) = file.section_by_name(".debug_frame") {
+            let frame = DebugFrame::new(df.data().unwrap_or_default(), LittleEndian);
+            rows_of(&frame, &BaseAddresses::default(), &mut entries).map_err(cfi_err)?;
+            source = CfiSource::DebugFrame;
+        }
+    }
+    if entries.is_empty() {
+        if let Some(debug) = build_id.as_deref().and_then(|id| debug_file.and_then(|find| find(id))) {
+            if let Ok(data) = read_file(&debug) {
+                if let Ok(dfile) = object::File::parse(&*data) {
+                    if let Some(df) = dfile.section_by_name(".debug_frame") {
+                        let frame = DebugFrame::new(df.data().unwrap_or_default(), LittleEndian);
+                        rows_of(&frame, &BaseAddresses::default(), &mut entries).map_err(cfi_err)?;
+                        source = CfiSource::DebugFile;
+                    }
+                }
+            }
+        }
+    }
+    if entries.is_empty() {
+        source = CfiSource::None;
+    }
+    let rows = flatten(entries);
+    let unsupported_rows = rows.iter().filter(|r| r.kind == row::UNSUPPORTED).count();
+    Ok(Table { rows, source, segments, unsupported_rows, build_id })
+}
+
+fn read_file(path: &Path) -> Result<memmap2::Mmap, TableError> {
+    let err = |source| TableError::Read { path: path.into(), source };
+    let file = std::fs::File::open(path).map_err(err)?;
+    // SAFETY: read-only private mapping; a file truncated under us faults the reader, which the
+    // agent accepts for mapped ELF files like every profiler (the file is executable code the
+    // target runs).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(err)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `(start, end, row)` of every row of every FDE in `section`.
+fn rows_of<'a, S>(section: &S, bases: &BaseAddresses, out: &mut Vec<(u64, u64, UnwindRow)>) -> gimli::Result<()>
+where
+    S: UnwindSection<EndianSlice<'a, LittleEndian>>,
+{
+    let mut ctx = UnwindContext::new();
+    let mut entries = section.entries(bases);
+    while let Some(entry) = entries.next()? {
+        let CieOrFde::Fde(partial) = entry else { continue };
+        // One bad FDE costs its own rows only.
+        let Ok(fde) = partial.parse(S::cie_from_offset) else { continue };
+        let signal = fde.is_signal_trampoline();
+        let Ok(mut table) = fde.rows(section, bases, &mut ctx) else { continue };
+        while let Ok(Some(r)) = table.next_row() {
+            let compiled = if signal { signal_row() } else { compile_row(section, r) };
+            out.push((r.start_address(), r.end_address(), compiled));
+        }
+    }
+    Ok(())
+}
+
+fn signal_row() -> UnwindRow {
+    UnwindRow { pc: 0, cfa_offset: 0, kind: row::SIGNAL, rbp: rbp::SAME }
+}
+
+fn compile_row<'a, S>(section: &S, r: &gimli::UnwindTableRow<usize>) -> UnwindRow
+where
+    S: UnwindSection<EndianSlice<'a, LittleEndian>>,
+{
+    let unsupported = UnwindRow { pc: 0, cfa_offset: 0, kind: row::UNSUPPORTED, rbp: rbp::UNKNOWN };
+    match r.register(X86_64::RA) {
+        Some(RegisterRule::Undefined) => return UnwindRow { kind: row::END, ..unsupported },
+        Some(RegisterRule::Offset(-8)) | None => {}
+        Some(_) => return unsupported,
+    }
+    let (kind, cfa_offset) = match r.cfa() {
+        CfaRule::RegisterAndOffset { register, offset } => {
+            let Ok(offset) = u16::try_from(*offset) else { return unsupported };
+            match *register {
+                X86_64::RSP => (row::RSP, offset),
+                X86_64::RBP => (row::RBP, offset),
+                _ => return unsupported,
+            }
+        }
+        CfaRule::Expression(e) => {
+            let Ok(expr) = e.get(section) else { return unsupported };
+            match cfa_expression(expr.0.slice()) {
+                Some(compiled) => compiled,
+                None => return unsupported,
+            }
+        }
+    };
+    let rbp = match r.register(X86_64::RBP) {
+        None | Some(RegisterRule::SameValue) => rbp::SAME,
+        Some(RegisterRule::Offset(n)) if n % 8 == 0 && (-127 * 8..=126 * 8).contains(&n) && n != 0 => (n / 8) as i8,
+        Some(RegisterRule::Expression(e)) if e.get(section).is_ok_and(|x| x.0.slice() == [0x76, 0x00]) => rbp::AT_RBP,
+        Some(_) => rbp::UNKNOWN,
+    };
+    UnwindRow { pc: 0, cfa_offset, kind, rbp }
+}
+
+/// The CFA expressions compilers and linkers emit for x86-64 that the probes evaluate.
+fn cfa_expression(bytes: &[u8]) -> Option<(u8, u16)> {
+    const DW_OP_BREG6: u8 = 0x76;
+    const DW_OP_DEREF: u8 = 0x06;
+    const DW_OP_LIT0: u8 = 0x30;
+    // PLT stubs: rsp + 8 + (((rip & 15) >= N) << 3).
+    if let [0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, lit, 0x2a, 0x33, 0x24, 0x22] = *bytes {
+        if (DW_OP_LIT0..DW_OP_LIT0 + 16).contains(&lit) {
+            return Some((row::PLT, u16::from(lit - DW_OP_LIT0)));
+        }
+    }
+    // Stack realignment (gcc's main with `and $-16, %rsp`): CFA = *(rbp + k).
+    if bytes.first() == Some(&DW_OP_BREG6) && bytes.last() == Some(&DW_OP_DEREF) {
+        let mut r = EndianSlice::new(&bytes[1..bytes.len() - 1], LittleEndian);
+        let k = r.read_sleb128().ok()?;
+        if r.is_empty() {
+            return Some((row::DEREF_RBP, i16::try_from(k).ok()? as u16));
+        }
+    }
+    None
+}
+
+/// Sorted rows with "no information" rows in the gaps, identical neighbours merged. Rows past
+/// 4 GiB of virtual address (u32 pc) or past `MAX_ROWS_PER_FILE` are dropped.
+fn flatten(mut entries: Vec<(u64, u64, UnwindRow)>) -> Vec<UnwindRow> {
+    entries.retain(|(start, end, _)| start < end && *end <= u64::from(u32::MAX));
+    entries.sort_by_key(|(start, _, _)| *start);
+    let mut rows: Vec<UnwindRow> = Vec::with_capacity(entries.len() + entries.len() / 4);
+    let mut covered_to = 0u64;
+    let push = |rows: &mut Vec<UnwindRow>, pc: u64, r: UnwindRow| {
+        let r = UnwindRow { pc: pc as u32, ..r };
+        match rows.last_mut() {
+            Some(last) if last.pc == r.pc => *last = r,
+            Some(last) if (last.kind, last.cfa_offset, last.rbp) == (r.kind, r.cfa_offset, r.rbp) => {}
+            _ => rows.push(r),
+        }
+    };
+    for (start, end, r) in entries {
+        if start > covered_to && !rows.is_empty() {
+            push(&mut rows, covered_to, UnwindRow::default());
+        }
+        push(&mut rows, start, r);
+        covered_to = covered_to.max(end);
+    }
+    if !rows.is_empty() {
+        push(&mut rows, covered_to, UnwindRow::default());
+    }
+    rows.truncate(MAX_ROWS_PER_FILE as usize);
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn libc() -> &'static Path {
+        Path::new("/lib/x86_64-linux-gnu/libc.so.6")
+    }
+
+    fn row_at(table: &Table, vaddr: u64) -> UnwindRow {
+        let i = table.rows.partition_point(|r| u64::from(r.pc) <= vaddr);
+        table.rows[i - 1]
+    }
+
+    /// libc's table: sorted, and its signal trampoline and PLT are rows the probes evaluate.
+    #[test]
+    fn libc_table_has_signal_and_plt_rows() {
+        let t = compile(libc(), None).unwrap();
+        assert_eq!(t.source, CfiSource::EhFrame);
+        assert!(t.rows.len() > 10_000, "{} rows", t.rows.len());
+        assert!(t.rows.windows(2).all(|w| w[0].pc < w[1].pc));
+        let restore = crate::bpf::elf_symbols::resolve(libc(), &["__restore_rt"]).unwrap()[0].clone().unwrap();
+        assert_eq!(row_at(&t, restore.vaddr).kind, row::SIGNAL);
+        assert!(t.rows.iter().any(|r| r.kind == row::PLT), "no PLT row");
+        assert!(t.unsupported_rows * 100 < t.rows.len(), "{} unsupported", t.unsupported_rows);
+    }
+
+    /// malloc's first instruction: the CFA is rsp + 8 and nothing is saved yet.
+    #[test]
+    fn function_entry_is_rsp_plus_8() {
+        let t = compile(libc(), None).unwrap();
+        let malloc = crate::bpf::elf_symbols::resolve(libc(), &["malloc"]).unwrap()[0].clone().unwrap();
+        let r = row_at(&t, malloc.vaddr);
+        assert_eq!((r.kind, r.cfa_offset, r.rbp), (row::RSP, 8, rbp::SAME));
+    }
+
+    #[test]
+    fn gaps_get_no_information_rows() {
+        let r = |kind, cfa_offset| UnwindRow { pc: 0, cfa_offset, kind, rbp: 0 };
+        let rows = flatten(vec![(0x100, 0x110, r(row::RSP, 8)), (0x110, 0x120, r(row::RSP, 16)), (0x200, 0x210, r(row::RSP, 8))]);
+        let got: Vec<(u32, u8, u16)> = rows.iter().map(|r| (r.pc, r.kind, r.cfa_offset)).collect();
+        assert_eq!(got, [(0x100, 1, 8), (0x110, 1, 16), (0x120, 0, 0), (0x200, 1, 8), (0x210, 0, 0)]);
+    }
+
+    #[test]
+    fn plt_and_realign_expressions() {
+        assert_eq!(cfa_expression(&[0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, 0x3b, 0x2a, 0x33, 0x24, 0x22]), Some((row::PLT, 11)));
+        assert_eq!(cfa_expression(&[0x76, 0x78, 0x06]), Some((row::DEREF_RBP, (-8i16) as u16)));
+        assert_eq!(cfa_expression(&[0x77, 0x08]), None);
+    }
+}

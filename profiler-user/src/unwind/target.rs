@@ -1,0 +1,307 @@
+//! One target's unwind maps: which rows of `UNWIND_ROWS` hold which file's table, and the sorted
+//! list of its executable mappings in `UNWIND_MAPPINGS`, rewritten whenever `/proc/PID/maps`
+//! changes (a `dlopen`, JIT code, an `munmap`).
+//!
+//! Both maps are memory-mapped (`BPF_F_MMAPABLE`): placing libc's ~50k rows is a copy. The
+//! mapping list has two halves: the probes search the one `UNWIND_STATE[0]` names while this
+//! writes the other, then flips; a probe never sees a half-written list. Rows of a file stay
+//! where they are placed for the target's life (append-only; a file unmapped and mapped again
+//! reuses its rows); when `UNWIND_ROWS` is full, new files fall back to frame pointers, counted
+//! in [`UnwindStats::files_refused`].
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+    sync::{Arc, Mutex, Weak},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use memmap2::{MmapMut, MmapOptions};
+use profiler_common::{mapping, Counter, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS};
+use tracing::{debug, warn};
+
+use super::{
+    cache::{self, FileKey},
+    table::Table,
+};
+use crate::procfs::{self, Mapping};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnwindMapError {
+    #[error("cannot memory-map the eBPF map {name}: {source}")]
+    Mmap { name: &'static str, source: std::io::Error },
+    #[error("eBPF map UNWIND_STATE: {0}")]
+    State(#[from] aya::maps::MapError),
+}
+
+/// What the unwind tables of one target hold, for the agent's JSON, `/metrics` and reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UnwindStats {
+    /// Files with rows in the map.
+    pub files: usize,
+    /// Mapped files without any CFI (their frames use frame pointers).
+    pub files_without_cfi: usize,
+    /// Files that did not fit in `UNWIND_ROWS` (frame pointers instead).
+    pub files_refused: usize,
+    /// Rows in use, and what the map can hold (`--max-unwind-rows` bounds it).
+    pub rows: usize,
+    pub capacity_rows: usize,
+    /// Bytes the rows in use take, and the map's size in kernel memory.
+    pub table_bytes: usize,
+    pub map_bytes: usize,
+    /// Executable mappings the probes know, and how many of them use frame pointers.
+    pub mappings: usize,
+    pub frame_pointer_mappings: usize,
+    /// Times the mapping list was rewritten, and the time spent compiling tables.
+    pub refreshes: u64,
+    pub compile_ms: u64,
+}
+
+struct Placed {
+    _table: Arc<Table>,
+    start: u32,
+}
+
+/// The unwind maps of one loaded probe object.
+pub struct TargetUnwinder {
+    pid: u32,
+    rows: MmapMut,
+    mappings: MmapMut,
+    state: Array<MapData, u32>,
+    _maps: [MapData; 2],
+    capacity: u32,
+    next_free: u32,
+    placed: HashMap<FileKey, Placed>,
+    /// Files known to have no usable table, so they are not compiled again.
+    no_table: HashMap<FileKey, ()>,
+    active_half: u32,
+    last_maps: Vec<(u64, u64, u64, u64)>,
+    stats: UnwindStats,
+}
+
+fn map_rw(name: &'static str, data: &MapData, bytes: usize) -> Result<MmapMut, UnwindMapError> {
+    let len = bytes.next_multiple_of(page_size());
+    let fd = data.fd().as_fd().as_raw_fd();
+    // SAFETY: a BPF array map created with BPF_F_MMAPABLE of at least `len` bytes; only this
+    // process writes it, the probes only read.
+    unsafe { MmapOptions::new().len(len).map_mut(fd) }.map_err(|source| UnwindMapError::Mmap { name, source })
+}
+
+fn page_size() -> usize {
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// Rows needed for the files `pid` maps now, compiling (and caching) their tables: what the
+/// probes' `UNWIND_ROWS` must hold at load time. The tables are returned so the cache keeps
+/// them until the target's maps are filled.
+pub fn plan(pid: u32) -> (usize, Vec<Arc<Table>>) {
+    let Ok(maps) = procfs::maps(pid) else { return (0, Vec::new()) };
+    let mut seen = HashMap::new();
+    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
+        if let std::collections::hash_map::Entry::Vacant(e) = seen.entry((m.dev, m.inode)) {
+            if let Some(t) = table_of(pid, m) {
+                e.insert(t);
+            }
+        }
+    }
+    let tables: Vec<Arc<Table>> = seen.into_values().collect();
+    (tables.iter().map(|t| t.rows.len()).sum(), tables)
+}
+
+fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
+    let debug_file = |build_id: &str| -> Option<PathBuf> {
+        let (dir, rest) = (build_id.get(..2)?, build_id.get(2..)?);
+        let path = procfs::host_path(pid, &format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"));
+        path.is_file().then_some(path)
+    };
+    match cache::get((m.dev, m.inode), &procfs::mapped_file(pid, m), &debug_file) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            debug!("no unwind table for {}: {e}", m.path.as_deref().unwrap_or("?"));
+            None
+        }
+    }
+}
+
+impl TargetUnwinder {
+    /// Takes the unwind maps of a loaded object whose `UNWIND_ROWS` holds `capacity` rows.
+    pub fn new(pid: u32, rows: MapData, mappings: MapData, state: MapData, capacity: u32) -> Result<Self, UnwindMapError> {
+        let row_bytes = capacity as usize * size_of::<UnwindRow>();
+        let rows_mem = map_rw("UNWIND_ROWS", &rows, row_bytes)?;
+        let mappings_mem =
+            map_rw("UNWIND_MAPPINGS", &mappings, 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>())?;
+        let stats = UnwindStats { capacity_rows: capacity as usize, map_bytes: rows_mem.len(), ..Default::default() };
+        Ok(TargetUnwinder {
+            pid,
+            rows: rows_mem,
+            mappings: mappings_mem,
+            state: Array::try_from(Map::Array(state))?,
+            _maps: [rows, mappings],
+            capacity,
+            next_free: 0,
+            placed: HashMap::new(),
+            no_table: HashMap::new(),
+            active_half: 0,
+            last_maps: Vec::new(),
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> UnwindStats {
+        self.stats.clone()
+    }
+
+    /// Brings the probes' mapping list in step with the target's executable mappings; false
+    /// when nothing changed (or the target is gone).
+    pub fn refresh(&mut self) -> bool {
+        let Ok(maps) = procfs::maps(self.pid) else { return false };
+        let exec: Vec<&Mapping> = maps.iter().filter(|m| m.executable).collect();
+        let signature: Vec<_> = exec.iter().map(|m| (m.start, m.end, m.offset, m.inode)).collect();
+        if signature == self.last_maps {
+            return false;
+        }
+        self.last_maps = signature;
+        let mut list = Vec::with_capacity(exec.len());
+        let mut frame_pointers = 0;
+        for m in exec {
+            // The uprobe trampoline and the legacy vsyscall page have no frames of the target.
+            if matches!(m.path.as_deref(), Some("[uprobes]" | "[vsyscall]")) {
+                continue;
+            }
+            let placed = if m.is_file() { self.place(m) } else { None };
+            let entry = match placed {
+                Some((start, len, bias)) => UnwindMapping {
+                    start: m.start,
+                    end: m.end,
+                    bias,
+                    rows_start: start,
+                    rows_len: len,
+                    kind: mapping::CFI,
+                    _pad: 0,
+                },
+                None => {
+                    frame_pointers += 1;
+                    UnwindMapping { start: m.start, end: m.end, kind: mapping::FRAME_POINTERS, ..Default::default() }
+                }
+            };
+            list.push(entry);
+        }
+        list.sort_by_key(|m| m.start);
+        if list.len() > MAX_UNWIND_MAPPINGS as usize {
+            warn!(pid = self.pid, "{} executable mappings; the unwinder knows the first {MAX_UNWIND_MAPPINGS}", list.len());
+            list.truncate(MAX_UNWIND_MAPPINGS as usize);
+        }
+        let half = 1 - self.active_half;
+        let base = half as usize * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
+        let bytes = as_bytes(&list);
+        self.mappings[base..base + bytes.len()].copy_from_slice(bytes);
+        let written = self.state.set(1 + half, list.len() as u32, 0).and_then(|()| self.state.set(0, half, 0));
+        if let Err(e) = written {
+            warn!(pid = self.pid, "cannot update the unwinder's mappings: {e}");
+            return false;
+        }
+        self.active_half = half;
+        self.stats.mappings = list.len();
+        self.stats.frame_pointer_mappings = frame_pointers;
+        self.stats.refreshes += 1;
+        true
+    }
+
+    /// `(rows_start, rows_len, bias)` of mapping `m`'s file, placing its rows on first use.
+    fn place(&mut self, m: &Mapping) -> Option<(u32, u32, u64)> {
+        let key = (m.dev, m.inode);
+        if self.no_table.contains_key(&key) {
+            return None;
+        }
+        if !self.placed.contains_key(&key) {
+            let started = Instant::now();
+            let table = table_of(self.pid, m);
+            self.stats.compile_ms += started.elapsed().as_millis() as u64;
+            let Some(table) = table.filter(|t| !t.rows.is_empty()) else {
+                self.stats.files_without_cfi += 1;
+                self.no_table.insert(key, ());
+                return None;
+            };
+            let len = table.rows.len() as u32;
+            if self.next_free.checked_add(len).is_none_or(|end| end > self.capacity) {
+                self.stats.files_refused += 1;
+                warn!(pid = self.pid, "unwind table of {} does not fit ({len} rows): frame pointers there", m.path.as_deref().unwrap_or("?"));
+                self.no_table.insert(key, ());
+                return None;
+            }
+            let start = self.next_free;
+            let at = start as usize * size_of::<UnwindRow>();
+            let bytes = as_bytes(&table.rows);
+            self.rows[at..at + bytes.len()].copy_from_slice(bytes);
+            self.next_free += len;
+            self.stats.files += 1;
+            self.stats.rows += len as usize;
+            self.stats.table_bytes += bytes.len();
+            self.placed.insert(key, Placed { _table: table, start });
+        }
+        let placed = &self.placed[&key];
+        let table = &placed._table;
+        Some((placed.start, table.rows.len() as u32, table.bias(m.start, m.offset)?))
+    }
+}
+
+fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
+    // SAFETY: Pod types are plain integers with explicit padding.
+    unsafe { std::slice::from_raw_parts(items.as_ptr().cast(), std::mem::size_of_val(items)) }
+}
+
+/// How often the refresher reads the probes' `truncated_unmapped` counter: a stack that met an
+/// unknown mapping (a library just `dlopen`ed, new JIT code) makes it re-read the maps at once.
+const COUNTER_POLL: Duration = Duration::from_millis(20);
+/// How often it re-reads `/proc/PID/maps` regardless (an unmapped library, moved JIT code).
+const MAPS_POLL: Duration = Duration::from_millis(250);
+
+/// A target's unwinder, kept in step with the target's mappings by a thread of its own that
+/// ends with the handle or the target.
+pub struct UnwindHandle {
+    inner: Arc<Mutex<TargetUnwinder>>,
+}
+
+impl UnwindHandle {
+    /// Fills the maps for the target's mappings now, then starts the refresher. `counters` is
+    /// the probes' `COUNTERS` map.
+    pub fn start(mut unwinder: TargetUnwinder, counters: PerCpuArray<MapData, u64>) -> UnwindHandle {
+        unwinder.refresh();
+        let inner = Arc::new(Mutex::new(unwinder));
+        let weak = Arc::downgrade(&inner);
+        let spawned = thread::Builder::new().name("unwind-refresh".into()).spawn(move || refresher(weak, counters));
+        if let Err(e) = spawned {
+            warn!("no unwind refresher ({e}): libraries loaded later are unwound by frame pointers");
+        }
+        UnwindHandle { inner }
+    }
+
+    pub fn stats(&self) -> UnwindStats {
+        self.inner.lock().unwrap().stats()
+    }
+}
+
+fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapData, u64>) {
+    let unmapped = || {
+        let values = counters.get(&(Counter::TruncatedUnmapped as u32), 0).ok()?;
+        Some(values.iter().sum::<u64>())
+    };
+    let (mut seen, mut last_refresh) = (unmapped(), Instant::now());
+    loop {
+        thread::sleep(COUNTER_POLL);
+        let now = unmapped();
+        if now == seen && last_refresh.elapsed() < MAPS_POLL {
+            continue;
+        }
+        seen = now;
+        last_refresh = Instant::now();
+        let Some(unwinder) = unwinder.upgrade() else { return };
+        let mut u = unwinder.lock().unwrap();
+        u.refresh();
+        if !procfs::exists(u.pid) {
+            return;
+        }
+    }
+}
