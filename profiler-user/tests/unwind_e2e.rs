@@ -54,7 +54,9 @@ fn out_path(name: &str) -> PathBuf {
 }
 
 fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?} (`cargo xtask setup` installs it): {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("running {cmd:?} (`cargo xtask setup` installs it): {e}"));
     assert!(status.success(), "{cmd:?} failed");
 }
 
@@ -64,13 +66,19 @@ const NO_FP: &[&str] = &["-O2", "-fomit-frame-pointer", "-g", "-pthread"];
 
 fn compile(compiler: &str, src: &str, name: &str, extra: &[&str]) -> PathBuf {
     let out = out_path(name);
-    run(Command::new(compiler).args(NO_FP).args(extra).arg("-o").arg(&out).arg(fixtures_src().join(src)));
+    run(Command::new(compiler)
+        .args(NO_FP)
+        .args(extra)
+        .arg("-o")
+        .arg(&out)
+        .arg(fixtures_src().join(src)));
     out
 }
 
 fn cxx_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| compile("c++", "unwind_cxx.cc", "unwind_cxx", &[])).clone()
+    P.get_or_init(|| compile("c++", "unwind_cxx.cc", "unwind_cxx", &[]))
+        .clone()
 }
 
 fn c_fixture() -> PathBuf {
@@ -79,7 +87,10 @@ fn c_fixture() -> PathBuf {
         let exe = compile("cc", "unwind_c.c", "unwind_c", &[]);
         // The ground truth says tail_entry's frame is absent: make sure it is a tail call.
         let dis = disassemble(&exe, "tail_entry");
-        assert!(dis.contains("jmp") && dis.contains("<tail_callee>"), "tail_entry is not a tail call:\n{dis}");
+        assert!(
+            dis.contains("jmp") && dis.contains("<tail_callee>"),
+            "tail_entry is not a tail call:\n{dis}"
+        );
         exe
     })
     .clone()
@@ -88,12 +99,27 @@ fn c_fixture() -> PathBuf {
 /// The C fixture without any CFI: no unwind tables, and .eh_frame, .eh_frame_hdr and
 /// .debug_frame removed from the file (the crt objects' CFI with them).
 fn c_fixture_without_cfi() -> PathBuf {
-    let exe = compile("cc", "unwind_c.c", "unwind_c_nocfi", &["-fno-asynchronous-unwind-tables", "-fno-unwind-tables"]);
+    let exe = compile(
+        "cc",
+        "unwind_c.c",
+        "unwind_c_nocfi",
+        &["-fno-asynchronous-unwind-tables", "-fno-unwind-tables"],
+    );
     run(Command::new("objcopy")
-        .args(["--remove-section", ".eh_frame", "--remove-section", ".eh_frame_hdr", "--remove-section", ".debug_frame"])
+        .args([
+            "--remove-section",
+            ".eh_frame",
+            "--remove-section",
+            ".eh_frame_hdr",
+            "--remove-section",
+            ".debug_frame",
+        ])
         .arg(&exe));
     let sections = String::from_utf8(Command::new("readelf").arg("-SW").arg(&exe).output().unwrap().stdout).unwrap();
-    assert!(!sections.contains("eh_frame") && !sections.contains(".debug_frame"), "{sections}");
+    assert!(
+        !sections.contains("eh_frame") && !sections.contains(".debug_frame"),
+        "{sections}"
+    );
     exe
 }
 
@@ -102,7 +128,17 @@ fn rust_fixture() -> PathBuf {
     P.get_or_init(|| {
         let out = out_path("unwind_rust");
         run(Command::new("rustc")
-            .args(["--edition", "2021", "-C", "opt-level=2", "-C", "force-frame-pointers=no", "-g", "--crate-name", "unwind_rust"])
+            .args([
+                "--edition",
+                "2021",
+                "-C",
+                "opt-level=2",
+                "-C",
+                "force-frame-pointers=no",
+                "-g",
+                "--crate-name",
+                "unwind_rust",
+            ])
             .arg("-o")
             .arg(&out)
             .arg(fixtures_src().join("unwind_rust.rs")));
@@ -154,14 +190,40 @@ struct Site {
 }
 
 fn site(name: &'static str, chain: &[Pat]) -> Site {
-    Site { name, chain: chain.to_vec(), then_c_main: false }
+    Site {
+        name,
+        chain: chain.to_vec(),
+        then_c_main: false,
+    }
 }
 
 fn cxx_sites() -> Vec<Site> {
     vec![
-        site("std::string", &[F("string_leaf"), F("string_b"), F("string_a"), F("run_strings"), F("main")]),
-        site("std::vector", &[F("vector_leaf"), F("vector_a"), F("run_vectors"), F("main")]),
-        site("std::unordered_map", &[F("map_leaf"), F("map_c"), F("map_b"), F("map_a"), F("run_maps"), F("main")]),
+        site(
+            "std::string",
+            &[
+                F("string_leaf"),
+                F("string_b"),
+                F("string_a"),
+                F("run_strings"),
+                F("main"),
+            ],
+        ),
+        site(
+            "std::vector",
+            &[F("vector_leaf"), F("vector_a"), F("run_vectors"), F("main")],
+        ),
+        site(
+            "std::unordered_map",
+            &[
+                F("map_leaf"),
+                F("map_c"),
+                F("map_b"),
+                F("map_a"),
+                F("run_maps"),
+                F("main"),
+            ],
+        ),
         site("new", &[F("object_leaf"), F("object_a"), F("run_objects"), F("main")]),
     ]
 }
@@ -169,25 +231,65 @@ fn cxx_sites() -> Vec<Site> {
 fn c_sites() -> Vec<Site> {
     vec![
         // tail_entry tail-calls tail_callee: its frame is gone, as in any DWARF unwinder.
-        site("tail call", &[F("tail_leaf"), F("tail_callee"), F("run_tail"), F("main")]),
-        site("signal handler", &[F("signal_leaf"), F("on_usr1"), Libc, F("raise_usr1"), F("run_signal"), F("main")]),
+        site(
+            "tail call",
+            &[F("tail_leaf"), F("tail_callee"), F("run_tail"), F("main")],
+        ),
+        site(
+            "signal handler",
+            &[
+                F("signal_leaf"),
+                F("on_usr1"),
+                Libc,
+                F("raise_usr1"),
+                F("run_signal"),
+                F("main"),
+            ],
+        ),
     ]
 }
 
 fn thread_sites() -> Vec<Site> {
-    vec![site("threads", &[F("thread_leaf"), F("thread_b"), F("thread_a"), F("thread_main"), F("start_thread")])]
+    vec![site(
+        "threads",
+        &[
+            F("thread_leaf"),
+            F("thread_b"),
+            F("thread_a"),
+            F("thread_main"),
+            F("start_thread"),
+        ],
+    )]
 }
 
 fn rust_sites() -> Vec<Site> {
     vec![
-        Site { name: "Box", chain: vec![F("box_leaf"), F("box_mid"), F("run_boxes"), F("main")], then_c_main: true },
-        Site { name: "Vec", chain: vec![F("vec_leaf"), F("vec_b"), F("vec_a"), F("run_vecs"), F("main")], then_c_main: true },
+        Site {
+            name: "Box",
+            chain: vec![F("box_leaf"), F("box_mid"), F("run_boxes"), F("main")],
+            then_c_main: true,
+        },
+        Site {
+            name: "Vec",
+            chain: vec![F("vec_leaf"), F("vec_b"), F("vec_a"), F("run_vecs"), F("main")],
+            then_c_main: true,
+        },
     ]
 }
 
 fn dlopen_sites() -> Vec<Site> {
     vec![
-        site("plugin", &[F("plugin_leaf"), F("plugin_mid"), F("plugin_entry"), F("call_plugin"), F("run_plugin"), F("main")]),
+        site(
+            "plugin",
+            &[
+                F("plugin_leaf"),
+                F("plugin_mid"),
+                F("plugin_entry"),
+                F("call_plugin"),
+                F("run_plugin"),
+                F("main"),
+            ],
+        ),
         // dlopen's own allocations (link map, ...), made inside ld.so and libc.
         site("dlopen", &[F("open_plugin"), F("run_plugin"), F("main")]),
     ]
@@ -235,7 +337,10 @@ fn normalize(name: &str) -> String {
 }
 
 fn parse_address(f: &Value) -> u64 {
-    f["address"].as_str().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()).unwrap_or(0)
+    f["address"]
+        .as_str()
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(0)
 }
 
 /// Physical frames of a leak entry, innermost first: consecutive frames with the same address,
@@ -246,7 +351,9 @@ fn frames_of(leak: &Value) -> Vec<Fr> {
     for f in leak["frames"].as_array().into_iter().flatten() {
         let address = parse_address(f);
         let name = f["function"].as_str().map(normalize).unwrap_or_default();
-        let module = f["module"].as_str().map(|m| m.rsplit('/').next().unwrap_or(m).to_string());
+        let module = f["module"]
+            .as_str()
+            .map(|m| m.rsplit('/').next().unwrap_or(m).to_string());
         match out.last_mut() {
             Some(last) if open_inline || (last.address == address && address != 0) => {
                 last.names.push(name);
@@ -255,7 +362,11 @@ fn frames_of(leak: &Value) -> Vec<Fr> {
                     last.module = module;
                 }
             }
-            _ => out.push(Fr { names: vec![name], module, address }),
+            _ => out.push(Fr {
+                names: vec![name],
+                module,
+                address,
+            }),
         }
         open_inline = f["inlined"].as_bool() == Some(true);
     }
@@ -265,9 +376,22 @@ fn frames_of(leak: &Value) -> Vec<Fr> {
 /// Frames of the runtime between the allocator and the fixture's code: the allocator itself,
 /// libstdc++'s and Rust's allocation paths, STL templates instantiated in the executable.
 fn is_runtime_name(name: &str) -> bool {
-    ["operator new", "__rust", "__rdl", "__rg_", "alloc::", "<alloc::", "core::", "<core::", "std::", "<std::", "__gnu_cxx", "je_"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        "operator new",
+        "__rust",
+        "__rdl",
+        "__rg_",
+        "alloc::",
+        "<alloc::",
+        "core::",
+        "<core::",
+        "std::",
+        "<std::",
+        "__gnu_cxx",
+        "je_",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
         || name.contains(" std::")
 }
 
@@ -282,7 +406,11 @@ fn is_libc(f: &Fr) -> bool {
 /// Whether `frames` is exactly `site`'s chain (after the allocator's and runtime's frames).
 /// `own` are the fixture's module names: frames elsewhere before the chain are the runtime's.
 fn matches(frames: &[Fr], site: &Site, own: &[String]) -> bool {
-    let own_names: Vec<&str> = site.chain.iter().filter_map(|p| if let F(n) = p { Some(*n) } else { None }).collect();
+    let own_names: Vec<&str> = site
+        .chain
+        .iter()
+        .filter_map(|p| if let F(n) = p { Some(*n) } else { None })
+        .collect();
     let first = match site.chain[0] {
         F(n) => n,
         Libc => unreachable!("chains start with a fixture function"),
@@ -347,7 +475,11 @@ fn exec_mappings(pid: u32) -> Vec<(u64, u64, String)> {
                 return None;
             }
             let (a, b) = range.split_once('-')?;
-            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?, path.to_string()))
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+                path.to_string(),
+            ))
         })
         .collect()
 }
@@ -377,8 +509,16 @@ fn record(cmd: Command, sampling: Option<&str>) -> Recording {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
     let leaks: Value = serde_json::from_slice(&std::fs::read(out.path().join("leaks.json")).unwrap()).unwrap();
-    assert_eq!(leaks["leak_stacks"].as_u64(), Some(leaks["leaks"].as_array().unwrap().len() as u64), "every stack listed");
-    Recording { leaks, exec_maps, pid: fixture.pid }
+    assert_eq!(
+        leaks["leak_stacks"].as_u64(),
+        Some(leaks["leaks"].as_array().unwrap().len() as u64),
+        "every stack listed"
+    );
+    Recording {
+        leaks,
+        exec_maps,
+        pid: fixture.pid,
+    }
 }
 
 fn fixture_cmd(exe: &Path, args: &[&str], preload: Option<&str>) -> Command {
@@ -403,13 +543,21 @@ impl Checks {
     }
 
     fn finish(self) {
-        assert!(self.failures.is_empty(), "{} check(s) failed:\n{}", self.failures.len(), self.failures.join("\n"));
+        assert!(
+            self.failures.is_empty(),
+            "{} check(s) failed:\n{}",
+            self.failures.len(),
+            self.failures.join("\n")
+        );
     }
 
     /// At least 95% of the live bytes have exactly one of `sites`' chains, and each site that
     /// must be seen (`min_site_share` of the live bytes matched to it) is.
     fn whole_stacks(&mut self, label: &str, rec: &Recording, sites: &[Site], own: &[&Path]) {
-        let own: Vec<String> = own.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        let own: Vec<String> = own
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
         let leaks = rec.leaks["leaks"].as_array().unwrap();
         let total: u64 = leaks.iter().map(|l| l["bytes"].as_u64().unwrap()).sum();
         let mut per_site: BTreeMap<&str, u64> = BTreeMap::new();
@@ -432,7 +580,11 @@ impl Checks {
             unmatched.len()
         );
         if share < MIN_SHARE || total == 0 {
-            let worst: Vec<String> = unmatched.iter().take(5).map(|(b, s)| format!("    {b} B: {s}")).collect();
+            let worst: Vec<String> = unmatched
+                .iter()
+                .take(5)
+                .map(|(b, s)| format!("    {b} B: {s}"))
+                .collect();
             self.fail(format!(
                 "{label}: {:.1}% of {total} live bytes have the expected chain (need >= {:.0}%), {} distinct stacks; largest unmatched:\n{}",
                 share * 100.0,
@@ -451,7 +603,10 @@ impl Checks {
         for l in rec.leaks["leaks"].as_array().unwrap() {
             for f in l["frames"].as_array().unwrap() {
                 frames += 1;
-                let a = f["address"].as_str().and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()).unwrap_or(0);
+                let a = f["address"]
+                    .as_str()
+                    .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+                    .unwrap_or(0);
                 if !rec.exec_maps.iter().any(|(s, e, _)| (*s..*e).contains(&a)) {
                     bad += 1;
                     example.get_or_insert_with(|| f.to_string());
@@ -499,7 +654,10 @@ fn check_both_samplings(name: &str, cmd: impl Fn() -> Command, sites: &[Site], o
     require_root();
     let mut checks = Checks::default();
     for sampling in [Some("full"), None] {
-        let label = format!("{name} ({})", sampling.map_or("default sampling".to_string(), |s| format!("--sampling {s}")));
+        let label = format!(
+            "{name} ({})",
+            sampling.map_or("default sampling".to_string(), |s| format!("--sampling {s}"))
+        );
         let rec = record(cmd(), sampling);
         checks.all(&label, &rec, sites, own);
     }
@@ -516,7 +674,12 @@ fn check_both_samplings(name: &str, cmd: impl Fn() -> Command, sites: &[Site], o
 #[test]
 fn cxx_stacks_are_whole() {
     let exe = cxx_fixture();
-    check_both_samplings("C++ (glibc)", || fixture_cmd(&exe, &["1500"], None), &cxx_sites(), &[&exe]);
+    check_both_samplings(
+        "C++ (glibc)",
+        || fixture_cmd(&exe, &["1500"], None),
+        &cxx_sites(),
+        &[&exe],
+    );
 }
 
 /// The same C++ fixture with Debian's jemalloc preloaded (jemalloc defines its own `operator
@@ -524,7 +687,12 @@ fn cxx_stacks_are_whole() {
 #[test]
 fn cxx_stacks_are_whole_with_jemalloc() {
     let exe = cxx_fixture();
-    check_both_samplings("C++ (jemalloc)", || fixture_cmd(&exe, &["1500"], Some("libjemalloc.so.2")), &cxx_sites(), &[&exe]);
+    check_both_samplings(
+        "C++ (jemalloc)",
+        || fixture_cmd(&exe, &["1500"], Some("libjemalloc.so.2")),
+        &cxx_sites(),
+        &[&exe],
+    );
 }
 
 /// C at -O2 without frame pointers: a chain with a tail call (tail_entry `jmp`s to
@@ -533,7 +701,12 @@ fn cxx_stacks_are_whole_with_jemalloc() {
 #[test]
 fn c_tail_call_and_signal_handler_stacks() {
     let exe = c_fixture();
-    check_both_samplings("C tail call + signal", || fixture_cmd(&exe, &["basic", "4000"], None), &c_sites(), &[&exe]);
+    check_both_samplings(
+        "C tail call + signal",
+        || fixture_cmd(&exe, &["basic", "4000"], None),
+        &c_sites(),
+        &[&exe],
+    );
 }
 
 /// Four threads allocating three calls below their thread function: every stack ends at
@@ -541,7 +714,12 @@ fn c_tail_call_and_signal_handler_stacks() {
 #[test]
 fn thread_stacks_reach_start_thread() {
     let exe = c_fixture();
-    check_both_samplings("C threads", || fixture_cmd(&exe, &["threads", "8000"], None), &thread_sites(), &[&exe]);
+    check_both_samplings(
+        "C threads",
+        || fixture_cmd(&exe, &["threads", "8000"], None),
+        &thread_sites(),
+        &[&exe],
+    );
 }
 
 /// A Rust release binary (no frame pointers): Box and Vec allocations through `__rust_alloc`
@@ -549,7 +727,12 @@ fn thread_stacks_reach_start_thread() {
 #[test]
 fn rust_release_stacks() {
     let exe = rust_fixture();
-    check_both_samplings("Rust release", || fixture_cmd(&exe, &["3000"], None), &rust_sites(), &[&exe]);
+    check_both_samplings(
+        "Rust release",
+        || fixture_cmd(&exe, &["3000"], None),
+        &rust_sites(),
+        &[&exe],
+    );
 }
 
 /// A shared library dlopen()ed after memscope attached (the fixture loads it on "go"): its
@@ -559,7 +742,12 @@ fn rust_release_stacks() {
 fn dlopen_after_attach_stacks() {
     let (exe, plugin) = dlopen_fixture();
     let plugin_arg = plugin.to_str().unwrap().to_string();
-    check_both_samplings("dlopen after attach", || fixture_cmd(&exe, &[&plugin_arg, "3000"], None), &dlopen_sites(), &[&exe, &plugin]);
+    check_both_samplings(
+        "dlopen after attach",
+        || fixture_cmd(&exe, &[&plugin_arg, "3000"], None),
+        &dlopen_sites(),
+        &[&exe, &plugin],
+    );
 }
 
 /// The C fixture with no CFI at all (built without unwind tables, .eh_frame, .eh_frame_hdr
@@ -573,7 +761,10 @@ fn stacks_without_cfi_are_truncated_and_counted() {
     let mut checks = Checks::default();
     checks.no_foreign_frames("no CFI", &rec);
     match Checks::unwind_counters(&rec) {
-        None => checks.fail("no CFI: leaks.json has no `unwind` object with truncated_no_cfi, truncated_bad_frame, truncated_depth".into()),
+        None => checks.fail(
+            "no CFI: leaks.json has no `unwind` object with truncated_no_cfi, truncated_bad_frame, truncated_depth"
+                .into(),
+        ),
         Some(c) => {
             eprintln!("no CFI: unwind counters {c:?}, unwind object {}", rec.leaks["unwind"]);
             if c["truncated_no_cfi"] + c["truncated_bad_frame"] == 0 {
@@ -583,7 +774,11 @@ fn stacks_without_cfi_are_truncated_and_counted() {
     }
     let leaks = rec.leaks["leaks"].as_array().unwrap();
     let first = |f: &str| -> u64 {
-        leaks.iter().filter(|l| frames_of(l).first().is_some_and(|x| x.has(f))).map(|l| l["bytes"].as_u64().unwrap()).sum()
+        leaks
+            .iter()
+            .filter(|l| frames_of(l).first().is_some_and(|x| x.has(f)))
+            .map(|l| l["bytes"].as_u64().unwrap())
+            .sum()
     };
     // 2000 x 8 KiB (+0..7) from tail_leaf, 1000 x 4 KiB from signal_leaf.
     assert!(first("tail_leaf") >= 2000 * 8192, "tail_leaf: {} B", first("tail_leaf"));
@@ -644,7 +839,9 @@ fn heaptrack_reports_the_ground_truth_chains() {
         let mut per_site: BTreeMap<&str, u64> = BTreeMap::new();
         let (mut total, mut matched) = (0u64, 0u64);
         for l in text.lines() {
-            let Some((stack, bytes)) = l.rsplit_once(' ') else { continue };
+            let Some((stack, bytes)) = l.rsplit_once(' ') else {
+                continue;
+            };
             let bytes: u64 = bytes.parse().unwrap_or(0);
             // heaptrack's folded lines are outermost first, `function (file)`, with inlined
             // functions as frames of their own (the STL's, dropped here) and no addresses.
@@ -654,9 +851,16 @@ fn heaptrack_reports_the_ground_truth_chains() {
                 .rev()
                 .map(|s| normalize(s.split(" (").next().unwrap()))
                 .filter(|n| !is_runtime_name(n))
-                .map(|n| Fr { names: vec![n], module: None, address: 0 })
+                .map(|n| Fr {
+                    names: vec![n],
+                    module: None,
+                    address: 0,
+                })
                 .collect();
-            if !frames.iter().any(|f| f.names[0].starts_with("run_") || f.has("thread_main")) {
+            if !frames
+                .iter()
+                .any(|f| f.names[0].starts_with("run_") || f.has("thread_main"))
+            {
                 continue; // start-up allocations of ld.so and libc
             }
             total += bytes;
@@ -665,37 +869,125 @@ fn heaptrack_reports_the_ground_truth_chains() {
                 *per_site.entry(s.name).or_default() += bytes;
             }
         }
-        eprintln!("heaptrack {} {args:?}: {matched} of {total} leaked bytes matched, {per_site:?}", exe.display());
-        assert!(total > 0 && matched == total, "heaptrack on {args:?}: {matched} of {total} bytes match:\n{text}");
-        assert_eq!(per_site.len(), sites.len(), "every site seen by heaptrack: {per_site:?}");
+        eprintln!(
+            "heaptrack {} {args:?}: {matched} of {total} leaked bytes matched, {per_site:?}",
+            exe.display()
+        );
+        assert!(
+            total > 0 && matched == total,
+            "heaptrack on {args:?}: {matched} of {total} bytes match:\n{text}"
+        );
+        assert_eq!(
+            per_site.len(),
+            sites.len(),
+            "every site seen by heaptrack: {per_site:?}"
+        );
     }
 }
 
-/// redis-server from Debian's package (no frame pointers, Debian's jemalloc) under
-/// redis-benchmark's SET load with random keys: >= 95% of the live bytes recorded have a stack
-/// that reaches redis's `main` (its event loop: main <- aeMain <- ... <- processCommand ...), or
-/// `start_thread` for its background threads; no frame outside its executable mappings; no
-/// truncation counted.
-#[test]
-fn debian_redis_stacks_reach_main() {
-    require_root();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("redis.sock");
-    let mut redis = Command::new("redis-server")
+/// redis-server from Debian's package, started in `dir` on a Unix socket (no TCP port, no
+/// persistence), under `wrapper` (e.g. heaptrack) when given; returns it once it accepts.
+fn start_redis(dir: &Path, wrapper: &[&str]) -> (std::process::Child, PathBuf) {
+    let sock = dir.join("redis.sock");
+    let mut cmd = match wrapper.split_first() {
+        Some((w, args)) => {
+            let mut c = Command::new(w);
+            c.args(args).arg("redis-server");
+            c
+        }
+        None => Command::new("redis-server"),
+    };
+    let redis = cmd
         .args(["--port", "0", "--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--unixsocket")
         .arg(&sock)
         .arg("--dir")
-        .arg(dir.path())
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server (`cargo xtask setup` installs the Debian package)");
     let started = Instant::now();
     while !sock.exists() {
-        assert!(started.elapsed() < Duration::from_secs(20), "redis-server did not create its socket");
+        assert!(started.elapsed() < Duration::from_secs(30), "redis-server did not create its socket");
         std::thread::sleep(Duration::from_millis(50));
     }
+    (redis, sock)
+}
+
+/// The load: 60k SETs of new keys (random over 10M) with 512-byte values, pipelined; the live
+/// heap grows with every SET.
+fn redis_load(sock: &Path) {
+    run(Command::new("redis-benchmark")
+        .arg("-s")
+        .arg(sock)
+        .args(["-t", "set", "-n", "60000", "-r", "10000000", "-d", "512", "-P", "16", "-q"])
+        .stdout(Stdio::null()));
+}
+
+/// The named functions of a stack, innermost first: unnamed frames (redis's static functions:
+/// Debian strips its symbol table, its dynamic symbols name the rest) and jemalloc's own frames
+/// left out, and nothing past `main` (heaptrack stops there, a DWARF unwinder goes on to
+/// `__libc_start_call_main` and `_start`), so that memscope's and heaptrack's stacks compare.
+fn named_chain(names: impl Iterator<Item = String>) -> Vec<String> {
+    let mut chain: Vec<String> =
+        names.filter(|n| !n.is_empty() && !n.starts_with("0x") && !n.starts_with("je_")).collect();
+    if let Some(i) = chain.iter().position(|n| n == "main") {
+        chain.truncate(i + 1);
+    }
+    chain
+}
+
+/// heaptrack's stacks of the bytes redis-server still holds at its end, after the same load.
+fn heaptrack_redis_chains() -> BTreeMap<Vec<String>, u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ht");
+    let out_arg = out.to_str().unwrap().to_string();
+    let (mut redis, sock) = start_redis(dir.path(), &["heaptrack", "-o", &out_arg]);
+    redis_load(&sock);
+    run(Command::new("redis-cli").arg("-s").arg(&sock).args(["shutdown", "nosave"]).stdout(Stdio::null()));
+    assert!(redis.wait().unwrap().success(), "heaptrack redis-server");
+    let data = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("ht."))
+        .expect("heaptrack data file");
+    let folded = dir.path().join("folded");
+    run(Command::new("heaptrack_print")
+        .arg("-f")
+        .arg(&data)
+        .args(["--flamegraph-cost-type", "leaked", "-F"])
+        .arg(&folded)
+        .stdout(Stdio::null()));
+    let mut chains = BTreeMap::new();
+    for l in std::fs::read_to_string(&folded).unwrap().lines() {
+        let Some((stack, bytes)) = l.rsplit_once(' ') else { continue };
+        let frames = stack.split(';').filter(|s| !s.is_empty()).rev().map(|s| normalize(s.split(" (").next().unwrap()));
+        *chains.entry(named_chain(frames)).or_default() += bytes.parse::<u64>().unwrap_or(0);
+    }
+    chains
+}
+
+/// redis-server from Debian's package (no frame pointers, Debian's jemalloc) under
+/// redis-benchmark's SET load with random keys, at full and default sampling: >= 95% of the
+/// live bytes recorded have a stack that reaches redis's `main` (main <- aeMain <- ... <-
+/// readQueryFromClient <- processInputBuffer <- ... <- zmalloc, ten or more frames), or
+/// `start_thread` for its background threads; >= 90% of them have a chain of named functions
+/// that heaptrack also reports for the same load (its stacks are the reference); no frame
+/// outside its executable mappings; no truncation counted.
+#[test]
+fn debian_redis_stacks_reach_main() {
+    require_root();
+    let reference = heaptrack_redis_chains();
+    let ht_total: u64 = reference.values().sum();
+    let ht_main: u64 = reference.iter().filter(|(c, _)| c.iter().any(|f| f == "main")).map(|(_, b)| b).sum();
+    eprintln!(
+        "heaptrack on redis-server: {:.1}% of {ht_total} leaked bytes reach main; largest: {:?}",
+        100.0 * ht_main as f64 / ht_total.max(1) as f64,
+        reference.iter().max_by_key(|(_, b)| **b).map(|(c, _)| c.join(" <- "))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (mut redis, sock) = start_redis(dir.path(), &[]);
     let pid = redis.id();
     let mut checks = Checks::default();
     for sampling in [Some("full"), None] {
@@ -713,12 +1005,7 @@ fn debian_redis_stacks_reach_main() {
             stderr.read_line(&mut log).unwrap();
             assert!(log.len() > before, "memscope ended before attaching: {log}");
         }
-        // New keys (random over 10M), 512-byte values: the live heap grows by every SET.
-        run(Command::new("redis-benchmark")
-            .arg("-s")
-            .arg(&sock)
-            .args(["-t", "set", "-n", "60000", "-r", "10000000", "-d", "512", "-P", "16", "-q"])
-            .stdout(Stdio::null()));
+        redis_load(&sock);
         let exec_maps = exec_mappings(pid);
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
@@ -726,21 +1013,41 @@ fn debian_redis_stacks_reach_main() {
         let leaks: Value = serde_json::from_slice(&std::fs::read(out.path().join("leaks.json")).unwrap()).unwrap();
         let rec = Recording { leaks, exec_maps, pid };
         let list = rec.leaks["leaks"].as_array().unwrap();
-        let total: u64 = list.iter().map(|l| l["bytes"].as_u64().unwrap()).sum();
+        let bytes = |l: &Value| l["bytes"].as_u64().unwrap();
+        let total: u64 = list.iter().map(bytes).sum();
         let reach = |l: &&Value| frames_of(l).iter().any(|f| f.has("main") || f.has("start_thread"));
-        let reached: u64 = list.iter().filter(reach).map(|l| l["bytes"].as_u64().unwrap()).sum();
+        let reached: u64 = list.iter().filter(reach).map(bytes).sum();
         let depth: Vec<usize> = list.iter().filter(reach).map(|l| frames_of(l).len()).collect();
+        let chain_of = |l: &Value| {
+            let frames: Vec<Fr> = frames_of(l)
+                .into_iter()
+                .skip_while(|f| f.module.as_deref().is_some_and(|m| m.starts_with("libjemalloc")))
+                .collect();
+            named_chain(frames.into_iter().map(|f| f.names.last().cloned().unwrap_or_default()))
+        };
+        let agreed: u64 = list.iter().filter(|l| reference.contains_key(&chain_of(l))).map(bytes).sum();
         let share = reached as f64 / total.max(1) as f64;
+        let agree = agreed as f64 / total.max(1) as f64;
         eprintln!(
-            "{label}: {:.1}% of {total} live bytes reach main/start_thread ({} stacks; reaching ones {}..{} frames deep)",
+            "{label}: {:.1}% of {total} live bytes reach main/start_thread ({} stacks; reaching ones {}..{} frames deep); {:.1}% have a chain heaptrack reports",
             share * 100.0,
             list.len(),
             depth.iter().min().unwrap_or(&0),
-            depth.iter().max().unwrap_or(&0)
+            depth.iter().max().unwrap_or(&0),
+            agree * 100.0,
         );
+        let biggest = list.first().map(|l| frames_of(l).iter().map(Fr::show).collect::<Vec<_>>().join(" <- "));
         if total < 1 << 20 || share < MIN_SHARE {
-            let biggest = list.first().map(|l| frames_of(l).iter().map(Fr::show).collect::<Vec<_>>().join(" <- "));
-            checks.fail(format!("{label}: {:.1}% of {total} live bytes reach main (need >= 95% of >= 1 MiB); largest stack: {biggest:?}", share * 100.0));
+            checks.fail(format!(
+                "{label}: {:.1}% of {total} live bytes reach main (need >= 95% of >= 1 MiB); largest stack: {biggest:?}",
+                share * 100.0
+            ));
+        }
+        if agree < 0.90 {
+            checks.fail(format!(
+                "{label}: {:.1}% of the live bytes have a chain heaptrack reports (need >= 90%); largest stack: {biggest:?}",
+                agree * 100.0
+            ));
         }
         checks.no_foreign_frames(&label, &rec);
         checks.no_truncation(&label, &rec);
