@@ -831,6 +831,9 @@ struct UnwindInfo {
     rows: Option<f64>,
     attach_ms: Option<f64>,
     counters: BTreeMap<String, u64>,
+    /// Frames of the largest leak's stack and whether one of them is `main`: the stacks the
+    /// run really unwound (a frame-pointer walk stops after one or two frames in this code).
+    largest_leak_frames: Option<(usize, bool)>,
 }
 
 fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
@@ -845,6 +848,12 @@ fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
     info.attach_ms = parsed["attach_ms"]
         .as_f64()
         .or(unwind["attach_ms"].as_f64());
+    info.largest_leak_frames = parsed["leaks"][0]["frames"].as_array().map(|frames| {
+        let main = frames
+            .iter()
+            .any(|f| f["function"].as_str() == Some("main"));
+        (frames.len(), main)
+    });
     if let Some(m) = unwind.as_object() {
         for (k, v) in m {
             if k.starts_with("truncated_") || k == "fp_fallback_frames" {
@@ -1029,7 +1038,11 @@ impl Comparison {
 }
 
 fn unwind_json(u: &UnwindInfo) -> Value {
-    json!({ "table_bytes": u.table_bytes, "rows": u.rows, "attach_ms": u.attach_ms, "counters": u.counters })
+    json!({
+        "table_bytes": u.table_bytes, "rows": u.rows, "attach_ms": u.attach_ms, "counters": u.counters,
+        "largest_leak_frames": u.largest_leak_frames.map(|(n, _)| n),
+        "largest_leak_reaches_main": u.largest_leak_frames.map(|(_, m)| m),
+    })
 }
 
 fn run_json(run: &Run) -> Value {
@@ -1554,8 +1567,8 @@ impl Report {
     fn render_unwind(&self) -> String {
         let mut s = format!(
             "\nunwinding (no frame pointers, {NOFP_DEPTH} frames deep; figures from memscope, n/a when it reports none)\n\n\
-             | workload | tracer | attach (spawn to attached) | memscope attach_ms | unwind tables | rows | truncated / fp fallback |\n\
-             |---|---|---:|---:|---:|---:|---|\n"
+             | workload | tracer | attach (spawn to attached) | memscope attach_ms | unwind tables | rows | truncated / fp fallback | largest leak's stack |\n\
+             |---|---|---:|---:|---:|---:|---|---|\n"
         );
         let row = |name: &str, label: &str, attach_s: f64, runs: Vec<&UnwindInfo>| {
             let counters = runs
@@ -1572,8 +1585,13 @@ impl Report {
                     }
                 })
                 .unwrap_or_else(|| "n/a".to_string());
+            let depth = match runs.last().and_then(|u| u.largest_leak_frames) {
+                Some((n, true)) => format!("{n} frames, to main"),
+                Some((n, false)) => format!("{n} frames, not to main"),
+                None => "no leak".to_string(),
+            };
             format!(
-                "| {name} | {label} | {attach_s:.2} s | {} | {} | {} | {counters} |\n",
+                "| {name} | {label} | {attach_s:.2} s | {} | {} | {} | {counters} | {depth} |\n",
                 or_na(median_opt(runs.iter().map(|u| u.attach_ms)), |v| format!(
                     "{v:.0} ms"
                 )),
