@@ -831,7 +831,8 @@ struct UnwindInfo {
     rows: Option<f64>,
     attach_ms: Option<f64>,
     counters: BTreeMap<String, u64>,
-    /// Frames of the largest leak's stack and whether one of them is `main`: the stacks the
+    /// Frames of the largest leak's stack and whether one of them is `main` (or `start_thread`,
+    /// on the threads of `mixed`): the stacks the
     /// run really unwound (a frame-pointer walk stops after one or two frames in this code).
     largest_leak_frames: Option<(usize, bool)>,
 }
@@ -851,7 +852,7 @@ fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
     info.largest_leak_frames = parsed["leaks"][0]["frames"].as_array().map(|frames| {
         let main = frames
             .iter()
-            .any(|f| f["function"].as_str() == Some("main"));
+            .any(|f| matches!(f["function"].as_str(), Some("main" | "start_thread")));
         (frames.len(), main)
     });
     if let Some(m) = unwind.as_object() {
@@ -1586,8 +1587,8 @@ impl Report {
                 })
                 .unwrap_or_else(|| "n/a".to_string());
             let depth = match runs.last().and_then(|u| u.largest_leak_frames) {
-                Some((n, true)) => format!("{n} frames, to main"),
-                Some((n, false)) => format!("{n} frames, not to main"),
+                Some((n, true)) => format!("{n} frames, to main/start_thread"),
+                Some((n, false)) => format!("{n} frames, not to main/start_thread"),
                 None => "no leak".to_string(),
             };
             format!(
