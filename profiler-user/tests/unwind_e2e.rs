@@ -325,7 +325,8 @@ impl Fr {
 /// The function name without C++ parameters, ` [clone ...]` suffixes or a Rust hash, and
 /// without the Rust crate path of the fixture (`unwind_rust::box_leaf` -> `box_leaf`).
 fn normalize(name: &str) -> String {
-    let mut n = name;
+    let demangled = demangle_rust_legacy(name);
+    let mut n = demangled.as_deref().unwrap_or(name);
     if let Some(i) = n.find('(') {
         n = &n[..i];
     }
@@ -377,11 +378,26 @@ fn frames_of(leak: &Value) -> Vec<Fr> {
     out
 }
 
+/// `_ZN11unwind_rust8box_leaf17h0123456789abcdefE` -> `unwind_rust::box_leaf::h0123456789abcdef`:
+/// heaptrack leaves Rust's (legacy-mangled) names as they are in the symbol table.
+fn demangle_rust_legacy(name: &str) -> Option<String> {
+    let mut rest = name.strip_prefix("_ZN")?.strip_suffix('E')?;
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        let len: usize = rest[..digits].parse().ok()?;
+        parts.push(rest.get(digits..digits + len)?);
+        rest = &rest[digits + len..];
+    }
+    Some(parts.join("::"))
+}
+
 /// Frames of the runtime between the allocator and the fixture's code: the allocator itself,
 /// libstdc++'s and Rust's allocation paths, STL templates instantiated in the executable.
 fn is_runtime_name(name: &str) -> bool {
     [
         "operator new",
+        "_R", // Rust's v0-mangled standard library, which heaptrack does not demangle
         "__rust",
         "__rdl",
         "__rg_",
@@ -401,11 +417,14 @@ fn is_runtime_name(name: &str) -> bool {
 
 fn is_libc(f: &Fr) -> bool {
     match &f.module {
-        Some(m) => m.starts_with("libc.so") || m.starts_with("libc-"),
         // heaptrack's folded stacks carry no module: there, any frame not of the fixture.
-        None => true,
+        Some(m) => m.starts_with("libc.so") || m.starts_with("libc-") || m == NOT_THE_FIXTURE,
+        None => false,
     }
 }
+
+/// The module of a heaptrack frame that is none of the fixture's functions.
+const NOT_THE_FIXTURE: &str = "(heaptrack: not the fixture)";
 
 /// Whether `frames` is exactly `site`'s chain (after the allocator's and runtime's frames).
 /// `own` are the fixture's module names: frames elsewhere before the chain are the runtime's.
@@ -797,10 +816,14 @@ fn stacks_without_cfi_are_truncated_and_counted() {
 #[test]
 fn heaptrack_reports_the_ground_truth_chains() {
     let dir = tempfile::tempdir().unwrap();
+    let (dlopen_exe, plugin) = dlopen_fixture();
+    let plugin = plugin.to_str().unwrap().to_string();
     let cases: Vec<(PathBuf, Vec<&str>, Vec<Site>)> = vec![
         (c_fixture(), vec!["basic", "400"], c_sites()),
         (c_fixture(), vec!["threads", "400"], thread_sites()),
         (cxx_fixture(), vec!["200"], cxx_sites()),
+        (rust_fixture(), vec!["300"], rust_sites()),
+        (dlopen_exe, vec![&plugin, "300"], dlopen_sites()),
     ];
     for (i, (exe, args, sites)) in cases.into_iter().enumerate() {
         let out = dir.path().join(format!("ht{i}"));
@@ -842,6 +865,11 @@ fn heaptrack_reports_the_ground_truth_chains() {
         let text = std::fs::read_to_string(&folded).unwrap();
         let mut per_site: BTreeMap<&str, u64> = BTreeMap::new();
         let (mut total, mut matched) = (0u64, 0u64);
+        let own: Vec<&str> = sites
+            .iter()
+            .flat_map(|s| s.chain.iter())
+            .filter_map(|p| if let F(n) = p { Some(*n) } else { None })
+            .collect();
         for l in text.lines() {
             let Some((stack, bytes)) = l.rsplit_once(' ') else {
                 continue;
@@ -856,8 +884,8 @@ fn heaptrack_reports_the_ground_truth_chains() {
                 .map(|s| normalize(s.split(" (").next().unwrap()))
                 .filter(|n| !is_runtime_name(n))
                 .map(|n| Fr {
+                    module: (!own.contains(&n.as_str())).then(|| NOT_THE_FIXTURE.to_string()),
                     names: vec![n],
-                    module: None,
                     address: 0,
                 })
                 .collect();
@@ -881,8 +909,15 @@ fn heaptrack_reports_the_ground_truth_chains() {
             total > 0 && matched == total,
             "heaptrack on {args:?}: {matched} of {total} bytes match:\n{text}"
         );
-        // Every site of the fixture's own code (not pthread_create's, filtered out above).
-        let own_sites = sites.iter().filter(|s| s.chain.len() > 1).count();
+        // Every site of the fixture's own code (not pthread_create's or dlopen's, left out above).
+        let own_sites = sites
+            .iter()
+            .filter(|s| {
+                s.chain
+                    .iter()
+                    .any(|p| matches!(p, F(n) if n.starts_with("run_") || *n == "thread_main"))
+            })
+            .count();
         assert_eq!(per_site.len(), own_sites, "every site seen by heaptrack: {per_site:?}");
     }
 }
@@ -911,7 +946,10 @@ fn start_redis(dir: &Path, wrapper: &[&str]) -> (std::process::Child, PathBuf) {
         .expect("redis-server (`cargo xtask setup` installs the Debian package)");
     let started = Instant::now();
     while !sock.exists() {
-        assert!(started.elapsed() < Duration::from_secs(30), "redis-server did not create its socket");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "redis-server did not create its socket"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (redis, sock)
@@ -923,7 +961,9 @@ fn redis_load(sock: &Path) {
     run(Command::new("redis-benchmark")
         .arg("-s")
         .arg(sock)
-        .args(["-t", "set", "-n", "60000", "-r", "10000000", "-d", "512", "-P", "16", "-q"])
+        .args([
+            "-t", "set", "-n", "60000", "-r", "10000000", "-d", "512", "-P", "16", "-q",
+        ])
         .stdout(Stdio::null()));
 }
 
@@ -932,8 +972,9 @@ fn redis_load(sock: &Path) {
 /// left out, and nothing past `main` (heaptrack stops there, a DWARF unwinder goes on to
 /// `__libc_start_call_main` and `_start`), so that memscope's and heaptrack's stacks compare.
 fn named_chain(names: impl Iterator<Item = String>) -> Vec<String> {
-    let mut chain: Vec<String> =
-        names.filter(|n| !n.is_empty() && !n.starts_with("0x") && !n.starts_with("je_")).collect();
+    let mut chain: Vec<String> = names
+        .filter(|n| !n.is_empty() && !n.starts_with("0x") && !n.starts_with("je_"))
+        .collect();
     if let Some(i) = chain.iter().position(|n| n == "main") {
         chain.truncate(i + 1);
     }
@@ -947,7 +988,11 @@ fn heaptrack_redis_chains() -> BTreeMap<Vec<String>, u64> {
     let out_arg = out.to_str().unwrap().to_string();
     let (mut redis, sock) = start_redis(dir.path(), &["heaptrack", "-o", &out_arg]);
     redis_load(&sock);
-    run(Command::new("redis-cli").arg("-s").arg(&sock).args(["shutdown", "nosave"]).stdout(Stdio::null()));
+    run(Command::new("redis-cli")
+        .arg("-s")
+        .arg(&sock)
+        .args(["shutdown", "nosave"])
+        .stdout(Stdio::null()));
     assert!(redis.wait().unwrap().success(), "heaptrack redis-server");
     let data = std::fs::read_dir(dir.path())
         .unwrap()
@@ -963,8 +1008,14 @@ fn heaptrack_redis_chains() -> BTreeMap<Vec<String>, u64> {
         .stdout(Stdio::null()));
     let mut chains = BTreeMap::new();
     for l in std::fs::read_to_string(&folded).unwrap().lines() {
-        let Some((stack, bytes)) = l.rsplit_once(' ') else { continue };
-        let frames = stack.split(';').filter(|s| !s.is_empty()).rev().map(|s| normalize(s.split(" (").next().unwrap()));
+        let Some((stack, bytes)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let frames = stack
+            .split(';')
+            .filter(|s| !s.is_empty())
+            .rev()
+            .map(|s| normalize(s.split(" (").next().unwrap()));
         *chains.entry(named_chain(frames)).or_default() += bytes.parse::<u64>().unwrap_or(0);
     }
     chains
@@ -982,7 +1033,11 @@ fn debian_redis_stacks_reach_main() {
     require_root();
     let reference = heaptrack_redis_chains();
     let ht_total: u64 = reference.values().sum();
-    let ht_main: u64 = reference.iter().filter(|(c, _)| c.iter().any(|f| f == "main")).map(|(_, b)| b).sum();
+    let ht_main: u64 = reference
+        .iter()
+        .filter(|(c, _)| c.iter().any(|f| f == "main"))
+        .map(|(_, b)| b)
+        .sum();
     eprintln!(
         "heaptrack on redis-server: {:.1}% of {ht_total} leaked bytes reach main; largest: {:?}",
         100.0 * ht_main as f64 / ht_total.max(1) as f64,
@@ -1027,7 +1082,11 @@ fn debian_redis_stacks_reach_main() {
                 .collect();
             named_chain(frames.into_iter().map(|f| f.names.last().cloned().unwrap_or_default()))
         };
-        let agreed: u64 = list.iter().filter(|l| reference.contains_key(&chain_of(l))).map(bytes).sum();
+        let agreed: u64 = list
+            .iter()
+            .filter(|l| reference.contains_key(&chain_of(l)))
+            .map(bytes)
+            .sum();
         let share = reached as f64 / total.max(1) as f64;
         let agree = agreed as f64 / total.max(1) as f64;
         eprintln!(
@@ -1038,7 +1097,9 @@ fn debian_redis_stacks_reach_main() {
             depth.iter().max().unwrap_or(&0),
             agree * 100.0,
         );
-        let biggest = list.first().map(|l| frames_of(l).iter().map(Fr::show).collect::<Vec<_>>().join(" <- "));
+        let biggest = list
+            .first()
+            .map(|l| frames_of(l).iter().map(Fr::show).collect::<Vec<_>>().join(" <- "));
         if total < 1 << 20 || share < MIN_SHARE {
             checks.fail(format!(
                 "{label}: {:.1}% of {total} live bytes reach main (need >= 95% of >= 1 MiB); largest stack: {biggest:?}",
