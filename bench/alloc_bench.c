@@ -17,6 +17,11 @@
  * measured and stopped (or take its snapshot) while the process still runs.
  *
  * Build: cc -O2 -g -fno-omit-frame-pointer -pthread -o alloc_bench alloc_bench.c
+ *
+ * The variant without frame pointers (what distributions and release builds are) runs every
+ * workload, and every thread of `mixed`, ALLOC_BENCH_DEPTH distinct noinline frames below main
+ * or the thread's start, so that each allocation has a realistic stack to unwind:
+ *   cc -O2 -g -fomit-frame-pointer -DALLOC_BENCH_DEPTH=12 -pthread -o alloc_bench_nofp alloc_bench.c
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +35,37 @@
 
 /* Keeps the compiler from proving a malloc/free pair dead and removing it. */
 #define KEEP(p) __asm__ volatile("" : : "r"(p) : "memory")
+
+#ifndef ALLOC_BENCH_DEPTH
+#define ALLOC_BENCH_DEPTH 0
+#endif
+
+/* ---- call depth ----------------------------------------------------------------------- */
+
+/* Runs body(arg) `depth` frames down a chain of three distinct functions (noipa: never
+ * inlined, cloned or merged; the store after each call keeps it from being a tail call). */
+typedef void (*body_fn)(void *);
+static volatile unsigned depth_sink;
+__attribute__((noinline, noipa)) static void deep_a(int depth, body_fn body, void *arg);
+__attribute__((noinline, noipa)) static void deep_b(int depth, body_fn body, void *arg);
+__attribute__((noinline, noipa)) static void deep_c(int depth, body_fn body, void *arg);
+
+__attribute__((noinline, noipa)) static void deep_a(int depth, body_fn body, void *arg) {
+    if (depth <= 0) body(arg); else deep_b(depth - 1, body, arg);
+    depth_sink += 1;
+}
+__attribute__((noinline, noipa)) static void deep_b(int depth, body_fn body, void *arg) {
+    if (depth <= 0) body(arg); else deep_c(depth - 1, body, arg);
+    depth_sink += 2;
+}
+__attribute__((noinline, noipa)) static void deep_c(int depth, body_fn body, void *arg) {
+    if (depth <= 0) body(arg); else deep_a(depth - 1, body, arg);
+    depth_sink += 3;
+}
+
+static void at_depth(body_fn body, void *arg) {
+    if (ALLOC_BENCH_DEPTH > 0) deep_a(ALLOC_BENCH_DEPTH - 1, body, arg); else body(arg);
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -131,7 +167,7 @@ static size_t draw_size(uint64_t *rng) {
     return 131072 + v % (1048576 - 131072 + 1);
 }
 
-static void *mixed_thread(void *opaque) {
+static void mixed_body(void *opaque) {
     struct mixed_arg *a = opaque;
     void *ring[RING] = {0};
     uint64_t rng = a->seed;
@@ -152,6 +188,10 @@ static void *mixed_thread(void *opaque) {
     }
     for (unsigned s = 0; s < RING; s++) free(ring[s]);
     a->elapsed_ns = now_ns() - t0;
+}
+
+static void *mixed_thread(void *opaque) {
+    at_depth(mixed_body, opaque);
     return NULL;
 }
 
@@ -251,8 +291,16 @@ static void run_stacks(uint64_t allocs, uint64_t stacks) {
     free(live);
 }
 
-int main(int argc, char **argv) {
-    setvbuf(stdin, NULL, _IONBF, 0);
+struct cmdline {
+    int argc;
+    char **argv;
+    int status;
+};
+
+static void dispatch(void *opaque) {
+    struct cmdline *c = opaque;
+    int argc = c->argc;
+    char **argv = c->argv;
     if (argc == 3 && !strcmp(argv[1], "pairs")) {
         run_pairs(parse_u64(argv[2], "N"));
     } else if (argc == 4 && !strcmp(argv[1], "mixed")) {
@@ -264,7 +312,13 @@ int main(int argc, char **argv) {
     } else {
         fprintf(stderr,
                 "usage: alloc_bench pairs N | mixed N THREADS | paced RATE SECONDS | stacks ALLOCS STACKS\n");
-        return 2;
+        c->status = 2;
     }
-    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdin, NULL, _IONBF, 0);
+    struct cmdline c = {argc, argv, 0};
+    at_depth(dispatch, &c);
+    return c.status;
 }

@@ -7,6 +7,15 @@
 //! - `paced`: 100k allocations per second for 10 s (the agent's own CPU time);
 //! - `stacks`: 1M live allocations from 50k distinct call stacks (snapshot and render time).
 //!
+//! The same source is also built without frame pointers (`alloc_bench_nofp`: `-O2
+//! -fomit-frame-pointer`, every workload and thread 12 distinct noinline frames below main,
+//! linked with libstdc++ so the process maps it, as C++ services do): `pairs-nofp` and
+//! `mixed-nofp` against bpftrace, `paced` at default and full sampling, and `alloc_bench_big`,
+//! the same plus 100 MiB of code with CFI (400k functions), for the attach time and the size of
+//! the unwind tables of a process mapping libc, libstdc++ and a 100 MiB executable. Those two
+//! figures come from memscope itself (`unwind.table_bytes`, `unwind.rows`, `attach_ms` in
+//! leaks.json or as `key=value` fields of its log); "n/a" when this memscope reports none.
+//!
 //! `pairs` and `mixed` run bare, under `memscope record` at default settings, under
 //! `memscope record --sampling full` and under bpftrace (uprobe malloc, uretprobe malloc,
 //! uprobe free, each attached to the target's pid only). Each workload prints `ready PID`, waits
@@ -62,9 +71,15 @@ const PACED_RATE: u64 = 100_000;
 const PACED_SECONDS: u64 = 10;
 const STACKS_ALLOCS: u64 = 1_000_000;
 const STACKS_DISTINCT: u64 = 50_000;
+/// Frames between main (or a thread's start) and the workload in the no-frame-pointer variant.
+const NOFP_DEPTH: u32 = 12;
+/// Functions (with CFI) of the 100 MiB executable: 240 bytes each.
+const BIG_FUNCTIONS: u64 = 409_600;
 
 // The issue's targets.
 const FULL_MAX_FRACTION: f64 = 1.0 / 4.0;
+/// Every allocation recorded and its stack unwound from CFI (no frame pointers): issue 10.
+const FULL_UNWIND_MAX_FRACTION: f64 = 1.0 / 3.0;
 const DEFAULT_MAX_FRACTION: f64 = 1.0 / 8.0;
 const AGENT_MAX_CORE: f64 = 0.05;
 const SNAPSHOT_MAX_S: f64 = 1.0;
@@ -82,13 +97,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let measured = Instant::now();
     let pairs = compare(&tools, &PAIRS, args.repeat)?;
     let mixed = compare(&tools, &MIXED, args.repeat)?;
-    let agent = agent_cpu(&tools, args.repeat)?;
+    let pairs_nofp = compare(&tools, &PAIRS_NOFP, args.repeat)?;
+    let mixed_nofp = compare(&tools, &MIXED_NOFP, args.repeat)?;
+    let agent = agent_cpu(&tools, args.repeat, Program::Fp, &[])?;
+    let agent_nofp = agent_cpu(&tools, args.repeat, Program::NoFp, &[])?;
+    let agent_nofp_full = agent_cpu(&tools, args.repeat, Program::NoFp, &["--sampling", "full"])?;
+    let big = big_attach(&tools, args.repeat)?;
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
-        workloads: vec![pairs, mixed],
+        workloads: vec![pairs, mixed, pairs_nofp, mixed_nofp],
         agent,
+        agent_nofp,
+        agent_nofp_full,
+        big,
         snapshot,
         measure_s: measured.elapsed().as_secs_f64(),
         total_s: started.elapsed().as_secs_f64(),
@@ -107,6 +130,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 /// What the runs start: the workload binary, memscope, bpftrace, and a scratch directory.
 struct Tools {
     workload: PathBuf,
+    /// The same workloads without frame pointers, NOFP_DEPTH frames deep.
+    workload_nofp: PathBuf,
+    /// alloc_bench_nofp plus 100 MiB of code with CFI.
+    workload_big: PathBuf,
     memscope: PathBuf,
     bpftrace: PathBuf,
     scratch: PathBuf,
@@ -125,8 +152,11 @@ fn prepare() -> Result<Tools> {
     let dir = cmd::target_dir().join("bench");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let workload = compile_workload(&dir)?;
+    let (workload_nofp, workload_big) = compile_nofp_workloads(&dir)?;
     Ok(Tools {
         workload,
+        workload_nofp,
+        workload_big,
         memscope: cmd::target_dir().join("release/memscope"),
         bpftrace,
         scratch: dir.join("out"),
@@ -145,6 +175,74 @@ fn compile_workload(dir: &Path) -> Result<PathBuf> {
     )
     .context("compiling the workloads failed (is a C compiler installed?)")?;
     Ok(program)
+}
+
+/// `alloc_bench_nofp` (no frame pointers, NOFP_DEPTH frames deep, libstdc++ mapped) and
+/// `alloc_bench_big` (the same with 100 MiB more code, every function with CFI).
+fn compile_nofp_workloads(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let source = cmd::workspace_root().join("bench/alloc_bench.c");
+    let nofp = dir.join("alloc_bench_nofp");
+    let big = dir.join("alloc_bench_big");
+    let depth = format!("-DALLOC_BENCH_DEPTH={NOFP_DEPTH}");
+    let flags = [
+        "-O2",
+        "-g",
+        "-fomit-frame-pointer",
+        depth.as_str(),
+        "-pthread",
+    ];
+    // Linked, not only mapped on demand: a C++ service maps libstdc++ and its CFI.
+    let libs = ["-Wl,--no-as-needed", "-lstdc++", "-Wl,--as-needed"];
+    step(format!(
+        "cc -fomit-frame-pointer bench/alloc_bench.c -> {}",
+        nofp.display()
+    ));
+    cmd::run(
+        Command::new("cc")
+            .args(flags)
+            .arg("-o")
+            .arg(&nofp)
+            .arg(&source)
+            .args(libs),
+    )
+    .context("compiling the workloads without frame pointers failed")?;
+    let big_obj = dir.join("big_text.o");
+    if !big_obj.exists() {
+        let asm = dir.join("big_text.S");
+        fs::write(&asm, big_text_asm())
+            .with_context(|| format!("cannot write {}", asm.display()))?;
+        step(format!(
+            "as {} ({BIG_FUNCTIONS} functions, ~100 MiB of code)",
+            asm.display()
+        ));
+        let tmp = dir.join("big_text.o.tmp");
+        cmd::run(Command::new("cc").arg("-c").arg("-o").arg(&tmp).arg(&asm))
+            .context("assembling the 100 MiB of code failed")?;
+        fs::rename(&tmp, &big_obj)?;
+    }
+    step(format!("cc ... big_text.o -> {}", big.display()));
+    cmd::run(
+        Command::new("cc")
+            .args(flags)
+            .arg("-o")
+            .arg(&big)
+            .arg(&source)
+            .arg(&big_obj)
+            .args(libs),
+    )
+    .context("linking the 100 MiB workload failed")?;
+    Ok((nofp, big))
+}
+
+/// BIG_FUNCTIONS functions of 240 bytes, each with its CFI (push, pop: three rows), never
+/// called: what matters is what the unwinder loads for them at attach.
+fn big_text_asm() -> String {
+    format!(
+        "    .text\n    .macro bigfn\n    .p2align 4\n    .cfi_startproc\n    push %rbp\n\
+         \x20   .cfi_adjust_cfa_offset 8\n    .cfi_offset %rbp, -16\n    .fill 232, 1, 0x90\n\
+         \x20   pop %rbp\n    .cfi_adjust_cfa_offset -8\n    ret\n    .cfi_endproc\n    .endm\n\
+         \x20   .rept {BIG_FUNCTIONS}\n    bigfn\n    .endr\n    .section .note.GNU-stack,\"\",@progbits\n"
+    )
 }
 
 // ---- tracers and workloads --------------------------------------------------------------------
@@ -184,11 +282,32 @@ impl Tracer {
     }
 }
 
+/// Which build of bench/alloc_bench.c a workload runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Program {
+    /// `-fno-omit-frame-pointer`, the workload right below main.
+    Fp,
+    /// `-fomit-frame-pointer`, NOFP_DEPTH frames below main.
+    NoFp,
+}
+
+impl Tools {
+    fn program(&self, p: Program) -> &Path {
+        match p {
+            Program::Fp => &self.workload,
+            Program::NoFp => &self.workload_nofp,
+        }
+    }
+}
+
 /// One workload compared across the four tracers.
 struct Spec {
     name: &'static str,
     title: &'static str,
     mode: &'static str,
+    program: Program,
+    /// The target for `--sampling full` (overhead / bpftrace's overhead).
+    full_max: f64,
     /// Arguments after the mode: bare, then traced (fewer iterations under a tracer).
     bare: &'static [u64],
     traced: &'static [u64],
@@ -198,6 +317,8 @@ static PAIRS: Spec = Spec {
     name: "pairs",
     title: "malloc(64)+free, 1 thread",
     mode: "pairs",
+    program: Program::Fp,
+    full_max: FULL_MAX_FRACTION,
     bare: &[PAIRS_BARE],
     traced: &[PAIRS_TRACED],
 };
@@ -206,6 +327,28 @@ static MIXED: Spec = Spec {
     name: "mixed",
     title: "mixed 16 B..1 MiB, 2 threads, ~1% leaked",
     mode: "mixed",
+    program: Program::Fp,
+    full_max: FULL_MAX_FRACTION,
+    bare: &[MIXED_OPS, MIXED_THREADS],
+    traced: &[MIXED_OPS, MIXED_THREADS],
+};
+
+static PAIRS_NOFP: Spec = Spec {
+    name: "pairs-nofp",
+    title: "malloc(64)+free, 1 thread, no frame pointers, 12 frames deep",
+    mode: "pairs",
+    program: Program::NoFp,
+    full_max: FULL_UNWIND_MAX_FRACTION,
+    bare: &[PAIRS_BARE],
+    traced: &[PAIRS_TRACED],
+};
+
+static MIXED_NOFP: Spec = Spec {
+    name: "mixed-nofp",
+    title: "mixed, 2 threads, no frame pointers, 12 frames deep",
+    mode: "mixed",
+    program: Program::NoFp,
+    full_max: FULL_UNWIND_MAX_FRACTION,
     bare: &[MIXED_OPS, MIXED_THREADS],
     traced: &[MIXED_OPS, MIXED_THREADS],
 };
@@ -674,6 +817,75 @@ struct TracerRun {
     exit_cpu_s: f64,
     exit_max_rss_kib: u64,
     stop_s: f64,
+    /// memscope's own figures about its unwinder (none from bpftrace).
+    unwind: UnwindInfo,
+}
+
+/// What memscope reports about its unwinder (issue 10), when it does: leaks.json's `unwind`
+/// object (`table_bytes`, `rows`, the `truncated_*` and `fp_fallback_frames` counters) and
+/// `attach_ms` (top level or in `unwind`), else `key=value` fields of its log lines
+/// (`table_bytes=`, `unwind.table_bytes=`, `rows=`, `attach_ms=`).
+#[derive(Clone, Debug, Default)]
+struct UnwindInfo {
+    table_bytes: Option<f64>,
+    rows: Option<f64>,
+    attach_ms: Option<f64>,
+    counters: BTreeMap<String, u64>,
+    /// Frames of the largest leak's stack and whether one of them is `main` (or `start_thread`,
+    /// on the threads of `mixed`): the stacks the
+    /// run really unwound (a frame-pointer walk stops after one or two frames in this code).
+    largest_leak_frames: Option<(usize, bool)>,
+}
+
+fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
+    let mut info = UnwindInfo::default();
+    let parsed = fs::read_to_string(leaks_json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or(Value::Null);
+    let unwind = &parsed["unwind"];
+    info.table_bytes = unwind["table_bytes"].as_f64();
+    info.rows = unwind["rows"].as_f64();
+    info.attach_ms = parsed["attach_ms"]
+        .as_f64()
+        .or(unwind["attach_ms"].as_f64());
+    info.largest_leak_frames = parsed["leaks"][0]["frames"].as_array().map(|frames| {
+        let main = frames
+            .iter()
+            .any(|f| matches!(f["function"].as_str(), Some("main" | "start_thread")));
+        (frames.len(), main)
+    });
+    if let Some(m) = unwind.as_object() {
+        for (k, v) in m {
+            if k.starts_with("truncated_") || k == "fp_fallback_frames" {
+                if let Some(v) = v.as_u64() {
+                    info.counters.insert(k.clone(), v);
+                }
+            }
+        }
+    }
+    for line in lines {
+        for (k, v) in log_fields(line) {
+            let v: Option<f64> = v.parse().ok();
+            match k.strip_prefix("unwind.").unwrap_or(&k) {
+                "table_bytes" => info.table_bytes = info.table_bytes.or(v),
+                "rows" | "unwind_rows" => info.rows = info.rows.or(v),
+                "attach_ms" => info.attach_ms = info.attach_ms.or(v),
+                _ => {}
+            }
+        }
+    }
+    info
+}
+
+/// A figure memscope may not report: "n/a" then.
+fn or_na(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(|| "n/a".to_string(), f)
+}
+
+fn median_opt(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| median(v.into_iter()))
 }
 
 /// Which number of a run: the workload's wall clock per pair (per thread), the issue's metric,
@@ -720,7 +932,7 @@ fn compare(tools: &Tools, spec: &'static Spec, repeat: u32) -> Result<Comparison
 }
 
 fn measure(tools: &Tools, spec: &Spec, tracer: Tracer) -> Result<Run> {
-    let mut workload = Workload::start(&tools.workload, &spec.args(tracer))?;
+    let mut workload = Workload::start(tools.program(spec.program), &spec.args(tracer))?;
     let out = tools
         .scratch
         .join(format!("{}-{}", spec.name, tracer.key()));
@@ -735,7 +947,12 @@ fn measure(tools: &Tools, spec: &Spec, tracer: Tracer) -> Result<Run> {
             let attach_s = t.attach_s;
             let exit = t.stop()?;
             check_exit(tracer, &exit)?;
+            let unwind = match tracer {
+                Tracer::Bpftrace => UnwindInfo::default(),
+                _ => read_unwind(&out.join("leaks.json"), &exit.lines),
+            };
             Some(TracerRun {
+                unwind,
                 attach_s,
                 cpu_s: after.cpu_s,
                 loop_cpu_s: after.cpu_s - before.unwrap_or_default().cpu_s,
@@ -821,6 +1038,14 @@ impl Comparison {
     }
 }
 
+fn unwind_json(u: &UnwindInfo) -> Value {
+    json!({
+        "table_bytes": u.table_bytes, "rows": u.rows, "attach_ms": u.attach_ms, "counters": u.counters,
+        "largest_leak_frames": u.largest_leak_frames.map(|(n, _)| n),
+        "largest_leak_reaches_main": u.largest_leak_frames.map(|(_, m)| m),
+    })
+}
+
 fn run_json(run: &Run) -> Value {
     let mut v = json!({
         "ns_per_pair": run.ns_per_pair,
@@ -836,6 +1061,7 @@ fn run_json(run: &Run) -> Value {
             "cpu_s_at_exit": t.exit_cpu_s,
             "max_rss_kib_at_exit": t.exit_max_rss_kib,
             "sigint_to_exit_s": t.stop_s,
+            "unwind": unwind_json(&t.unwind),
         });
     }
     v
@@ -865,13 +1091,23 @@ struct AgentRun {
     peak_rss_kib: u64,
 }
 
-fn agent_cpu(tools: &Tools, repeat: u32) -> Result<Vec<AgentRun>> {
+fn agent_cpu(
+    tools: &Tools,
+    repeat: u32,
+    program: Program,
+    extra: &[&str],
+) -> Result<Vec<AgentRun>> {
     let mut runs = Vec::new();
+    let settings = if extra.is_empty() {
+        "default".to_string()
+    } else {
+        extra.join(" ")
+    };
     for rep in 1..=repeat {
         step(format!(
-            "paced {PACED_RATE} allocs/s for {PACED_SECONDS} s under memscope default ({rep}/{repeat})"
+            "paced {PACED_RATE} allocs/s for {PACED_SECONDS} s ({program:?}) under memscope {settings} ({rep}/{repeat})"
         ));
-        let run = paced_run(tools).context("paced workload under memscope")?;
+        let run = paced_run(tools, program, extra).context("paced workload under memscope")?;
         step(format!(
             "  agent {:.2}% of a core, target {:.1}%",
             100.0 * run.agent_cpu_s / run.wall_s,
@@ -882,14 +1118,14 @@ fn agent_cpu(tools: &Tools, repeat: u32) -> Result<Vec<AgentRun>> {
     Ok(runs)
 }
 
-fn paced_run(tools: &Tools) -> Result<AgentRun> {
+fn paced_run(tools: &Tools, program: Program, extra: &[&str]) -> Result<AgentRun> {
     let args = [
         "paced".to_string(),
         PACED_RATE.to_string(),
         PACED_SECONDS.to_string(),
     ];
-    let mut workload = Workload::start(&tools.workload, &args)?;
-    let tracer = start_memscope(tools, workload.pid, &tools.scratch.join("paced"), &[])?;
+    let mut workload = Workload::start(tools.program(program), &args)?;
+    let tracer = start_memscope(tools, workload.pid, &tools.scratch.join("paced"), extra)?;
     let agent_before = tracer.usage()?;
     let target_before = proc_usage(workload.pid)?;
     let started = Instant::now();
@@ -908,6 +1144,51 @@ fn paced_run(tools: &Tools) -> Result<AgentRun> {
         target_cpu_s: target_after.cpu_s - target_before.cpu_s,
         peak_rss_kib: agent_after.hwm_kib,
     })
+}
+
+// ---- attach to a process mapping libc, libstdc++ and a 100 MiB executable ---------------------
+
+struct BigRun {
+    /// From spawning memscope to its "attached" line (BPF load and verification included).
+    attach_s: f64,
+    tracer_cpu_s: f64,
+    tracer_peak_rss_kib: u64,
+    unwind: UnwindInfo,
+}
+
+fn big_attach(tools: &Tools, repeat: u32) -> Result<Vec<BigRun>> {
+    let mut runs = Vec::new();
+    for rep in 1..=repeat {
+        step(format!(
+            "attach to alloc_bench_big (libc, libstdc++, 100 MiB of code) under memscope default ({rep}/{repeat})"
+        ));
+        let args = ["pairs".to_string(), PAIRS_TRACED.to_string()];
+        let mut workload = Workload::start(&tools.workload_big, &args)?;
+        let out = tools.scratch.join("big");
+        let tracer = start_memscope(tools, workload.pid, &out, &[])?;
+        workload.send_line()?;
+        workload.result()?;
+        let usage = tracer.usage()?;
+        let attach_s = tracer.attach_s;
+        let exit = tracer.stop()?;
+        check_exit(Tracer::MemscopeDefault, &exit)?;
+        workload.finish()?;
+        let run = BigRun {
+            attach_s,
+            tracer_cpu_s: usage.cpu_s,
+            tracer_peak_rss_kib: usage.hwm_kib,
+            unwind: read_unwind(&out.join("leaks.json"), &exit.lines),
+        };
+        step(format!(
+            "  attached in {attach_s:.2} s, unwind tables {}",
+            or_na(run.unwind.table_bytes, |b| format!(
+                "{:.1} MiB",
+                b / 1048576.0
+            ))
+        ));
+        runs.push(run);
+    }
+    Ok(runs)
 }
 
 // ---- snapshot and render at 1M live allocations -----------------------------------------------
@@ -1064,6 +1345,10 @@ struct Report {
     repeat: u32,
     workloads: Vec<Comparison>,
     agent: Vec<AgentRun>,
+    /// The same paced workload without frame pointers, default and full sampling.
+    agent_nofp: Vec<AgentRun>,
+    agent_nofp_full: Vec<AgentRun>,
+    big: Vec<BigRun>,
     snapshot: Vec<SnapshotRun>,
     measure_s: f64,
     total_s: f64,
@@ -1080,13 +1365,21 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+fn agent_core(runs: &[AgentRun]) -> f64 {
+    median(runs.iter().map(|r| r.agent_cpu_s / r.wall_s))
+}
+
+fn target_core(runs: &[AgentRun]) -> f64 {
+    median(runs.iter().map(|r| r.target_cpu_s / r.wall_s))
+}
+
 impl Report {
     fn agent_core(&self) -> f64 {
-        median(self.agent.iter().map(|r| r.agent_cpu_s / r.wall_s))
+        agent_core(&self.agent)
     }
 
     fn target_core(&self) -> f64 {
-        median(self.agent.iter().map(|r| r.target_cpu_s / r.wall_s))
+        target_core(&self.agent)
     }
 
     fn snap<F: Fn(&SnapshotRun) -> f64>(&self, f: F) -> f64 {
@@ -1101,8 +1394,12 @@ impl Report {
     fn targets(&self) -> Vec<Target> {
         let mut out = Vec::new();
         for c in &self.workloads {
+            let full = match c.spec.program {
+                Program::Fp => "full tracing",
+                Program::NoFp => "full tracing with unwinding",
+            };
             for (tracer, limit, what) in [
-                (Tracer::MemscopeFull, FULL_MAX_FRACTION, "full tracing"),
+                (Tracer::MemscopeFull, c.spec.full_max, full),
                 (
                     Tracer::MemscopeDefault,
                     DEFAULT_MAX_FRACTION,
@@ -1132,6 +1429,20 @@ impl Report {
             ),
             limit: format!("<= {:.0}% of one core", AGENT_MAX_CORE * 100.0),
             value: format!("{:.2}%", core * 100.0),
+            met: core <= AGENT_MAX_CORE,
+        });
+        let core = agent_core(&self.agent_nofp);
+        out.push(Target {
+            name: format!(
+                "agent CPU at {}k allocs/s (default settings, no frame pointers, {NOFP_DEPTH} frames deep)",
+                PACED_RATE / 1000
+            ),
+            limit: format!("<= {:.0}% of one core", AGENT_MAX_CORE * 100.0),
+            value: format!(
+                "{:.2}% (every allocation: {:.2}%)",
+                core * 100.0,
+                agent_core(&self.agent_nofp_full) * 100.0
+            ),
             met: core <= AGENT_MAX_CORE,
         });
         // The target: read the maps, symbolize, render the flamegraph (memscope's own timings).
@@ -1196,6 +1507,7 @@ impl Report {
             );
         }
         s += &self.render_agent();
+        s += &self.render_unwind();
         s += &self.render_snapshot();
         s += "\ntargets\n\n";
         for t in self.targets() {
@@ -1252,6 +1564,92 @@ impl Report {
         )
     }
 
+    /// The no-frame-pointer runs: attach time, memscope's unwind tables and counters.
+    fn render_unwind(&self) -> String {
+        let mut s = format!(
+            "\nunwinding (no frame pointers, {NOFP_DEPTH} frames deep; figures from memscope, n/a when it reports none)\n\n\
+             | workload | tracer | attach (spawn to attached) | memscope attach_ms | unwind tables | rows | truncated / fp fallback | largest leak's stack |\n\
+             |---|---|---:|---:|---:|---:|---|---|\n"
+        );
+        let row = |name: &str, label: &str, attach_s: f64, runs: Vec<&UnwindInfo>| {
+            let counters = runs
+                .last()
+                .map(|u| {
+                    if u.counters.is_empty() {
+                        "n/a".to_string()
+                    } else {
+                        u.counters
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    }
+                })
+                .unwrap_or_else(|| "n/a".to_string());
+            let depth = match runs.last().and_then(|u| u.largest_leak_frames) {
+                Some((n, true)) => format!("{n} frames, to main/start_thread"),
+                Some((n, false)) => format!("{n} frames, not to main/start_thread"),
+                None => "no leak".to_string(),
+            };
+            format!(
+                "| {name} | {label} | {attach_s:.2} s | {} | {} | {} | {counters} | {depth} |\n",
+                or_na(median_opt(runs.iter().map(|u| u.attach_ms)), |v| format!(
+                    "{v:.0} ms"
+                )),
+                or_na(median_opt(runs.iter().map(|u| u.table_bytes)), |v| format!(
+                    "{:.1} MiB",
+                    v / 1048576.0
+                )),
+                or_na(median_opt(runs.iter().map(|u| u.rows)), |v| format!(
+                    "{v:.0}"
+                )),
+            )
+        };
+        for c in self
+            .workloads
+            .iter()
+            .filter(|c| c.spec.program == Program::NoFp)
+        {
+            for t in [Tracer::MemscopeDefault, Tracer::MemscopeFull] {
+                let infos: Vec<&UnwindInfo> = c.runs[t.key()]
+                    .iter()
+                    .filter_map(|r| r.tracer.as_ref())
+                    .map(|r| &r.unwind)
+                    .collect();
+                s += &row(
+                    c.spec.name,
+                    t.label(),
+                    c.tracer_median(t, |r| r.attach_s),
+                    infos,
+                );
+            }
+        }
+        let big: Vec<&UnwindInfo> = self.big.iter().map(|r| &r.unwind).collect();
+        s += &row(
+            "libc + libstdc++ + 100 MiB executable",
+            Tracer::MemscopeDefault.label(),
+            median(self.big.iter().map(|r| r.attach_s)),
+            big,
+        );
+        s += &format!(
+            "\nmemscope on the 100 MiB executable: {:.2} s of CPU until stopped, peak RSS {:.0} MiB\n",
+            median(self.big.iter().map(|r| r.tracer_cpu_s)),
+            median(self.big.iter().map(|r| mib(r.tracer_peak_rss_kib)))
+        );
+        for (what, runs) in [
+            ("default", &self.agent_nofp),
+            ("--sampling full", &self.agent_nofp_full),
+        ] {
+            s += &format!(
+                "agent at {}k allocs/s, no frame pointers (memscope {what}): {:.2}% of one core; the target {:.1}%\n",
+                PACED_RATE / 1000,
+                100.0 * agent_core(runs),
+                100.0 * target_core(runs)
+            );
+        }
+        s
+    }
+
     fn render_snapshot(&self) -> String {
         let opt =
             |v: Option<f64>, unit: &str| v.map_or("?".to_string(), |v| format!("{v:.0}{unit}"));
@@ -1282,13 +1680,31 @@ impl Report {
             .iter()
             .map(|c| (c.spec.name.to_string(), c.to_json()))
             .collect();
-        let agent: Vec<Value> = self
-            .agent
+        let agent_runs = |runs: &[AgentRun]| -> Vec<Value> {
+            runs.iter()
+                .map(|r| {
+                    json!({
+                        "wall_s": r.wall_s, "allocs": r.allocs, "agent_cpu_s": r.agent_cpu_s,
+                        "target_cpu_s": r.target_cpu_s, "agent_peak_rss_kib": r.peak_rss_kib,
+                    })
+                })
+                .collect()
+        };
+        let agent = agent_runs(&self.agent);
+        let paced_nofp = |runs: &[AgentRun]| {
+            json!({
+                "rate": PACED_RATE, "seconds": PACED_SECONDS, "depth": NOFP_DEPTH,
+                "agent_core_fraction": agent_core(runs), "target_core_fraction": target_core(runs),
+                "runs": agent_runs(runs),
+            })
+        };
+        let big: Vec<Value> = self
+            .big
             .iter()
             .map(|r| {
                 json!({
-                    "wall_s": r.wall_s, "allocs": r.allocs, "agent_cpu_s": r.agent_cpu_s,
-                    "target_cpu_s": r.target_cpu_s, "agent_peak_rss_kib": r.peak_rss_kib,
+                    "attach_s": r.attach_s, "tracer_cpu_s": r.tracer_cpu_s,
+                    "tracer_peak_rss_kib": r.tracer_peak_rss_kib, "unwind": unwind_json(&r.unwind),
                 })
             })
             .collect();
@@ -1317,6 +1733,14 @@ impl Report {
                 "rate": PACED_RATE, "seconds": PACED_SECONDS,
                 "agent_core_fraction": self.agent_core(), "target_core_fraction": self.target_core(),
                 "runs": agent,
+            },
+            "agent_paced_nofp": paced_nofp(&self.agent_nofp),
+            "agent_paced_nofp_full": paced_nofp(&self.agent_nofp_full),
+            "attach_big_executable": {
+                "functions": BIG_FUNCTIONS,
+                "attach_s": median(self.big.iter().map(|r| r.attach_s)),
+                "table_bytes": median_opt(self.big.iter().map(|r| r.unwind.table_bytes)),
+                "runs": big,
             },
             "snapshot": {
                 "allocs": STACKS_ALLOCS, "stacks": STACKS_DISTINCT,

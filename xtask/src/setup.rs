@@ -32,6 +32,9 @@ const PACKAGES: &[&str] = &[
     "util-linux",                     // setpriv, for the missing-privilege test
     "libjemalloc2",                   // other allocators, preloaded in a tracing test
     "libtcmalloc-minimal4",
+    "libc6-dbg",    // names in libc (start_thread, raise) for the unwinding tests
+    "redis-server", // a Debian program without frame pointers, traced under load
+    "redis-tools",  // redis-benchmark, its load generator
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
