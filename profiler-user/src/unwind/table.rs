@@ -44,6 +44,7 @@ pub struct Segment {
     pub file_offset: u64,
     pub file_size: u64,
     pub vaddr: u64,
+    pub executable: bool,
 }
 
 /// One file's unwind table.
@@ -59,13 +60,16 @@ pub struct Table {
 }
 
 impl Table {
-    /// `start - vaddr` for a mapping of this file at `start` from file offset `offset`.
+    /// `start - vaddr` for an executable mapping of this file at `start` from file offset
+    /// `offset`. The kernel maps from the page holding the segment's first byte, so `offset`
+    /// may lie below the segment's own offset (and inside the previous segment's range).
     pub fn bias(&self, start: u64, offset: u64) -> Option<u64> {
+        let page = |x: u64| x & !0xfff;
         let seg = self
             .segments
             .iter()
-            .find(|s| offset >= s.file_offset && offset < s.file_offset + s.file_size.max(1))?;
-        Some(start.wrapping_sub(seg.vaddr + (offset - seg.file_offset)))
+            .find(|s| s.executable && offset >= page(s.file_offset) && offset < s.file_offset + s.file_size.max(1))?;
+        Some(start.wrapping_sub((seg.vaddr.wrapping_sub(seg.file_offset)).wrapping_add(offset)))
     }
 
     /// Bytes the rows take in the probes' map.
@@ -83,7 +87,8 @@ pub fn compile(path: &Path, debug_file: Option<&dyn Fn(&str) -> Option<PathBuf>>
         .segments()
         .map(|s| {
             let (file_offset, file_size) = s.file_range();
-            Segment { file_offset, file_size, vaddr: s.address() }
+            let executable = matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0);
+            Segment { file_offset, file_size, vaddr: s.address(), executable }
         })
         .collect();
     let build_id = file.build_id().ok().flatten().map(hex);
@@ -287,6 +292,22 @@ mod tests {
         let malloc = crate::bpf::elf_symbols::resolve(libc(), &["malloc"]).unwrap()[0].clone().unwrap();
         let r = row_at(&t, malloc.vaddr);
         assert_eq!((r.kind, r.cfa_offset, r.rbp), (row::RSP, 8, rbp::SAME));
+    }
+
+    /// The Rust toolchain's layout: the code segment's file offset is 0x1000 below its
+    /// address, and its mapping starts at the page below its first byte.
+    #[test]
+    fn bias_of_a_mapping_from_the_page_below_its_segment() {
+        let seg = |file_offset, vaddr, executable| Segment { file_offset, file_size: 0x3ee60, vaddr, executable };
+        let t = Table {
+            rows: Vec::new(),
+            source: CfiSource::None,
+            segments: vec![seg(0, 0, false), seg(0x13df0, 0x14df0, true)],
+            unsupported_rows: 0,
+            build_id: None,
+        };
+        // Mapped at 0x5555_5556_8000 from offset 0x13000: vaddr 0x14000 is there.
+        assert_eq!(t.bias(0x5555_5556_8000, 0x13000), Some(0x5555_5556_8000 - 0x14000));
     }
 
     #[test]

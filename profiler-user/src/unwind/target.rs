@@ -203,6 +203,7 @@ impl TargetUnwinder {
             return false;
         }
         self.active_half = half;
+        debug!(pid = self.pid, mappings = list.len(), frame_pointers, rows = self.stats.rows, "unwind mappings updated");
         self.stats.mappings = list.len();
         self.stats.frame_pointer_mappings = frame_pointers;
         self.stats.refreshes += 1;
@@ -254,9 +255,9 @@ fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
 
 /// How often the refresher reads the probes' `truncated_unmapped` counter: a stack that met an
 /// unknown mapping (a library just `dlopen`ed, new JIT code) makes it re-read the maps at once.
-const COUNTER_POLL: Duration = Duration::from_millis(20);
+const COUNTER_POLL: Duration = Duration::from_millis(5);
 /// How often it re-reads `/proc/PID/maps` regardless (an unmapped library, moved JIT code).
-const MAPS_POLL: Duration = Duration::from_millis(250);
+const MAPS_POLL: Duration = Duration::from_millis(100);
 
 /// A target's unwinder, kept in step with the target's mappings by a thread of its own that
 /// ends with the handle or the target.
