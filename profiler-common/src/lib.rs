@@ -243,9 +243,7 @@ impl Counter {
             _ => "not_a_drop",
         }
     }
-}
 
-impl Counter {
     /// The counters of how stack walks ended early, and the frame-pointer fallback.
     pub const UNWIND: [Counter; 5] = [
         Counter::TruncatedNoCfi,

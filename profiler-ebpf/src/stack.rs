@@ -105,22 +105,31 @@ struct Frame {
     exact: bool,
 }
 
+/// The caller's frame by the frame-pointer chain: for code without CFI (JIT code, a file
+/// without unwind tables, V8's builtins inside node's own CFI-covered binary), which keeps
+/// frame pointers or else fails the checks here. `fail` says why the walk ends if it does.
+#[inline(always)]
+fn frame_pointer_step(f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter> {
+    // A frame pointer lies above the stack pointer, inside the stack, 8-byte aligned.
+    if f.fp < f.sp || f.fp - f.sp > MAX_FRAME_SIZE || f.fp & 7 != 0 {
+        return Err(fail);
+    }
+    let frame = unsafe { bpf_probe_read_user(f.fp as *const [u64; 2]) }.map_err(|_| fail)?;
+    count(Counter::FramePointerFrames, 1);
+    if frame[1] == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false }))
+}
+
 /// The caller's frame of `f`, which lies in mapping `m`; Err(counter) when the walk ends
-/// early, Ok(None) at the outermost frame.
+/// early, Ok(None) at the outermost frame. Per frame, whichever the code supports: its CFI
+/// row, else frame pointers.
 #[inline(always)]
 fn step(f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
     let bad = Counter::TruncatedBadFrame;
     if m.kind == mapping::FRAME_POINTERS {
-        // A frame pointer lies above the stack pointer, inside the stack, 8-byte aligned.
-        if f.fp < f.sp || f.fp - f.sp > MAX_FRAME_SIZE || f.fp & 7 != 0 {
-            return Err(bad);
-        }
-        let frame = unsafe { bpf_probe_read_user(f.fp as *const [u64; 2]) }.map_err(|_| bad)?;
-        count(Counter::FramePointerFrames, 1);
-        if frame[1] == 0 {
-            return Ok(None);
-        }
-        return Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false }));
+        return frame_pointer_step(f, bad);
     }
     let lookup = if f.exact { f.pc } else { f.pc - 1 };
     let r = find_row(m, lookup);
@@ -136,7 +145,7 @@ fn step(f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
             return Ok(Some(Frame { pc, sp, fp, exact: true }));
         }
         row::END => return Ok(None),
-        row::NONE => return Err(Counter::TruncatedNoCfi),
+        row::NONE => return frame_pointer_step(f, Counter::TruncatedNoCfi),
         _ => return Err(bad),
     };
     if cfa <= f.sp || cfa - f.sp > MAX_FRAME_SIZE {

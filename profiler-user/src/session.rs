@@ -49,6 +49,7 @@ impl Session {
     /// Starts tracing `pid`. Errors are one line each: no such process, no privilege, no
     /// allocator, kernel refusal.
     pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
+        let started = Instant::now();
         if !procfs::exists(pid) {
             return Err(procfs::ProcError::NoSuchProcess(pid).into());
         }
@@ -58,17 +59,21 @@ impl Session {
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
         // Tables first: the probes' row map is sized to what the target maps.
-        let (rows, _tables) = unwind::target::plan(pid);
-        let capacity = load::unwind_capacity(rows, settings.max_unwind_rows);
+        let plan = unwind::target::plan(pid);
+        let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
         let mut loaded = load::load(pid, settings, capacity)?;
         let unwind = match loaded.maps.unwind.take() {
-            Some(maps) => Some(UnwindHandle::start(TargetUnwinder::new(pid, maps.rows, maps.mappings, maps.state, capacity)?, maps.counters)),
+            Some(maps) => Some(UnwindHandle::start(TargetUnwinder::new(pid, maps.rows, maps.mappings, maps.state, capacity, &plan)?, maps.counters)),
             None => None,
         };
         let sites = attach::attach(&mut loaded, pid, &allocator)
             .with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = if loaded.session.is_some() { ProbeMode::Session } else { ProbeMode::Classic };
-        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, "attached");
+        let attach_ms = started.elapsed().as_millis() as u64;
+        if let Some(u) = &unwind {
+            u.set_attach_ms(attach_ms);
+        }
+        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, "attached");
         Ok(Session {
             pid,
             comm,
@@ -177,7 +182,8 @@ impl TracedTarget for Session {
             target_exited: exited,
         };
         let started = Instant::now();
-        let profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        let mut profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        profile.unwind_tables = self.unwind.as_ref().map(UnwindHandle::stats);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
     }

@@ -155,6 +155,8 @@ fn fixture() -> HeapProfile {
         sample_bytes: 0,
         totals: totals(&stacks),
         dropped: BTreeMap::from([("ringbuf_full".to_string(), 3), ("stack_missing".to_string(), 0)]),
+        unwind: BTreeMap::from([("frame_pointer_frames".to_string(), 4), ("truncated_no_cfi".to_string(), 2)]),
+        unwind_tables: None,
         unseen_before_attach_bytes: 256 * KIB,
         untracked_frees: 7,
         target_exited: true,
@@ -312,6 +314,8 @@ fn leaks_json_matches_golden() {
         "dropped",
         "unseen_before_attach_bytes",
         "untracked_frees",
+        "unwind",
+        "unwind_tables",
         "leak_stacks",
         "leaks",
     ];

@@ -844,10 +844,12 @@ fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .unwrap_or(Value::Null);
     let unwind = &parsed["unwind"];
-    info.table_bytes = unwind["table_bytes"].as_f64();
-    info.rows = unwind["rows"].as_f64();
-    info.attach_ms = parsed["attach_ms"]
+    let tables = &parsed["unwind_tables"];
+    info.table_bytes = tables["map_bytes"].as_f64().or(unwind["table_bytes"].as_f64());
+    info.rows = tables["rows"].as_f64().or(unwind["rows"].as_f64());
+    info.attach_ms = tables["attach_ms"]
         .as_f64()
+        .or(parsed["attach_ms"].as_f64())
         .or(unwind["attach_ms"].as_f64());
     info.largest_leak_frames = parsed["leaks"][0]["frames"].as_array().map(|frames| {
         let main = frames
@@ -857,7 +859,7 @@ fn read_unwind(leaks_json: &Path, lines: &[String]) -> UnwindInfo {
     });
     if let Some(m) = unwind.as_object() {
         for (k, v) in m {
-            if k.starts_with("truncated_") || k == "fp_fallback_frames" {
+            if k.starts_with("truncated_") || k == "frame_pointer_frames" {
                 if let Some(v) = v.as_u64() {
                     info.counters.insert(k.clone(), v);
                 }

@@ -104,6 +104,7 @@ pub fn build(
         totals,
         dropped: dropped(&raw.counters),
         unwind: unwind(&raw.counters),
+        unwind_tables: None,
         unseen_before_attach_bytes: ctx.unseen_before_attach_bytes,
         untracked_frees: c(Counter::UntrackedFrees),
         target_exited: ctx.target_exited,

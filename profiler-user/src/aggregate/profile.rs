@@ -123,6 +123,9 @@ pub struct HeapProfile {
     /// frame pointers (see `profiler_common::Counter::UNWIND`). Always lists every reason.
     #[serde(default)]
     pub unwind: BTreeMap<String, u64>,
+    /// The target's unwind tables (files, rows, kernel memory) and attach time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unwind_tables: Option<crate::unwind::UnwindStats>,
     /// Heap bytes of the process that memscope never saw allocated (allocated before attach).
     pub unseen_before_attach_bytes: u64,
     /// Frees of addresses never seen allocated (allocated before attach, or not sampled).

@@ -222,12 +222,14 @@ mod tests {
             comm: "we\"ird".into(),
             live_bytes: 4096,
             dropped: [("stack_map_full".to_string(), 3)].into(),
+            unwind: [("truncated_bad_frame".to_string(), 5)].into(),
             alive: true,
             ..TargetStats::default()
         };
         let text = m.render(&[t], (2, 100), 0);
         assert!(text.contains("memscope_target_live_bytes{pid=\"7\",comm=\"we\\\"ird\"} 4096"), "{text}");
         assert!(text.contains("reason=\"stack_map_full\"} 3"));
+        assert!(text.contains("memscope_target_unwind_total{pid=\"7\",comm=\"we\\\"ird\",reason=\"truncated_bad_frame\"} 5"), "{text}");
         assert!(text.contains(
             "memscope_http_requests_total{method=\"GET\",route=\"/v1/targets/{id}/heap\",status=\"200\"} 1"
         ));

@@ -138,6 +138,8 @@ impl TracedTarget for FakeTarget {
             allocs: 10,
             frees: 7,
             dropped: [("stack_map_full".to_string(), 1)].into(),
+            unwind: [("truncated_no_cfi".to_string(), 2)].into(),
+            unwind_tables: None,
             sample_bytes: 0,
             probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),

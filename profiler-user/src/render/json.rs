@@ -75,6 +75,7 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         },
         "dropped": p.dropped,
         "unwind": p.unwind,
+        "unwind_tables": p.unwind_tables,
         "unseen_before_attach_bytes": p.unseen_before_attach_bytes,
         "untracked_frees": p.untracked_frees,
         "leak_stacks": leak_stacks,

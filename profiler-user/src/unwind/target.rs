@@ -37,7 +37,7 @@ pub enum UnwindMapError {
 }
 
 /// What the unwind tables of one target hold, for the agent's JSON, `/metrics` and reports.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnwindStats {
     /// Files with rows in the map.
     pub files: usize,
@@ -54,9 +54,12 @@ pub struct UnwindStats {
     /// Executable mappings the probes know, and how many of them use frame pointers.
     pub mappings: usize,
     pub frame_pointer_mappings: usize,
-    /// Times the mapping list was rewritten, and the time spent compiling tables.
+    /// Times the mapping list was rewritten, and the time spent compiling tables (those not
+    /// already compiled for another target).
     pub refreshes: u64,
     pub compile_ms: u64,
+    /// Wall time of the target's attach: tables compiled, probes loaded (verified) and attached.
+    pub attach_ms: u64,
 }
 
 struct Placed {
@@ -96,8 +99,9 @@ fn page_size() -> usize {
 /// Rows needed for the files `pid` maps now, compiling (and caching) their tables: what the
 /// probes' `UNWIND_ROWS` must hold at load time. The tables are returned so the cache keeps
 /// them until the target's maps are filled.
-pub fn plan(pid: u32) -> (usize, Vec<Arc<Table>>) {
-    let Ok(maps) = procfs::maps(pid) else { return (0, Vec::new()) };
+pub fn plan(pid: u32) -> Plan {
+    let started = Instant::now();
+    let Ok(maps) = procfs::maps(pid) else { return Plan::default() };
     let mut seen = HashMap::new();
     for m in maps.iter().filter(|m| m.executable && m.is_file()) {
         if let std::collections::hash_map::Entry::Vacant(e) = seen.entry((m.dev, m.inode)) {
@@ -107,7 +111,15 @@ pub fn plan(pid: u32) -> (usize, Vec<Arc<Table>>) {
         }
     }
     let tables: Vec<Arc<Table>> = seen.into_values().collect();
-    (tables.iter().map(|t| t.rows.len()).sum(), tables)
+    Plan { rows: tables.iter().map(|t| t.rows.len()).sum(), compile_ms: started.elapsed().as_millis() as u64, _tables: tables }
+}
+
+/// What [`plan`] found.
+#[derive(Default)]
+pub struct Plan {
+    pub rows: usize,
+    pub compile_ms: u64,
+    _tables: Vec<Arc<Table>>,
 }
 
 fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
@@ -127,12 +139,17 @@ fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
 
 impl TargetUnwinder {
     /// Takes the unwind maps of a loaded object whose `UNWIND_ROWS` holds `capacity` rows.
-    pub fn new(pid: u32, rows: MapData, mappings: MapData, state: MapData, capacity: u32) -> Result<Self, UnwindMapError> {
+    pub fn new(pid: u32, rows: MapData, mappings: MapData, state: MapData, capacity: u32, plan: &Plan) -> Result<Self, UnwindMapError> {
         let row_bytes = capacity as usize * size_of::<UnwindRow>();
         let rows_mem = map_rw("UNWIND_ROWS", &rows, row_bytes)?;
         let mappings_mem =
             map_rw("UNWIND_MAPPINGS", &mappings, 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>())?;
-        let stats = UnwindStats { capacity_rows: capacity as usize, map_bytes: rows_mem.len(), ..Default::default() };
+        let stats = UnwindStats {
+            capacity_rows: capacity as usize,
+            map_bytes: rows_mem.len(),
+            compile_ms: plan.compile_ms,
+            ..Default::default()
+        };
         Ok(TargetUnwinder {
             pid,
             rows: rows_mem,
@@ -281,6 +298,11 @@ impl UnwindHandle {
 
     pub fn stats(&self) -> UnwindStats {
         self.inner.lock().unwrap().stats()
+    }
+
+    /// Records how long the whole attach took (see [`UnwindStats::attach_ms`]).
+    pub fn set_attach_ms(&self, ms: u64) {
+        self.inner.lock().unwrap().stats.attach_ms = ms;
     }
 }
 
