@@ -21,7 +21,7 @@ use crate::{
     procfs,
     symbolize::Symbolizer,
     target::{Attacher, TargetStats, TracedTarget},
-    unwind::{self, TargetUnwinder, UnwindHandle},
+    unwind::{self, RowStore, SharedRows, TargetUnwinder, UnwindHandle},
 };
 
 pub struct Session {
@@ -49,6 +49,11 @@ impl Session {
     /// Starts tracing `pid`. Errors are one line each: no such process, no privilege, no
     /// allocator, kernel refusal.
     pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
+        Session::attach_sharing(pid, settings, None)
+    }
+
+    /// [`Session::attach`], with the unwind rows in the agent's `shared` map.
+    pub fn attach_sharing(pid: u32, settings: ProbeSettings, shared: Option<&Arc<Mutex<SharedRows>>>) -> anyhow::Result<Session> {
         let started = Instant::now();
         if !procfs::exists(pid) {
             return Err(procfs::ProcError::NoSuchProcess(pid).into());
@@ -61,9 +66,17 @@ impl Session {
         // Tables first: the probes' row map is sized to what the target maps.
         let plan = unwind::target::plan(pid);
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
-        let mut loaded = load::load(pid, settings, capacity)?;
+        let shared_fd = shared.map(|s| s.lock().unwrap().raw_fd());
+        let mut loaded = load::load(pid, settings, capacity, shared_fd)?;
         let unwind = match loaded.maps.unwind.take() {
-            Some(maps) => Some(UnwindHandle::start(TargetUnwinder::new(pid, maps.rows, maps.mappings, maps.state, capacity, &plan)?, maps.counters)),
+            Some(maps) => {
+                let rows = match shared {
+                    Some(s) if maps.rows_shared => RowStore::Shared(Arc::clone(s)),
+                    _ => RowStore::Own { map: maps.rows, capacity },
+                };
+                let unwinder = TargetUnwinder::new(pid, rows, maps.mappings, maps.state, &plan)?;
+                Some(UnwindHandle::start(unwinder, maps.counters))
+            }
             None => None,
         };
         let sites = attach::attach(&mut loaded, pid, &allocator)
@@ -220,13 +233,38 @@ impl TracedTarget for Session {
     }
 }
 
-/// Attaches real eBPF sessions with fixed settings (the agent's).
+/// Attaches real eBPF sessions with fixed settings (the agent's), their unwind rows in one
+/// map shared by all of them (`settings.max_unwind_rows` rows in all, created at the first
+/// attach).
 pub struct EbpfAttacher {
-    pub settings: ProbeSettings,
+    settings: ProbeSettings,
+    shared_rows: std::sync::OnceLock<Option<Arc<Mutex<SharedRows>>>>,
+}
+
+impl EbpfAttacher {
+    pub fn new(settings: ProbeSettings) -> EbpfAttacher {
+        EbpfAttacher { settings, shared_rows: std::sync::OnceLock::new() }
+    }
+
+    pub fn settings(&self) -> ProbeSettings {
+        self.settings
+    }
+
+    /// `(rows in use, capacity, bytes)` of the shared row map, once created.
+    pub fn shared_rows_usage(&self) -> Option<(usize, usize, usize)> {
+        self.shared_rows.get()?.as_ref().map(|s| s.lock().unwrap().usage())
+    }
 }
 
 impl Attacher for EbpfAttacher {
     fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
-        Ok(Arc::new(Session::attach(pid, self.settings)?))
+        let shared = self.shared_rows.get_or_init(|| match SharedRows::create(self.settings.max_unwind_rows) {
+            Ok(rows) => Some(Arc::new(Mutex::new(rows))),
+            Err(e) => {
+                tracing::warn!("no shared unwind row map ({e}): each target gets its own");
+                None
+            }
+        });
+        Ok(Arc::new(Session::attach_sharing(pid, self.settings, shared.as_ref())?))
     }
 }

@@ -1148,3 +1148,41 @@ fn debian_redis_stacks_reach_main() {
     let _ = redis.wait();
     checks.finish();
 }
+
+/// Two processes of one binary traced as the agent traces them (one attacher): the second adds
+/// no rows to the agent's shared unwind map (libc's, ld.so's and the binary's tables are
+/// placed once), and both get whole stacks from it.
+#[test]
+fn agent_targets_share_unwind_rows() {
+    use profiler_user::{bpf::load::ProbeSettings, session::EbpfAttacher, target::Attacher};
+    require_root();
+    let exe = c_fixture();
+    let attacher = EbpfAttacher::new(ProbeSettings::default());
+    let mut a = Fixture::spawn(fixture_cmd(&exe, &["basic", "400"], None));
+    let mut b = Fixture::spawn(fixture_cmd(&exe, &["basic", "400"], None));
+    let ta = attacher.attach(a.pid).unwrap();
+    let (after_one, capacity, _) = attacher.shared_rows_usage().expect("a shared row map");
+    assert!(after_one > 1000 && after_one < capacity, "{after_one} rows of {capacity}");
+    let tb = attacher.attach(b.pid).unwrap();
+    assert_eq!(attacher.shared_rows_usage().unwrap().0, after_one, "the second target added rows");
+    a.go();
+    b.go();
+    for t in [&ta, &tb] {
+        let tables = t.stats().unwind_tables.expect("unwind tables");
+        assert!(tables.shared_map && tables.files >= 3, "{tables:?}");
+        let p = t.snapshot(std::time::Duration::ZERO).unwrap();
+        let whole: u64 = p
+            .stacks
+            .iter()
+            .filter(|s| {
+                let names: Vec<&str> = s.frames.iter().filter_map(|f| f.function.as_deref()).collect();
+                names.first() == Some(&"tail_leaf") && names.contains(&"run_tail") && names.contains(&"main")
+            })
+            .map(|s| s.live_bytes)
+            .sum();
+        assert!(whole >= 400 * 8192, "pid {}: {whole} bytes under tail_leaf <- .. <- main", t.pid());
+        assert_eq!(p.unwind["truncated_no_cfi"] + p.unwind["truncated_bad_frame"], 0, "{:?}", p.unwind);
+    }
+    drop(ta);
+    drop(tb);
+}

@@ -1,7 +1,11 @@
 //! Loads the embedded eBPF object with per-target settings (which process, map capacities,
 //! sampling rate) and hands out its maps. Checks privileges and kernel features first, so the
 //! operator gets one clear line instead of a verifier dump.
-use std::{fs, os::fd::AsFd as _, path::Path};
+use std::{
+    fs,
+    os::fd::{AsFd as _, RawFd},
+    path::Path,
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap},
@@ -128,6 +132,8 @@ pub struct ProbeMaps {
 /// unwinder's refresher watches `truncated_unmapped`).
 pub struct UnwindMaps {
     pub rows: MapData,
+    /// The session programs read the shared row map instead of `rows`.
+    pub rows_shared: bool,
     pub mappings: MapData,
     pub state: MapData,
     pub counters: PerCpuArray<MapData, u64>,
@@ -166,9 +172,13 @@ fn has_bpf_capabilities() -> bool {
     has(CAP_SYS_ADMIN) && has(CAP_SYS_PTRACE)
 }
 
-/// Loads the object for one target process, with room for `unwind_rows` unwind rows.
-pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32) -> Result<Loaded, LoadError> {
+/// Loads the object for one target process, with room for `unwind_rows` unwind rows, or
+/// with its uprobe.session programs reading the agent's shared row map `shared_rows` (only
+/// when they load: classic programs keep the object's own map).
+pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32, shared_rows: Option<RawFd>) -> Result<Loaded, LoadError> {
     check_environment()?;
+    let shared_rows = shared_rows.filter(|_| settings.probe_mode != ProbeMode::Classic);
+    let unwind_rows = if shared_rows.is_some() { 1 } else { unwind_rows };
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
         .override_global("SAMPLE_BYTES", &settings.sample_bytes, true)
@@ -181,8 +191,13 @@ pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32) -> Result<Load
     fill_exp_table(&mut ebpf)?;
     let session = match settings.probe_mode {
         ProbeMode::Classic => None,
-        mode => match SessionProgram::load(OBJECT, &ebpf, ["malloc_session", "alloc_session", "free_session"]) {
+        mode => match SessionProgram::load(OBJECT, &ebpf, ["malloc_session", "alloc_session", "free_session"], shared_rows.map(|fd| ("UNWIND_ROWS", fd))) {
             Ok([malloc, alloc, free]) => Some(SessionPrograms { malloc, alloc, free }),
+            // Classic programs would read this object's (one-row) map: load it again with its own.
+            Err(e) if mode == ProbeMode::Auto && shared_rows.is_some() => {
+                info!("using classic uprobes + uretprobes: {e}");
+                return load(tgid, ProbeSettings { probe_mode: ProbeMode::Classic, ..settings }, unwind_rows.max(1), None);
+            }
             Err(e) if mode == ProbeMode::Auto => {
                 info!("using classic uprobes + uretprobes: {e}");
                 None
@@ -194,6 +209,7 @@ pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32) -> Result<Load
     let unwind = UnwindMaps {
         counters: counters_handle(&ebpf)?,
         rows: array(&mut ebpf, "UNWIND_ROWS")?,
+        rows_shared: shared_rows.is_some() && session.is_some(),
         mappings: array(&mut ebpf, "UNWIND_MAPPINGS")?,
         state: array(&mut ebpf, "UNWIND_STATE")?,
     };

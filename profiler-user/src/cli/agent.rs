@@ -60,9 +60,10 @@ pub struct AgentArgs {
     /// Distinct allocation stacks tracked per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_stacks)]
     pub max_stacks: u32,
-    /// Unwind rows (8 bytes each) per target at most: the tables of the files it maps, sized to
-    /// what it maps at attach plus room for later libraries. Files past it use frame pointers.
-    #[arg(long, default_value_t = ProbeSettings::default().max_unwind_rows, value_name = "N")]
+    /// Unwind rows (8 bytes each) for all targets: one map shared by every target, each file's
+    /// table placed once (libc's serves every process), allocated at the first attach (the
+    /// default, 4 Mi rows, is 32 MiB). Files that do not fit use frame pointers, counted.
+    #[arg(long, default_value_t = 1 << 22, value_name = "N")]
     pub max_unwind_rows: u32,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
@@ -135,7 +136,7 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
     };
-    Arc::new(EbpfAttacher { settings })
+    Arc::new(EbpfAttacher::new(settings))
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {

@@ -8,14 +8,17 @@
 //!   of the process while one of them maps the file);
 //! - [`target`] places the tables of the files a target maps in its `UNWIND_ROWS` map and
 //!   keeps its `UNWIND_MAPPINGS` (address range -> file rows, or frame pointers for code with no
-//!   CFI such as JIT code) in step with `/proc/PID/maps`, so `dlopen`ed libraries are picked up.
+//!   CFI such as JIT code) in step with `/proc/PID/maps`, so `dlopen`ed libraries are picked up;
+//! - [`shared`] is the agent's one row map for all its targets.
 //!
 //! Why in the probes rather than copying the stack out and unwinding here (perf's
 //! `--call-graph=dwarf`, framehop): the copy would cost every recorded allocation a stack
 //! read and an event to this process, and stacks could no longer be aggregated in the kernel.
 //! Measured costs are in docs/performance.md.
 pub mod cache;
+pub mod shared;
 pub mod table;
 pub mod target;
 
-pub use target::{TargetUnwinder, UnwindHandle, UnwindStats};
+pub use shared::SharedRows;
+pub use target::{RowStore, TargetUnwinder, UnwindHandle, UnwindStats};

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 
 use super::{
     cache::{self, FileKey},
+    shared::SharedRows,
     table::Table,
 };
 use crate::procfs::{self, Mapping};
@@ -48,9 +49,12 @@ pub struct UnwindStats {
     /// Rows in use, and what the map can hold (`--max-unwind-rows` bounds it).
     pub rows: usize,
     pub capacity_rows: usize,
-    /// Bytes the rows in use take, and the map's size in kernel memory.
+    /// Bytes this target's rows take, and the row map's size in kernel memory.
     pub table_bytes: usize,
     pub map_bytes: usize,
+    /// The row map is the agent's, shared by all its targets (`map_bytes` counted once for
+    /// all of them), rather than this target's own.
+    pub shared_map: bool,
     /// Executable mappings the probes know, and how many of them use frame pointers.
     pub mappings: usize,
     pub frame_pointer_mappings: usize,
@@ -67,15 +71,41 @@ struct Placed {
     start: u32,
 }
 
+/// Where a target's rows go: its own object's `UNWIND_ROWS`, or the agent's shared map.
+pub enum RowStore {
+    Own { map: MapData, capacity: u32 },
+    Shared(Arc<Mutex<SharedRows>>),
+}
+
+enum Rows {
+    Own { mem: MmapMut, _map: MapData, capacity: u32, next_free: u32 },
+    Shared(Arc<Mutex<SharedRows>>),
+}
+
+impl Rows {
+    /// Where `key`'s rows start, placed now unless they already are (shared); None: no room.
+    fn place(&mut self, key: FileKey, rows: &[UnwindRow]) -> Option<u32> {
+        match self {
+            Rows::Own { mem, capacity, next_free, .. } => {
+                let len = u32::try_from(rows.len()).ok()?;
+                let end = next_free.checked_add(len).filter(|end| end <= capacity)?;
+                let at = *next_free as usize * size_of::<UnwindRow>();
+                let bytes = as_bytes(rows);
+                mem[at..at + bytes.len()].copy_from_slice(bytes);
+                Some(std::mem::replace(next_free, end))
+            }
+            Rows::Shared(shared) => shared.lock().unwrap().acquire(key, rows),
+        }
+    }
+}
+
 /// The unwind maps of one loaded probe object.
 pub struct TargetUnwinder {
     pid: u32,
-    rows: MmapMut,
+    rows: Rows,
     mappings: MmapMut,
     state: Array<MapData, u32>,
-    _maps: [MapData; 2],
-    capacity: u32,
-    next_free: u32,
+    _mappings_map: MapData,
     placed: HashMap<FileKey, Placed>,
     /// Files known to have no usable table, so they are not compiled again.
     no_table: HashMap<FileKey, ()>,
@@ -139,25 +169,33 @@ fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
 
 impl TargetUnwinder {
     /// Takes the unwind maps of a loaded object whose `UNWIND_ROWS` holds `capacity` rows.
-    pub fn new(pid: u32, rows: MapData, mappings: MapData, state: MapData, capacity: u32, plan: &Plan) -> Result<Self, UnwindMapError> {
-        let row_bytes = capacity as usize * size_of::<UnwindRow>();
-        let rows_mem = map_rw("UNWIND_ROWS", &rows, row_bytes)?;
+    pub fn new(pid: u32, rows: RowStore, mappings: MapData, state: MapData, plan: &Plan) -> Result<Self, UnwindMapError> {
         let mappings_mem =
             map_rw("UNWIND_MAPPINGS", &mappings, 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>())?;
+        let (rows, capacity, map_bytes, shared) = match rows {
+            RowStore::Own { map, capacity } => {
+                let mem = map_rw("UNWIND_ROWS", &map, capacity as usize * size_of::<UnwindRow>())?;
+                let bytes = mem.len();
+                (Rows::Own { mem, _map: map, capacity, next_free: 0 }, capacity as usize, bytes, false)
+            }
+            RowStore::Shared(s) => {
+                let (_, capacity, bytes) = s.lock().unwrap().usage();
+                (Rows::Shared(s), capacity, bytes, true)
+            }
+        };
         let stats = UnwindStats {
-            capacity_rows: capacity as usize,
-            map_bytes: rows_mem.len(),
+            capacity_rows: capacity,
+            map_bytes,
+            shared_map: shared,
             compile_ms: plan.compile_ms,
             ..Default::default()
         };
         Ok(TargetUnwinder {
             pid,
-            rows: rows_mem,
+            rows,
             mappings: mappings_mem,
             state: Array::try_from(Map::Array(state))?,
-            _maps: [rows, mappings],
-            capacity,
-            next_free: 0,
+            _mappings_map: mappings,
             placed: HashMap::new(),
             no_table: HashMap::new(),
             active_half: 0,
@@ -242,21 +280,16 @@ impl TargetUnwinder {
                 self.no_table.insert(key, ());
                 return None;
             };
-            let len = table.rows.len() as u32;
-            if self.next_free.checked_add(len).is_none_or(|end| end > self.capacity) {
+            let len = table.rows.len();
+            let Some(start) = self.rows.place(key, &table.rows) else {
                 self.stats.files_refused += 1;
                 warn!(pid = self.pid, "unwind table of {} does not fit ({len} rows): frame pointers there", m.path.as_deref().unwrap_or("?"));
                 self.no_table.insert(key, ());
                 return None;
-            }
-            let start = self.next_free;
-            let at = start as usize * size_of::<UnwindRow>();
-            let bytes = as_bytes(&table.rows);
-            self.rows[at..at + bytes.len()].copy_from_slice(bytes);
-            self.next_free += len;
+            };
             self.stats.files += 1;
-            self.stats.rows += len as usize;
-            self.stats.table_bytes += bytes.len();
+            self.stats.rows += len;
+            self.stats.table_bytes += len * size_of::<UnwindRow>();
             self.placed.insert(key, Placed { _table: table, start });
         }
         let placed = &self.placed[&key];
@@ -265,7 +298,18 @@ impl TargetUnwinder {
     }
 }
 
-fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
+impl Drop for TargetUnwinder {
+    fn drop(&mut self) {
+        if let Rows::Shared(shared) = &self.rows {
+            let mut shared = shared.lock().unwrap();
+            for key in self.placed.keys() {
+                shared.release(*key);
+            }
+        }
+    }
+}
+
+pub(super) fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
     // SAFETY: Pod types are plain integers with explicit padding.
     unsafe { std::slice::from_raw_parts(items.as_ptr().cast(), std::mem::size_of_val(items)) }
 }
