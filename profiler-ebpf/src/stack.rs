@@ -204,7 +204,9 @@ pub fn record(regs: *const pt_regs) -> u64 {
             }
         };
         // Kept only when it lies in an executable mapping: the next step needs that mapping.
-        m = find_mapping(if next.exact { next.pc } else { next.pc - 1 });
+        // Callers are mostly in the same file as their callees: the search only when not.
+        let lookup = if next.exact { next.pc } else { next.pc - 1 };
+        m = if here.start <= lookup && lookup < here.end { Some(here) } else { find_mapping(lookup) };
         if m.is_none() {
             count(Counter::TruncatedUnmapped, 1);
             ended = true;
