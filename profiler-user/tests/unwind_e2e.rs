@@ -1186,3 +1186,40 @@ fn agent_targets_share_unwind_rows() {
     drop(ta);
     drop(tb);
 }
+
+/// Code whose CFI is only in `.debug_frame` (built with -fno-asynchronous-unwind-tables -g; the
+/// crt objects keep theirs in `.eh_frame`), then the same binary stripped of `.debug_frame`
+/// with its debug file installed under /usr/lib/debug/.build-id (as Debian's -dbgsym packages
+/// do): whole stacks from either, no truncation.
+#[test]
+fn debug_frame_and_debug_files_give_whole_stacks() {
+    require_root();
+    let exe = compile(
+        "cc",
+        "unwind_c.c",
+        "unwind_c_debug_frame",
+        &["-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-Wl,--build-id"],
+    );
+    let sections = |exe: &Path| String::from_utf8(Command::new("readelf").arg("-SW").arg(exe).output().unwrap().stdout).unwrap();
+    assert!(sections(&exe).contains(".debug_frame"), "{}", sections(&exe));
+    let mut checks = Checks::default();
+    let rec = record(fixture_cmd(&exe, &["basic", "2000"], None), Some("full"));
+    checks.all("CFI in .debug_frame", &rec, &c_sites(), &[&exe]);
+
+    // Split: the binary keeps its symbols, the debug file gets .debug_frame.
+    let stripped = out_path("unwind_c_split");
+    let debug = out_path("unwind_c_split.debug");
+    run(Command::new("objcopy").arg("--only-keep-debug").arg(&exe).arg(&debug));
+    run(Command::new("objcopy").args(["--remove-section", ".debug_frame"]).arg(&exe).arg(&stripped));
+    assert!(!sections(&stripped).contains(".debug_frame"));
+    let notes = String::from_utf8(Command::new("readelf").arg("-n").arg(&stripped).output().unwrap().stdout).unwrap();
+    let id = notes.split("Build ID: ").nth(1).and_then(|s| s.split_whitespace().next()).expect("a build id").to_string();
+    let dir = Path::new("/usr/lib/debug/.build-id").join(&id[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    let installed = dir.join(format!("{}.debug", &id[2..]));
+    std::fs::copy(&debug, &installed).unwrap();
+    let rec = record(fixture_cmd(&stripped, &["basic", "2000"], None), Some("full"));
+    let _ = std::fs::remove_file(&installed);
+    checks.all("CFI in the debug file", &rec, &c_sites(), &[&stripped]);
+    checks.finish();
+}

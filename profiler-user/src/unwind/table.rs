@@ -1,8 +1,9 @@
 //! Compiles one file's CFI into the rows the probes search (`profiler_common::UnwindRow`).
 //!
-//! The source is the file's `.eh_frame` (almost every binary and library has it, C++ and Rust
-//! need it for exceptions and panics), else its `.debug_frame`, else the `.debug_frame` of its
-//! separate debug file (`/usr/lib/debug/.build-id/xx/yyyy.debug` in the target's root). gimli
+//! The sources are the file's `.eh_frame` (almost every binary and library has it, C++ and Rust
+//! need it for exceptions and panics) and its `.debug_frame`, or, when the file was stripped of
+//! that, the `.debug_frame` of its separate debug file (`/usr/lib/debug/.build-id/xx/yyyy.debug`
+//! in the target's root). gimli
 //! evaluates every FDE's instructions into rows; each row becomes 8 bytes: where the CFA is (rsp
 //! or rbp plus an offset, the PLT expression, `*(rbp + k)`), where the caller's rbp is, or a
 //! marker (outermost frame, signal trampoline, no information, unsupported rule). Gaps between
@@ -27,12 +28,14 @@ pub enum TableError {
     Cfi { path: PathBuf, source: gimli::Error },
 }
 
-/// Where a table's rows came from.
+/// Where a table's rows came from (the last source that added rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CfiSource {
     EhFrame,
+    /// The file's `.debug_frame` (with its `.eh_frame`, if any).
     DebugFrame,
+    /// The `.debug_frame` of its separate debug file.
     DebugFile,
     /// No CFI anywhere: the file's frames are unwound by frame pointers.
     None,
@@ -93,9 +96,10 @@ pub fn compile(path: &Path, debug_file: Option<&dyn Fn(&str) -> Option<PathBuf>>
         .collect();
     let build_id = file.build_id().ok().flatten().map(hex);
     let cfi_err = |source| TableError::Cfi { path: path.into(), source };
-    let (mut entries, mut source) = (Vec::new(), CfiSource::None);
+    // Both sections when both exist: code built with -fno-asynchronous-unwind-tables -g has
+    // its CFI in .debug_frame while the crt objects linked with it keep theirs in .eh_frame.
+    let mut entries = Vec::new();
     if let Some(eh) = file.section_by_name(".eh_frame") {
-        let bytes = eh.data().unwrap_or_default();
         let mut bases = BaseAddresses::default().set_eh_frame(eh.address());
         if let Some(text) = file.section_by_name(".text") {
             bases = bases.set_text(text.address());
@@ -103,31 +107,31 @@ pub fn compile(path: &Path, debug_file: Option<&dyn Fn(&str) -> Option<PathBuf>>
         if let Some(got) = file.section_by_name(".got") {
             bases = bases.set_got(got.address());
         }
-        rows_of(&EhFrame::new(bytes, LittleEndian), &bases, &mut entries).map_err(cfi_err)?;
-        source = CfiSource::EhFrame;
+        rows_of(&EhFrame::new(eh.data().unwrap_or_default(), LittleEndian), &bases, &mut entries).map_err(cfi_err)?;
     }
-    if entries.is_empty() {
-        if let Some(df) = file.section_by_name(".debug_frame") {
-            let frame = DebugFrame::new(df.data().unwrap_or_default(), LittleEndian);
-            rows_of(&frame, &BaseAddresses::default(), &mut entries).map_err(cfi_err)?;
-            source = CfiSource::DebugFrame;
-        }
-    }
-    if entries.is_empty() {
-        if let Some(debug) = build_id.as_deref().and_then(|id| debug_file.and_then(|find| find(id))) {
-            if let Ok(data) = read_file(&debug) {
-                if let Ok(dfile) = object::File::parse(&*data) {
-                    if let Some(df) = dfile.section_by_name(".debug_frame") {
-                        let frame = DebugFrame::new(df.data().unwrap_or_default(), LittleEndian);
-                        rows_of(&frame, &BaseAddresses::default(), &mut entries).map_err(cfi_err)?;
+    let mut source = if entries.is_empty() { CfiSource::None } else { CfiSource::EhFrame };
+    let before = entries.len();
+    let debug_frame = |data: &[u8], entries: &mut Vec<_>| {
+        rows_of(&DebugFrame::new(data, LittleEndian), &BaseAddresses::default(), entries).map_err(cfi_err)
+    };
+    match file.section_by_name(".debug_frame") {
+        Some(df) => debug_frame(df.data().unwrap_or_default(), &mut entries)?,
+        // Stripped of its debug sections: its debug file (found by build id) may have them.
+        None => {
+            if let Some(debug) = build_id.as_deref().and_then(|id| debug_file.and_then(|find| find(id))) {
+                let data = read_file(&debug)?;
+                let dfile = object::File::parse(&*data).map_err(|source| TableError::Parse { path: debug.clone(), source })?;
+                if let Some(df) = dfile.section_by_name(".debug_frame") {
+                    debug_frame(df.data().unwrap_or_default(), &mut entries)?;
+                    if entries.len() > before {
                         source = CfiSource::DebugFile;
                     }
                 }
             }
         }
     }
-    if entries.is_empty() {
-        source = CfiSource::None;
+    if entries.len() > before && source != CfiSource::DebugFile {
+        source = CfiSource::DebugFrame;
     }
     let rows = flatten(entries);
     let unsupported_rows = rows.iter().filter(|r| r.kind == row::UNSUPPORTED).count();
