@@ -15,3 +15,4 @@ pub mod store;
 pub mod symbolize;
 pub mod target;
 pub mod trigger;
+pub mod v8;
