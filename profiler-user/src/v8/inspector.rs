@@ -46,6 +46,40 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Processes with a session open right now.
 static OPEN: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+/// Network namespaces (by inode) where this process has a session open: Node listens on 9229
+/// unless told otherwise, so two Node processes of one namespace cannot both be open at once.
+/// A second session in the same namespace waits for the first (up to [`NETNS_WAIT`]).
+static NETNS: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
+static NETNS_FREED: std::sync::Condvar = std::sync::Condvar::new();
+const NETNS_WAIT: Duration = Duration::from_secs(30);
+
+/// Holds a network namespace for one session.
+struct NetnsTurn(u64);
+
+impl NetnsTurn {
+    fn take(pid: u32) -> Result<NetnsTurn, V8Error> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_err(|_| V8Error::NoSuchProcess(pid))?.ino();
+        let deadline = Instant::now() + NETNS_WAIT;
+        let mut held = NETNS.lock().unwrap();
+        while held.get_or_insert_with(HashSet::new).contains(&ino) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(V8Error::Connect(format!("another inspector session in the network namespace of {pid} has not ended in {NETNS_WAIT:?}")));
+            }
+            held = NETNS_FREED.wait_timeout(held, left).unwrap().0;
+        }
+        held.get_or_insert_with(HashSet::new).insert(ino);
+        Ok(NetnsTurn(ino))
+    }
+}
+
+impl Drop for NetnsTurn {
+    fn drop(&mut self) {
+        NETNS.lock().unwrap().get_or_insert_with(HashSet::new).remove(&self.0);
+        NETNS_FREED.notify_all();
+    }
+}
 
 /// A DevTools-protocol session with one Node.js process.
 pub struct Inspector {
@@ -57,6 +91,7 @@ pub struct Inspector {
     purpose: String,
     closed: bool,
     opened_at: Instant,
+    turn: Option<NetnsTurn>,
 }
 
 /// Whether the process catches `sig` (its bit in `SigCgt`).
@@ -208,7 +243,11 @@ impl Inspector {
                 return Err(e);
             }
         }
-        let result = Self::open_inner(pid, purpose);
+        let result = NetnsTurn::take(pid).and_then(|turn| {
+            let mut s = Self::open_inner(pid, purpose)?;
+            s.turn = Some(turn);
+            Ok(s)
+        });
         match &result {
             Ok(s) => info!(target: "audit", pid, port = s.port, purpose, result = "opened", "v8 inspector session"),
             Err(e) => {
@@ -280,7 +319,7 @@ impl Inspector {
             }
             e => V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}")),
         })?;
-        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now() })
+        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now(), turn: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -387,6 +426,7 @@ impl Inspector {
             let _ = self.ws.read();
         }
         let _ = self.ws.close(None);
+        self.turn.take();
         OPEN.lock().unwrap().get_or_insert_with(HashSet::new).remove(&self.pid);
         let ms = self.opened_at.elapsed().as_millis() as u64;
         if still || sent.is_err() {
