@@ -16,3 +16,4 @@ pub mod symbolize;
 pub mod target;
 pub mod trigger;
 pub mod unwind;
+pub mod v8;

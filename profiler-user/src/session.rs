@@ -36,8 +36,12 @@ pub struct Session {
     /// `Session` or `Classic`: what `Auto` came to.
     probe_mode: ProbeMode,
     unwind: Option<UnwindHandle>,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
 }
+
+/// How often new stacks' JIT frames are named (see [`Symbolizer::pin_jit`]): well before V8
+/// frees the code they return into and reuses its memory.
+const PIN_INTERVAL: Duration = Duration::from_millis(200);
 
 struct Inner {
     loaded: Loaded,
@@ -87,6 +91,8 @@ impl Session {
             u.set_attach_ms(attach_ms);
         }
         info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, "attached");
+        let inner = Arc::new(Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }));
+        spawn_jit_pinner(pid, Arc::downgrade(&inner));
         Ok(Session {
             pid,
             comm,
@@ -98,7 +104,7 @@ impl Session {
             sites,
             probe_mode,
             unwind,
-            inner: Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }),
+            inner,
         })
     }
 
@@ -163,6 +169,27 @@ impl Session {
     }
 }
 
+/// Names new stacks' JIT frames every [`PIN_INTERVAL`] while the session lives, when the
+/// target writes a perf map (a native target costs one `stat` per tick).
+fn spawn_jit_pinner(pid: u32, inner: std::sync::Weak<Mutex<Inner>>) {
+    let spawned = std::thread::Builder::new().name(format!("jit-names-{pid}")).spawn(move || loop {
+        std::thread::sleep(PIN_INTERVAL);
+        let Some(inner) = inner.upgrade() else { return };
+        let mut guard = inner.lock().unwrap();
+        let Inner { loaded, symbolizer, .. } = &mut *guard;
+        if !symbolizer.has_jit() {
+            continue;
+        }
+        match reader::new_stacks(&loaded.maps, symbolizer.pinned_stacks()) {
+            Ok(stacks) => symbolizer.pin_jit(&stacks),
+            Err(e) => tracing::debug!(pid, error = %e, "reading new stacks for JIT names"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(pid, error = %e, "cannot start the JIT naming thread; JIT frames are named at snapshot time only");
+    }
+}
+
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -196,6 +223,14 @@ impl TracedTarget for Session {
         };
         let started = Instant::now();
         let mut profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        // JIT frames named when their stack was new win over today's perf map.
+        for (r, s) in raw.stacks.iter().zip(profile.stacks.iter_mut()) {
+            for (addr, frame) in r.return_addresses().into_iter().zip(s.frames.iter_mut()) {
+                if let Some(pinned) = symbolizer.pinned(&r.key, addr) {
+                    *frame = pinned.clone();
+                }
+            }
+        }
         profile.unwind_tables = self.unwind.as_ref().map(UnwindHandle::stats);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)

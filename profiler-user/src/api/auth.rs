@@ -1,7 +1,7 @@
 //! Bearer tokens: the token file, roles, the constant-time check and the SIGHUP reload.
 //!
 //! The token file has one token per line, `NAME ROLE TOKEN` separated by whitespace; `#` starts
-//! a comment; ROLE is `read` or `admin`; NAME (1-64 of `A-Za-z0-9._-`) is what the audit log
+//! a comment; ROLE is `read`, `admin` or `eval` (admin, and evaluating expressions in Node.js targets when the agent runs with `--allow-eval`); NAME (1-64 of `A-Za-z0-9._-`) is what the audit log
 //! shows. Tokens are 16-256 printable ASCII characters without whitespace or `#`. The file must
 //! be a regular file that neither group nor others may access (mode 0600 or 0400), else the
 //! agent refuses to start and a reload is refused.
@@ -37,6 +37,9 @@ pub enum Role {
     Read,
     /// Also attach, detach, take and delete snapshots, change settings.
     Admin,
+    /// Also evaluate expressions in Node.js targets (only when the agent runs with
+    /// `--allow-eval`).
+    Eval,
 }
 
 impl Role {
@@ -44,6 +47,7 @@ impl Role {
         match self {
             Role::Read => "read",
             Role::Admin => "admin",
+            Role::Eval => "eval",
         }
     }
 
@@ -158,7 +162,8 @@ impl TokenSet {
             let role = match role {
                 "read" => Role::Read,
                 "admin" => Role::Admin,
-                _ => return Err(err(line, "ROLE must be `read` or `admin`")),
+                "eval" => Role::Eval,
+                _ => return Err(err(line, "ROLE must be `read`, `admin` or `eval`")),
             };
             if token.len() < MIN_TOKEN_LEN || token.len() > MAX_TOKEN_LEN {
                 return Err(err(line, "TOKEN must be 16 to 256 characters long"));

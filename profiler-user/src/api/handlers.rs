@@ -156,7 +156,7 @@ impl Params {
         Ok(Params(map))
     }
 
-    fn get(&self, k: &str) -> Option<&str> {
+    pub(crate) fn get(&self, k: &str) -> Option<&str> {
         self.0.get(k).map(String::as_str)
     }
 
@@ -269,7 +269,7 @@ async fn with_timeout<T>(
 }
 
 /// Runs an expensive computation through single-flight and the cap, under the timeout.
-async fn expensive<F>(state: &State, key: String, work: F) -> Result<Response, ApiError>
+pub(crate) async fn expensive<F>(state: &State, key: String, work: F) -> Result<Response, ApiError>
 where
     F: FnOnce() -> Result<Rendered, ApiError> + Send + 'static,
 {

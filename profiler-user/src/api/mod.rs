@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod routes;
 pub mod tls;
 pub mod triggers;
+pub mod v8;
 
 #[cfg(test)]
 mod tests;
@@ -87,6 +88,8 @@ pub struct AgentConfig {
     /// `--min-spacing`, `--verdict-window`.
     pub trigger_settings: TriggerSettings,
     pub limits: Limits,
+    /// `--allow-eval`: tokens of role `eval` may evaluate expressions in Node.js targets.
+    pub allow_eval: bool,
 }
 
 impl Default for AgentConfig {
@@ -102,6 +105,7 @@ impl Default for AgentConfig {
             triggers: Vec::new(),
             trigger_settings: TriggerSettings::default(),
             limits: Limits::default(),
+            allow_eval: false,
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct State {
     pub(crate) next_trigger_id: AtomicU64,
     /// Verdicts of stored snapshots, by snapshot id (in memory only).
     pub(crate) snapshot_verdicts: Mutex<std::collections::HashMap<String, triggers::StoredVerdicts>>,
+    /// Heap snapshots in flight, eval spacing, `--allow-eval` (Node.js targets).
+    pub(crate) v8: v8::V8State,
 }
 
 impl State {
@@ -161,6 +167,7 @@ impl State {
             trigger_settings: TriggerSettings::default(),
             next_trigger_id: AtomicU64::new(1),
             snapshot_verdicts: Mutex::new(std::collections::HashMap::new()),
+            v8: v8::V8State::default(),
         }
     }
 
@@ -266,6 +273,7 @@ impl Agent {
         }
         let mut state = State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings);
         state.trigger_settings = config.trigger_settings.clone();
+        state.v8.allow_eval.store(config.allow_eval, std::sync::atomic::Ordering::Relaxed);
         let state = Arc::new(state);
         for &pid in &config.pids {
             let attacher = attacher.clone();

@@ -42,6 +42,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/snapshots/{sid}"),
     ("DELETE", "/v1/snapshots/{sid}"),
     ("GET", "/v1/snapshots/{a}/diff/{b}"),
+    ("GET", "/v1/targets/{id}/v8/heap-snapshot"),
+    ("GET", "/v1/targets/{id}/v8/heap-profile"),
+    ("POST", "/v1/targets/{id}/actions/gc"),
+    ("POST", "/v1/targets/{id}/actions/eval"),
 ];
 
 /// The OpenAPI 3 document describing [`ROUTES`].
@@ -243,6 +247,35 @@ pub fn routes(
         .and_then(|a, b, _p, s, q| async move { done(handlers::diff(s, a, b, q).await) })
         .boxed();
 
+    let v8_snapshot = warp::path!("v1" / "targets" / u32 / "v8" / "heap-snapshot")
+        .and(warp::get())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and(query())
+        .and_then(|id, p, s, q| async move { done(super::v8::heap_snapshot(s, p, id, q).await) })
+        .boxed();
+    let v8_profile = warp::path!("v1" / "targets" / u32 / "v8" / "heap-profile")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and(query())
+        .and_then(|id, p, s, q| async move { done(super::v8::heap_profile(s, p, id, q).await) })
+        .boxed();
+    let v8_gc = warp::path!("v1" / "targets" / u32 / "actions" / "gc")
+        .and(warp::post())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and(body(body_bytes, body_timeout))
+        .and_then(|id, p, s, _b: Bytes| async move { done(super::v8::gc(s, p, id).await) })
+        .boxed();
+    let v8_eval = warp::path!("v1" / "targets" / u32 / "actions" / "eval")
+        .and(warp::post())
+        .and(auth(Role::Eval))
+        .and(st())
+        .and(body(body_bytes, body_timeout))
+        .and_then(|id, p, s, b| async move { done(super::v8::eval(s, p, id, b).await) })
+        .boxed();
+
     let api = openapi
         .or(metrics)
         .unify()
@@ -273,6 +306,14 @@ pub fn routes(
         .or(delete_snapshot)
         .unify()
         .or(diff)
+        .unify()
+        .or(v8_snapshot)
+        .unify()
+        .or(v8_profile)
+        .unify()
+        .or(v8_gc)
+        .unify()
+        .or(v8_eval)
         .unify()
         .boxed();
 

@@ -173,6 +173,18 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
     Ok(RawSnapshot { counters, stacks, now_ns })
 }
 
+/// The stacks recorded since `known` was filled (their keys and frames only, no live data):
+/// what [`crate::symbolize::Symbolizer::pin_jit`] names while the JIT code they return into is
+/// still the code that ran.
+pub fn new_stacks(maps: &ProbeMaps, known: &std::collections::HashSet<StackKey>) -> Result<Vec<RawStack>, MapError> {
+    let fresh: Vec<(StackKey, StackStats)> = stack_stats(maps)?.into_iter().filter(|(k, _)| !known.contains(k)).collect();
+    let frames = stack_frames(maps, &fresh);
+    Ok(fresh
+        .into_iter()
+        .map(|(key, stats)| RawStack { key, stats, ips: frames.get(&key.stack_id).cloned().unwrap_or_default(), ..Default::default() })
+        .collect())
+}
+
 /// The frames of every stack id in `stats` (a stack whose id was evicted reads as empty).
 fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> StdHashMap<u64, Vec<u64>> {
     let mut frames: StdHashMap<u64, Vec<u64>> = StdHashMap::new();

@@ -39,6 +39,10 @@ pub struct AgentArgs {
     /// Serve a non-loopback address without TLS: tokens and reports cross the network in clear.
     #[arg(long)]
     pub allow_insecure_remote: bool,
+    /// Let tokens of role `eval` evaluate JavaScript expressions in Node.js targets
+    /// (`POST /v1/targets/{id}/actions/eval`): arbitrary code in the target. Off by default.
+    #[arg(long)]
+    pub allow_eval: bool,
     /// Where snapshots are kept.
     #[arg(long, default_value = crate::store::DEFAULT_DATA_DIR, value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -106,6 +110,7 @@ impl AgentArgs {
                 _ => None,
             },
             allow_insecure_remote: self.allow_insecure_remote,
+            allow_eval: self.allow_eval,
             data_dir: self.data_dir.clone(),
             retention: Retention { max_count: self.retain_count, max_bytes: self.retain_bytes },
             pids: self.pids.clone(),

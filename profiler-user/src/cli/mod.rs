@@ -9,6 +9,7 @@ pub mod client;
 pub mod record;
 pub mod trigger_args;
 pub mod units;
+pub mod v8;
 
 #[derive(Parser, Debug)]
 #[command(name = "memscope", version, about = "Trace a live process's heap from outside, with eBPF")]
@@ -38,6 +39,9 @@ pub enum Command {
     Diff(client::DiffArgs),
     /// List, add or delete a target's snapshot triggers in a running agent.
     Triggers(client::TriggersArgs),
+    /// Node.js: V8 heap snapshots, sampling heap profiles, summaries and GC of a process,
+    /// through its inspector (no agent needed).
+    V8(v8::V8Args),
 }
 
 pub fn main() -> ExitCode {
@@ -54,6 +58,7 @@ pub fn main() -> ExitCode {
         Command::Snapshot(args) => ok(client::snapshot(args)),
         Command::Diff(args) => ok(client::diff(args)),
         Command::Triggers(args) => ok(client::triggers(args)),
+        Command::V8(args) => ok(v8::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -2,6 +2,12 @@
 //! module and cached per process (addresses are stable while the mappings are), using blazesym
 //! on the module files kept open by [`modules`]. Frames that cannot be named keep their module
 //! and file offset.
+//!
+//! JIT frames are named twice: [`Symbolizer::pin_jit`] names the JIT frames of each new stack
+//! soon after it was recorded (the session calls it periodically) and keeps that name for that
+//! (stack, address); a snapshot uses the pinned name, and looks the perf map up only for frames
+//! that were not pinned. V8 frees code and reuses its memory: a name looked up only when a
+//! snapshot is read can belong to code that was written there later.
 pub mod modules;
 pub mod perf_map;
 
@@ -12,7 +18,12 @@ use std::{
 
 use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::aggregate::{Frame, FrameInfo};
+use profiler_common::StackKey;
+
+use crate::{
+    aggregate::{Frame, FrameInfo},
+    bpf::reader::RawStack,
+};
 use modules::{Modules, Place};
 use perf_map::PerfMap;
 
@@ -29,7 +40,15 @@ pub struct Symbolizer {
     /// JIT code names, for addresses outside any file (Node.js with --perf-basic-prof).
     jit: PerfMap,
     cache: HashMap<u64, Frame>,
+    /// JIT frames named when their stack was new, by (stack, return address).
+    pinned: HashMap<(StackKey, u64), Frame>,
+    /// Stacks whose JIT frames are all pinned (or that have none), and attempts for the others.
+    pinned_stacks: HashSet<StackKey>,
+    pin_attempts: HashMap<StackKey, u8>,
 }
+
+/// Attempts to name a stack's JIT frames (the perf map line may not be written yet).
+const PIN_ATTEMPTS: u8 = 8;
 
 impl Symbolizer {
     pub fn new(pid: u32) -> Symbolizer {
@@ -40,7 +59,57 @@ impl Symbolizer {
             modules,
             jit: PerfMap::for_pid(pid),
             cache: HashMap::new(),
+            pinned: HashMap::new(),
+            pinned_stacks: HashSet::new(),
+            pin_attempts: HashMap::new(),
         }
+    }
+
+    /// Whether the target writes a perf map (only then is there JIT code to pin).
+    pub fn has_jit(&self) -> bool {
+        self.jit.present()
+    }
+
+    /// Stacks already pinned: [`crate::bpf::reader::new_stacks`] skips them.
+    pub fn pinned_stacks(&self) -> &HashSet<StackKey> {
+        &self.pinned_stacks
+    }
+
+    /// Names the JIT frames of `stacks` against the perf map as it is now, and keeps each name
+    /// for its (stack, address).
+    pub fn pin_jit(&mut self, stacks: &[RawStack]) {
+        if stacks.is_empty() {
+            return;
+        }
+        if self.modules.refresh() {
+            self.cache.clear();
+        }
+        self.jit.refresh();
+        for s in stacks {
+            let mut missing = false;
+            for addr in s.return_addresses() {
+                if !matches!(self.modules.place(addr), Place::Anonymous) || self.pinned.contains_key(&(s.key, addr)) {
+                    continue;
+                }
+                match self.jit.lookup(addr) {
+                    Some(frame) => {
+                        self.pinned.insert((s.key, addr), frame);
+                    }
+                    None => missing = true,
+                }
+            }
+            let tries = self.pin_attempts.entry(s.key).or_insert(0);
+            *tries += 1;
+            if !missing || *tries >= PIN_ATTEMPTS {
+                self.pin_attempts.remove(&s.key);
+                self.pinned_stacks.insert(s.key);
+            }
+        }
+    }
+
+    /// The name pinned for `addr` in stack `key`, if any.
+    pub fn pinned(&self, key: &StackKey, addr: u64) -> Option<&Frame> {
+        self.pinned.get(&(*key, addr))
     }
 
     /// Names every address (all are return addresses: the call is the byte before).

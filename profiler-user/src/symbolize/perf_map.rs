@@ -2,16 +2,21 @@
 //! --perf-basic-prof`, the JVM's perf-map-agent, LuaJIT, ...): one `START SIZE NAME` line per
 //! code object, in hex. The file only grows; it is re-read when its size changed. V8's names
 //! (`JS:*handler /app/server.js:12:3`) are split into function, file and line.
-use std::{collections::BTreeMap, fs, path::PathBuf};
+//!
+//! Lines are never removed, so an address can be covered by several (V8 frees code and reuses
+//! its memory; an optimized function's range can overlap older ones): the NEWEST line covering
+//! an address names it. The map is kept as non-overlapping ranges, each new line painted over
+//! what it covers, so a lookup is one ordered search.
+use std::{collections::BTreeMap, fs, path::PathBuf, sync::Arc};
 
 use crate::aggregate::{Frame, FrameInfo};
 
 pub struct PerfMap {
     path: PathBuf,
     read_len: u64,
-    /// start -> (end, name); a later line for the same start replaces an earlier one (the VM
-    /// reused the memory for new code).
-    code: BTreeMap<u64, (u64, String)>,
+    /// start -> (end, name), non-overlapping; a later line is painted over the parts of
+    /// earlier ones it covers (the VM reused the memory for new code).
+    code: BTreeMap<u64, (u64, Arc<str>)>,
 }
 
 impl PerfMap {
@@ -30,10 +35,43 @@ impl PerfMap {
         self.code.clear();
         for line in text.lines() {
             if let Some((start, size, name)) = parse_line(line) {
-                self.code.insert(start, (start.saturating_add(size), name.to_string()));
+                self.paint(start, start.saturating_add(size), name);
             }
         }
         self.read_len = meta.len();
+    }
+
+    /// Records `[start, end)` as `name`, over whatever older lines said about that range.
+    fn paint(&mut self, start: u64, end: u64, name: &str) {
+        if end <= start {
+            return;
+        }
+        // An older range that starts before and reaches into this one keeps its head (and its
+        // tail past `end`, when it spans this one whole).
+        if let Some((&s, (e, n))) = self.code.range(..start).next_back() {
+            if *e > start {
+                let (e, n) = (*e, n.clone());
+                self.code.insert(s, (start, n.clone()));
+                if e > end {
+                    self.code.insert(end, (e, n));
+                }
+            }
+        }
+        // Older ranges that start inside this one are covered; the last may stick out past `end`.
+        let inside: Vec<u64> = self.code.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            if let Some((e, n)) = self.code.remove(&s) {
+                if e > end {
+                    self.code.insert(end, (e, n));
+                }
+            }
+        }
+        self.code.insert(start, (end, name.into()));
+    }
+
+    /// Whether the map file exists (the target writes JIT symbols).
+    pub fn present(&self) -> bool {
+        fs::metadata(&self.path).is_ok()
     }
 
     pub fn lookup(&self, addr: u64) -> Option<Frame> {
@@ -94,6 +132,33 @@ mod tests {
         map.refresh();
         let f = map.lookup(0x1004).unwrap();
         assert_eq!((f.function.as_deref(), f.line), (Some("(anonymous)"), Some(9)));
-        assert!(map.lookup(0x1010).is_none());
+        // The newest line covering an address wins; the older one still names what it alone covers.
+        assert_eq!(map.lookup(0x1010).unwrap().function.as_deref(), Some("leakyHandler"));
+    }
+
+    /// Overlapping lines in every arrangement: the newest covering line names each address.
+    #[test]
+    fn newest_covering_line_wins() {
+        let mut map = PerfMap { path: PathBuf::new(), read_len: 0, code: BTreeMap::new() };
+        let name = |m: &PerfMap, a: u64| m.lookup(a).and_then(|f| f.function.as_deref().map(str::to_string));
+        map.paint(0x1000, 0x1200, "JS:~old /a.js:1:1");
+        // Newer range starting before the old one and ending inside it (the case the old
+        // lookup got wrong: the old range's start is closer to the address).
+        map.paint(0x0f00, 0x1100, "JS:*opt /a.js:2:1");
+        assert_eq!(name(&map, 0x1010).as_deref(), Some("opt"));
+        assert_eq!(name(&map, 0x0f10).as_deref(), Some("opt"));
+        assert_eq!(name(&map, 0x1150).as_deref(), Some("old"));
+        // Newer range strictly inside: splits the older one.
+        map.paint(0x1120, 0x1140, "JS:*mid /a.js:3:1");
+        assert_eq!(name(&map, 0x1130).as_deref(), Some("mid"));
+        assert_eq!(name(&map, 0x1110).as_deref(), Some("old"));
+        assert_eq!(name(&map, 0x1190).as_deref(), Some("old"));
+        // Newer range covering everything.
+        map.paint(0x0e00, 0x1300, "JS:*all /a.js:4:1");
+        for a in [0x0e00, 0x0f10, 0x1010, 0x1130, 0x1190, 0x12ff] {
+            assert_eq!(name(&map, a).as_deref(), Some("all"), "{a:#x}");
+        }
+        assert!(map.lookup(0x1300).is_none() && map.lookup(0x0dff).is_none());
+        assert_eq!(map.code.len(), 1);
     }
 }

@@ -1,0 +1,308 @@
+//! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]):
+//!
+//! - `GET /v1/targets/{id}/v8/heap-snapshot[?gc=true]` (admin): the `.heapsnapshot` streamed as
+//!   V8 writes it (each chunk goes out as it comes; the agent holds a few chunks per client).
+//!   One per target at a time: a request that arrives while another is being prepared (the
+//!   inspector opening, the GC, V8 walking the heap) shares it; once bytes flow, 409. Needs a
+//!   permit of the render cap; the V8 call is bounded by the request timeout.
+//! - `GET /v1/targets/{id}/v8/heap-profile?seconds=N` (read): the sampling heap profiler,
+//!   rendered like the native heap (json, pprof, folded, svg), through single-flight.
+//! - `POST /v1/targets/{id}/actions/gc` (admin): a full garbage collection.
+//! - `POST /v1/targets/{id}/actions/eval` (role `eval`, and only when the agent runs with
+//!   `--allow-eval`): `Runtime.evaluate` of `{"expression": "..."}`, its result by value. Each
+//!   call is audited (token, target, SHA-256 and length of the expression, result size) and
+//!   limited to one per token every [`EVAL_SPACING`].
+//!
+//! Every inspector session is audited by [`crate::v8::inspector`] too.
+use std::{
+    collections::HashMap,
+    sync::{atomic::{AtomicBool, Ordering}, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tracing::info;
+use warp::{
+    http::{header, HeaderValue, Method, StatusCode},
+    hyper::Body,
+    reply::Response,
+};
+
+use super::{
+    auth::Principal,
+    errors::ApiError,
+    handlers::{audit_action, expensive, json_reply, Params},
+    limits::{self, Rendered},
+    State,
+};
+use crate::{
+    aggregate::Measure,
+    render,
+    v8::{sampling, snapshot, Inspector, V8Error},
+};
+
+/// Longest sampling accepted.
+const MAX_SECONDS: u64 = 300;
+/// Longest expression accepted, and largest result returned.
+const MAX_EXPRESSION: usize = 4096;
+const MAX_RESULT: usize = 1 << 20;
+/// One evaluation per token in this time.
+pub const EVAL_SPACING: Duration = Duration::from_secs(2);
+/// Chunks buffered per snapshot client.
+const CHUNKS_PER_CLIENT: usize = 8;
+
+type Chunk = Result<Bytes, ApiError>;
+
+/// A heap snapshot being prepared or streamed.
+struct Flight {
+    gc: bool,
+    /// The clients; `None` once bytes flow (no one can join then).
+    waiting: Option<Vec<tokio::sync::mpsc::Sender<Chunk>>>,
+}
+
+/// What the V8 routes keep in the agent's state.
+#[derive(Default)]
+pub struct V8State {
+    flights: Mutex<HashMap<u32, Flight>>,
+    last_eval: Mutex<HashMap<String, Instant>>,
+    /// `--allow-eval`.
+    pub allow_eval: AtomicBool,
+}
+
+fn v8_error(e: V8Error) -> ApiError {
+    let (status, code) = e.http();
+    ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), code, e.to_string())
+}
+
+fn node_target(state: &State, id: u32) -> Result<u32, ApiError> {
+    state
+        .targets
+        .read()
+        .unwrap()
+        .get(&id)
+        .map(|e| e.target.pid())
+        .ok_or_else(|| ApiError::not_found("target_not_found", format!("no target {id}: attach it first")))
+}
+
+fn flag(q: &Params, k: &str) -> Result<bool, ApiError> {
+    match q.get(k) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(_) => Err(ApiError::bad_request("bad_parameter", format!("{k} must be true or false"))),
+    }
+}
+
+pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/v8/heap-snapshot");
+    let result = heap_snapshot_inner(&state, &p, id, q).await;
+    audit_action(&p, &Method::GET, &route, result.as_ref().map(|_| "heap snapshot streaming"));
+    result
+}
+
+async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let q = Params::parse(q, &["gc"])?;
+    let gc = flag(&q, "gc")?;
+    let pid = node_target(state, id)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_PER_CLIENT);
+    let lead = {
+        let mut flights = state.v8.flights.lock().unwrap();
+        match flights.get_mut(&pid) {
+            Some(Flight { gc: g, waiting: Some(w) }) if *g == gc => {
+                w.push(tx);
+                None
+            }
+            Some(_) => {
+                return Err(ApiError::conflict("snapshot_in_progress", format!("a heap snapshot of {pid} is already being taken; retry when it is done"))
+                    .with_retry_after(Duration::from_secs(5)))
+            }
+            None => {
+                let permit = state.expensive.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
+                flights.insert(pid, Flight { gc, waiting: Some(vec![tx]) });
+                Some(permit)
+            }
+        }
+    };
+    if let Some(permit) = lead {
+        let st = state.clone();
+        let purpose = format!("api: heap-snapshot by {}", p.name);
+        let timeout = state.limits.request_timeout;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            stream_snapshot(&st, pid, gc, &purpose, timeout);
+            st.v8.flights.lock().unwrap().remove(&pid);
+        });
+    }
+    let first = match tokio::time::timeout(state.limits.request_timeout, rx.recv()).await {
+        Err(_) => return Err(ApiError::timeout(state.limits.request_timeout)),
+        Ok(None) => return Err(ApiError::internal("v8_failed", "the heap snapshot ended before it began; see the agent's log")),
+        Ok(Some(first)) => first?,
+    };
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (c.map_err(|e| std::io::Error::other(e.message)), rx))
+    });
+    let body = futures_util::StreamExt::chain(futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }), rest);
+    let mut resp = Response::new(Body::wrap_stream(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{pid}.heapsnapshot\"")) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
+}
+
+/// The producer: opens the session, streams every chunk to every client (at the pace of the
+/// slowest), stops when all are gone.
+fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Duration) {
+    let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
+    let mut started = false;
+    let result = Inspector::open(pid, purpose).and_then(|mut insp| {
+        let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
+            if !started {
+                started = true;
+                clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
+                info!(pid, clients = clients.len(), "heap snapshot streaming");
+            }
+            let b = Bytes::copy_from_slice(chunk.as_bytes());
+            clients.retain(|c| c.blocking_send(Ok(b.clone())).is_ok());
+            if clients.is_empty() {
+                return Err(V8Error::Sink("every client went away".into()));
+            }
+            Ok(())
+        })?;
+        insp.close()?;
+        Ok(bytes)
+    });
+    if !started {
+        clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
+    }
+    match result {
+        Ok(bytes) => info!(pid, bytes, "heap snapshot sent"),
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "heap snapshot failed");
+            let err = v8_error(e);
+            for c in clients {
+                let _ = c.blocking_send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let q = Params::parse(q, &["seconds", "format", "interval"])?;
+    let limit = MAX_SECONDS.min(state.limits.request_timeout.as_secs().saturating_sub(5)).max(1);
+    let seconds = match q.get("seconds") {
+        None => 10.min(limit),
+        Some(v) => v.parse::<u64>().ok().filter(|s| (1..=limit).contains(s))
+            .ok_or_else(|| ApiError::bad_request("bad_seconds", format!("seconds must be 1 to {limit}")))?,
+    };
+    let interval = match q.get("interval") {
+        None => sampling::DEFAULT_INTERVAL,
+        Some(v) => v.parse::<u64>().ok().filter(|i| (1024..=1 << 30).contains(i))
+            .ok_or_else(|| ApiError::bad_request("bad_interval", "interval must be 1024 to 1073741824 bytes"))?,
+    };
+    let format = match q.get("format").unwrap_or("json") {
+        f @ ("json" | "pprof" | "folded" | "svg") => render::Format::parse(f).expect("known format"),
+        f => return Err(ApiError::bad_request("bad_format", format!("unknown format {:?} (use json, pprof, folded, svg)", f.chars().take(64).collect::<String>()))),
+    };
+    let pid = node_target(&state, id)?;
+    let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}", format.name());
+    let purpose = format!("api: heap-profile by {}", p.name);
+    expensive(&state, key, move || {
+        let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+        let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
+        insp.close().map_err(v8_error)?;
+        let body = match format {
+            render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
+            f => render::render(&prof, f, Measure::Inuse),
+        }
+        .map_err(|e| ApiError::internal("render_failed", e.to_string()))?;
+        Ok(Rendered { content_type: format.content_type(), body: Bytes::from(body), status: 200 })
+    })
+    .await
+}
+
+pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/actions/gc");
+    let result = async {
+        let pid = node_target(&state, id)?;
+        let purpose = format!("api: gc by {}", p.name);
+        limits::exclusive(&state.expensive, move || {
+            let started = Instant::now();
+            let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+            insp.collect_garbage().map_err(v8_error)?;
+            insp.close().map_err(v8_error)?;
+            Ok(started.elapsed())
+        })
+        .await
+    }
+    .await;
+    audit_action(&p, &Method::POST, &route, result.as_ref().map(|_| "garbage collected"));
+    result.map(|d| json_reply(StatusCode::OK, &serde_json::json!({ "gc": "done", "ms": d.as_millis() as u64 })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvalBody {
+    expression: String,
+}
+
+fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) async fn eval(state: Arc<State>, p: Principal, id: u32, body: Bytes) -> Result<Response, ApiError> {
+    if !state.v8.allow_eval.load(Ordering::Relaxed) {
+        let e = ApiError::forbidden("evaluating expressions is off: the agent was not started with --allow-eval");
+        audit_action(&p, &Method::POST, &format!("/v1/targets/{id}/actions/eval"), Err(&e));
+        return Err(e);
+    }
+    let EvalBody { expression } = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad_request("bad_body", "expected a JSON body {\"expression\": \"...\"}"))?;
+    if expression.is_empty() || expression.len() > MAX_EXPRESSION {
+        return Err(ApiError::bad_request("bad_expression", format!("the expression must be 1 to {MAX_EXPRESSION} bytes")));
+    }
+    let (hash, len) = (sha256_hex(&expression), expression.len());
+    {
+        let mut last = state.v8.last_eval.lock().unwrap();
+        let now = Instant::now();
+        if let Some(t) = last.get(&p.name) {
+            let next = *t + EVAL_SPACING;
+            if next > now {
+                return Err(ApiError::rate_limited("one evaluation per token every 2 s", next - now));
+            }
+        }
+        if last.len() > 10_000 {
+            last.clear();
+        }
+        last.insert(p.name.clone(), now);
+    }
+    let pid = node_target(&state, id);
+    let purpose = format!("api: eval by {}", p.name);
+    let result = match pid {
+        Err(e) => Err(e),
+        Ok(pid) => {
+            limits::exclusive(&state.expensive, move || {
+                let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+                let r = insp.evaluate(&expression, Duration::from_secs(10)).map_err(v8_error);
+                insp.close().map_err(v8_error)?;
+                let text = serde_json::to_vec(&serde_json::json!({ "result": r?.get("value").cloned().unwrap_or(serde_json::Value::Null) }))
+                    .map_err(|e| ApiError::internal("internal", e.to_string()))?;
+                if text.len() > MAX_RESULT {
+                    return Err(ApiError::new(StatusCode::BAD_GATEWAY, "result_too_large", "the result is larger than 1 MiB"));
+                }
+                Ok(text)
+            })
+            .await
+        }
+    };
+    match &result {
+        Ok(text) => info!(target: "audit", token = %p.name, role = p.role.as_str(), target = id, expression_sha256 = %hash,
+                          expression_len = len, result_bytes = text.len(), result = "ok", "eval"),
+        Err(e) => info!(target: "audit", token = %p.name, role = p.role.as_str(), target = id, expression_sha256 = %hash,
+                        expression_len = len, result = "error", status = e.status.as_u16(), code = e.code, "eval"),
+    }
+    let text = result?;
+    let mut resp = Response::new(Body::from(text));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}

@@ -1,0 +1,86 @@
+//! The JavaScript heap of Node.js processes, from outside, through V8's inspector: heap
+//! snapshots streamed as V8 writes them ([`snapshot`]), per-constructor summaries of them and
+//! their growth ([`summary`]), the sampling heap profiler rendered like the native heap
+//! ([`sampling`]), and garbage collection or (opt-in) expression evaluation. [`inspector`] owns
+//! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing.
+//!
+//! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
+//! (setns) and the right to signal it. No flag in the target.
+pub mod inspector;
+pub mod sampling;
+pub mod snapshot;
+pub mod summary;
+
+pub use inspector::Inspector;
+
+/// Why a V8 operation failed or was refused. Each message is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum V8Error {
+    #[error("no process {0}")]
+    NoSuchProcess(u32),
+    #[error("process {0} does not handle SIGUSR1 (not Node.js, or Node without its inspector): refusing to send a signal that would terminate it")]
+    NoSigusr1Handler(u32),
+    #[error("the inspector of process {pid} is already open on port {port}: another debugger may be using it; not touching it")]
+    AlreadyOpen { pid: u32, port: u16 },
+    #[error("port {port} in the network namespace of process {pid} is taken by another process: Node could not start its inspector")]
+    PortTaken { pid: u32, port: u16 },
+    #[error("process {0} did not open an inspector after SIGUSR1 (not Node.js, or started with --disable-sigusr1?)")]
+    NoInspector(u32),
+    #[error("another debugger is attached to process {0}")]
+    DebuggerAttached(u32),
+    #[error("an inspector session with process {0} is already in progress")]
+    Busy(u32),
+    #[error("the inspector of process {pid} still listens on port {port} after closing")]
+    StillListening { pid: u32, port: u16 },
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0} failed in the target: {1}")]
+    Remote(String, String),
+    #[error("{0} took longer than {1:?}")]
+    Timeout(String, std::time::Duration),
+    #[error("the heap snapshot is malformed: {0}")]
+    Malformed(String),
+    #[error("writing the heap snapshot: {0}")]
+    Sink(String),
+}
+
+impl V8Error {
+    /// The HTTP status and error code the API answers with.
+    pub fn http(&self) -> (u16, &'static str) {
+        match self {
+            V8Error::NoSuchProcess(_) => (404, "no_such_process"),
+            V8Error::NoSigusr1Handler(_) => (409, "not_node"),
+            V8Error::AlreadyOpen { .. } => (409, "inspector_in_use"),
+            V8Error::PortTaken { .. } => (409, "inspector_port_taken"),
+            V8Error::NoInspector(_) => (409, "no_inspector"),
+            V8Error::DebuggerAttached(_) => (409, "debugger_attached"),
+            V8Error::Busy(_) => (409, "inspector_busy"),
+            V8Error::Timeout(..) => (504, "v8_timeout"),
+            _ => (502, "v8_failed"),
+        }
+    }
+}
+
+/// Takes a heap snapshot of `pid` and summarizes it as it streams (never held whole).
+pub fn summary_of(pid: u32, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
+    let mut insp = Inspector::open(pid, &format!("summary ({reason})"))?;
+    let s = summary_with(&mut insp, gc, reason)?;
+    insp.close()?;
+    Ok(s)
+}
+
+/// The summary of a snapshot taken through an open session.
+pub fn summary_with(insp: &mut Inspector, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
+    let pid = insp.pid();
+    let taken = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let (tx, reader) = summary::ChunkReader::new();
+    let reason_owned = reason.to_string();
+    let parser = std::thread::spawn(move || summary::summarize(reader, pid, taken, &reason_owned));
+    let sent = snapshot::take(insp, gc, inspector::DEFAULT_CALL_TIMEOUT, |c| tx.send(c.to_string()).map_err(|_| V8Error::Sink("the summary parser stopped".into())));
+    drop(tx);
+    let parsed = parser.join().map_err(|_| V8Error::Malformed("the parser panicked".into()))?;
+    sent?;
+    parsed
+}

@@ -1,0 +1,254 @@
+//! Node.js's JavaScript heap from outside, end to end: a real `node` started with no flags,
+//! the real agent and CLI. Heap snapshots (streamed, shared by concurrent requests), the
+//! sampling heap profiler, summaries and their growth, GC and eval, and the refusals: a read
+//! token, a process that does not handle SIGUSR1, a port taken in the target's network
+//! namespace. Afterwards the target is alive and listens on no port. Needs root and node.
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{agent::*, require_root, Fixture};
+use profiler_user::v8::{self, inspector::own_listeners, summary};
+use serde_json::Value;
+
+/// The node fixture, with no flag at all.
+fn node_js_heap() -> Fixture {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
+    let mut cmd = Command::new("node");
+    cmd.arg(script);
+    Fixture::spawn(cmd)
+}
+
+/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
+/// processes) that open one there take turns.
+fn host_netns_turn() -> std::fs::File {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
+    f
+}
+
+/// A log line without its ANSI colours.
+fn plain(l: &str) -> String {
+    let mut out = String::new();
+    let mut it = l.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+const EVAL: &str = "e2e-eval-token-0123456789";
+
+fn tokens(dir: &std::path::Path) -> std::path::PathBuf {
+    token_file(dir, &format!("viewer read {READ}\nops admin {ADMIN}\nrepl eval {EVAL}\n"), 0o600)
+}
+
+fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Vec<u8>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into();
+    let auth = format!("Bearer {token}");
+    let resp = match method {
+        "GET" => agent.get(url).header("Authorization", &auth).call(),
+        _ => agent.post(url).header("Authorization", &auth).content_type("application/json").send(body.unwrap_or("{}")),
+    }
+    .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().with_config().limit(1 << 30).read_to_vec().unwrap();
+    (status, body)
+}
+
+/// Checks the `.heapsnapshot` format and counts the objects named `class`.
+fn count_in_snapshot(bytes: &[u8], class: &str) -> u64 {
+    let v: Value = serde_json::from_slice(bytes).expect("the heap snapshot is JSON");
+    let meta = &v["snapshot"]["meta"];
+    let fields: Vec<&str> = meta["node_fields"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    for f in ["type", "name", "id", "self_size", "edge_count"] {
+        assert!(fields.contains(&f), "node_fields {fields:?} lacks {f}");
+    }
+    let types: Vec<&str> = meta["node_types"][0].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len() % fields.len(), 0);
+    assert_eq!(nodes.len() / fields.len(), v["snapshot"]["node_count"].as_u64().unwrap() as usize);
+    let strings = v["strings"].as_array().unwrap();
+    let (ti, ni) = (fields.iter().position(|f| *f == "type").unwrap(), fields.iter().position(|f| *f == "name").unwrap());
+    nodes
+        .chunks(fields.len())
+        .filter(|n| types[n[ti].as_u64().unwrap() as usize] == "object" && strings[n[ni].as_u64().unwrap() as usize] == class)
+        .count() as u64
+}
+
+fn opened_sessions(log: &[String], purpose: &str) -> usize {
+    log.iter().map(|l| plain(l)).filter(|l| l.contains("v8 inspector session") && l.contains("result=\"opened\"") && l.contains(purpose)).count()
+}
+
+/// Through the agent: a read token is refused for snapshots and actions; two concurrent
+/// snapshot requests share one (one inspector session, the same bytes) and hold every
+/// LeakyRecord; the sampling profile names the allocating function; GC works; eval is refused
+/// without --allow-eval; afterwards the target is alive and listens on no port.
+#[test]
+fn v8_heap_through_the_agent() {
+    require_root();
+    let _turn = host_netns_turn();
+    const N: u64 = 5000;
+    let mut node = node_js_heap();
+    assert_eq!(node.ask(&format!("grow {N}")), format!("grown {N}"));
+    let dir = tempfile::tempdir().unwrap();
+    let tf = tokens(dir.path());
+    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string()]).unwrap();
+    let base = format!("{}/v1/targets/{}", a.url, node.pid);
+
+    let (s, _) = http("GET", &format!("{base}/v8/heap-snapshot"), READ, None);
+    assert_eq!(s, 403);
+    let (s, _) = http("POST", &format!("{base}/actions/gc"), READ, None);
+    assert_eq!(s, 403);
+    let (s, b) = http("POST", &format!("{base}/actions/eval"), EVAL, Some(r#"{"expression": "1+1"}"#));
+    assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("--allow-eval"));
+    let (s, _) = http("POST", &format!("{base}/actions/eval"), ADMIN, Some(r#"{"expression": "1+1"}"#));
+    assert_eq!(s, 403);
+
+    let url = format!("{base}/v8/heap-snapshot?gc=true");
+    let (u1, u2) = (url.clone(), url.clone());
+    let t1 = std::thread::spawn(move || http("GET", &u1, ADMIN, None));
+    let t2 = std::thread::spawn(move || http("GET", &u2, ADMIN, None));
+    let ((s1, b1), (s2, b2)) = (t1.join().unwrap(), t2.join().unwrap());
+    assert_eq!((s1, s2), (200, 200), "{} {}", String::from_utf8_lossy(&b1[..b1.len().min(300)]), String::from_utf8_lossy(&b2[..b2.len().min(300)]));
+    assert!(b1 == b2, "two concurrent requests got different snapshots ({} and {} bytes)", b1.len(), b2.len());
+    assert!(count_in_snapshot(&b1, "LeakyRecord") >= N);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = a.log();
+    assert_eq!(opened_sessions(&log, "heap-snapshot"), 1, "{log:#?}");
+
+    assert_eq!(node.ask("leak on"), "leaking");
+    let (s, folded) = http("GET", &format!("{base}/v8/heap-profile?seconds=2&format=folded"), READ, None);
+    let folded = String::from_utf8_lossy(&folded).into_owned();
+    assert_eq!(s, 200, "{folded}");
+    assert!(folded.lines().any(|l| l.contains("addLeaky")), "the sampling profile does not name addLeaky:\n{folded}");
+    let (s, pprof) = http("GET", &format!("{base}/v8/heap-profile?seconds=1&format=pprof"), READ, None);
+    assert_eq!(s, 200);
+    assert_eq!(&pprof[..2], &[0x1f, 0x8b], "pprof is gzip");
+
+    let (s, b) = http("POST", &format!("{base}/actions/gc"), ADMIN, None);
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(node.pid));
+    assert_eq!(own_listeners(node.pid), Vec::<u16>::new(), "the target still listens");
+    assert!(node.count("count") >= N);
+}
+
+/// With --allow-eval, only a token of role eval evaluates, once per 2 s, audited with the
+/// expression's hash and length (not the expression).
+#[test]
+fn v8_eval_needs_the_flag_and_the_role() {
+    require_root();
+    let _turn = host_netns_turn();
+    let mut node = node_js_heap();
+    assert_eq!(node.ask("grow 10"), "grown 10");
+    let dir = tempfile::tempdir().unwrap();
+    let tf = tokens(dir.path());
+    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string(), "--allow-eval"]).unwrap();
+    let url = format!("{}/v1/targets/{}/actions/eval", a.url, node.pid);
+    let body = r#"{"expression": "process.pid + 0.5"}"#;
+    assert_eq!(http("POST", &url, READ, Some(body)).0, 403);
+    assert_eq!(http("POST", &url, ADMIN, Some(body)).0, 403);
+    let (s, b) = http("POST", &url, EVAL, Some(body));
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["result"].as_f64(), Some(node.pid as f64 + 0.5));
+    assert_eq!(http("POST", &url, EVAL, Some(body)).0, 429);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = a.log();
+    let log: Vec<String> = log.iter().map(|l| plain(l)).collect();
+    let line = log.iter().find(|l| l.contains("expression_sha256")).unwrap_or_else(|| panic!("no eval audit line: {log:#?}"));
+    assert!(line.contains("repl") && line.contains("expression_len=17") && line.contains("result_bytes="), "{line}");
+    assert!(!line.contains("process.pid"), "the expression itself is in the log: {line}");
+    assert!(alive(node.pid));
+    assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
+}
+
+/// Two summaries around growth name LeakyRecord as growing and not ChurnRecord; the CLI
+/// writes a snapshot file; a process that does not handle SIGUSR1 is refused and alive.
+#[test]
+fn v8_summaries_cli_and_refusals() {
+    require_root();
+    let _turn = host_netns_turn();
+    let mut node = node_js_heap();
+    assert_eq!(node.ask("grow 1000"), "grown 1000");
+    let before = v8::summary_of(node.pid, true, "before").unwrap();
+    assert_eq!(node.ask("grow 4000"), "grown 5000");
+    let after = v8::summary_of(node.pid, true, "after").unwrap();
+    assert!(after.get("LeakyRecord").unwrap().count >= 5000, "{:?}", after.get("LeakyRecord"));
+    let grew = summary::grew(&before, &after);
+    let leaky = grew.iter().find(|g| g.name == "LeakyRecord").expect("LeakyRecord grew");
+    assert!(leaky.count_delta >= 4000, "{leaky:?}");
+    assert!(!grew.iter().any(|g| g.name == "ChurnRecord" && g.count_delta > 500), "ChurnRecord reported as growing: {grew:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("n.heapsnapshot");
+    let (st, _, err) = run({
+        let mut c = memscope();
+        c.args(["v8", "snapshot", &node.pid.to_string(), "-o", out.to_str().unwrap()]);
+        c
+    });
+    assert!(st.success(), "{err}");
+    assert!(count_in_snapshot(&std::fs::read(&out).unwrap(), "LeakyRecord") >= 5000);
+    assert!(alive(node.pid));
+    assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
+
+    let mut sleeper = Command::new("sleep").arg("60").stdout(Stdio::null()).spawn().unwrap();
+    let (st, _, err) = run({
+        let mut c = memscope();
+        c.args(["v8", "snapshot", &sleeper.id().to_string(), "-o", out.to_str().unwrap()]);
+        c
+    });
+    assert_eq!(st.code(), Some(1));
+    assert!(err.contains("does not handle SIGUSR1") && err.lines().filter(|l| l.starts_with("memscope:")).count() == 1, "{err}");
+    assert!(alive(sleeper.id()), "the process without a SIGUSR1 handler was killed");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// A target in a network namespace of its own is reached inside it; a port 9229 taken there
+/// by another process is refused clearly, and the target stays alive.
+#[test]
+fn v8_in_another_network_namespace() {
+    require_root();
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
+    let spawn = |squat: bool| {
+        let squatter = if squat {
+            "python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\", 9229)); s.listen(); time.sleep(120)' & sleep 0.5; "
+        } else {
+            ""
+        };
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "sh", "-c", &format!("ip link set lo up; {squatter}exec node {}", script.display())]);
+        Fixture::spawn(cmd)
+    };
+    let mut node = spawn(false);
+    assert_eq!(node.ask("grow 300"), "grown 300");
+    let s = v8::summary_of(node.pid, false, "netns").unwrap();
+    assert!(s.get("LeakyRecord").unwrap().count >= 300);
+    assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
+
+    let node2 = spawn(true);
+    let err = v8::summary_of(node2.pid, false, "netns").unwrap_err();
+    assert!(err.to_string().contains("taken by another process"), "{err}");
+    assert!(alive(node2.pid));
+    drop(node2);
+    drop(node);
+}
