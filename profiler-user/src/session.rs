@@ -231,6 +231,7 @@ impl TracedTarget for Session {
                 }
             }
         }
+        profile.expand_inlined();
         profile.unwind_tables = self.unwind.as_ref().map(UnwindHandle::stats);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)

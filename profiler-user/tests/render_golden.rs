@@ -37,6 +37,7 @@ fn frame(function: Option<&str>, file_line: Option<(&str, u32)>, module: &str, a
         module: Some(module.into()),
         address,
         module_offset: None,
+        ..Default::default()
     }
     .into()
 }
@@ -79,6 +80,7 @@ fn leak_b() -> StackSample {
                 module: Some(PLUGIN.into()),
                 address: 0x7f00_1000_1a2b,
                 module_offset: Some(0x1a2b),
+                ..Default::default()
             }
             .into(),
             frame(Some("plugin_load"), None, PLUGIN, 0x7f00_1000_2000),

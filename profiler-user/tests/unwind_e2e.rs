@@ -1223,3 +1223,51 @@ fn debug_frame_and_debug_files_give_whole_stacks() {
     checks.all("CFI in the debug file", &rec, &c_sites(), &[&stripped]);
     checks.finish();
 }
+
+/// Functions inlined at an allocation's return address are frames of their own, innermost
+/// first, marked `"inlined": true`, with the same names and lines as binutils' `addr2line -i`
+/// gives for that address.
+#[test]
+fn inlined_functions_are_frames_of_their_own() {
+    require_root();
+    let exe = compile("cc", "unwind_inline.c", "unwind_inline", &[]);
+    let rec = record(fixture_cmd(&exe, &[], None), Some("full"));
+    let leak = rec.leaks["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["frames"][0]["function"] == "inner_inl")
+        .unwrap_or_else(|| panic!("no stack starts at inner_inl: {}", rec.leaks["leaks"]));
+    assert_eq!(leak["allocs"].as_u64(), Some(1000));
+    let frames = leak["frames"].as_array().unwrap();
+    let got: Vec<(String, u64, bool)> = frames[..3]
+        .iter()
+        .map(|f| (f["function"].as_str().unwrap().to_string(), f["line"].as_u64().unwrap_or(0), f["inlined"] == true))
+        .collect();
+    assert_eq!(frames[3]["function"], "main", "{frames:?}");
+    // addr2line on the file address of the call (the return address - 1).
+    let address = parse_address(&frames[0]);
+    // gcc's PIE layout: the code segment is mapped from file offset 0x1000 at vaddr 0x1000.
+    let (start, _, _) = rec.exec_maps.iter().find(|(s, e, _)| (*s..*e).contains(&address)).expect("an executable mapping");
+    let offset = 0x1000;
+    let text = String::from_utf8(
+        Command::new("addr2line")
+            .args(["-i", "-f", "-e"])
+            .arg(&exe)
+            .arg(format!("{:x}", address - start + offset - 1))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let expected: Vec<(String, u64, bool)> = lines
+        .chunks(2)
+        .enumerate()
+        .map(|(i, c)| {
+            let line = c[1].rsplit(':').next().and_then(|l| l.split_whitespace().next()).and_then(|l| l.parse().ok()).unwrap_or(0);
+            (c[0].to_string(), line, i + 1 < lines.len() / 2)
+        })
+        .collect();
+    assert_eq!(got, expected, "addr2line says:\n{text}");
+}

@@ -47,6 +47,13 @@ pub struct FrameInfo {
     /// Offset of the address in `module`'s file, for frames that could not be named.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_offset: Option<u64>,
+    /// This frame is a function inlined at the same address into the frame after it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+    /// The functions inlined at this address, innermost first (each `inlined`), as the
+    /// symbolizer found them; [`HeapProfile::expand_inlined`] makes them frames of their own.
+    #[serde(skip)]
+    pub inlined_frames: Vec<Frame>,
 }
 
 impl FrameInfo {
@@ -169,6 +176,28 @@ impl Measure {
 }
 
 impl HeapProfile {
+    /// Every frame's inlined functions become frames of their own, innermost first, in front
+    /// of the frame they were inlined into (as `gdb bt` and heaptrack show them).
+    pub fn expand_inlined(&mut self) {
+        for s in &mut self.stacks {
+            if s.frames.iter().all(|f| f.inlined_frames.is_empty()) {
+                continue;
+            }
+            let mut frames = Vec::with_capacity(s.frames.len() * 2);
+            for f in s.frames.drain(..) {
+                frames.extend(f.inlined_frames.iter().cloned());
+                if f.inlined_frames.is_empty() {
+                    frames.push(f);
+                } else {
+                    let mut outer = f;
+                    outer.inlined_frames = Vec::new();
+                    frames.push(outer);
+                }
+            }
+            s.frames = frames;
+        }
+    }
+
     /// Stacks with leaked bytes, largest first (ties broken by frames, so output is stable).
     pub fn leaks(&self) -> Vec<&StackSample> {
         let mut v: Vec<&StackSample> = self.stacks.iter().filter(|s| s.leak_bytes > 0).collect();

@@ -12,6 +12,7 @@
 //!   "unseen_before_attach_bytes", "untracked_frees",
 //!   "leaks": [ { "bytes", "allocs", "oldest_age_s",
 //!                "frames": [ { "function", "file", "line", "module", "address" } ] } ] }
+//!   (`"inlined": true` on a frame inlined into the next one, at the same address)
 //! ```
 //!
 //! Leaks are largest first, frames innermost first; unknown frame fields are `null`; the
@@ -28,13 +29,17 @@ use super::folded::Folder;
 use crate::aggregate::{Frame, HeapProfile, Measure, StackSample};
 
 fn frame_json(f: &Frame) -> Value {
-    json!({
+    let mut v = json!({
         "function": f.function,
         "file": f.file,
         "line": f.line,
         "module": f.module,
         "address": format!("{:#x}", f.address),
-    })
+    });
+    if f.inlined {
+        v["inlined"] = Value::Bool(true);
+    }
+    v
 }
 
 fn frames_json(frames: &[Frame]) -> Value {

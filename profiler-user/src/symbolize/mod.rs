@@ -30,7 +30,7 @@ use perf_map::PerfMap;
 thread_local! {
     // blazesym's symbolizer is not Send; each thread keeps its own, with its parsed-file cache
     // (keyed by path and file identity, so a reused /proc/self/fd number cannot fool it).
-    static BLAZE: Blaze = Blaze::builder().enable_inlined_fns(false).enable_code_info(true).build();
+    static BLAZE: Blaze = Blaze::builder().enable_inlined_fns(true).enable_code_info(true).build();
 }
 
 pub struct Symbolizer {
@@ -154,10 +154,24 @@ impl Symbolizer {
                     module_offset: Some(off),
                     ..Default::default()
                 };
-                if let Some(Some((function, file, line))) = results.get(i) {
+                if let Some(Some(named)) = results.get(i) {
+                    let ((function, file, line), inlined) = named.split_last().expect("one at least");
                     frame.function = Some(intern(&mut self.names, function));
                     frame.file = file.as_deref().map(|f| intern(&mut self.names, f));
                     frame.line = *line;
+                    frame.inlined_frames = inlined
+                        .iter()
+                        .map(|(function, file, line)| {
+                            FrameInfo {
+                                function: Some(intern(&mut self.names, function)),
+                                file: file.as_deref().map(|f| intern(&mut self.names, f)),
+                                line: *line,
+                                inlined: true,
+                                ..frame.clone()
+                            }
+                            .into()
+                        })
+                        .collect();
                 }
                 self.cache.insert(addr, frame.into());
             }
@@ -178,10 +192,12 @@ fn intern(names: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
     new
 }
 
-/// Function name, source file and line of a symbolized address.
-fn named(s: Symbolized<'_>) -> Option<(String, Option<String>, Option<u32>)> {
+/// Function name, source file and line of a symbolized address, for the functions inlined there
+/// (innermost first) and last for the function holding it. Each location is the one inside that
+/// function (blazesym moves the call sites up a level).
+fn named(s: Symbolized<'_>) -> Option<Vec<(String, Option<String>, Option<u32>)>> {
     let Symbolized::Sym(sym) = s else { return None };
-    let (file, line) = match &sym.code_info {
+    let place = |ci: Option<&blazesym::symbolize::CodeInfo<'_>>| match ci {
         Some(ci) => {
             let file = match &ci.dir {
                 Some(dir) => dir.join(&*ci.file).to_string_lossy().into_owned(),
@@ -191,5 +207,16 @@ fn named(s: Symbolized<'_>) -> Option<(String, Option<String>, Option<u32>)> {
         }
         None => (None, None),
     };
-    Some((sym.name.to_string(), file, line))
+    let mut frames: Vec<_> = sym
+        .inlined
+        .iter()
+        .rev()
+        .map(|f| {
+            let (file, line) = place(f.code_info.as_ref());
+            (f.name.to_string(), file, line)
+        })
+        .collect();
+    let (file, line) = place(sym.code_info.as_deref());
+    frames.push((sym.name.to_string(), file, line));
+    Some(frames)
 }
