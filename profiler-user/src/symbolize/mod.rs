@@ -192,10 +192,13 @@ fn intern(names: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
     new
 }
 
+/// A function name, its source file and line.
+type Named = (String, Option<String>, Option<u32>);
+
 /// Function name, source file and line of a symbolized address, for the functions inlined there
 /// (innermost first) and last for the function holding it. Each location is the one inside that
 /// function (blazesym moves the call sites up a level).
-fn named(s: Symbolized<'_>) -> Option<Vec<(String, Option<String>, Option<u32>)>> {
+fn named(s: Symbolized<'_>) -> Option<Vec<Named>> {
     let Symbolized::Sym(sym) = s else { return None };
     let place = |ci: Option<&blazesym::symbolize::CodeInfo<'_>>| match ci {
         Some(ci) => {

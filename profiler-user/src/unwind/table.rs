@@ -81,9 +81,12 @@ impl Table {
     }
 }
 
+/// Finds a file's separate debug file by its build id (hex).
+pub type DebugFileFinder<'a> = &'a dyn Fn(&str) -> Option<PathBuf>;
+
 /// Builds the table of the ELF file at `path` (a host path). `debug_file` finds a separate debug
-/// file by build id when the file itself has no CFI (None: don't look).
-pub fn compile(path: &Path, debug_file: Option<&dyn Fn(&str) -> Option<PathBuf>>) -> Result<Table, TableError> {
+/// file by build id when the file itself has no `.debug_frame` (None: don't look).
+pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<Table, TableError> {
     let data = read_file(path)?;
     let file = object::File::parse(&*data).map_err(|source| TableError::Parse { path: path.into(), source })?;
     let segments = file
