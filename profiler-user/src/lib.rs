@@ -2,12 +2,14 @@
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
 //! [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
-//! [`target`] is the seam between the tracing half and the serving half; [`trigger`] decides
+//! [`target`] is the seam between the tracing half and the serving half; [`discover`] picks the processes to trace and [`workload`] keeps them
+//! across restarts; [`trigger`] decides
 //! when to take snapshots without being asked.
 pub mod aggregate;
 pub mod api;
 pub mod bpf;
 pub mod cli;
+pub mod discover;
 pub mod procfs;
 pub mod render;
 pub mod session;
@@ -15,3 +17,4 @@ pub mod store;
 pub mod symbolize;
 pub mod target;
 pub mod trigger;
+pub mod workload;

@@ -194,6 +194,7 @@ impl TracedTarget for Session {
             sample_bytes: self.settings.sample_bytes,
             probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),
+            labels: Default::default(),
         }
     }
 

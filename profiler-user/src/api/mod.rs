@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod routes;
 pub mod tls;
 pub mod triggers;
+pub mod workloads;
 
 #[cfg(test)]
 mod tests;
@@ -87,6 +88,8 @@ pub struct AgentConfig {
     /// `--min-spacing`, `--verdict-window`.
     pub trigger_settings: TriggerSettings,
     pub limits: Limits,
+    /// Selectors and discovery (`--select`, `--node-root`).
+    pub node: workloads::NodeConfig,
 }
 
 impl Default for AgentConfig {
@@ -102,6 +105,7 @@ impl Default for AgentConfig {
             triggers: Vec::new(),
             trigger_settings: TriggerSettings::default(),
             limits: Limits::default(),
+            node: workloads::NodeConfig::default(),
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct State {
     pub(crate) next_trigger_id: AtomicU64,
     /// Verdicts of stored snapshots, by snapshot id (in memory only).
     pub(crate) snapshot_verdicts: Mutex<std::collections::HashMap<String, triggers::StoredVerdicts>>,
+    /// Selectors and workloads (set by [`Agent::start`]).
+    pub(crate) workloads: std::sync::OnceLock<Arc<workloads::Workloads>>,
 }
 
 impl State {
@@ -161,6 +167,7 @@ impl State {
             trigger_settings: TriggerSettings::default(),
             next_trigger_id: AtomicU64::new(1),
             snapshot_verdicts: Mutex::new(std::collections::HashMap::new()),
+            workloads: std::sync::OnceLock::new(),
         }
     }
 
@@ -285,6 +292,14 @@ impl Agent {
                 .context("attaching triggers")?
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
+        }
+        let registry = workloads::Workloads::new(&config.node, &config.data_dir)?;
+        let watch = registry.has_selectors();
+        let _ = state.workloads.set(Arc::new(registry));
+        if watch {
+            workloads::Workloads::start_watching(&state)?;
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || workloads::Workloads::scan(&st)).await.context("scanning processes")?;
         }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

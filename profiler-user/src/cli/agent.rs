@@ -83,6 +83,9 @@ pub struct AgentArgs {
     /// Leak verdicts use each target's last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = super::record::parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
+    /// Selectors and node paths (`--select`, `--node-root`).
+    #[command(flatten)]
+    pub node: super::node_args::NodeArgs,
 }
 
 impl AgentArgs {
@@ -118,6 +121,7 @@ impl AgentArgs {
                 request_timeout: self.request_timeout,
                 ..defaults
             },
+            node: self.node.config(),
         })
     }
 }
