@@ -167,7 +167,10 @@ impl TracedTarget for Session {
             target_exited: exited,
         };
         let started = Instant::now();
-        let profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        let mut profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
+        if !exited {
+            profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
+        }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
     }

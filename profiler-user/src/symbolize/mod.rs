@@ -2,6 +2,7 @@
 //! module and cached per process (addresses are stable while the mappings are), using blazesym
 //! on the module files kept open by [`modules`]. Frames that cannot be named keep their module
 //! and file offset.
+pub mod mappings;
 pub mod modules;
 pub mod perf_map;
 
