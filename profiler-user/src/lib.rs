@@ -10,6 +10,7 @@ pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod discover;
+pub mod export;
 pub mod procfs;
 pub mod render;
 pub mod session;

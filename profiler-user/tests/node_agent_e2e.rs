@@ -255,3 +255,168 @@ fn containers_are_found_followed_across_restarts_and_agent_restarts() {
     drop(agent);
     drop(c2);
 }
+
+/// A request the receiver got: request line, headers (lower-case names), body, status answered.
+type Received = (String, Vec<(String, String)>, Vec<u8>, u16);
+
+/// A local ingest endpoint: records every request; answers 200, or 503 while `refuse` is set.
+struct Receiver {
+    url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reqs, no) = (requests.clone(), refuse.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut headers = Vec::new();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = h.trim_end().split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let status = if no.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
+                reqs.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
+                let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Receiver { url, requests, refuse }
+    }
+}
+
+fn query_param(target: &str, key: &str) -> Option<String> {
+    let q = target.split_once('?')?.1;
+    let raw = q.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}=")))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&raw[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8(out).unwrap())
+}
+
+/// `--push` to a local Pyroscope-style receiver: each workload's heap profile arrives as
+/// `POST /ingest?name=APP{labels}&from=&until=&format=pprof` with the bearer token from the
+/// file; the body is a gzip pprof whose mappings carry the fixture's and libc's file names,
+/// offsets and GNU build ids; when the receiver refuses, posts are retried and profiles that
+/// find the queue full are dropped, both counted in /metrics.
+#[test]
+fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let secret = dir.path().join("push-token");
+    std::fs::write(&secret, "push-secret-token-42\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let rx = Receiver::start();
+    let exe = build_fixture("workload_fixture", &[]);
+    // Its own fixture only (the other test's runs meanwhile).
+    let select = format!("exe={}", exe.display());
+    let args = [
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "200",
+        "--select", &select, "--push", &rx.url, "--push-interval", "1s", "--push-token-file",
+        secret.to_str().unwrap(), "--push-queue", "1", "--push-retries", "3",
+    ];
+    // The secret file must be private.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let err = start_agent(&args).err().expect("a readable secret file is refused");
+    assert!(err.contains("0644"), "{err}");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let agent = start_agent(&args).unwrap();
+    let mut fixture = Command::new(&exe).spawn().unwrap();
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    let first = loop {
+        if let Some(r) = rx.requests.lock().unwrap().iter().find(|r| r.3 == 200).cloned() {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "nothing pushed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (line, headers, body, _) = first;
+    assert!(line.starts_with("POST /ingest?"), "{line}");
+    let target = line.split(' ').nth(1).unwrap();
+    assert_eq!(query_param(target, "format").as_deref(), Some("pprof"));
+    let from: u64 = query_param(target, "from").unwrap().parse().unwrap();
+    let until: u64 = query_param(target, "until").unwrap().parse().unwrap();
+    assert!(from < until, "{target}");
+    let name = query_param(target, "name").unwrap();
+    let exe_s = exe.to_str().unwrap();
+    let exe_base = exe.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with(&format!("{exe_base}{{")), "{name}");
+    for label in [format!("executable={exe_s}"), format!("workload={}", w["id"].as_str().unwrap()), "node=".to_string()] {
+        assert!(name.contains(&label), "{label} missing in {name}");
+    }
+    let auth = headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.as_str());
+    assert_eq!(auth, Some("Bearer push-secret-token-42"));
+
+    let p = profiler_user::render::pprof::decode_pprof_gz(&body).unwrap();
+    let s = |i: i64| p.string_table[i as usize].clone();
+    let want_id = profiler_user::symbolize::mappings::build_id(&exe).expect("the fixture has a GNU build id");
+    let m = p.mapping.iter().find(|m| s(m.filename) == exe_s).unwrap_or_else(|| panic!("no mapping of {exe_s}: {:?}", p.mapping));
+    assert_eq!(s(m.build_id), want_id);
+    assert!(m.memory_limit > m.memory_start);
+    let libc = p.mapping.iter().find(|m| s(m.filename).contains("libc.so")).expect("libc mapped");
+    assert!(s(libc.build_id).len() >= 32, "libc's build id: {:?}", s(libc.build_id));
+    // leak_tick's location points at the executable's mapping.
+    let f = p.function.iter().find(|f| s(f.name) == "leak_tick").expect("leak_tick in the profile");
+    let loc = p.location.iter().find(|l| l.line.iter().any(|ln| ln.function_id == f.id)).unwrap();
+    assert_eq!(loc.mapping_id, m.id);
+    assert!(m.memory_start <= loc.address && loc.address < m.memory_limit);
+
+    // Refused: retried, then given up; profiles made meanwhile find the queue full.
+    rx.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+    };
+    let t = Instant::now();
+    loop {
+        let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+        let m = m.as_str().unwrap().to_string();
+        let (failed, dropped, retries) = (
+            metric(&m, "memscope_push_profiles_total{result=\"failed\"}"),
+            metric(&m, "memscope_push_profiles_total{result=\"dropped\"}"),
+            metric(&m, "memscope_push_retries_total"),
+        );
+        if failed >= 1 && dropped >= 1 && retries >= 3 {
+            assert!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}") >= 1, "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "failed {failed}, dropped {dropped}, retries {retries}:\n{m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let refused = rx.requests.lock().unwrap().iter().filter(|r| r.3 == 503).count();
+    assert!(refused >= 4, "{refused} refused posts (one try and three retries at least)");
+    drop(agent);
+    let _ = fixture.kill();
+    let _ = fixture.wait();
+}

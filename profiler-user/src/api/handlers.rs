@@ -757,7 +757,8 @@ pub(crate) async fn delete_trigger(state: Arc<State>, p: Principal, id: u32, tid
 pub(crate) fn metrics(state: &State) -> Response {
     let mut stats: Vec<TargetStats> = state.targets.read().unwrap().values().map(|e| e.target.stats()).collect();
     super::workloads::label_stats(state, &mut stats);
-    let text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
+    let mut text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
+    text.push_str(&super::workloads::push_metrics(state));
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

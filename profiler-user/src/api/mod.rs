@@ -295,6 +295,10 @@ impl Agent {
         }
         let registry = workloads::Workloads::new(&config.node, &config.data_dir)?;
         let watch = registry.has_selectors();
+        if let Some(push) = &config.node.push {
+            let pusher = crate::export::push::Pusher::start(push.clone()).context("starting --push")?;
+            let _ = registry.pusher.set(pusher);
+        }
         let _ = state.workloads.set(Arc::new(registry));
         if watch {
             workloads::Workloads::start_watching(&state)?;
@@ -327,6 +331,7 @@ impl Agent {
         let Agent { state, listener, tls, local_addr } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
         let poller = triggers::spawn_poller(state.clone());
+        let pushing = workloads::spawn_push(&state);
         let limits = state.limits.clone();
         let incoming = tls::incoming(listener, tls, limits.max_connections, limits.tls_handshake_timeout);
         let filter = routes::routes(state.clone());
@@ -374,6 +379,9 @@ impl Agent {
         };
         reload.abort();
         poller.abort();
+        if let Some(p) = pushing {
+            p.abort();
+        }
         result
     }
 }

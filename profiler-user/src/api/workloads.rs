@@ -32,6 +32,7 @@ use super::{
 };
 use crate::{
     discover::{self, NodePaths, ProcEvent, ProcWatcher, Selector},
+    export::push::{self, PushJob, Pusher},
     target::TracedTarget,
     workload::{self, SelectorEntry, SelectorFile, Workload},
 };
@@ -51,6 +52,8 @@ pub struct NodeConfig {
     pub selectors: Vec<Selector>,
     /// `--node-root`.
     pub node_paths: NodePaths,
+    /// `--push` and its options.
+    pub push: Option<crate::export::push::PushConfig>,
 }
 
 struct Entry {
@@ -70,6 +73,8 @@ pub struct Workloads {
     watcher: Mutex<Option<ProcWatcher>>,
     events: Mutex<Option<mpsc::Sender<ProcEvent>>>,
     own_pid: u32,
+    /// `--push`: the queue and sender of heap profiles.
+    pub(crate) pusher: std::sync::OnceLock<Arc<Pusher>>,
 }
 
 /// A selector as `/v1/selectors` shows it.
@@ -113,6 +118,7 @@ impl Workloads {
             watcher: Mutex::new(None),
             events: Mutex::new(None),
             own_pid: std::process::id(),
+            pusher: std::sync::OnceLock::new(),
         })
     }
 
@@ -567,4 +573,82 @@ pub(crate) fn adopt_for_test(state: &State, pid: u32, id: &str, data_dir: &std::
     workload.attached(pid, identity.labels.clone(), now_ms());
     w.registry.lock().unwrap().insert(id.to_string(), Entry { workload, tracking });
     w.by_pid.lock().unwrap().insert(pid, id.to_string());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Push
+
+/// Every `--push-interval`, one heap profile per attached workload, queued for the pusher.
+pub(crate) fn spawn_push(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
+    let pusher = state.workloads.get()?.pusher.get()?.clone();
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pusher.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let last: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        loop {
+            tick.tick().await;
+            let (st, p, last) = (state.clone(), pusher.clone(), last.clone());
+            let _ = tokio::task::spawn_blocking(move || push_round(&st, &p, &last)).await;
+        }
+    }))
+}
+
+/// One round: a profile of each attached workload, queued.
+fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>) {
+    let Some(w) = state.workloads.get() else { return };
+    for wl in w.list().into_iter().filter(|w| w.attached) {
+        let Some(pid) = wl.pid else { continue };
+        let Some(target) = state.targets.read().unwrap().get(&pid).map(|e| e.target.clone()) else { continue };
+        let skipped = || pusher.stats.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(_permit) = state.expensive.clone().try_acquire_owned() else {
+            skipped();
+            continue;
+        };
+        let profile = match target.snapshot(state.trigger_settings.min_age) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(pid, workload = %wl.id, error = %crate::cli::one_line(&e), "snapshot for push failed");
+                skipped();
+                continue;
+            }
+        };
+        let body = match crate::render::pprof::pprof_gz(&profile) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(workload = %wl.id, error = %e, "rendering a pushed profile failed");
+                skipped();
+                continue;
+            }
+        };
+        let mut labels: BTreeMap<String, String> =
+            PUSH_LABELS.iter().filter_map(|k| wl.labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        labels.insert("workload".into(), wl.id.clone());
+        let app = wl
+            .labels
+            .get("container")
+            .cloned()
+            .unwrap_or_else(|| wl.labels.get("executable").map(|e| e.rsplit('/').next().unwrap_or(e).to_string()).unwrap_or_default());
+        let until = profile.taken_at_ms / 1000;
+        let from = last.lock().unwrap().insert(wl.id.clone(), until).unwrap_or_else(|| wl.attached_at_ms.unwrap_or(profile.taken_at_ms) / 1000);
+        pusher.enqueue(PushJob { query: push::ingest_query(&app, &labels, from, until), body });
+    }
+}
+
+/// The pusher's counters in the Prometheus text format (empty without `--push`).
+pub(crate) fn push_metrics(state: &State) -> String {
+    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    let Some(p) = state.workloads.get().and_then(|w| w.pusher.get()) else { return String::new() };
+    let s = &p.stats;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP memscope_push_profiles_total Heap profiles for --push, by result.\n# TYPE memscope_push_profiles_total counter");
+    for (result, n) in [("sent", &s.sent), ("failed", &s.failed), ("dropped", &s.dropped), ("skipped", &s.skipped)] {
+        let _ = writeln!(out, "memscope_push_profiles_total{{result=\"{result}\"}} {}", n.load(Relaxed));
+    }
+    let _ = writeln!(out, "# HELP memscope_push_retries_total Posts to the ingest endpoint retried.\n# TYPE memscope_push_retries_total counter");
+    let _ = writeln!(out, "memscope_push_retries_total {}", s.retries.load(Relaxed));
+    let _ = writeln!(out, "# HELP memscope_push_bytes_total Bytes of profiles the ingest endpoint accepted.\n# TYPE memscope_push_bytes_total counter");
+    let _ = writeln!(out, "memscope_push_bytes_total {}", s.bytes.load(Relaxed));
+    out
 }

@@ -85,7 +85,7 @@ pub struct AgentArgs {
     pub verdict_window: usize,
     /// Selectors and node paths (`--select`, `--node-root`).
     #[command(flatten)]
-    pub node: super::node_args::NodeArgs,
+    pub node: Box<super::node_args::NodeArgs>,
 }
 
 impl AgentArgs {
@@ -121,7 +121,7 @@ impl AgentArgs {
                 request_timeout: self.request_timeout,
                 ..defaults
             },
-            node: self.node.config(),
+            node: self.node.config(self.allow_insecure_remote)?,
         })
     }
 }
