@@ -252,8 +252,17 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
     let identity = workload::identify(&selector, &info, &w.node_name);
     let (tracking, fresh) = {
         let mut reg = w.registry.lock().unwrap();
-        if reg.get(&identity.id).is_some_and(|e| e.workload.pid.is_some()) {
-            return;
+        // Its process is traced (or being attached), unless that one is gone already: a
+        // restarted process may exec before the exit of its predecessor is seen.
+        if let Some(e) = reg.get_mut(&identity.id) {
+            match e.workload.pid {
+                Some(p) if p != pid && !crate::procfs::exists(p) => {
+                    w.by_pid.lock().unwrap().remove(&p);
+                    e.workload.gone();
+                }
+                Some(_) => return,
+                None => {}
+            }
         }
         let fresh = !reg.contains_key(&identity.id);
         let e = reg.entry(identity.id.clone()).or_insert_with(|| Entry {
