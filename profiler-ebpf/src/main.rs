@@ -17,6 +17,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod discover;
 mod maps;
 mod probes;
 mod stack;

@@ -87,3 +87,12 @@ pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(1,
 /// agent polls it and takes a snapshot when a count moves.
 #[map]
 pub static TRIGGER_HITS: Array<u64> = Array::with_max_entries(profiler_common::MAX_TRIGGERS, 0);
+
+/// Discovery events (`discover.rs`): one `u64` per exec or exit. One page here: only the
+/// agent's discovery load resizes it (`map_max_entries`), the per-target loads never use it.
+#[map]
+pub static DISCOVER_EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(4096, 0);
+
+/// Discovery events lost because `DISCOVER_EVENTS` was full.
+#[map]
+pub static DISCOVER_LOST: Array<u64> = Array::with_max_entries(1, 0);

@@ -2,12 +2,15 @@
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
 //! [`unwind`] gives the probes each mapped file's CFI as tables, [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
-//! [`target`] is the seam between the tracing half and the serving half; [`trigger`] decides
+//! [`target`] is the seam between the tracing half and the serving half; [`discover`] picks the processes to trace and [`workload`] keeps them
+//! across restarts; [`trigger`] decides
 //! when to take snapshots without being asked.
 pub mod aggregate;
 pub mod api;
 pub mod bpf;
 pub mod cli;
+pub mod discover;
+pub mod export;
 pub mod procfs;
 pub mod render;
 pub mod session;
@@ -17,3 +20,4 @@ pub mod target;
 pub mod trigger;
 pub mod unwind;
 pub mod v8;
+pub mod workload;

@@ -233,6 +233,9 @@ impl TracedTarget for Session {
         }
         profile.expand_inlined();
         profile.unwind_tables = self.unwind.as_ref().map(UnwindHandle::stats);
+        if !exited {
+            profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
+        }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
     }
@@ -261,6 +264,7 @@ impl TracedTarget for Session {
             sample_bytes: self.settings.sample_bytes,
             probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),
+            labels: Default::default(),
         }
     }
 

@@ -26,6 +26,10 @@ pub struct TargetStats {
     /// How the allocator probes are attached: `session` or `classic`.
     pub probe_mode: String,
     pub alive: bool,
+    /// The workload's labels (workload, node, namespace, pod, container, executable) when the
+    /// target is a workload's process; filled by the agent.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.

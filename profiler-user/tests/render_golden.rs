@@ -163,6 +163,7 @@ fn fixture() -> HeapProfile {
         untracked_frees: 7,
         target_exited: true,
         stacks,
+        mappings: Vec::new(),
     }
 }
 

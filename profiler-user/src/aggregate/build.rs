@@ -109,6 +109,7 @@ pub fn build(
         untracked_frees: c(Counter::UntrackedFrees),
         target_exited: ctx.target_exited,
         stacks,
+        mappings: Vec::new(),
     }
 }
 

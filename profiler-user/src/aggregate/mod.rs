@@ -5,4 +5,4 @@ pub mod build;
 pub mod growth;
 pub mod profile;
 
-pub use profile::{Frame, FrameInfo, HeapProfile, Measure, StackSample, Totals};
+pub use profile::{Frame, FrameInfo, HeapProfile, Measure, ModuleMapping, StackSample, Totals};

@@ -141,6 +141,25 @@ pub struct HeapProfile {
     #[serde(default)]
     pub target_exited: bool,
     pub stacks: Vec<StackSample>,
+    /// The target's executable file mappings when the snapshot was taken (pprof `Mapping`
+    /// rows, for backends that symbolize by build id); empty when unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mappings: Vec<ModuleMapping>,
+}
+
+/// One executable mapping of a file in the target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleMapping {
+    pub start: u64,
+    /// One past the last address.
+    pub limit: u64,
+    /// File offset of `start`.
+    pub file_offset: u64,
+    /// Path as the target sees it.
+    pub path: String,
+    /// GNU build id (hex), when the file has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 /// Which quantity a flamegraph, folded file or diff shows.

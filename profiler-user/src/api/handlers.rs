@@ -315,7 +315,10 @@ fn view(entry: &TargetEntry) -> TargetView {
 }
 
 pub(crate) fn list_targets(state: &State) -> Response {
-    let targets: Vec<TargetView> = state.targets.read().unwrap().values().map(view).collect();
+    let mut targets: Vec<TargetView> = state.targets.read().unwrap().values().map(view).collect();
+    for t in &mut targets {
+        super::workloads::label_stats(state, std::slice::from_mut(&mut t.stats));
+    }
     json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets }))
 }
 
@@ -483,7 +486,7 @@ async fn take_snapshot_inner(
         limits::exclusive(&state.expensive, move || {
             let p = snapshot_of(&*t, min_age)?;
             let comm = t.stats().comm;
-            let stored = st.store.put(&p, &comm, "api")?;
+            let stored = st.store.put_for(&p, &comm, "api", tracking.workload())?;
             triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
             Ok(stored)
         }),
@@ -752,8 +755,10 @@ pub(crate) async fn delete_trigger(state: Arc<State>, p: Principal, id: u32, tid
 // Metrics and documents
 
 pub(crate) fn metrics(state: &State) -> Response {
-    let stats: Vec<TargetStats> = state.targets.read().unwrap().values().map(|e| e.target.stats()).collect();
-    let text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
+    let mut stats: Vec<TargetStats> = state.targets.read().unwrap().values().map(|e| e.target.stats()).collect();
+    super::workloads::label_stats(state, &mut stats);
+    let mut text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
+    text.push_str(&super::workloads::push_metrics(state));
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

@@ -137,7 +137,11 @@ impl Metrics {
 }
 
 fn target_labels(t: &TargetStats) -> String {
-    format!("pid=\"{}\",comm=\"{}\"", t.pid, escape(&t.comm))
+    let mut l = format!("pid=\"{}\",comm=\"{}\"", t.pid, escape(&t.comm));
+    for (k, v) in &t.labels {
+        let _ = write!(l, ",{k}=\"{}\"", escape(v));
+    }
+    l
 }
 
 /// Escapes a label value: backslash, double quote and newline.

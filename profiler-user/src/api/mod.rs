@@ -49,6 +49,7 @@ pub mod routes;
 pub mod tls;
 pub mod triggers;
 pub mod v8;
+pub mod workloads;
 
 #[cfg(test)]
 mod tests;
@@ -90,6 +91,8 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// `--allow-eval`: tokens of role `eval` may evaluate expressions in Node.js targets.
     pub allow_eval: bool,
+    /// Selectors and discovery (`--select`, `--node-root`).
+    pub node: workloads::NodeConfig,
 }
 
 impl Default for AgentConfig {
@@ -106,6 +109,7 @@ impl Default for AgentConfig {
             trigger_settings: TriggerSettings::default(),
             limits: Limits::default(),
             allow_eval: false,
+            node: workloads::NodeConfig::default(),
         }
     }
 }
@@ -141,6 +145,8 @@ pub struct State {
     pub(crate) snapshot_verdicts: Mutex<std::collections::HashMap<String, triggers::StoredVerdicts>>,
     /// Heap snapshots in flight, eval spacing, `--allow-eval` (Node.js targets).
     pub(crate) v8: v8::V8State,
+    /// Selectors and workloads (set by [`Agent::start`]).
+    pub(crate) workloads: std::sync::OnceLock<Arc<workloads::Workloads>>,
 }
 
 impl State {
@@ -168,6 +174,7 @@ impl State {
             next_trigger_id: AtomicU64::new(1),
             snapshot_verdicts: Mutex::new(std::collections::HashMap::new()),
             v8: v8::V8State::default(),
+            workloads: std::sync::OnceLock::new(),
         }
     }
 
@@ -294,6 +301,18 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
         }
+        let registry = workloads::Workloads::new(&config.node, &config.data_dir)?;
+        let watch = registry.has_selectors();
+        if let Some(push) = &config.node.push {
+            let pusher = crate::export::push::Pusher::start(push.clone()).context("starting --push")?;
+            let _ = registry.pusher.set(pusher);
+        }
+        let _ = state.workloads.set(Arc::new(registry));
+        if watch {
+            workloads::Workloads::start_watching(&state)?;
+            let st = state.clone();
+            tokio::task::spawn_blocking(move || workloads::Workloads::scan(&st)).await.context("scanning processes")?;
+        }
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -320,6 +339,7 @@ impl Agent {
         let Agent { state, listener, tls, local_addr } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
         let poller = triggers::spawn_poller(state.clone());
+        let pushing = workloads::spawn_push(&state);
         let limits = state.limits.clone();
         let incoming = tls::incoming(listener, tls, limits.max_connections, limits.tls_handshake_timeout);
         let filter = routes::routes(state.clone());
@@ -367,6 +387,9 @@ impl Agent {
         };
         reload.abort();
         poller.abort();
+        if let Some(p) = pushing {
+            p.abort();
+        }
         result
     }
 }

@@ -20,7 +20,7 @@ use warp::{
     Filter, Rejection, Reply,
 };
 
-use super::{auth::Role, errors::ApiError, handlers, State};
+use super::{auth::Role, errors::ApiError, handlers, workloads, State};
 
 /// Every route the agent serves, as `(method, path template)`.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -42,6 +42,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/snapshots/{sid}"),
     ("DELETE", "/v1/snapshots/{sid}"),
     ("GET", "/v1/snapshots/{a}/diff/{b}"),
+    ("GET", "/v1/selectors"),
+    ("POST", "/v1/selectors"),
+    ("DELETE", "/v1/selectors/{sid}"),
+    ("GET", "/v1/workloads"),
+    ("GET", "/v1/workloads/{wid}/heap"),
+    ("GET", "/v1/workloads/{wid}/leaks"),
+    ("GET", "/v1/workloads/{wid}/flamegraph.svg"),
+    ("GET", "/v1/workloads/{wid}/snapshots"),
     ("GET", "/v1/targets/{id}/v8/heap-snapshot"),
     ("GET", "/v1/targets/{id}/v8/heap-profile"),
     ("POST", "/v1/targets/{id}/actions/gc"),
@@ -276,6 +284,75 @@ pub fn routes(
         .and_then(|id, p, s, b| async move { done(super::v8::eval(s, p, id, b).await) })
         .boxed();
 
+    let list_selectors = warp::path!("v1" / "selectors")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .map(|_p, s: Arc<State>| workloads::list_selectors(&s))
+        .boxed();
+    let add_selector = warp::path!("v1" / "selectors")
+        .and(warp::post())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and(body(body_bytes, body_timeout))
+        .and_then(|p, s, b| async move { done(workloads::add_selector(s, p, b).await) })
+        .boxed();
+    let delete_selector = warp::path!("v1" / "selectors" / String)
+        .and(warp::delete())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and_then(|sid, p, s: Arc<State>| async move { done(workloads::delete_selector(&s, p, sid)) })
+        .boxed();
+    let list_workloads = warp::path!("v1" / "workloads")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .map(|_p, s: Arc<State>| workloads::list_workloads(&s))
+        .boxed();
+    let workload_heap = warp::path!("v1" / "workloads" / String / "heap")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and(query())
+        .and_then(|id, _p, s, q| async move { done(workloads::heap(s, id, q).await) })
+        .boxed();
+    let workload_leaks = warp::path!("v1" / "workloads" / String / "leaks")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and(query())
+        .and_then(|id, _p, s, q| async move { done(workloads::leaks(s, id, q).await) })
+        .boxed();
+    let workload_flamegraph = warp::path!("v1" / "workloads" / String / "flamegraph.svg")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and(query())
+        .and_then(|id, _p, s, q| async move { done(workloads::flamegraph(s, id, q).await) })
+        .boxed();
+    let workload_snapshots = warp::path!("v1" / "workloads" / String / "snapshots")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and_then(|id, _p, s: Arc<State>| async move { done(workloads::snapshots(&s, id)) })
+        .boxed();
+    let node = list_selectors
+        .or(add_selector)
+        .unify()
+        .or(delete_selector)
+        .unify()
+        .or(list_workloads)
+        .unify()
+        .or(workload_heap)
+        .unify()
+        .or(workload_leaks)
+        .unify()
+        .or(workload_flamegraph)
+        .unify()
+        .or(workload_snapshots)
+        .unify()
+        .boxed();
+
     let api = openapi
         .or(metrics)
         .unify()
@@ -314,6 +391,8 @@ pub fn routes(
         .or(v8_gc)
         .unify()
         .or(v8_eval)
+        .unify()
+        .or(node)
         .unify()
         .boxed();
 

@@ -143,6 +143,7 @@ impl TracedTarget for FakeTarget {
             sample_bytes: 0,
             probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),
+            labels: Default::default(),
         }
     }
 }
@@ -192,6 +193,7 @@ fn fixture_with(limits: Limits, delay: Duration) -> Fixture {
     ));
     let target = Arc::new(FakeTarget::new(PID, delay));
     state.insert_target(target.clone());
+    super::workloads::adopt_for_test(&state, PID, WORKLOAD, &dir.path().join("data"));
     Fixture { state, target, _dir: dir }
 }
 
@@ -257,7 +259,11 @@ fn concrete(template: &str, sid: &str) -> String {
         .replace("{a}", sid)
         .replace("{b}", sid)
         .replace("{tid}", "1")
+        .replace("{wid}", WORKLOAD)
 }
+
+/// The workload the fixture's target is the process of.
+const WORKLOAD: &str = "fake-000000000001";
 
 fn needed_role(method: &str, template: &str) -> Option<&'static str> {
     match (method, template) {
@@ -710,9 +716,9 @@ async fn metrics_exposition() {
     assert!(r.content_type().starts_with("text/plain; version=0.0.4"));
     let text = String::from_utf8(r.body.to_vec()).unwrap();
     for needle in [
-        "memscope_target_live_bytes{pid=\"4242\",comm=\"fake\"} 3072",
-        "memscope_target_events_total{pid=\"4242\",comm=\"fake\",kind=\"alloc\"} 10",
-        "memscope_target_dropped_events_total{pid=\"4242\",comm=\"fake\",reason=\"stack_map_full\"} 1",
+        "memscope_target_live_bytes{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\"} 3072",
+        "memscope_target_events_total{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\",kind=\"alloc\"} 10",
+        "memscope_target_dropped_events_total{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\",reason=\"stack_map_full\"} 1",
         "memscope_agent_cpu_seconds_total",
         "memscope_agent_resident_bytes",
         "memscope_http_requests_total{method=\"GET\",route=\"/v1/targets/{id}/leaks\",status=\"200\"} 1",
@@ -738,11 +744,15 @@ async fn audit_log_names_never_tokens() {
     }
     let buf = Buf::default();
     let w = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || w.clone())
-        .with_ansi(false)
-        .with_env_filter("audit=info")
-        .finish();
+    // A dynamic filter (interest "sometimes"): the callsite interest that tests running on
+    // other threads without a subscriber cache cannot switch these events off.
+    use tracing_subscriber::{layer::SubscriberExt as _, Layer as _};
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_subscriber::fmt::layer()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == "audit" && *m.level() <= tracing::Level::INFO)),
+    );
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let f = fixture();

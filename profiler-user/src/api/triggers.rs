@@ -80,6 +80,8 @@ pub enum Origin {
     Flag,
     /// `POST /v1/targets/{id}/triggers`.
     Api,
+    /// The selector that attached the target's workload (`--select`, `/v1/selectors`).
+    Selector,
 }
 
 struct AgentTrigger {
@@ -141,6 +143,9 @@ pub struct Tracking {
     verdicts: Mutex<Arc<HashMap<String, Verdict>>>,
     /// A poll job of this target is running.
     busy: AtomicBool,
+    /// The workload whose process this is: its snapshots are stored under it, and this
+    /// tracking (series, verdicts) passes from one process of the workload to the next.
+    workload: Option<String>,
 }
 
 impl Tracking {
@@ -150,7 +155,27 @@ impl Tracking {
             series: Mutex::new(growth::Series::new(verdict_window)),
             verdicts: Mutex::new(Arc::new(HashMap::new())),
             busy: AtomicBool::new(false),
+            workload: None,
         }
+    }
+
+    /// The tracking of a workload (see [`Tracking::workload`]).
+    pub fn for_workload(verdict_window: usize, id: &str) -> Tracking {
+        Tracking { workload: Some(id.to_string()), ..Tracking::new(verdict_window) }
+    }
+
+    pub fn workload(&self) -> Option<&str> {
+        self.workload.as_deref()
+    }
+
+    /// Drops the triggers that fire no more (those of a previous process of the workload).
+    pub fn remove_finished(&self) {
+        self.triggers.lock().unwrap().retain(|t| !t.engine.finished());
+    }
+
+    /// No trigger is left to run and no poll job runs: the target may be detached.
+    pub fn idle(&self) -> bool {
+        !self.busy.load(Ordering::Acquire) && self.triggers.lock().unwrap().iter().all(|t| t.engine.finished())
     }
 
     /// The current verdicts (empty below 3 snapshots).
@@ -359,7 +384,7 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
             }
         };
         let comm = target.stats().comm;
-        match state.store.put(&profile, &comm, &store_reason(&f.reason)) {
+        match state.store.put_for(&profile, &comm, &store_reason(&f.reason), tracking.workload()) {
             Ok(stored) => {
                 info!(pid, reason = %f.reason, id = %stored.meta.id, live_bytes = profile.totals.live_bytes,
                       latency_ms = now_ms().saturating_sub(f.at_ms), "triggered snapshot stored");

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::session_link::{SessionLink, SessionLinkError, SessionProgram};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf.o"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf.o"));
 
 /// Capacities and sampling, fixed when the probes are loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -65,7 +65,8 @@ fn map_fd(map: &Map) -> Option<RawFd> {
         | Map::LruHashMap(m)
         | Map::PerCpuArray(m)
         | Map::PerCpuHashMap(m)
-        | Map::StackTraceMap(m) => m,
+        | Map::StackTraceMap(m)
+        | Map::RingBuf(m) => m,
         _ => return None,
     };
     Some(data.fd().as_fd().as_raw_fd())

@@ -92,6 +92,9 @@ pub struct AgentArgs {
     /// Leak verdicts use each target's last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = super::record::parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
+    /// Selectors and node paths (`--select`, `--node-root`).
+    #[command(flatten)]
+    pub node: Box<super::node_args::NodeArgs>,
 }
 
 impl AgentArgs {
@@ -128,6 +131,7 @@ impl AgentArgs {
                 request_timeout: self.request_timeout,
                 ..defaults
             },
+            node: self.node.config(self.allow_insecure_remote)?,
         })
     }
 }

@@ -306,6 +306,9 @@ impl Client {
             .timeout_global(Some(conn.timeout))
             .timeout_connect(Some(Duration::from_secs(10)))
             .max_redirects(0)
+            // The agent serves one request per connection: a pooled connection it has closed
+            // would fail the next request ("Peer disconnected" over TLS).
+            .max_idle_connections(0)
             .user_agent(concat!("memscope/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls.build())
             .build();

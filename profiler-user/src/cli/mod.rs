@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod agent;
 pub mod client;
+pub mod node_args;
 pub mod record;
 pub mod trigger_args;
 pub mod units;

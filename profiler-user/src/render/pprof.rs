@@ -13,8 +13,10 @@
 //! - one `Location` per distinct address, with one `Line` (function, line number) and the
 //!   `Mapping` of its module; one `Function` per distinct (name, file); frames that could not
 //!   be named get their `module+0xoffset` as function name;
-//! - one `Mapping` per module, spanning the addresses seen in it (we do not know the full
-//!   mapping), with `file_offset` when the module offset of a frame is known;
+//! - the target's executable mappings with their start, limit, file offset, file name and GNU
+//!   build id (`HeapProfile::mappings`, read at snapshot time), so that a backend can
+//!   symbolize; for profiles without them (older stored snapshots), one `Mapping` per module
+//!   spanning the addresses seen in it, with `file_offset` when a frame's module offset is known;
 //! - comments with the pid, the leak age threshold, dropped events and unseen heap bytes.
 //!
 //! pprof's own rules hold: `string_table[0]` is `""`, ids start at 1 and every id resolves.
@@ -243,7 +245,30 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
         span.filenames &= f.file.is_some();
         span.lines &= f.line.is_some();
     }
-    let mapping: Vec<Mapping> = module_order
+    // The target's real mappings when the snapshot has them (start, limit, offset, build id),
+    // else one per module spanning the addresses seen in it.
+    let real: Vec<Mapping> = p
+        .mappings
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Mapping {
+            id: i as u64 + 1,
+            memory_start: m.start,
+            memory_limit: m.limit,
+            file_offset: m.file_offset,
+            filename: strings.get(&m.path),
+            build_id: m.build_id.as_deref().map_or(0, |b| strings.get(b)),
+            has_functions: modules.get(m.path.as_str()).is_some_and(|s| s.functions),
+            has_filenames: modules.get(m.path.as_str()).is_some_and(|s| s.filenames),
+            has_line_numbers: modules.get(m.path.as_str()).is_some_and(|s| s.lines),
+            has_inline_frames: false,
+        })
+        .collect();
+    let real_id = |addr: u64| -> Option<u64> {
+        let i = p.mappings.partition_point(|m| m.start <= addr);
+        (i > 0 && addr < p.mappings[i - 1].limit).then_some(i as u64)
+    };
+    let mapping: Vec<Mapping> = if !real.is_empty() { real } else { module_order
         .iter()
         .map(|m| {
             let s = &modules[m];
@@ -260,7 +285,8 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
                 has_inline_frames: false,
             }
         })
-        .collect();
+        .collect() };
+    let use_real = !p.mappings.is_empty();
 
     // Pass 2: functions, locations, samples.
     let mut functions: Vec<Function> = Vec::new();
@@ -279,7 +305,11 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
                 let id = locations.len() as u64 + 1;
                 locations.push(Location {
                     id,
-                    mapping_id: f.module.as_deref().map_or(0, |m| modules[m].id),
+                    mapping_id: if use_real {
+                        real_id(f.address).unwrap_or(0)
+                    } else {
+                        f.module.as_deref().map_or(0, |m| modules[m].id)
+                    },
                     address: f.address,
                     line: vec![Line { function_id, line: i64::from(f.line.unwrap_or(0)) }],
                     is_folded: false,
@@ -403,5 +433,28 @@ mod tests {
         assert_eq!(back.period, 4096);
         assert_eq!(back.mapping.len(), 1);
         assert_eq!((back.mapping[0].memory_start, back.mapping[0].memory_limit), (0x10, 0x31));
+    }
+
+    /// With the target's mappings, every row is one of them (start, limit, offset, file, build
+    /// id) and each location points at the mapping that holds its address.
+    #[test]
+    fn real_mappings_with_build_ids() {
+        let f = |address: u64| -> Frame { FrameInfo { module: Some("/bin/x".into()), address, ..FrameInfo::default() }.into() };
+        let p = HeapProfile {
+            stacks: vec![StackSample { frames: vec![f(0x1010), f(0x5020), f(0x9000)], live_bytes: 5, ..StackSample::default() }],
+            mappings: vec![
+                crate::aggregate::ModuleMapping { start: 0x1000, limit: 0x2000, file_offset: 0x1000, path: "/bin/x".into(), build_id: Some("abcd".into()) },
+                crate::aggregate::ModuleMapping { start: 0x5000, limit: 0x6000, file_offset: 0, path: "/lib/libc.so.6".into(), build_id: None },
+            ],
+            ..HeapProfile::default()
+        };
+        let back = decode_pprof_gz(&pprof_gz(&p).unwrap()).unwrap();
+        let s = |i: i64| back.string_table[i as usize].as_str();
+        assert_eq!(back.mapping.len(), 2);
+        let m = &back.mapping[0];
+        assert_eq!((m.memory_start, m.memory_limit, m.file_offset, s(m.filename), s(m.build_id)), (0x1000, 0x2000, 0x1000, "/bin/x", "abcd"));
+        assert_eq!(s(back.mapping[1].build_id), "");
+        let ids: Vec<u64> = back.sample[0].location_id.iter().map(|l| back.location[*l as usize - 1].mapping_id).collect();
+        assert_eq!(ids, vec![1, 2, 0], "the last address is in no mapping");
     }
 }

@@ -55,6 +55,9 @@ pub struct SnapshotMeta {
     /// Size of the file on disk (compressed).
     #[serde(default)]
     pub size_bytes: u64,
+    /// The workload it belongs to (`/v1/workloads/{id}/snapshots`), when taken of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +214,17 @@ impl SnapshotStore {
 
     /// Stores a snapshot and returns its metadata (with the new id), then applies retention.
     pub fn put(&self, profile: &HeapProfile, comm: &str, reason: &str) -> Result<Stored, StoreError> {
+        self.put_for(profile, comm, reason, None)
+    }
+
+    /// [`SnapshotStore::put`], of the workload `workload`.
+    pub fn put_for(
+        &self,
+        profile: &HeapProfile,
+        comm: &str,
+        reason: &str,
+        workload: Option<&str>,
+    ) -> Result<Stored, StoreError> {
         let reason_ok = !reason.is_empty()
             && reason.len() <= 32
             && reason.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
@@ -232,6 +246,7 @@ impl SnapshotStore {
             reason: reason.to_owned(),
             taken_at_ms,
             size_bytes: 0,
+            workload: workload.map(str::to_owned),
         };
         meta.size_bytes = file::write_atomic(&self.dir, &id.file_name(), &meta, profile)?;
         let mut index = self.index.lock().unwrap();

@@ -8,6 +8,7 @@
 //! (stack, address); a snapshot uses the pinned name, and looks the perf map up only for frames
 //! that were not pinned. V8 frees code and reuses its memory: a name looked up only when a
 //! snapshot is read can belong to code that was written there later.
+pub mod mappings;
 pub mod modules;
 pub mod perf_map;
 

@@ -1,0 +1,663 @@
+//! The node-level agent: selectors and workloads. [`Workloads`] holds the selectors (from
+//! `--select`, and from `/v1/selectors`, persisted in the data directory) and the registry of
+//! workloads; it attaches every running match at start ([`Workloads::scan`]), every process
+//! that starts matching later from the exec events of [`crate::discover::ProcWatcher`], and
+//! detaches a process when it exits (after its exit trigger, if any, took its snapshot).
+//!
+//! A workload's [`Tracking`] (snapshot series, verdicts) is handed from one process of the
+//! workload to the next, its selector's triggers are attached again to each new process, and
+//! its snapshots are stored under its id (`/v1/workloads/{id}/snapshots`). One process per
+//! workload is traced at a time: the first that matches.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use warp::{
+    http::{Method, StatusCode},
+    reply::Response,
+};
+
+use super::{
+    auth::Principal,
+    errors::ApiError,
+    handlers::{self, audit_action, json_reply},
+    triggers::{self, Tracking},
+    State, TargetEntry,
+};
+use crate::{
+    discover::{self, NodePaths, ProcEvent, ProcWatcher, Selector},
+    export::push::{self, PushJob, Pusher},
+    target::TracedTarget,
+    workload::{self, SelectorEntry, SelectorFile, Workload},
+};
+
+/// Most selectors at once.
+pub const MAX_SELECTORS: usize = 64;
+/// How often attached workloads are checked for an exit the event stream missed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// How long attaching a process that just exec'd is retried (its allocator may not be mapped
+/// yet: the dynamic loader maps libc right after exec).
+const ATTACH_RETRY_FOR: Duration = Duration::from_millis(800);
+
+/// What the node-level agent is told at start.
+#[derive(Clone, Debug, Default)]
+pub struct NodeConfig {
+    /// `--select`, in order.
+    pub selectors: Vec<Selector>,
+    /// `--node-root`.
+    pub node_paths: NodePaths,
+    /// `--push` and its options.
+    pub push: Option<crate::export::push::PushConfig>,
+}
+
+struct Entry {
+    workload: Workload,
+    tracking: Arc<Tracking>,
+}
+
+/// The selectors and the workload registry (see the module doc).
+pub struct Workloads {
+    node: NodePaths,
+    node_name: String,
+    file: SelectorFile,
+    selectors: Mutex<Vec<SelectorEntry>>,
+    registry: Mutex<BTreeMap<String, Entry>>,
+    /// Pid traced now -> its workload.
+    by_pid: Mutex<HashMap<u32, String>>,
+    watcher: Mutex<Option<ProcWatcher>>,
+    events: Mutex<Option<mpsc::Sender<ProcEvent>>>,
+    own_pid: u32,
+    /// `--push`: the queue and sender of heap profiles.
+    pub(crate) pusher: std::sync::OnceLock<Arc<Pusher>>,
+}
+
+/// A selector as `/v1/selectors` shows it.
+#[derive(Serialize)]
+pub struct SelectorView {
+    pub id: String,
+    pub select: String,
+    pub origin: &'static str,
+    pub triggers: Vec<String>,
+    /// Workloads it found so far.
+    pub workloads: usize,
+}
+
+impl Workloads {
+    /// Loads the persisted selectors of `data_dir` after those of the flags (a persisted one
+    /// equal to a flag's is kept once).
+    pub fn new(config: &NodeConfig, data_dir: &std::path::Path) -> anyhow::Result<Workloads> {
+        let file = SelectorFile::in_dir(data_dir);
+        let mut selectors: Vec<SelectorEntry> = Vec::new();
+        for s in &config.selectors {
+            if !selectors.iter().any(|e| e.selector.id() == s.id()) {
+                selectors.push(SelectorEntry { selector: s.clone(), origin: "flag" });
+            }
+        }
+        let restored = file.load()?;
+        if !restored.is_empty() {
+            info!(count = restored.len(), file = %file.path().display(), "selectors restored");
+        }
+        for s in restored {
+            if !selectors.iter().any(|e| e.selector.id() == s.id()) {
+                selectors.push(SelectorEntry { selector: s, origin: "api" });
+            }
+        }
+        Ok(Workloads {
+            node: config.node_paths.clone(),
+            node_name: workload::node_name(),
+            file,
+            selectors: Mutex::new(selectors),
+            registry: Mutex::new(BTreeMap::new()),
+            by_pid: Mutex::new(HashMap::new()),
+            watcher: Mutex::new(None),
+            events: Mutex::new(None),
+            own_pid: std::process::id(),
+            pusher: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn has_selectors(&self) -> bool {
+        !self.selectors.lock().unwrap().is_empty()
+    }
+
+    /// Starts the exec/exit watcher (once) and the task that acts on its events.
+    pub fn start_watching(state: &Arc<State>) -> anyhow::Result<()> {
+        let Some(w) = state.workloads.get() else { return Ok(()) };
+        let mut watcher = w.watcher.lock().unwrap();
+        if watcher.is_some() {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::channel::<ProcEvent>(4096);
+        let sender = tx.clone();
+        *watcher = Some(ProcWatcher::start(move |e| {
+            // Blocks the reader when the agent falls behind: the kernel then counts lost events.
+            let _ = sender.blocking_send(e);
+        })?);
+        *w.events.lock().unwrap() = Some(tx);
+        tokio::spawn(run_events(state.clone(), rx));
+        Ok(())
+    }
+
+    /// Considers every running process (at start and when a selector is added). Blocking.
+    pub fn scan(state: &Arc<State>) {
+        let pids = discover::scan();
+        std::thread::scope(|s| {
+            // Two at a time: attaching is mostly the kernel verifying the probes.
+            let chunks: Vec<&[u32]> = pids.chunks(pids.len().div_ceil(2).max(1)).collect();
+            for chunk in chunks {
+                s.spawn(move || chunk.iter().for_each(|&pid| consider(state, pid, false)));
+            }
+        });
+    }
+
+    fn selector_views(&self) -> Vec<SelectorView> {
+        let reg = self.registry.lock().unwrap();
+        self.selectors
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let id = e.selector.id();
+                SelectorView {
+                    workloads: reg.values().filter(|w| w.workload.selector == id).count(),
+                    id,
+                    select: e.selector.expr.clone(),
+                    origin: e.origin,
+                    triggers: e.selector.triggers.iter().map(|t| t.describe()).collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn save(&self, selectors: &[SelectorEntry]) -> Result<(), ApiError> {
+        let api: Vec<&Selector> = selectors.iter().filter(|e| e.origin == "api").map(|e| &e.selector).collect();
+        self.file.save(&api).map_err(|e| {
+            warn!(error = %e, "saving the selectors failed");
+            ApiError::internal("store_failed", "saving the selectors failed; see the agent's log")
+        })
+    }
+
+    /// The current pid and tracking of a workload.
+    fn current(&self, id: &str) -> Result<(Option<u32>, Arc<Tracking>), ApiError> {
+        let reg = self.registry.lock().unwrap();
+        let e = reg.get(id).ok_or_else(|| ApiError::not_found("workload_not_found", format!("no workload {id}")))?;
+        Ok((e.workload.pid, e.tracking.clone()))
+    }
+
+    /// The labels of the workload traced as `pid`, if it is one (for metrics and push).
+    pub fn labels_of_pid(&self, pid: u32) -> Option<(String, BTreeMap<String, String>)> {
+        let id = self.by_pid.lock().unwrap().get(&pid).cloned()?;
+        let reg = self.registry.lock().unwrap();
+        reg.get(&id).map(|e| (id.clone(), e.workload.labels.clone()))
+    }
+
+    /// Every workload, and the pid traced now when there is one.
+    pub fn list(&self) -> Vec<Workload> {
+        self.registry.lock().unwrap().values().map(|e| e.workload.clone()).collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Acts on the watcher's events, and sweeps for exits it missed.
+async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            e = rx.recv() => {
+                let Some(e) = e else { return };
+                let st = state.clone();
+                match e {
+                    ProcEvent::Exec(pid) => drop(tokio::task::spawn_blocking(move || consider(&st, pid, true))),
+                    ProcEvent::Exit(pid) => exited(&st, pid),
+                }
+            }
+            _ = sweep.tick() => {
+                let Some(w) = state.workloads.get() else { continue };
+                let pids: Vec<u32> = w.by_pid.lock().unwrap().keys().copied().collect();
+                for pid in pids {
+                    let alive = state.targets.read().unwrap().get(&pid).and_then(|e| e.target.trigger_host().map(|h| h.alive()));
+                    if alive == Some(false) {
+                        exited(&state, pid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Attaches `pid` if a selector matches it and its workload has no process traced. Blocking.
+fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
+    let Some(w) = state.workloads.get() else { return };
+    if pid == w.own_pid || w.by_pid.lock().unwrap().contains_key(&pid) {
+        return;
+    }
+    let Some(info) = discover::identity::process_info(pid, &w.node) else { return };
+    let selector = {
+        let sels = w.selectors.lock().unwrap();
+        match sels.iter().find(|e| e.selector.matches(&info)) {
+            Some(e) => e.selector.clone(),
+            None => return,
+        }
+    };
+    let identity = workload::identify(&selector, &info, &w.node_name);
+    let (tracking, fresh) = {
+        let mut reg = w.registry.lock().unwrap();
+        // Its process is traced (or being attached), unless that one is gone already: a
+        // restarted process may exec before the exit of its predecessor is seen.
+        if let Some(e) = reg.get_mut(&identity.id) {
+            match e.workload.pid {
+                Some(p) if p != pid && !crate::procfs::exists(p) => {
+                    w.by_pid.lock().unwrap().remove(&p);
+                    e.workload.gone();
+                }
+                Some(_) => return,
+                None => {}
+            }
+        }
+        let fresh = !reg.contains_key(&identity.id);
+        let e = reg.entry(identity.id.clone()).or_insert_with(|| Entry {
+            workload: Workload::new(&identity, &selector.id(), now_ms()),
+            tracking: Arc::new(Tracking::for_workload(state.trigger_settings.verdict_window, &identity.id)),
+        });
+        // Reserved: a second process of the workload is not attached meanwhile.
+        e.workload.pid = Some(pid);
+        (e.tracking.clone(), fresh)
+    };
+    if fresh {
+        restore_series(state, &tracking, &identity.id);
+    }
+    let release = |error: Option<String>| {
+        if let Some(e) = w.registry.lock().unwrap().get_mut(&identity.id) {
+            e.workload.pid = None;
+            e.workload.last_error = error;
+        }
+    };
+    if let Err(e) = state.begin_attach(pid) {
+        release(Some(e.message.clone()));
+        return;
+    }
+    let started = Instant::now();
+    let target = loop {
+        match state.attacher.attach(pid) {
+            Ok(t) => break Ok(t),
+            Err(e) if just_exec && started.elapsed() < ATTACH_RETRY_FOR && crate::procfs::exists(pid) => {
+                tracing::debug!(pid, error = %crate::cli::one_line(&e), "attach after exec failed; retrying");
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            Err(e) => break Err(crate::cli::one_line(&e)),
+        }
+    };
+    state.attaching.lock().unwrap().remove(&pid);
+    let target: Arc<dyn TracedTarget> = match target {
+        Ok(t) => t,
+        Err(line) => {
+            warn!(pid, workload = %identity.id, error = %line, "attaching a workload's process failed");
+            release(Some(line));
+            return;
+        }
+    };
+    let restarted = {
+        let mut reg = w.registry.lock().unwrap();
+        let e = reg.get_mut(&identity.id).expect("registered above");
+        e.workload.attached(pid, identity.labels.clone(), now_ms());
+        e.workload.restarts > 0
+    };
+    w.by_pid.lock().unwrap().insert(pid, identity.id.clone());
+    let previous: Vec<TargetEntry> = {
+        let mut targets = state.targets.write().unwrap();
+        // The entries of the workload's previous processes: their probes are detached now.
+        let old: Vec<u32> =
+            targets.iter().filter(|(p, e)| **p != pid && Arc::ptr_eq(&e.tracking, &tracking)).map(|(p, _)| *p).collect();
+        let previous = old.iter().filter_map(|p| targets.remove(p)).collect();
+        targets.insert(pid, TargetEntry { target: target.clone(), attached_at_ms: now_ms(), tracking: tracking.clone() });
+        previous
+    };
+    drop(previous);
+    info!(pid, workload = %identity.id, selector = %selector.expr, restarted,
+          latency_ms = started.elapsed().as_millis() as u64, "workload attached");
+    tracking.remove_finished();
+    if !selector.triggers.is_empty() {
+        let spacing = state.trigger_settings.min_spacing;
+        if let Err(e) = triggers::attach(state, &*target, &tracking, &selector.triggers, spacing, triggers::Origin::Selector) {
+            warn!(pid, workload = %identity.id, error = %e, "attaching the selector's triggers failed");
+        }
+    }
+}
+
+/// A workload seen for the first time in this run of the agent continues the series of its
+/// stored snapshots (those of before a restart of the agent).
+fn restore_series(state: &State, tracking: &Tracking, id: &str) {
+    let mut metas: Vec<_> = state.store.list().into_iter().filter(|m| m.workload.as_deref() == Some(id)).collect();
+    let keep = state.trigger_settings.verdict_window;
+    let metas = metas.split_off(metas.len().saturating_sub(keep));
+    for m in &metas {
+        let Ok(sid) = crate::store::SnapshotId::parse(&m.id) else { continue };
+        match state.store.get(&sid) {
+            Ok((_, p)) => triggers::note_snapshot(state, tracking, &p, &m.id, &[]),
+            Err(e) => warn!(id = %m.id, error = %e, "a stored snapshot of a workload is unreadable"),
+        }
+    }
+    if !metas.is_empty() {
+        info!(workload = id, snapshots = metas.len(), "workload series restored from the store");
+    }
+}
+
+/// `pid` exited: its workload has no process now; the target is detached once its triggers
+/// (an exit snapshot) are done.
+fn exited(state: &Arc<State>, pid: u32) {
+    let Some(w) = state.workloads.get() else { return };
+    let Some(id) = w.by_pid.lock().unwrap().remove(&pid) else { return };
+    let tracking = {
+        let mut reg = w.registry.lock().unwrap();
+        let Some(e) = reg.get_mut(&id) else { return };
+        if e.workload.pid == Some(pid) {
+            e.workload.gone();
+        }
+        e.tracking.clone()
+    };
+    info!(pid, workload = %id, "workload process exited");
+    let st = state.clone();
+    let limit = state.limits.request_timeout;
+    tokio::spawn(async move {
+        let started = Instant::now();
+        while !tracking.idle() && started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let removed = {
+            let mut targets = st.targets.write().unwrap();
+            match targets.get(&pid) {
+                Some(e) if Arc::ptr_eq(&e.tracking, &tracking) => targets.remove(&pid),
+                _ => None,
+            }
+        };
+        // Dropped off the async threads: detaching takes the kernel a while.
+        if let Some(entry) = removed {
+            drop(tokio::task::spawn_blocking(move || drop(entry)));
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+fn workloads(state: &State) -> Result<&Arc<Workloads>, ApiError> {
+    state.workloads.get().ok_or_else(|| ApiError::not_found("no_workloads", "this agent has no workload registry"))
+}
+
+pub(crate) fn list_selectors(state: &State) -> Response {
+    let views = state.workloads.get().map(|w| w.selector_views()).unwrap_or_default();
+    json_reply(StatusCode::OK, &serde_json::json!({ "selectors": views }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectorBody {
+    select: String,
+}
+
+pub(crate) async fn add_selector(state: Arc<State>, p: Principal, body: Bytes) -> Result<Response, ApiError> {
+    let result = add_selector_inner(&state, &body).await;
+    let detail = result.as_ref().map(|(id, _)| format!("added selector {id}"));
+    audit_action(&p, &Method::POST, "/v1/selectors", detail.as_deref().map_err(|e| *e));
+    result.map(|(_, r)| r)
+}
+
+async fn add_selector_inner(state: &Arc<State>, body: &[u8]) -> Result<(String, Response), ApiError> {
+    let w = workloads(state)?.clone();
+    let b: SelectorBody = serde_json::from_slice(body).map_err(|_| {
+        ApiError::bad_request("bad_body", "expected a JSON body {\"select\": \"comm=GLOB,exe=GLOB,...\"}")
+    })?;
+    let selector =
+        Selector::parse(&b.select).map_err(|e| ApiError::bad_request("bad_selector", e.to_string().chars().take(200).collect::<String>()))?;
+    let id = selector.id();
+    {
+        let mut sels = w.selectors.lock().unwrap();
+        if sels.iter().any(|e| e.selector.id() == id) {
+            return Err(ApiError::conflict("selector_exists", format!("selector {id} already exists")));
+        }
+        if sels.len() >= MAX_SELECTORS {
+            return Err(ApiError::conflict("too_many_selectors", format!("at most {MAX_SELECTORS} selectors")));
+        }
+        sels.push(SelectorEntry { selector: selector.clone(), origin: "api" });
+        if let Err(e) = w.save(&sels) {
+            sels.pop();
+            return Err(e);
+        }
+    }
+    info!(selector = %selector.expr, id = %id, "selector added");
+    Workloads::start_watching(state).map_err(|e| {
+        let line = crate::cli::one_line(&e);
+        warn!(error = %line, "starting the process watcher failed");
+        ApiError::internal("watch_failed", format!("watching processes failed: {line}"))
+    })?;
+    let st = state.clone();
+    drop(tokio::task::spawn_blocking(move || Workloads::scan(&st)));
+    let view = w.selector_views().into_iter().find(|v| v.id == id);
+    Ok((id, json_reply(StatusCode::CREATED, &view)))
+}
+
+pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Result<Response, ApiError> {
+    let route = format!("/v1/selectors/{}", sid.chars().take(64).collect::<String>());
+    let result = (|| {
+        let w = workloads(state)?;
+        let mut sels = w.selectors.lock().unwrap();
+        let Some(i) = sels.iter().position(|e| e.selector.id() == sid) else {
+            return Err(ApiError::not_found("selector_not_found", format!("no selector {}", sid.chars().take(64).collect::<String>())));
+        };
+        let removed = sels.remove(i);
+        if let Err(e) = w.save(&sels) {
+            sels.insert(i, removed);
+            return Err(e);
+        }
+        drop(sels);
+        // Its workloads are detached; they stay listed with their snapshots.
+        let pids: Vec<u32> = {
+            let mut reg = w.registry.lock().unwrap();
+            reg.values_mut()
+                .filter(|e| e.workload.selector == sid)
+                .filter_map(|e| {
+                    let pid = e.workload.pid;
+                    e.workload.gone();
+                    pid
+                })
+                .collect()
+        };
+        let mut by_pid = w.by_pid.lock().unwrap();
+        let mut detached = Vec::new();
+        for pid in &pids {
+            by_pid.remove(pid);
+            if let Some(e) = state.targets.write().unwrap().remove(pid) {
+                detached.push(e);
+            }
+        }
+        drop(tokio::task::spawn_blocking(move || drop(detached)));
+        Ok(json_reply(StatusCode::OK, &serde_json::json!({ "deleted": sid, "detached": pids })))
+    })();
+    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
+    result
+}
+
+/// One workload as `GET /v1/workloads` lists it.
+#[derive(Serialize)]
+struct WorkloadView {
+    #[serde(flatten)]
+    workload: Workload,
+    /// The live figures of its current process (as `/v1/targets`), when attached.
+    stats: Option<crate::target::TargetStats>,
+    /// Snapshots stored under it.
+    snapshots: usize,
+}
+
+pub(crate) fn list_workloads(state: &State) -> Response {
+    let list = state.workloads.get().map(|w| w.list()).unwrap_or_default();
+    let metas = state.store.list();
+    let views: Vec<WorkloadView> = list
+        .into_iter()
+        .map(|w| {
+            let stats = w.pid.and_then(|p| state.targets.read().unwrap().get(&p).map(|e| e.target.stats()));
+            let snapshots = metas.iter().filter(|m| m.workload.as_deref() == Some(&w.id)).count();
+            WorkloadView { workload: w, stats, snapshots }
+        })
+        .collect();
+    json_reply(StatusCode::OK, &serde_json::json!({ "workloads": views }))
+}
+
+/// The pid a workload is traced as now: 404 for an unknown workload, 409 between processes.
+fn attached_pid(state: &State, id: &str) -> Result<u32, ApiError> {
+    if !workload::valid_id(id) {
+        return Err(ApiError::bad_request("bad_workload_id", "invalid workload id"));
+    }
+    let (pid, _) = workloads(state)?.current(id)?;
+    let pid = pid.ok_or_else(|| ApiError::conflict("workload_not_attached", format!("workload {id} has no process traced now")))?;
+    if !state.targets.read().unwrap().contains_key(&pid) {
+        return Err(ApiError::conflict("workload_not_attached", format!("workload {id} is being attached")));
+    }
+    Ok(pid)
+}
+
+pub(crate) async fn heap(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let pid = attached_pid(&state, &id)?;
+    handlers::heap(state, pid, q).await
+}
+
+pub(crate) async fn leaks(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let pid = attached_pid(&state, &id)?;
+    handlers::leaks(state, pid, q).await
+}
+
+pub(crate) async fn flamegraph(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let pid = attached_pid(&state, &id)?;
+    handlers::flamegraph(state, pid, q).await
+}
+
+pub(crate) fn snapshots(state: &State, id: String) -> Result<Response, ApiError> {
+    if !workload::valid_id(&id) {
+        return Err(ApiError::bad_request("bad_workload_id", "invalid workload id"));
+    }
+    let known = workloads(state)?.current(&id).is_ok();
+    let list: Vec<_> = state.store.list().into_iter().filter(|m| m.workload.as_deref() == Some(id.as_str())).collect();
+    if !known && list.is_empty() {
+        return Err(ApiError::not_found("workload_not_found", format!("no workload {id}")));
+    }
+    Ok(json_reply(StatusCode::OK, &serde_json::json!({ "id": id, "snapshots": list })))
+}
+
+/// Adds the workload labels (workload, node, namespace, pod, container, executable) to the
+/// stats of the targets that are workloads' processes.
+pub(crate) fn label_stats(state: &State, stats: &mut [crate::target::TargetStats]) {
+    let Some(w) = state.workloads.get() else { return };
+    for s in stats {
+        if let Some((id, labels)) = w.labels_of_pid(s.pid) {
+            s.labels.insert("workload".into(), id);
+            for k in PUSH_LABELS {
+                if let Some(v) = labels.get(*k) {
+                    s.labels.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+/// The labels a workload's figures carry outside the agent (`/metrics`, `--push`).
+pub const PUSH_LABELS: &[&str] = &["node", "namespace", "pod", "container", "executable"];
+
+/// Makes the target `pid` (attached already) the process of a workload `id`, for the API's
+/// tests (which have no real processes to discover).
+#[cfg(test)]
+pub(crate) fn adopt_for_test(state: &State, pid: u32, id: &str, data_dir: &std::path::Path) {
+    let w = state.workloads.get_or_init(|| Arc::new(Workloads::new(&NodeConfig::default(), data_dir).unwrap()));
+    let tracking = state.targets.read().unwrap()[&pid].tracking.clone();
+    let identity = workload::Identity { id: id.to_string(), labels: [("node".to_string(), "n1".to_string())].into() };
+    let mut workload = Workload::new(&identity, "s000000000000", now_ms());
+    workload.attached(pid, identity.labels.clone(), now_ms());
+    w.registry.lock().unwrap().insert(id.to_string(), Entry { workload, tracking });
+    w.by_pid.lock().unwrap().insert(pid, id.to_string());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Push
+
+/// Every `--push-interval`, one heap profile per attached workload, queued for the pusher.
+pub(crate) fn spawn_push(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
+    let pusher = state.workloads.get()?.pusher.get()?.clone();
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(pusher.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let last: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        loop {
+            tick.tick().await;
+            let (st, p, last) = (state.clone(), pusher.clone(), last.clone());
+            let _ = tokio::task::spawn_blocking(move || push_round(&st, &p, &last)).await;
+        }
+    }))
+}
+
+/// One round: a profile of each attached workload, queued.
+fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>) {
+    let Some(w) = state.workloads.get() else { return };
+    for wl in w.list().into_iter().filter(|w| w.attached) {
+        let Some(pid) = wl.pid else { continue };
+        let Some(target) = state.targets.read().unwrap().get(&pid).map(|e| e.target.clone()) else { continue };
+        let skipped = || pusher.stats.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(_permit) = state.expensive.clone().try_acquire_owned() else {
+            skipped();
+            continue;
+        };
+        let profile = match target.snapshot(state.trigger_settings.min_age) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(pid, workload = %wl.id, error = %crate::cli::one_line(&e), "snapshot for push failed");
+                skipped();
+                continue;
+            }
+        };
+        let body = match crate::render::pprof::pprof_gz(&profile) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(workload = %wl.id, error = %e, "rendering a pushed profile failed");
+                skipped();
+                continue;
+            }
+        };
+        let mut labels: BTreeMap<String, String> =
+            PUSH_LABELS.iter().filter_map(|k| wl.labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
+        labels.insert("workload".into(), wl.id.clone());
+        let app = wl
+            .labels
+            .get("container")
+            .cloned()
+            .unwrap_or_else(|| wl.labels.get("executable").map(|e| e.rsplit('/').next().unwrap_or(e).to_string()).unwrap_or_default());
+        let until = profile.taken_at_ms / 1000;
+        let from = last.lock().unwrap().insert(wl.id.clone(), until).unwrap_or_else(|| wl.attached_at_ms.unwrap_or(profile.taken_at_ms) / 1000);
+        pusher.enqueue(PushJob { query: push::ingest_query(&app, &labels, from, until), body });
+    }
+}
+
+/// The pusher's counters in the Prometheus text format (empty without `--push`).
+pub(crate) fn push_metrics(state: &State) -> String {
+    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    let Some(p) = state.workloads.get().and_then(|w| w.pusher.get()) else { return String::new() };
+    let s = &p.stats;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP memscope_push_profiles_total Heap profiles for --push, by result.\n# TYPE memscope_push_profiles_total counter");
+    for (result, n) in [("sent", &s.sent), ("failed", &s.failed), ("dropped", &s.dropped), ("skipped", &s.skipped)] {
+        let _ = writeln!(out, "memscope_push_profiles_total{{result=\"{result}\"}} {}", n.load(Relaxed));
+    }
+    let _ = writeln!(out, "# HELP memscope_push_retries_total Posts to the ingest endpoint retried.\n# TYPE memscope_push_retries_total counter");
+    let _ = writeln!(out, "memscope_push_retries_total {}", s.retries.load(Relaxed));
+    let _ = writeln!(out, "# HELP memscope_push_bytes_total Bytes of profiles the ingest endpoint accepted.\n# TYPE memscope_push_bytes_total counter");
+    let _ = writeln!(out, "memscope_push_bytes_total {}", s.bytes.load(Relaxed));
+    out
+}

@@ -1,0 +1,178 @@
+//! Process start and exit events from the kernel: the `discover_exec` and `discover_exit`
+//! programs of the eBPF object (`profiler-ebpf/src/discover.rs`) on the
+//! `sched:sched_process_exec` and `sched:sched_process_exit` tracepoints, read from their ring
+//! buffer by one thread. No polling of `/proc`: a process that starts matching is seen the
+//! moment it execs.
+//!
+//! The object is loaded once more for this, apart from the per-target loads, with every map
+//! shrunk to one entry (the probes' maps are not used here) and only the two tracepoint
+//! programs loaded. Needs tracefs (mounted at `/sys/kernel/tracing` if it is not) and a kernel
+//! with BPF ring buffers (5.8+).
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+};
+
+use aya::{
+    maps::{Array, MapData, RingBuf},
+    programs::TracePoint,
+    EbpfLoader,
+};
+use tracing::{info, warn};
+
+/// Bytes of the event ring buffer: ~32k events in flight between two reads.
+const RING_BYTES: u32 = 256 * 1024;
+
+/// One kernel event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcEvent {
+    /// The process replaced its image (`execve`): comm, exe and maps are the new ones.
+    Exec(u32),
+    /// The process (its thread-group leader) exited.
+    Exit(u32),
+}
+
+impl ProcEvent {
+    /// Decodes `kind << 32 | tgid`.
+    pub fn decode(raw: u64) -> Option<ProcEvent> {
+        let pid = raw as u32;
+        match raw >> 32 {
+            1 => Some(ProcEvent::Exec(pid)),
+            2 => Some(ProcEvent::Exit(pid)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("this memscope was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild")]
+    NotBuilt,
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}")]
+    NoTracefs(std::io::Error),
+    #[error("loading the discovery programs: {0}")]
+    Load(String),
+    #[error("attaching the discovery program to tracepoint sched:{tracepoint}: {message}")]
+    Attach { tracepoint: &'static str, message: String },
+}
+
+/// The running watcher: events go to the callback from its own thread until it is dropped.
+pub struct ProcWatcher {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    lost: Arc<AtomicU64>,
+}
+
+impl ProcWatcher {
+    /// Loads and attaches the tracepoint programs and starts the reading thread, which calls
+    /// `on_event` for every event (in order) until the watcher is dropped.
+    pub fn start(mut on_event: impl FnMut(ProcEvent) + Send + 'static) -> Result<ProcWatcher, WatchError> {
+        let object = crate::bpf::load::OBJECT;
+        if object.is_empty() {
+            return Err(WatchError::NotBuilt);
+        }
+        ensure_tracefs()?;
+        let parsed = aya_obj::Object::parse(object).map_err(|e| WatchError::Load(e.to_string()))?;
+        let mut loader = EbpfLoader::new();
+        for name in parsed.maps.keys() {
+            if !name.starts_with('.') && name != "DISCOVER_EVENTS" {
+                loader.map_max_entries(name, 1);
+            }
+        }
+        loader.map_max_entries("DISCOVER_EVENTS", RING_BYTES);
+        let mut ebpf = loader.load(object).map_err(|e| WatchError::Load(e.to_string()))?;
+        for (prog, tracepoint) in [("discover_exec", "sched_process_exec"), ("discover_exit", "sched_process_exit")] {
+            let attach_err = |e: &dyn std::fmt::Display| WatchError::Attach { tracepoint, message: e.to_string() };
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| attach_err(&"the program is missing from the object"))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| attach_err(&e))?;
+            p.load().map_err(|e| attach_err(&e))?;
+            p.attach("sched", tracepoint).map_err(|e| attach_err(&e))?;
+        }
+        let events = ebpf.take_map("DISCOVER_EVENTS").ok_or_else(|| WatchError::Load("no DISCOVER_EVENTS map".into()))?;
+        let mut ring = RingBuf::try_from(events).map_err(|e| WatchError::Load(e.to_string()))?;
+        let lost_map: Option<Array<MapData, u64>> = ebpf.take_map("DISCOVER_LOST").and_then(|m| Array::try_from(m).ok());
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicU64::new(0));
+        let (st, lo) = (stop.clone(), lost.clone());
+        let thread = std::thread::Builder::new()
+            .name("memscope-discover".into())
+            .spawn(move || {
+                // Keeps the programs attached for as long as the thread runs.
+                let _ebpf = ebpf;
+                let fd = ring.as_fd().as_raw_fd();
+                let mut reported = 0;
+                while !st.load(Ordering::Relaxed) {
+                    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    unsafe { libc::poll(&mut p, 1, 200) };
+                    while let Some(item) = ring.next() {
+                        if let Ok(raw) = <[u8; 8]>::try_from(&*item) {
+                            if let Some(e) = ProcEvent::decode(u64::from_ne_bytes(raw)) {
+                                on_event(e);
+                            }
+                        }
+                    }
+                    if let Some(n) = lost_map.as_ref().and_then(|m| m.get(&0, 0).ok()) {
+                        lo.store(n, Ordering::Relaxed);
+                        if n > reported {
+                            warn!(lost = n, "process events lost (the ring buffer was full)");
+                            reported = n;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| WatchError::Load(format!("starting the discovery thread: {e}")))?;
+        info!("watching process exec and exit (sched tracepoints)");
+        Ok(ProcWatcher { stop, thread: Some(thread), lost })
+    }
+
+    /// Events the kernel could not queue (the ring buffer was full).
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ProcWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// aya finds tracepoints through tracefs; some hosts do not mount it.
+fn ensure_tracefs() -> Result<(), WatchError> {
+    if Path::new("/sys/kernel/tracing/events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("tracefs"), c("/sys/kernel/tracing"), c("tracefs"));
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        return Err(WatchError::NoTracefs(std::io::Error::last_os_error()));
+    }
+    info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_events() {
+        assert_eq!(ProcEvent::decode((1 << 32) | 42), Some(ProcEvent::Exec(42)));
+        assert_eq!(ProcEvent::decode((2 << 32) | 7), Some(ProcEvent::Exit(7)));
+        assert_eq!(ProcEvent::decode(3 << 32), None);
+    }
+}

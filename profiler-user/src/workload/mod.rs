@@ -1,0 +1,310 @@
+//! Workloads: the identity that outlives pids. A Kubernetes container is its namespace, pod
+//! name and container name (a restarted container, a new pid in a new cgroup of the same pod,
+//! is the same workload); any other process is the selector that matched it, its executable
+//! and its cgroup. A workload keeps its snapshot series, its triggers (its selector's) and its
+//! verdicts across restarts of its process; the agent re-attaches a restarted one by itself.
+//!
+//! This module owns the identities and the registry (pure data) and the selectors file of the
+//! data directory ([`SelectorFile`]); the agent drives them (`api::workloads`).
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::discover::{selector::fnv1a, ProcessInfo, Selector};
+
+/// Past pids kept per workload.
+const MAX_PAST_PIDS: usize = 32;
+
+/// Who a workload is: its id (stable across restarts of the process, of the agent, and equal
+/// on every node for the same pod and container) and its labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[a-z0-9-]`, at most 32 characters, for the readable part of an id.
+fn slug(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let s = s.trim_matches('-');
+    let s: String = s.chars().take(32).collect();
+    if s.is_empty() { "w".into() } else { s.trim_end_matches('-').to_string() }
+}
+
+/// Whether `s` has the shape of a workload id (checked before a client's id is looked up).
+pub fn valid_id(s: &str) -> bool {
+    (3..=48).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// The workload `p` belongs to, found by `selector`. `node` is the node's name (a label).
+pub fn identify(selector: &Selector, p: &ProcessInfo, node: &str) -> Identity {
+    let exe_base = p.exe.rsplit('/').next().unwrap_or(&p.exe);
+    let mut labels = BTreeMap::new();
+    labels.insert("node".to_string(), node.to_string());
+    labels.insert("executable".to_string(), p.exe.clone());
+    labels.insert("selector".to_string(), selector.id());
+    let (key, readable) = match &p.container {
+        Some(c) => {
+            labels.extend(c.labels());
+            match (&c.namespace, &c.pod, &c.name) {
+                (Some(ns), Some(pod), Some(name)) => (format!("k8s\0{ns}\0{pod}\0{name}"), name.clone()),
+                _ => match (&c.pod_uid, &c.name) {
+                    (Some(uid), name) => {
+                        let who = name.clone().unwrap_or_else(|| exe_base.to_string());
+                        (format!("pod\0{uid}\0{who}"), who)
+                    }
+                    // A container without a pod (Docker): its name, else its executable.
+                    (None, Some(name)) => (format!("container\0{name}"), name.clone()),
+                    (None, None) => (format!("proc\0{}\0{}", selector.id(), p.exe), exe_base.to_string()),
+                },
+            }
+        }
+        None => {
+            labels.insert("cgroup".to_string(), p.cgroup.clone());
+            (format!("proc\0{}\0{}\0{}", selector.id(), p.exe, p.cgroup), exe_base.to_string())
+        }
+    };
+    let id = format!("{}-{:012x}", slug(&readable), fnv1a(key.as_bytes()) & 0xffff_ffff_ffff);
+    Identity { id, labels }
+}
+
+/// One workload in the registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    pub id: String,
+    /// node, executable, selector, and namespace, pod, container, pod_uid, container_id (or
+    /// cgroup) as of its latest process.
+    pub labels: BTreeMap<String, String>,
+    /// The selector that matched it.
+    pub selector: String,
+    /// The pid traced now, if any.
+    pub pid: Option<u32>,
+    /// Every pid it had (at most the last 32), oldest first.
+    pub pids: Vec<u32>,
+    /// How many times a new process of it was attached after the first.
+    pub restarts: u32,
+    pub attached: bool,
+    pub first_seen_ms: u64,
+    pub attached_at_ms: Option<u64>,
+    /// Why the last attach failed, if it did.
+    pub last_error: Option<String>,
+}
+
+impl Workload {
+    pub fn new(identity: &Identity, selector: &str, now_ms: u64) -> Workload {
+        Workload {
+            id: identity.id.clone(),
+            labels: identity.labels.clone(),
+            selector: selector.to_string(),
+            pid: None,
+            pids: Vec::new(),
+            restarts: 0,
+            attached: false,
+            first_seen_ms: now_ms,
+            attached_at_ms: None,
+            last_error: None,
+        }
+    }
+
+    /// Notes that `pid` is attached now (a restart when the workload had a process before).
+    pub fn attached(&mut self, pid: u32, labels: BTreeMap<String, String>, now_ms: u64) {
+        if !self.pids.is_empty() {
+            self.restarts += 1;
+        }
+        self.pids.push(pid);
+        if self.pids.len() > MAX_PAST_PIDS {
+            self.pids.remove(0);
+        }
+        self.labels = labels;
+        self.pid = Some(pid);
+        self.attached = true;
+        self.attached_at_ms = Some(now_ms);
+        self.last_error = None;
+    }
+
+    /// Notes that its process exited (or was detached).
+    pub fn gone(&mut self) {
+        self.pid = None;
+        self.attached = false;
+    }
+}
+
+/// A selector as the agent keeps it.
+#[derive(Clone, Debug)]
+pub struct SelectorEntry {
+    pub selector: Selector,
+    /// `flag` (`--select`, not persisted) or `api` (persisted in the data directory).
+    pub origin: &'static str,
+}
+
+/// `selectors.json` in the data directory: the selectors added through the API, restored when
+/// the agent starts. Written atomically (temp file, fsync, rename, fsync of the directory).
+pub struct SelectorFile {
+    path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct SelectorFileBody {
+    version: u32,
+    selectors: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelectorFileError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a memscope selectors file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl SelectorFile {
+    pub const NAME: &'static str = "selectors.json";
+
+    pub fn in_dir(dir: &Path) -> SelectorFile {
+        SelectorFile { path: dir.join(Self::NAME) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored selectors (none when the file does not exist yet).
+    pub fn load(&self) -> Result<Vec<Selector>, SelectorFileError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(SelectorFileError::Io { what: "reading", path: self.path.clone(), source }),
+        };
+        let corrupt = |reason: String| SelectorFileError::Corrupt { path: self.path.clone(), reason };
+        let body: SelectorFileBody = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        body.selectors.iter().map(|s| Selector::parse(s).map_err(|e| corrupt(e.to_string()))).collect()
+    }
+
+    pub fn save(&self, selectors: &[&Selector]) -> Result<(), SelectorFileError> {
+        let body = SelectorFileBody { version: 1, selectors: selectors.iter().map(|s| s.expr.clone()).collect() };
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(".selectors.json.tmp");
+        let io = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| SelectorFileError::Io { what, path, source }
+        };
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("writing", &tmp))?;
+        let text = serde_json::to_vec_pretty(&body).expect("plain data");
+        f.write_all(&text).and_then(|_| f.sync_all()).map_err(io("writing", &tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp))?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// The node's name, for the `node` label: `$NODE_NAME` (the DaemonSet sets it from the pod's
+/// `spec.nodeName`), else the host name.
+pub fn node_name() -> String {
+    if let Ok(n) = std::env::var("NODE_NAME") {
+        if !n.is_empty() && n.len() <= 253 {
+            return n;
+        }
+    }
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discover::ContainerIdentity;
+
+    fn k8s(ns: &str, pod: &str, name: &str, id: &str) -> ProcessInfo {
+        ProcessInfo {
+            pid: 10,
+            comm: "srv".into(),
+            exe: "/usr/bin/srv".into(),
+            cgroup: format!("/kubepods.slice/x/cri-containerd-{id}.scope"),
+            container: Some(ContainerIdentity {
+                id: Some(id.into()),
+                runtime: "containerd".into(),
+                pod_uid: Some("u".into()),
+                name: Some(name.into()),
+                pod: Some(pod.into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// A restarted container (new pid, new container id) keeps its id; another container or
+    /// pod does not; a plain process is keyed by selector, executable and cgroup.
+    #[test]
+    fn ids_outlive_pids() {
+        let sel = Selector::parse("pod=shop/web-*").unwrap();
+        let a = identify(&sel, &k8s("shop", "web-0", "app", "aaaa"), "n1");
+        let b = identify(&sel, &k8s("shop", "web-0", "app", "bbbb"), "n1");
+        assert_eq!(a.id, b.id);
+        assert!(a.id.starts_with("app-") && valid_id(&a.id), "{}", a.id);
+        assert_eq!(a.labels["container_id"], "aaaa");
+        assert_eq!(b.labels["container_id"], "bbbb");
+        // The same pod and container on another node is the same workload.
+        assert_eq!(a.id, identify(&sel, &k8s("shop", "web-0", "app", "aaaa"), "n2").id);
+        assert_ne!(a.id, identify(&sel, &k8s("shop", "web-1", "app", "aaaa"), "n1").id);
+        assert_ne!(a.id, identify(&sel, &k8s("shop", "web-0", "sidecar", "aaaa"), "n1").id);
+
+        let sel = Selector::parse("comm=leaky").unwrap();
+        let p = ProcessInfo { pid: 1, comm: "leaky".into(), exe: "/opt/Leaky App".into(), cgroup: "/app.service".into(), container: None };
+        let q = ProcessInfo { pid: 2, ..p.clone() };
+        let id = identify(&sel, &p, "n").id;
+        assert_eq!(id, identify(&sel, &q, "n").id);
+        assert!(id.starts_with("leaky-app-") && valid_id(&id), "{id}");
+        let other_cgroup = ProcessInfo { cgroup: "/other.service".into(), ..p };
+        assert_ne!(id, identify(&sel, &other_cgroup, "n").id);
+        assert!(!valid_id("../etc") && !valid_id("A-1") && !valid_id("x"));
+    }
+
+    /// Restarts count new processes after the first; past pids are bounded.
+    #[test]
+    fn restarts_and_pids() {
+        let sel = Selector::parse("comm=x").unwrap();
+        let id = identify(&sel, &ProcessInfo { exe: "/x".into(), ..Default::default() }, "n");
+        let mut w = Workload::new(&id, "s1", 0);
+        w.attached(5, id.labels.clone(), 1);
+        assert_eq!((w.restarts, w.pid, w.attached), (0, Some(5), true));
+        w.gone();
+        w.attached(6, id.labels.clone(), 2);
+        assert_eq!((w.restarts, w.pids.clone()), (1, vec![5, 6]));
+        for p in 0..100 {
+            w.attached(100 + p, id.labels.clone(), 3);
+        }
+        assert_eq!(w.pids.len(), MAX_PAST_PIDS);
+        assert_eq!(*w.pids.last().unwrap(), 199);
+    }
+
+    /// The selectors file round-trips and refuses a corrupt file with its path in the error.
+    #[test]
+    fn selector_file_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = SelectorFile::in_dir(dir.path());
+        assert!(f.load().unwrap().is_empty());
+        let a = Selector::parse("comm=a*,every=30s").unwrap();
+        let b = Selector::parse("pod=ns/web-*").unwrap();
+        f.save(&[&a, &b]).unwrap();
+        assert_eq!(f.load().unwrap(), vec![a, b]);
+        fs::write(f.path(), "{\"version\":1,\"selectors\":[\"bogus\"]}").unwrap();
+        assert!(f.load().unwrap_err().to_string().contains("selectors.json"));
+    }
+}

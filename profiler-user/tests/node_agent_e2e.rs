@@ -1,0 +1,422 @@
+//! The node-level agent end to end: selectors find a simulated Kubernetes container (a
+//! process in a cgroup v2 group named as kubelet + containerd name them, in its own mount and
+//! pid namespaces, with a pod directory laid out as kubelet does under `--node-root`), attach
+//! it within a second of its start, re-attach it under the same workload id when it is
+//! restarted, and restore selectors and triggers when the agent restarts. Needs root (eBPF,
+//! cgroups, namespaces); CI runs it as root.
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{agent::*, build_fixture, require_root};
+use serde_json::Value;
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ").then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("cgroup v2 is mounted")
+}
+
+/// The cgroups a test made, removed (deepest first) when dropped.
+struct Cgroups(Vec<PathBuf>);
+
+impl Cgroups {
+    fn make(&mut self, root: &Path, rel: &str) -> PathBuf {
+        let mut p = root.to_path_buf();
+        for comp in rel.split('/') {
+            p.push(comp);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+                self.0.push(p.clone());
+            }
+        }
+        p
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            for _ in 0..50 {
+                if std::fs::remove_dir(p).is_ok() || !p.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A simulated container: `exe` in cgroup `cg`, in new mount and pid namespaces (it is pid 1
+/// there). Killed (with its namespace) when dropped.
+struct Container(Child);
+
+impl Container {
+    fn start(cg: &Path, exe: &Path) -> Container {
+        let script = format!("echo $$ > {}/cgroup.procs && exec unshare --mount --pid --fork --kill-child {}", cg.display(), exe.display());
+        let child = Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().unwrap();
+        Container(child)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http(url: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let full = format!("{url}{path}");
+    let auth = format!("Bearer {token}");
+    let mut resp = match (method, body) {
+        ("POST", b) => agent.post(&full).header("Authorization", &auth).send(b.unwrap_or("")),
+        ("DELETE", _) => agent.delete(&full).header("Authorization", &auth).call(),
+        _ => agent.get(&full).header("Authorization", &auth).call(),
+    }
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// Polls `/v1/workloads` until `pred` holds for one of them; returns it and the time it took.
+fn wait_workload(url: &str, within: Duration, pred: impl Fn(&Value) -> bool) -> (Value, Duration) {
+    let t = Instant::now();
+    loop {
+        let (_, v) = http(url, "GET", "/v1/workloads", READ, None);
+        if let Some(w) = v["workloads"].as_array().and_then(|ws| ws.iter().find(|w| pred(w))) {
+            return (w.clone(), t.elapsed());
+        }
+        assert!(t.elapsed() < within, "no such workload within {within:?}: {v:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshots_of(url: &str, id: &str) -> Vec<Value> {
+    let (status, v) = http(url, "GET", &format!("/v1/workloads/{id}/snapshots"), READ, None);
+    assert_eq!(status, 200, "{v}");
+    v["snapshots"].as_array().unwrap().clone()
+}
+
+fn wait_snapshots(url: &str, id: &str, at_least: usize) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let s = snapshots_of(url, id);
+        if s.len() >= at_least {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "workload {id} has {} snapshots, wanted {at_least}", s.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The whole life of a workload: selector through the API, a container started after it is
+/// attached within a second and labelled from the cgroup path and the pod directory; its
+/// selector's trigger stores snapshots under the workload; killed and restarted (a new pid, a
+/// new container id in the same pod), it is re-attached under the same id and its snapshot
+/// history continues; the agent restarted, the selector and its trigger are restored and the
+/// workload is attached again, still under the same id.
+#[test]
+fn containers_are_found_followed_across_restarts_and_agent_restarts() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let node_root = dir.path().join("node");
+    let uid = format!("7e1d2c3b-4a59-4687-9{:03x}-{:012x}", std::process::id() & 0xfff, std::process::id());
+    let pod_dir = node_root.join("var/lib/kubelet/pods").join(&uid);
+    std::fs::create_dir_all(pod_dir.join("containers/app/5f3a1b2c")).unwrap();
+    std::fs::create_dir_all(pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-q8x2z")).unwrap();
+    std::fs::write(pod_dir.join("volumes/kubernetes.io~projected/kube-api-access-q8x2z/namespace"), "shop").unwrap();
+    std::fs::write(
+        pod_dir.join("etc-hosts"),
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n10.244.1.7\tweb-5d8f7\n",
+    )
+    .unwrap();
+    let exe = build_fixture("workload_fixture", &[]);
+    let root = cgroup2_root();
+    let pod_slice = format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let mut cgroups = Cgroups(Vec::new());
+    let container_id = |n: u8| format!("{:02x}{}", n, "c0ffee".repeat(10) + "abcdef12345678"[..2].as_ref());
+
+    let args = [
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data,
+        "--node-root", node_root.to_str().unwrap(), "--sampling", "full", "--min-spacing", "200ms", "--rate-limit", "200",
+    ];
+    let agent = start_agent(&args).unwrap();
+    let selector = "pod=shop/web-*,container=app,comm=workload_fix*,every=1s";
+    let (status, v) = http(&agent.url, "POST", "/v1/selectors", READ, Some(&format!("{{\"select\": \"{selector}\"}}")));
+    assert_eq!(status, 403, "a read token may not add selectors: {v}");
+    let (status, v) = http(&agent.url, "POST", "/v1/selectors", ADMIN, Some("{\"select\": \"pod=nonamespace\"}"));
+    assert_eq!((status, v["code"].as_str()), (400, Some("bad_selector")), "{v}");
+    let (status, v) = http(&agent.url, "POST", "/v1/selectors", ADMIN, Some(&format!("{{\"select\": \"{selector}\"}}")));
+    assert_eq!(status, 201, "{v}");
+    let selector_id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["triggers"], serde_json::json!(["every=1s"]));
+
+    // Started after the agent: attached within a second.
+    let cg1 = cgroups.make(&root, &format!("{pod_slice}/cri-containerd-{}.scope", container_id(1)));
+    let c1 = Container::start(&cg1, &exe);
+    let (w, took) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    eprintln!("attached {took:?} after the container started");
+    assert!(took < Duration::from_millis(1500), "attached after {took:?}");
+    let id = w["id"].as_str().unwrap().to_string();
+    let pid1 = w["pid"].as_u64().unwrap();
+    assert!(id.starts_with("app-"), "{w:#}");
+    let labels = &w["labels"];
+    assert_eq!((labels["namespace"].as_str(), labels["pod"].as_str(), labels["container"].as_str()), (Some("shop"), Some("web-5d8f7"), Some("app")), "{w:#}");
+    assert_eq!(labels["pod_uid"], uid.as_str());
+    assert_eq!(labels["container_id"], container_id(1).as_str());
+    assert_eq!(w["restarts"], 0);
+    assert_eq!(w["selector"], selector_id.as_str());
+
+    // Its selector's trigger stores snapshots under it; its leaks are served by workload id.
+    let before = wait_snapshots(&agent.url, &id, 2);
+    assert!(before.iter().all(|s| s["pid"] == pid1 && s["reason"] == "interval"), "{before:#?}");
+    let (status, leaks) = http(&agent.url, "GET", &format!("/v1/workloads/{id}/leaks?min_age=0s"), READ, None);
+    assert_eq!(status, 200, "{leaks}");
+    let leak_tick = leaks["leaks"].as_array().unwrap().iter().find(|l| l["frames"][0]["function"] == "leak_tick");
+    let n = leak_tick.unwrap_or_else(|| panic!("no leak_tick in {leaks:#}"))["allocs"].as_u64().unwrap();
+    assert!(n >= 10, "{n} leaked allocations");
+    assert_eq!(leak_tick.unwrap()["bytes"].as_u64().unwrap(), n * 1000);
+    let (status, _) = http(&agent.url, "GET", "/v1/workloads/nope-000000000000/leaks", READ, None);
+    assert_eq!(status, 404);
+    let (status, _) = http(&agent.url, "GET", "/v1/workloads/..%2fetc/leaks", READ, None);
+    assert_eq!(status, 400);
+    // /metrics labels it.
+    let (_, metrics) = http(&agent.url, "GET", "/metrics", READ, None);
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("memscope_target_live_bytes{")
+            && l.contains(&format!("workload=\"{id}\""))
+            && l.contains("namespace=\"shop\"")
+            && l.contains("pod=\"web-5d8f7\"")
+            && l.contains("container=\"app\"")),
+        "{metrics}"
+    );
+
+    // Killed: detached. Restarted as kubelet does (a new container in the same pod): the same
+    // workload, a new pid, one restart, and its snapshot series continues.
+    drop(c1);
+    wait_workload(&agent.url, Duration::from_secs(5), |w| w["id"] == id.as_str() && w["attached"] == false);
+    let cg2 = cgroups.make(&root, &format!("{pod_slice}/cri-containerd-{}.scope", container_id(2)));
+    let c2 = Container::start(&cg2, &exe);
+    let (w, took) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["id"] == id.as_str() && w["attached"] == true);
+    eprintln!("re-attached {took:?} after the restart");
+    assert!(took < Duration::from_millis(1500), "re-attached after {took:?}");
+    let pid2 = w["pid"].as_u64().unwrap();
+    assert_ne!(pid1, pid2);
+    assert_eq!(w["restarts"], 1);
+    assert_eq!(w["pids"], serde_json::json!([pid1, pid2]));
+    assert_eq!(w["labels"]["container_id"], container_id(2).as_str());
+    let after = wait_snapshots(&agent.url, &id, before.len() + 2);
+    assert!(after.iter().any(|s| s["pid"] == pid1) && after.iter().any(|s| s["pid"] == pid2), "{after:#?}");
+    // Only the workload's current process is a target.
+    let (_, targets) = http(&agent.url, "GET", "/v1/targets", READ, None);
+    let pids: Vec<u64> = targets["targets"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    assert_eq!(pids, vec![pid2], "{targets:#}");
+
+    // The agent restarted (the container keeps running): selector and trigger restored, the
+    // workload attached again under the same id, its history still there and growing.
+    drop(agent);
+    let agent = start_agent(&args).unwrap();
+    let (_, sels) = http(&agent.url, "GET", "/v1/selectors", READ, None);
+    let restored = &sels["selectors"][0];
+    assert_eq!((restored["id"].as_str(), restored["origin"].as_str()), (Some(selector_id.as_str()), Some("api")), "{sels:#}");
+    assert_eq!(restored["triggers"], serde_json::json!(["every=1s"]));
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["id"] == id.as_str() && w["attached"] == true);
+    assert_eq!(w["pid"].as_u64(), Some(pid2));
+    let again = wait_snapshots(&agent.url, &id, after.len() + 1);
+    assert!(again.iter().any(|s| s["pid"] == pid1), "history kept across the agent's restart");
+
+    // Deleting the selector detaches its workload and is persisted too.
+    let (status, v) = http(&agent.url, "DELETE", &format!("/v1/selectors/{selector_id}"), ADMIN, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["detached"], serde_json::json!([pid2]));
+    drop(agent);
+    let agent = start_agent(&args).unwrap();
+    let (_, sels) = http(&agent.url, "GET", "/v1/selectors", READ, None);
+    assert_eq!(sels["selectors"], serde_json::json!([]));
+    drop(agent);
+    drop(c2);
+}
+
+/// A request the receiver got: request line, headers (lower-case names), body, status answered.
+type Received = (String, Vec<(String, String)>, Vec<u8>, u16);
+
+/// A local ingest endpoint: records every request; answers 200, or 503 while `refuse` is set.
+struct Receiver {
+    url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    refuse: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reqs, no) = (requests.clone(), refuse.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut headers = Vec::new();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = h.trim_end().split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let status = if no.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
+                reqs.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
+                let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Receiver { url, requests, refuse }
+    }
+}
+
+fn query_param(target: &str, key: &str) -> Option<String> {
+    let q = target.split_once('?')?.1;
+    let raw = q.split('&').find_map(|kv| kv.strip_prefix(&format!("{key}=")))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            out.push(u8::from_str_radix(&raw[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(String::from_utf8(out).unwrap())
+}
+
+/// `--push` to a local Pyroscope-style receiver: each workload's heap profile arrives as
+/// `POST /ingest?name=APP{labels}&from=&until=&format=pprof` with the bearer token from the
+/// file; the body is a gzip pprof whose mappings carry the fixture's and libc's file names,
+/// offsets and GNU build ids; when the receiver refuses, posts are retried and profiles that
+/// find the queue full are dropped, both counted in /metrics.
+#[test]
+fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let secret = dir.path().join("push-token");
+    std::fs::write(&secret, "push-secret-token-42\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let rx = Receiver::start();
+    let exe = build_fixture("workload_fixture", &[]);
+    // Its own fixture only (the other test's runs meanwhile).
+    let select = format!("exe={}", exe.display());
+    let args = [
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "200",
+        "--select", &select, "--push", &rx.url, "--push-interval", "1s", "--push-token-file",
+        secret.to_str().unwrap(), "--push-queue", "1", "--push-retries", "3",
+    ];
+    // The secret file must be private.
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let err = start_agent(&args).err().expect("a readable secret file is refused");
+    assert!(err.contains("0644"), "{err}");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    let agent = start_agent(&args).unwrap();
+    let mut fixture = Command::new(&exe).spawn().unwrap();
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    let first = loop {
+        if let Some(r) = rx.requests.lock().unwrap().iter().find(|r| r.3 == 200).cloned() {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "nothing pushed");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (line, headers, body, _) = first;
+    assert!(line.starts_with("POST /ingest?"), "{line}");
+    let target = line.split(' ').nth(1).unwrap();
+    assert_eq!(query_param(target, "format").as_deref(), Some("pprof"));
+    let from: u64 = query_param(target, "from").unwrap().parse().unwrap();
+    let until: u64 = query_param(target, "until").unwrap().parse().unwrap();
+    assert!(from < until, "{target}");
+    let name = query_param(target, "name").unwrap();
+    let exe_s = exe.to_str().unwrap();
+    let exe_base = exe.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with(&format!("{exe_base}{{")), "{name}");
+    for label in [format!("executable={exe_s}"), format!("workload={}", w["id"].as_str().unwrap()), "node=".to_string()] {
+        assert!(name.contains(&label), "{label} missing in {name}");
+    }
+    let auth = headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.as_str());
+    assert_eq!(auth, Some("Bearer push-secret-token-42"));
+
+    let p = profiler_user::render::pprof::decode_pprof_gz(&body).unwrap();
+    let s = |i: i64| p.string_table[i as usize].clone();
+    let want_id = profiler_user::symbolize::mappings::build_id(&exe).expect("the fixture has a GNU build id");
+    let m = p.mapping.iter().find(|m| s(m.filename) == exe_s).unwrap_or_else(|| panic!("no mapping of {exe_s}: {:?}", p.mapping));
+    assert_eq!(s(m.build_id), want_id);
+    assert!(m.memory_limit > m.memory_start);
+    let libc = p.mapping.iter().find(|m| s(m.filename).contains("libc.so")).expect("libc mapped");
+    assert!(s(libc.build_id).len() >= 32, "libc's build id: {:?}", s(libc.build_id));
+    // leak_tick's location points at the executable's mapping.
+    let f = p.function.iter().find(|f| s(f.name) == "leak_tick").expect("leak_tick in the profile");
+    let loc = p.location.iter().find(|l| l.line.iter().any(|ln| ln.function_id == f.id)).unwrap();
+    assert_eq!(loc.mapping_id, m.id);
+    assert!(m.memory_start <= loc.address && loc.address < m.memory_limit);
+
+    // Refused: retried, then given up; profiles made meanwhile find the queue full.
+    rx.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+    };
+    let t = Instant::now();
+    loop {
+        let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+        let m = m.as_str().unwrap().to_string();
+        let (failed, dropped, retries) = (
+            metric(&m, "memscope_push_profiles_total{result=\"failed\"}"),
+            metric(&m, "memscope_push_profiles_total{result=\"dropped\"}"),
+            metric(&m, "memscope_push_retries_total"),
+        );
+        if failed >= 1 && dropped >= 1 && retries >= 3 {
+            assert!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}") >= 1, "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "failed {failed}, dropped {dropped}, retries {retries}:\n{m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let refused = rx.requests.lock().unwrap().iter().filter(|r| r.3 == 503).count();
+    assert!(refused >= 4, "{refused} refused posts (one try and three retries at least)");
+    drop(agent);
+    let _ = fixture.kill();
+    let _ = fixture.wait();
+}
