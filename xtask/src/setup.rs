@@ -32,6 +32,7 @@ const PACKAGES: &[&str] = &[
     "util-linux",                     // setpriv, for the missing-privilege test
     "libjemalloc2",                   // other allocators, preloaded in a tracing test
     "libtcmalloc-minimal4",
+    "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

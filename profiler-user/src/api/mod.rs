@@ -90,6 +90,8 @@ pub struct AgentConfig {
     pub limits: Limits,
     /// `--allow-eval`: tokens of role `eval` may evaluate expressions in Node.js targets.
     pub allow_eval: bool,
+    /// `--v8-summaries`: a V8 heap summary with every stored snapshot of a Node.js target.
+    pub v8_summaries: bool,
 }
 
 impl Default for AgentConfig {
@@ -106,6 +108,7 @@ impl Default for AgentConfig {
             trigger_settings: TriggerSettings::default(),
             limits: Limits::default(),
             allow_eval: false,
+            v8_summaries: false,
         }
     }
 }
@@ -274,6 +277,7 @@ impl Agent {
         let mut state = State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings);
         state.trigger_settings = config.trigger_settings.clone();
         state.v8.allow_eval.store(config.allow_eval, std::sync::atomic::Ordering::Relaxed);
+        state.v8.summaries.store(config.v8_summaries, std::sync::atomic::Ordering::Relaxed);
         let state = Arc::new(state);
         for &pid in &config.pids {
             let attacher = attacher.clone();
