@@ -21,7 +21,7 @@ NODE=$!
 while ! grep -q heap "$DIR/node.out"; do sleep 1; done
 cat "$DIR/node.out"
 umask 077; printf 'bench admin %s\n' "bench-admin-token-0123456789" > "$DIR/tokens"
-$BIN agent --tokens "$DIR/tokens" --listen 127.0.0.1:7499 --data-dir "$DIR/data" --pid $NODE 2> "$DIR/agent.log" &
+$BIN agent --tokens "$DIR/tokens" --listen 127.0.0.1:7499 --data-dir "$DIR/data" --request-timeout 900s --pid $NODE 2> "$DIR/agent.log" &
 AGENT=$!
 until curl -fsS http://127.0.0.1:7499/healthz > /dev/null 2>&1; do sleep 0.5; done
 hwm() { awk '/VmHWM/ {print $2}' /proc/$AGENT/status; }
