@@ -231,7 +231,7 @@ fn v8_in_another_network_namespace() {
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
     let spawn = |squat: bool| {
         let squatter = if squat {
-            "python3 -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.1\", 9229)); s.listen(); time.sleep(120)' & sleep 0.5; "
+            "node -e \"require('net').createServer().listen(9229, '127.0.0.1'); setTimeout(() => {}, 120000)\" & sleep 1; "
         } else {
             ""
         };
@@ -251,4 +251,40 @@ fn v8_in_another_network_namespace() {
     assert!(alive(node2.pid));
     drop(node2);
     drop(node);
+}
+
+/// With --v8-summaries, snapshots stored around growth carry V8 heap summaries: the diff (API
+/// and `memscope diff`) names LeakyRecord among the constructors that grew, not ChurnRecord.
+#[test]
+fn v8_summaries_with_stored_snapshots_and_diff() {
+    require_root();
+    let _turn = host_netns_turn();
+    let mut node = node_js_heap();
+    assert_eq!(node.ask("grow 1000"), "grown 1000");
+    let dir = tempfile::tempdir().unwrap();
+    let tf = tokens(dir.path());
+    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string(), "--v8-summaries"]).unwrap();
+    let snapshots = format!("{}/v1/targets/{}/snapshots?min_age=0s", a.url, node.pid);
+    let take = || {
+        let (s, b) = http("POST", &snapshots, ADMIN, None);
+        assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
+        serde_json::from_slice::<Value>(&b).unwrap()["id"].as_str().unwrap().to_string()
+    };
+    let first = take();
+    assert_eq!(node.ask("grow 4000"), "grown 5000");
+    let second = take();
+    let (s, b) = http("GET", &format!("{}/v1/snapshots/{first}/diff/{second}", a.url), READ, None);
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let grew = v["v8"]["constructors_grew"].as_array().unwrap_or_else(|| panic!("no v8 part in the diff: {v}"));
+    let leaky = grew.iter().find(|g| g["name"] == "LeakyRecord").unwrap_or_else(|| panic!("LeakyRecord not growing: {grew:?}"));
+    assert!(leaky["count_delta"].as_i64().unwrap() >= 4000, "{leaky}");
+    assert!(!grew.iter().any(|g| g["name"] == "ChurnRecord" && g["count_delta"].as_i64().unwrap() > 500), "{grew:?}");
+    assert_eq!(v["v8"]["after"]["reason"], "api");
+    let (st, out, err) = client(&a.url, Some(READ), &["diff", &first, &second]);
+    assert!(st.success(), "memscope diff: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(v["v8"]["constructors_grew"].as_array().unwrap().iter().any(|g| g["name"] == "LeakyRecord"), "{out}");
+    assert!(alive(node.pid));
+    assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
 }

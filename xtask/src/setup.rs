@@ -35,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "libc6-dbg",    // names in libc (start_thread, raise) for the unwinding tests
     "redis-server", // a Debian program without frame pointers, traced under load
     "redis-tools",  // redis-benchmark, its load generator
+    "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -488,6 +488,7 @@ async fn take_snapshot_inner(
             let comm = t.stats().comm;
             let stored = st.store.put_for(&p, &comm, "api", tracking.workload())?;
             triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
+            super::v8::note_snapshot(&st, p.pid, &stored.meta.id, "api", &stored.removed);
             Ok(stored)
         }),
     )
@@ -623,7 +624,11 @@ pub(crate) async fn diff(
                 let folded = render::json::diff_folded(&before, &after, measure);
                 Ok(Rendered { content_type: "text/plain; charset=utf-8", body: Bytes::from(folded), status: 200 })
             }
-            _ => json_rendered(&render::json::diff_json(&before, &after, Some(top))),
+            _ => {
+                let mut json = render::json::diff_json(&before, &after, Some(top));
+                super::v8::annotate_diff(&st, a.as_str(), b.as_str(), top, &mut json);
+                json_rendered(&json)
+            }
         }
     })
     .await

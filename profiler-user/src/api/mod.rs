@@ -93,6 +93,8 @@ pub struct AgentConfig {
     pub allow_eval: bool,
     /// Selectors and discovery (`--select`, `--node-root`).
     pub node: workloads::NodeConfig,
+    /// `--v8-summaries`: a V8 heap summary with every stored snapshot of a Node.js target.
+    pub v8_summaries: bool,
 }
 
 impl Default for AgentConfig {
@@ -110,6 +112,7 @@ impl Default for AgentConfig {
             limits: Limits::default(),
             allow_eval: false,
             node: workloads::NodeConfig::default(),
+            v8_summaries: false,
         }
     }
 }
@@ -281,6 +284,7 @@ impl Agent {
         let mut state = State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings);
         state.trigger_settings = config.trigger_settings.clone();
         state.v8.allow_eval.store(config.allow_eval, std::sync::atomic::Ordering::Relaxed);
+        state.v8.summaries.store(config.v8_summaries, std::sync::atomic::Ordering::Relaxed);
         let state = Arc::new(state);
         for &pid in &config.pids {
             let attacher = attacher.clone();

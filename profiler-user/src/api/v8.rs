@@ -68,6 +68,8 @@ pub struct V8State {
     last_eval: Mutex<HashMap<String, Instant>>,
     /// `--allow-eval`.
     pub allow_eval: AtomicBool,
+    /// `--v8-summaries`: every stored snapshot of a Node.js target gets a V8 heap summary.
+    pub summaries: AtomicBool,
 }
 
 fn v8_error(e: V8Error) -> ApiError {
@@ -305,4 +307,56 @@ pub(crate) async fn eval(state: Arc<State>, p: Principal, id: u32, body: Bytes) 
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(resp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// V8 heap summaries stored with snapshots (`--v8-summaries`)
+
+/// Where the summary stored with snapshot `id` is kept: beside the snapshots, in `v8/`.
+fn summary_path(state: &State, id: &str) -> std::path::PathBuf {
+    state.store.dir().join("v8").join(format!("{id}.json"))
+}
+
+/// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
+/// reason): with `--v8-summaries` and a target that handles SIGUSR1 (Node.js), also takes a V8
+/// heap snapshot, summarizes it as it streams and keeps the summary beside the snapshot; drops
+/// the summaries of snapshots the store `removed`. Blocking. Failures are logged, not fatal.
+pub(crate) fn note_snapshot(state: &State, pid: u32, id: &str, reason: &str, removed: &[String]) {
+    for r in removed {
+        let _ = std::fs::remove_file(summary_path(state, r));
+    }
+    if !state.v8.summaries.load(Ordering::Relaxed) || !crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false) {
+        return;
+    }
+    let path = summary_path(state, id);
+    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|s| {
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!(".{id}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&s).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+        Ok(s.constructors.len())
+    });
+    match result {
+        Ok(n) => info!(pid, id, reason, constructors = n, "V8 heap summary stored"),
+        Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary failed"),
+    }
+}
+
+fn load_summary(state: &State, id: &str) -> Option<crate::v8::summary::HeapSummary> {
+    let text = std::fs::read(summary_path(state, id)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Adds `v8` to a diff's JSON when both snapshots have a V8 summary: the constructors whose
+/// object count grew (`constructors_grew`, most self-size growth first, at most `top`).
+pub(crate) fn annotate_diff(state: &State, a: &str, b: &str, top: usize, json: &mut serde_json::Value) {
+    let (Some(before), Some(after)) = (load_summary(state, a), load_summary(state, b)) else { return };
+    let mut grew = crate::v8::summary::grew(&before, &after);
+    grew.truncate(top);
+    json["v8"] = serde_json::json!({
+        "before": { "reason": before.reason, "taken_at_ms": before.taken_at_ms, "self_size": before.self_size, "node_count": before.node_count },
+        "after": { "reason": after.reason, "taken_at_ms": after.taken_at_ms, "self_size": after.self_size, "node_count": after.node_count },
+        "constructors_grew": grew,
+    });
 }

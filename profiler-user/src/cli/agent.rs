@@ -43,6 +43,11 @@ pub struct AgentArgs {
     /// (`POST /v1/targets/{id}/actions/eval`): arbitrary code in the target. Off by default.
     #[arg(long)]
     pub allow_eval: bool,
+    /// With every snapshot stored for a Node.js target (by a trigger such as `gc`, or the
+    /// API), also take a V8 heap snapshot and keep its per-constructor summary; diffs then list
+    /// the constructors that grew. Each pauses the target for the heap snapshot.
+    #[arg(long)]
+    pub v8_summaries: bool,
     /// Where snapshots are kept.
     #[arg(long, default_value = crate::store::DEFAULT_DATA_DIR, value_name = "DIR")]
     pub data_dir: PathBuf,
@@ -114,6 +119,7 @@ impl AgentArgs {
             },
             allow_insecure_remote: self.allow_insecure_remote,
             allow_eval: self.allow_eval,
+            v8_summaries: self.v8_summaries,
             data_dir: self.data_dir.clone(),
             retention: Retention { max_count: self.retain_count, max_bytes: self.retain_bytes },
             pids: self.pids.clone(),

@@ -649,6 +649,21 @@ pub(crate) fn diff_table(v: &Value, before: &str, after: &str) -> String {
         })
         .collect();
     out.push_str(&table(&["GROWTH", "BEFORE", "AFTER", "WHERE (innermost first)"], &rows));
+    if let Some(grew) = v["v8"]["constructors_grew"].as_array() {
+        out.push_str("\nJavaScript heap: constructors that grew (V8 heap summaries)\n");
+        let rows: Vec<Vec<String>> = grew
+            .iter()
+            .map(|g| {
+                vec![
+                    format!("+{}", g["count_delta"].as_i64().unwrap_or(0)),
+                    signed_bytes(g["self_size_delta"].as_i64().unwrap_or(0)),
+                    u(&g["count_after"]).to_string(),
+                    g["name"].as_str().unwrap_or("?").to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["OBJECTS", "SELF SIZE", "NOW", "CONSTRUCTOR"], &rows));
+    }
     out
 }
 

@@ -62,7 +62,7 @@ pub fn to_profile(p: &Value, pid: u32, taken_at_ms: u64, duration: Duration, int
             }
         }
     }
-    stacks.sort_by(|a, b| b.live_bytes.cmp(&a.live_bytes));
+    stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     let live_bytes = stacks.iter().map(|s| s.live_bytes).sum();
     let live_allocs = stacks.iter().map(|s| s.live_allocs).sum();
     Ok(HeapProfile {
