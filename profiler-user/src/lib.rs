@@ -2,8 +2,8 @@
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
 //! [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
-//! [`target`] is the seam between the tracing half and the serving half; [`trigger`] decides
-//! when to take snapshots without being asked.
+//! [`target_fs`] opens files a target controls without leaving its root; [`target`] is the
+//! seam between the tracing half and the serving half; [`trigger`] decides when to take snapshots without being asked.
 pub mod aggregate;
 pub mod api;
 pub mod bpf;
@@ -14,4 +14,5 @@ pub mod session;
 pub mod store;
 pub mod symbolize;
 pub mod target;
+pub mod target_fs;
 pub mod trigger;

@@ -120,7 +120,7 @@ impl Session {
         let mut inner = self.inner.lock().unwrap();
         let slot = inner.triggers_used;
         anyhow::ensure!(slot < profiler_common::MAX_TRIGGERS, "at most {} triggers per target", profiler_common::MAX_TRIGGERS);
-        let host = procfs::host_path(self.pid, path_in_target);
+        let host = procfs::host_path(self.pid, path_in_target)?;
         attach::attach_trigger(&mut inner.loaded.ebpf, self.pid, &host, file_offset, point, slot)?;
         inner.triggers_used += 1;
         Ok(slot)

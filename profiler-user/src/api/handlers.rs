@@ -316,7 +316,7 @@ fn view(entry: &TargetEntry) -> TargetView {
 
 pub(crate) fn list_targets(state: &State) -> Response {
     let targets: Vec<TargetView> = state.targets.read().unwrap().values().map(view).collect();
-    json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets }))
+    json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets, "target_files": crate::target_fs::report() }))
 }
 
 fn target(state: &State, id: u32) -> Result<Arc<dyn TracedTarget>, ApiError> {

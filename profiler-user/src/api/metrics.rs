@@ -96,6 +96,10 @@ impl Metrics {
             family(&mut out, "memscope_agent_resident_bytes", "gauge", "Resident memory of the agent.");
             let _ = writeln!(out, "memscope_agent_resident_bytes {}", s.rss_bytes);
         }
+        family(&mut out, "memscope_target_file_refusals_total", "counter", "Files of targets not opened or not read to the end, by kind and reason.");
+        for (kind, reason, n) in crate::target_fs::refusals() {
+            let _ = writeln!(out, "memscope_target_file_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} {n}");
+        }
         family(&mut out, "memscope_agent_snapshots", "gauge", "Snapshots in the store.");
         let _ = writeln!(out, "memscope_agent_snapshots {}", snapshots.0);
         family(&mut out, "memscope_agent_snapshot_bytes", "gauge", "Bytes of snapshots on disk.");

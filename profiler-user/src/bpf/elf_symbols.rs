@@ -11,10 +11,7 @@
 //! data, and `STT_GNU_IFUNC` symbols (whose value is the resolver, not the function) are not.
 //! Among candidates, global/weak beat local, the default version beats a non-default one,
 //! `.dynsym` beats `.symtab`, and a known size beats an unknown one.
-use std::{
-    fs::File,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use object::{
@@ -87,12 +84,14 @@ fn map_file(path: &Path) -> Result<Mmap, ElfError> {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    // Regular files within the ELF cap only: a path may still come from a target.
+    let file = crate::target_fs::open_checked(path, crate::target_fs::Kind::Elf).map_err(|e| io(e.into()))?;
+    let file = file.file();
     // SAFETY: the map is read-only and private to this call. If another process truncates the
     // file meanwhile, reads may fault (SIGBUS); that is the usual, accepted risk of mapping
     // binaries (every debugger and symbolizer does it), and libraries are replaced by rename,
     // not rewritten in place.
-    unsafe { Mmap::map(&file) }.map_err(io)
+    unsafe { Mmap::map(file) }.map_err(io)
 }
 
 /// A parsed query: the base name and, if given, the version and whether `@@` was used.

@@ -1,20 +1,18 @@
 //! The target's mapped object files, kept open: an address becomes (module, file offset), and
 //! the module stays readable through `/proc/self/fd/N` after the target exits, is upgraded on
 //! disk, or lives in another mount namespace.
-use std::{
-    collections::HashMap,
-    fs::File,
-    os::fd::AsRawFd,
-    path::PathBuf,
-};
+use std::{collections::HashMap, path::PathBuf};
 
-use crate::procfs::{self, Mapping};
+use crate::{
+    procfs::{self, Mapping},
+    target_fs::{self, Kind, TargetFile},
+};
 
 pub struct Module {
     /// Path as the target sees it.
     pub path: String,
-    _file: File,
-    /// Path this process reads it through.
+    _file: TargetFile,
+    /// Path this process reads it through (`/proc/self/fd/N`).
     pub open_path: PathBuf,
 }
 
@@ -49,8 +47,8 @@ impl Modules {
             if self.open.contains_key(&path) {
                 continue;
             }
-            if let Ok(file) = File::open(procfs::mapped_file(self.pid, m)) {
-                let open_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            if let Ok(file) = target_fs::open_mapped(self.pid, m, Kind::Elf) {
+                let open_path = file.path().to_owned();
                 self.open.insert(path.clone(), Module { path, _file: file, open_path });
             }
         }

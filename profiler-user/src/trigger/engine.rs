@@ -42,7 +42,13 @@ use super::{
     spec::{GrowthThreshold, MemorySource, TriggerSpec, V8_GC_FUNCTION},
     usdt,
 };
-use crate::{bpf::attach::TriggerPoint, procfs, session::Session, target::TracedTarget as _};
+use crate::{
+    bpf::attach::TriggerPoint,
+    procfs,
+    session::Session,
+    target::TracedTarget as _,
+    target_fs::{self, Kind},
+};
 
 /// How often the caller should call [`TriggerEngine::poll`].
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -75,13 +81,19 @@ pub trait TriggerHost {
 /// can be read.
 pub fn cgroup_memory(pid: u32) -> Option<u64> {
     procfs::cgroup_memory_current(pid).or_else(|| {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup"))
+            .and_then(|f| target_fs::read_text(&f, Kind::ProcText))
+            .ok()?;
         let path = cgroup.lines().find_map(|l| {
             let mut it = l.splitn(3, ':');
             let (_, controllers, path) = (it.next()?, it.next()?, it.next()?);
             controllers.split(',').any(|c| c == "memory").then_some(path)
         })?;
-        std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")).ok()?.trim().parse().ok()
+        target_fs::read_beneath("/sys/fs/cgroup/memory", &format!("{path}/memory.usage_in_bytes"), Kind::ProcText)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     })
 }
 
