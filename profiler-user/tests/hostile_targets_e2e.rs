@@ -1,0 +1,202 @@
+//! Hostile targets: processes in their own mount namespace (made here with `unshare -m` and a
+//! tmpfs on /tmp, a container's view) that turn the files memscope reads against it. Their
+//! perf map becomes a symlink to a file that exists only on the host, a FIFO, or a 2 GiB
+//! sparse file; their allocator library is swapped for a symlink after they mapped it.
+//! `memscope record` must finish, write its report, put no host-only byte in any output,
+//! stay under a memory cap, and count what it refused. Needs root, `unshare` and `node`.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{alloc_fixture, require_root, spawn_record, Fixture};
+use serde_json::Value;
+
+/// Peak RSS allowed to `memscope record` on these targets (it uses ~40-60 MB on them).
+const RSS_CAP_BYTES: u64 = 200 << 20;
+const SECRET: &str = "HOSTONLY_SECRET_7f3a";
+
+/// `sh -c SCRIPT` in a new private mount namespace with its own tmpfs on /tmp; `exec` keeps the
+/// pid, so the fixture's pid is the child's.
+fn contained(script: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("mount -t tmpfs tmpfs /tmp && {script}"));
+    cmd
+}
+
+fn contained_node(cwd: &Path) -> Fixture {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_leak.js");
+    let mut cmd = contained(&format!(
+        "exec node --expose-gc --perf-basic-prof --interpreted-frames-native-stack {}",
+        script.display()
+    ));
+    cmd.current_dir(cwd);
+    Fixture::spawn(cmd)
+}
+
+/// A file only the host sees (its /tmp, hidden from the target by the target's tmpfs), as a
+/// perf map naming every address after the secret.
+fn host_only_file(dir: &Path) -> PathBuf {
+    let path = dir.join("host-only.map");
+    std::fs::write(&path, format!("0 7fffffffffff JS:*{SECRET} /host/{SECRET}.js:1:1\n")).unwrap();
+    path
+}
+
+struct Recorded {
+    code: i32,
+    stderr: String,
+    peak_rss: u64,
+    leaks: Value,
+    /// Every output file, concatenated (the pprof file gunzipped).
+    all_text: Vec<u8>,
+}
+
+/// `memscope record --sampling full --min-age 0s` on `fixture`: waits for "attached", runs the
+/// workload, stops the recording with SIGINT within 60 s, and measures its peak RSS.
+fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
+    let mut child = spawn_record(fixture.pid, out, &["--min-age", "0s", "--sampling", "full"]);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("attached") {
+        let before = text.len();
+        stderr.read_line(&mut text).unwrap();
+        assert!(text.len() > before, "memscope ended before attaching: {text}");
+    }
+    fixture.go();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    loop {
+        let r = unsafe { libc::wait4(child.id() as i32, &mut status, libc::WNOHANG, &mut usage) };
+        if r == child.id() as i32 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "memscope record hangs after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    text += &reader.join().unwrap();
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let leaks: Value = std::fs::read(out.join("leaks.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| panic!("no leaks.json written: {text}"));
+    let mut all_text = Vec::new();
+    for name in ["report.txt", "leaks.json", "flamegraph.svg", "heap.folded"] {
+        all_text.extend(std::fs::read(out.join(name)).unwrap_or_else(|e| panic!("{name} not written: {e}\n{text}")));
+    }
+    flate2::read::GzDecoder::new(std::fs::File::open(out.join("heap.pb.gz")).unwrap()).read_to_end(&mut all_text).unwrap();
+    Recorded { code, stderr: text, peak_rss: usage.ru_maxrss as u64 * 1024, leaks, all_text }
+}
+
+fn assert_clean(r: &Recorded) {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let found = r.all_text.windows(SECRET.len()).any(|w| w == SECRET.as_bytes());
+    assert!(!found, "host-only content in the outputs");
+    assert!(!r.stderr.contains(SECRET), "host-only content on stderr: {}", r.stderr);
+    assert!(r.peak_rss < RSS_CAP_BYTES, "memscope record peaked at {} MiB (cap {} MiB)", r.peak_rss >> 20, RSS_CAP_BYTES >> 20);
+}
+
+fn refused(leaks: &Value, kind: &str, reason: &str) -> u64 {
+    leaks["target_files"]["refused"][kind][reason].as_u64().unwrap_or(0)
+}
+
+/// Where the host sees the target's perf map (in the target's tmpfs).
+fn perf_map(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{pid}.map"))
+}
+
+/// The perf map replaced by an absolute symlink to a host-only file: resolved inside the
+/// target's root (where it names nothing), so no host byte reaches a report.
+#[test]
+fn perf_map_symlink_to_a_host_file_is_not_followed() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let secret = host_only_file(cwd.path());
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    assert!(map.exists(), "node wrote no perf map in its /tmp");
+    assert!(!Path::new(&format!("/tmp/perf-{}.map", node.pid)).exists(), "the target's /tmp is the host's");
+    std::fs::remove_file(&map).unwrap();
+    symlink(&secret, &map).unwrap();
+    // What memscope did before: the host follows the link to its own file.
+    assert!(std::fs::read_to_string(&map).unwrap().contains(SECRET));
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(r.leaks["target_files"]["symlinks_in_root"].as_u64().unwrap() >= 1, "{}", r.leaks["target_files"]);
+}
+
+/// The perf map replaced by a FIFO that nobody writes: refused (counted) without blocking.
+#[test]
+fn perf_map_fifo_is_refused() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    std::fs::remove_file(&map).unwrap();
+    let c = std::ffi::CString::new(map.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(refused(&r.leaks, "perf_map", "not_regular") >= 1, "{}", r.leaks["target_files"]);
+    let report = String::from_utf8_lossy(&r.all_text);
+    assert!(report.contains("perf_map not_regular"), "report.txt does not show the refusal");
+}
+
+/// The perf map grown to a 2 GiB sparse file (its real lines first): read up to the cap, the
+/// rest refused and counted; memory stays bounded and the JIT names read are still used.
+#[test]
+fn perf_map_of_2_gib_is_read_up_to_the_cap() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    let file = std::fs::OpenOptions::new().write(true).open(&map).unwrap();
+    file.set_len(2 << 30).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(refused(&r.leaks, "perf_map", "too_large") >= 1, "{}", r.leaks["target_files"]);
+    assert!(String::from_utf8_lossy(&r.all_text).contains("leakyHandler"), "JIT names before the cap were lost");
+    eprintln!("peak RSS of memscope record on a 2 GiB perf map: {} MiB", r.peak_rss >> 20);
+}
+
+/// The target's allocator (a copy of libc in its /tmp) swapped for a symlink to a host-only
+/// file after the target mapped it: memscope opens the mapped inode itself and counts exactly.
+#[test]
+fn swapped_library_is_read_from_the_mapped_inode() {
+    require_root();
+    let libc_path = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(5).filter(|p| p.contains("/libc.so")).map(str::to_string))
+        .unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let secret = host_only_file(cwd.path());
+    let exe = alloc_fixture();
+    let mut fixture = Fixture::spawn(contained(&format!(
+        "mkdir /tmp/lib && cp {libc_path} /tmp/lib/ && LD_LIBRARY_PATH=/tmp/lib exec {} basic",
+        exe.display()
+    )));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    assert!(maps.contains("/tmp/lib/libc.so"), "the fixture does not use the copied libc:\n{maps}");
+    let lib = PathBuf::from(format!("/proc/{}/root/tmp/lib/libc.so.6", fixture.pid));
+    std::fs::remove_file(&lib).unwrap();
+    symlink(&secret, &lib).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
+}
