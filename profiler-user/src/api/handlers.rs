@@ -183,7 +183,7 @@ impl Params {
 
     fn min_age(&self) -> Result<Duration, ApiError> {
         let Some(v) = self.get("min_age") else { return Ok(DEFAULT_MIN_AGE) };
-        let d = crate::cli::units::parse_duration(v).map_err(|_| {
+        let d = crate::units::parse_duration(v).map_err(|_| {
             ApiError::bad_request("bad_min_age", format!("invalid min_age {:?} (use e.g. 500ms, 30s, 5m)", truncate(v)))
         })?;
         if d > MAX_MIN_AGE {
@@ -372,7 +372,7 @@ async fn attach_blocking(state: &Arc<State>, pid: u32) -> Result<Arc<dyn TracedT
         state,
         limits::exclusive(&state.expensive, move || {
             attacher.attach(pid).map_err(|e| {
-                let line = crate::cli::one_line(&e);
+                let line = crate::errors::one_line(&e);
                 tracing::warn!(pid, error = %line, "attach failed");
                 ApiError::internal("attach_failed", format!("attaching to {pid} failed: {line}"))
             })
@@ -448,7 +448,7 @@ fn measure_title(m: Measure) -> &'static str {
 
 fn snapshot_of(t: &dyn TracedTarget, min_age: Duration) -> Result<HeapProfile, ApiError> {
     t.snapshot(min_age).map_err(|e| {
-        let line = crate::cli::one_line(&e);
+        let line = crate::errors::one_line(&e);
         tracing::warn!(pid = t.pid(), error = %line, "snapshot failed");
         ApiError::internal("snapshot_failed", format!("snapshot of {} failed: {line}", t.pid()))
     })
@@ -665,7 +665,7 @@ fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, 
     let min_spacing = match b.min_spacing.as_deref() {
         None => state.trigger_settings.min_spacing,
         Some(v) => {
-            let d = crate::cli::units::parse_duration(v).map_err(|_| {
+            let d = crate::units::parse_duration(v).map_err(|_| {
                 ApiError::bad_request("bad_min_spacing", format!("invalid min_spacing {:?} (use e.g. 500ms, 5s)", truncate(v)))
             })?;
             if d > MAX_MIN_SPACING {

@@ -46,13 +46,13 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = Retention::DEFAULT_COUNT, value_name = "N")]
     pub retain_count: usize,
     /// Most bytes of snapshots kept on disk (e.g. 512MiB, 1GiB).
-    #[arg(long, default_value = "1GiB", value_parser = super::units::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "1GiB", value_parser = crate::units::parse_size, value_name = "SIZE")]
     pub retain_bytes: u64,
     /// Process to trace from the start (repeat for several).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// `full` records every allocation; a size (e.g. 512KiB) samples one per that many bytes.
-    #[arg(long, default_value = "512KiB", value_parser = super::units::parse_sampling)]
+    #[arg(long, default_value = "512KiB", value_parser = crate::units::parse_sampling)]
     pub sampling: u64,
     /// Live allocations tracked at once per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_allocs)]
@@ -74,7 +74,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = Limits::default().token_per_sec, value_name = "RPS")]
     pub rate_limit: f64,
     /// Longest a snapshot or render may take before the request is answered 503.
-    #[arg(long, default_value = "120s", value_parser = super::units::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration, value_name = "DURATION")]
     pub request_timeout: Duration,
     /// Snapshot triggers for every --pid target (as for `memscope record`; more through
     /// `POST /v1/targets/{id}/triggers`).

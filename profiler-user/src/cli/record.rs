@@ -21,11 +21,9 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{
-    trigger_args::TriggerArgs,
-    units::{parse_duration, parse_sampling},
-};
+use super::trigger_args::TriggerArgs;
 use crate::{
+    units::{parse_duration, parse_sampling},
     aggregate::{
         growth::{self, Verdict},
         HeapProfile, Measure,
