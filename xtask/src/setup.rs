@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",                     // setpriv, for the missing-privilege test
     "libjemalloc2",                   // other allocators, preloaded in a tracing test
     "libtcmalloc-minimal4",
+    "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
+    "curl",                           // the second client, bound to 127.0.0.2, during it
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -124,6 +124,8 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "memscope_http_refused_total{{limit=\"{limit}\"}} {}", c.load(Ordering::Relaxed));
         }
+        let per_address = super::conn_limits::refused();
+        let _ = writeln!(out, "memscope_http_refused_total{{limit=\"connections_per_address\"}} {per_address}");
         out
     }
 }

@@ -70,6 +70,10 @@ pub struct AgentArgs {
     /// Concurrent connections.
     #[arg(long, default_value_t = Limits::default().max_connections, value_name = "N")]
     pub max_connections: usize,
+    /// Concurrent connections from one client address (IPv4, or IPv6 /64); raise it when all
+    /// clients come through one proxy.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_address, value_name = "N")]
+    pub max_connections_per_address: usize,
     /// Requests per second allowed per token (burst: 4x, at least 20).
     #[arg(long, default_value_t = Limits::default().token_per_sec, value_name = "RPS")]
     pub rate_limit: f64,
@@ -113,6 +117,7 @@ impl AgentArgs {
             limits: Limits {
                 max_expensive: self.max_renders.max(1),
                 max_connections: self.max_connections.max(1),
+                max_connections_per_address: self.max_connections_per_address.max(1),
                 token_per_sec: self.rate_limit,
                 token_burst: burst,
                 request_timeout: self.request_timeout,
