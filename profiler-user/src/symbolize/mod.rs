@@ -12,7 +12,10 @@ use std::{
 
 use blazesym::symbolize::{source::{Elf, Source}, Input, Symbolized, Symbolizer as Blaze};
 
-use crate::aggregate::{Frame, FrameInfo};
+use crate::{
+    aggregate::{Frame, FrameInfo},
+    process::Process,
+};
 use modules::{Modules, Place};
 use perf_map::PerfMap;
 
@@ -33,14 +36,17 @@ pub struct Symbolizer {
 
 impl Symbolizer {
     pub fn new(pid: u32) -> Symbolizer {
-        let mut modules = Modules::new(pid);
+        Symbolizer::with(Modules::new(pid), PerfMap::for_pid(pid))
+    }
+
+    /// For a process held by identity: nothing is read once its pid names another process.
+    pub fn for_process(process: Arc<Process>) -> Symbolizer {
+        Symbolizer::with(Modules::for_process(process.clone()), PerfMap::for_process(process))
+    }
+
+    fn with(mut modules: Modules, jit: PerfMap) -> Symbolizer {
         modules.refresh();
-        Symbolizer {
-            names: HashSet::new(),
-            modules,
-            jit: PerfMap::for_pid(pid),
-            cache: HashMap::new(),
-        }
+        Symbolizer { names: HashSet::new(), modules, jit, cache: HashMap::new() }
     }
 
     /// Names every address (all are return addresses: the call is the byte before).

@@ -8,10 +8,11 @@
 //! read incrementally from where the last read stopped, complete lines only, up to
 //! [`Kind::PerfMap`]'s cap in total; a line longer than [`MAX_LINE`] is skipped. What was not
 //! read is counted ([`PerfMapStats`]) and the refusal logged.
-use std::{collections::BTreeMap, io, os::unix::fs::FileExt as _};
+use std::{collections::BTreeMap, io, os::unix::fs::FileExt as _, sync::Arc};
 
 use crate::{
     aggregate::{Frame, FrameInfo},
+    process::Process,
     target_fs::{self, Kind, Reason, TargetFile},
 };
 
@@ -34,6 +35,8 @@ pub struct PerfMapStats {
 
 pub struct PerfMap {
     pid: u32,
+    /// When known: the file is only read while the pid still names this process.
+    process: Option<Arc<Process>>,
     /// The file being read, and the offset of the first byte not consumed yet.
     file: Option<TargetFile>,
     offset: u64,
@@ -50,7 +53,11 @@ pub struct PerfMap {
 impl PerfMap {
     /// The map of `pid`, looked up in the target's own /tmp (it may live in a container).
     pub fn for_pid(pid: u32) -> PerfMap {
-        PerfMap { pid, file: None, offset: 0, partial: Vec::new(), skipping: false, stats: PerfMapStats::default(), code: BTreeMap::new() }
+        PerfMap { pid, process: None, file: None, offset: 0, partial: Vec::new(), skipping: false, stats: PerfMapStats::default(), code: BTreeMap::new() }
+    }
+
+    pub fn for_process(process: Arc<Process>) -> PerfMap {
+        PerfMap { process: Some(process.clone()), ..PerfMap::for_pid(process.pid()) }
     }
 
     pub fn stats(&self) -> PerfMapStats {
@@ -70,10 +77,15 @@ impl PerfMap {
                 return;
             }
         };
+        // Opened inside the root of the process alive now: the traced one, or stop here.
+        if self.process.as_ref().is_some_and(|p| !p.alive()) {
+            return;
+        }
         let len = file.len();
         let same = self.file.as_ref().is_some_and(|f| f.identity() == file.identity());
         if !same || len < self.offset {
-            *self = PerfMap::for_pid(self.pid);
+            let process = self.process.take();
+            *self = PerfMap { process, ..PerfMap::for_pid(self.pid) };
         }
         self.file = Some(file);
         if let Err(e) = self.read_appended(len) {

@@ -110,6 +110,15 @@ impl TriggerHost for Session {
     fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
         Session::attach_trigger(self, path_in_target, file_offset, point)
     }
+    // Read, then check the pid still names the traced process: never a newcomer's memory.
+    fn rss_bytes(&self) -> Option<u64> {
+        let rss = procfs::status_bytes(self.process().pid(), "VmRSS").ok();
+        self.process().verified(rss).flatten()
+    }
+    fn cgroup_memory_bytes(&self) -> Option<u64> {
+        let bytes = cgroup_memory(self.process().pid());
+        self.process().verified(bytes).flatten()
+    }
     fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
         Session::trigger_hits(self)
     }
