@@ -17,5 +17,6 @@ pub mod store;
 pub mod symbolize;
 pub mod target;
 pub mod target_fs;
+pub mod target_mem;
 pub mod trigger;
 pub mod units;

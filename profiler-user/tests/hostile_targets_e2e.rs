@@ -200,3 +200,20 @@ fn swapped_library_is_read_from_the_mapped_inode() {
     let t = &r.leaks["totals"];
     assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
 }
+
+/// Memory of the target that never answers (a page registered with userfaultfd whose faults
+/// are never served): reading or enabling a USDT semaphore there fails within the deadline
+/// of `target_mem` instead of hanging the agent.
+#[test]
+fn memory_that_never_answers_does_not_hang() {
+    require_root();
+    let mut stall = Fixture::start(&common::build_fixture("uffd_stall", &[]), "");
+    let addr = u64::from_str_radix(stall.ask("addr?").strip_prefix("addr ").unwrap(), 16).unwrap();
+    let limit = profiler_user::target_mem::DEADLINE + Duration::from_secs(1);
+    let started = Instant::now();
+    assert!(profiler_user::trigger::usdt::read_semaphore(stall.pid, addr).is_err());
+    assert!(profiler_user::trigger::usdt::Semaphore::enable(stall.pid, addr, "test:stall").is_err());
+    assert!(started.elapsed() < limit * 2, "took {:?}", started.elapsed());
+    // The process is still there and still stuck on that page: nothing was served.
+    assert!(profiler_user::procfs::exists(stall.pid));
+}
