@@ -9,6 +9,7 @@ pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod errors;
+pub mod fuzzing;
 pub mod process;
 pub mod procfs;
 pub mod render;

@@ -78,7 +78,7 @@ pub fn start_ticks(pid: u32) -> Result<u64, ProcError> {
     parse_start_ticks(&stat).ok_or(ProcError::NoSuchProcess(pid))
 }
 
-fn parse_start_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // rest starts at field 3 (state): field 22 is the 20th after it.
     rest.split_whitespace().nth(19)?.parse().ok()

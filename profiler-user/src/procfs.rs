@@ -67,7 +67,7 @@ pub fn maps(pid: u32) -> Result<Vec<Mapping>, ProcError> {
     Ok(read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
 }
 
-fn parse_maps_line(line: &str) -> Option<Mapping> {
+pub(crate) fn parse_maps_line(line: &str) -> Option<Mapping> {
     let mut it = line.splitn(6, ' ');
     let (range, perms, offset, dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
     let (major, minor) = dev.split_once(':')?;
@@ -170,7 +170,7 @@ pub fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     Ok(parse_status_kb(&status, field).unwrap_or(0) * 1024)
 }
 
-fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()

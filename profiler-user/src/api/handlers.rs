@@ -644,6 +644,10 @@ struct TriggersBody {
 
 /// The specs and spacing of a `POST /v1/targets/{id}/triggers` body.
 fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
+    triggers_body(body, state.trigger_settings.min_spacing)
+}
+
+fn triggers_body(body: &[u8], default_spacing: Duration) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
     let shape = "expected a JSON body {\"spec\": \"every=30s\"} or {\"specs\": [\"gc\", \"growth=20%\"]}, optionally with \"min_spacing\": \"5s\"";
     let b: TriggersBody = serde_json::from_slice(body).map_err(|_| ApiError::bad_request("bad_body", shape))?;
     let raw = match (b.spec, b.specs) {
@@ -663,7 +667,7 @@ fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, 
         specs.push(spec);
     }
     let min_spacing = match b.min_spacing.as_deref() {
-        None => state.trigger_settings.min_spacing,
+        None => default_spacing,
         Some(v) => {
             let d = crate::units::parse_duration(v).map_err(|_| {
                 ApiError::bad_request("bad_min_spacing", format!("invalid min_spacing {:?} (use e.g. 500ms, 5s)", truncate(v)))
@@ -764,4 +768,22 @@ pub(crate) fn openapi() -> Response {
     let mut resp = Response::new(Body::from(super::routes::OPENAPI));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// For `crate::fuzzing`: query parameters as the API parses them, every accessor.
+#[doc(hidden)]
+pub(crate) fn fuzz_params(raw: Vec<(String, String)>) {
+    if let Ok(p) = Params::parse(raw, &["min_age", "top", "format", "measure"]) {
+        let _ = p.format(render::Format::Json, &["json", "svg", "pprof", "folded", "text"]);
+        let _ = p.measure("measure");
+        let _ = p.min_age();
+        let _ = p.top();
+    }
+}
+
+/// For `crate::fuzzing`: request bodies (attach, triggers) as the API parses them.
+#[doc(hidden)]
+pub(crate) fn fuzz_bodies(body: &[u8]) {
+    let _ = serde_json::from_slice::<AttachBody>(body);
+    let _ = triggers_body(body, Duration::from_secs(5));
 }

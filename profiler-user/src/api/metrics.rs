@@ -162,7 +162,7 @@ pub fn self_stat() -> Option<SelfStat> {
 
 /// Parses `/proc/PID/stat`: fields after the `)` that ends comm; utime and stime are fields 14
 /// and 15, rss (pages) field 24, counting from 1.
-fn parse_stat(text: &str) -> Option<SelfStat> {
+pub(crate) fn parse_stat(text: &str) -> Option<SelfStat> {
     let after = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state).

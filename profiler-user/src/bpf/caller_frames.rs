@@ -75,7 +75,7 @@ fn is_wrapper_library(path: &str) -> bool {
 /// callee's entry, and its saved rbp at `[rsp + rbp_slot - 1]` (`rbp_slot` 0: not saved).
 /// Calls where the CFA is not rsp-based (the function keeps a frame pointer: the walk sees its
 /// caller) are left out.
-fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>) -> Vec<(u64, u64)> {
+pub(crate) fn call_sites(image: &CodeImage, probed: &HashSet<u64>, names: &HashSet<String>) -> Vec<(u64, u64)> {
     let mut returns = Vec::new();
     let mut stubs: HashMap<u64, bool> = HashMap::new();
     for (addr, code) in image.code_sections() {

@@ -152,6 +152,13 @@ impl PerfMap {
         }
     }
 
+    /// For `crate::fuzzing`: bytes as if read from the file.
+    #[doc(hidden)]
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.offset += bytes.len() as u64;
+        self.consume(bytes);
+    }
+
     fn add(&mut self, start: u64, size: u64, name: &str) {
         self.code.insert(start, (start.saturating_add(size), name.to_string()));
     }
