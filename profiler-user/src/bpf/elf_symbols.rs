@@ -416,7 +416,13 @@ impl CodeImage {
                 code_sections.push(place);
             }
             let Ok(Some((relas, link))) = section.rela(endian, &*data) else { continue };
-            let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, sections.section(link).map_err(parse_err)?) else {
+            let linked = sections.section(link).map_err(parse_err)?;
+            // A crafted file may link relocations to a section that is no symbol table
+            // (object's parser asserts on that; found by fuzzing).
+            if !matches!(linked.sh_type(endian), elf::SHT_DYNSYM | elf::SHT_SYMTAB) {
+                continue;
+            }
+            let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, linked) else {
                 continue;
             };
             for rela in relas {
