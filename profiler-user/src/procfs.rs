@@ -167,7 +167,7 @@ pub fn exe(pid: u32) -> Result<String, ProcError> {
 /// A `kB` field of `/proc/PID/status` (e.g. `VmRSS`, `RssAnon`), in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     let status = read(pid, "status")?;
-    Ok(parse_status_kb(&status, field).unwrap_or(0) * 1024)
+    Ok(parse_status_kb(&status, field).unwrap_or(0).saturating_mul(1024))
 }
 
 pub(crate) fn parse_status_kb(status: &str, field: &str) -> Option<u64> {

@@ -399,11 +399,23 @@ pub fn read_beneath(base: &str, rel: &str, kind: Kind) -> Result<String, TargetF
     read_text(file.file(), kind).map_err(open_err)
 }
 
-/// Reads a `/proc` text file (its size shows as 0: read up to the cap of `kind`).
+/// Reads a `/proc` text file (its size shows as 0: read up to the cap of `kind`; reaching
+/// the cap is counted as a refusal of the rest, and the incomplete last line dropped). Bytes
+/// that are not UTF-8 become U+FFFD.
 pub fn read_text(file: &File, kind: Kind) -> io::Result<String> {
-    let mut text = String::new();
-    file.take(kind.cap()).read_to_string(&mut text)?;
-    Ok(text)
+    let mut bytes = Vec::new();
+    file.take(kind.cap()).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 >= kind.cap() {
+        refuse("(a /proc file)", kind, Reason::TooLarge);
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(complete);
+    }
+    // A target can name its files with any bytes: never fail on them (a path that is not
+    // UTF-8 is then opened by inode, see `open_mapped`).
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 #[cfg(test)]

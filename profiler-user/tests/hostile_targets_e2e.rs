@@ -261,3 +261,27 @@ fn ten_thousand_threads_are_bounded() {
     assert_eq!(leaked, 10_000, "{}", r.leaks["totals"]);
     eprintln!("peak RSS of memscope record on 10,000 threads: {} MiB", r.peak_rss >> 20);
 }
+
+/// A target whose allocator lives under a path that is not UTF-8 (`/tmp/l\xffb/libc.so.6`):
+/// its maps still parse, the library is opened by inode, and the counts are exact.
+#[test]
+fn non_utf8_library_paths_are_traced() {
+    require_root();
+    let libc_path = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(5).filter(|p| p.contains("/libc.so")).map(str::to_string))
+        .unwrap();
+    let exe = alloc_fixture();
+    let mut fixture = Fixture::spawn(contained(&format!(
+        "d=$(printf '/tmp/l\\377b') && mkdir \"$d\" && cp {libc_path} \"$d\"/ && LD_LIBRARY_PATH=\"$d\" exec {} basic",
+        exe.display()
+    )));
+    let maps = std::fs::read(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    assert!(maps.windows(6).any(|w| w == b"/l\xffb/l"), "the fixture does not use the copied libc");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
+}

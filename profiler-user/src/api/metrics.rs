@@ -172,8 +172,8 @@ pub(crate) fn parse_stat(text: &str) -> Option<SelfStat> {
     let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
     let page = if page > 0 { page as u64 } else { 4096 };
     Some(SelfStat {
-        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
-        rss_bytes: field(24)? * page,
+        cpu_seconds: field(14)?.saturating_add(field(15)?) as f64 / ticks,
+        rss_bytes: field(24)?.saturating_mul(page),
     })
 }
 
