@@ -162,14 +162,14 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 { 0 } else { (self.next_u64() % n as u64) as usize }
     }
 }
 
@@ -188,7 +188,7 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
         };
         match rng.below(7) {
             0 if len > 0 => out[at] ^= 1 << rng.below(8),
-            1 if len > 0 => out[at] = rng.next() as u8,
+            1 if len > 0 => out[at] = rng.next_u64() as u8,
             2 if len >= 8 => {
                 let v = INTERESTING[rng.below(INTERESTING.len())].to_le_bytes();
                 let width = [1, 2, 4, 8][rng.below(4)];
@@ -198,7 +198,7 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
             3 if len > 0 => out.truncate(at),
             4 => {
                 let n = 1 + rng.below(16);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 out.splice(at.min(len)..at.min(len), bytes);
             }
             5 if !other.is_empty() => {
@@ -210,7 +210,7 @@ pub fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
                 let n = 1 + rng.below((len - at).min(64));
                 out.drain(at..(at + n).min(len));
             }
-            _ => out.push(rng.next() as u8),
+            _ => out.push(rng.next_u64() as u8),
         }
     }
     out

@@ -61,6 +61,7 @@ struct Recorded {
 
 /// `memscope record --sampling full --min-age 0s` on `fixture`: waits for "attached", runs the
 /// workload, stops the recording with SIGINT within 60 s, and measures its peak RSS.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
 fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
     let mut child = spawn_record(fixture.pid, out, &["--min-age", "0s", "--sampling", "full"]);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
@@ -84,7 +85,10 @@ fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
         if r == child.id() as i32 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "memscope record hangs after SIGINT");
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("memscope record hangs after SIGINT");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     text += &reader.join().unwrap();
