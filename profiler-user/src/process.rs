@@ -74,8 +74,12 @@ impl Process {
 
 /// Field 22 of `/proc/PID/stat` (after the `)` that ends comm, which may hold spaces).
 pub fn start_ticks(pid: u32) -> Result<u64, ProcError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| ProcError::NoSuchProcess(pid))?;
-    parse_start_ticks(&stat).ok_or(ProcError::NoSuchProcess(pid))
+    parse_start_ticks(&stat(pid).ok_or(ProcError::NoSuchProcess(pid))?).ok_or(ProcError::NoSuchProcess(pid))
+}
+
+/// `/proc/PID/stat`; comm may hold any bytes (`prctl(PR_SET_NAME)`), so read lossily.
+fn stat(pid: u32) -> Option<String> {
+    std::fs::read(format!("/proc/{pid}/stat")).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 pub(crate) fn parse_start_ticks(stat: &str) -> Option<u64> {
@@ -85,8 +89,7 @@ pub(crate) fn parse_start_ticks(stat: &str) -> Option<u64> {
 }
 
 fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
+    stat(pid)
         .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with(['Z', 'X'])))
         .unwrap_or(true)
 }
@@ -104,6 +107,22 @@ mod tests {
         assert!(me.alive());
         assert!(me.verified(7) == Some(7));
         assert!(Process::open(u32::MAX - 1).is_err());
+    }
+
+    /// A process whose name is not UTF-8 is held like any other.
+    #[test]
+    fn any_comm_bytes() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join(std::ffi::OsStr::from_bytes(b"sl\xffp"));
+        std::fs::copy("/usr/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("30").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(std::fs::read(format!("/proc/{}/stat", child.id())).unwrap().windows(4).any(|w| w == b"sl\xffp"));
+        let p = Process::open(child.id()).unwrap();
+        assert!(p.alive());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// A child that exited (and was reaped) is not alive, and cannot be signalled.
