@@ -23,5 +23,5 @@ pub fn run(args: FuzzArgs) -> Result<()> {
     if let Some(seed) = args.seed {
         c.arg("--seed").arg(seed.to_string());
     }
-    cmd::run(c.args(&args.targets)).context("a fuzz target crashed (its input is saved under profiler-user/fuzz/regressions/)")
+    cmd::run(c.args(&args.targets)).context("fuzzing failed (a crash saves its input under profiler-user/fuzz/regressions/)")
 }
