@@ -243,6 +243,39 @@ impl TargetFile {
     }
 }
 
+/// Files up to this size are read into memory by [`TargetFile::bytes`]; larger ones mapped.
+pub const READ_WHOLE_MAX: u64 = 64 << 20;
+
+/// The contents of a file for a parser: read into memory, or mapped when large.
+pub enum FileBytes {
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Read(v) => v,
+            FileBytes::Mapped(m) => m,
+        }
+    }
+}
+
+impl TargetFile {
+    /// The whole file for parsing. Up to [`READ_WHOLE_MAX`] it is read into memory: a target
+    /// that truncates its own file meanwhile cannot make the agent fault (SIGBUS), as it
+    /// could with a mapping; larger files (within the cap of their kind) are mapped.
+    pub fn bytes(&self) -> io::Result<FileBytes> {
+        if self.len() <= READ_WHOLE_MAX {
+            return self.read_all().map(FileBytes::Read);
+        }
+        // SAFETY: a read-only private map; the SIGBUS risk of a concurrent truncation is
+        // accepted for files over READ_WHOLE_MAX (see docs/security.md).
+        unsafe { memmap2::Mmap::map(self.file()) }.map(FileBytes::Mapped)
+    }
+}
+
 impl Deref for TargetFile {
     type Target = Path;
     fn deref(&self) -> &Path {

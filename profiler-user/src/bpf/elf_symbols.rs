@@ -13,7 +13,7 @@
 //! `.dynsym` beats `.symtab`, and a known size beats an unknown one.
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use crate::target_fs::FileBytes;
 use object::{
     elf,
     read::elf::{
@@ -79,19 +79,15 @@ pub fn resolve(
     resolve_in(path, &map_file(path)?, names)
 }
 
-fn map_file(path: &Path) -> Result<Mmap, ElfError> {
+fn map_file(path: &Path) -> Result<FileBytes, ElfError> {
     let io = |source| ElfError::Io {
         path: path.to_owned(),
         source,
     };
-    // Regular files within the ELF cap only: a path may still come from a target.
+    // Regular files within the ELF cap only: a path may still come from a target. Read into
+    // memory when small enough (a target truncating the file cannot fault us), else mapped.
     let file = crate::target_fs::open_checked(path, crate::target_fs::Kind::Elf).map_err(|e| io(e.into()))?;
-    let file = file.file();
-    // SAFETY: the map is read-only and private to this call. If another process truncates the
-    // file meanwhile, reads may fault (SIGBUS); that is the usual, accepted risk of mapping
-    // binaries (every debugger and symbolizer does it), and libraries are replaced by rename,
-    // not rewritten in place.
-    unsafe { Mmap::map(file) }.map_err(io)
+    file.bytes().map_err(io)
 }
 
 /// A parsed query: the base name and, if given, the version and whether `@@` was used.
@@ -382,7 +378,7 @@ pub type SectionBytes<'a> = (u64, &'a [u8]);
 /// A file's code by virtual address, and its PLT imports: for following a function's direct
 /// branches to the functions they reach (see [`super::forwarding`]).
 pub struct CodeImage {
-    data: Mmap,
+    data: FileBytes,
     /// `(sh_addr, sh_size, sh_offset)` of each executable section.
     code_sections: Vec<(u64, u64, u64)>,
     /// `(sh_addr, sh_size, sh_offset)` of `.eh_frame` and `.eh_frame_hdr`.

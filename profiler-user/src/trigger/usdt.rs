@@ -24,7 +24,6 @@ use std::{
     sync::Arc,
 };
 
-use memmap2::Mmap;
 use object::{
     elf,
     read::elf::{FileHeader, ProgramHeader, SectionHeader},
@@ -82,9 +81,7 @@ pub fn probes(path: impl AsRef<Path>) -> Result<Vec<UsdtProbe>, UsdtError> {
     let path = path.as_ref();
     let io = |source| UsdtError::Io { path: path.to_owned(), source };
     let file = crate::target_fs::open_checked(path, crate::target_fs::Kind::Elf).map_err(|e| io(e.into()))?;
-    let file = file.file();
-    // SAFETY: read-only private map, as in `bpf::elf_symbols`.
-    let map = unsafe { Mmap::map(file) }.map_err(io)?;
+    let map = file.bytes().map_err(io)?;
     parse(path, &map)
 }
 
