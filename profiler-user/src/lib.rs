@@ -2,22 +2,29 @@
 //! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
 //! [`unwind`] gives the probes each mapped file's CFI as tables, [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
-//! [`target`] is the seam between the tracing half and the serving half; [`discover`] picks the processes to trace and [`workload`] keeps them
-//! across restarts; [`trigger`] decides
-//! when to take snapshots without being asked.
+//! [`target_fs`] opens files a target controls without leaving its root; [`target`] is the
+//! seam between the tracing half and the serving half; [`discover`] picks the processes to trace
+//! and [`workload`] keeps them across restarts; [`trigger`] decides when to take snapshots
+//! without being asked.
 pub mod aggregate;
 pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod discover;
 pub mod export;
+pub mod errors;
+pub mod fuzzing;
+pub mod process;
 pub mod procfs;
 pub mod render;
 pub mod session;
 pub mod store;
 pub mod symbolize;
 pub mod target;
+pub mod target_fs;
+pub mod target_mem;
 pub mod trigger;
 pub mod unwind;
 pub mod v8;
 pub mod workload;
+pub mod units;

@@ -1,12 +1,11 @@
 //! What memscope reads from `/proc` about a target: that it exists, its name, its memory
 //! mappings (to find the allocator it really uses and to map addresses back to files), and its
 //! memory counters. Paths of mapped files are returned as the target sees them and as the host
-//! can open them (through `/proc/PID/root`, so targets in containers work).
-use std::{
-    fs,
-    io,
-    path::{Path, PathBuf},
-};
+//! can open them (inside `/proc/PID/root`, so targets in containers work, through
+//! [`target_fs`], so they cannot name host files).
+use std::{fs, io, path::Path};
+
+use crate::target_fs::{self, Kind, TargetFile, TargetFsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcError {
@@ -49,7 +48,8 @@ pub fn exists(pid: u32) -> bool {
 }
 
 fn read(pid: u32, what: &'static str) -> Result<String, ProcError> {
-    fs::read_to_string(format!("/proc/{pid}/{what}")).map_err(|source| {
+    let text = fs::File::open(format!("/proc/{pid}/{what}")).and_then(|f| target_fs::read_text(&f, Kind::ProcText));
+    text.map_err(|source| {
         if source.kind() == io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ESRCH) {
             ProcError::NoSuchProcess(pid)
         } else {
@@ -67,7 +67,7 @@ pub fn maps(pid: u32) -> Result<Vec<Mapping>, ProcError> {
     Ok(read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
 }
 
-fn parse_maps_line(line: &str) -> Option<Mapping> {
+pub(crate) fn parse_maps_line(line: &str) -> Option<Mapping> {
     let mut it = line.splitn(6, ' ');
     let (range, perms, offset, dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
     let (major, minor) = dev.split_once(':')?;
@@ -85,18 +85,18 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
     })
 }
 
-/// How the host opens the file that the target maps at `path_in_target` (a path from its
-/// maps, or its executable): see [`mapped_file`]. A path the target does not map is opened
-/// through `/proc/PID/root`.
-pub fn host_path(pid: u32, path_in_target: &str) -> PathBuf {
+/// Opens the file that the target maps at `path_in_target` (a path from its maps, or its
+/// executable): see [`target_fs::open_mapped`]. A path the target does not map is opened
+/// inside its root.
+pub fn host_path(pid: u32, path_in_target: &str) -> Result<TargetFile, TargetFsError> {
     host_path_in(pid, &maps(pid).unwrap_or_default(), path_in_target)
 }
 
-fn host_path_in(pid: u32, maps: &[Mapping], path_in_target: &str) -> PathBuf {
+fn host_path_in(pid: u32, maps: &[Mapping], path_in_target: &str) -> Result<TargetFile, TargetFsError> {
     let named = |m: &&Mapping| m.path.as_deref().is_some_and(|p| p == path_in_target || without_deleted(p) == path_in_target);
     match maps.iter().find(named) {
-        Some(m) => mapped_file(pid, m),
-        None => by_root(pid, path_in_target),
+        Some(m) => target_fs::open_mapped(pid, m, Kind::Elf),
+        None => target_fs::open_in_root(pid, path_in_target, Kind::Elf),
     }
 }
 
@@ -105,41 +105,37 @@ fn host_path_in(pid: u32, maps: &[Mapping], path_in_target: &str) -> PathBuf {
 pub struct MappedObject {
     /// Path as the target sees it.
     pub path: String,
-    /// How the host opens it (see [`mapped_file`]).
-    pub host_path: PathBuf,
+    /// The file, opened safely (see [`target_fs`]); `host_path.path()` (or deref) is a path
+    /// that reopens exactly it.
+    pub host_path: TargetFile,
 }
 
 /// The target's executable, then every file it maps executable code from, in address order,
-/// each once.
+/// each once. Files that cannot be opened safely are left out (and logged by [`target_fs`]).
 pub fn objects(pid: u32) -> Result<Vec<MappedObject>, ProcError> {
     let exe = exe(pid)?;
     let maps = maps(pid)?;
-    let mut out = vec![MappedObject { host_path: host_path_in(pid, &maps, &exe), path: exe }];
+    let mut out: Vec<MappedObject> = Vec::new();
+    let mut push = |path: String, file: Result<TargetFile, TargetFsError>| match file {
+        Ok(host_path) => out.push(MappedObject { path, host_path }),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => tracing::debug!("leaving out {path} of process {pid}: {e}"),
+    };
+    push(exe.clone(), host_path_in(pid, &maps, &exe));
+    let mut seen = vec![exe];
     for m in maps.iter().filter(|m| m.executable && m.is_file()) {
         let path = m.path.clone().unwrap_or_default();
-        if !out.iter().any(|o| o.path == path) {
-            out.push(MappedObject { host_path: mapped_file(pid, m), path });
+        if !seen.contains(&path) {
+            seen.push(path.clone());
+            push(path, target_fs::open_mapped(pid, m, Kind::Elf));
         }
     }
     Ok(out)
 }
 
-/// How the host opens the file of mapping `m`: through `/proc/PID/root` (so targets in
-/// containers work) while that path still names the mapped file; once the file was deleted or
-/// replaced on disk (a package upgrade under a running service), through
-/// `/proc/PID/map_files/START-END`, which reaches the mapped inode itself.
-pub fn mapped_file(pid: u32, m: &Mapping) -> PathBuf {
-    use std::os::unix::fs::MetadataExt as _;
-    let path = m.path.as_deref().unwrap_or_default();
-    let root = by_root(pid, without_deleted(path));
-    match fs::metadata(&root) {
-        Ok(md) if md.ino() == m.inode && md.dev() == m.dev => root,
-        _ => PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
-    }
-}
-
-fn by_root(pid: u32, path_in_target: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root{path_in_target}"))
+/// Opens the file of mapping `m` (see [`target_fs::open_mapped`]).
+pub fn mapped_file(pid: u32, m: &Mapping) -> Result<TargetFile, TargetFsError> {
+    target_fs::open_mapped(pid, m, Kind::Elf)
 }
 
 /// Where the target maps the `len` bytes at `file_offset` of the file it maps as
@@ -171,10 +167,10 @@ pub fn exe(pid: u32) -> Result<String, ProcError> {
 /// A `kB` field of `/proc/PID/status` (e.g. `VmRSS`, `RssAnon`), in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     let status = read(pid, "status")?;
-    Ok(parse_status_kb(&status, field).unwrap_or(0) * 1024)
+    Ok(parse_status_kb(&status, field).unwrap_or(0).saturating_mul(1024))
 }
 
-fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()
@@ -185,7 +181,7 @@ fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
 pub fn cgroup_memory_current(pid: u32) -> Option<u64> {
     let cgroup = read(pid, "cgroup").ok()?;
     let rel = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    fs::read_to_string(format!("/sys/fs/cgroup{rel}/memory.current")).ok()?.trim().parse().ok()
+    target_fs::read_beneath("/sys/fs/cgroup", &format!("{rel}/memory.current"), Kind::ProcText).ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -227,17 +223,17 @@ mod tests {
         assert_ne!(addr, libc::MAP_FAILED);
         let me = std::process::id();
         let find = || maps(me).unwrap().into_iter().find(|m| m.start == addr as u64).unwrap();
-        let by_name = mapped_file(me, &find());
-        assert!(by_name.ends_with(path.strip_prefix("/").unwrap()), "{}", by_name.display());
+        let by_name = mapped_file(me, &find()).unwrap();
+        assert_eq!(by_name.shown(), path.to_str().unwrap());
         // Replaced on disk: same name, another inode.
         fs::remove_file(&path).unwrap();
         fs::write(&path, b"new").unwrap();
         let m = find();
         assert!(m.path.as_deref().unwrap().ends_with(" (deleted)"), "{m:?}");
-        let by_inode = mapped_file(me, &m);
-        assert!(by_inode.to_string_lossy().contains("/map_files/"), "{}", by_inode.display());
-        assert_eq!(fs::read(&by_inode).unwrap(), vec![7u8; 8192]);
-        assert_eq!(host_path(me, m.path.as_deref().unwrap()), by_inode);
+        let by_inode = mapped_file(me, &m).unwrap();
+        assert_eq!(by_inode, by_name);
+        assert_eq!(fs::read(&*by_inode).unwrap(), vec![7u8; 8192]);
+        assert_eq!(host_path(me, m.path.as_deref().unwrap()).unwrap(), by_inode);
         unsafe { libc::munmap(addr, len) };
     }
 

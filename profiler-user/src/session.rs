@@ -2,7 +2,6 @@
 //! probes, and answer snapshots (read maps -> build profile -> symbolize). This is the eBPF
 //! implementation of [`crate::target::TracedTarget`].
 use std::{
-    os::fd::{FromRawFd, OwnedFd, AsRawFd},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -18,6 +17,7 @@ use crate::{
         load::{self, Loaded, ProbeMode, ProbeSettings},
         reader,
     },
+    process::Process,
     procfs,
     symbolize::Symbolizer,
     target::{Attacher, TargetStats, TracedTarget},
@@ -27,7 +27,7 @@ use crate::{
 pub struct Session {
     pid: u32,
     comm: String,
-    pidfd: Option<OwnedFd>,
+    process: Arc<Process>,
     settings: ProbeSettings,
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
@@ -59,12 +59,11 @@ impl Session {
     /// [`Session::attach`], with the unwind rows in the agent's `shared` map.
     pub fn attach_sharing(pid: u32, settings: ProbeSettings, shared: Option<&Arc<Mutex<SharedRows>>>) -> anyhow::Result<Session> {
         let started = Instant::now();
-        if !procfs::exists(pid) {
-            return Err(procfs::ProcError::NoSuchProcess(pid).into());
-        }
+        // Everything read about `pid` below is checked to come from this very process at the
+        // end (its pid could be reused by another one meanwhile).
+        let process = Arc::new(Process::open(pid)?);
         load::check_environment()?;
         let comm = procfs::comm(pid)?;
-        let pidfd = open_pidfd(pid);
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
         // Tables first: the probes' row map is sized to what the target maps.
@@ -86,17 +85,19 @@ impl Session {
         let sites = attach::attach(&mut loaded, pid, &allocator)
             .with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = if loaded.session.is_some() { ProbeMode::Session } else { ProbeMode::Classic };
+        let symbolizer = Symbolizer::for_process(process.clone());
+        anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
         if let Some(u) = &unwind {
             u.set_attach_ms(attach_ms);
         }
         info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, "attached");
-        let inner = Arc::new(Mutex::new(Inner { symbolizer: Symbolizer::new(pid), loaded, triggers_used: 0 }));
+        let inner = Arc::new(Mutex::new(Inner { symbolizer, loaded, triggers_used: 0 }));
         spawn_jit_pinner(pid, Arc::downgrade(&inner));
         Ok(Session {
             pid,
             comm,
-            pidfd,
+            process,
             settings,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
@@ -129,15 +130,15 @@ impl Session {
         self.attached_at.elapsed()
     }
 
-    /// Whether the target is still running (a pidfd, so pid reuse cannot fool it).
+    /// Whether the target is still running (a pidfd and its start time, so pid reuse cannot
+    /// fool it).
     pub fn alive(&self) -> bool {
-        match &self.pidfd {
-            Some(fd) => {
-                let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                unsafe { libc::poll(&mut p, 1, 0) == 0 }
-            }
-            None => procfs::exists(self.pid),
-        }
+        self.process.alive()
+    }
+
+    /// The traced process by identity: signals and `/proc` reads about it go through this.
+    pub fn process(&self) -> &Arc<Process> {
+        &self.process
     }
 
     /// Summed counters, indexed by `profiler_common::Counter`.
@@ -154,7 +155,8 @@ impl Session {
         let mut inner = self.inner.lock().unwrap();
         let slot = inner.triggers_used;
         anyhow::ensure!(slot < profiler_common::MAX_TRIGGERS, "at most {} triggers per target", profiler_common::MAX_TRIGGERS);
-        let host = procfs::host_path(self.pid, path_in_target);
+        let host = procfs::host_path(self.pid, path_in_target)?;
+        anyhow::ensure!(self.alive(), "process {} exited: no trigger attached", self.pid);
         attach::attach_trigger(&mut inner.loaded.ebpf, self.pid, &host, file_offset, point, slot)?;
         inner.triggers_used += 1;
         Ok(slot)
@@ -188,11 +190,6 @@ fn spawn_jit_pinner(pid: u32, inner: std::sync::Weak<Mutex<Inner>>) {
     if let Err(e) = spawned {
         tracing::warn!(pid, error = %e, "cannot start the JIT naming thread; JIT frames are named at snapshot time only");
     }
-}
-
-fn open_pidfd(pid: u32) -> Option<OwnedFd> {
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn now_ms() -> u64 {

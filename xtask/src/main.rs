@@ -8,6 +8,7 @@ mod cmd;
 mod demo;
 mod deploy;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -50,6 +51,8 @@ enum Task {
     /// Validate deploy/*.yaml (kubernetes-validate --strict, Kubernetes 1.29) and check the
     /// DaemonSet's agent flags against `memscope agent --help`.
     DeployCheck,
+    /// Fuzz the parsers of everything a target or a client controls (N seconds per target).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Demo => demo::run()?,
         Task::Bench(args) => bench::run(args)?,
         Task::DeployCheck => deploy::check()?,
+        Task::Fuzz(args) => fuzz::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

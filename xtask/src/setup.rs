@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "redis-server", // a Debian program without frame pointers, traced under load
     "redis-tools",  // redis-benchmark, its load generator
     "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
+    "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
+    "curl",                           // the second client, bound to 127.0.0.2, during it
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -131,6 +131,26 @@ impl From<StoreError> for ApiError {
             StoreError::InvalidId => ApiError::bad_request("invalid_snapshot_id", e.to_string()),
             StoreError::NotFound(_) => ApiError::not_found("snapshot_not_found", e.to_string()),
             StoreError::InvalidReason(_) => ApiError::bad_request("invalid_reason", e.to_string()),
+            StoreError::Io { .. } if e.is_full() => {
+                tracing::error!(error = %e, "snapshot store: no space");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    "the data directory is full: the snapshot was not stored (earlier snapshots are kept); free space, or lower --retain-bytes",
+                )
+            }
+            StoreError::Io { .. } if e.is_read_only() => {
+                tracing::error!(error = %e, "snapshot store: not writable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_read_only",
+                    "the data directory is not writable (read-only file system or permissions): nothing was stored or removed; earlier snapshots are still served",
+                )
+            }
+            StoreError::Corrupt { ref id, .. } => {
+                tracing::error!(error = %e, "snapshot store");
+                ApiError::internal("snapshot_corrupt", format!("snapshot {id} is unreadable on disk and is not served"))
+            }
             other => {
                 tracing::error!(error = %other, "snapshot store");
                 ApiError::internal("store_error", "the snapshot store failed; see the agent's log")

@@ -183,7 +183,7 @@ impl Params {
 
     fn min_age(&self) -> Result<Duration, ApiError> {
         let Some(v) = self.get("min_age") else { return Ok(DEFAULT_MIN_AGE) };
-        let d = crate::cli::units::parse_duration(v).map_err(|_| {
+        let d = crate::units::parse_duration(v).map_err(|_| {
             ApiError::bad_request("bad_min_age", format!("invalid min_age {:?} (use e.g. 500ms, 30s, 5m)", truncate(v)))
         })?;
         if d > MAX_MIN_AGE {
@@ -319,7 +319,7 @@ pub(crate) fn list_targets(state: &State) -> Response {
     for t in &mut targets {
         super::workloads::label_stats(state, std::slice::from_mut(&mut t.stats));
     }
-    json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets }))
+    json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets, "target_files": crate::target_fs::report() }))
 }
 
 fn target(state: &State, id: u32) -> Result<Arc<dyn TracedTarget>, ApiError> {
@@ -375,7 +375,7 @@ async fn attach_blocking(state: &Arc<State>, pid: u32) -> Result<Arc<dyn TracedT
         state,
         limits::exclusive(&state.expensive, move || {
             attacher.attach(pid).map_err(|e| {
-                let line = crate::cli::one_line(&e);
+                let line = crate::errors::one_line(&e);
                 tracing::warn!(pid, error = %line, "attach failed");
                 ApiError::internal("attach_failed", format!("attaching to {pid} failed: {line}"))
             })
@@ -451,7 +451,7 @@ fn measure_title(m: Measure) -> &'static str {
 
 fn snapshot_of(t: &dyn TracedTarget, min_age: Duration) -> Result<HeapProfile, ApiError> {
     t.snapshot(min_age).map_err(|e| {
-        let line = crate::cli::one_line(&e);
+        let line = crate::errors::one_line(&e);
         tracing::warn!(pid = t.pid(), error = %line, "snapshot failed");
         ApiError::internal("snapshot_failed", format!("snapshot of {} failed: {line}", t.pid()))
     })
@@ -652,6 +652,10 @@ struct TriggersBody {
 
 /// The specs and spacing of a `POST /v1/targets/{id}/triggers` body.
 fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
+    triggers_body(body, state.trigger_settings.min_spacing)
+}
+
+fn triggers_body(body: &[u8], default_spacing: Duration) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
     let shape = "expected a JSON body {\"spec\": \"every=30s\"} or {\"specs\": [\"gc\", \"growth=20%\"]}, optionally with \"min_spacing\": \"5s\"";
     let b: TriggersBody = serde_json::from_slice(body).map_err(|_| ApiError::bad_request("bad_body", shape))?;
     let raw = match (b.spec, b.specs) {
@@ -671,9 +675,9 @@ fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, 
         specs.push(spec);
     }
     let min_spacing = match b.min_spacing.as_deref() {
-        None => state.trigger_settings.min_spacing,
+        None => default_spacing,
         Some(v) => {
-            let d = crate::cli::units::parse_duration(v).map_err(|_| {
+            let d = crate::units::parse_duration(v).map_err(|_| {
                 ApiError::bad_request("bad_min_spacing", format!("invalid min_spacing {:?} (use e.g. 500ms, 5s)", truncate(v)))
             })?;
             if d > MAX_MIN_SPACING {
@@ -774,4 +778,22 @@ pub(crate) fn openapi() -> Response {
     let mut resp = Response::new(Body::from(super::routes::OPENAPI));
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// For `crate::fuzzing`: query parameters as the API parses them, every accessor.
+#[doc(hidden)]
+pub(crate) fn fuzz_params(raw: Vec<(String, String)>) {
+    if let Ok(p) = Params::parse(raw, &["min_age", "top", "format", "measure"]) {
+        let _ = p.format(render::Format::Json, &["json", "svg", "pprof", "folded", "text"]);
+        let _ = p.measure("measure");
+        let _ = p.min_age();
+        let _ = p.top();
+    }
+}
+
+/// For `crate::fuzzing`: request bodies (attach, triggers) as the API parses them.
+#[doc(hidden)]
+pub(crate) fn fuzz_bodies(body: &[u8]) {
+    let _ = serde_json::from_slice::<AttachBody>(body);
+    let _ = triggers_body(body, Duration::from_secs(5));
 }

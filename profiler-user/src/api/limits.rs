@@ -49,6 +49,8 @@ pub struct Limits {
     pub max_expensive: usize,
     /// Concurrent connections (TLS handshakes included); more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Concurrent connections from one address (IPv4, or IPv6 /64); more are closed at once.
+    pub max_connections_per_address: usize,
     /// Most targets traced at once.
     pub max_targets: usize,
     /// Largest request body.
@@ -57,7 +59,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Longest a TLS handshake may take.
     pub tls_handshake_timeout: Duration,
-    /// Longest a client may take to send the request headers, and a request body.
+    /// Longest a client may take to send the request headers (a deadline from the moment the
+    /// connection is served: bytes arriving slowly do not extend it), and a request body.
     pub header_read_timeout: Duration,
 }
 
@@ -72,6 +75,7 @@ impl Default for Limits {
             auth_failures_burst: 10,
             max_expensive: 2,
             max_connections: 128,
+            max_connections_per_address: 16,
             max_targets: 64,
             body_bytes: BODY_LIMIT_DEFAULT,
             request_timeout: Duration::from_secs(120),

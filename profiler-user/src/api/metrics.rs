@@ -108,6 +108,10 @@ impl Metrics {
             family(&mut out, "memscope_agent_resident_bytes", "gauge", "Resident memory of the agent.");
             let _ = writeln!(out, "memscope_agent_resident_bytes {}", s.rss_bytes);
         }
+        family(&mut out, "memscope_target_file_refusals_total", "counter", "Files of targets not opened or not read to the end, by kind and reason.");
+        for (kind, reason, n) in crate::target_fs::refusals() {
+            let _ = writeln!(out, "memscope_target_file_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} {n}");
+        }
         family(&mut out, "memscope_agent_snapshots", "gauge", "Snapshots in the store.");
         let _ = writeln!(out, "memscope_agent_snapshots {}", snapshots.0);
         family(&mut out, "memscope_agent_snapshot_bytes", "gauge", "Bytes of snapshots on disk.");
@@ -132,6 +136,8 @@ impl Metrics {
         ] {
             let _ = writeln!(out, "memscope_http_refused_total{{limit=\"{limit}\"}} {}", c.load(Ordering::Relaxed));
         }
+        let per_address = super::conn_limits::refused();
+        let _ = writeln!(out, "memscope_http_refused_total{{limit=\"connections_per_address\"}} {per_address}");
         out
     }
 }
@@ -172,7 +178,7 @@ pub fn self_stat() -> Option<SelfStat> {
 
 /// Parses `/proc/PID/stat`: fields after the `)` that ends comm; utime and stime are fields 14
 /// and 15, rss (pages) field 24, counting from 1.
-fn parse_stat(text: &str) -> Option<SelfStat> {
+pub(crate) fn parse_stat(text: &str) -> Option<SelfStat> {
     let after = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state).
@@ -182,8 +188,8 @@ fn parse_stat(text: &str) -> Option<SelfStat> {
     let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
     let page = if page > 0 { page as u64 } else { 4096 };
     Some(SelfStat {
-        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
-        rss_bytes: field(24)? * page,
+        cpu_seconds: field(14)?.saturating_add(field(15)?) as f64 / ticks,
+        rss_bytes: field(24)?.saturating_mul(page),
     })
 }
 

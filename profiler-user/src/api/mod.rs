@@ -41,6 +41,7 @@ use crate::{
 };
 
 pub mod auth;
+pub mod conn_limits;
 pub mod errors;
 pub mod handlers;
 pub mod limits;
@@ -345,7 +346,13 @@ impl Agent {
         let poller = triggers::spawn_poller(state.clone());
         let pushing = workloads::spawn_push(&state);
         let limits = state.limits.clone();
-        let incoming = tls::incoming(listener, tls, limits.max_connections, limits.tls_handshake_timeout);
+        let incoming = tls::incoming(
+            listener,
+            tls,
+            limits.max_connections,
+            limits.max_connections_per_address,
+            limits.tls_handshake_timeout,
+        );
         let filter = routes::routes(state.clone());
         let make = make_service_fn(move |conn: &tls::Conn| {
             let peer = routes::PeerAddr(conn.peer);

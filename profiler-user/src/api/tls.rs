@@ -1,5 +1,6 @@
 //! The listener: TLS (rustls with ring, from PEM certificate and key files) or plain TCP, a
-//! cap on concurrent connections, and a timeout on each TLS handshake.
+//! cap on concurrent connections (and per client address, see [`super::conn_limits`]), and a
+//! timeout on each TLS handshake.
 //!
 //! Connections are accepted here, not by warp, so that: handshakes run in their own tasks (a
 //! slow client cannot stall the accept loop) and are bounded in time; a connection holds a
@@ -27,6 +28,8 @@ use tokio::{
 };
 use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 use tracing::{debug, warn};
+
+use super::conn_limits::{AddressSlot, PerAddress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -86,13 +89,14 @@ pub struct Conn {
     io: ConnIo,
     pub peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
+    _slot: AddressSlot,
     /// Running while a write is blocked.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
-    fn new(io: ConnIo, peer: SocketAddr, permit: OwnedSemaphorePermit) -> Conn {
-        Conn { io, peer, _permit: permit, stall: None }
+    fn new(io: ConnIo, peer: SocketAddr, permit: OwnedSemaphorePermit, slot: AddressSlot) -> Conn {
+        Conn { io, peer, _permit: permit, _slot: slot, stall: None }
     }
 
     /// Passes a write-side result through, timing how long it stays pending.
@@ -179,15 +183,18 @@ impl Drop for Incoming {
 }
 
 /// Starts accepting on `listener`. At most `max_connections` connections (including those
-/// still in their TLS handshake) exist at once.
+/// still in their TLS handshake) exist at once, at most `per_address` from one address (see
+/// [`super::conn_limits`]).
 pub fn incoming(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     max_connections: usize,
+    per_address: usize,
     handshake_timeout: Duration,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel::<Conn>(64);
     let cap = Arc::new(Semaphore::new(max_connections.max(1)));
+    let per_address = PerAddress::new(per_address);
     let accept_loop = tokio::spawn(async move {
         loop {
             let Ok(permit) = cap.clone().acquire_owned().await else { return };
@@ -200,10 +207,15 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(slot) = per_address.try_take(peer.ip()) else {
+                // Closed before reading a byte; the global permit goes back at once.
+                debug!(%peer, "connection refused: this address holds its share of connections");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             match &tls {
                 None => {
-                    if tx.send(Conn::new(ConnIo::Plain(tcp), peer, permit)).await.is_err() {
+                    if tx.send(Conn::new(ConnIo::Plain(tcp), peer, permit, slot)).await.is_err() {
                         return;
                     }
                 }
@@ -213,7 +225,7 @@ pub fn incoming(
                     tokio::spawn(async move {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
-                                let conn = Conn::new(ConnIo::Tls(Box::new(stream)), peer, permit);
+                                let conn = Conn::new(ConnIo::Tls(Box::new(stream)), peer, permit, slot);
                                 let _ = tx.send(conn).await;
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),

@@ -323,7 +323,7 @@ impl std::fmt::Display for AttachError {
                 write!(f, "the target has {n} triggers; at most {MAX_TRIGGERS_PER_TARGET} (delete one first)")
             }
             AttachError::Exists { spec, id } => write!(f, "trigger {spec} already exists (id {id})"),
-            AttachError::Failed(e) => f.write_str(&crate::cli::one_line(e)),
+            AttachError::Failed(e) => f.write_str(&crate::errors::one_line(e)),
         }
     }
 }
@@ -379,7 +379,7 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
         let profile = match target.snapshot(state.trigger_settings.min_age) {
             Ok(p) => p,
             Err(e) => {
-                warn!(pid, reason = %f.reason, error = %crate::cli::one_line(&e), "triggered snapshot failed");
+                warn!(pid, reason = %f.reason, error = %crate::errors::one_line(&e), "triggered snapshot failed");
                 continue;
             }
         };

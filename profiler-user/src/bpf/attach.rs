@@ -3,7 +3,7 @@
 //! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
 //! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function
 //! gets a uprobe and a uretprobe, `free` a uprobe.
-use std::{num::NonZeroU32, path::PathBuf};
+use std::num::NonZeroU32;
 
 use aya::{
     programs::{
@@ -22,15 +22,19 @@ use super::{
     probe_site::{self, ProbeRole, ProbeSite},
     session_link::{SessionLinkError, SessionProbe},
 };
-use crate::procfs::{self, ProcError};
+use crate::{
+    procfs::{self, ProcError},
+    target_fs::TargetFile,
+};
 
 /// The library (or executable) whose `malloc` and `free` the target calls.
 #[derive(Clone, Debug)]
 pub struct Allocator {
     /// Path as the target sees it (inside its container, if any).
     pub path_in_target: String,
-    /// Path the host opens: through `/proc/PID/root`.
-    pub host_path: PathBuf,
+    /// The file, opened inside the target's root (see [`crate::target_fs`]); derefs to a
+    /// `/proc/self/fd/N` path that reopens exactly it.
+    pub host_path: TargetFile,
     /// The allocation functions it defines; `malloc` and `free` are always present.
     pub functions: Vec<(AllocKind, FunctionSymbol)>,
 }
@@ -214,7 +218,7 @@ pub enum TriggerPoint {
 pub fn attach_trigger(
     ebpf: &mut Ebpf,
     pid: u32,
-    host_path: &std::path::Path,
+    host_path: &TargetFile,
     file_offset: u64,
     point: TriggerPoint,
     slot: u32,
@@ -228,9 +232,9 @@ pub fn attach_trigger(
         location: UProbeAttachLocation::AbsoluteOffset(file_offset),
         cookie: Some(u64::from(slot)),
     };
-    program(ebpf, name)?.attach(at, host_path, scope).map_err(|source| AttachError::Attach {
+    program(ebpf, name)?.attach(at, host_path.path(), scope).map_err(|source| AttachError::Attach {
         function: name.to_string(),
-        path: host_path.display().to_string(),
+        path: host_path.shown().to_string(),
         source: Box::new(source),
         hint: "",
     })?;

@@ -11,12 +11,9 @@
 //! data, and `STT_GNU_IFUNC` symbols (whose value is the resolver, not the function) are not.
 //! Among candidates, global/weak beat local, the default version beats a non-default one,
 //! `.dynsym` beats `.symtab`, and a known size beats an unknown one.
-use std::{
-    fs::File,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use crate::target_fs::FileBytes;
 use object::{
     elf,
     read::elf::{
@@ -82,17 +79,15 @@ pub fn resolve(
     resolve_in(path, &map_file(path)?, names)
 }
 
-fn map_file(path: &Path) -> Result<Mmap, ElfError> {
+fn map_file(path: &Path) -> Result<FileBytes, ElfError> {
     let io = |source| ElfError::Io {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: the map is read-only and private to this call. If another process truncates the
-    // file meanwhile, reads may fault (SIGBUS); that is the usual, accepted risk of mapping
-    // binaries (every debugger and symbolizer does it), and libraries are replaced by rename,
-    // not rewritten in place.
-    unsafe { Mmap::map(&file) }.map_err(io)
+    // Regular files within the ELF cap only: a path may still come from a target. Read into
+    // memory when small enough (a target truncating the file cannot fault us), else mapped.
+    let file = crate::target_fs::open_checked(path, crate::target_fs::Kind::Elf).map_err(|e| io(e.into()))?;
+    file.bytes().map_err(io)
 }
 
 /// A parsed query: the base name and, if given, the version and whether `@@` was used.
@@ -383,7 +378,7 @@ pub type SectionBytes<'a> = (u64, &'a [u8]);
 /// A file's code by virtual address, and its PLT imports: for following a function's direct
 /// branches to the functions they reach (see [`super::forwarding`]).
 pub struct CodeImage {
-    data: Mmap,
+    data: FileBytes,
     /// `(sh_addr, sh_size, sh_offset)` of each executable section.
     code_sections: Vec<(u64, u64, u64)>,
     /// `(sh_addr, sh_size, sh_offset)` of `.eh_frame` and `.eh_frame_hdr`.
@@ -417,7 +412,13 @@ impl CodeImage {
                 code_sections.push(place);
             }
             let Ok(Some((relas, link))) = section.rela(endian, &*data) else { continue };
-            let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, sections.section(link).map_err(parse_err)?) else {
+            let linked = sections.section(link).map_err(parse_err)?;
+            // A crafted file may link relocations to a section that is no symbol table
+            // (object's parser asserts on that; found by fuzzing).
+            if !matches!(linked.sh_type(endian), elf::SHT_DYNSYM | elf::SHT_SYMTAB) {
+                continue;
+            }
+            let Ok(symbols) = SymbolTable::parse(endian, &*data, &sections, link, linked) else {
                 continue;
             };
             for rela in relas {

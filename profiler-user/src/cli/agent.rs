@@ -55,13 +55,13 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = Retention::DEFAULT_COUNT, value_name = "N")]
     pub retain_count: usize,
     /// Most bytes of snapshots kept on disk (e.g. 512MiB, 1GiB).
-    #[arg(long, default_value = "1GiB", value_parser = super::units::parse_size, value_name = "SIZE")]
+    #[arg(long, default_value = "1GiB", value_parser = crate::units::parse_size, value_name = "SIZE")]
     pub retain_bytes: u64,
     /// Process to trace from the start (repeat for several).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// `full` records every allocation; a size (e.g. 512KiB) samples one per that many bytes.
-    #[arg(long, default_value = "512KiB", value_parser = super::units::parse_sampling)]
+    #[arg(long, default_value = "512KiB", value_parser = crate::units::parse_sampling)]
     pub sampling: u64,
     /// Live allocations tracked at once per target.
     #[arg(long, default_value_t = ProbeSettings::default().max_allocs)]
@@ -84,11 +84,15 @@ pub struct AgentArgs {
     /// Concurrent connections.
     #[arg(long, default_value_t = Limits::default().max_connections, value_name = "N")]
     pub max_connections: usize,
+    /// Concurrent connections from one client address (IPv4, or IPv6 /64); raise it when all
+    /// clients come through one proxy.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_address, value_name = "N")]
+    pub max_connections_per_address: usize,
     /// Requests per second allowed per token (burst: 4x, at least 20).
     #[arg(long, default_value_t = Limits::default().token_per_sec, value_name = "RPS")]
     pub rate_limit: f64,
     /// Longest a snapshot or render may take before the request is answered 503.
-    #[arg(long, default_value = "120s", value_parser = super::units::parse_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "120s", value_parser = crate::units::parse_duration, value_name = "DURATION")]
     pub request_timeout: Duration,
     /// Snapshot triggers for every --pid target (as for `memscope record`; more through
     /// `POST /v1/targets/{id}/triggers`).
@@ -132,6 +136,7 @@ impl AgentArgs {
             limits: Limits {
                 max_expensive: self.max_renders.max(1),
                 max_connections: self.max_connections.max(1),
+                max_connections_per_address: self.max_connections_per_address.max(1),
                 token_per_sec: self.rate_limit,
                 token_burst: burst,
                 request_timeout: self.request_timeout,

@@ -37,7 +37,7 @@ pub struct ConnArgs {
     #[arg(long, global = true, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Give up on an answer after this long.
-    #[arg(long, global = true, default_value = "150s", value_parser = super::units::parse_duration, value_name = "DURATION")]
+    #[arg(long, global = true, default_value = "150s", value_parser = crate::units::parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
 }
 

@@ -9,8 +9,9 @@ pub mod client;
 pub mod node_args;
 pub mod record;
 pub mod trigger_args;
-pub mod units;
 pub mod v8;
+/// Moved to [`crate::units`] (api and trigger parse units too); kept here for old paths.
+pub use crate::units;
 
 #[derive(Parser, Debug)]
 #[command(name = "memscope", version, about = "Trace a live process's heap from outside, with eBPF")]
@@ -73,22 +74,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The whole error chain on one line: `outer: cause: root cause`.
-/// Causes already quoted by the message above them are not repeated.
-pub fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line.replace('\n', " ")
-}
+/// Moved to [`crate::errors`]; kept here for old paths.
+pub use crate::errors::one_line;
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {

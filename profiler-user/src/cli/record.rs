@@ -21,11 +21,9 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 
-use super::{
-    trigger_args::TriggerArgs,
-    units::{parse_duration, parse_sampling},
-};
+use super::trigger_args::TriggerArgs;
 use crate::{
+    units::{parse_duration, parse_sampling},
     aggregate::{
         growth::{self, Verdict},
         HeapProfile, Measure,
@@ -368,12 +366,18 @@ pub fn write_outputs(
         report.push('\n');
         report.push_str(&growth::verdict_report(profile, v, n, top));
     }
+    let refused = crate::target_fs::refusals();
+    if !refused.is_empty() {
+        let each: Vec<String> = refused.iter().map(|(kind, reason, n)| format!("{kind} {reason}: {n}")).collect();
+        report.push_str(&format!("\nFiles of the target refused (not opened or not read to the end): {}\n", each.join(", ")));
+    }
     write("report.txt", report.as_bytes())?;
     let started = Instant::now();
     let mut json = render::json::leaks_json(profile, Some(json_top));
     if let Some((v, _)) = verdicts {
         growth::annotate_leaks_json(&mut json, v);
     }
+    json["target_files"] = crate::target_fs::report();
     let mut out = create("leaks.json")?;
     serde_json::to_writer_pretty(&mut out, &json).context("writing leaks.json")?;
     out.flush().context("writing leaks.json")?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::units::parse_duration;
+use crate::units::parse_duration;
 use crate::trigger::{spec, GrowthThreshold, MemorySource, TriggerSpec, DEFAULT_MIN_SPACING};
 
 #[derive(Args, Debug, Clone, PartialEq)]

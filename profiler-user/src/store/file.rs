@@ -61,8 +61,11 @@ pub(crate) fn write_atomic(
             .map_err(io_err("creating", &temp_path))?;
         let comment = serde_json::to_vec(meta).map_err(|e| StoreError::Encode(e.to_string()))?;
         let mut gz = GzBuilder::new().comment(comment).write(BufWriter::new(file), Compression::new(3));
-        serde_json::to_writer(&mut gz, &DocOut { meta, profile })
-            .map_err(|e| StoreError::Encode(e.to_string()))?;
+        serde_json::to_writer(&mut gz, &DocOut { meta, profile }).map_err(|e| match e.io_error_kind() {
+            // A write error (disk full, read-only) keeps its kind for the caller.
+            Some(kind) => StoreError::Io { what: "writing", path: temp_path.clone(), source: io::Error::new(kind, e) },
+            None => StoreError::Encode(e.to_string()),
+        })?;
         let buf = gz.finish().map_err(io_err("writing", &temp_path))?;
         let file = buf.into_inner().map_err(|e| StoreError::Io {
             what: "writing",

@@ -30,6 +30,8 @@ use tracing::warn;
 
 use crate::aggregate::HeapProfile;
 
+#[cfg(test)]
+mod crash_tests;
 mod file;
 pub mod id;
 pub mod retention;
@@ -81,6 +83,18 @@ pub enum StoreError {
     Encode(String),
     #[error("snapshot {id} is unreadable: {reason}")]
     Corrupt { id: String, reason: String },
+}
+
+impl StoreError {
+    /// The file system is full (or the quota reached).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge))
+    }
+
+    /// The data directory cannot be written: read-only file system or permissions.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if matches!(source.kind(), io::ErrorKind::ReadOnlyFilesystem | io::ErrorKind::PermissionDenied))
+    }
 }
 
 /// What [`SnapshotStore::open`] found in the directory.
@@ -140,13 +154,19 @@ impl SnapshotStore {
             .create(dir)
             .map_err(|source| StoreError::Io { what: "creating data directory", path: dir.to_owned(), source })?;
         let lock_path = dir.join(".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Io { what: "opening", path: lock_path.clone(), source })?;
+        // Created if missing, then held read-only: flock needs no write access, and no file
+        // open for writing keeps the file system from going read-only under us.
+        let lock = match File::open(&lock_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+                .and_then(|_| File::open(&lock_path)),
+            r => r,
+        }
+        .map_err(|source| StoreError::Io { what: "opening", path: lock_path.clone(), source })?;
         // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = io::Error::last_os_error();

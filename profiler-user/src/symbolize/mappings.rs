@@ -16,7 +16,7 @@ pub fn executable_mappings(pid: u32) -> Vec<ModuleMapping> {
     maps.iter()
         .filter(|m| m.executable && m.is_file())
         .map(|m| {
-            let build_id = ids.entry((m.dev, m.inode)).or_insert_with(|| build_id(&procfs::mapped_file(pid, m))).clone();
+            let build_id = ids.entry((m.dev, m.inode)).or_insert_with(|| procfs::mapped_file(pid, m).ok().and_then(|f| build_id(&f))).clone();
             ModuleMapping {
                 start: m.start,
                 limit: m.end,

@@ -24,6 +24,7 @@ use profiler_common::StackKey;
 use crate::{
     aggregate::{Frame, FrameInfo},
     bpf::reader::RawStack,
+    process::Process,
 };
 use modules::{Modules, Place};
 use perf_map::PerfMap;
@@ -53,12 +54,20 @@ const PIN_ATTEMPTS: u8 = 8;
 
 impl Symbolizer {
     pub fn new(pid: u32) -> Symbolizer {
-        let mut modules = Modules::new(pid);
+        Symbolizer::with(Modules::new(pid), PerfMap::for_pid(pid))
+    }
+
+    /// For a process held by identity: nothing is read once its pid names another process.
+    pub fn for_process(process: Arc<Process>) -> Symbolizer {
+        Symbolizer::with(Modules::for_process(process.clone()), PerfMap::for_process(process))
+    }
+
+    fn with(mut modules: Modules, jit: PerfMap) -> Symbolizer {
         modules.refresh();
         Symbolizer {
             names: HashSet::new(),
             modules,
-            jit: PerfMap::for_pid(pid),
+            jit,
             cache: HashMap::new(),
             pinned: HashMap::new(),
             pinned_stacks: HashSet::new(),

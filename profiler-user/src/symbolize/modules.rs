@@ -1,26 +1,27 @@
 //! The target's mapped object files, kept open: an address becomes (module, file offset), and
 //! the module stays readable through `/proc/self/fd/N` after the target exits, is upgraded on
 //! disk, or lives in another mount namespace.
-use std::{
-    collections::HashMap,
-    fs::File,
-    os::fd::AsRawFd,
-    path::PathBuf,
-};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use crate::procfs::{self, Mapping};
+use crate::{
+    process::Process,
+    procfs::{self, Mapping},
+    target_fs::{self, Kind, TargetFile},
+};
 
 pub struct Module {
     /// Path as the target sees it.
     pub path: String,
-    _file: File,
-    /// Path this process reads it through.
+    _file: TargetFile,
+    /// Path this process reads it through (`/proc/self/fd/N`).
     pub open_path: PathBuf,
 }
 
 #[derive(Default)]
 pub struct Modules {
     pid: u32,
+    /// When known: maps and files are only taken while the pid still names it.
+    process: Option<Arc<Process>>,
     maps: Vec<Mapping>,
     open: HashMap<String, Module>,
 }
@@ -36,6 +37,10 @@ impl Modules {
         Modules { pid, ..Default::default() }
     }
 
+    pub fn for_process(process: Arc<Process>) -> Modules {
+        Modules { pid: process.pid(), process: Some(process), ..Default::default() }
+    }
+
     /// Re-reads `/proc/PID/maps` and opens new modules. Keeps the old view when the target is
     /// gone. Returns whether anything changed.
     pub fn refresh(&mut self) -> bool {
@@ -44,16 +49,22 @@ impl Modules {
         if maps.is_empty() || maps == self.maps {
             return false;
         }
+        let mut opened = Vec::new();
         for m in maps.iter().filter(|m| m.is_file()) {
             let path = m.path.clone().unwrap_or_default();
-            if self.open.contains_key(&path) {
+            if self.open.contains_key(&path) || opened.iter().any(|o: &Module| o.path == path) {
                 continue;
             }
-            if let Ok(file) = File::open(procfs::mapped_file(self.pid, m)) {
-                let open_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-                self.open.insert(path.clone(), Module { path, _file: file, open_path });
+            if let Ok(file) = target_fs::open_mapped(self.pid, m, Kind::Elf) {
+                let open_path = file.path().to_owned();
+                opened.push(Module { path, _file: file, open_path });
             }
         }
+        // Read, then check: what was read came from the traced process only if it still runs.
+        if self.process.as_ref().is_some_and(|p| !p.alive()) {
+            return false;
+        }
+        self.open.extend(opened.into_iter().map(|m| (m.path.clone(), m)));
         self.maps = maps;
         true
     }

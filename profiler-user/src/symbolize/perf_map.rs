@@ -1,19 +1,55 @@
 //! Symbols of just-in-time compiled code from `/tmp/perf-PID.map` (written by `node
 //! --perf-basic-prof`, the JVM's perf-map-agent, LuaJIT, ...): one `START SIZE NAME` line per
-//! code object, in hex. The file only grows; it is re-read when its size changed. V8's names
-//! (`JS:*handler /app/server.js:12:3`) are split into function, file and line.
+//! code object, in hex. V8's names (`JS:*handler /app/server.js:12:3`) are split into
+//! function, file and line.
 //!
 //! Lines are never removed, so an address can be covered by several (V8 frees code and reuses
 //! its memory; an optimized function's range can overlap older ones): the NEWEST line covering
 //! an address names it. The map is kept as non-overlapping ranges, each new line painted over
 //! what it covers, so a lookup is one ordered search.
-use std::{collections::BTreeMap, fs, path::PathBuf, sync::Arc};
+//!
+//! The file is the target's: it is opened inside the target's root by [`target_fs`] (a
+//! symlink cannot point it at a host file, a FIFO is refused), and since it only grows it is
+//! read incrementally from where the last read stopped, complete lines only, up to
+//! [`Kind::PerfMap`]'s cap in total; a line longer than [`MAX_LINE`] is skipped. What was not
+//! read is counted ([`PerfMapStats`]) and the refusal logged.
+use std::{collections::BTreeMap, io, os::unix::fs::FileExt as _, sync::Arc};
 
-use crate::aggregate::{Frame, FrameInfo};
+use crate::{
+    aggregate::{Frame, FrameInfo},
+    process::Process,
+    target_fs::{self, Kind, Reason, TargetFile},
+};
+
+/// Longest line kept; V8's longest names are a few hundred bytes.
+pub const MAX_LINE: usize = 4096;
+/// Bytes read per `pread`.
+const CHUNK: usize = 64 << 10;
+
+/// Where reading the map got to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PerfMapStats {
+    /// Bytes consumed (complete lines).
+    pub bytes_read: u64,
+    pub lines: u64,
+    /// Lines skipped: longer than [`MAX_LINE`] or not `START SIZE NAME`.
+    pub lines_skipped: u64,
+    /// The file grew past the cap: the rest is not read.
+    pub capped: bool,
+}
 
 pub struct PerfMap {
-    path: PathBuf,
-    read_len: u64,
+    pid: u32,
+    /// When known: the file is only read while the pid still names this process.
+    process: Option<Arc<Process>>,
+    /// The file being read, and the offset of the first byte not consumed yet.
+    file: Option<TargetFile>,
+    offset: u64,
+    /// An incomplete last line, kept until its newline arrives.
+    partial: Vec<u8>,
+    /// Inside a line longer than [`MAX_LINE`]: skip up to its newline.
+    skipping: bool,
+    stats: PerfMapStats,
     /// start -> (end, name), non-overlapping; a later line is painted over the parts of
     /// earlier ones it covers (the VM reused the memory for new code).
     code: BTreeMap<u64, (u64, Arc<str>)>,
@@ -22,23 +58,114 @@ pub struct PerfMap {
 impl PerfMap {
     /// The map of `pid`, looked up in the target's own /tmp (it may live in a container).
     pub fn for_pid(pid: u32) -> PerfMap {
-        PerfMap { path: PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{pid}.map")), read_len: 0, code: BTreeMap::new() }
+        PerfMap { pid, process: None, file: None, offset: 0, partial: Vec::new(), skipping: false, stats: PerfMapStats::default(), code: BTreeMap::new() }
     }
 
-    /// Re-reads the file when it grew (cheap when it did not).
+    pub fn for_process(process: Arc<Process>) -> PerfMap {
+        PerfMap { process: Some(process.clone()), ..PerfMap::for_pid(process.pid()) }
+    }
+
+    pub fn stats(&self) -> PerfMapStats {
+        self.stats
+    }
+
+    /// Reads what was appended since the last call (cheap when nothing was). A file replaced
+    /// by another (new inode) or truncated is read again from its start.
     pub fn refresh(&mut self) {
-        let Ok(meta) = fs::metadata(&self.path) else { return };
-        if meta.len() == self.read_len {
+        let path = format!("/tmp/perf-{}.map", self.pid);
+        let file = match target_fs::open_in_root(self.pid, &path, Kind::PerfMap) {
+            Ok(f) => f,
+            Err(e) => {
+                if !e.is_not_found() {
+                    tracing::debug!("perf map of {}: {e}", self.pid);
+                }
+                return;
+            }
+        };
+        // Opened inside the root of the process alive now: the traced one, or stop here.
+        if self.process.as_ref().is_some_and(|p| !p.alive()) {
             return;
         }
-        let Ok(text) = fs::read_to_string(&self.path) else { return };
-        self.code.clear();
-        for line in text.lines() {
-            if let Some((start, size, name)) = parse_line(line) {
-                self.paint(start, start.saturating_add(size), name);
-            }
+        let len = file.len();
+        let same = self.file.as_ref().is_some_and(|f| f.identity() == file.identity());
+        if !same || len < self.offset {
+            let process = self.process.take();
+            *self = PerfMap { process, ..PerfMap::for_pid(self.pid) };
         }
-        self.read_len = meta.len();
+        self.file = Some(file);
+        if let Err(e) = self.read_appended(len) {
+            tracing::debug!("reading the perf map of {}: {e}", self.pid);
+        }
+    }
+
+    fn read_appended(&mut self, len: u64) -> io::Result<()> {
+        let Some(file) = self.file.clone() else { return Ok(()) };
+        let end = len.min(Kind::PerfMap.cap());
+        if len > end && !self.stats.capped {
+            self.stats.capped = true;
+            target_fs::refuse(&format!("/tmp/perf-{}.map", self.pid), Kind::PerfMap, Reason::TooLarge);
+        }
+        let mut buf = vec![0u8; CHUNK];
+        while self.offset < end {
+            let want = ((end - self.offset) as usize).min(CHUNK);
+            let n = file.file().read_at(&mut buf[..want], self.offset)?;
+            if n == 0 {
+                break;
+            }
+            self.offset += n as u64;
+            self.consume(&buf[..n]);
+        }
+        Ok(())
+    }
+
+    /// Splits bytes into lines; keeps the incomplete tail (bounded by [`MAX_LINE`]).
+    fn consume(&mut self, mut bytes: &[u8]) {
+        while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&bytes[..nl], &bytes[nl + 1..]);
+            bytes = rest;
+            if std::mem::take(&mut self.skipping) || self.partial.len() + line.len() > MAX_LINE {
+                self.partial.clear();
+                self.stats.lines_skipped += 1;
+            } else if self.partial.is_empty() {
+                self.line(line);
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(line);
+                self.line(&whole);
+            }
+            self.stats.bytes_read = self.offset - bytes.len() as u64;
+        }
+        if self.skipping {
+            return;
+        }
+        if self.partial.len() + bytes.len() > MAX_LINE {
+            self.partial.clear();
+            self.skipping = true;
+        } else {
+            self.partial.extend_from_slice(bytes);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let parsed = std::str::from_utf8(line).ok().and_then(parse_line);
+        match parsed {
+            Some((start, size, name)) => {
+                self.stats.lines += 1;
+                self.add(start, size, name);
+            }
+            None => self.stats.lines_skipped += 1,
+        }
+    }
+
+    /// For `crate::fuzzing`: bytes as if read from the file.
+    #[doc(hidden)]
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.offset += bytes.len() as u64;
+        self.consume(bytes);
+    }
+
+    fn add(&mut self, start: u64, size: u64, name: &str) {
+        self.paint(start, start.saturating_add(size), name);
     }
 
     /// Records `[start, end)` as `name`, over whatever older lines said about that range.
@@ -69,9 +196,10 @@ impl PerfMap {
         self.code.insert(start, (end, name.into()));
     }
 
-    /// Whether the map file exists (the target writes JIT symbols).
+    /// Whether the target has a perf map (writes JIT symbols): only its existence, no content
+    /// is read here, and the last component is not followed.
     pub fn present(&self) -> bool {
-        fs::metadata(&self.path).is_ok()
+        self.file.is_some() || std::fs::symlink_metadata(format!("/proc/{}/root/tmp/perf-{}.map", self.pid, self.pid)).is_ok()
     }
 
     pub fn lookup(&self, addr: u64) -> Option<Frame> {
@@ -113,6 +241,7 @@ fn frame_for(addr: u64, name: &str) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{fs, io::Write as _};
 
     /// V8 names split into function, file and line; other names kept; later lines win; the
     /// file is re-read when it grows.
@@ -121,25 +250,57 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("perf.map");
         fs::write(&path, "1000 20 JS:~leakyHandler /srv/app.js:2:22\n2000 10 Builtin:ArrayPush\n").unwrap();
-        let mut map = PerfMap { path: path.clone(), read_len: 0, code: BTreeMap::new() };
-        map.refresh();
+        let mut map = PerfMap::for_pid(0);
+        let read = |map: &mut PerfMap| {
+            let file = target_fs::open_checked(&path, Kind::PerfMap).unwrap();
+            let len = file.len();
+            map.file = Some(file);
+            map.read_appended(len).unwrap();
+        };
+        read(&mut map);
         let f = map.lookup(0x1010).unwrap();
         assert_eq!(f.function.as_deref(), Some("leakyHandler"));
         assert_eq!((f.file.as_deref(), f.line), (Some("/srv/app.js"), Some(2)));
         assert_eq!(map.lookup(0x2005).unwrap().function.as_deref(), Some("Builtin:ArrayPush"));
         assert!(map.lookup(0x1020).is_none() && map.lookup(0x500).is_none());
-        fs::write(&path, "1000 20 JS:~leakyHandler /srv/app.js:2:22\n2000 10 Builtin:ArrayPush\n1000 8 JS:*(anonymous) /srv/b.js:9:1\n").unwrap();
-        map.refresh();
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"1000 8 JS:*(anonymous) /srv/b.js:9").unwrap();
+        read(&mut map);
+        assert_eq!(map.lookup(0x1010).unwrap().function.as_deref(), Some("leakyHandler"), "an incomplete line is not used");
+        f.write_all(b":1\n").unwrap();
+        read(&mut map);
         let f = map.lookup(0x1004).unwrap();
         assert_eq!((f.function.as_deref(), f.line), (Some("(anonymous)"), Some(9)));
         // The newest line covering an address wins; the older one still names what it alone covers.
         assert_eq!(map.lookup(0x1010).unwrap().function.as_deref(), Some("leakyHandler"));
+        assert_eq!(map.stats().lines, 3);
+    }
+
+    /// Lines longer than MAX_LINE, junk and NUL runs (a sparse file) are skipped with bounded
+    /// memory; complete lines around them are kept.
+    #[test]
+    fn long_lines_and_junk_are_skipped() {
+        let mut map = PerfMap::for_pid(0);
+        map.offset = 0;
+        let mut data = b"1000 10 a\n".to_vec();
+        data.extend(std::iter::repeat_n(0u8, 3 * CHUNK));
+        data.extend_from_slice(b"\nnot a line\n2000 10 b\n3000 1");
+        for chunk in data.chunks(CHUNK) {
+            map.offset += chunk.len() as u64;
+            map.consume(chunk);
+            assert!(map.partial.len() <= MAX_LINE);
+        }
+        assert_eq!(map.lookup(0x1005).unwrap().function.as_deref(), Some("a"));
+        assert_eq!(map.lookup(0x2005).unwrap().function.as_deref(), Some("b"));
+        assert!(map.lookup(0x3000).is_none());
+        assert_eq!((map.stats.lines, map.stats.lines_skipped), (2, 2));
+        assert_eq!(map.stats.bytes_read, data.len() as u64 - 6);
     }
 
     /// Overlapping lines in every arrangement: the newest covering line names each address.
     #[test]
     fn newest_covering_line_wins() {
-        let mut map = PerfMap { path: PathBuf::new(), read_len: 0, code: BTreeMap::new() };
+        let mut map = PerfMap::for_pid(0);
         let name = |m: &PerfMap, a: u64| m.lookup(a).and_then(|f| f.function.as_deref().map(str::to_string));
         map.paint(0x1000, 0x1200, "JS:~old /a.js:1:1");
         // Newer range starting before the old one and ending inside it (the case the old

@@ -42,7 +42,13 @@ use super::{
     spec::{GrowthThreshold, MemorySource, TriggerSpec, V8_GC_FUNCTION},
     usdt,
 };
-use crate::{bpf::attach::TriggerPoint, procfs, session::Session, target::TracedTarget as _};
+use crate::{
+    bpf::attach::TriggerPoint,
+    procfs,
+    session::Session,
+    target::TracedTarget as _,
+    target_fs::{self, Kind},
+};
 
 /// How often the caller should call [`TriggerEngine::poll`].
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -75,13 +81,19 @@ pub trait TriggerHost {
 /// can be read.
 pub fn cgroup_memory(pid: u32) -> Option<u64> {
     procfs::cgroup_memory_current(pid).or_else(|| {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let cgroup = std::fs::File::open(format!("/proc/{pid}/cgroup"))
+            .and_then(|f| target_fs::read_text(&f, Kind::ProcText))
+            .ok()?;
         let path = cgroup.lines().find_map(|l| {
             let mut it = l.splitn(3, ':');
             let (_, controllers, path) = (it.next()?, it.next()?, it.next()?);
             controllers.split(',').any(|c| c == "memory").then_some(path)
         })?;
-        std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")).ok()?.trim().parse().ok()
+        target_fs::read_beneath("/sys/fs/cgroup/memory", &format!("{path}/memory.usage_in_bytes"), Kind::ProcText)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     })
 }
 
@@ -97,6 +109,15 @@ impl TriggerHost for Session {
     }
     fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
         Session::attach_trigger(self, path_in_target, file_offset, point)
+    }
+    // Read, then check the pid still names the traced process: never a newcomer's memory.
+    fn rss_bytes(&self) -> Option<u64> {
+        let rss = procfs::status_bytes(self.process().pid(), "VmRSS").ok();
+        self.process().verified(rss).flatten()
+    }
+    fn cgroup_memory_bytes(&self) -> Option<u64> {
+        let bytes = cgroup_memory(self.process().pid());
+        self.process().verified(bytes).flatten()
     }
     fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
         Session::trigger_hits(self)

@@ -8,7 +8,7 @@
 //! `interval`, `growth`, `rss`, `return:SYMBOL`, `usdt:PROVIDER:NAME`, `exit`, `gc`.
 use std::{fmt, str::FromStr, time::Duration};
 
-use crate::cli::units::{parse_duration, parse_size};
+use crate::units::{parse_duration, parse_size};
 
 /// The shortest interval accepted by `--every`: below it the poll period (20 ms) dominates.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(50);

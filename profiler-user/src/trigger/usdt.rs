@@ -14,15 +14,16 @@
 //! CAP_SYS_PTRACE). The increment is a read-modify-write from outside, not atomic against
 //! another tracer doing the same at the same moment.
 //!
+//! Reads and writes of the semaphore go through [`target_mem`]: bounded in time.
+//!
 //! Limits: 64-bit little- or big-endian ELF; libraries loaded after the probe was attached
 //! are not searched.
 use std::{
     fs::{File, OpenOptions},
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use memmap2::Mmap;
 use object::{
     elf,
     read::elf::{FileHeader, ProgramHeader, SectionHeader},
@@ -30,7 +31,10 @@ use object::{
 };
 use tracing::debug;
 
-use crate::procfs::{self, ProcError};
+use crate::{
+    procfs::{self, ProcError},
+    target_mem,
+};
 
 type Elf64 = elf::FileHeader64<Endianness>;
 
@@ -76,9 +80,8 @@ pub enum UsdtError {
 pub fn probes(path: impl AsRef<Path>) -> Result<Vec<UsdtProbe>, UsdtError> {
     let path = path.as_ref();
     let io = |source| UsdtError::Io { path: path.to_owned(), source };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: read-only private map, as in `bpf::elf_symbols`.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+    let file = crate::target_fs::open_checked(path, crate::target_fs::Kind::Elf).map_err(|e| io(e.into()))?;
+    let map = file.bytes().map_err(io)?;
     parse(path, &map)
 }
 
@@ -204,10 +207,9 @@ pub fn semaphore_address(pid: u32, path_in_target: &str, probe: &UsdtProbe) -> R
 
 /// Reads a probe semaphore (a native-endian `u16`) from the target's memory.
 pub fn read_semaphore(pid: u32, addr: u64) -> std::io::Result<u16> {
-    let mem = File::open(format!("/proc/{pid}/mem"))?;
-    let mut b = [0u8; 2];
-    mem.read_exact_at(&mut b, addr)?;
-    Ok(u16::from_ne_bytes(b))
+    let mem = Arc::new(File::open(format!("/proc/{pid}/mem"))?);
+    let b = target_mem::read_at(&mem, addr, 2)?;
+    Ok(u16::from_ne_bytes([b[0], b[1]]))
 }
 
 /// An enabled probe semaphore: incremented on creation, decremented on drop (when the target
@@ -217,7 +219,7 @@ pub struct Semaphore {
     pid: u32,
     addr: u64,
     probe: String,
-    mem: File,
+    mem: Arc<File>,
 }
 
 impl Semaphore {
@@ -229,7 +231,7 @@ impl Semaphore {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|e| err("open /proc/PID/mem to enable", e))?;
-        let s = Semaphore { pid, addr, probe: probe.to_string(), mem };
+        let s = Semaphore { pid, addr, probe: probe.to_string(), mem: Arc::new(mem) };
         s.add(1).map_err(|e| err("enable", e))?;
         Ok(s)
     }
@@ -238,11 +240,11 @@ impl Semaphore {
         self.addr
     }
 
+    /// Bounded in time (see [`target_mem`]): a page that never answers cannot hang us.
     fn add(&self, delta: i32) -> std::io::Result<()> {
-        let mut b = [0u8; 2];
-        self.mem.read_exact_at(&mut b, self.addr)?;
-        let v = (i32::from(u16::from_ne_bytes(b)) + delta).clamp(0, i32::from(u16::MAX)) as u16;
-        self.mem.write_all_at(&v.to_ne_bytes(), self.addr)
+        let b = target_mem::read_at(&self.mem, self.addr, 2)?;
+        let v = (i32::from(u16::from_ne_bytes([b[0], b[1]])) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+        target_mem::write_at(&self.mem, self.addr, v.to_ne_bytes().to_vec())
     }
 }
 

@@ -22,7 +22,7 @@ fn tables() -> &'static Mutex<HashMap<FileKey, Weak<Table>>> {
 pub fn get(
     key: FileKey,
     path: &Path,
-    debug_file: &dyn Fn(&str) -> Option<std::path::PathBuf>,
+    debug_file: super::table::DebugFileFinder<'_>,
 ) -> Result<Arc<Table>, TableError> {
     if let Some(t) = tables().lock().unwrap().get(&key).and_then(Weak::upgrade) {
         return Ok(t);

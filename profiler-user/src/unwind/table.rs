@@ -18,10 +18,14 @@ use gimli::{
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use profiler_common::{rbp, row, UnwindRow, MAX_ROWS_PER_FILE};
 
+use crate::target_fs::{self, FileBytes, Kind, TargetFile, TargetFsError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Open(#[from] TargetFsError),
     #[error("{path} is not an ELF file memscope can read: {source}")]
     Parse { path: PathBuf, source: object::Error },
     #[error("{path}: bad CFI: {source}")]
@@ -81,13 +85,13 @@ impl Table {
     }
 }
 
-/// Finds a file's separate debug file by its build id (hex).
-pub type DebugFileFinder<'a> = &'a dyn Fn(&str) -> Option<PathBuf>;
+/// Finds a file's separate debug file by its build id (hex), opened inside the target's root.
+pub type DebugFileFinder<'a> = &'a dyn Fn(&str) -> Option<TargetFile>;
 
 /// Builds the table of the ELF file at `path` (a host path). `debug_file` finds a separate debug
 /// file by build id when the file itself has no `.debug_frame` (None: don't look).
 pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<Table, TableError> {
-    let data = read_file(path)?;
+    let data = read_file(path, Kind::Elf)?;
     let file = object::File::parse(&*data).map_err(|source| TableError::Parse { path: path.into(), source })?;
     let segments = file
         .segments()
@@ -122,8 +126,9 @@ pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<T
         // Stripped of its debug sections: its debug file (found by build id) may have them.
         None => {
             if let Some(debug) = build_id.as_deref().and_then(|id| debug_file.and_then(|find| find(id))) {
-                let data = read_file(&debug)?;
-                let dfile = object::File::parse(&*data).map_err(|source| TableError::Parse { path: debug.clone(), source })?;
+                let data = read_file(&debug, Kind::DebugFile)?;
+                let dfile =
+                    object::File::parse(&*data).map_err(|source| TableError::Parse { path: debug.to_path_buf(), source })?;
                 if let Some(df) = dfile.section_by_name(".debug_frame") {
                     debug_frame(df.data().unwrap_or_default(), &mut entries)?;
                     if entries.len() > before {
@@ -141,13 +146,11 @@ pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<T
     Ok(Table { rows, source, segments, unsupported_rows, build_id })
 }
 
-fn read_file(path: &Path) -> Result<memmap2::Mmap, TableError> {
-    let err = |source| TableError::Read { path: path.into(), source };
-    let file = std::fs::File::open(path).map_err(err)?;
-    // SAFETY: read-only private mapping; a file truncated under us faults the reader, which the
-    // agent accepts for mapped ELF files like every profiler (the file is executable code the
-    // target runs).
-    unsafe { memmap2::Mmap::map(&file) }.map_err(err)
+/// A regular file within `kind`'s size cap (see [`crate::target_fs`]), read into memory or,
+/// when large, mapped.
+fn read_file(path: &Path, kind: Kind) -> Result<FileBytes, TableError> {
+    let file = target_fs::open_checked(path, kind)?;
+    file.bytes().map_err(|source| TableError::Read { path: path.into(), source })
 }
 
 fn hex(bytes: &[u8]) -> String {

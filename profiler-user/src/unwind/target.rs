@@ -11,7 +11,6 @@
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _},
-    path::PathBuf,
     sync::{Arc, Mutex, Weak},
     thread,
     time::{Duration, Instant},
@@ -27,7 +26,10 @@ use super::{
     shared::SharedRows,
     table::Table,
 };
-use crate::procfs::{self, Mapping};
+use crate::{
+    procfs::{self, Mapping},
+    target_fs::{self, Kind, TargetFile},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnwindMapError {
@@ -153,12 +155,18 @@ pub struct Plan {
 }
 
 fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
-    let debug_file = |build_id: &str| -> Option<PathBuf> {
+    let debug_file = |build_id: &str| -> Option<TargetFile> {
         let (dir, rest) = (build_id.get(..2)?, build_id.get(2..)?);
-        let path = procfs::host_path(pid, &format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"));
-        path.is_file().then_some(path)
+        target_fs::open_in_root(pid, &format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"), Kind::DebugFile).ok()
     };
-    match cache::get((m.dev, m.inode), &procfs::mapped_file(pid, m), &debug_file) {
+    let file = match procfs::mapped_file(pid, m) {
+        Ok(file) => file,
+        Err(e) => {
+            debug!("no unwind table for {}: {e}", m.path.as_deref().unwrap_or("?"));
+            return None;
+        }
+    };
+    match cache::get((m.dev, m.inode), &file, &debug_file) {
         Ok(t) => Some(t),
         Err(e) => {
             debug!("no unwind table for {}: {e}", m.path.as_deref().unwrap_or("?"));

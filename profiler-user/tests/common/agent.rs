@@ -71,9 +71,14 @@ impl Drop for Agent {
 /// Starts `memscope agent ARGS` and waits for its "listening on URL" line; on an early exit
 /// returns its stderr.
 pub fn start_agent(args: &[&str]) -> Result<Agent, String> {
-    let mut child = memscope()
-        .arg("agent")
-        .args(args)
+    let mut cmd = memscope();
+    cmd.arg("agent").args(args);
+    start_agent_command(cmd)
+}
+
+/// Like [`start_agent`] for a command that runs the agent some other way (under `unshare`).
+pub fn start_agent_command(mut cmd: Command) -> Result<Agent, String> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

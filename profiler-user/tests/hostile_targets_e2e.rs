@@ -1,0 +1,291 @@
+//! Hostile targets: processes in their own mount namespace (made here with `unshare -m` and a
+//! tmpfs on /tmp, a container's view) that turn the files memscope reads against it. Their
+//! perf map becomes a symlink to a file that exists only on the host, a FIFO, or a 2 GiB
+//! sparse file; their allocator library is swapped for a symlink after they mapped it.
+//! `memscope record` must finish, write its report, put no host-only byte in any output,
+//! stay under a memory cap, and count what it refused. Also: memory that never answers, a
+//! million distinct stacks and ten thousand threads. Needs root, `unshare` and `node`.
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{alloc_fixture, require_root, spawn_record, Fixture};
+use serde_json::Value;
+
+/// Peak RSS allowed to `memscope record` on these targets, with the default map sizes
+/// (32,768 stacks, 1,048,576 live allocations): measured 31-42 MiB on the hostile files and
+/// 10,000 threads, 173 MiB with a million live allocations on a million stacks.
+const RSS_CAP_BYTES: u64 = 256 << 20;
+const SECRET: &str = "HOSTONLY_SECRET_7f3a";
+
+/// `sh -c SCRIPT` in a new private mount namespace with its own tmpfs on /tmp; `exec` keeps the
+/// pid, so the fixture's pid is the child's.
+fn contained(script: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("mount -t tmpfs tmpfs /tmp && {script}"));
+    cmd
+}
+
+fn contained_node(cwd: &Path) -> Fixture {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_leak.js");
+    let mut cmd = contained(&format!(
+        "exec node --expose-gc --perf-basic-prof --interpreted-frames-native-stack {}",
+        script.display()
+    ));
+    cmd.current_dir(cwd);
+    Fixture::spawn(cmd)
+}
+
+/// A file only the host sees (its /tmp, hidden from the target by the target's tmpfs), as a
+/// perf map naming every address after the secret.
+fn host_only_file(dir: &Path) -> PathBuf {
+    let path = dir.join("host-only.map");
+    std::fs::write(&path, format!("0 7fffffffffff JS:*{SECRET} /host/{SECRET}.js:1:1\n")).unwrap();
+    path
+}
+
+struct Recorded {
+    code: i32,
+    stderr: String,
+    peak_rss: u64,
+    leaks: Value,
+    /// Every output file, concatenated (the pprof file gunzipped).
+    all_text: Vec<u8>,
+}
+
+/// `memscope record --sampling full --min-age 0s` on `fixture`: waits for "attached", runs the
+/// workload, stops the recording with SIGINT within 60 s, and measures its peak RSS.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
+fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
+    let mut child = spawn_record(fixture.pid, out, &["--min-age", "0s", "--sampling", "full"]);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut text = String::new();
+    while !text.contains("attached") {
+        let before = text.len();
+        stderr.read_line(&mut text).unwrap();
+        assert!(text.len() > before, "memscope ended before attaching: {text}");
+    }
+    fixture.go();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    loop {
+        let r = unsafe { libc::wait4(child.id() as i32, &mut status, libc::WNOHANG, &mut usage) };
+        if r == child.id() as i32 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("memscope record hangs after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    text += &reader.join().unwrap();
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    let leaks: Value = std::fs::read(out.join("leaks.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| panic!("no leaks.json written: {text}"));
+    let mut all_text = Vec::new();
+    for name in ["report.txt", "leaks.json", "flamegraph.svg", "heap.folded"] {
+        all_text.extend(std::fs::read(out.join(name)).unwrap_or_else(|e| panic!("{name} not written: {e}\n{text}")));
+    }
+    flate2::read::GzDecoder::new(std::fs::File::open(out.join("heap.pb.gz")).unwrap()).read_to_end(&mut all_text).unwrap();
+    Recorded { code, stderr: text, peak_rss: usage.ru_maxrss as u64 * 1024, leaks, all_text }
+}
+
+fn assert_clean(r: &Recorded) {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let found = r.all_text.windows(SECRET.len()).any(|w| w == SECRET.as_bytes());
+    assert!(!found, "host-only content in the outputs");
+    assert!(!r.stderr.contains(SECRET), "host-only content on stderr: {}", r.stderr);
+    assert!(r.peak_rss < RSS_CAP_BYTES, "memscope record peaked at {} MiB (cap {} MiB)", r.peak_rss >> 20, RSS_CAP_BYTES >> 20);
+}
+
+fn refused(leaks: &Value, kind: &str, reason: &str) -> u64 {
+    leaks["target_files"]["refused"][kind][reason].as_u64().unwrap_or(0)
+}
+
+/// Where the host sees the target's perf map (in the target's tmpfs).
+fn perf_map(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{pid}.map"))
+}
+
+/// The perf map replaced by an absolute symlink to a host-only file: resolved inside the
+/// target's root (where it names nothing), so no host byte reaches a report.
+#[test]
+fn perf_map_symlink_to_a_host_file_is_not_followed() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let secret = host_only_file(cwd.path());
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    assert!(map.exists(), "node wrote no perf map in its /tmp");
+    assert!(!Path::new(&format!("/tmp/perf-{}.map", node.pid)).exists(), "the target's /tmp is the host's");
+    std::fs::remove_file(&map).unwrap();
+    symlink(&secret, &map).unwrap();
+    // What memscope did before: the host follows the link to its own file.
+    assert!(std::fs::read_to_string(&map).unwrap().contains(SECRET));
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(r.leaks["target_files"]["symlinks_in_root"].as_u64().unwrap() >= 1, "{}", r.leaks["target_files"]);
+}
+
+/// The perf map replaced by a FIFO that nobody writes: refused (counted) without blocking.
+#[test]
+fn perf_map_fifo_is_refused() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    std::fs::remove_file(&map).unwrap();
+    let c = std::ffi::CString::new(map.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(refused(&r.leaks, "perf_map", "not_regular") >= 1, "{}", r.leaks["target_files"]);
+    let report = String::from_utf8_lossy(&r.all_text);
+    assert!(report.contains("perf_map not_regular"), "report.txt does not show the refusal");
+}
+
+/// The perf map grown to a 2 GiB sparse file (its real lines first): read up to the cap, the
+/// rest refused and counted; memory stays bounded and the JIT names read are still used.
+#[test]
+fn perf_map_of_2_gib_is_read_up_to_the_cap() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = contained_node(cwd.path());
+    let map = perf_map(node.pid);
+    let file = std::fs::OpenOptions::new().write(true).open(&map).unwrap();
+    file.set_len(2 << 30).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    assert_clean(&r);
+    assert!(refused(&r.leaks, "perf_map", "too_large") >= 1, "{}", r.leaks["target_files"]);
+    assert!(String::from_utf8_lossy(&r.all_text).contains("leakyHandler"), "JIT names before the cap were lost");
+    eprintln!("peak RSS of memscope record on a 2 GiB perf map: {} MiB", r.peak_rss >> 20);
+}
+
+/// The target's allocator (a copy of libc in its /tmp) swapped for a symlink to a host-only
+/// file after the target mapped it: memscope opens the mapped inode itself and counts exactly.
+#[test]
+fn swapped_library_is_read_from_the_mapped_inode() {
+    require_root();
+    let libc_path = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(5).filter(|p| p.contains("/libc.so")).map(str::to_string))
+        .unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let secret = host_only_file(cwd.path());
+    let exe = alloc_fixture();
+    let mut fixture = Fixture::spawn(contained(&format!(
+        "mkdir /tmp/lib && cp {libc_path} /tmp/lib/ && LD_LIBRARY_PATH=/tmp/lib exec {} basic",
+        exe.display()
+    )));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    assert!(maps.contains("/tmp/lib/libc.so"), "the fixture does not use the copied libc:\n{maps}");
+    let lib = PathBuf::from(format!("/proc/{}/root/tmp/lib/libc.so.6", fixture.pid));
+    std::fs::remove_file(&lib).unwrap();
+    symlink(&secret, &lib).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
+}
+
+/// Memory of the target that never answers (a page registered with userfaultfd whose faults
+/// are never served): reading or enabling a USDT semaphore there fails within the deadline
+/// of `target_mem` instead of hanging the agent.
+#[test]
+fn memory_that_never_answers_does_not_hang() {
+    require_root();
+    let mut stall = Fixture::start(&common::build_fixture("uffd_stall", &[]), "");
+    let addr = u64::from_str_radix(stall.ask("addr?").strip_prefix("addr ").unwrap(), 16).unwrap();
+    let limit = profiler_user::target_mem::DEADLINE + Duration::from_secs(1);
+    let started = Instant::now();
+    assert!(profiler_user::trigger::usdt::read_semaphore(stall.pid, addr).is_err());
+    assert!(profiler_user::trigger::usdt::Semaphore::enable(stall.pid, addr, "test:stall").is_err());
+    assert!(started.elapsed() < limit * 2, "took {:?}", started.elapsed());
+    // The process is still there and still stuck on that page: nothing was served.
+    assert!(profiler_user::procfs::exists(stall.pid));
+}
+
+fn many_stacks() -> PathBuf {
+    static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    P.get_or_init(|| common::build_fixture("many_stacks", &[])).clone()
+}
+
+/// A target with 2^20 (1,048,576) distinct leaking stacks: the stack maps keep what fits
+/// (32,768 by default), the rest is counted as dropped and shown; the recorder's memory
+/// stays under the cap and the report is written.
+#[test]
+fn a_million_distinct_stacks_are_bounded_and_counted() {
+    require_root();
+    let mut fixture = Fixture::start(&many_stacks(), "stacks");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let dropped = &r.leaks["dropped"];
+    let stack_drops = dropped["stack_map_full"].as_u64().unwrap_or(0) + dropped["stack_stats_full"].as_u64().unwrap_or(0);
+    assert!(stack_drops > 100_000, "{dropped}");
+    assert!(r.leaks["totals"]["allocs"].as_u64().unwrap() >= 1 << 20, "{}", r.leaks["totals"]);
+    eprintln!("peak RSS of memscope record on 2^20 distinct stacks: {} MiB; dropped {dropped}", r.peak_rss >> 20);
+}
+
+/// A target with 10,000 threads, each leaking 64 bytes: all counted, memory bounded.
+#[test]
+fn ten_thousand_threads_are_bounded() {
+    require_root();
+    let mut fixture = Fixture::start(&many_stacks(), "threads");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let leaked: u64 = r.leaks["leaks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["frames"][0]["function"] == "thread_main")
+        .map(|l| l["allocs"].as_u64().unwrap())
+        .sum();
+    assert_eq!(leaked, 10_000, "{}", r.leaks["totals"]);
+    eprintln!("peak RSS of memscope record on 10,000 threads: {} MiB", r.peak_rss >> 20);
+}
+
+/// A target whose allocator lives under a path that is not UTF-8 (`/tmp/l\xffb/libc.so.6`):
+/// its maps still parse, the library is opened by inode, and the counts are exact.
+#[test]
+fn non_utf8_library_paths_are_traced() {
+    require_root();
+    let libc_path = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.split_whitespace().nth(5).filter(|p| p.contains("/libc.so")).map(str::to_string))
+        .unwrap();
+    let exe = alloc_fixture();
+    let mut fixture = Fixture::spawn(contained(&format!(
+        "d=$(printf '/tmp/l\\377b') && mkdir \"$d\" && cp {libc_path} \"$d\"/ && LD_LIBRARY_PATH=\"$d\" exec {} basic",
+        exe.display()
+    )));
+    let maps = std::fs::read(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    assert!(maps.windows(6).any(|w| w == b"/l\xffb/l"), "the fixture does not use the copied libc");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
+}
