@@ -319,7 +319,7 @@ fn site_anywhere(p: &HeapProfile, function: &str) -> (u64, u64) {
 /// glibc, and through the operators jemalloc and tcmalloc define themselves (which do not:
 /// without probes on them a C++ service on those allocators showed nothing). Every allocation
 /// exactly, and sampled. The function that called `new` (or libc's `strdup`) is in the stack
-/// although libstdc++, libc and jemalloc have no frame pointers (`bpf::caller_frames`).
+/// although libstdc++, libc and jemalloc have no frame pointers (unwound from their CFI, `unwind`).
 #[test]
 fn cxx_new_and_delete_are_traced() {
     require_root();
