@@ -77,7 +77,7 @@ impl Session {
                     Some(s) if maps.rows_shared => RowStore::Shared(Arc::clone(s)),
                     _ => RowStore::Own { map: maps.rows, capacity },
                 };
-                let unwinder = TargetUnwinder::new(pid, rows, maps.mappings, maps.state, &plan)?;
+                let unwinder = TargetUnwinder::new(process.clone(), rows, maps.mappings, maps.state, &plan)?;
                 Some(UnwindHandle::start(unwinder, maps.counters))
             }
             None => None,

@@ -178,14 +178,15 @@ fn has_bpf_capabilities() -> bool {
 pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32, shared_rows: Option<RawFd>) -> Result<Loaded, LoadError> {
     check_environment()?;
     let shared_rows = shared_rows.filter(|_| settings.probe_mode != ProbeMode::Classic);
-    let unwind_rows = if shared_rows.is_some() { 1 } else { unwind_rows };
+    // The session programs read the shared map: this object's own holds one row.
+    let own_rows = if shared_rows.is_some() { 1 } else { unwind_rows };
     let mut ebpf = EbpfLoader::new()
         .override_global("TARGET_TGID", &tgid, true)
         .override_global("SAMPLE_BYTES", &settings.sample_bytes, true)
         .map_max_entries("LIVE", settings.max_allocs.max(1))
         .map_max_entries("STACKS", settings.max_stacks.max(1))
         .map_max_entries("STACK_STATS", settings.max_stacks.max(1))
-        .map_max_entries("UNWIND_ROWS", unwind_rows.max(1))
+        .map_max_entries("UNWIND_ROWS", own_rows.max(1))
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
     fill_exp_table(&mut ebpf)?;
@@ -196,7 +197,7 @@ pub fn load(tgid: u32, settings: ProbeSettings, unwind_rows: u32, shared_rows: O
             // Classic programs would read this object's (one-row) map: load it again with its own.
             Err(e) if mode == ProbeMode::Auto && shared_rows.is_some() => {
                 info!("using classic uprobes + uretprobes: {e}");
-                return load(tgid, ProbeSettings { probe_mode: ProbeMode::Classic, ..settings }, unwind_rows.max(1), None);
+                return load(tgid, ProbeSettings { probe_mode: ProbeMode::Classic, ..settings }, unwind_rows, None);
             }
             Err(e) if mode == ProbeMode::Auto => {
                 info!("using classic uprobes + uretprobes: {e}");

@@ -42,8 +42,7 @@ fn header(out: &mut String, p: &HeapProfile) {
     if p.dropped.is_empty() {
         let _ = writeln!(out, "  dropped:    none");
     } else {
-        let reasons: Vec<String> = p.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let _ = writeln!(out, "  dropped:    {}", reasons.join(", "));
+        let _ = writeln!(out, "  dropped:    {}", by_reason(&p.dropped));
     }
     if dropped > 0 {
         let _ = writeln!(
@@ -54,8 +53,7 @@ fn header(out: &mut String, p: &HeapProfile) {
     }
     let truncated: u64 = p.unwind.iter().filter(|(k, _)| k.starts_with("truncated")).map(|(_, v)| v).sum();
     if !p.unwind.is_empty() {
-        let reasons: Vec<String> = p.unwind.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let _ = writeln!(out, "  stacks:     {}", reasons.join(", "));
+        let _ = writeln!(out, "  stacks:     {}", by_reason(&p.unwind));
     }
     if truncated > 0 {
         let _ = writeln!(
@@ -141,6 +139,11 @@ fn secs(s: f64) -> String {
     } else {
         format!("{}h{:02}m", whole / 3600, (whole % 3600) / 60)
     }
+}
+
+/// `reason count, reason count, ...`.
+fn by_reason(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    counts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ fn tables() -> &'static Mutex<HashMap<FileKey, Weak<Table>>> {
     TABLES.get_or_init(Default::default)
 }
 
+/// The table of file `key` if a target holds it now.
+pub fn cached(key: FileKey) -> Option<Arc<Table>> {
+    tables().lock().unwrap().get(&key).and_then(Weak::upgrade)
+}
+
 /// The table of file `key`, compiled from `path` (a host path) when no target holds it yet.
 /// `debug_file` finds a separate debug file by build id.
 pub fn get(
@@ -24,7 +29,7 @@ pub fn get(
     path: &Path,
     debug_file: super::table::DebugFileFinder<'_>,
 ) -> Result<Arc<Table>, TableError> {
-    if let Some(t) = tables().lock().unwrap().get(&key).and_then(Weak::upgrade) {
+    if let Some(t) = cached(key) {
         return Ok(t);
     }
     // Compiled outside the lock: another target's attach must not wait for this file.

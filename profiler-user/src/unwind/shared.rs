@@ -13,7 +13,7 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
 };
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapMut;
 use profiler_common::UnwindRow;
 
 use super::cache::FileKey;
@@ -65,10 +65,7 @@ impl SharedRows {
             return Err(io::Error::last_os_error());
         }
         let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let len = (capacity as usize * size_of::<UnwindRow>()).next_multiple_of(page);
-        // SAFETY: an mmap-able BPF array of `len` bytes that only this struct writes.
-        let mem = unsafe { MmapOptions::new().len(len).map_mut(fd.as_raw_fd()) }?;
+        let mem = super::target::mmap_array(fd.as_raw_fd(), capacity as usize * size_of::<UnwindRow>())?;
         Ok(SharedRows { fd, mem, capacity, next_free: 0, files: HashMap::new(), free: Vec::new() })
     }
 

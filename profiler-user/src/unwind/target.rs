@@ -9,8 +9,8 @@
 //! reuses its rows); when `UNWIND_ROWS` is full, new files fall back to frame pointers, counted
 //! in [`UnwindStats::files_refused`].
 use std::{
-    collections::HashMap,
-    os::fd::{AsFd as _, AsRawFd as _},
+    collections::{HashMap, HashSet},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
     sync::{Arc, Mutex, Weak},
     thread,
     time::{Duration, Instant},
@@ -27,6 +27,7 @@ use super::{
     table::Table,
 };
 use crate::{
+    process::Process,
     procfs::{self, Mapping},
     target_fs::{self, Kind, TargetFile},
 };
@@ -103,6 +104,8 @@ impl Rows {
 
 /// The unwind maps of one loaded probe object.
 pub struct TargetUnwinder {
+    /// The target by identity: maps read after its pid was reused are not used.
+    process: Arc<Process>,
     pid: u32,
     rows: Rows,
     mappings: MmapMut,
@@ -110,22 +113,22 @@ pub struct TargetUnwinder {
     _mappings_map: MapData,
     placed: HashMap<FileKey, Placed>,
     /// Files known to have no usable table, so they are not compiled again.
-    no_table: HashMap<FileKey, ()>,
+    no_table: HashSet<FileKey>,
     active_half: u32,
     last_maps: Vec<(u64, u64, u64, u64)>,
     stats: UnwindStats,
 }
 
 fn map_rw(name: &'static str, data: &MapData, bytes: usize) -> Result<MmapMut, UnwindMapError> {
-    let len = bytes.next_multiple_of(page_size());
-    let fd = data.fd().as_fd().as_raw_fd();
-    // SAFETY: a BPF array map created with BPF_F_MMAPABLE of at least `len` bytes; only this
-    // process writes it, the probes only read.
-    unsafe { MmapOptions::new().len(len).map_mut(fd) }.map_err(|source| UnwindMapError::Mmap { name, source })
+    mmap_array(data.fd().as_fd().as_raw_fd(), bytes).map_err(|source| UnwindMapError::Mmap { name, source })
 }
 
-fn page_size() -> usize {
-    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+/// Maps the BPF array behind `fd` (created with BPF_F_MMAPABLE, `bytes` of values) for writing.
+pub(super) fn mmap_array(fd: RawFd, bytes: usize) -> std::io::Result<MmapMut> {
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    // SAFETY: an mmap-able BPF array of at least this many bytes; only this process writes it,
+    // the probes only read.
+    unsafe { MmapOptions::new().len(bytes.next_multiple_of(page)).map_mut(fd) }
 }
 
 /// Rows needed for the files `pid` maps now, compiling (and caching) their tables: what the
@@ -159,6 +162,10 @@ fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
         let (dir, rest) = (build_id.get(..2)?, build_id.get(2..)?);
         target_fs::open_in_root(pid, &format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"), Kind::DebugFile).ok()
     };
+    // Another target (or the attach's plan) may have compiled it: no need to open the file.
+    if let Some(t) = cache::cached((m.dev, m.inode)) {
+        return Some(t);
+    }
     let file = match procfs::mapped_file(pid, m) {
         Ok(file) => file,
         Err(e) => {
@@ -177,7 +184,8 @@ fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
 
 impl TargetUnwinder {
     /// Takes the unwind maps of a loaded object whose `UNWIND_ROWS` holds `capacity` rows.
-    pub fn new(pid: u32, rows: RowStore, mappings: MapData, state: MapData, plan: &Plan) -> Result<Self, UnwindMapError> {
+    pub fn new(process: Arc<Process>, rows: RowStore, mappings: MapData, state: MapData, plan: &Plan) -> Result<Self, UnwindMapError> {
+        let pid = process.pid();
         let mappings_mem =
             map_rw("UNWIND_MAPPINGS", &mappings, 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>())?;
         let (rows, capacity, map_bytes, shared) = match rows {
@@ -199,13 +207,14 @@ impl TargetUnwinder {
             ..Default::default()
         };
         Ok(TargetUnwinder {
+            process,
             pid,
             rows,
             mappings: mappings_mem,
             state: Array::try_from(Map::Array(state))?,
             _mappings_map: mappings,
             placed: HashMap::new(),
-            no_table: HashMap::new(),
+            no_table: HashSet::new(),
             active_half: 0,
             last_maps: Vec::new(),
             stats,
@@ -220,6 +229,9 @@ impl TargetUnwinder {
     /// when nothing changed (or the target is gone).
     pub fn refresh(&mut self) -> bool {
         let Ok(maps) = procfs::maps(self.pid) else { return false };
+        if !self.process.alive() {
+            return false;
+        }
         let exec: Vec<&Mapping> = maps.iter().filter(|m| m.executable).collect();
         let signature: Vec<_> = exec.iter().map(|m| (m.start, m.end, m.offset, m.inode)).collect();
         if signature == self.last_maps {
@@ -276,7 +288,7 @@ impl TargetUnwinder {
     /// `(rows_start, rows_len, bias)` of mapping `m`'s file, placing its rows on first use.
     fn place(&mut self, m: &Mapping) -> Option<(u32, u32, u64)> {
         let key = (m.dev, m.inode);
-        if self.no_table.contains_key(&key) {
+        if self.no_table.contains(&key) {
             return None;
         }
         if !self.placed.contains_key(&key) {
@@ -285,14 +297,14 @@ impl TargetUnwinder {
             self.stats.compile_ms += started.elapsed().as_millis() as u64;
             let Some(table) = table.filter(|t| !t.rows.is_empty()) else {
                 self.stats.files_without_cfi += 1;
-                self.no_table.insert(key, ());
+                self.no_table.insert(key);
                 return None;
             };
             let len = table.rows.len();
             let Some(start) = self.rows.place(key, &table.rows) else {
                 self.stats.files_refused += 1;
                 warn!(pid = self.pid, "unwind table of {} does not fit ({len} rows): frame pointers there", m.path.as_deref().unwrap_or("?"));
-                self.no_table.insert(key, ());
+                self.no_table.insert(key);
                 return None;
             };
             self.stats.files += 1;
@@ -375,7 +387,7 @@ fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapDat
         let Some(unwinder) = unwinder.upgrade() else { return };
         let mut u = unwinder.lock().unwrap();
         u.refresh();
-        if !procfs::exists(u.pid) {
+        if !u.process.alive() {
             return;
         }
     }
