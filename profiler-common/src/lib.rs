@@ -4,6 +4,8 @@
 //! so every struct is `#[repr(C)]`, has explicit padding and a size assertion, and uses integer
 //! flags instead of `bool`. With the `user` feature the structs implement `aya::Pod`.
 #![no_std]
+#[cfg(feature = "user")]
+extern crate std;
 
 /// Which allocator entry point a probe is attached to. Sent to the probes in the attach cookie.
 #[repr(u8)]
@@ -106,14 +108,98 @@ impl AllocKind {
     }
 }
 
-/// Attach cookie layout: bits 0..8 = [`AllocKind`]; the rest is reserved.
-pub const fn encode_cookie(kind: AllocKind) -> u64 {
-    kind as u64
+/// Targets one loaded object traces at once: each has a slot in the per-target maps.
+pub const MAX_TARGETS: u32 = 128;
+
+/// A traced process as the probes know it: its slot (bits 0..8) and the slot's generation
+/// (bits 8..40), which the agent changes each time the slot is given to another process, so
+/// entries a departed target left in the shared maps never match its successor.
+pub const fn target_id(slot: u32, generation: u32) -> u64 {
+    (slot as u64 & 0xff) | ((generation as u64) << 8)
+}
+
+pub const fn target_slot(target: u64) -> u32 {
+    (target & 0xff) as u32
+}
+
+/// Attach cookie layout: bits 0..8 = [`AllocKind`], bits 8..48 = the target ([`target_id`]).
+pub const fn encode_cookie(kind: AllocKind, target: u64) -> u64 {
+    kind as u64 | (target << 8)
 }
 
 pub const fn decode_cookie(cookie: u64) -> u8 {
     (cookie & 0xff) as u8
 }
+
+pub const fn cookie_target(cookie: u64) -> u64 {
+    cookie >> 8
+}
+
+/// Per-target settings the probes read (`TARGETS[slot]`), written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Mean bytes between samples; 0 records every allocation. The governor changes it.
+    pub sample_bytes: u64,
+    /// Live allocations this target may hold in the shared `LIVE` map (its fair share).
+    pub live_quota: u64,
+}
+const _: () = assert!(core::mem::size_of::<TargetConfig>() == 16);
+
+/// Key of the shared `LIVE` map: an address in one target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LiveKey {
+    pub ptr: u64,
+    pub target: u64,
+}
+const _: () = assert!(core::mem::size_of::<LiveKey>() == 16);
+
+/// The bytes one sample stands for: `size / p` with `p = 1 - exp(-size / sample_bytes)` its
+/// probability to be sampled (`size` at full recording), computed the same way in the probes
+/// (from `WEIGHT_TABLE`) and here, so that every view adds the same figures.
+/// `table` is [`weight_table`]'s.
+pub fn sample_weight(size: u64, sample_bytes: u64, table: &[u32]) -> u64 {
+    if sample_bytes == 0 || size >= sample_bytes.saturating_mul(WEIGHT_X_MAX) {
+        return size;
+    }
+    // x = size / sample_bytes in 16.16 fixed point, then linear interpolation between the
+    // table's points (64 per unit of x).
+    let pos = (size << 16) / sample_bytes;
+    let i = (pos >> 10) as usize;
+    let frac = pos & 1023;
+    let (Some(&a), Some(&b)) = (table.get(i), table.get(i + 1)) else { return size };
+    let f = (a as u64 * (1024 - frac) + b as u64 * frac) >> 10;
+    ((sample_bytes * f) >> WEIGHT_TABLE_SHIFT).max(size)
+}
+
+/// How many allocations one sample stands for, in 16.16 fixed point: `weight / size`.
+pub const fn sample_count_weight(weight: u64, size: u64) -> u64 {
+    if size == 0 || weight <= size {
+        1 << 16
+    } else {
+        (weight << 16) / size
+    }
+}
+
+/// `WEIGHT_TABLE_LEN` points of `f(x) = x / (1 - exp(-x))` at `x = i / 64`, in fixed point
+/// (`f(0) = 1`): a sample of `size` at interval `T` weighs `T * f(size / T)`.
+#[cfg(feature = "user")]
+pub fn weight_table() -> [u32; WEIGHT_TABLE_LEN] {
+    let mut t = [0u32; WEIGHT_TABLE_LEN];
+    for (i, v) in t.iter_mut().enumerate() {
+        let x = i as f64 / 64.0;
+        let f = if i == 0 { 1.0 } else { x / (1.0 - (-x).exp()) };
+        *v = (f * (1u64 << WEIGHT_TABLE_SHIFT) as f64).round() as u32;
+    }
+    t
+}
+
+/// Points of the weight table: x from 0 to `WEIGHT_X_MAX` in steps of 1/64, both ends in.
+pub const WEIGHT_TABLE_LEN: usize = 16 * 64 + 1;
+/// Past `x = 16` a sample's probability is 1 within 1e-7: it weighs its size.
+pub const WEIGHT_X_MAX: u64 = 16;
+pub const WEIGHT_TABLE_SHIFT: u32 = 16;
 
 /// A live allocation, keyed by its address in the `LIVE` map.
 #[repr(C)]
@@ -125,8 +211,11 @@ pub struct AllocInfo {
     pub timestamp_ns: u64,
     /// Which stack allocated it (also the key of its `STACK_STATS` entry).
     pub stack: StackKey,
+    /// The bytes this sample stands for ([`sample_weight`] at the interval in force when it
+    /// was taken).
+    pub weight: u64,
 }
-const _: () = assert!(core::mem::size_of::<AllocInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<AllocInfo>() == 48);
 
 /// Identifies an allocation site: the unwound stack plus the immediate caller.
 #[repr(C)]
@@ -136,8 +225,10 @@ pub struct StackKey {
     pub caller: u64,
     /// Key in the `STACKS` map (a hash of the frames), or 0 when the stack was not recorded.
     pub stack_id: u64,
+    /// The target ([`target_id`]): one process's sites are not another's.
+    pub target: u64,
 }
-const _: () = assert!(core::mem::size_of::<StackKey>() == 16);
+const _: () = assert!(core::mem::size_of::<StackKey>() == 24);
 
 /// Frames kept per stack: deeper stacks lose their outermost frames.
 pub const MAX_FRAMES: usize = 64;
@@ -151,15 +242,25 @@ pub struct StackFrames {
 }
 const _: () = assert!(core::mem::size_of::<StackFrames>() == 8 * MAX_FRAMES);
 
+impl Default for StackFrames {
+    fn default() -> Self {
+        StackFrames { ips: [0; MAX_FRAMES] }
+    }
+}
+
 /// Per-stack totals of everything allocated since attach, kept in the kernel per CPU.
 /// (What is still live per stack comes from walking `LIVE` at snapshot time.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StackStats {
-    pub total_bytes: u64,
-    pub total_allocs: u64,
+    /// Samples and their requested bytes.
+    pub sampled_bytes: u64,
+    pub sampled_allocs: u64,
+    /// What they stand for: summed [`sample_weight`]s, and [`sample_count_weight`]s (16.16).
+    pub weight_bytes: u64,
+    pub weight_allocs: u64,
 }
-const _: () = assert!(core::mem::size_of::<StackStats>() == 16);
+const _: () = assert!(core::mem::size_of::<StackStats>() == 32);
 
 /// State of an allocator call between its entry and its return, per thread.
 #[repr(C)]
@@ -179,8 +280,10 @@ pub struct InFlight {
     /// 1 between a recorded call's entry and its return; a thread's slot stays in the map
     /// (inactive) between calls.
     pub active: u32,
+    /// The sampling interval in force at the entry (the weight is computed from it).
+    pub sample_bytes: u64,
 }
-const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
 
 /// Indexes into the per-CPU `COUNTERS` array.
 #[repr(u32)]
@@ -218,6 +321,13 @@ pub enum Counter {
     TruncatedUnmapped = 16,
     /// Frames unwound by frame pointers, in code with no CFI (JIT code, stripped files).
     FramePointerFrames = 17,
+    /// What the samples stand for (see [`sample_weight`]): bytes and allocations (16.16
+    /// fixed point) recorded, and the same of those freed since. Live = recorded - freed, the
+    /// same sum a snapshot adds entry by entry.
+    WeightBytes = 18,
+    WeightAllocs = 19,
+    WeightFreeBytes = 20,
+    WeightFrees = 21,
 }
 
 pub const COUNTER_COUNT: u32 = 24;
@@ -341,18 +451,21 @@ pub mod mapping {
     pub const FRAME_POINTERS: u32 = 1;
 }
 
-/// Mappings per half of `UNWIND_MAPPINGS` (the agent fills one half while the probes read the
-/// other, then flips `UNWIND_STATE[0]`).
-pub const MAX_UNWIND_MAPPINGS: u32 = 2048;
-/// Binary-search steps over a half of `UNWIND_MAPPINGS` (2^11 = 2048).
-pub const MAPPING_SEARCH_STEPS: u32 = 11;
+/// Mappings per half of a target's range of `UNWIND_MAPPINGS` (the agent fills one half while
+/// the probes read the other, then flips the target's `UNWIND_STATE`): 128 targets x 2 x 1024
+/// x 40 bytes = 10 MiB. Node.js maps ~100 executable ranges, a large C++ service a few hundred.
+pub const MAX_UNWIND_MAPPINGS: u32 = 1024;
+/// Binary-search steps over a half of `UNWIND_MAPPINGS` (2^10 = 1024).
+pub const MAPPING_SEARCH_STEPS: u32 = 10;
+/// `UNWIND_STATE` entries per target: `[active half, mappings in half 0, in half 1, unused]`.
+pub const UNWIND_STATE_STRIDE: u32 = 4;
 /// Binary-search steps over one file's rows: files have at most 2^22 rows (4 Mi; a 100 MiB
 /// executable has ~1.5 Mi).
 pub const ROW_SEARCH_STEPS: u32 = 22;
 pub const MAX_ROWS_PER_FILE: u32 = 1 << ROW_SEARCH_STEPS;
 
-/// Snapshot triggers (`--on-return`, `--on-usdt`) one target can have.
-pub const MAX_TRIGGERS: u32 = 64;
+/// Snapshot trigger slots (`--on-return`, `--on-usdt`) of one loaded object, all targets together.
+pub const MAX_TRIGGERS: u32 = 4096;
 
 /// Entries in the exponential table used for Poisson byte sampling.
 pub const EXP_TABLE_LEN: usize = 1024;
@@ -369,4 +482,6 @@ mod pod {
     unsafe impl aya::Pod for super::InFlight {}
     unsafe impl aya::Pod for super::UnwindRow {}
     unsafe impl aya::Pod for super::UnwindMapping {}
+    unsafe impl aya::Pod for super::TargetConfig {}
+    unsafe impl aya::Pod for super::LiveKey {}
 }

@@ -1,30 +1,38 @@
-//! Every map and load-time setting of the probes. Capacities here are defaults: the agent
-//! resizes `LIVE`, `STACKS`, `STACK_STATS` and `UNWIND_ROWS` at load time (`--max-allocs`, `--max-stacks`).
+//! Every map of the probes. One loaded object serves every target: the maps are either shared
+//! (keyed by target where it matters: `LIVE`, `STACK_STATS`) or have one range per target slot
+//! (`TARGETS`, `COUNTERS`, the unwinder's mappings), the slot and its generation coming with each
+//! probe's attach cookie. Capacities here are defaults: the agent resizes `LIVE`, `STACKS`,
+//! `STACK_STATS` and `UNWIND_ROWS` at load time (`--max-allocs`, `--max-stacks`,
+//! `--max-unwind-rows`).
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
-    Global,
 };
 use profiler_common::{
-    AllocInfo, InFlight, StackFrames, StackKey, StackStats, UnwindMapping, UnwindRow, COUNTER_COUNT,
-    EXP_TABLE_LEN, MAX_UNWIND_MAPPINGS,
+    AllocInfo, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow,
+    COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, WEIGHT_TABLE_LEN,
 };
 
-/// Only this process (tgid) is traced; 0 traces whoever hits the probe.
-#[unsafe(no_mangle)]
-pub static TARGET_TGID: Global<u32> = Global::new(0);
+/// Each target slot's settings (sampling interval, live-allocation quota).
+#[map]
+pub static TARGETS: Array<TargetConfig> = Array::with_max_entries(MAX_TARGETS, 0);
 
-/// Mean bytes between samples; 0 records every allocation.
-#[unsafe(no_mangle)]
-pub static SAMPLE_BYTES: Global<u64> = Global::new(0);
+/// Live allocations in `LIVE` per target slot, held against its `live_quota`.
+#[map]
+pub static TARGET_LIVE: Array<u64> = Array::with_max_entries(MAX_TARGETS, 0);
 
 /// `-ln(u)` for u uniform in (0, 1), in fixed point (see `EXP_TABLE_SHIFT`), filled at load time.
 #[map]
 pub static EXP_TABLE: Array<u32> = Array::with_max_entries(EXP_TABLE_LEN as u32, 0);
 
-/// Live allocations: address -> size, time, stack.
+/// `x / (1 - exp(-x))` at `x = i / 64` (see `profiler_common::weight_table`), filled at load time.
 #[map]
-pub static LIVE: HashMap<u64, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
+pub static WEIGHT_TABLE: Array<u32> = Array::with_max_entries(WEIGHT_TABLE_LEN as u32, 0);
+
+/// Live allocations of every target: (address, target) -> size, time, stack, weight. The
+/// agent's `--max-allocs` in all, shared by quota.
+#[map]
+pub static LIVE: HashMap<LiveKey, AllocInfo> = HashMap::with_max_entries(1 << 20, 0);
 
 /// The agent writes the unwind tables through a memory mapping of the map: a million rows
 /// are a copy, not a million `bpf(2)` calls.
@@ -35,29 +43,32 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 #[map]
 pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1 << 16, BPF_F_MMAPABLE);
 
-/// The target's executable mappings sorted by start, in two halves of `MAX_UNWIND_MAPPINGS`:
-/// the probes search the half `UNWIND_STATE[0]` names, the agent rewrites the other and flips.
+/// Each target's executable mappings sorted by start, in two halves of `MAX_UNWIND_MAPPINGS`
+/// per slot: the probes search the half the slot's `UNWIND_STATE` names, the agent rewrites the
+/// other and flips.
 #[map]
-pub static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, BPF_F_MMAPABLE);
+pub static UNWIND_MAPPINGS: Array<UnwindMapping> =
+    Array::with_max_entries(MAX_TARGETS * 2 * MAX_UNWIND_MAPPINGS, BPF_F_MMAPABLE);
 
-/// `[active half, mappings in half 0, mappings in half 1]`.
+/// Per slot: `[active half, mappings in half 0, mappings in half 1, unused]`.
 #[map]
-pub static UNWIND_STATE: Array<u32> = Array::with_max_entries(3, 0);
+pub static UNWIND_STATE: Array<u32> = Array::with_max_entries(MAX_TARGETS * UNWIND_STATE_STRIDE, 0);
 
 /// log2 of `LIVE_FILTER`'s length.
-pub const LIVE_FILTER_BITS: u32 = 15;
+pub const LIVE_FILTER_BITS: u32 = 17;
 
 /// While sampling: how many `LIVE` addresses hash to each slot (a counting filter, see
 /// `probes::forget`). A free whose slot is 0 was not sampled, and skips the `LIVE` lookup.
 #[map]
 pub static LIVE_FILTER: Array<u64> = Array::with_max_entries(1 << LIVE_FILTER_BITS, 0);
 
-/// Per-stack totals, one copy per CPU: threads allocating from the same stack on several CPUs
+/// Per-stack totals (keyed by target too), one copy per CPU: threads allocating from the same stack on several CPUs
 /// would otherwise fight over one cache line.
 #[map]
 pub static STACK_STATS: PerCpuHashMap<StackKey, StackStats> = PerCpuHashMap::with_max_entries(1 << 16, 0);
 
-/// User stacks by the hash of their frames (see `stack.rs`).
+/// User stacks by the hash of their frames (see `stack.rs`), shared: two replicas of one
+/// binary at the same addresses store a stack once.
 #[map]
 pub static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(1 << 15, 0);
 
@@ -68,28 +79,29 @@ pub static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entri
 /// Allocator calls between entry and return, one slot per thread (pid_tgid), reused from call
 /// to call. LRU so the slots of threads that ended make room for new ones.
 #[map]
-pub static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(1 << 14, 0);
+pub static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(1 << 16, 0);
 
-/// Calls of all threads between a recorded entry and its return, kept only while sampling:
-/// when it is 0, an entry cannot be nested in a recorded call and skips the `INFLIGHT` lookup.
+/// Per slot: calls of the target's threads between a recorded entry and its return, kept only
+/// while sampling: when it is 0, an entry cannot be nested in a recorded call and skips the
+/// `INFLIGHT` lookup.
 #[map]
-pub static ACTIVE_CALLS: Array<u64> = Array::with_max_entries(1, 0);
+pub static ACTIVE_CALLS: Array<u64> = Array::with_max_entries(MAX_TARGETS, 0);
 
-/// Event and drop counters, see `profiler_common::Counter`.
+/// Event and drop counters, `COUNTER_COUNT` per slot, see `profiler_common::Counter`.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_TARGETS * COUNTER_COUNT, 0);
 
-/// Bytes left before the next sample on this CPU (Poisson byte sampling).
+/// Per slot, bytes left before the next sample on this CPU (Poisson byte sampling).
 #[map]
-pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(1, 0);
+pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
 
-/// Hits of snapshot triggers (`--on-return`, `--on-usdt`), indexed by the attach cookie; the
-/// agent polls it and takes a snapshot when a count moves.
+/// Hits of snapshot triggers (`--on-return`, `--on-usdt`), indexed by the attach cookie (slots
+/// the agent gives out across targets); it polls them and takes a snapshot when a count moves.
 #[map]
 pub static TRIGGER_HITS: Array<u64> = Array::with_max_entries(profiler_common::MAX_TRIGGERS, 0);
 
 /// Discovery events (`discover.rs`): one `u64` per exec or exit. One page here: only the
-/// agent's discovery load resizes it (`map_max_entries`), the per-target loads never use it.
+/// agent's discovery load resizes it (`map_max_entries`), the probes' load never uses it.
 #[map]
 pub static DISCOVER_EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(4096, 0);
 

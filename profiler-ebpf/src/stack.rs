@@ -11,12 +11,12 @@
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
 use profiler_common::{
     mapping, rbp, row, Counter, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
-    MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS,
+    MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS, UNWIND_STATE_STRIDE,
 };
 
 use crate::{
     maps::{STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
-    probes::count,
+    probes::{count, Target},
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -29,17 +29,19 @@ const UC_RBP: u64 = 40 + 10 * 8;
 const UC_RSP: u64 = 40 + 15 * 8;
 const UC_RIP: u64 = 40 + 16 * 8;
 
-/// The target's executable mapping holding `pc`, from the half of `UNWIND_MAPPINGS` in force.
+/// The target's executable mapping holding `pc`, from the half of its `UNWIND_MAPPINGS` range
+/// in force.
 #[inline(always)]
-fn find_mapping(pc: u64) -> Option<UnwindMapping> {
-    let half = UNWIND_STATE.get(0).copied().unwrap_or(0) & 1;
-    let count = UNWIND_STATE.get(1 + half).copied().unwrap_or(0);
+fn find_mapping(slot: u32, pc: u64) -> Option<UnwindMapping> {
+    let state = slot * UNWIND_STATE_STRIDE;
+    let half = UNWIND_STATE.get(state).copied().unwrap_or(0) & 1;
+    let count = UNWIND_STATE.get(state + 1 + half).copied().unwrap_or(0);
     // A rejected path, not `min`: a clamped constant bound would let the verifier follow
     // every concrete path of the search instead of one symbolic one.
     if count == 0 || count > MAX_UNWIND_MAPPINGS {
         return None;
     }
-    let base = half * MAX_UNWIND_MAPPINGS;
+    let base = (slot * 2 + half) * MAX_UNWIND_MAPPINGS;
     let at = last_at_or_below(count, MAPPING_SEARCH_STEPS, |i| UNWIND_MAPPINGS.get(base + i).map(|m| m.start <= pc))?;
     let m = *UNWIND_MAPPINGS.get(base + at)?;
     if m.start <= pc && pc < m.end {
@@ -109,13 +111,13 @@ struct Frame {
 /// without unwind tables, V8's builtins inside node's own CFI-covered binary), which keeps
 /// frame pointers or else fails the checks here. `fail` says why the walk ends if it does.
 #[inline(always)]
-fn frame_pointer_step(f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter> {
+fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter> {
     // A frame pointer lies above the stack pointer, inside the stack, 8-byte aligned.
     if f.fp < f.sp || f.fp - f.sp > MAX_FRAME_SIZE || f.fp & 7 != 0 {
         return Err(fail);
     }
     let frame = unsafe { bpf_probe_read_user(f.fp as *const [u64; 2]) }.map_err(|_| fail)?;
-    count(Counter::FramePointerFrames, 1);
+    count(t, Counter::FramePointerFrames, 1);
     if frame[1] == 0 {
         return Ok(None);
     }
@@ -126,10 +128,10 @@ fn frame_pointer_step(f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter
 /// early, Ok(None) at the outermost frame. Per frame, whichever the code supports: its CFI
 /// row, else frame pointers.
 #[inline(always)]
-fn step(f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
+fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
     let bad = Counter::TruncatedBadFrame;
     if m.kind == mapping::FRAME_POINTERS {
-        return frame_pointer_step(f, bad);
+        return frame_pointer_step(t, f, bad);
     }
     let lookup = if f.exact { f.pc } else { f.pc - 1 };
     let r = find_row(m, lookup);
@@ -145,7 +147,7 @@ fn step(f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
             return Ok(Some(Frame { pc, sp, fp, exact: true }));
         }
         row::END => return Ok(None),
-        row::NONE => return frame_pointer_step(f, Counter::TruncatedNoCfi),
+        row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi),
         _ => return Err(bad),
     };
     if cfa <= f.sp || cfa - f.sp > MAX_FRAME_SIZE {
@@ -174,7 +176,7 @@ const WALK_FRAMES: usize = MAX_FRAMES;
 /// rbp as the caller has them), stores it in `STACKS` and returns its key (0 when it could not
 /// be stored, then counted).
 #[inline(always)]
-pub fn record(regs: *const pt_regs) -> u64 {
+pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -184,21 +186,21 @@ pub fn record(regs: *const pt_regs) -> u64 {
     let mut hash = mix(FNV_OFFSET, ip);
     let mut n = 1;
     let mut f = Frame { pc: ip, sp, fp, exact: true };
-    let mut m = find_mapping(ip);
+    let mut m = find_mapping(t.slot, ip);
     let mut ended = m.is_none();
     if ended {
-        count(Counter::TruncatedUnmapped, 1);
+        count(t, Counter::TruncatedUnmapped, 1);
     }
     while !ended && n < WALK_FRAMES {
         let Some(here) = m else { break };
-        let next = match step(&f, &here) {
+        let next = match step(t, &f, &here) {
             Ok(Some(next)) => next,
             Ok(None) => {
                 ended = true;
                 break;
             }
             Err(reason) => {
-                count(reason, 1);
+                count(t, reason, 1);
                 ended = true;
                 break;
             }
@@ -206,9 +208,9 @@ pub fn record(regs: *const pt_regs) -> u64 {
         // Kept only when it lies in an executable mapping: the next step needs that mapping.
         // Callers are mostly in the same file as their callees: the search only when not.
         let lookup = if next.exact { next.pc } else { next.pc - 1 };
-        m = if here.start <= lookup && lookup < here.end { Some(here) } else { find_mapping(lookup) };
+        m = if here.start <= lookup && lookup < here.end { Some(here) } else { find_mapping(t.slot, lookup) };
         if m.is_none() {
-            count(Counter::TruncatedUnmapped, 1);
+            count(t, Counter::TruncatedUnmapped, 1);
             ended = true;
             break;
         }
@@ -218,7 +220,7 @@ pub fn record(regs: *const pt_regs) -> u64 {
         f = next;
     }
     if !ended {
-        count(Counter::TruncatedDepth, 1);
+        count(t, Counter::TruncatedDepth, 1);
     }
     let id = if hash == 0 { 1 } else { hash };
     if unsafe { STACKS.get(&id) }.is_some() {
@@ -236,7 +238,7 @@ pub fn record(regs: *const pt_regs) -> u64 {
         Ok(()) => id,
         Err(e) if e == -EEXIST => id,
         Err(_) => {
-            count(Counter::DropStackMapFull, 1);
+            count(t, Counter::DropStackMapFull, 1);
             0
         }
     }

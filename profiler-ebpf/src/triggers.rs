@@ -1,20 +1,17 @@
 //! Snapshot triggers: a uprobe or uretprobe on any function (or USDT site) of the target that
-//! only counts hits; the user side turns a new hit into a snapshot.
+//! only counts hits; the user side turns a new hit into a snapshot. The links fire in their
+//! target only; the cookie is the trigger's slot.
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid},
+    helpers::bpf_get_attach_cookie,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
     EbpfContext as _,
 };
 
-use crate::maps::{TARGET_TGID, TRIGGER_HITS};
+use crate::maps::TRIGGER_HITS;
 
 #[inline(always)]
 fn hit(cookie: u64) {
-    let target = TARGET_TGID.load();
-    if target != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != target {
-        return;
-    }
     if let Some(slot) = TRIGGER_HITS.get_ptr_mut(cookie as u32) {
         unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, 1) };
     }

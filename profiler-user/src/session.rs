@@ -1,6 +1,6 @@
-//! One traced process, end to end: check it exists, find its allocator, load and attach the
-//! probes, and answer snapshots (read maps -> build profile -> symbolize). This is the eBPF
-//! implementation of [`crate::target::TracedTarget`].
+//! One traced process, end to end: check it exists, find its allocator, claim a target slot of
+//! the shared probes and attach them, and answer snapshots (read maps -> build profile ->
+//! symbolize). This is the eBPF implementation of [`crate::target::TracedTarget`].
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -14,14 +14,14 @@ use crate::{
     aggregate::{build, HeapProfile},
     bpf::{
         attach::{self, ProbeSiteReport, TriggerPoint},
-        load::{self, Loaded, ProbeMode, ProbeSettings},
-        reader,
+        load::{self, ProbeMode, ProbeSettings, Probes},
+        target_view::TargetProbes,
     },
     process::Process,
     procfs,
     symbolize::Symbolizer,
     target::{Attacher, TargetStats, TracedTarget},
-    unwind::{self, RowStore, SharedRows, TargetUnwinder, UnwindHandle},
+    unwind::{self, TargetUnwinder, UnwindHandle},
 };
 
 pub struct Session {
@@ -36,6 +36,7 @@ pub struct Session {
     /// `Session` or `Classic`: what `Auto` came to.
     probe_mode: ProbeMode,
     unwind: Option<UnwindHandle>,
+    target: Arc<TargetProbes>,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -44,56 +45,54 @@ pub struct Session {
 const PIN_INTERVAL: Duration = Duration::from_millis(200);
 
 struct Inner {
-    loaded: Loaded,
     symbolizer: Symbolizer,
-    triggers_used: u32,
 }
 
 impl Session {
-    /// Starts tracing `pid`. Errors are one line each: no such process, no privilege, no
-    /// allocator, kernel refusal.
+    /// Starts tracing `pid` with probes of its own (`memscope record`), their unwind row map
+    /// sized to what the target maps. Errors are one line each: no such process, no
+    /// privilege, no allocator, kernel refusal.
     pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
-        Session::attach_sharing(pid, settings, None)
+        load::check_environment()?;
+        let plan = unwind::target::plan(pid);
+        let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
+        let probes = Arc::new(Probes::load(settings, capacity)?);
+        Session::attach_on(&probes, pid, plan)
     }
 
-    /// [`Session::attach`], with the unwind rows in the agent's `shared` map.
-    pub fn attach_sharing(pid: u32, settings: ProbeSettings, shared: Option<&Arc<Mutex<SharedRows>>>) -> anyhow::Result<Session> {
+    /// Starts tracing `pid` in a slot of the loaded `probes` (the agent's, shared by all its
+    /// targets), with the unwind tables of `plan`.
+    pub fn attach_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
         let started = Instant::now();
+        let settings = probes.settings();
         // Everything read about `pid` below is checked to come from this very process at the
         // end (its pid could be reused by another one meanwhile).
         let process = Arc::new(Process::open(pid)?);
-        load::check_environment()?;
         let comm = procfs::comm(pid)?;
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        // Tables first: the probes' row map is sized to what the target maps.
-        let plan = unwind::target::plan(pid);
-        let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
-        let shared_fd = shared.map(|s| s.lock().unwrap().raw_fd());
-        let mut loaded = load::load(pid, settings, capacity, shared_fd)?;
-        let unwind = match loaded.maps.unwind.take() {
-            Some(maps) => {
-                let rows = match shared {
-                    Some(s) if maps.rows_shared => RowStore::Shared(Arc::clone(s)),
-                    _ => RowStore::Own { map: maps.rows, capacity },
-                };
-                let unwinder = TargetUnwinder::new(process.clone(), rows, maps.mappings, maps.state, &plan)?;
-                Some(UnwindHandle::start(unwinder, maps.counters))
-            }
-            None => None,
-        };
-        let sites = attach::attach(&mut loaded, pid, &allocator)
-            .with_context(|| format!("attaching to process {pid} ({comm})"))?;
-        let probe_mode = if loaded.session.is_some() { ProbeMode::Session } else { ProbeMode::Classic };
+        let mut target = TargetProbes::claim(probes, pid, settings.sample_bytes)?;
+        let maps = &probes.unwind;
+        let unwinder = TargetUnwinder::new(
+            process.clone(),
+            Arc::clone(&maps.rows),
+            load::dup_map("UNWIND_MAPPINGS", &maps.mappings)?,
+            load::dup_map("UNWIND_STATE", &maps.state)?,
+            target.slot(),
+            &plan,
+        )?;
+        // The mappings are in place before the first probe fires.
+        let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
+        let sites = target.attach(&allocator).with_context(|| format!("attaching to process {pid} ({comm})"))?;
+        let probe_mode = probes.probe_mode();
         let symbolizer = Symbolizer::for_process(process.clone());
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
-        if let Some(u) = &unwind {
-            u.set_attach_ms(attach_ms);
-        }
-        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, "attached");
-        let inner = Arc::new(Mutex::new(Inner { symbolizer, loaded, triggers_used: 0 }));
-        spawn_jit_pinner(pid, Arc::downgrade(&inner));
+        unwind.set_attach_ms(attach_ms);
+        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, slot = target.slot(), "attached");
+        let inner = Arc::new(Mutex::new(Inner { symbolizer }));
+        let target = Arc::new(target);
+        spawn_jit_pinner(pid, Arc::downgrade(&target), Arc::downgrade(&inner));
         Ok(Session {
             pid,
             comm,
@@ -104,7 +103,8 @@ impl Session {
             allocator: allocator.path_in_target,
             sites,
             probe_mode,
-            unwind,
+            unwind: Some(unwind),
+            target,
             inner,
         })
     }
@@ -126,6 +126,11 @@ impl Session {
         self.settings
     }
 
+    /// This target's part of the probes (its sampling interval, counters, maps).
+    pub fn target_probes(&self) -> &Arc<TargetProbes> {
+        &self.target
+    }
+
     pub fn elapsed(&self) -> Duration {
         self.attached_at.elapsed()
     }
@@ -143,8 +148,7 @@ impl Session {
 
     /// Summed counters, indexed by `profiler_common::Counter`.
     pub fn counters(&self) -> anyhow::Result<Vec<u64>> {
-        let inner = self.inner.lock().unwrap();
-        Ok(reader::read_counters(&inner.loaded.maps)?)
+        Ok(self.target.counters()?)
     }
 }
 
@@ -152,37 +156,29 @@ impl Session {
     /// Attaches a snapshot trigger at `file_offset` of the file the target maps at
     /// `path_in_target`; returns its slot in [`Session::trigger_hits`].
     pub fn attach_trigger(&self, path_in_target: &str, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
-        let mut inner = self.inner.lock().unwrap();
-        let slot = inner.triggers_used;
-        anyhow::ensure!(slot < profiler_common::MAX_TRIGGERS, "at most {} triggers per target", profiler_common::MAX_TRIGGERS);
         let host = procfs::host_path(self.pid, path_in_target)?;
         anyhow::ensure!(self.alive(), "process {} exited: no trigger attached", self.pid);
-        attach::attach_trigger(&mut inner.loaded.ebpf, self.pid, &host, file_offset, point, slot)?;
-        inner.triggers_used += 1;
-        Ok(slot)
+        self.target.attach_trigger(&host, file_offset, point)
     }
 
     /// How often each trigger slot has fired since it was attached.
     pub fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
-        let inner = self.inner.lock().unwrap();
-        (0..inner.triggers_used)
-            .map(|i| Ok(inner.loaded.maps.trigger_hits.get(&i, 0)?))
-            .collect()
+        Ok(self.target.trigger_hits()?)
     }
 }
 
 /// Names new stacks' JIT frames every [`PIN_INTERVAL`] while the session lives, when the
 /// target writes a perf map (a native target costs one `stat` per tick).
-fn spawn_jit_pinner(pid: u32, inner: std::sync::Weak<Mutex<Inner>>) {
+fn spawn_jit_pinner(pid: u32, target: std::sync::Weak<TargetProbes>, inner: std::sync::Weak<Mutex<Inner>>) {
     let spawned = std::thread::Builder::new().name(format!("jit-names-{pid}")).spawn(move || loop {
         std::thread::sleep(PIN_INTERVAL);
-        let Some(inner) = inner.upgrade() else { return };
+        let (Some(target), Some(inner)) = (target.upgrade(), inner.upgrade()) else { return };
         let mut guard = inner.lock().unwrap();
-        let Inner { loaded, symbolizer, .. } = &mut *guard;
+        let symbolizer = &mut guard.symbolizer;
         if !symbolizer.has_jit() {
             continue;
         }
-        match reader::new_stacks(&loaded.maps, symbolizer.pinned_stacks()) {
+        match target.new_stacks(symbolizer.pinned_stacks()) {
             Ok(stacks) => symbolizer.pin_jit(&stacks),
             Err(e) => tracing::debug!(pid, error = %e, "reading new stacks for JIT names"),
         }
@@ -204,17 +200,17 @@ impl TracedTarget for Session {
     fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile> {
         let exited = !self.alive();
         let mut guard = self.inner.lock().unwrap();
-        let Inner { loaded, symbolizer, .. } = &mut *guard;
+        let symbolizer = &mut guard.symbolizer;
         let started = Instant::now();
-        let raw = reader::read(&loaded.maps, min_age.as_nanos() as u64)
-            .context("reading the probes' maps")?;
+        let sample_bytes = self.target.sample_bytes();
+        let raw = self.target.read(min_age.as_nanos() as u64).context("reading the probes' maps")?;
         tracing::debug!(stacks = raw.stacks.len(), ms = started.elapsed().as_millis() as u64, "maps read");
         let ctx = build::BuildContext {
             pid: self.pid,
             taken_at_ms: now_ms(),
             duration_s: self.attached_at.elapsed().as_secs_f64(),
             min_age_s: min_age.as_secs_f64(),
-            sample_bytes: self.settings.sample_bytes,
+            sample_bytes,
             unseen_before_attach_bytes: self.unseen_before_attach_bytes,
             target_exited: exited,
         };
@@ -238,27 +234,20 @@ impl TracedTarget for Session {
     }
 
     fn stats(&self) -> TargetStats {
-        let inner = self.inner.lock().unwrap();
-        let counters = reader::read_counters(&inner.loaded.maps).unwrap_or_default();
-        drop(inner);
+        let counters = self.target.counters().unwrap_or_default();
         let c = |k: Counter| counters.get(k as usize).copied().unwrap_or(0);
-        let sampled_live_bytes = c(Counter::SampledBytes).saturating_sub(c(Counter::FreeBytes));
-        let sampled_live = c(Counter::SampledAllocs).saturating_sub(c(Counter::Frees));
-        let k = build::sampling_scale(
-            c(Counter::SampledBytes) as f64 / c(Counter::SampledAllocs).max(1) as f64,
-            self.settings.sample_bytes,
-        );
+        let (live_bytes, live_allocs) = build::live_from_counters(&counters);
         TargetStats {
             pid: self.pid,
             comm: self.comm.clone(),
-            live_bytes: (sampled_live_bytes as f64 * k) as u64,
-            live_allocs: (sampled_live as f64 * k) as u64,
+            live_bytes,
+            live_allocs,
             allocs: c(Counter::Allocs),
             frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
             dropped: build::dropped(&counters),
             unwind: build::unwind(&counters),
             unwind_tables: self.unwind.as_ref().map(UnwindHandle::stats),
-            sample_bytes: self.settings.sample_bytes,
+            sample_bytes: self.target.sample_bytes(),
             probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),
             labels: Default::default(),
@@ -270,38 +259,49 @@ impl TracedTarget for Session {
     }
 }
 
-/// Attaches real eBPF sessions with fixed settings (the agent's), their unwind rows in one
-/// map shared by all of them (`settings.max_unwind_rows` rows in all, created at the first
-/// attach).
+/// Attaches real eBPF sessions, every one a target of the same probes: loaded (and verified)
+/// at the first attach with the agent's settings, `settings.max_unwind_rows` unwind rows and
+/// `settings.max_allocs` live allocations for all targets together.
 pub struct EbpfAttacher {
     settings: ProbeSettings,
-    shared_rows: std::sync::OnceLock<Option<Arc<Mutex<SharedRows>>>>,
+    probes: Mutex<Option<Arc<Probes>>>,
 }
 
 impl EbpfAttacher {
     pub fn new(settings: ProbeSettings) -> EbpfAttacher {
-        EbpfAttacher { settings, shared_rows: std::sync::OnceLock::new() }
+        EbpfAttacher { settings, probes: Mutex::new(None) }
     }
 
     pub fn settings(&self) -> ProbeSettings {
         self.settings
     }
 
-    /// `(rows in use, capacity, bytes)` of the shared row map, once created.
+    /// The probes, once loaded.
+    pub fn probes(&self) -> Option<Arc<Probes>> {
+        self.probes.lock().unwrap().clone()
+    }
+
+    /// `(rows in use, capacity, bytes)` of the unwind row map, once loaded.
     pub fn shared_rows_usage(&self) -> Option<(usize, usize, usize)> {
-        self.shared_rows.get()?.as_ref().map(|s| s.lock().unwrap().usage())
+        Some(self.probes()?.unwind.rows.lock().unwrap().usage())
     }
 }
 
 impl Attacher for EbpfAttacher {
     fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
-        let shared = self.shared_rows.get_or_init(|| match SharedRows::create(self.settings.max_unwind_rows) {
-            Ok(rows) => Some(Arc::new(Mutex::new(rows))),
-            Err(e) => {
-                tracing::warn!("no shared unwind row map ({e}): each target gets its own");
-                None
+        load::check_environment()?;
+        let plan = unwind::target::plan(pid);
+        let probes = {
+            let mut probes = self.probes.lock().unwrap();
+            match &*probes {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let loaded = Arc::new(Probes::load(self.settings, self.settings.max_unwind_rows)?);
+                    *probes = Some(Arc::clone(&loaded));
+                    loaded
+                }
             }
-        });
-        Ok(Arc::new(Session::attach_sharing(pid, self.settings, shared.as_ref())?))
+        };
+        Ok(Arc::new(Session::attach_on(&probes, pid, plan)?))
     }
 }

@@ -1,5 +1,7 @@
-//! Builds a [`HeapProfile`] from what the probes recorded: sums the counters, scales sampled
-//! values up to unbiased estimates, and attaches symbolized frames to each stack.
+//! Builds a [`HeapProfile`] from what the probes recorded: sums the counters, takes each
+//! stack's weighted sums (every sample stands for `size / p` bytes, `p` its probability at the
+//! interval in force when it was taken: unbiased, whatever the mix of sizes and however the
+//! governor moved the interval), and attaches symbolized frames to each stack.
 use std::collections::BTreeMap;
 
 use profiler_common::Counter;
@@ -34,15 +36,20 @@ pub fn unwind(counters: &[u64]) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// Poisson sampling keeps an allocation of `size` bytes with probability
-/// `1 - exp(-size / rate)`; dividing by it gives unbiased estimates. Like pprof, the average
-/// allocation size of a stack stands for its sizes.
-pub fn sampling_scale(avg_size: f64, sample_bytes: u64) -> f64 {
-    if sample_bytes == 0 || avg_size <= 0.0 {
-        return 1.0;
-    }
-    let p = 1.0 - (-avg_size / sample_bytes as f64).exp();
-    if p <= 0.0 { 1.0 } else { 1.0 / p }
+/// Weighted allocations in 16.16 fixed point (see `profiler_common::sample_count_weight`),
+/// rounded to a count.
+pub fn count_of(fp: u64) -> u64 {
+    (fp + (1 << 15)) >> 16
+}
+
+/// Live bytes and allocations from the probes' weighted counters: the cheap figures of the
+/// targets table, `/metrics` and the growth trigger, the same sums a snapshot adds entry by
+/// entry.
+pub fn live_from_counters(counters: &[u64]) -> (u64, u64) {
+    let c = |k: Counter| counters.get(k as usize).copied().unwrap_or(0);
+    let bytes = c(Counter::WeightBytes).saturating_sub(c(Counter::WeightFreeBytes));
+    let allocs = count_of(c(Counter::WeightAllocs).saturating_sub(c(Counter::WeightFrees)));
+    (bytes, allocs)
 }
 
 pub fn build(
@@ -60,13 +67,6 @@ pub fn build(
     let c = |k: Counter| raw.counters.get(k as usize).copied().unwrap_or(0);
     let mut stacks = Vec::with_capacity(raw.stacks.len());
     for s in &raw.stacks {
-        let avg = if s.stats.total_allocs > 0 {
-            s.stats.total_bytes as f64 / s.stats.total_allocs as f64
-        } else {
-            0.0
-        };
-        let k = sampling_scale(avg, ctx.sample_bytes);
-        let scale = |v: u64| (v as f64 * k).round() as u64;
         let frames = s
             .return_addresses()
             .iter()
@@ -79,18 +79,18 @@ pub fn build(
         };
         stacks.push(StackSample {
             frames,
-            live_bytes: scale(s.live_bytes),
-            live_allocs: scale(s.live_allocs),
-            total_bytes: scale(s.stats.total_bytes),
-            total_allocs: scale(s.stats.total_allocs),
-            leak_bytes: scale(s.leak_bytes),
-            leak_allocs: scale(s.leak_allocs),
+            live_bytes: s.live_bytes,
+            live_allocs: count_of(s.live_allocs_fp),
+            total_bytes: s.stats.weight_bytes,
+            total_allocs: count_of(s.stats.weight_allocs),
+            leak_bytes: s.leak_bytes,
+            leak_allocs: count_of(s.leak_allocs_fp),
             oldest_age_s: (oldest_age_s * 1000.0).round() / 1000.0,
         });
     }
     let totals = Totals {
         live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
-        live_allocs: stacks.iter().map(|s| s.live_allocs).sum(),
+        live_allocs: count_of(raw.stacks.iter().map(|s| s.live_allocs_fp).sum()),
         allocated_bytes: c(Counter::AllocBytes),
         allocs: c(Counter::Allocs),
         frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
@@ -117,13 +117,21 @@ pub fn build(
 mod tests {
     use super::*;
 
-    /// Full recording is not scaled; sampled small allocations are scaled up by ~rate/size and
-    /// allocations much larger than the rate are not.
+    /// The probes' fixed-point weight is `size / (1 - exp(-size / T))` within 0.01% for every
+    /// size, from a byte to past 16 T; full recording weighs each allocation its size.
     #[test]
-    fn sampling_scale_is_unbiased_weight() {
-        assert_eq!(sampling_scale(64.0, 0), 1.0);
-        let k = sampling_scale(64.0, 512 * 1024);
-        assert!((k - 8192.5).abs() < 1.0, "{k}");
-        assert!((sampling_scale(64.0 * 1024.0 * 1024.0, 512 * 1024) - 1.0).abs() < 1e-9);
+    fn sample_weight_is_the_inverse_probability() {
+        use profiler_common::{sample_count_weight, sample_weight, weight_table};
+        let table = weight_table();
+        assert_eq!(sample_weight(64, 0, &table), 64);
+        for t in [4096u64, 512 * 1024, 8 << 20] {
+            for size in [1u64, 7, 64, 1000, 4096, 65536, t / 3, t, 5 * t, 16 * t - 1, 16 * t, 100 * t] {
+                let exact = size as f64 / (1.0 - (-(size as f64) / t as f64).exp());
+                let w = sample_weight(size, t, &table) as f64;
+                assert!((w - exact).abs() <= exact * 1e-4 + 1.0, "size {size} at {t}: {w} vs {exact}");
+            }
+        }
+        assert_eq!(sample_count_weight(64, 64), 1 << 16);
+        assert_eq!(count_of(sample_count_weight(8192 * 64, 64)), 8192);
     }
 }

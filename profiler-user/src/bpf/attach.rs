@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 
 use aya::{
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
         ProgramError, UProbe,
     },
     Ebpf,
@@ -18,9 +18,9 @@ use tracing::{debug, info};
 use super::{
     elf_symbols::{self, FunctionSymbol},
     forwarding,
-    load::Loaded,
+    load::Probes,
     probe_site::{self, ProbeRole, ProbeSite},
-    session_link::{SessionLinkError, SessionProbe},
+    session_link::{SessionLink, SessionLinkError, SessionProbe},
 };
 use crate::{
     procfs::{self, ProcError},
@@ -115,8 +115,17 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
     Ok(prog)
 }
 
-/// Attaches every probe for `pid`. The links live as long as `loaded`.
-pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
+/// A probe attachment of one target; dropping it detaches the probe.
+pub enum Link {
+    /// A uprobe_multi link (uprobe.session): all probes of one program in one file.
+    Session(SessionLink),
+    /// One classic uprobe or uretprobe.
+    Uprobe(UProbeLink),
+}
+
+/// Attaches every probe for `pid`, target `target` of `probes` (its cookies carry the id).
+pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
+    let mut links = Vec::new();
     let mut report = Vec::new();
     let mut sites = Vec::new();
     for (kind, sym) in &alloc.functions {
@@ -131,7 +140,7 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
         let role = if kind.frees() { ProbeRole::FreeEntry } else { ProbeRole::AllocEntry { arg_regs: 3 } };
         let mut site = probe_site::choose(&sym.bytes, sym.vaddr, role);
         debug!("{}: probe at +{:#x}, rsp delta {}: {}", sym.name, site.offset, site.rsp_delta, site.reason);
-        if loaded.session.is_some() {
+        if probes.session.is_some() {
             if !kind.frees() && site.rsp_delta != 0 {
                 // The session's return swaps the return address at [rsp]: only before rsp moves.
                 // +0 was not chosen, so it is not emulated.
@@ -142,14 +151,15 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
                     reason: format!("probe at +0: the return probe needs rsp unmoved ({})", site.reason),
                 };
             }
-            let probes = match kind {
+            let list = match kind {
                 AllocKind::Malloc => &mut malloc_probes,
                 k if k.frees() => &mut free_probes,
                 _ => &mut alloc_probes,
             };
-            probes.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind) });
+            list.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind, target) });
         } else {
-            attach_classic(&mut loaded.ebpf, pid, alloc, kind, sym, &site)?;
+            let mut ebpf = probes.ebpf.lock().unwrap();
+            links.extend(attach_classic(&mut ebpf, pid, alloc, kind, target, sym, &site)?);
         }
         if !site.emulated {
             info!("{}: probe at +{:#x} is single-stepped (slow): {}", sym.name, site.offset, site.reason);
@@ -161,17 +171,16 @@ pub fn attach(loaded: &mut Loaded, pid: u32, alloc: &Allocator) -> Result<Vec<Pr
             reason: site.reason,
         });
     }
-    if let Some(programs) = &loaded.session {
-        let links = [(&programs.malloc, &malloc_probes), (&programs.alloc, &alloc_probes), (&programs.free, &free_probes)];
-        for (program, probes) in links {
-            if probes.is_empty() {
+    if let Some(programs) = &probes.session {
+        let per_program = [(&programs.malloc, &malloc_probes), (&programs.alloc, &alloc_probes), (&programs.free, &free_probes)];
+        for (program, list) in per_program {
+            if list.is_empty() {
                 continue;
             }
-            let link = program.attach(&alloc.host_path, probes, pid)?;
-            loaded.session_links.push(link);
+            links.push(Link::Session(program.attach(&alloc.host_path, list, pid)?));
         }
     }
-    Ok(report)
+    Ok((report, links))
 }
 
 /// A uprobe (and for allocation functions a uretprobe) on one function.
@@ -180,29 +189,33 @@ fn attach_classic(
     pid: u32,
     alloc: &Allocator,
     kind: AllocKind,
+    target: u64,
     sym: &FunctionSymbol,
     site: &ProbeSite,
-) -> Result<(), AttachError> {
+) -> Result<Vec<Link>, AttachError> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
     let at = |offset: u64| UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset + offset),
-        cookie: Some(encode_cookie(kind)),
+        cookie: Some(encode_cookie(kind, target)),
     };
     let attach_err = |source: ProgramError| {
         let text = format!("{source:?}");
         let hint = if text.contains("EINVAL") || text.contains("os error 22") { EINVAL_HINT } else { "" };
         AttachError::Attach { function: sym.name.clone(), path: alloc.path_in_target.clone(), source: Box::new(source), hint }
     };
+    let mut one = |name: &'static str, offset: u64| -> Result<Link, AttachError> {
+        let prog = program(ebpf, name)?;
+        let id = prog.attach(at(offset), &alloc.host_path, scope).map_err(attach_err)?;
+        Ok(Link::Uprobe(prog.take_link(id).map_err(attach_err)?))
+    };
     if kind.frees() {
-        program(ebpf, "free_entry")?.attach(at(site.offset), &alloc.host_path, scope).map_err(attach_err)?;
-        return Ok(());
+        return Ok(vec![one("free_entry", site.offset)?]);
     }
-    program(ebpf, "alloc_entry")?.attach(at(site.offset), &alloc.host_path, scope).map_err(attach_err)?;
+    let entry = one("alloc_entry", site.offset)?;
     // A uretprobe is an entry probe that swaps the return address at [rsp]: it can sit at the
     // chosen (cheap) site as long as rsp has not moved there.
     let ret_offset = if site.rsp_delta == 0 { site.offset } else { 0 };
-    program(ebpf, "alloc_return")?.attach(at(ret_offset), &alloc.host_path, scope).map_err(attach_err)?;
-    Ok(())
+    Ok(vec![entry, one("alloc_return", ret_offset)?])
 }
 
 /// Where a snapshot trigger fires.
@@ -222,7 +235,7 @@ pub fn attach_trigger(
     file_offset: u64,
     point: TriggerPoint,
     slot: u32,
-) -> Result<(), AttachError> {
+) -> Result<Link, AttachError> {
     let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
     let name = match point {
         TriggerPoint::Return => "trigger_return",
@@ -232,11 +245,13 @@ pub fn attach_trigger(
         location: UProbeAttachLocation::AbsoluteOffset(file_offset),
         cookie: Some(u64::from(slot)),
     };
-    program(ebpf, name)?.attach(at, host_path.path(), scope).map_err(|source| AttachError::Attach {
+    let err = |source| AttachError::Attach {
         function: name.to_string(),
         path: host_path.shown().to_string(),
         source: Box::new(source),
         hint: "",
-    })?;
-    Ok(())
+    };
+    let prog = program(ebpf, name)?;
+    let id = prog.attach(at, host_path.path(), scope).map_err(err)?;
+    Ok(Link::Uprobe(prog.take_link(id).map_err(err)?))
 }

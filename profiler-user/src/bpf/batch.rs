@@ -6,6 +6,7 @@ use std::{io, mem::size_of, os::fd::RawFd};
 use aya::Pod;
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
@@ -19,6 +20,29 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// Deletes `keys` from the hash map behind `fd`, up to 64Ki per call; keys already gone are
+/// skipped one by one. Returns how many were deleted.
+pub fn delete<K: Pod>(fd: RawFd, keys: &[K]) -> usize {
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let n = rest.len().min(1 << 16);
+        let mut attr = BatchAttr { keys: rest.as_ptr() as u64, count: n as u32, map_fd: fd as u32, ..Default::default() };
+        let ret = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+        };
+        // On ENOENT the kernel stops at the missing key: `count` says how many went before it.
+        let done = (attr.count as usize).min(n);
+        deleted += done;
+        if ret < 0 && done < n {
+            rest = &rest[done + 1..];
+        } else {
+            rest = &rest[n..];
+        }
+    }
+    deleted
 }
 
 /// Hands the hash map behind `fd` to `f` a chunk at a time (up to 64Ki entries), so a caller

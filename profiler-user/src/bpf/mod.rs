@@ -8,3 +8,4 @@ pub mod batch;
 pub mod load;
 pub mod reader;
 pub mod session_link;
+pub mod target_view;

@@ -1,12 +1,13 @@
-//! Reads the probes' maps into a [`RawSnapshot`]: counters, per-stack totals, the stacks
-//! themselves, and (walking the live allocations once) each stack's live and leaked bytes and
-//! oldest allocation. No symbols here, only addresses.
+//! Reads one target's part of the probes' maps into a [`RawSnapshot`]: its counters, its
+//! per-stack totals, the stacks themselves, and (walking the live allocations once) each
+//! stack's live and leaked bytes and oldest allocation, every figure the sum of the samples'
+//! weights. No symbols here, only addresses.
 use std::collections::HashMap as StdHashMap;
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{IterableMap as _, MapError};
-use profiler_common::{AllocInfo, StackKey, StackStats, COUNTER_COUNT};
+use profiler_common::{sample_count_weight, AllocInfo, LiveKey, StackKey, StackStats, COUNTER_COUNT};
 
 use super::{batch, load::ProbeMaps};
 
@@ -19,12 +20,14 @@ pub struct RawStack {
     pub ips: Vec<u64>,
     /// Allocated since attach (the kernel's per-stack totals).
     pub stats: StackStats,
-    /// Live allocations.
+    /// Live allocations: weighted bytes, and weighted allocations in 16.16 fixed point (see
+    /// `profiler_common::sample_weight`), and the samples themselves.
     pub live_bytes: u64,
-    pub live_allocs: u64,
-    /// Live allocations at least `min_age` old.
+    pub live_allocs_fp: u64,
+    pub live_samples: u64,
+    /// Live allocations at least `min_age` old, likewise.
     pub leak_bytes: u64,
-    pub leak_allocs: u64,
+    pub leak_allocs_fp: u64,
     /// Monotonic timestamp of the oldest live allocation, 0 when none is live.
     pub oldest_ns: u64,
 }
@@ -65,48 +68,59 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Every stack's totals, summed over CPUs: batched, or entry by entry on kernels without
-/// batches.
-fn stack_stats(maps: &ProbeMaps) -> Result<Vec<(StackKey, StackStats)>, MapError> {
+/// The totals of every stack of `target` (`None`: of every target), summed over CPUs:
+/// batched, or entry by entry on kernels without batches.
+pub(crate) fn stack_stats(maps: &ProbeMaps, target: Option<u64>) -> Result<Vec<(StackKey, StackStats)>, MapError> {
     let sum = |per_cpu: &[StackStats]| {
         per_cpu.iter().fold(StackStats::default(), |a, s| StackStats {
-            total_bytes: a.total_bytes + s.total_bytes,
-            total_allocs: a.total_allocs + s.total_allocs,
+            sampled_bytes: a.sampled_bytes + s.sampled_bytes,
+            sampled_allocs: a.sampled_allocs + s.sampled_allocs,
+            weight_bytes: a.weight_bytes + s.weight_bytes,
+            weight_allocs: a.weight_allocs + s.weight_allocs,
         })
     };
+    let mine = |k: &StackKey| target.is_none_or(|t| k.target == t);
     let fd = maps.stack_stats.map().fd().as_fd().as_raw_fd();
     if let Ok(cpus) = aya::util::nr_cpus() {
         let mut all = Vec::new();
         let batched = batch::for_each_chunk_per_cpu(fd, cpus, |keys: &[StackKey], values: &[StackStats]| {
-            all.extend(keys.iter().zip(values.chunks(cpus)).map(|(k, v)| (*k, sum(v))));
+            all.extend(keys.iter().zip(values.chunks(cpus)).filter(|(k, _)| mine(k)).map(|(k, v)| (*k, sum(v))));
         });
         if batched.is_ok() {
             return Ok(all);
         }
     }
-    maps.stack_stats.iter().map(|e| e.map(|(k, v)| (k, sum(&v)))).collect()
+    let mut all = Vec::new();
+    for entry in maps.stack_stats.iter() {
+        let (k, v) = entry?;
+        if mine(&k) {
+            all.push((k, sum(&v)));
+        }
+    }
+    Ok(all)
 }
 
 /// What is live per stack, from one pass over `LIVE`.
 #[derive(Clone, Copy, Debug, Default)]
 struct LiveAgg {
     bytes: u64,
-    allocs: u64,
+    allocs_fp: u64,
+    samples: u64,
     leak_bytes: u64,
-    leak_allocs: u64,
+    leak_allocs_fp: u64,
     oldest_ns: u64,
 }
 
 type FastMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
-/// Live allocations aggregated per stack as they are read (a million entries are never held
-/// at once); allocations made at or before `cutoff_ns` are leaks. Batched, or entry by entry
-/// on kernels without batches.
-fn live_by_stack(maps: &ProbeMaps, cutoff_ns: u64) -> Result<FastMap<StackKey, LiveAgg>, MapError> {
+/// `target`'s live allocations aggregated per stack as they are read (a million entries are
+/// never held at once); allocations made at or before `cutoff_ns` are leaks. Batched, or
+/// entry by entry on kernels without batches.
+fn live_by_stack(maps: &ProbeMaps, target: u64, cutoff_ns: u64) -> Result<FastMap<StackKey, LiveAgg>, MapError> {
     let mut agg: FastMap<StackKey, LiveAgg> = FastMap::default();
     let fd = maps.live.map().fd().as_fd().as_raw_fd();
-    let batched = batch::for_each_chunk(fd, |_: &[u64], infos: &[AllocInfo]| {
-        infos.iter().for_each(|info| add_live(&mut agg, info, cutoff_ns))
+    let batched = batch::for_each_chunk(fd, |keys: &[LiveKey], infos: &[AllocInfo]| {
+        keys.iter().zip(infos).filter(|(k, _)| k.target == target).for_each(|(_, info)| add_live(&mut agg, info, cutoff_ns))
     });
     if batched.is_ok() {
         return Ok(agg);
@@ -114,7 +128,8 @@ fn live_by_stack(maps: &ProbeMaps, cutoff_ns: u64) -> Result<FastMap<StackKey, L
     agg.clear();
     for entry in maps.live.iter() {
         match entry {
-            Ok((_, info)) => add_live(&mut agg, &info, cutoff_ns),
+            Ok((k, info)) if k.target == target => add_live(&mut agg, &info, cutoff_ns),
+            Ok(_) => continue,
             // Freed between listing its key and reading it.
             Err(MapError::KeyNotFound) => continue,
             Err(e) => return Err(e),
@@ -125,32 +140,38 @@ fn live_by_stack(maps: &ProbeMaps, cutoff_ns: u64) -> Result<FastMap<StackKey, L
 
 fn add_live(agg: &mut FastMap<StackKey, LiveAgg>, info: &AllocInfo, cutoff_ns: u64) {
     let s = agg.entry(info.stack).or_default();
-    s.bytes += info.size;
-    s.allocs += 1;
+    // The weight the probes stored, and their count weight computed the same way as theirs:
+    // these sums equal the probes' `Weight*` counters.
+    let allocs_fp = sample_count_weight(info.weight, info.size);
+    s.bytes += info.weight;
+    s.allocs_fp += allocs_fp;
+    s.samples += 1;
     if s.oldest_ns == 0 || info.timestamp_ns < s.oldest_ns {
         s.oldest_ns = info.timestamp_ns;
     }
     if info.timestamp_ns <= cutoff_ns {
-        s.leak_bytes += info.size;
-        s.leak_allocs += 1;
+        s.leak_bytes += info.weight;
+        s.leak_allocs_fp += allocs_fp;
     }
 }
 
-pub fn read_counters(maps: &ProbeMaps) -> Result<Vec<u64>, MapError> {
+/// Target slot `slot`'s counters, summed over CPUs, indexed by `profiler_common::Counter`.
+pub fn read_counters(maps: &ProbeMaps, slot: u32) -> Result<Vec<u64>, MapError> {
     (0..COUNTER_COUNT)
-        .map(|i| Ok(maps.counters.get(&i, 0)?.iter().copied().sum()))
+        .map(|i| Ok(maps.counters.get(&(slot * COUNTER_COUNT + i), 0)?.iter().copied().sum()))
         .collect()
 }
 
-/// Reads everything. Allocations younger than `min_age_ns` are live but not leaks.
-pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
+/// Reads everything of target `target` (in slot `slot`). Allocations younger than
+/// `min_age_ns` are live but not leaks.
+pub fn read(maps: &ProbeMaps, target: u64, slot: u32, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
     let now_ns = monotonic_ns();
-    let counters = read_counters(maps)?;
+    let counters = read_counters(maps, slot)?;
     let cutoff = now_ns.saturating_sub(min_age_ns);
     // The live allocations (the bulk) and the stacks are read on two threads.
     let (live, stats, frames_by_id) = std::thread::scope(|scope| {
-        let live = scope.spawn(|| live_by_stack(maps, cutoff));
-        let stats = stack_stats(maps);
+        let live = scope.spawn(|| live_by_stack(maps, target, cutoff));
+        let stats = stack_stats(maps, Some(target));
         let frames = stats.as_ref().map(|stats| stack_frames(maps, stats)).unwrap_or_default();
         (live.join().expect("live map reader panicked"), stats, frames)
     });
@@ -160,8 +181,8 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
     }
     for (key, l) in live? {
         let s = stacks.entry(key).or_insert_with(|| RawStack { key, ..Default::default() });
-        (s.live_bytes, s.live_allocs, s.leak_bytes, s.leak_allocs, s.oldest_ns) =
-            (l.bytes, l.allocs, l.leak_bytes, l.leak_allocs, l.oldest_ns);
+        (s.live_bytes, s.live_allocs_fp, s.live_samples, s.leak_bytes, s.leak_allocs_fp, s.oldest_ns) =
+            (l.bytes, l.allocs_fp, l.samples, l.leak_bytes, l.leak_allocs_fp, l.oldest_ns);
     }
     for s in stacks.values_mut() {
         if let Some(ips) = frames_by_id.get(&s.key.stack_id) {
@@ -176,8 +197,9 @@ pub fn read(maps: &ProbeMaps, min_age_ns: u64) -> Result<RawSnapshot, MapError> 
 /// The stacks recorded since `known` was filled (their keys and frames only, no live data):
 /// what [`crate::symbolize::Symbolizer::pin_jit`] names while the JIT code they return into is
 /// still the code that ran.
-pub fn new_stacks(maps: &ProbeMaps, known: &std::collections::HashSet<StackKey>) -> Result<Vec<RawStack>, MapError> {
-    let fresh: Vec<(StackKey, StackStats)> = stack_stats(maps)?.into_iter().filter(|(k, _)| !known.contains(k)).collect();
+pub fn new_stacks(maps: &ProbeMaps, target: u64, known: &std::collections::HashSet<StackKey>) -> Result<Vec<RawStack>, MapError> {
+    let fresh: Vec<(StackKey, StackStats)> =
+        stack_stats(maps, Some(target))?.into_iter().filter(|(k, _)| !known.contains(k)).collect();
     let frames = stack_frames(maps, &fresh);
     Ok(fresh
         .into_iter()
@@ -210,12 +232,12 @@ mod tests {
     /// kernel already found is not repeated.
     #[test]
     fn return_addresses_prepend_caller_once() {
-        let key = StackKey { caller: 0x20, stack_id: 3 };
+        let key = StackKey { caller: 0x20, stack_id: 3, target: 1 };
         let s = RawStack { key, ips: vec![0x10, 0x30, 0x40], ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20, 0x30, 0x40]);
         let s = RawStack { key, ips: vec![0x10, 0x20, 0x40], ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20, 0x40]);
-        let none = StackKey { caller: 0x20, stack_id: 0 };
+        let none = StackKey { caller: 0x20, stack_id: 0, target: 1 };
         let s = RawStack { key: none, ..Default::default() };
         assert_eq!(s.return_addresses(), vec![0x20]);
     }

@@ -74,13 +74,8 @@ fn map_fd(map: &Map) -> Option<RawFd> {
 
 impl SessionProgram {
     /// Loads programs `names` of `object`, their map references pointing at `ebpf`'s maps (call
-    /// before taking any map out of `ebpf`), or at `instead`'s descriptor for the map it names.
-    pub fn load<const N: usize>(
-        object: &[u8],
-        ebpf: &Ebpf,
-        names: [&str; N],
-        instead: Option<(&str, RawFd)>,
-    ) -> Result<[Self; N], SessionLinkError> {
+    /// before taking any map out of `ebpf`).
+    pub fn load<const N: usize>(object: &[u8], ebpf: &Ebpf, names: [&str; N]) -> Result<[Self; N], SessionLinkError> {
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| SessionLinkError::Parse(e.to_string()))?;
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
@@ -88,9 +83,6 @@ impl SessionProgram {
         for (map_name, map) in ebpf.maps() {
             let fd = map_fd(map).ok_or_else(|| SessionLinkError::MapType(map_name.to_string()))?;
             fds.insert(map_name.to_string(), fd);
-        }
-        if let Some((name, fd)) = instead {
-            fds.insert(name.to_string(), fd);
         }
         let maps = obj.maps.clone();
         let relocate_err =

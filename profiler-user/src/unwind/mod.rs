@@ -6,10 +6,10 @@
 //! - [`table`] compiles a file's CFI (`.eh_frame`, `.debug_frame`, a separate debug file) into
 //!   8-byte rows, once per file ([`cache`]: keyed by device and inode, shared by every target
 //!   of the process while one of them maps the file);
-//! - [`target`] places the tables of the files a target maps in its `UNWIND_ROWS` map and
-//!   keeps its `UNWIND_MAPPINGS` (address range -> file rows, or frame pointers for code with no
+//! - [`target`] places the tables of the files a target maps in `UNWIND_ROWS` and keeps its
+//!   slot's `UNWIND_MAPPINGS` (address range -> file rows, or frame pointers for code with no
 //!   CFI such as JIT code) in step with `/proc/PID/maps`, so `dlopen`ed libraries are picked up;
-//! - [`shared`] is the agent's one row map for all its targets.
+//! - [`shared`] hands out ranges of the one row map of all targets.
 //!
 //! Why in the probes rather than copying the stack out and unwinding here (perf's
 //! `--call-graph=dwarf`, framehop): the copy would cost every recorded allocation a stack
@@ -21,4 +21,4 @@ pub mod table;
 pub mod target;
 
 pub use shared::SharedRows;
-pub use target::{RowStore, TargetUnwinder, UnwindHandle, UnwindStats};
+pub use target::{TargetUnwinder, UnwindHandle, UnwindStats};

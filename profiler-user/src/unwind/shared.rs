@@ -1,36 +1,20 @@
-//! One `UNWIND_ROWS` map for every target of the agent: a file's rows are placed once and used
-//! by every traced process that maps it (libc's, libstdc++'s, a service's binary run as several
+//! One `UNWIND_ROWS` map for every target: a file's rows are placed once and used by every
+//! traced process that maps it (libc's, libstdc++'s, a service's binary run as several
 //! replicas), instead of one copy per target.
 //!
-//! The map is created here (an mmap-able BPF array, sized once: `--max-unwind-rows`), and each
-//! target's uprobe.session programs are relocated against it in place of their own object's
-//! (see `bpf::load`; classic uprobes are loaded by aya from the object and keep a map per
-//! target). Rows of a file stay while some target uses them; freed ranges are reused
-//! first-fit.
+//! The map is the loaded object's (an mmap-able BPF array, sized once: `--max-unwind-rows`).
+//! Rows of a file stay while some target uses them; freed ranges are reused first-fit.
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _},
 };
 
+use aya::maps::MapData;
 use memmap2::MmapMut;
 use profiler_common::UnwindRow;
 
 use super::cache::FileKey;
-
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-/// `union bpf_attr` for BPF_MAP_CREATE, up to `map_flags`.
-#[repr(C)]
-struct MapCreateAttr {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-    map_flags: u32,
-}
 
 struct Slot {
     start: u32,
@@ -38,9 +22,9 @@ struct Slot {
     users: u32,
 }
 
-/// The agent's shared row map.
+/// The row map of all targets.
 pub struct SharedRows {
-    fd: OwnedFd,
+    _map: MapData,
     mem: MmapMut,
     capacity: u32,
     next_free: u32,
@@ -50,28 +34,10 @@ pub struct SharedRows {
 }
 
 impl SharedRows {
-    /// Creates the map for `capacity` rows (kernel memory: 8 bytes each, allocated now).
-    pub fn create(capacity: u32) -> io::Result<SharedRows> {
-        let capacity = capacity.max(1);
-        let attr = MapCreateAttr {
-            map_type: BPF_MAP_TYPE_ARRAY,
-            key_size: 4,
-            value_size: size_of::<UnwindRow>() as u32,
-            max_entries: capacity,
-            map_flags: BPF_F_MMAPABLE,
-        };
-        let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &attr as *const MapCreateAttr, size_of::<MapCreateAttr>()) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
-        let mem = super::target::mmap_array(fd.as_raw_fd(), capacity as usize * size_of::<UnwindRow>())?;
-        Ok(SharedRows { fd, mem, capacity, next_free: 0, files: HashMap::new(), free: Vec::new() })
-    }
-
-    /// The map's descriptor, for relocating programs against it.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// Places rows in `map`, an mmap-able array of `capacity` rows.
+    pub fn over(map: MapData, capacity: u32) -> io::Result<SharedRows> {
+        let mem = super::target::mmap_array(map.fd().as_fd().as_raw_fd(), capacity as usize * size_of::<UnwindRow>())?;
+        Ok(SharedRows { _map: map, mem, capacity, next_free: 0, files: HashMap::new(), free: Vec::new() })
     }
 
     /// Where file `key`'s rows are, placing them unless another target already did; None when
@@ -130,7 +96,10 @@ mod tests {
         if unsafe { libc::geteuid() } != 0 {
             panic!("needs root (creates a BPF map)");
         }
-        let mut shared = SharedRows::create(100).unwrap();
+        let array = aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32;
+        let def = aya_obj::Map::new_from_params(array, 4, size_of::<UnwindRow>() as u32, 100, 1 << 10);
+        let map = MapData::create(def, "test_rows", None).unwrap();
+        let mut shared = SharedRows::over(map, 100).unwrap();
         let rows = vec![UnwindRow { pc: 1, cfa_offset: 8, kind: 1, rbp: 0 }; 40];
         let a = shared.acquire((1, 1), &rows).unwrap();
         assert_eq!(shared.acquire((1, 1), &rows), Some(a));

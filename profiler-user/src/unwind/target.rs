@@ -1,13 +1,13 @@
-//! One target's unwind maps: which rows of `UNWIND_ROWS` hold which file's table, and the sorted
-//! list of its executable mappings in `UNWIND_MAPPINGS`, rewritten whenever `/proc/PID/maps`
-//! changes (a `dlopen`, JIT code, an `munmap`).
+//! One target's unwind maps: which rows of the shared `UNWIND_ROWS` hold which file's table,
+//! and the sorted list of its executable mappings in its slot's range of `UNWIND_MAPPINGS`,
+//! rewritten whenever `/proc/PID/maps` changes (a `dlopen`, JIT code, an `munmap`).
 //!
 //! Both maps are memory-mapped (`BPF_F_MMAPABLE`): placing libc's ~50k rows is a copy. The
-//! mapping list has two halves: the probes search the one `UNWIND_STATE[0]` names while this
-//! writes the other, then flips; a probe never sees a half-written list. Rows of a file stay
-//! where they are placed for the target's life (append-only; a file unmapped and mapped again
-//! reuses its rows); when `UNWIND_ROWS` is full, new files fall back to frame pointers, counted
-//! in [`UnwindStats::files_refused`].
+//! mapping list has two halves: the probes search the one the slot's `UNWIND_STATE` names while
+//! this writes the other, then flips; a probe never sees a half-written list. Rows of a file
+//! stay where they are placed while a target maps it (a file unmapped and mapped again reuses
+//! its rows); when `UNWIND_ROWS` is full, new files fall back to frame pointers, counted in
+//! [`UnwindStats::files_refused`].
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
@@ -18,7 +18,9 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use memmap2::{MmapMut, MmapOptions};
-use profiler_common::{mapping, Counter, UnwindMapping, UnwindRow, MAX_UNWIND_MAPPINGS};
+use profiler_common::{
+    mapping, Counter, UnwindMapping, UnwindRow, COUNTER_COUNT, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE,
+};
 use tracing::{debug, warn};
 
 use super::{
@@ -55,8 +57,7 @@ pub struct UnwindStats {
     /// Bytes this target's rows take, and the row map's size in kernel memory.
     pub table_bytes: usize,
     pub map_bytes: usize,
-    /// The row map is the agent's, shared by all its targets (`map_bytes` counted once for
-    /// all of them), rather than this target's own.
+    /// The row map is shared by all targets (`map_bytes` counted once for all of them).
     pub shared_map: bool,
     /// Executable mappings the probes know, and how many of them use frame pointers.
     pub mappings: usize,
@@ -74,40 +75,13 @@ struct Placed {
     start: u32,
 }
 
-/// Where a target's rows go: its own object's `UNWIND_ROWS`, or the agent's shared map.
-pub enum RowStore {
-    Own { map: MapData, capacity: u32 },
-    Shared(Arc<Mutex<SharedRows>>),
-}
-
-enum Rows {
-    Own { mem: MmapMut, _map: MapData, capacity: u32, next_free: u32 },
-    Shared(Arc<Mutex<SharedRows>>),
-}
-
-impl Rows {
-    /// Where `key`'s rows start, placed now unless they already are (shared); None: no room.
-    fn place(&mut self, key: FileKey, rows: &[UnwindRow]) -> Option<u32> {
-        match self {
-            Rows::Own { mem, capacity, next_free, .. } => {
-                let len = u32::try_from(rows.len()).ok()?;
-                let end = next_free.checked_add(len).filter(|end| end <= capacity)?;
-                let at = *next_free as usize * size_of::<UnwindRow>();
-                let bytes = as_bytes(rows);
-                mem[at..at + bytes.len()].copy_from_slice(bytes);
-                Some(std::mem::replace(next_free, end))
-            }
-            Rows::Shared(shared) => shared.lock().unwrap().acquire(key, rows),
-        }
-    }
-}
-
-/// The unwind maps of one loaded probe object.
+/// One target's part of the unwind maps.
 pub struct TargetUnwinder {
     /// The target by identity: maps read after its pid was reused are not used.
     process: Arc<Process>,
     pid: u32,
-    rows: Rows,
+    slot: u32,
+    rows: Arc<Mutex<SharedRows>>,
     mappings: MmapMut,
     state: Array<MapData, u32>,
     _mappings_map: MapData,
@@ -183,32 +157,30 @@ fn table_of(pid: u32, m: &Mapping) -> Option<Arc<Table>> {
 }
 
 impl TargetUnwinder {
-    /// Takes the unwind maps of a loaded object whose `UNWIND_ROWS` holds `capacity` rows.
-    pub fn new(process: Arc<Process>, rows: RowStore, mappings: MapData, state: MapData, plan: &Plan) -> Result<Self, UnwindMapError> {
+    /// Takes target slot `slot`'s part of the unwind maps.
+    pub fn new(
+        process: Arc<Process>,
+        rows: Arc<Mutex<SharedRows>>,
+        mappings: MapData,
+        state: MapData,
+        slot: u32,
+        plan: &Plan,
+    ) -> Result<Self, UnwindMapError> {
         let pid = process.pid();
-        let mappings_mem =
-            map_rw("UNWIND_MAPPINGS", &mappings, 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>())?;
-        let (rows, capacity, map_bytes, shared) = match rows {
-            RowStore::Own { map, capacity } => {
-                let mem = map_rw("UNWIND_ROWS", &map, capacity as usize * size_of::<UnwindRow>())?;
-                let bytes = mem.len();
-                (Rows::Own { mem, _map: map, capacity, next_free: 0 }, capacity as usize, bytes, false)
-            }
-            RowStore::Shared(s) => {
-                let (_, capacity, bytes) = s.lock().unwrap().usage();
-                (Rows::Shared(s), capacity, bytes, true)
-            }
-        };
+        let all = MAX_TARGETS as usize * 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
+        let mappings_mem = map_rw("UNWIND_MAPPINGS", &mappings, all)?;
+        let (_, capacity, map_bytes) = rows.lock().unwrap().usage();
         let stats = UnwindStats {
             capacity_rows: capacity,
             map_bytes,
-            shared_map: shared,
+            shared_map: true,
             compile_ms: plan.compile_ms,
             ..Default::default()
         };
         Ok(TargetUnwinder {
             process,
             pid,
+            slot,
             rows,
             mappings: mappings_mem,
             state: Array::try_from(Map::Array(state))?,
@@ -269,10 +241,12 @@ impl TargetUnwinder {
             list.truncate(MAX_UNWIND_MAPPINGS as usize);
         }
         let half = 1 - self.active_half;
-        let base = half as usize * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
+        let base = (self.slot * 2 + half) as usize * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
         let bytes = as_bytes(&list);
         self.mappings[base..base + bytes.len()].copy_from_slice(bytes);
-        let written = self.state.set(1 + half, list.len() as u32, 0).and_then(|()| self.state.set(0, half, 0));
+        let state = self.slot * UNWIND_STATE_STRIDE;
+        let written =
+            self.state.set(state + 1 + half, list.len() as u32, 0).and_then(|()| self.state.set(state, half, 0));
         if let Err(e) = written {
             warn!(pid = self.pid, "cannot update the unwinder's mappings: {e}");
             return false;
@@ -301,7 +275,7 @@ impl TargetUnwinder {
                 return None;
             };
             let len = table.rows.len();
-            let Some(start) = self.rows.place(key, &table.rows) else {
+            let Some(start) = self.rows.lock().unwrap().acquire(key, &table.rows) else {
                 self.stats.files_refused += 1;
                 warn!(pid = self.pid, "unwind table of {} does not fit ({len} rows): frame pointers there", m.path.as_deref().unwrap_or("?"));
                 self.no_table.insert(key);
@@ -320,11 +294,12 @@ impl TargetUnwinder {
 
 impl Drop for TargetUnwinder {
     fn drop(&mut self) {
-        if let Rows::Shared(shared) = &self.rows {
-            let mut shared = shared.lock().unwrap();
-            for key in self.placed.keys() {
-                shared.release(*key);
-            }
+        // No mapping any more for the slot: a probe still running for it stops at once.
+        let state = self.slot * UNWIND_STATE_STRIDE;
+        let _ = self.state.set(state + 1, 0, 0).and_then(|()| self.state.set(state + 2, 0, 0));
+        let mut shared = self.rows.lock().unwrap();
+        for key in self.placed.keys() {
+            shared.release(*key);
         }
     }
 }
@@ -351,9 +326,11 @@ impl UnwindHandle {
     /// the probes' `COUNTERS` map.
     pub fn start(mut unwinder: TargetUnwinder, counters: PerCpuArray<MapData, u64>) -> UnwindHandle {
         unwinder.refresh();
+        let unmapped = unwinder.slot * COUNTER_COUNT + Counter::TruncatedUnmapped as u32;
         let inner = Arc::new(Mutex::new(unwinder));
         let weak = Arc::downgrade(&inner);
-        let spawned = thread::Builder::new().name("unwind-refresh".into()).spawn(move || refresher(weak, counters));
+        let spawned =
+            thread::Builder::new().name("unwind-refresh".into()).spawn(move || refresher(weak, counters, unmapped));
         if let Err(e) = spawned {
             warn!("no unwind refresher ({e}): libraries loaded later are unwound by frame pointers");
         }
@@ -370,9 +347,9 @@ impl UnwindHandle {
     }
 }
 
-fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapData, u64>) {
+fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapData, u64>, index: u32) {
     let unmapped = || {
-        let values = counters.get(&(Counter::TruncatedUnmapped as u32), 0).ok()?;
+        let values = counters.get(&index, 0).ok()?;
         Some(values.iter().sum::<u64>())
     };
     let (mut seen, mut last_refresh) = (unmapped(), Instant::now());

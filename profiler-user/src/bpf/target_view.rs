@@ -1,0 +1,232 @@
+//! One target's view over the shared probes: a slot in the per-target maps (settings,
+//! counters, unwind mappings), a fresh generation that keys its entries in the shared `LIVE`
+//! and `STACK_STATS`, and its links. Claiming a slot costs a few map writes, attaching a few
+//! `bpf(2)` calls: no program is loaded or verified per target.
+//!
+//! When a target goes, its links are dropped at once (no probe of it runs after that), its
+//! slot is freed for the next target, and what it left in the shared maps is deleted by a
+//! background purge (a million live entries take a few hundred milliseconds to list); until
+//! then the old generation keeps those entries from being taken for the new owner's.
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{IterableMap as _, MapError, PerCpuValues};
+use profiler_common::{target_id, LiveKey, StackKey, TargetConfig, COUNTER_COUNT, MAX_TARGETS, MAX_TRIGGERS};
+use tracing::{debug, warn};
+
+use super::{
+    attach::{self, AttachError, Link, ProbeSiteReport, TriggerPoint},
+    batch,
+    load::{Probes, SlotMaps},
+    reader::{self, RawSnapshot, RawStack},
+};
+use crate::target_fs::TargetFile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("memscope traces at most {MAX_TARGETS} processes at once: detach one first")]
+    Full,
+    #[error("at most {MAX_TRIGGERS} snapshot triggers in all")]
+    TriggersFull,
+    #[error("eBPF map: {0}")]
+    Map(#[from] MapError),
+}
+
+/// One target of the shared probes; dropping it detaches the target.
+pub struct TargetProbes {
+    probes: Arc<Probes>,
+    pid: u32,
+    slot: u32,
+    id: u64,
+    links: Vec<Link>,
+    triggers: Mutex<Vec<(u32, Link)>>,
+}
+
+impl TargetProbes {
+    /// Gives `pid` a free slot with a new generation, its counters and sampling state zeroed,
+    /// sampling every `sample_bytes` bytes; every target's share of `LIVE` is recomputed.
+    pub fn claim(probes: &Arc<Probes>, pid: u32, sample_bytes: u64) -> Result<TargetProbes, SlotError> {
+        let mut slots = probes.slots.lock().unwrap();
+        let slot = slots.owners.iter().position(|o| o.pid.is_none()).ok_or(SlotError::Full)? as u32;
+        let owner = &mut slots.owners[slot as usize];
+        owner.generation = owner.generation.wrapping_add(1).max(1);
+        owner.pid = Some(pid);
+        owner.sample_bytes = sample_bytes;
+        let id = target_id(slot, owner.generation);
+        reset_slot(&mut slots, slot)?;
+        rebalance(&mut slots, probes.settings.max_allocs)?;
+        debug!(pid, slot, id, "target slot claimed");
+        Ok(TargetProbes { probes: Arc::clone(probes), pid, slot, id, links: Vec::new(), triggers: Mutex::new(Vec::new()) })
+    }
+
+    /// Attaches the allocator probes for this target.
+    pub fn attach(&mut self, alloc: &attach::Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
+        let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc)?;
+        self.links.extend(links);
+        Ok(report)
+    }
+
+    pub fn probes(&self) -> &Arc<Probes> {
+        &self.probes
+    }
+
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// This target's counters, indexed by `profiler_common::Counter`.
+    pub fn counters(&self) -> Result<Vec<u64>, MapError> {
+        reader::read_counters(&self.probes.maps, self.slot)
+    }
+
+    /// The sampling interval in force (the governor may have changed it).
+    pub fn sample_bytes(&self) -> u64 {
+        self.probes.slots.lock().unwrap().owners[self.slot as usize].sample_bytes
+    }
+
+    /// Changes the sampling interval from the next allocation on; samples taken before keep
+    /// the weight of their own interval.
+    pub fn set_sample_bytes(&self, sample_bytes: u64) -> Result<(), MapError> {
+        let mut slots = self.probes.slots.lock().unwrap();
+        slots.owners[self.slot as usize].sample_bytes = sample_bytes;
+        write_config(&mut slots, self.slot, self.probes.settings.max_allocs)
+    }
+
+    /// Everything this target recorded. Allocations younger than `min_age_ns` are live but not
+    /// leaks.
+    pub fn read(&self, min_age_ns: u64) -> Result<RawSnapshot, MapError> {
+        reader::read(&self.probes.maps, self.id, self.slot, min_age_ns)
+    }
+
+    /// This target's stacks not in `known` (see [`reader::new_stacks`]).
+    pub fn new_stacks(&self, known: &HashSet<StackKey>) -> Result<Vec<RawStack>, MapError> {
+        reader::new_stacks(&self.probes.maps, self.id, known)
+    }
+
+    /// Attaches a snapshot trigger; returns its index in [`TargetProbes::trigger_hits`].
+    pub fn attach_trigger(&self, host: &TargetFile, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
+        let slot = {
+            let mut slots = self.probes.slots.lock().unwrap();
+            let free = (0..MAX_TRIGGERS).find(|s| !slots.triggers_used.contains(s)).ok_or(SlotError::TriggersFull)?;
+            slots.triggers_used.insert(free);
+            slots.trigger_hits.set(free, 0, 0)?;
+            free
+        };
+        let attached = (|| -> anyhow::Result<Link> {
+            let mut ebpf = self.probes.ebpf.lock().unwrap();
+            Ok(attach::attach_trigger(&mut ebpf, self.pid, host, file_offset, point, slot)?)
+        })();
+        let link = match attached {
+            Ok(link) => link,
+            Err(e) => {
+                self.probes.slots.lock().unwrap().triggers_used.remove(&slot);
+                return Err(e);
+            }
+        };
+        let mut triggers = self.triggers.lock().unwrap();
+        triggers.push((slot, link));
+        Ok(triggers.len() as u32 - 1)
+    }
+
+    /// How often each of this target's triggers has fired since it was attached.
+    pub fn trigger_hits(&self) -> Result<Vec<u64>, MapError> {
+        let triggers = self.triggers.lock().unwrap();
+        let slots = self.probes.slots.lock().unwrap();
+        triggers.iter().map(|(slot, _)| slots.trigger_hits.get(slot, 0)).collect()
+    }
+}
+
+impl Drop for TargetProbes {
+    fn drop(&mut self) {
+        // Links first: once they are gone no probe runs for this target.
+        self.links.clear();
+        let triggers = std::mem::take(&mut *self.triggers.lock().unwrap());
+        let mut slots = self.probes.slots.lock().unwrap();
+        for (slot, link) in triggers {
+            drop(link);
+            slots.triggers_used.remove(&slot);
+        }
+        slots.owners[self.slot as usize].pid = None;
+        slots.owners[self.slot as usize].sample_bytes = 0;
+        if let Err(e) = write_config(&mut slots, self.slot, 0).and_then(|()| rebalance(&mut slots, self.probes.settings.max_allocs)) {
+            warn!(pid = self.pid, "cannot release the target's slot: {e}");
+        }
+        drop(slots);
+        let (probes, id) = (Arc::clone(&self.probes), self.id);
+        let spawned = std::thread::Builder::new().name("probe-purge".into()).spawn(move || purge(&probes, id));
+        if let Err(e) = spawned {
+            warn!("no purge thread ({e}): the departed target's entries stay in the maps");
+        }
+    }
+}
+
+/// Zeroes everything per slot the probes keep for `slot`.
+fn reset_slot(slots: &mut SlotMaps, slot: u32) -> Result<(), MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: e }))?;
+    for i in 0..COUNTER_COUNT {
+        slots.counters.set(slot * COUNTER_COUNT + i, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    }
+    slots.countdown.set(slot, PerCpuValues::try_from(vec![0i64; cpus])?, 0)?;
+    slots.target_live.set(slot, 0, 0)?;
+    slots.active_calls.set(slot, 0, 0)?;
+    Ok(())
+}
+
+fn write_config(slots: &mut SlotMaps, slot: u32, max_allocs: u32) -> Result<(), MapError> {
+    let owner = slots.owners[slot as usize];
+    let attached = slots.owners.iter().filter(|o| o.pid.is_some()).count().max(1) as u64;
+    let live_quota = if owner.pid.is_some() { u64::from(max_allocs) / attached } else { 0 };
+    slots.targets.set(slot, TargetConfig { sample_bytes: owner.sample_bytes, live_quota }, 0)
+}
+
+/// Every attached target gets an equal share of `LIVE` (`--max-allocs`).
+fn rebalance(slots: &mut SlotMaps, max_allocs: u32) -> Result<(), MapError> {
+    for slot in 0..MAX_TARGETS {
+        if slots.owners[slot as usize].pid.is_some() {
+            write_config(slots, slot, max_allocs)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes what departed target `id` left in `LIVE` and `STACK_STATS`, then the stacks no
+/// target uses any more: those unreferenced at this purge and the last one (a stack stored an
+/// instant before its first total is referenced at the next).
+fn purge(probes: &Probes, id: u64) {
+    let maps = &probes.maps;
+    let live_fd = maps.live.map().fd().as_fd().as_raw_fd();
+    let mut dead: Vec<LiveKey> = Vec::new();
+    let listed = batch::for_each_chunk(live_fd, |keys: &[LiveKey], _: &[profiler_common::AllocInfo]| {
+        dead.extend(keys.iter().filter(|k| k.target == id));
+    });
+    if let Err(e) = listed {
+        warn!("cannot list live allocations to purge: {e}");
+        return;
+    }
+    let live = batch::delete(live_fd, &dead);
+    let Ok(stats) = reader::stack_stats(maps, None) else { return };
+    let (theirs, others): (Vec<_>, Vec<_>) = stats.into_iter().partition(|(k, _)| k.target == id);
+    let theirs: Vec<StackKey> = theirs.into_iter().map(|(k, _)| k).collect();
+    let stats_deleted = batch::delete(maps.stack_stats.map().fd().as_fd().as_raw_fd(), &theirs);
+    let referenced: HashSet<u64> = others.iter().map(|(k, _)| k.stack_id).collect();
+    let stacks_fd = maps.stacks.map().fd().as_fd().as_raw_fd();
+    let mut unreferenced = Vec::new();
+    let listed = batch::for_each_chunk(stacks_fd, |ids: &[u64], _: &[profiler_common::StackFrames]| {
+        unreferenced.extend(ids.iter().filter(|id| !referenced.contains(id)));
+    });
+    if listed.is_err() {
+        return;
+    }
+    let mut previous = probes.unreferenced_stacks.lock().unwrap();
+    let (doomed, kept): (Vec<u64>, Vec<u64>) = unreferenced.into_iter().partition(|id| previous.contains(id));
+    let stacks = batch::delete(stacks_fd, &doomed);
+    *previous = kept.into_iter().collect();
+    debug!(target = id, live, stats = stats_deleted, stacks, "departed target purged");
+}
