@@ -1,6 +1,7 @@
 //! memscope's user side, in the order the data flows:
-//! [`procfs`] finds the target and its allocator, [`bpf`] loads, attaches and reads the probes,
-//! [`unwind`] gives the probes each mapped file's CFI as tables, [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
+//! [`procfs`] finds the target and its allocator, [`bpf`] loads the probes once and gives each
+//! target a view over them ([`bpf::target_view`]), attaches and reads them, [`governor`] keeps
+//! their cost within a budget, [`unwind`] gives the probes each mapped file's CFI as tables, [`aggregate`] builds heap profiles, [`symbolize`] names frames, [`render`] writes reports,
 //! [`store`] keeps snapshots, [`api`] serves them over HTTP, [`cli`] is the command line.
 //! [`target_fs`] opens files a target controls without leaving its root; [`target`] is the
 //! seam between the tracing half and the serving half; [`discover`] picks the processes to trace
@@ -14,6 +15,7 @@ pub mod discover;
 pub mod export;
 pub mod errors;
 pub mod fuzzing;
+pub mod governor;
 pub mod process;
 pub mod procfs;
 pub mod render;

@@ -248,6 +248,7 @@ impl TracedTarget for Session {
             unwind: build::unwind(&counters),
             unwind_tables: self.unwind.as_ref().map(UnwindHandle::stats),
             sample_bytes: self.target.sample_bytes(),
+            probe_cost: self.target.cost(),
             probe_mode: self.probe_mode.name().to_string(),
             alive: self.alive(),
             labels: Default::default(),
@@ -264,12 +265,14 @@ impl TracedTarget for Session {
 /// `settings.max_allocs` live allocations for all targets together.
 pub struct EbpfAttacher {
     settings: ProbeSettings,
+    /// `--cpu-budget`: the governor's share of one CPU per target (percent).
+    cpu_budget: Option<f64>,
     probes: Mutex<Option<Arc<Probes>>>,
 }
 
 impl EbpfAttacher {
-    pub fn new(settings: ProbeSettings) -> EbpfAttacher {
-        EbpfAttacher { settings, probes: Mutex::new(None) }
+    pub fn new(settings: ProbeSettings, cpu_budget: Option<f64>) -> EbpfAttacher {
+        EbpfAttacher { settings, cpu_budget, probes: Mutex::new(None) }
     }
 
     pub fn settings(&self) -> ProbeSettings {
@@ -297,6 +300,9 @@ impl Attacher for EbpfAttacher {
                 Some(p) => Arc::clone(p),
                 None => {
                     let loaded = Arc::new(Probes::load(self.settings, self.settings.max_unwind_rows)?);
+                    if let Some(budget) = self.cpu_budget {
+                        crate::governor::start(&loaded, budget);
+                    }
                     *probes = Some(Arc::clone(&loaded));
                     loaded
                 }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use crate::{aggregate::HeapProfile, trigger::TriggerHost};
 
 /// Cheap statistics of a traced target, read without walking its live allocations.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct TargetStats {
     pub pid: u32,
     /// Executable name (`/proc/PID/comm`).
@@ -21,8 +21,12 @@ pub struct TargetStats {
     pub unwind: BTreeMap<String, u64>,
     /// The target's unwind tables: files, rows, kernel memory.
     pub unwind_tables: Option<crate::unwind::UnwindStats>,
-    /// Mean bytes between samples, 0 for every allocation.
+    /// Mean bytes between samples in force, 0 for every allocation (the governor may have
+    /// widened it: see `probe_cost`).
     pub sample_bytes: u64,
+    /// What the probes cost the target, measured by the governor (`--cpu-budget`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_cost: Option<crate::governor::ProbeCost>,
     /// How the allocator probes are attached: `session` or `classic`.
     pub probe_mode: String,
     pub alive: bool,

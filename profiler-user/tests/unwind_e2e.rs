@@ -1157,7 +1157,7 @@ fn agent_targets_share_unwind_rows() {
     use profiler_user::{bpf::load::ProbeSettings, session::EbpfAttacher, target::Attacher};
     require_root();
     let exe = c_fixture();
-    let attacher = EbpfAttacher::new(ProbeSettings::default());
+    let attacher = EbpfAttacher::new(ProbeSettings::default(), None);
     let mut a = Fixture::spawn(fixture_cmd(&exe, &["basic", "400"], None));
     let mut b = Fixture::spawn(fixture_cmd(&exe, &["basic", "400"], None));
     let ta = attacher.attach(a.pid).unwrap();

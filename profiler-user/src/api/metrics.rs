@@ -101,6 +101,17 @@ impl Metrics {
         for t in targets {
             let _ = writeln!(out, "memscope_target_sample_bytes{{{}}} {}", target_labels(t), t.sample_bytes);
         }
+        let governed: Vec<_> = targets.iter().filter_map(|t| Some((t, t.probe_cost.as_ref()?))).collect();
+        if !governed.is_empty() {
+            family(&mut out, "memscope_target_probe_cpu_percent", "gauge", "Share of one CPU the probes cost the target (governor's measure).");
+            for (t, c) in &governed {
+                let _ = writeln!(out, "memscope_target_probe_cpu_percent{{{}}} {}", target_labels(t), c.cpu_percent);
+            }
+            family(&mut out, "memscope_target_cpu_budget_percent", "gauge", "The governor's budget for the target (--cpu-budget).");
+            for (t, c) in &governed {
+                let _ = writeln!(out, "memscope_target_cpu_budget_percent{{{}}} {}", target_labels(t), c.budget_percent.unwrap_or(0.0));
+            }
+        }
 
         if let Some(s) = self_stat() {
             family(&mut out, "memscope_agent_cpu_seconds_total", "counter", "CPU time used by the agent (user and system).");

@@ -141,6 +141,7 @@ impl TracedTarget for FakeTarget {
             unwind: [("truncated_no_cfi".to_string(), 2)].into(),
             unwind_tables: None,
             sample_bytes: 0,
+            probe_cost: None,
             probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),

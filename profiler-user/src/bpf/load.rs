@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    weight_table, AllocInfo, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, EXP_TABLE_LEN, EXP_TABLE_SHIFT,
+    target_id, weight_table, AllocInfo, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, EXP_TABLE_LEN, EXP_TABLE_SHIFT,
     MAX_TARGETS,
 };
 use tracing::{debug, info};
@@ -126,6 +126,8 @@ pub struct Probes {
     pub(crate) unreferenced_stacks: Mutex<std::collections::HashSet<u64>>,
     /// `COUNTERS`, for the readers on other threads (`counters_handle`).
     counters_fd: OwnedFd,
+    /// What the probes cost each target (by target id), measured by the governor.
+    pub(crate) costs: Mutex<std::collections::HashMap<u64, crate::governor::ProbeCost>>,
 }
 
 /// uprobe.session programs. `malloc` and `free`, the most frequent calls, have their own:
@@ -166,6 +168,8 @@ pub struct SlotMaps {
 pub struct SlotOwner {
     pub pid: Option<u32>,
     pub generation: u32,
+    /// The interval the target was attached with, and the one in force (the governor's).
+    pub base_sample_bytes: u64,
     pub sample_bytes: u64,
 }
 
@@ -274,6 +278,7 @@ impl Probes {
             settings,
             unreferenced_stacks: Default::default(),
             counters_fd,
+            costs: Default::default(),
         })
     }
 
@@ -289,6 +294,26 @@ impl Probes {
     /// Targets attached now.
     pub fn targets(&self) -> usize {
         self.slots.lock().unwrap().owners.iter().filter(|o| o.pid.is_some()).count()
+    }
+
+    /// `(target id, slot, configured interval, interval in force)` of every attached target.
+    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64)> {
+        let slots = self.slots.lock().unwrap();
+        (0..MAX_TARGETS)
+            .filter_map(|slot| {
+                let o = slots.owners[slot as usize];
+                o.pid?;
+                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes))
+            })
+            .collect()
+    }
+
+    /// Changes slot `slot`'s sampling interval from its next allocation on; samples taken
+    /// before keep the weight of their own interval.
+    pub fn set_slot_sample_bytes(&self, slot: u32, sample_bytes: u64) -> Result<(), aya::maps::MapError> {
+        let mut slots = self.slots.lock().unwrap();
+        slots.owners[slot as usize].sample_bytes = sample_bytes;
+        super::target_view::write_config(&mut slots, slot, self.settings.max_allocs)
     }
 
     /// A new handle on `COUNTERS` (for a reader on another thread).

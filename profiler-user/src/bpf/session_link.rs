@@ -73,6 +73,11 @@ fn map_fd(map: &Map) -> Option<RawFd> {
 }
 
 impl SessionProgram {
+    /// The program's descriptor (its run statistics are in `/proc/self/fdinfo`).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// Loads programs `names` of `object`, their map references pointing at `ebpf`'s maps (call
     /// before taking any map out of `ebpf`).
     pub fn load<const N: usize>(object: &[u8], ebpf: &Ebpf, names: [&str; N]) -> Result<[Self; N], SessionLinkError> {

@@ -54,6 +54,7 @@ impl TargetProbes {
         let owner = &mut slots.owners[slot as usize];
         owner.generation = owner.generation.wrapping_add(1).max(1);
         owner.pid = Some(pid);
+        owner.base_sample_bytes = sample_bytes;
         owner.sample_bytes = sample_bytes;
         let id = target_id(slot, owner.generation);
         reset_slot(&mut slots, slot)?;
@@ -91,12 +92,9 @@ impl TargetProbes {
         self.probes.slots.lock().unwrap().owners[self.slot as usize].sample_bytes
     }
 
-    /// Changes the sampling interval from the next allocation on; samples taken before keep
-    /// the weight of their own interval.
-    pub fn set_sample_bytes(&self, sample_bytes: u64) -> Result<(), MapError> {
-        let mut slots = self.probes.slots.lock().unwrap();
-        slots.owners[self.slot as usize].sample_bytes = sample_bytes;
-        write_config(&mut slots, self.slot, self.probes.settings.max_allocs)
+    /// What the probes cost this target, when the governor measures it.
+    pub fn cost(&self) -> Option<crate::governor::ProbeCost> {
+        self.probes.costs.lock().unwrap().get(&self.id).cloned()
     }
 
     /// Everything this target recorded. Allocations younger than `min_age_ns` are live but not
@@ -159,6 +157,7 @@ impl Drop for TargetProbes {
             warn!(pid = self.pid, "cannot release the target's slot: {e}");
         }
         drop(slots);
+        self.probes.costs.lock().unwrap().remove(&self.id);
         let (probes, id) = (Arc::clone(&self.probes), self.id);
         let spawned = std::thread::Builder::new().name("probe-purge".into()).spawn(move || purge(&probes, id));
         if let Err(e) = spawned {
@@ -179,7 +178,7 @@ fn reset_slot(slots: &mut SlotMaps, slot: u32) -> Result<(), MapError> {
     Ok(())
 }
 
-fn write_config(slots: &mut SlotMaps, slot: u32, max_allocs: u32) -> Result<(), MapError> {
+pub(super) fn write_config(slots: &mut SlotMaps, slot: u32, max_allocs: u32) -> Result<(), MapError> {
     let owner = slots.owners[slot as usize];
     let attached = slots.owners.iter().filter(|o| o.pid.is_some()).count().max(1) as u64;
     let live_quota = if owner.pid.is_some() { u64::from(max_allocs) / attached } else { 0 };

@@ -63,12 +63,18 @@ pub struct AgentArgs {
     /// `full` records every allocation; a size (e.g. 512KiB) samples one per that many bytes.
     #[arg(long, default_value = "512KiB", value_parser = crate::units::parse_sampling)]
     pub sampling: u64,
-    /// Live allocations tracked at once per target.
+    /// Live allocations tracked at once, all targets together: each gets an equal share, and
+    /// its allocations past it are dropped (counted as `live_map_full` for that target).
     #[arg(long, default_value_t = ProbeSettings::default().max_allocs)]
     pub max_allocs: u32,
-    /// Distinct allocation stacks tracked per target.
-    #[arg(long, default_value_t = ProbeSettings::default().max_stacks)]
+    /// Distinct allocation stacks tracked, all targets together.
+    #[arg(long, default_value_t = 1 << 16)]
     pub max_stacks: u32,
+    /// Keep what the probes cost each target under this share of one CPU (percent, e.g. 2):
+    /// the target's sampling interval widens under load and narrows back when it drops. The
+    /// interval in force is in every output.
+    #[arg(long, value_name = "PERCENT", value_parser = parse_budget)]
+    pub cpu_budget: Option<f64>,
     /// Unwind rows (8 bytes each) for all targets: one map shared by every target, each file's
     /// table placed once (libc's serves every process), allocated at the first attach (the
     /// default, 4 Mi rows, is 32 MiB). Files that do not fit use frame pointers, counted.
@@ -156,7 +162,14 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
     };
-    Arc::new(EbpfAttacher::new(settings))
+    Arc::new(EbpfAttacher::new(settings, args.cpu_budget))
+}
+
+fn parse_budget(s: &str) -> Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a percentage of one CPU between 0 and 100 (e.g. 2 or 0.5)")),
+    }
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {

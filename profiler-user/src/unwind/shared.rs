@@ -36,7 +36,7 @@ pub struct SharedRows {
 impl SharedRows {
     /// Places rows in `map`, an mmap-able array of `capacity` rows.
     pub fn over(map: MapData, capacity: u32) -> io::Result<SharedRows> {
-        let mem = super::target::mmap_array(map.fd().as_fd().as_raw_fd(), capacity as usize * size_of::<UnwindRow>())?;
+        let mem = super::target::mmap_array(map.fd().as_fd().as_raw_fd(), 0, capacity as usize * size_of::<UnwindRow>())?;
         Ok(SharedRows { _map: map, mem, capacity, next_free: 0, files: HashMap::new(), free: Vec::new() })
     }
 

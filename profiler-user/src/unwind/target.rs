@@ -19,7 +19,7 @@ use std::{
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use memmap2::{MmapMut, MmapOptions};
 use profiler_common::{
-    mapping, Counter, UnwindMapping, UnwindRow, COUNTER_COUNT, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE,
+    mapping, Counter, UnwindMapping, UnwindRow, COUNTER_COUNT, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE,
 };
 use tracing::{debug, warn};
 
@@ -93,16 +93,14 @@ pub struct TargetUnwinder {
     stats: UnwindStats,
 }
 
-fn map_rw(name: &'static str, data: &MapData, bytes: usize) -> Result<MmapMut, UnwindMapError> {
-    mmap_array(data.fd().as_fd().as_raw_fd(), bytes).map_err(|source| UnwindMapError::Mmap { name, source })
-}
-
-/// Maps the BPF array behind `fd` (created with BPF_F_MMAPABLE, `bytes` of values) for writing.
-pub(super) fn mmap_array(fd: RawFd, bytes: usize) -> std::io::Result<MmapMut> {
+/// Maps the BPF array behind `fd` (created with BPF_F_MMAPABLE) for writing, `bytes` of its
+/// values from `offset` (a multiple of the page size). The kernel maps every page at once, and
+/// each counts in this process's RSS: a target maps its own slot's range only.
+pub(super) fn mmap_array(fd: RawFd, offset: u64, bytes: usize) -> std::io::Result<MmapMut> {
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    // SAFETY: an mmap-able BPF array of at least this many bytes; only this process writes it,
-    // the probes only read.
-    unsafe { MmapOptions::new().len(bytes.next_multiple_of(page)).map_mut(fd) }
+    // SAFETY: an mmap-able BPF array with at least this many bytes from `offset`; the probes
+    // only read it.
+    unsafe { MmapOptions::new().offset(offset).len(bytes.next_multiple_of(page)).map_mut(fd) }
 }
 
 /// Rows needed for the files `pid` maps now, compiling (and caching) their tables: what the
@@ -167,8 +165,11 @@ impl TargetUnwinder {
         plan: &Plan,
     ) -> Result<Self, UnwindMapError> {
         let pid = process.pid();
-        let all = MAX_TARGETS as usize * 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
-        let mappings_mem = map_rw("UNWIND_MAPPINGS", &mappings, all)?;
+        // 2 x 1024 x 40 bytes: 20 pages, so every slot's range starts on a page.
+        let per_slot = 2 * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
+        let fd = mappings.fd().as_fd().as_raw_fd();
+        let mappings_mem = mmap_array(fd, (slot as usize * per_slot) as u64, per_slot)
+            .map_err(|source| UnwindMapError::Mmap { name: "UNWIND_MAPPINGS", source })?;
         let (_, capacity, map_bytes) = rows.lock().unwrap().usage();
         let stats = UnwindStats {
             capacity_rows: capacity,
@@ -241,7 +242,7 @@ impl TargetUnwinder {
             list.truncate(MAX_UNWIND_MAPPINGS as usize);
         }
         let half = 1 - self.active_half;
-        let base = (self.slot * 2 + half) as usize * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
+        let base = half as usize * MAX_UNWIND_MAPPINGS as usize * size_of::<UnwindMapping>();
         let bytes = as_bytes(&list);
         self.mappings[base..base + bytes.len()].copy_from_slice(bytes);
         let state = self.slot * UNWIND_STATE_STRIDE;
