@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// Runs per measurement; the median is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     repeat: u32,
+    /// Run only the `node` section (one agent, 50 targets).
+    #[arg(long)]
+    node_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -93,6 +96,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     cmd::require_root("`cargo xtask bench`")?;
     let started = Instant::now();
     let tools = prepare()?;
+    if args.node_only {
+        let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
+        print!("{}", node.render());
+        for (name, limit, value, met) in node.targets() {
+            let mark = if met { "met    " } else { "NOT MET" };
+            println!("  [{mark}] {name}: {value} (target {limit})");
+        }
+        return Ok(());
+    }
     let load_before = loadavg();
     let measured = Instant::now();
     let pairs = compare(&tools, &PAIRS, args.repeat)?;
@@ -104,6 +116,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let agent_nofp_full = agent_cpu(&tools, args.repeat, Program::NoFp, &["--sampling", "full"])?;
     let big = big_attach(&tools, args.repeat)?;
     let snapshot = snapshot_cost(&tools, args.repeat)?;
+    let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -113,6 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         agent_nofp_full,
         big,
         snapshot,
+        node,
         measure_s: measured.elapsed().as_secs_f64(),
         total_s: started.elapsed().as_secs_f64(),
     };
@@ -1352,6 +1366,8 @@ struct Report {
     agent_nofp_full: Vec<AgentRun>,
     big: Vec<BigRun>,
     snapshot: Vec<SnapshotRun>,
+    /// One agent with 50 targets.
+    node: crate::bench_node::NodeRun,
     measure_s: f64,
     total_s: f64,
 }
@@ -1474,6 +1490,9 @@ impl Report {
             value: format!("{rss:.0} MiB (peak, snapshot included)"),
             met: rss <= AGENT_MAX_RSS_MIB,
         });
+        for (name, limit, value, met) in self.node.targets() {
+            out.push(Target { name, limit, value, met });
+        }
         out
     }
 
@@ -1511,6 +1530,7 @@ impl Report {
         s += &self.render_agent();
         s += &self.render_unwind();
         s += &self.render_snapshot();
+        s += &self.node.render();
         s += "\ntargets\n\n";
         for t in self.targets() {
             let mark = if t.met { "met    " } else { "NOT MET" };
@@ -1750,6 +1770,7 @@ impl Report {
                 "max_rss_kib": self.snap(|r| r.max_rss_kib as f64),
                 "runs": snapshot,
             },
+            "node": self.node.to_json(),
             "targets": targets,
             "measure_s": self.measure_s,
             "total_s": self.total_s,

@@ -3,10 +3,10 @@
 //! and `STACK_STATS`, and its links. Claiming a slot costs a few map writes, attaching a few
 //! `bpf(2)` calls: no program is loaded or verified per target.
 //!
-//! When a target goes, its links are dropped at once (no probe of it runs after that), its
-//! slot is freed for the next target, and what it left in the shared maps is deleted by a
-//! background purge (a million live entries take a few hundred milliseconds to list); until
-//! then the old generation keeps those entries from being taken for the new owner's.
+//! When a target goes, a background thread drops its links (no probe of it runs after that),
+//! frees its slot for the next target and deletes what it left in the shared maps (a million
+//! live entries take a few hundred milliseconds to list); the slot's new generation keeps
+//! entries not yet deleted from being taken for the next owner's.
 use std::{
     collections::HashSet,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -25,11 +25,14 @@ use super::{
 };
 use crate::target_fs::TargetFile;
 
+/// Snapshot triggers (return and USDT probe sites) one target may have.
+pub const MAX_TRIGGERS_PER_TARGET: usize = 64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
     #[error("memscope traces at most {MAX_TARGETS} processes at once: detach one first")]
     Full,
-    #[error("at most {MAX_TRIGGERS} snapshot triggers in all")]
+    #[error("at most {MAX_TRIGGERS} snapshot triggers in all, {MAX_TRIGGERS_PER_TARGET} per target")]
     TriggersFull,
     #[error("eBPF map: {0}")]
     Map(#[from] MapError),
@@ -110,6 +113,9 @@ impl TargetProbes {
 
     /// Attaches a snapshot trigger; returns its index in [`TargetProbes::trigger_hits`].
     pub fn attach_trigger(&self, host: &TargetFile, file_offset: u64, point: TriggerPoint) -> anyhow::Result<u32> {
+        if self.triggers.lock().unwrap().len() >= MAX_TRIGGERS_PER_TARGET {
+            return Err(SlotError::TriggersFull.into());
+        }
         let slot = {
             let mut slots = self.probes.slots.lock().unwrap();
             let free = (0..MAX_TRIGGERS).find(|s| !slots.triggers_used.contains(s)).ok_or(SlotError::TriggersFull)?;
@@ -142,27 +148,42 @@ impl TargetProbes {
 }
 
 impl Drop for TargetProbes {
+    /// Detaching waits for the kernel: each uprobe link's release ends with an RCU grace period
+    /// (~40 ms here), and a target has three links and its triggers. That happens on a thread
+    /// of its own, the links released concurrently (one grace period for all, measured in
+    /// `cargo xtask bench`'s node section): the caller does not wait. The slot is given back
+    /// only once no probe of this target can run any more.
     fn drop(&mut self) {
-        // Links first: once they are gone no probe runs for this target.
-        self.links.clear();
+        let links = std::mem::take(&mut self.links);
         let triggers = std::mem::take(&mut *self.triggers.lock().unwrap());
-        let mut slots = self.probes.slots.lock().unwrap();
-        for (slot, link) in triggers {
-            drop(link);
-            slots.triggers_used.remove(&slot);
-        }
-        slots.owners[self.slot as usize].pid = None;
-        slots.owners[self.slot as usize].sample_bytes = 0;
-        if let Err(e) = write_config(&mut slots, self.slot, 0).and_then(|()| rebalance(&mut slots, self.probes.settings.max_allocs)) {
-            warn!(pid = self.pid, "cannot release the target's slot: {e}");
-        }
-        drop(slots);
         self.probes.costs.lock().unwrap().remove(&self.id);
-        let (probes, id) = (Arc::clone(&self.probes), self.id);
-        let spawned = std::thread::Builder::new().name("probe-purge".into()).spawn(move || purge(&probes, id));
-        if let Err(e) = spawned {
-            warn!("no purge thread ({e}): the departed target's entries stay in the maps");
+        let (probes, id, slot, pid) = (Arc::clone(&self.probes), self.id, self.slot, self.pid);
+        let detach = move || {
+            let trigger_slots: Vec<u32> = triggers.iter().map(|(s, _)| *s).collect();
+            std::thread::scope(|scope| {
+                for link in links.into_iter().chain(triggers.into_iter().map(|(_, l)| l)) {
+                    scope.spawn(move || drop(link));
+                }
+            });
+            release_slot(&probes, slot, pid, &trigger_slots);
+            purge(&probes, id);
+        };
+        if let Err(e) = std::thread::Builder::new().name("detach".into()).spawn(detach) {
+            warn!(pid = self.pid, "no detach thread ({e}): the target's slot is not reused");
         }
+    }
+}
+
+/// Frees `slot` and `triggers` for other targets, once the departed target's links are gone.
+fn release_slot(probes: &Probes, slot: u32, pid: u32, triggers: &[u32]) {
+    let mut slots = probes.slots.lock().unwrap();
+    for t in triggers {
+        slots.triggers_used.remove(t);
+    }
+    slots.owners[slot as usize].pid = None;
+    slots.owners[slot as usize].sample_bytes = 0;
+    if let Err(e) = write_config(&mut slots, slot, 0).and_then(|()| rebalance(&mut slots, probes.settings.max_allocs)) {
+        warn!(pid, "cannot release the target's slot: {e}");
     }
 }
 

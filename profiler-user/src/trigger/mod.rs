@@ -6,7 +6,7 @@
 //! agent) takes the snapshots and stores them with their reason.
 //!
 //! Limits: one engine per target; return/USDT probes are attached to the objects mapped when
-//! the engine starts (not to libraries loaded later); at most `profiler_common::MAX_TRIGGERS`
+//! the engine starts (not to libraries loaded later); at most `crate::bpf::target_view::MAX_TRIGGERS_PER_TARGET`
 //! probe sites per target. Needs what the session needs (root, kernel ≥ 5.15 for attach
 //! cookies), plus ptrace access to the target for USDT semaphores.
 pub mod engine;
