@@ -220,6 +220,8 @@ fn rebalance(slots: &mut SlotMaps, max_allocs: u32) -> Result<(), MapError> {
 /// target uses any more: those unreferenced at this purge and the last one (a stack stored an
 /// instant before its first total is referenced at the next).
 fn purge(probes: &Probes, id: u64) {
+    // One at a time: each holds a map's listing (a few MiB), and fifty targets may go at once.
+    let mut previous = probes.unreferenced_stacks.lock().unwrap();
     let maps = &probes.maps;
     let live_fd = maps.live.map().fd().as_fd().as_raw_fd();
     let mut dead: Vec<LiveKey> = Vec::new();
@@ -244,7 +246,6 @@ fn purge(probes: &Probes, id: u64) {
     if listed.is_err() {
         return;
     }
-    let mut previous = probes.unreferenced_stacks.lock().unwrap();
     let (doomed, kept): (Vec<u64>, Vec<u64>) = unreferenced.into_iter().partition(|id| previous.contains(id));
     let stacks = batch::delete(stacks_fd, &doomed);
     *previous = kept.into_iter().collect();
