@@ -231,7 +231,7 @@ fn v8_in_another_network_namespace() {
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
     let spawn = |squat: bool| {
         let squatter = if squat {
-            "node -e \"require('net').createServer().listen(9229, '127.0.0.1'); setTimeout(() => {}, 120000)\" & sleep 1; "
+            "node -e \"require('net').createServer().listen(9229, '127.0.0.1').unref(); setTimeout(() => {}, 60000)\" & sleep 1; "
         } else {
             ""
         };
