@@ -383,13 +383,13 @@ pub(crate) fn annotate_diff(state: &State, a: &str, b: &str, top: usize, json: &
     let (Some(before), Some(after)) = (load_summary(state, a), load_summary(state, b)) else { return };
     let mut grew = crate::v8::summary::grew(&before.summary, &after.summary);
     grew.truncate(top);
-    let based = v8_growth::report(&after.summary, &after.verdicts, 0);
+    let (verdict_snapshots, window_s) = v8_growth::basis(&after.verdicts);
     let (before, after, verdicts) = (before.summary, after.summary, after.verdicts);
     json["v8"] = serde_json::json!({
         "before": { "reason": before.reason, "taken_at_ms": before.taken_at_ms, "self_size": before.self_size, "node_count": before.node_count },
         "after": { "reason": after.reason, "taken_at_ms": after.taken_at_ms, "self_size": after.self_size, "node_count": after.node_count },
-        "verdict_snapshots": based.verdict_snapshots,
-        "window_s": based.window_s,
+        "verdict_snapshots": verdict_snapshots,
+        "window_s": window_s,
         "constructors_grew": v8_growth::judge_growth(grew, &verdicts),
     });
 }

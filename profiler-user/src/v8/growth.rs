@@ -106,18 +106,25 @@ pub fn report(s: &HeapSummary, verdicts: &HashMap<String, Verdict>, top: usize) 
         (None, None) => b.self_size.cmp(&a.self_size),
     }
     .then_with(|| a.name.cmp(&b.name)));
-    let based = verdicts.values().map(|v| v.snapshots).max();
+    let (verdict_snapshots, window_s) = basis(verdicts);
     JsHeapReport {
         reason: s.reason.clone(),
         taken_at_ms: s.taken_at_ms,
         node_count: s.node_count,
         self_size: s.self_size,
         retained_size_computed: s.retained_size_computed,
-        verdict_snapshots: based,
-        window_s: based.map(|_| verdicts.values().map(|v| v.window_s).fold(0.0, f64::max)),
+        verdict_snapshots,
+        window_s,
         constructor_count: rows.len(),
         constructors: rows.into_iter().take(top).map(|(_, c)| c).collect(),
     }
+}
+
+/// What `verdicts` are based on: how many summaries, over how many seconds (`None` without
+/// verdicts).
+pub fn basis(verdicts: &HashMap<String, Verdict>) -> (Option<usize>, Option<f64>) {
+    let n = verdicts.values().map(|v| v.snapshots).max();
+    (n, n.map(|_| verdicts.values().map(|v| v.window_s).fold(0.0, f64::max)))
 }
 
 impl JsHeapReport {
