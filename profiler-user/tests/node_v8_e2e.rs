@@ -231,7 +231,7 @@ fn v8_in_another_network_namespace() {
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
     let spawn = |squat: bool| {
         let squatter = if squat {
-            "node -e \"require('net').createServer().listen(9229, '127.0.0.1'); setTimeout(() => {}, 120000)\" & sleep 1; "
+            "node -e \"require('net').createServer().listen(9229, '127.0.0.1').unref(); setTimeout(() => {}, 60000)\" & sleep 1; "
         } else {
             ""
         };
@@ -254,7 +254,10 @@ fn v8_in_another_network_namespace() {
 }
 
 /// With --v8-summaries, snapshots stored around growth carry V8 heap summaries: the diff (API
-/// and `memscope diff`) names LeakyRecord among the constructors that grew, not ChurnRecord.
+/// and `memscope diff`) names LeakyRecord among the constructors that grew, not ChurnRecord;
+/// from the third summary on, LeakyRecord has the verdict `growing` with its confidence (as a
+/// native stack would with 3 snapshots: at most 0.75) in the diff, the target's leak report
+/// and the stored snapshot's, and ChurnRecord (made and dropped all the time) is not growing.
 #[test]
 fn v8_summaries_with_stored_snapshots_and_diff() {
     require_root();
@@ -265,26 +268,86 @@ fn v8_summaries_with_stored_snapshots_and_diff() {
     let tf = tokens(dir.path());
     let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string(), "--v8-summaries"]).unwrap();
     let snapshots = format!("{}/v1/targets/{}/snapshots?min_age=0s", a.url, node.pid);
-    let take = || {
+    // Three summaries evenly spaced in time, the leak growing by the same step right after each,
+    // so that it is linear in time as a steady leak is: a fit of 3 points has 1 degree of
+    // freedom, and the middle summary off by 14% of the spacing fails the slope's
+    // test. The third snapshot is started so that its summary comes as long after the second
+    // as the second after the first, whatever the second's delays on a loaded machine.
+    const SPACING_MS: u64 = 6000;
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let summary_ms = |id: &str| {
+        let (s, b) = http("GET", &format!("{}/v1/snapshots/{id}?format=leaks", a.url), READ, None);
+        assert_eq!(s, 200);
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        v["v8"]["taken_at_ms"].as_u64().unwrap_or_else(|| panic!("no V8 summary with {id}: {v}"))
+    };
+    let take = |at_ms: u64| {
+        std::thread::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms())));
+        let started = now_ms();
         let (s, b) = http("POST", &snapshots, ADMIN, None);
         assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
-        serde_json::from_slice::<Value>(&b).unwrap()["id"].as_str().unwrap().to_string()
+        let id = serde_json::from_slice::<Value>(&b).unwrap()["id"].as_str().unwrap().to_string();
+        let at = summary_ms(&id);
+        (id, started, at)
     };
-    let first = take();
+    let (first, started1, t1) = take(0);
     assert_eq!(node.ask("grow 4000"), "grown 5000");
-    let second = take();
-    let (s, b) = http("GET", &format!("{}/v1/snapshots/{first}/diff/{second}", a.url), READ, None);
-    assert_eq!(s, 200);
-    let v: Value = serde_json::from_slice(&b).unwrap();
+    let (second, started2, t2) = take(started1 + SPACING_MS);
+    let diff = |x: &str, y: &str| {
+        let (s, b) = http("GET", &format!("{}/v1/snapshots/{x}/diff/{y}", a.url), READ, None);
+        assert_eq!(s, 200);
+        serde_json::from_slice::<Value>(&b).unwrap()
+    };
+    let v = diff(&first, &second);
     let grew = v["v8"]["constructors_grew"].as_array().unwrap_or_else(|| panic!("no v8 part in the diff: {v}"));
     let leaky = grew.iter().find(|g| g["name"] == "LeakyRecord").unwrap_or_else(|| panic!("LeakyRecord not growing: {grew:?}"));
     assert!(leaky["count_delta"].as_i64().unwrap() >= 4000, "{leaky}");
     assert!(!grew.iter().any(|g| g["name"] == "ChurnRecord" && g["count_delta"].as_i64().unwrap() > 500), "{grew:?}");
     assert_eq!(v["v8"]["after"]["reason"], "api");
+    // Two summaries: no verdicts yet.
+    assert!(v["v8"]["verdict_snapshots"].is_null() && leaky["verdict"].is_null(), "{v}");
     let (st, out, err) = client(&a.url, Some(READ), &["diff", &first, &second]);
     assert!(st.success(), "memscope diff: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["v8"]["constructors_grew"].as_array().unwrap().iter().any(|g| g["name"] == "LeakyRecord"), "{out}");
+
+    assert_eq!(node.ask("grow 4000"), "grown 9000");
+    // Its summary due at t2 + (t2 - t1), after the delay the second had from its start.
+    let (third, _, t3) = take((2 * t2).saturating_sub(t1).saturating_sub(t2.saturating_sub(started2)));
+    let times = format!("summaries at +0, +{} and +{} ms", t2 - t1, t3 - t1);
+    let is_growing = |c: &Value| {
+        assert_eq!(c["verdict"], "growing", "{c} ({times})");
+        let confidence = c["confidence"].as_f64().unwrap();
+        assert!(confidence > 0.5 && confidence <= 0.75, "{c} ({times})");
+        assert!(c["slope_bytes_per_s"].as_f64().unwrap() > 0.0, "{c}");
+    };
+    let v = diff(&first, &third);
+    assert_eq!(v["v8"]["verdict_snapshots"], 3, "{v}");
+    let grew = v["v8"]["constructors_grew"].as_array().unwrap();
+    is_growing(grew.iter().find(|g| g["name"] == "LeakyRecord").unwrap_or_else(|| panic!("{grew:?}")));
+    assert!(!grew.iter().any(|g| g["name"] == "ChurnRecord" && g["verdict"] == "growing"), "{grew:?}");
+    let (st, out, err) = client(&a.url, Some(READ), &["diff", &first, &third]);
+    assert!(st.success(), "memscope diff: {err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    is_growing(v["v8"]["constructors_grew"].as_array().unwrap().iter().find(|g| g["name"] == "LeakyRecord").unwrap());
+
+    // The leak reports: the target's (the series as of now) and the third snapshot's.
+    let leak_reports = [format!("{}/v1/targets/{}/leaks?min_age=0s&top=1000", a.url, node.pid), format!("{}/v1/snapshots/{third}?format=leaks&top=1000", a.url)];
+    for url in leak_reports {
+        let (s, b) = http("GET", &url, READ, None);
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        let js = &v["v8"];
+        assert_eq!(js["verdict_snapshots"], 3, "{url}: {js}");
+        let constructors = js["constructors"].as_array().unwrap_or_else(|| panic!("{url}: no v8 part: {v}"));
+        let leaky = constructors.iter().position(|c| c["name"] == "LeakyRecord").unwrap_or_else(|| panic!("{url}: {js}"));
+        is_growing(&constructors[leaky]);
+        assert!(constructors[..leaky].iter().all(|c| c["verdict"] == "growing"), "{url}: growing constructors are not listed first: {js}");
+        assert!(constructors[leaky]["count"].as_u64().unwrap() >= 9000, "{url}: {js}");
+        if let Some(churn) = constructors.iter().find(|c| c["name"] == "ChurnRecord") {
+            assert_ne!(churn["verdict"], "growing", "{url}: {churn}");
+        }
+    }
     assert!(alive(node.pid));
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
 }

@@ -81,6 +81,36 @@ pub struct Verdict {
     pub window_s: f64,
 }
 
+/// A verdict's fields in JSON, as leaks carry them ([`annotate_leaks_json`]) and the
+/// JavaScript heap's constructors ([`crate::v8::growth`]): all `null` when there is no verdict.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerdictFields {
+    pub verdict: Option<Trend>,
+    pub slope_bytes_per_s: Option<f64>,
+    pub confidence: Option<f64>,
+}
+
+impl VerdictFields {
+    pub fn of(v: Option<&Verdict>) -> VerdictFields {
+        match v {
+            Some(v) => VerdictFields {
+                verdict: Some(v.verdict),
+                slope_bytes_per_s: Some(round3(v.slope_bytes_per_s)),
+                confidence: Some(v.confidence),
+            },
+            None => VerdictFields::default(),
+        }
+    }
+
+    /// As the text reports show it ([`verdict_text`]).
+    pub fn text(&self) -> String {
+        verdict_text(match (self.verdict, self.slope_bytes_per_s, self.confidence) {
+            (Some(t), Some(s), Some(c)) => Some((t, s, c)),
+            _ => None,
+        })
+    }
+}
+
 /// The key matching a stack across snapshots (see the module doc): frames outermost first,
 /// `;`-separated; `function:line` or `function` for named frames, `module@0xaddress` or
 /// `0xaddress` for the others.
@@ -107,8 +137,8 @@ pub fn verdicts(series: &[HeapProfile]) -> HashMap<String, Verdict> {
     s.verdicts()
 }
 
-/// The last `window` snapshots of one target, kept compact (per stack id: live bytes), for
-/// verdicts as snapshots come in.
+/// The last `window` snapshots of one target, kept compact (per key, e.g. stack id: live
+/// bytes), for verdicts as snapshots come in.
 #[derive(Clone, Debug)]
 pub struct Series {
     window: usize,
@@ -128,7 +158,14 @@ impl Series {
                 *live.entry(stack_id(&s.frames)).or_default() += s.live_bytes;
             }
         }
-        self.snaps.push_back((p.taken_at_ms, live));
+        self.push_values(p.taken_at_ms, live);
+    }
+
+    /// Adds a point of every key at `taken_at_ms` (later than those already in): the series
+    /// of anything measured in bytes per key, e.g. the self size of each constructor of a V8
+    /// heap summary ([`crate::v8::growth`]). A key absent counts as 0 at that time.
+    pub fn push_values(&mut self, taken_at_ms: u64, values: HashMap<String, u64>) {
+        self.snaps.push_back((taken_at_ms, values));
         while self.snaps.len() > self.window {
             self.snaps.pop_front();
         }
@@ -269,11 +306,9 @@ pub fn annotate_leaks_json(json: &mut Value, verdicts: &HashMap<String, Verdict>
     let snapshots = verdicts.values().map(|v| v.snapshots).max();
     if let Some(leaks) = json.get_mut("leaks").and_then(Value::as_array_mut) {
         for leak in leaks {
-            let v = json_stack_id(leak).and_then(|id| verdicts.get(&id));
-            if let Some(obj) = leak.as_object_mut() {
-                obj.insert("verdict".into(), v.map_or(Value::Null, |v| json!(v.verdict.as_str())));
-                obj.insert("slope_bytes_per_s".into(), v.map_or(Value::Null, |v| json!(round3(v.slope_bytes_per_s))));
-                obj.insert("confidence".into(), v.map_or(Value::Null, |v| json!(v.confidence)));
+            let v = VerdictFields::of(json_stack_id(leak).and_then(|id| verdicts.get(&id)));
+            if let (Some(obj), Value::Object(fields)) = (leak.as_object_mut(), json!(v)) {
+                obj.extend(fields);
             }
         }
     }
@@ -306,18 +341,19 @@ pub fn verdict_report(p: &HeapProfile, verdicts: &HashMap<String, Verdict>, snap
     }
     for (i, s) in leaks.iter().take(top).enumerate() {
         let name = s.frames.first().map(|f| f.display_name()).unwrap_or_else(|| "[no stack]".into());
-        match verdicts.get(&stack_id(&s.frames)) {
-            Some(v) => out.push_str(&format!(
-                "  #{:<3} {:<9}  {:>14}  confidence {:.2}  {name}\n",
-                i + 1,
-                v.verdict.as_str(),
-                rate(v.slope_bytes_per_s),
-                v.confidence
-            )),
-            None => out.push_str(&format!("  #{:<3} no verdict  {name}\n", i + 1)),
-        }
+        let v = verdicts.get(&stack_id(&s.frames));
+        out.push_str(&format!("  #{:<3} {}  {name}\n", i + 1, verdict_text(v.map(|v| (v.verdict, v.slope_bytes_per_s, v.confidence)))));
     }
     out
+}
+
+/// A verdict as the text reports show it, in fixed-width columns:
+/// `growing       +1.5 KiB/s  confidence 0.93`, or `no verdict`.
+pub fn verdict_text(v: Option<(Trend, f64, f64)>) -> String {
+    match v {
+        Some((trend, slope, confidence)) => format!("{:<9}  {:>14}  confidence {confidence:.2}", trend.as_str(), rate(slope)),
+        None => "no verdict".to_string(),
+    }
 }
 
 /// `+1.5 KiB/s`, `-200 B/s`.

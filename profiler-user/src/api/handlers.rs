@@ -420,6 +420,7 @@ pub(crate) async fn leaks(state: Arc<State>, id: u32, q: Vec<(String, String)>) 
         let mut json = render::json::leaks_json(&p, Some(top));
         // Verdicts of the target's stored snapshots (read after this snapshot: the newest).
         growth::annotate_leaks_json(&mut json, &tracking.verdicts());
+        super::v8::annotate_leaks(&tracking, top, &mut json);
         json_rendered(&json)
     })
     .await
@@ -488,7 +489,7 @@ async fn take_snapshot_inner(
             let comm = t.stats().comm;
             let stored = st.store.put_for(&p, &comm, "api", tracking.workload())?;
             triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
-            super::v8::note_snapshot(&st, p.pid, &stored.meta.id, "api", &stored.removed);
+            super::v8::note_snapshot(&st, &tracking, p.pid, &stored.meta.id, "api", &stored.removed);
             Ok(stored)
         }),
     )
@@ -548,7 +549,8 @@ pub(crate) async fn get_snapshot(state: Arc<State>, sid: String, q: Vec<(String,
 }
 
 /// A stored snapshot as a leak report (`leaks.json` plus `id`, `reason`, `taken_at`), its
-/// leaks annotated with the verdicts of the target's series when it was taken.
+/// leaks annotated with the verdicts of the target's series when it was taken, and `v8` when
+/// a V8 heap summary was stored with it.
 async fn snapshot_leaks(state: Arc<State>, id: SnapshotId, q: &Params) -> Result<Response, ApiError> {
     let top = match q.get("top") {
         Some(_) => Some(q.top()?),
@@ -577,6 +579,7 @@ async fn snapshot_leaks(state: Arc<State>, id: SnapshotId, q: &Params) -> Result
             obj.insert("reason".into(), serde_json::json!(meta.reason));
             obj.insert("taken_at".into(), serde_json::json!(crate::trigger::rfc3339_utc(meta.taken_at_ms)));
         }
+        super::v8::annotate_stored_leaks(&st, id.as_str(), top.unwrap_or(DEFAULT_TOP), &mut json);
         json_rendered(&json)
     })
     .await

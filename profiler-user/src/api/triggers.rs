@@ -23,6 +23,8 @@
 //! series as of its last stored snapshot; each stored snapshot keeps the verdicts of the series
 //! when it was taken, in memory (for `GET /v1/snapshots/{sid}?format=leaks`). A restarted agent
 //! has no verdicts for the snapshots of before the restart (the keys are then `null`).
+//! The V8 heap summaries stored with snapshots (`--v8-summaries`) have a series and verdicts
+//! of their own, per constructor ([`crate::v8::growth`]): not every stored snapshot has one.
 use std::{
     collections::HashMap,
     sync::{
@@ -44,6 +46,10 @@ use crate::{
     },
     target::TracedTarget,
     trigger::{TriggerEngine, TriggerSpec, POLL_INTERVAL},
+    v8::{
+        growth::{JsHeapReport, SummarySeries},
+        summary::HeapSummary,
+    },
 };
 
 /// Most triggers one target may have at once (probe sites have their own limit of 64).
@@ -141,6 +147,8 @@ pub struct Tracking {
     series: Mutex<growth::Series>,
     /// The verdicts of `series` as of its last snapshot.
     verdicts: Mutex<Arc<HashMap<String, Verdict>>>,
+    /// The V8 heap summaries stored with its snapshots (`--v8-summaries`) and their verdicts.
+    v8: Mutex<SummarySeries>,
     /// A poll job of this target is running.
     busy: AtomicBool,
     /// The workload whose process this is: its snapshots are stored under it, and this
@@ -154,6 +162,7 @@ impl Tracking {
             triggers: Mutex::new(Vec::new()),
             series: Mutex::new(growth::Series::new(verdict_window)),
             verdicts: Mutex::new(Arc::new(HashMap::new())),
+            v8: Mutex::new(SummarySeries::new(verdict_window)),
             busy: AtomicBool::new(false),
             workload: None,
         }
@@ -186,6 +195,20 @@ impl Tracking {
     /// Snapshots in the series.
     pub fn snapshots(&self) -> usize {
         self.series.lock().unwrap().len()
+    }
+
+    /// Adds a V8 heap summary to the target's series of them; the verdicts of that series
+    /// then, and how many summaries they are based on.
+    pub(crate) fn note_v8_summary(&self, s: &HeapSummary) -> (HashMap<String, Verdict>, usize) {
+        let mut v8 = self.v8.lock().unwrap();
+        v8.push(s);
+        (v8.verdicts().clone(), v8.len())
+    }
+
+    /// The JavaScript heap's leak report: the latest V8 heap summary with the verdicts of
+    /// the series (`None` without summaries).
+    pub(crate) fn v8_report(&self, top: usize) -> Option<JsHeapReport> {
+        self.v8.lock().unwrap().report(top)
     }
 
     /// Every trigger of the target. Waits while a poll of the target runs (call it from a
@@ -389,7 +412,7 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
                 info!(pid, reason = %f.reason, id = %stored.meta.id, live_bytes = profile.totals.live_bytes,
                       latency_ms = now_ms().saturating_sub(f.at_ms), "triggered snapshot stored");
                 note_snapshot(state, tracking, &profile, &stored.meta.id, &stored.removed);
-                super::v8::note_snapshot(state, pid, &stored.meta.id, &store_reason(&f.reason), &stored.removed);
+                super::v8::note_snapshot(state, tracking, pid, &stored.meta.id, &store_reason(&f.reason), &stored.removed);
             }
             Err(e) => warn!(pid, reason = %f.reason, error = %e, "storing a triggered snapshot failed"),
         }

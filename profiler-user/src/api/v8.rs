@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 use warp::{
     http::{header, HeaderValue, Method, StatusCode},
@@ -34,12 +34,16 @@ use super::{
     errors::ApiError,
     handlers::{audit_action, expensive, json_reply, Params},
     limits::{self, Rendered},
+    triggers::Tracking,
     State,
 };
 use crate::{
-    aggregate::Measure,
+    aggregate::{
+        growth::{Trend, Verdict},
+        Measure,
+    },
     render,
-    v8::{sampling, snapshot, Inspector, V8Error},
+    v8::{growth as v8_growth, sampling, snapshot, summary::HeapSummary, Inspector, V8Error},
 };
 
 /// Longest sampling accepted.
@@ -317,11 +321,23 @@ fn summary_path(state: &State, id: &str) -> std::path::PathBuf {
     state.store.dir().join("v8").join(format!("{id}.json"))
 }
 
+/// A V8 heap summary as stored beside snapshot `ID` (`DATA_DIR/v8/ID.json`): the summary,
+/// plus the verdicts of the target's series of summaries when it was stored (absent in files
+/// written before verdicts existed).
+#[derive(Serialize, Deserialize)]
+struct StoredSummary {
+    #[serde(flatten)]
+    summary: HeapSummary,
+    #[serde(default)]
+    verdicts: HashMap<String, Verdict>,
+}
+
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
 /// reason): with `--v8-summaries` and a target that handles SIGUSR1 (Node.js), also takes a V8
-/// heap snapshot, summarizes it as it streams and keeps the summary beside the snapshot; drops
-/// the summaries of snapshots the store `removed`. Blocking. Failures are logged, not fatal.
-pub(crate) fn note_snapshot(state: &State, pid: u32, id: &str, reason: &str, removed: &[String]) {
+/// heap snapshot, summarizes it as it streams, adds it to the target's series of summaries
+/// (`tracking`) and keeps it with the series' verdicts beside the snapshot; drops the summaries
+/// of snapshots the store `removed`. Blocking. Failures are logged, not fatal.
+pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &str, reason: &str, removed: &[String]) {
     for r in removed {
         let _ = std::fs::remove_file(summary_path(state, r));
     }
@@ -329,34 +345,68 @@ pub(crate) fn note_snapshot(state: &State, pid: u32, id: &str, reason: &str, rem
         return;
     }
     let path = summary_path(state, id);
-    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|s| {
+    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
+        let (verdicts, summaries) = tracking.note_v8_summary(&summary);
+        let stored = StoredSummary { summary, verdicts };
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!(".{id}.json.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&s).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, serde_json::to_vec(&stored).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
-        Ok(s.constructors.len())
+        let growing = stored.verdicts.values().filter(|v| v.verdict == Trend::Growing).count();
+        Ok((stored.summary.constructors.len(), summaries, growing))
     });
     match result {
-        Ok(n) => info!(pid, id, reason, constructors = n, "V8 heap summary stored"),
+        Ok((n, summaries, growing)) => info!(pid, id, reason, constructors = n, summaries, growing, "V8 heap summary stored"),
         Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary failed"),
     }
 }
 
-fn load_summary(state: &State, id: &str) -> Option<crate::v8::summary::HeapSummary> {
+/// A workload's stored snapshot `id` continues its series of V8 heap summaries (after a restart
+/// of the agent), when it has one.
+pub(crate) fn restore_summary(state: &State, tracking: &Tracking, id: &str) {
+    if let Some(s) = load_summary(state, id) {
+        tracking.note_v8_summary(&s.summary);
+    }
+}
+
+fn load_summary(state: &State, id: &str) -> Option<StoredSummary> {
     let text = std::fs::read(summary_path(state, id)).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
 /// Adds `v8` to a diff's JSON when both snapshots have a V8 summary: the constructors whose
-/// object count grew (`constructors_grew`, most self-size growth first, at most `top`).
+/// object count grew (`constructors_grew`, most self-size growth first, at most `top`), each
+/// with its verdict as of the later snapshot (`verdict`, `slope_bytes_per_s`, `confidence`,
+/// `null` when none), and `verdict_snapshots`: how many summaries those verdicts are based on.
 pub(crate) fn annotate_diff(state: &State, a: &str, b: &str, top: usize, json: &mut serde_json::Value) {
     let (Some(before), Some(after)) = (load_summary(state, a), load_summary(state, b)) else { return };
-    let mut grew = crate::v8::summary::grew(&before, &after);
+    let mut grew = crate::v8::summary::grew(&before.summary, &after.summary);
     grew.truncate(top);
+    let (verdict_snapshots, window_s) = v8_growth::basis(&after.verdicts);
+    let (before, after, verdicts) = (before.summary, after.summary, after.verdicts);
     json["v8"] = serde_json::json!({
         "before": { "reason": before.reason, "taken_at_ms": before.taken_at_ms, "self_size": before.self_size, "node_count": before.node_count },
         "after": { "reason": after.reason, "taken_at_ms": after.taken_at_ms, "self_size": after.self_size, "node_count": after.node_count },
-        "constructors_grew": grew,
+        "verdict_snapshots": verdict_snapshots,
+        "window_s": window_s,
+        "constructors_grew": v8_growth::judge_growth(grew, &verdicts),
     });
+}
+
+/// Adds `v8` to the leak report of a target (`leaks.json`): the JavaScript heap's leak report
+/// ([`v8_growth::JsHeapReport`]) of its latest V8 heap summary, with the verdicts of its
+/// series; nothing when it has no summary.
+pub(crate) fn annotate_leaks(tracking: &Tracking, top: usize, json: &mut serde_json::Value) {
+    if let Some(r) = tracking.v8_report(top) {
+        json["v8"] = serde_json::to_value(r).unwrap_or_default();
+    }
+}
+
+/// Adds `v8` to the leak report of stored snapshot `id`: its V8 heap summary with the verdicts
+/// stored with it; nothing when it has no summary.
+pub(crate) fn annotate_stored_leaks(state: &State, id: &str, top: usize, json: &mut serde_json::Value) {
+    if let Some(s) = load_summary(state, id) {
+        json["v8"] = serde_json::to_value(v8_growth::report(&s.summary, &s.verdicts, top)).unwrap_or_default();
+    }
 }

@@ -335,7 +335,7 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
 }
 
 /// A workload seen for the first time in this run of the agent continues the series of its
-/// stored snapshots (those of before a restart of the agent).
+/// stored snapshots (those of before a restart of the agent), and of their V8 heap summaries.
 fn restore_series(state: &State, tracking: &Tracking, id: &str) {
     let mut metas: Vec<_> = state.store.list().into_iter().filter(|m| m.workload.as_deref() == Some(id)).collect();
     let keep = state.trigger_settings.verdict_window;
@@ -343,7 +343,10 @@ fn restore_series(state: &State, tracking: &Tracking, id: &str) {
     for m in &metas {
         let Ok(sid) = crate::store::SnapshotId::parse(&m.id) else { continue };
         match state.store.get(&sid) {
-            Ok((_, p)) => triggers::note_snapshot(state, tracking, &p, &m.id, &[]),
+            Ok((_, p)) => {
+                triggers::note_snapshot(state, tracking, &p, &m.id, &[]);
+                super::v8::restore_summary(state, tracking, &m.id);
+            }
             Err(e) => warn!(id = %m.id, error = %e, "a stored snapshot of a workload is unreadable"),
         }
     }

@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::{render::human_bytes, store::SnapshotId};
+use crate::{aggregate::growth::VerdictFields, render::human_bytes, store::SnapshotId, v8::growth::JsHeapReport};
 
 /// Largest answer read from the agent.
 const MAX_ANSWER_BYTES: u64 = 1 << 30;
@@ -597,7 +597,6 @@ pub(crate) fn leaks_table(v: &Value) -> String {
     );
     if leaks.is_empty() {
         out.push_str("no leaks found\n");
-        return out;
     }
     for (i, l) in leaks.iter().enumerate() {
         let _ = writeln!(
@@ -608,6 +607,9 @@ pub(crate) fn leaks_table(v: &Value) -> String {
             u(&l["allocs"]),
             secs(l["oldest_age_s"].as_f64().unwrap_or(0.0))
         );
+        if let Ok(vf @ VerdictFields { verdict: Some(_), .. }) = serde_json::from_value::<VerdictFields>(l.clone()) {
+            let _ = writeln!(out, "     {} (across {} snapshots)", vf.text(), u(&v["verdict_snapshots"]));
+        }
         let frames = l["frames"].as_array().map(Vec::as_slice).unwrap_or_default();
         for f in frames.iter().take(8) {
             let _ = writeln!(out, "       {}", frame_text(f));
@@ -615,6 +617,10 @@ pub(crate) fn leaks_table(v: &Value) -> String {
         if frames.len() > 8 {
             let _ = writeln!(out, "       ... {} more frames", frames.len() - 8);
         }
+    }
+    if let Ok(js) = serde_json::from_value::<JsHeapReport>(v["v8"].clone()) {
+        out.push('\n');
+        out.push_str(&js.text());
     }
     out
 }
@@ -650,19 +656,25 @@ pub(crate) fn diff_table(v: &Value, before: &str, after: &str) -> String {
         .collect();
     out.push_str(&table(&["GROWTH", "BEFORE", "AFTER", "WHERE (innermost first)"], &rows));
     if let Some(grew) = v["v8"]["constructors_grew"].as_array() {
-        out.push_str("\nJavaScript heap: constructors that grew (V8 heap summaries)\n");
+        out.push_str("\nJavaScript heap: constructors that grew (V8 heap summaries)");
+        match v["v8"]["verdict_snapshots"].as_u64() {
+            Some(n) => out.push_str(&format!("; verdicts across {n} summaries up to {after}\n")),
+            None => out.push_str(&format!("; verdicts need at least {} summaries\n", crate::aggregate::growth::MIN_SNAPSHOTS)),
+        }
         let rows: Vec<Vec<String>> = grew
             .iter()
             .map(|g| {
+                let verdict = serde_json::from_value::<VerdictFields>(g.clone()).unwrap_or_default();
                 vec![
                     format!("+{}", g["count_delta"].as_i64().unwrap_or(0)),
                     signed_bytes(g["self_size_delta"].as_i64().unwrap_or(0)),
                     u(&g["count_after"]).to_string(),
+                    verdict.text(),
                     g["name"].as_str().unwrap_or("?").to_string(),
                 ]
             })
             .collect();
-        out.push_str(&table(&["OBJECTS", "SELF SIZE", "NOW", "CONSTRUCTOR"], &rows));
+        out.push_str(&table(&["OBJECTS", "SELF SIZE", "NOW", "VERDICT", "CONSTRUCTOR"], &rows));
     }
     out
 }
@@ -916,11 +928,33 @@ mod tests {
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});
         let l = leaks_table(&leaks);
         assert!(l.contains("2.0 KiB in 2 allocations, oldest 55s") && l.contains("leaky  demo.c:7"), "{l}");
+        assert!(!l.contains("verdict") && !l.contains("JavaScript"), "{l}");
+        // With verdicts, and the JavaScript heap's report.
+        let mut leaks = leaks;
+        leaks["verdict_snapshots"] = 4.into();
+        leaks["leaks"][0]["verdict"] = "growing".into();
+        leaks["leaks"][0]["slope_bytes_per_s"] = 1536.0.into();
+        leaks["leaks"][0]["confidence"] = 0.91.into();
+        leaks["v8"] = serde_json::json!({"reason": "api", "taken_at_ms": 0, "node_count": 9, "self_size": 640,
+            "retained_size_computed": false, "verdict_snapshots": 3, "window_s": 6.0, "constructor_count": 1,
+            "constructors": [{"name": "LeakyRecord", "count": 20, "self_size": 640, "verdict": "growing",
+                              "slope_bytes_per_s": 100.0, "confidence": 0.73}]});
+        let l = leaks_table(&leaks);
+        assert!(l.contains("growing        +1.5 KiB/s  confidence 0.91 (across 4 snapshots)"), "{l}");
+        assert!(l.contains("across 3 V8 heap summaries over 6.0s"), "{l}");
+        assert!(l.lines().any(|x| x.contains("#1") && x.contains("growing") && x.contains("confidence 0.73") && x.contains("LeakyRecord")), "{l}");
         let diff = serde_json::json!({"interval_s": 60.0, "totals": {"growth_bytes": -1024, "growth_allocs": -1},
             "stacks_changed": 1, "stacks": [{"growth_bytes": 2048, "before_bytes": 0, "after_bytes": 2048,
             "frames": [{"function": "leaky"}, {"function": "main"}]}]});
         let d = diff_table(&diff, "a", "b");
         assert!(d.contains("-1.0 KiB") && d.contains("+2.0 KiB") && d.contains("leaky <- main"), "{d}");
+        let mut diff = diff;
+        diff["v8"] = serde_json::json!({"verdict_snapshots": 3, "constructors_grew": [{"name": "LeakyRecord", "count_before": 1,
+            "count_after": 9, "self_size_before": 32, "self_size_after": 288, "count_delta": 8, "self_size_delta": 256,
+            "verdict": "growing", "slope_bytes_per_s": 40.0, "confidence": 0.7}]});
+        let d = diff_table(&diff, "a", "b");
+        assert!(d.contains("verdicts across 3 summaries up to b"), "{d}");
+        assert!(d.lines().any(|l| l.contains("+8") && l.contains("growing") && l.contains("confidence 0.70") && l.contains("LeakyRecord")), "{d}");
         let triggers = serde_json::json!({"id": 7, "alive": true, "triggers": [{"id": 3, "spec": "every=30s",
             "reason": "interval", "fired": 4, "suppressed": 1, "min_spacing_s": 5.0, "origin": "api", "finished": false}]});
         let t = triggers_table(&triggers);

@@ -1,11 +1,12 @@
 //! The JavaScript heap of Node.js processes, from outside, through V8's inspector: heap
 //! snapshots streamed as V8 writes them ([`snapshot`]), per-constructor summaries of them and
-//! their growth ([`summary`]), the sampling heap profiler rendered like the native heap
+//! their growth ([`summary`]), growth verdicts across a series of summaries ([`growth`]), the sampling heap profiler rendered like the native heap
 //! ([`sampling`]), and garbage collection or (opt-in) expression evaluation. [`inspector`] owns
 //! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing.
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
+pub mod growth;
 pub mod inspector;
 pub mod sampling;
 pub mod snapshot;
