@@ -85,6 +85,7 @@ fn run(probes: Weak<Probes>, budget: f64) {
         let (bpf_ns, bpf_runs) = (bpf.0.saturating_sub(last_bpf.0), bpf.1.saturating_sub(last_bpf.1));
         last_bpf = bpf;
         let targets = probes.attached();
+        seen.retain(|id, _| targets.iter().any(|t| t.0 == *id));
         // Events of every target this period, to share the programs' run time by.
         let mut periods = Vec::new();
         for (id, slot, base, current) in targets {
@@ -98,7 +99,6 @@ fn run(probes: Weak<Probes>, budget: f64) {
             let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
             periods.push((id, slot, base, current, secs, entries - prev.entries.min(entries), returns - prev.returns.min(returns)));
         }
-        seen.retain(|id, _| periods.iter().any(|p| p.0 == *id) || probes.attached().iter().any(|t| t.0 == *id));
         let all_events: u64 = periods.iter().map(|p| p.5 + p.6).sum();
         let ns_per_run = if bpf_runs > 0 { bpf_ns as f64 / bpf_runs as f64 } else { 0.0 };
         for (id, slot, base, current, secs, entries, returns) in periods {

@@ -291,11 +291,6 @@ impl Probes {
         self.settings
     }
 
-    /// Targets attached now.
-    pub fn targets(&self) -> usize {
-        self.slots.lock().unwrap().owners.iter().filter(|o| o.pid.is_some()).count()
-    }
-
     /// `(target id, slot, configured interval, interval in force)` of every attached target.
     pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64)> {
         let slots = self.slots.lock().unwrap();
