@@ -26,6 +26,7 @@ pub mod target;
 pub mod target_fs;
 pub mod target_mem;
 pub mod trigger;
+pub mod truncation_guard;
 pub mod unwind;
 pub mod v8;
 pub mod workload;

@@ -270,8 +270,8 @@ impl TargetFile {
         if self.len() <= READ_WHOLE_MAX {
             return self.read_all().map(FileBytes::Read);
         }
-        // SAFETY: a read-only private map; the SIGBUS risk of a concurrent truncation is
-        // accepted for files over READ_WHOLE_MAX (see docs/security.md).
+        // SAFETY: a read-only private map; a concurrent truncation's SIGBUS is answered with
+        // zeros by `crate::truncation_guard`.
         unsafe { memmap2::Mmap::map(self.file()) }.map(FileBytes::Mapped)
     }
 }

@@ -118,6 +118,8 @@ impl Metrics {
             let _ = writeln!(out, "memscope_agent_cpu_seconds_total {:.3}", s.cpu_seconds);
             family(&mut out, "memscope_agent_resident_bytes", "gauge", "Resident memory of the agent.");
             let _ = writeln!(out, "memscope_agent_resident_bytes {}", s.rss_bytes);
+            family(&mut out, "memscope_agent_truncated_reads_total", "counter", "Reads of mapped target files truncated meanwhile, answered with zeros.");
+            let _ = writeln!(out, "memscope_agent_truncated_reads_total {}", crate::truncation_guard::recovered());
         }
         family(&mut out, "memscope_target_file_refusals_total", "counter", "Files of targets not opened or not read to the end, by kind and reason.");
         for (kind, reason, n) in crate::target_fs::refusals() {

@@ -35,8 +35,8 @@ pub fn build_id(path: &std::path::Path) -> Option<String> {
     if file.metadata().ok()?.len() > 4 << 30 {
         return None;
     }
-    // SAFETY: read-only private mapping; a file truncated meanwhile can fault the read, as
-    // for the symbolizer, which maps the same files.
+    // SAFETY: read-only private mapping; a file truncated meanwhile faults the read, which
+    // `crate::truncation_guard` answers with zeros (as for the symbolizer's mappings).
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     let elf = object::File::parse(&*map).ok()?;
     let id = elf.build_id().ok()??;
