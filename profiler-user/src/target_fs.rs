@@ -25,6 +25,7 @@
 //! longer names the mapped file (deleted, upgraded, or swapped for a symlink after mapping),
 //! the mapped inode itself is opened through `/proc/PID/map_files/START-END`.
 use std::{
+    time::Duration,
     ffi::CString,
     fmt,
     fs::File,
@@ -92,10 +93,14 @@ pub enum Reason {
     Fuse,
     /// The path names another file than the one the target maps.
     OtherInode,
+    /// Opening it did not finish within [`OPEN_DEADLINE`] (a FUSE server that never answers
+    /// the path's lookup or attributes).
+    Hung,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 5] = [Reason::NotRegular, Reason::TooLarge, Reason::MagicLink, Reason::Fuse, Reason::OtherInode];
+    pub const ALL: [Reason; 6] =
+        [Reason::NotRegular, Reason::TooLarge, Reason::MagicLink, Reason::Fuse, Reason::OtherInode, Reason::Hung];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -104,6 +109,7 @@ impl Reason {
             Reason::MagicLink => "magic_link",
             Reason::Fuse => "fuse",
             Reason::OtherInode => "other_inode",
+            Reason::Hung => "hung",
         }
     }
 }
@@ -141,6 +147,7 @@ fn describe(reason: Reason, kind: Kind) -> String {
         Reason::MagicLink => "the path goes through a /proc magic link".into(),
         Reason::Fuse => "on a FUSE file system (reads may never return)".into(),
         Reason::OtherInode => "the path no longer names the mapped file".into(),
+        Reason::Hung => format!("opening it did not finish within {} s", OPEN_DEADLINE.as_secs()),
     }
 }
 
@@ -357,19 +364,59 @@ pub fn root(pid: u32) -> io::Result<OwnedFd> {
     openat2(libc::AT_FDCWD, Path::new(&format!("/proc/{pid}/root")), libc::O_PATH | libc::O_DIRECTORY, 0)
 }
 
+/// Longest an open of a target's file may take. The lookup of a path, and the attributes the
+/// checks read, go to the file system: one served by a FUSE server that never answers (which
+/// a container can mount in its own namespaces) would block the opening thread until the
+/// server dies. Opens run on a worker (`target_mem::with_deadline`, which also caps the workers
+/// left blocked); past the deadline the file is refused as `hung`.
+pub const OPEN_DEADLINE: Duration = Duration::from_secs(2);
+
+fn bounded<T: Send + 'static>(
+    shown: &str,
+    kind: Kind,
+    open: impl FnOnce() -> Result<T, TargetFsError> + Send + 'static,
+) -> Result<T, TargetFsError> {
+    match crate::target_mem::with_deadline("opening a target's file", OPEN_DEADLINE, move || Ok(open())) {
+        Ok(result) => result,
+        Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => {
+            Err(refuse(shown, kind, Reason::Hung))
+        }
+        Err(source) => Err(TargetFsError::Open { pid: 0, path: shown.to_string(), source }),
+    }
+}
+
+/// Whether `path_in_target` exists in the root of `pid` (its last component not followed),
+/// within [`OPEN_DEADLINE`].
+pub fn exists_in_root(pid: u32, path_in_target: &str) -> bool {
+    let path = format!("/proc/{pid}/root/{}", path_in_target.trim_start_matches('/'));
+    bounded(path_in_target, Kind::ProcText, move || Ok(std::fs::symlink_metadata(&path).is_ok())).unwrap_or(false)
+}
+
 /// Opens `path_in_target` (absolute or not, as the target would) inside the root of `pid`.
 pub fn open_in_root(pid: u32, path_in_target: &str, kind: Kind) -> Result<TargetFile, TargetFsError> {
+    let path = path_in_target.to_string();
+    bounded(path_in_target, kind, move || open_in_root_now(pid, &path, kind))
+}
+
+fn open_in_root_now(pid: u32, path_in_target: &str, kind: Kind) -> Result<TargetFile, TargetFsError> {
     let open_err = |source| TargetFsError::Open { pid, path: path_in_target.to_string(), source };
     let root = root(pid).map_err(open_err)?;
-    open_beneath(&root, path_in_target, kind, None).map_err(|e| match e {
+    open_beneath_now(&root, path_in_target, kind, None).map_err(|e| match e {
         TargetFsError::Open { path, source, .. } => TargetFsError::Open { pid, path, source },
         e => e,
     })
 }
 
 /// Opens `path` inside the directory `dir` as if `dir` were `/` (`RESOLVE_IN_ROOT`), checked
-/// for `kind`, and when `expect` is given, only if it is that `(dev, inode)`.
+/// for `kind`, and when `expect` is given, only if it is that `(dev, inode)`; within
+/// [`OPEN_DEADLINE`].
 pub fn open_beneath(dir: &OwnedFd, path: &str, kind: Kind, expect: Option<(u64, u64)>) -> Result<TargetFile, TargetFsError> {
+    let dir = dir.try_clone().map_err(|source| TargetFsError::Open { pid: 0, path: path.to_string(), source })?;
+    let owned = path.to_string();
+    bounded(path, kind, move || open_beneath_now(&dir, &owned, kind, expect))
+}
+
+fn open_beneath_now(dir: &OwnedFd, path: &str, kind: Kind, expect: Option<(u64, u64)>) -> Result<TargetFile, TargetFsError> {
     let open_err = |source| TargetFsError::Open { pid: 0, path: path.to_string(), source };
     let strict = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     let opath = match openat2(dir.as_raw_fd(), Path::new(path), libc::O_PATH, strict | libc::RESOLVE_NO_SYMLINKS) {
@@ -401,11 +448,16 @@ pub fn open_checked(path: &Path, kind: Kind) -> Result<TargetFile, TargetFsError
 /// root while that path names the mapped inode, else the inode itself through
 /// `/proc/PID/map_files/START-END`. Never a file the target does not map.
 pub fn open_mapped(pid: u32, m: &Mapping, kind: Kind) -> Result<TargetFile, TargetFsError> {
-    let path = procfs::without_deleted(m.path.as_deref().unwrap_or_default());
+    let path = procfs::without_deleted(m.path.as_deref().unwrap_or_default()).to_string();
+    let (m, shown) = (m.clone(), path.clone());
+    bounded(&shown, kind, move || open_mapped_now(pid, &m, &path, kind))
+}
+
+fn open_mapped_now(pid: u32, m: &Mapping, path: &str, kind: Kind) -> Result<TargetFile, TargetFsError> {
     let identity = Some((m.dev, m.inode));
     let by_root = root(pid)
         .map_err(|source| TargetFsError::Open { pid, path: path.to_string(), source })
-        .and_then(|root| open_beneath(&root, path, kind, identity));
+        .and_then(|root| open_beneath_now(&root, path, kind, identity));
     match by_root {
         Ok(f) => Ok(f),
         // The mapped inode itself is too large or on FUSE: by inode would be refused too.

@@ -41,7 +41,7 @@ pub fn with_deadline<T: Send + 'static>(
     if STUCK.load(Ordering::Relaxed) >= MAX_STUCK {
         return Err(io::Error::new(
             io::ErrorKind::WouldBlock,
-            format!("{what}: {MAX_STUCK} earlier accesses to target memory are still blocked in the kernel; refusing more"),
+            format!("{what}: {MAX_STUCK} earlier accesses to a target (its memory or files) are still blocked in the kernel; refusing more"),
         ));
     }
     let (tx, rx) = mpsc::sync_channel(1);
@@ -60,8 +60,8 @@ pub fn with_deadline<T: Send + 'static>(
         Ok(r) => r,
         Err(_) => {
             TIMED_OUT.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("{what}: no answer from the target's memory within {deadline:?}; left behind");
-            Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: the target's memory did not answer within {deadline:?}")))
+            tracing::warn!("{what}: no answer from the target within {deadline:?}; left behind");
+            Err(io::Error::new(io::ErrorKind::TimedOut, format!("{what}: the target did not answer within {deadline:?}")))
         }
     }
 }

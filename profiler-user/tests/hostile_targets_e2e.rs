@@ -289,3 +289,35 @@ fn non_utf8_library_paths_are_traced() {
     let t = &r.leaks["totals"];
     assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
 }
+
+/// The perf map behind a FUSE file system that never answers, mounted in the target's mount
+/// namespace (as a container can): the path's lookup would block forever. `memscope record`
+/// finishes, writes its report, and counts the perf map as `hung`.
+#[test]
+fn perf_map_on_a_fuse_mount_that_never_answers() {
+    require_root();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut node = contained_node(cwd.path());
+    let root = format!("/proc/{}/root", node.pid);
+    std::fs::create_dir(format!("{root}/tmp/hang")).unwrap();
+    let server = common::build_fixture("fuse_hang", &[]);
+    let mut fuse = Command::new("nsenter")
+        .args(["-t", &node.pid.to_string(), "-m"])
+        .arg(&server)
+        .arg("/tmp/hang")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(fuse.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "mounted\n", "the FUSE server did not mount");
+    let map = perf_map(node.pid);
+    std::fs::remove_file(&map).unwrap();
+    symlink("/tmp/hang/perf.map", &map).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut node, out.path());
+    let _ = fuse.kill();
+    let _ = fuse.wait();
+    assert_clean(&r);
+    assert!(refused(&r.leaks, "perf_map", "hung") >= 1, "{}", r.leaks["target_files"]);
+}

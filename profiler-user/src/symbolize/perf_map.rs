@@ -199,7 +199,7 @@ impl PerfMap {
     /// Whether the target has a perf map (writes JIT symbols): only its existence, no content
     /// is read here, and the last component is not followed.
     pub fn present(&self) -> bool {
-        self.file.is_some() || std::fs::symlink_metadata(format!("/proc/{}/root/tmp/perf-{}.map", self.pid, self.pid)).is_ok()
+        self.file.is_some() || target_fs::exists_in_root(self.pid, &format!("/tmp/perf-{}.map", self.pid))
     }
 
     pub fn lookup(&self, addr: u64) -> Option<Frame> {
