@@ -15,6 +15,14 @@ use std::{
 use common::{agent::*, build_fixture, require_root};
 use serde_json::Value;
 
+/// The tests of this file one at a time: each asserts that processes are attached within a
+/// second, and on a 2-core host four agents verifying their eBPF objects at once pushed the
+/// first attach past 1.5 s.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
 fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -131,6 +139,7 @@ fn wait_snapshots(url: &str, id: &str, at_least: usize) -> Vec<Value> {
 #[test]
 fn containers_are_found_followed_across_restarts_and_agent_restarts() {
     require_root();
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path());
     let data = data_dir(dir.path());
@@ -330,6 +339,7 @@ fn query_param(target: &str, key: &str) -> Option<String> {
 #[test]
 fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     require_root();
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path());
     let data = data_dir(dir.path());
@@ -419,4 +429,144 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     drop(agent);
     let _ = fixture.kill();
     let _ = fixture.wait();
+}
+
+/// Pids of the running children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| ppid(*c) == Some(pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// `forks=true`: the workers a pre-fork master forks after it was attached (no exec) are each
+/// attached within a second, as workloads of their own (`worker` slot, `parent` = the
+/// master's workload), and their allocations are counted exactly; a worker the master
+/// replaces takes its slot's workload again (one restart). The same server under a selector
+/// without the term: its master is attached, none of its workers is.
+#[test]
+fn forked_workers_are_followed_with_forks_true_only() {
+    require_root();
+    let _serial = one_at_a_time();
+    const N: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let followed = build_fixture("prefork_fixture", &[]);
+    let plain = build_fixture("prefork_fixture", &["-DPLAIN"]);
+    let (sel_f, sel_p) = (format!("exe={},forks=true", followed.display()), format!("exe={}", plain.display()));
+    let args = [
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "500",
+        "--sampling", "full", "--select", &sel_f, "--select", &sel_p,
+    ];
+    let agent = start_agent(&args).unwrap();
+    let start = |exe: &Path| Container(Command::new(exe).arg(N.to_string()).stdin(Stdio::piped()).spawn().unwrap());
+    let (mut f, mut p) = (start(&followed), start(&plain));
+    let (fpid, ppid_) = (f.0.id(), p.0.id());
+    let (mf, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == fpid && w["attached"] == true);
+    let (mp, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == ppid_ && w["attached"] == true);
+    assert_eq!(mf["worker"], Value::Null, "{mf:#}");
+
+    let go = now_ms();
+    for c in [&mut f, &mut p] {
+        use std::io::Write as _;
+        writeln!(c.0.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+    let workers_of = |parent: &Value| -> Vec<Value> {
+        let (_, v) = http(&agent.url, "GET", "/v1/workloads", READ, None);
+        v["workloads"].as_array().unwrap().iter().filter(|w| w["parent"] == parent["id"]).cloned().collect()
+    };
+    let t = Instant::now();
+    let mut workers = loop {
+        let ws: Vec<Value> = workers_of(&mf).into_iter().filter(|w| w["attached"] == true).collect();
+        if ws.len() == N {
+            break ws;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{} of {N} workers attached: {ws:#?}", ws.len());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    workers.sort_by_key(|w| w["worker"].as_u64());
+    let worker_pids = children(fpid);
+    assert_eq!(worker_pids.len(), N);
+    for (slot, w) in workers.iter().enumerate() {
+        let latency = w["attached_at_ms"].as_u64().unwrap().saturating_sub(go);
+        eprintln!("worker {slot} attached {latency} ms after the master was told to fork");
+        assert!(latency < 1000, "worker {slot} attached after {latency} ms: {w:#}");
+        assert_eq!(w["worker"].as_u64(), Some(slot as u64), "{w:#}");
+        assert!(worker_pids.contains(&(w["pid"].as_u64().unwrap() as u32)), "{w:#} not among {worker_pids:?}");
+        assert_eq!(w["labels"]["parent_workload"], mf["id"]);
+        assert_eq!(w["selector"], mf["selector"]);
+    }
+
+    // Each worker's own allocations, exactly: n blocks of 777 bytes from worker_leak.
+    std::thread::sleep(Duration::from_millis(500));
+    for w in &workers {
+        let id = w["id"].as_str().unwrap();
+        let (status, leaks) = http(&agent.url, "GET", &format!("/v1/workloads/{id}/leaks?min_age=0s"), READ, None);
+        assert_eq!(status, 200, "{leaks}");
+        let l = leaks["leaks"].as_array().unwrap().iter().find(|l| l["frames"][0]["function"] == "worker_leak");
+        let l = l.unwrap_or_else(|| panic!("no worker_leak in {id}'s leaks: {leaks:#}"));
+        let n = l["allocs"].as_u64().unwrap();
+        assert!(n >= 10, "{n} allocations counted in {id}");
+        assert_eq!(l["bytes"].as_u64().unwrap(), n * 777);
+    }
+
+    // A worker killed: the master forks a replacement, attached under the same slot's workload.
+    let w0 = &workers[0];
+    let old = w0["pid"].as_u64().unwrap();
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let (again, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| {
+        w["id"] == w0["id"] && w["attached"] == true && w["pid"].as_u64() != Some(old)
+    });
+    assert_eq!(again["restarts"], 1, "{again:#}");
+    assert_eq!(workers_of(&mf).len(), N, "the replacement took the freed slot");
+
+    // Without the term: the plain master's workers run, none is attached.
+    assert_eq!(children(ppid_).len(), N);
+    assert!(workers_of(&mp).is_empty(), "{:#?}", workers_of(&mp));
+    let (_, targets) = http(&agent.url, "GET", "/v1/targets", READ, None);
+    let traced: Vec<u32> = targets["targets"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap() as u32).collect();
+    for c in children(ppid_) {
+        assert!(!traced.contains(&c), "the plain master's worker {c} is traced: {traced:?}");
+    }
+    assert!(traced.contains(&ppid_) && traced.contains(&fpid), "{traced:?}");
+
+    // The agent restarted: the running workers are found by the start scan, after their
+    // master, under the same slots' workloads.
+    let ids = |ws: &[Value]| -> Vec<String> {
+        let mut v: Vec<String> = ws.iter().map(|w| w["id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    let before = ids(&workers);
+    drop(agent);
+    let agent = start_agent(&args).unwrap();
+    let (_, v) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == fpid && w["attached"] == true);
+    eprintln!("master re-attached {v:?} after the agent's restart");
+    let t = Instant::now();
+    loop {
+        let (_, v) = http(&agent.url, "GET", "/v1/workloads", READ, None);
+        let ws: Vec<Value> =
+            v["workloads"].as_array().unwrap().iter().filter(|w| w["parent"] == mf["id"] && w["attached"] == true).cloned().collect();
+        if ws.len() == N {
+            assert_eq!(ids(&ws), before);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{} of {N} workers attached after the agent's restart: {v:#}", ws.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(agent);
 }
