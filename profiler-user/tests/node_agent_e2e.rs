@@ -269,6 +269,7 @@ fn containers_are_found_followed_across_restarts_and_agent_restarts() {
 type Received = (String, Vec<(String, String)>, Vec<u8>, u16);
 
 /// A local ingest endpoint: records every request; answers 200, or 503 while `refuse` is set.
+/// Plain HTTP ([`Receiver::start`]) or HTTPS only ([`Receiver::start_tls`]).
 struct Receiver {
     url: String,
     requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
@@ -277,40 +278,78 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Receiver {
-        use std::io::{BufRead, BufReader, Read, Write};
+        Receiver::serve(None)
+    }
+
+    /// Over TLS with the certificate and key of these PEM files; a client that does not
+    /// complete the handshake gets nothing recorded.
+    fn start_tls(cert: &Path, key: &Path) -> Receiver {
+        use tokio_rustls::rustls;
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(cert).unwrap()[..]).collect::<Result<_, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut &std::fs::read(key).unwrap()[..]).unwrap().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Receiver::serve(Some(std::sync::Arc::new(config)))
+    }
+
+    fn serve(tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>) -> Receiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (reqs, no) = (requests.clone(), refuse.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if r.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let mut headers = Vec::new();
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = h.trim_end().split_once(':') {
-                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                match &tls {
+                    None => answer(&mut conn, &reqs, &no),
+                    Some(config) => {
+                        let session = tokio_rustls::rustls::ServerConnection::new(config.clone()).unwrap();
+                        answer(&mut tokio_rustls::rustls::StreamOwned::new(session, conn), &reqs, &no);
                     }
                 }
-                let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-                let mut body = vec![0; len];
-                let _ = r.read_exact(&mut body);
-                let status = if no.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
-                reqs.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
-                let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             }
         });
         Receiver { url, requests, refuse }
     }
+}
+
+/// Reads one request from `conn`, records it and answers it (200, or 503 while `refuse`).
+fn answer(
+    conn: &mut (impl std::io::Read + std::io::Write),
+    requests: &std::sync::Mutex<Vec<Received>>,
+    refuse: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut r = BufReader::new(&mut *conn);
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    drop(r);
+    let status = if refuse.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
+    requests.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
+    let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let _ = conn.flush();
 }
 
 fn query_param(target: &str, key: &str) -> Option<String> {
@@ -429,6 +468,92 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     drop(agent);
     let _ = fixture.kill();
     let _ = fixture.wait();
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, as `NAME.pem` and `NAME-key.pem`.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// `--push https://...` to a receiver that speaks TLS only: with `--push-ca-cert` naming the
+/// receiver's (self-signed) certificate the profile arrives and decodes; an agent trusting
+/// another certificate is refused at the handshake, nothing reaches the receiver, and the
+/// profile is counted as failed.
+#[test]
+fn push_over_tls_trusts_the_given_ca_only() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let (cert, key) = self_signed(dir.path(), "receiver");
+    let (other, _) = self_signed(dir.path(), "other");
+    let rx = Receiver::start_tls(&cert, &key);
+    assert!(rx.url.starts_with("https://127.0.0.1:"), "{}", rx.url);
+    let exe = build_fixture("workload_fixture", &[]);
+    let select = format!("exe={}", exe.display());
+    let _fixture = Container(Command::new(&exe).spawn().unwrap());
+    let args = |ca: &Path| -> Vec<String> {
+        [
+            "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "200",
+            "--select", &select, "--push", &rx.url, "--push-interval", "1s", "--push-retries", "0",
+            "--push-ca-cert", ca.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    let trusted = args(&cert);
+    let agent = start_agent(&strs(&trusted)).unwrap();
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    let (line, _, body, _) = loop {
+        if let Some(r) = rx.requests.lock().unwrap().first().cloned() {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "nothing pushed over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.starts_with("POST /ingest?"), "{line}");
+    let name = query_param(line.split(' ').nth(1).unwrap(), "name").unwrap();
+    assert!(name.contains(&format!("workload={}", w["id"].as_str().unwrap())), "{name}");
+    let p = profiler_user::render::pprof::decode_pprof_gz(&body).unwrap();
+    assert!(p.function.iter().any(|f| p.string_table[f.name as usize] == "leak_tick"), "leak_tick in the profile");
+    let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+    let m = m.as_str().unwrap().to_string();
+    assert!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}") >= 1, "{m}");
+    drop(agent);
+
+    // Trusting another certificate: refused at the handshake, counted as failed.
+    let before = rx.requests.lock().unwrap().len();
+    let untrusted = args(&other);
+    let agent = start_agent(&strs(&untrusted)).unwrap();
+    wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    loop {
+        let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+        let m = m.as_str().unwrap().to_string();
+        if metric(&m, "memscope_push_profiles_total{result=\"failed\"}") >= 2 {
+            assert_eq!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}"), 0, "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no failed push counted:\n{m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(rx.requests.lock().unwrap().len(), before, "a request got past an untrusted handshake");
+    drop(agent);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// Pids of the running children of `pid`.
