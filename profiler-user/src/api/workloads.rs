@@ -216,6 +216,13 @@ impl Workloads {
         reg.get(&id).map(|e| (id.clone(), e.workload.labels.clone()))
     }
 
+    /// Whether `pid` is traced under a `forks=true` selector.
+    fn follows_forks_of(&self, pid: u32) -> bool {
+        let Some(id) = self.by_pid.lock().unwrap().get(&pid).cloned() else { return false };
+        let Some(selector) = self.registry.lock().unwrap().get(&id).map(|e| e.workload.selector.clone()) else { return false };
+        self.selectors.lock().unwrap().iter().any(|e| e.selector.follow_forks && e.selector.id() == selector)
+    }
+
     /// Whether `pid` is traced as a worker (`forks=true`).
     fn is_worker(&self, pid: u32) -> bool {
         let Some(id) = self.by_pid.lock().unwrap().get(&pid).cloned() else { return false };
@@ -250,9 +257,9 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
                         drop(tokio::task::spawn_blocking(move || consider(&st, pid, true)))
                     }
                     ProcEvent::Exit(pid) => exited(&st, pid),
-                    // Most forks (and every thread) are of untraced processes: dismissed here.
+                    // Most new tasks (threads above all) are of processes not followed: dismissed here.
                     ProcEvent::Fork { parent, child } => {
-                        if state.workloads.get().is_some_and(|w| w.by_pid.lock().unwrap().contains_key(&parent)) {
+                        if state.workloads.get().is_some_and(|w| w.follows_forks_of(parent)) {
                             drop(tokio::task::spawn_blocking(move || forked(&st, parent, child)));
                         }
                     }
