@@ -100,8 +100,9 @@ pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(MA
 #[map]
 pub static TRIGGER_HITS: Array<u64> = Array::with_max_entries(profiler_common::MAX_TRIGGERS, 0);
 
-/// Discovery events (`discover.rs`): one `u64` per exec or exit. One page here: only the
-/// agent's discovery load resizes it (`map_max_entries`), the probes' load never uses it.
+/// Discovery events (`discover.rs`): one `[u64; 2]` per exec, fork or exit. One page here:
+/// only the agent's discovery load resizes it (`map_max_entries`), the probes' load never uses
+/// it.
 #[map]
 pub static DISCOVER_EVENTS: aya_ebpf::maps::RingBuf = aya_ebpf::maps::RingBuf::with_byte_size(4096, 0);
 

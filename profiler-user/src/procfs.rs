@@ -170,6 +170,12 @@ pub fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     Ok(parse_status_kb(&status, field).unwrap_or(0).saturating_mul(1024))
 }
 
+/// A number field of `/proc/PID/status` (`Tgid`, `PPid`); `None` when the task is gone.
+pub fn status_number(pid: u32, field: &str) -> Option<u32> {
+    let status = read(pid, "status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().parse().ok())
+}
+
 pub(crate) fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;

@@ -15,6 +15,14 @@ use std::{
 use common::{agent::*, build_fixture, require_root};
 use serde_json::Value;
 
+/// The tests of this file one at a time: each asserts that processes are attached within a
+/// second, and on a 2-core host four agents verifying their eBPF objects at once pushed the
+/// first attach past 1.5 s.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
 fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -131,6 +139,7 @@ fn wait_snapshots(url: &str, id: &str, at_least: usize) -> Vec<Value> {
 #[test]
 fn containers_are_found_followed_across_restarts_and_agent_restarts() {
     require_root();
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path());
     let data = data_dir(dir.path());
@@ -260,6 +269,7 @@ fn containers_are_found_followed_across_restarts_and_agent_restarts() {
 type Received = (String, Vec<(String, String)>, Vec<u8>, u16);
 
 /// A local ingest endpoint: records every request; answers 200, or 503 while `refuse` is set.
+/// Plain HTTP ([`Receiver::start`]) or HTTPS only ([`Receiver::start_tls`]).
 struct Receiver {
     url: String,
     requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
@@ -268,40 +278,78 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Receiver {
-        use std::io::{BufRead, BufReader, Read, Write};
+        Receiver::serve(None)
+    }
+
+    /// Over TLS with the certificate and key of these PEM files; a client that does not
+    /// complete the handshake gets nothing recorded.
+    fn start_tls(cert: &Path, key: &Path) -> Receiver {
+        use tokio_rustls::rustls;
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &std::fs::read(cert).unwrap()[..]).collect::<Result<_, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut &std::fs::read(key).unwrap()[..]).unwrap().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Receiver::serve(Some(std::sync::Arc::new(config)))
+    }
+
+    fn serve(tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>) -> Receiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let refuse = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (reqs, no) = (requests.clone(), refuse.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if r.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let mut headers = Vec::new();
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = h.trim_end().split_once(':') {
-                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                match &tls {
+                    None => answer(&mut conn, &reqs, &no),
+                    Some(config) => {
+                        let session = tokio_rustls::rustls::ServerConnection::new(config.clone()).unwrap();
+                        answer(&mut tokio_rustls::rustls::StreamOwned::new(session, conn), &reqs, &no);
                     }
                 }
-                let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-                let mut body = vec![0; len];
-                let _ = r.read_exact(&mut body);
-                let status = if no.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
-                reqs.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
-                let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             }
         });
         Receiver { url, requests, refuse }
     }
+}
+
+/// Reads one request from `conn`, records it and answers it (200, or 503 while `refuse`).
+fn answer(
+    conn: &mut (impl std::io::Read + std::io::Write),
+    requests: &std::sync::Mutex<Vec<Received>>,
+    refuse: &std::sync::atomic::AtomicBool,
+) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut r = BufReader::new(&mut *conn);
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; len];
+    let _ = r.read_exact(&mut body);
+    drop(r);
+    let status = if refuse.load(std::sync::atomic::Ordering::SeqCst) { 503 } else { 200 };
+    requests.lock().unwrap().push((line.trim_end().to_string(), headers, body, status));
+    let _ = write!(conn, "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let _ = conn.flush();
 }
 
 fn query_param(target: &str, key: &str) -> Option<String> {
@@ -330,6 +378,7 @@ fn query_param(target: &str, key: &str) -> Option<String> {
 #[test]
 fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     require_root();
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let tokens = standard_tokens(dir.path());
     let data = data_dir(dir.path());
@@ -419,4 +468,230 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     drop(agent);
     let _ = fixture.kill();
     let _ = fixture.wait();
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, as `NAME.pem` and `NAME-key.pem`.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// `--push https://...` to a receiver that speaks TLS only: with `--push-ca-cert` naming the
+/// receiver's (self-signed) certificate the profile arrives and decodes; an agent trusting
+/// another certificate is refused at the handshake, nothing reaches the receiver, and the
+/// profile is counted as failed.
+#[test]
+fn push_over_tls_trusts_the_given_ca_only() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let (cert, key) = self_signed(dir.path(), "receiver");
+    let (other, _) = self_signed(dir.path(), "other");
+    let rx = Receiver::start_tls(&cert, &key);
+    assert!(rx.url.starts_with("https://127.0.0.1:"), "{}", rx.url);
+    let exe = build_fixture("workload_fixture", &[]);
+    let select = format!("exe={}", exe.display());
+    let _fixture = Container(Command::new(&exe).spawn().unwrap());
+    let args = |ca: &Path| -> Vec<String> {
+        [
+            "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "200",
+            "--select", &select, "--push", &rx.url, "--push-interval", "1s", "--push-retries", "0",
+            "--push-ca-cert", ca.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    let trusted = args(&cert);
+    let agent = start_agent(&strs(&trusted)).unwrap();
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    let (line, _, body, _) = loop {
+        if let Some(r) = rx.requests.lock().unwrap().first().cloned() {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "nothing pushed over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(line.starts_with("POST /ingest?"), "{line}");
+    let name = query_param(line.split(' ').nth(1).unwrap(), "name").unwrap();
+    assert!(name.contains(&format!("workload={}", w["id"].as_str().unwrap())), "{name}");
+    let p = profiler_user::render::pprof::decode_pprof_gz(&body).unwrap();
+    assert!(p.function.iter().any(|f| p.string_table[f.name as usize] == "leak_tick"), "leak_tick in the profile");
+    let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+    let m = m.as_str().unwrap().to_string();
+    assert!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}") >= 1, "{m}");
+    drop(agent);
+
+    // Trusting another certificate: refused at the handshake, counted as failed.
+    let before = rx.requests.lock().unwrap().len();
+    let untrusted = args(&other);
+    let agent = start_agent(&strs(&untrusted)).unwrap();
+    wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let t = Instant::now();
+    loop {
+        let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);
+        let m = m.as_str().unwrap().to_string();
+        if metric(&m, "memscope_push_profiles_total{result=\"failed\"}") >= 2 {
+            assert_eq!(metric(&m, "memscope_push_profiles_total{result=\"sent\"}"), 0, "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no failed push counted:\n{m}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(rx.requests.lock().unwrap().len(), before, "a request got past an untrusted handshake");
+    drop(agent);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Pids of the running children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| ppid(*c) == Some(pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+fn ppid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// `forks=true`: the workers a pre-fork master forks after it was attached (no exec) are each
+/// attached within a second, as workloads of their own (`worker` slot, `parent` = the
+/// master's workload), and their allocations are counted exactly; a worker the master
+/// replaces takes its slot's workload again (one restart). The same server under a selector
+/// without the term: its master is attached, none of its workers is.
+#[test]
+fn forked_workers_are_followed_with_forks_true_only() {
+    require_root();
+    let _serial = one_at_a_time();
+    const N: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let followed = build_fixture("prefork_fixture", &[]);
+    let plain = build_fixture("prefork_fixture", &["-DPLAIN"]);
+    let (sel_f, sel_p) = (format!("exe={},forks=true", followed.display()), format!("exe={}", plain.display()));
+    let args = [
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "500",
+        "--sampling", "full", "--select", &sel_f, "--select", &sel_p,
+    ];
+    let agent = start_agent(&args).unwrap();
+    let start = |exe: &Path| Container(Command::new(exe).arg(N.to_string()).stdin(Stdio::piped()).spawn().unwrap());
+    let (mut f, mut p) = (start(&followed), start(&plain));
+    let (fpid, ppid_) = (f.0.id(), p.0.id());
+    let (mf, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == fpid && w["attached"] == true);
+    let (mp, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == ppid_ && w["attached"] == true);
+    assert_eq!(mf["worker"], Value::Null, "{mf:#}");
+
+    let go = now_ms();
+    for c in [&mut f, &mut p] {
+        use std::io::Write as _;
+        writeln!(c.0.stdin.as_mut().unwrap(), "go").unwrap();
+    }
+    let workers_of = |parent: &Value| -> Vec<Value> {
+        let (_, v) = http(&agent.url, "GET", "/v1/workloads", READ, None);
+        v["workloads"].as_array().unwrap().iter().filter(|w| w["parent"] == parent["id"]).cloned().collect()
+    };
+    let t = Instant::now();
+    let mut workers = loop {
+        let ws: Vec<Value> = workers_of(&mf).into_iter().filter(|w| w["attached"] == true).collect();
+        if ws.len() == N {
+            break ws;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{} of {N} workers attached: {ws:#?}", ws.len());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    workers.sort_by_key(|w| w["worker"].as_u64());
+    let worker_pids = children(fpid);
+    assert_eq!(worker_pids.len(), N);
+    for (slot, w) in workers.iter().enumerate() {
+        let latency = w["attached_at_ms"].as_u64().unwrap().saturating_sub(go);
+        eprintln!("worker {slot} attached {latency} ms after the master was told to fork");
+        assert!(latency < 1000, "worker {slot} attached after {latency} ms: {w:#}");
+        assert_eq!(w["worker"].as_u64(), Some(slot as u64), "{w:#}");
+        assert!(worker_pids.contains(&(w["pid"].as_u64().unwrap() as u32)), "{w:#} not among {worker_pids:?}");
+        assert_eq!(w["labels"]["parent_workload"], mf["id"]);
+        assert_eq!(w["selector"], mf["selector"]);
+    }
+
+    // Each worker's own allocations, exactly: n blocks of 777 bytes from worker_leak.
+    std::thread::sleep(Duration::from_millis(500));
+    for w in &workers {
+        let id = w["id"].as_str().unwrap();
+        let (status, leaks) = http(&agent.url, "GET", &format!("/v1/workloads/{id}/leaks?min_age=0s"), READ, None);
+        assert_eq!(status, 200, "{leaks}");
+        let l = leaks["leaks"].as_array().unwrap().iter().find(|l| l["frames"][0]["function"] == "worker_leak");
+        let l = l.unwrap_or_else(|| panic!("no worker_leak in {id}'s leaks: {leaks:#}"));
+        let n = l["allocs"].as_u64().unwrap();
+        assert!(n >= 10, "{n} allocations counted in {id}");
+        assert_eq!(l["bytes"].as_u64().unwrap(), n * 777);
+    }
+
+    // A worker killed: the master forks a replacement, attached under the same slot's workload.
+    let w0 = &workers[0];
+    let old = w0["pid"].as_u64().unwrap();
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let (again, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| {
+        w["id"] == w0["id"] && w["attached"] == true && w["pid"].as_u64() != Some(old)
+    });
+    assert_eq!(again["restarts"], 1, "{again:#}");
+    assert_eq!(workers_of(&mf).len(), N, "the replacement took the freed slot");
+
+    // Without the term: the plain master's workers run, none is attached.
+    assert_eq!(children(ppid_).len(), N);
+    assert!(workers_of(&mp).is_empty(), "{:#?}", workers_of(&mp));
+    let (_, targets) = http(&agent.url, "GET", "/v1/targets", READ, None);
+    let traced: Vec<u32> = targets["targets"].as_array().unwrap().iter().map(|t| t["id"].as_u64().unwrap() as u32).collect();
+    for c in children(ppid_) {
+        assert!(!traced.contains(&c), "the plain master's worker {c} is traced: {traced:?}");
+    }
+    assert!(traced.contains(&ppid_) && traced.contains(&fpid), "{traced:?}");
+
+    // The agent restarted: the running workers are found by the start scan, after their
+    // master, under the same slots' workloads.
+    let ids = |ws: &[Value]| -> Vec<String> {
+        let mut v: Vec<String> = ws.iter().map(|w| w["id"].as_str().unwrap().to_string()).collect();
+        v.sort();
+        v
+    };
+    let before = ids(&workers);
+    drop(agent);
+    let agent = start_agent(&args).unwrap();
+    let (_, v) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["pid"] == fpid && w["attached"] == true);
+    eprintln!("master re-attached {v:?} after the agent's restart");
+    let t = Instant::now();
+    loop {
+        let (_, v) = http(&agent.url, "GET", "/v1/workloads", READ, None);
+        let ws: Vec<Value> =
+            v["workloads"].as_array().unwrap().iter().filter(|w| w["parent"] == mf["id"] && w["attached"] == true).cloned().collect();
+        if ws.len() == N {
+            assert_eq!(ids(&ws), before);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{} of {N} workers attached after the agent's restart: {v:#}", ws.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(agent);
 }

@@ -7,7 +7,9 @@
 //! A workload's [`Tracking`] (snapshot series, verdicts) is handed from one process of the
 //! workload to the next, its selector's triggers are attached again to each new process, and
 //! its snapshots are stored under its id (`/v1/workloads/{id}/snapshots`). One process per
-//! workload is traced at a time: the first that matches.
+//! workload is traced at a time: the first that matches. Under a `forks=true` selector, the
+//! processes an attached process forks (from the fork events) are attached as its workers,
+//! workloads of their own ([`workload::worker`]).
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -144,7 +146,8 @@ impl Workloads {
         Ok(())
     }
 
-    /// Considers every running process (at start and when a selector is added). Blocking.
+    /// Considers every running process (at start and when a selector is added), then the
+    /// workers (`forks=true`) of those attached, a generation at a time. Blocking.
     pub fn scan(state: &Arc<State>) {
         let pids = discover::scan();
         std::thread::scope(|s| {
@@ -154,6 +157,22 @@ impl Workloads {
                 s.spawn(move || chunk.iter().for_each(|&pid| consider(state, pid, false)));
             }
         });
+        let Some(w) = state.workloads.get() else { return };
+        if !w.selectors.lock().unwrap().iter().any(|e| e.selector.follow_forks) {
+            return;
+        }
+        for _generation in 0..4 {
+            let traced = w.by_pid.lock().unwrap().len();
+            for &pid in &pids {
+                let parent = crate::procfs::status_number(pid, "PPid");
+                if let Some(parent) = parent.filter(|p| w.by_pid.lock().unwrap().contains_key(p)) {
+                    forked(state, parent, pid);
+                }
+            }
+            if w.by_pid.lock().unwrap().len() == traced {
+                break;
+            }
+        }
     }
 
     fn selector_views(&self) -> Vec<SelectorView> {
@@ -197,6 +216,19 @@ impl Workloads {
         reg.get(&id).map(|e| (id.clone(), e.workload.labels.clone()))
     }
 
+    /// Whether `pid` is traced under a `forks=true` selector.
+    fn follows_forks_of(&self, pid: u32) -> bool {
+        let Some(id) = self.by_pid.lock().unwrap().get(&pid).cloned() else { return false };
+        let Some(selector) = self.registry.lock().unwrap().get(&id).map(|e| e.workload.selector.clone()) else { return false };
+        self.selectors.lock().unwrap().iter().any(|e| e.selector.follow_forks && e.selector.id() == selector)
+    }
+
+    /// Whether `pid` is traced as a worker (`forks=true`).
+    fn is_worker(&self, pid: u32) -> bool {
+        let Some(id) = self.by_pid.lock().unwrap().get(&pid).cloned() else { return false };
+        self.registry.lock().unwrap().get(&id).is_some_and(|e| e.workload.worker.is_some())
+    }
+
     /// Every workload, and the pid traced now when there is one.
     pub fn list(&self) -> Vec<Workload> {
         self.registry.lock().unwrap().values().map(|e| e.workload.clone()).collect()
@@ -217,8 +249,20 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
                 let Some(e) = e else { return };
                 let st = state.clone();
                 match e {
-                    ProcEvent::Exec(pid) => drop(tokio::task::spawn_blocking(move || consider(&st, pid, true))),
+                    ProcEvent::Exec(pid) => {
+                        // A worker that execs is another program now, no longer its parent's worker.
+                        if state.workloads.get().is_some_and(|w| w.is_worker(pid)) {
+                            exited(&st, pid);
+                        }
+                        drop(tokio::task::spawn_blocking(move || consider(&st, pid, true)))
+                    }
                     ProcEvent::Exit(pid) => exited(&st, pid),
+                    // Most new tasks (threads above all) are of processes not followed: dismissed here.
+                    ProcEvent::Fork { parent, child } => {
+                        if state.workloads.get().is_some_and(|w| w.follows_forks_of(parent)) {
+                            drop(tokio::task::spawn_blocking(move || forked(&st, parent, child)));
+                        }
+                    }
                 }
             }
             _ = sweep.tick() => {
@@ -236,6 +280,8 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
 }
 
 /// Attaches `pid` if a selector matches it and its workload has no process traced. Blocking.
+/// Under a `forks=true` selector, a process whose parent is of the same workload is a worker:
+/// attached as one when its parent is traced (else left for its parent's turn).
 fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
     let Some(w) = state.workloads.get() else { return };
     if pid == w.own_pid || w.by_pid.lock().unwrap().contains_key(&pid) {
@@ -250,29 +296,92 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
         }
     };
     let identity = workload::identify(&selector, &info, &w.node_name);
-    let (tracking, fresh) = {
-        let mut reg = w.registry.lock().unwrap();
-        // Its process is traced (or being attached), unless that one is gone already: a
-        // restarted process may exec before the exit of its predecessor is seen.
-        if let Some(e) = reg.get_mut(&identity.id) {
-            match e.workload.pid {
-                Some(p) if p != pid && !crate::procfs::exists(p) => {
-                    w.by_pid.lock().unwrap().remove(&p);
-                    e.workload.gone();
-                }
-                Some(_) => return,
-                None => {}
+    if selector.follow_forks {
+        if let Some(ppid) = crate::procfs::status_number(pid, "PPid") {
+            if w.by_pid.lock().unwrap().contains_key(&ppid) {
+                return forked(state, ppid, pid);
+            }
+            let parent = discover::identity::process_info(ppid, &w.node);
+            if parent.is_some_and(|p| selector.matches(&p) && workload::identify(&selector, &p, &w.node_name).id == identity.id) {
+                return;
             }
         }
-        let fresh = !reg.contains_key(&identity.id);
-        let e = reg.entry(identity.id.clone()).or_insert_with(|| Entry {
-            workload: Workload::new(&identity, &selector.id(), now_ms()),
-            tracking: Arc::new(Tracking::for_workload(state.trigger_settings.verdict_window, &identity.id)),
-        });
-        // Reserved: a second process of the workload is not attached meanwhile.
-        e.workload.pid = Some(pid);
-        (e.tracking.clone(), fresh)
+    }
+    if let Some((tracking, fresh)) = reserve(state, w, pid, &identity, &selector.id()) {
+        attach_reserved(state, w, pid, &identity, &selector, tracking, fresh, just_exec);
+    }
+}
+
+/// Most worker slots of one workload (`forks=true`).
+const MAX_WORKER_SLOTS: u32 = 256;
+
+/// `parent` (traced) created the task `child`: attached as the parent workload's worker in the
+/// lowest free slot, if the parent's selector follows forks and `child` is a process, not a
+/// thread. Blocking.
+fn forked(state: &Arc<State>, parent: u32, child: u32) {
+    let Some(w) = state.workloads.get() else { return };
+    let Some(parent_id) = w.by_pid.lock().unwrap().get(&parent).cloned() else { return };
+    let (selector, parent_identity) = {
+        let reg = w.registry.lock().unwrap();
+        let Some(e) = reg.get(&parent_id) else { return };
+        let sels = w.selectors.lock().unwrap();
+        match sels.iter().find(|s| s.selector.follow_forks && s.selector.id() == e.workload.selector) {
+            Some(s) => (s.selector.clone(), workload::Identity { id: parent_id.clone(), labels: e.workload.labels.clone() }),
+            None => return,
+        }
     };
+    if child == w.own_pid || !discover::events::is_process(child) || w.by_pid.lock().unwrap().contains_key(&child) {
+        return;
+    }
+    for slot in 0..MAX_WORKER_SLOTS {
+        let identity = workload::worker(&parent_identity, slot);
+        if let Some((tracking, fresh)) = reserve(state, w, child, &identity, &selector.id()) {
+            return attach_reserved(state, w, child, &identity, &selector, tracking, fresh, true);
+        }
+    }
+    warn!(pid = child, workload = %parent_id, "not attached: the workload has {MAX_WORKER_SLOTS} workers attached already");
+}
+
+/// Reserves the workload `identity` for `pid` (registering it if new): its tracking, and
+/// whether it is new; `None` when another live process of it is traced or being attached.
+fn reserve(state: &State, w: &Workloads, pid: u32, identity: &workload::Identity, selector_id: &str) -> Option<(Arc<Tracking>, bool)> {
+    let mut reg = w.registry.lock().unwrap();
+    // Its process is traced (or being attached), unless that one is gone already: a
+    // restarted process may exec before the exit of its predecessor is seen.
+    if let Some(e) = reg.get_mut(&identity.id) {
+        match e.workload.pid {
+            Some(p) if p != pid && !crate::procfs::exists(p) => {
+                w.by_pid.lock().unwrap().remove(&p);
+                e.workload.gone();
+            }
+            Some(_) => return None,
+            None => {}
+        }
+    }
+    let fresh = !reg.contains_key(&identity.id);
+    let e = reg.entry(identity.id.clone()).or_insert_with(|| Entry {
+        workload: Workload::new(identity, selector_id, now_ms()),
+        tracking: Arc::new(Tracking::for_workload(state.trigger_settings.verdict_window, &identity.id)),
+    });
+    // Reserved: a second process of the workload is not attached meanwhile.
+    e.workload.pid = Some(pid);
+    Some((e.tracking.clone(), fresh))
+}
+
+/// Attaches `pid` as the process of the workload `identity` (reserved for it), with its
+/// selector's triggers. `just_started`: it just exec'd or was forked, so a failed attach is
+/// retried for a while. Blocking.
+#[allow(clippy::too_many_arguments)]
+fn attach_reserved(
+    state: &Arc<State>,
+    w: &Workloads,
+    pid: u32,
+    identity: &workload::Identity,
+    selector: &Selector,
+    tracking: Arc<Tracking>,
+    fresh: bool,
+    just_started: bool,
+) {
     if fresh {
         restore_series(state, &tracking, &identity.id);
     }
@@ -290,8 +399,8 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
     let target = loop {
         match state.attacher.attach(pid) {
             Ok(t) => break Ok(t),
-            Err(e) if just_exec && started.elapsed() < ATTACH_RETRY_FOR && crate::procfs::exists(pid) => {
-                tracing::debug!(pid, error = %crate::cli::one_line(&e), "attach after exec failed; retrying");
+            Err(e) if just_started && started.elapsed() < ATTACH_RETRY_FOR && crate::procfs::exists(pid) => {
+                tracing::debug!(pid, error = %crate::cli::one_line(&e), "attach after exec or fork failed; retrying");
                 std::thread::sleep(Duration::from_millis(40));
             }
             Err(e) => break Err(crate::cli::one_line(&e)),
@@ -572,7 +681,7 @@ pub(crate) fn label_stats(state: &State, stats: &mut [crate::target::TargetStats
 }
 
 /// The labels a workload's figures carry outside the agent (`/metrics`, `--push`).
-pub const PUSH_LABELS: &[&str] = &["node", "namespace", "pod", "container", "executable"];
+pub const PUSH_LABELS: &[&str] = &["node", "namespace", "pod", "container", "executable", "worker"];
 
 /// Makes the target `pid` (attached already) the process of a workload `id`, for the API's
 /// tests (which have no real processes to discover).

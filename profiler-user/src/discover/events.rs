@@ -1,12 +1,13 @@
-//! Process start and exit events from the kernel: the `discover_exec` and `discover_exit`
-//! programs of the eBPF object (`profiler-ebpf/src/discover.rs`) on the
-//! `sched:sched_process_exec` and `sched:sched_process_exit` tracepoints, read from their ring
-//! buffer by one thread. No polling of `/proc`: a process that starts matching is seen the
-//! moment it execs.
+//! Process start and exit events from the kernel: the `discover_exec`, `discover_exit` and
+//! `discover_fork` programs of the eBPF object (`profiler-ebpf/src/discover.rs`) on the
+//! `sched:sched_process_exec`, `sched:sched_process_exit` and `sched:sched_process_fork`
+//! tracepoints, read from their ring buffer by one thread. No polling of `/proc`: a process
+//! that starts matching is seen the moment it execs (or is forked by a followed parent).
 //!
-//! The object is loaded once more for this, apart from the per-target loads, with every map
-//! shrunk to one entry (the probes' maps are not used here) and only the two tracepoint
-//! programs loaded. Needs tracefs (mounted at `/sys/kernel/tracing` if it is not) and a kernel
+//! The object is loaded once more for this, apart from the probes' load, with every map
+//! shrunk to one entry (the probes' maps are not used here) and only the three tracepoint
+//! programs loaded. The fork record's layout differs between kernels: the offset of its
+//! `child_pid` is read from the tracepoint's `format` file and given to the program. Needs tracefs (mounted at `/sys/kernel/tracing` if it is not) and a kernel
 //! with BPF ring buffers (5.8+).
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
@@ -35,18 +36,51 @@ pub enum ProcEvent {
     Exec(u32),
     /// The process (its thread-group leader) exited.
     Exit(u32),
+    /// `parent` (a tgid) created the task `child`: a new process, or a thread of `parent`
+    /// (then `child` is a tid whose tgid is `parent`; see [`is_process`]).
+    Fork { parent: u32, child: u32 },
 }
 
 impl ProcEvent {
-    /// Decodes `kind << 32 | tgid`.
-    pub fn decode(raw: u64) -> Option<ProcEvent> {
+    /// Decodes `[kind << 32 | tgid, parent tgid]`.
+    pub fn decode([raw, parent]: [u64; 2]) -> Option<ProcEvent> {
         let pid = raw as u32;
         match raw >> 32 {
             1 => Some(ProcEvent::Exec(pid)),
             2 => Some(ProcEvent::Exit(pid)),
+            3 => Some(ProcEvent::Fork { parent: parent as u32, child: pid }),
             _ => None,
         }
     }
+}
+
+/// Whether the task `tid` is a process (a thread-group leader), not a thread: its `Tgid` in
+/// `/proc/TID/status` is itself. False when it is gone already.
+pub fn is_process(tid: u32) -> bool {
+    crate::procfs::status_number(tid, "Tgid") == Some(tid)
+}
+
+/// Offset of `child_pid` in the `sched_process_fork` record, from the tracepoint's `format`.
+fn fork_child_pid_offset() -> Result<u32, WatchError> {
+    let bad = |m: String| WatchError::Load(format!("sched_process_fork format: {m}"));
+    let text = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|root| std::fs::read_to_string(format!("{root}/events/sched/sched_process_fork/format")).ok())
+        .ok_or_else(|| bad("unreadable".into()))?;
+    format_offset(&text, "child_pid").ok_or_else(|| bad("no child_pid field".into()))
+}
+
+/// `offset:N` of the field `name` in a tracepoint `format` text.
+fn format_offset(format: &str, name: &str) -> Option<u32> {
+    format.lines().find_map(|l| {
+        let mut parts = l.trim().strip_prefix("field:")?.split(';');
+        let decl = parts.next()?;
+        let field = decl.trim().rsplit([' ', '*']).next()?;
+        if field != name {
+            return None;
+        }
+        parts.find_map(|p| p.trim().strip_prefix("offset:")).and_then(|o| o.parse().ok())
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +119,14 @@ impl ProcWatcher {
             }
         }
         loader.map_max_entries("DISCOVER_EVENTS", RING_BYTES);
+        let child_pid_offset = fork_child_pid_offset()?;
+        loader.override_global("FORK_CHILD_PID_OFFSET", &child_pid_offset, true);
         let mut ebpf = loader.load(object).map_err(|e| WatchError::Load(e.to_string()))?;
-        for (prog, tracepoint) in [("discover_exec", "sched_process_exec"), ("discover_exit", "sched_process_exit")] {
+        for (prog, tracepoint) in [
+            ("discover_exec", "sched_process_exec"),
+            ("discover_exit", "sched_process_exit"),
+            ("discover_fork", "sched_process_fork"),
+        ] {
             let attach_err = |e: &dyn std::fmt::Display| WatchError::Attach { tracepoint, message: e.to_string() };
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
@@ -114,8 +154,9 @@ impl ProcWatcher {
                     // SAFETY: one valid pollfd for the duration of the call.
                     unsafe { libc::poll(&mut p, 1, 200) };
                     while let Some(item) = ring.next() {
-                        if let Ok(raw) = <[u8; 8]>::try_from(&*item) {
-                            if let Some(e) = ProcEvent::decode(u64::from_ne_bytes(raw)) {
+                        if let Ok(raw) = <[u8; 16]>::try_from(&*item) {
+                            let word = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                            if let Some(e) = ProcEvent::decode([word(0), word(1)]) {
                                 on_event(e);
                             }
                         }
@@ -130,7 +171,7 @@ impl ProcWatcher {
                 }
             })
             .map_err(|e| WatchError::Load(format!("starting the discovery thread: {e}")))?;
-        info!("watching process exec and exit (sched tracepoints)");
+        info!("watching process exec, fork and exit (sched tracepoints)");
         Ok(ProcWatcher { stop, thread: Some(thread), lost })
     }
 
@@ -171,8 +212,21 @@ mod tests {
 
     #[test]
     fn decodes_events() {
-        assert_eq!(ProcEvent::decode((1 << 32) | 42), Some(ProcEvent::Exec(42)));
-        assert_eq!(ProcEvent::decode((2 << 32) | 7), Some(ProcEvent::Exit(7)));
-        assert_eq!(ProcEvent::decode(3 << 32), None);
+        assert_eq!(ProcEvent::decode([(1 << 32) | 42, 0]), Some(ProcEvent::Exec(42)));
+        assert_eq!(ProcEvent::decode([(2 << 32) | 7, 0]), Some(ProcEvent::Exit(7)));
+        assert_eq!(ProcEvent::decode([(3 << 32) | 9, 5]), Some(ProcEvent::Fork { parent: 5, child: 9 }));
+        assert_eq!(ProcEvent::decode([4 << 32, 0]), None);
+    }
+
+    /// Both layouts of `sched_process_fork` (inline comms before 6.x, `__data_loc` after).
+    #[test]
+    fn fork_format_offsets() {
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        let new = "\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(format_offset(old, "child_pid"), Some(44));
+        assert_eq!(format_offset(new, "child_pid"), Some(20));
+        assert_eq!(format_offset(new, "parent_pid"), Some(12));
+        assert_eq!(format_offset(new, "pid"), None);
+        assert!(is_process(std::process::id()));
     }
 }

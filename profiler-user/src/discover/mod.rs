@@ -1,8 +1,8 @@
 //! Discovery: which processes to trace, before anything is attached. [`selector`] parses and
 //! matches selectors (`comm=`, `exe=`, `cgroup=`, `container=`, `pod=`), [`identity`] tells
 //! who a process is (its container and pod, from the cgroup path, the runtime's bundle and
-//! kubelet's pod directory), [`events`] reports every exec and exit from the kernel's sched
-//! tracepoints, and [`scan`] lists the processes running now. What is attached, and how
+//! kubelet's pod directory), [`events`] reports every exec, fork and exit from the kernel's
+//! sched tracepoints, and [`scan`] lists the processes running now. What is attached, and how
 //! workloads outlive their pids, is [`crate::workload`]'s business.
 pub mod events;
 pub mod identity;

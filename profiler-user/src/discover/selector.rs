@@ -5,7 +5,10 @@
 //! `cgroup=GLOB` (the cgroup v2 path), `container=GLOB` (the container's id or name),
 //! `pod=NAMESPACE/NAME-GLOB`. A term that is a snapshot trigger (`every=30s`, `growth=20%`,
 //! `exit`, ...; see [`crate::trigger::TriggerSpec`]) is not a match term: it is attached to
-//! every process the selector attaches. A glob has `*` (any characters, `/` included) and `?`
+//! every process the selector attaches. `forks=true` is not a match term either: it makes the
+//! agent follow the processes that an attached process of this selector forks (new processes,
+//! not threads; each one a worker workload of its own, see [`crate::workload::worker`]);
+//! without it a fork that does not exec is not attached. A glob has `*` (any characters, `/` included) and `?`
 //! (one character); nothing else is special, so a value may not contain `,`.
 use std::fmt;
 
@@ -87,6 +90,8 @@ pub struct Selector {
     pub terms: Vec<Term>,
     /// Snapshot triggers for every process it attaches.
     pub triggers: Vec<TriggerSpec>,
+    /// `forks=true`: the processes its attached processes fork are attached too.
+    pub follow_forks: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +110,7 @@ impl Selector {
         }
         let mut terms = Vec::new();
         let mut triggers: Vec<TriggerSpec> = Vec::new();
+        let mut follow_forks: Option<bool> = None;
         for raw in expr.split(',') {
             let raw = raw.trim();
             if raw.is_empty() {
@@ -123,6 +129,17 @@ impl Selector {
                 "exe" => Term::Exe(glob()?),
                 "cgroup" => Term::Cgroup(glob()?),
                 "container" => Term::Container(glob()?),
+                "forks" => {
+                    let follow = match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(bad(format!("forks= takes true or false, not {value:?}"))),
+                    };
+                    if follow_forks.replace(follow).is_some() {
+                        return Err(bad("forks= is given twice".into()));
+                    }
+                    continue;
+                }
                 "pod" => {
                     let (ns, name) = value
                         .split_once('/')
@@ -132,7 +149,7 @@ impl Selector {
                 }
                 _ => {
                     let spec: TriggerSpec = raw.parse().map_err(|e: String| {
-                        bad(format!("{e} (match terms: comm=, exe=, cgroup=, container=, pod=NS/NAME)"))
+                        bad(format!("{e} (match terms: comm=, exe=, cgroup=, container=, pod=NS/NAME; also forks=true)"))
                     })?;
                     if triggers.contains(&spec) {
                         return Err(bad(format!("trigger {} is given twice", spec.describe())));
@@ -146,7 +163,7 @@ impl Selector {
         if terms.is_empty() {
             return Err(bad(format!("{expr:?} has no match term (comm=, exe=, cgroup=, container=, pod=)")));
         }
-        Ok(Selector { expr: expr.to_string(), terms, triggers })
+        Ok(Selector { expr: expr.to_string(), terms, triggers, follow_forks: follow_forks.unwrap_or(false) })
     }
 
     pub fn matches(&self, p: &ProcessInfo) -> bool {
@@ -237,5 +254,19 @@ mod tests {
         assert!(e(&"comm=a".repeat(400)).contains("longer"));
         assert!(e("comm=a\u{7}b").contains("control"));
         assert!(e("comm=a,exit,exit").contains("twice"));
+        assert!(e("comm=a,forks=yes").contains("true or false"));
+        assert!(e("comm=a,forks=true,forks=false").contains("twice"));
+        assert!(e("forks=true").contains("no match term"));
+    }
+
+    /// `forks=true` follows forks; it is not a match term (nor a trigger), and off by default.
+    #[test]
+    fn forks_term() {
+        let s = Selector::parse("comm=nginx,forks=true,every=30s").unwrap();
+        assert!(s.follow_forks);
+        assert_eq!((s.terms.len(), s.triggers.len()), (1, 1));
+        assert!(s.matches(&proc("nginx", "/usr/sbin/nginx", "/", None)));
+        assert!(!Selector::parse("comm=nginx").unwrap().follow_forks);
+        assert!(!Selector::parse("comm=nginx,forks=false").unwrap().follow_forks);
     }
 }

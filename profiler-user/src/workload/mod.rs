@@ -4,6 +4,14 @@
 //! and its cgroup. A workload keeps its snapshot series, its triggers (its selector's) and its
 //! verdicts across restarts of its process; the agent re-attaches a restarted one by itself.
 //!
+//! A process forked by an attached process of a `forks=true` selector (a pre-fork server's
+//! worker) is a workload of its own, [`worker`]: `<parent id>` + `-w<slot>`, the slot being the
+//! lowest one free among the parent's workers when it is forked. A worker the master replaces
+//! (gunicorn's `max_requests`, a crashed nginx worker) takes the freed slot and continues its
+//! series, so a server with N workers has N worker workloads however often they are recycled,
+//! and each worker's heap, leaks and growth verdict are its own (one leaking worker stands
+//! out instead of being averaged away).
+//!
 //! This module owns the identities and the registry (pure data) and the selectors file of the
 //! data directory ([`SelectorFile`]); the agent drives them (`api::workloads`).
 use std::{
@@ -78,6 +86,22 @@ pub fn identify(selector: &Selector, p: &ProcessInfo, node: &str) -> Identity {
     Identity { id, labels }
 }
 
+/// The identity of the worker in `slot` of the workload `parent` (see the module doc): the
+/// parent's labels plus `worker` (the slot) and `parent_workload`.
+pub fn worker(parent: &Identity, slot: u32) -> Identity {
+    // The parent's readable part (its id less `-` and 12 hex digits), shortened so that the
+    // id stays within `valid_id`'s 48 characters.
+    let readable = &parent.id[..parent.id.len().saturating_sub(13)];
+    let suffix = format!("-w{slot}");
+    let readable: String = readable.chars().take(32 - suffix.len()).collect();
+    let key = format!("worker\0{}\0{slot}", parent.id);
+    let id = format!("{}{suffix}-{:012x}", readable.trim_end_matches('-'), fnv1a(key.as_bytes()) & 0xffff_ffff_ffff);
+    let mut labels = parent.labels.clone();
+    labels.insert("worker".to_string(), slot.to_string());
+    labels.insert("parent_workload".to_string(), parent.id.clone());
+    Identity { id, labels }
+}
+
 /// One workload in the registry.
 #[derive(Clone, Debug, Serialize)]
 pub struct Workload {
@@ -85,8 +109,11 @@ pub struct Workload {
     /// node, executable, selector, and namespace, pod, container, pod_uid, container_id (or
     /// cgroup) as of its latest process.
     pub labels: BTreeMap<String, String>,
-    /// The selector that matched it.
+    /// The selector that matched it (a worker's: its parent's).
     pub selector: String,
+    /// A worker's parent workload (`forks=true`), and the worker's slot in it.
+    pub parent: Option<String>,
+    pub worker: Option<u32>,
     /// The pid traced now, if any.
     pub pid: Option<u32>,
     /// Every pid it had (at most the last 32), oldest first.
@@ -106,6 +133,8 @@ impl Workload {
             id: identity.id.clone(),
             labels: identity.labels.clone(),
             selector: selector.to_string(),
+            parent: identity.labels.get("parent_workload").cloned(),
+            worker: identity.labels.get("worker").and_then(|w| w.parse().ok()),
             pid: None,
             pids: Vec::new(),
             restarts: 0,
@@ -292,6 +321,28 @@ mod tests {
         }
         assert_eq!(w.pids.len(), MAX_PAST_PIDS);
         assert_eq!(*w.pids.last().unwrap(), 199);
+    }
+
+    /// Worker ids: one per slot of a parent, stable, valid, labelled, even under a long name.
+    #[test]
+    fn worker_ids() {
+        let sel = Selector::parse("comm=x").unwrap();
+        let p = ProcessInfo { exe: "/usr/sbin/a-very-long-server-name-indeed-longer-than-32".into(), ..Default::default() };
+        let parent = identify(&sel, &p, "n");
+        let w0 = worker(&parent, 0);
+        let w1 = worker(&parent, 1);
+        assert_ne!(w0.id, w1.id);
+        assert_eq!(w0, worker(&parent, 0));
+        for w in [&w0, &w1, &worker(&parent, 4095)] {
+            assert!(valid_id(&w.id), "{}", w.id);
+        }
+        assert!(w1.id.contains("-w1-"), "{}", w1.id);
+        assert_eq!((w1.labels["worker"].as_str(), w1.labels["parent_workload"].as_str()), ("1", parent.id.as_str()));
+        let wl = Workload::new(&w1, "s1", 0);
+        assert_eq!((wl.parent.as_deref(), wl.worker), (Some(parent.id.as_str()), Some(1)));
+        assert_eq!(Workload::new(&parent, "s1", 0).parent, None);
+        // A worker's worker nests.
+        assert!(valid_id(&worker(&w1, 2).id));
     }
 
     /// The selectors file round-trips and refuses a corrupt file with its path in the error.
