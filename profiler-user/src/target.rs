@@ -52,4 +52,7 @@ pub trait TracedTarget: Send + Sync {
 /// Starts tracing processes. Errors carry one clear line for the operator.
 pub trait Attacher: Send + Sync {
     fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>>;
+    /// Does now what the first attach would otherwise do first (load the probes), so that the
+    /// first process found does not wait for it.
+    fn warm_up(&self) {}
 }

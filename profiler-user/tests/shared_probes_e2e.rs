@@ -108,10 +108,11 @@ fn attach(probes: &Arc<Probes>, pid: u32) -> Session {
     Session::attach_on(probes, pid, unwind::target::plan(pid)).unwrap()
 }
 
-/// Mixed sizes at the default interval (512 KiB), then at 64 KiB for a second batch: the
-/// targets table's cheap figures and a snapshot agree within rounding, and both are within
-/// 20% of the truth (~1,100 samples; the old per-stack-mean estimate was off by a factor of
-/// three on such a mix).
+/// Mixed sizes at the default interval (512 KiB), then at 16 KiB for a second batch (248 MiB
+/// live in all): the targets table's cheap figures and a snapshot agree within rounding, bytes
+/// are within 20% of the truth (~8,000 samples) and allocations within 40% (the 64-byte ones,
+/// most of them, are ~20 samples in the first batch). The old per-stack-mean estimate was off
+/// by a factor of three on such a mix.
 #[test]
 fn cheap_counters_and_snapshots_add_the_same_weights() {
     require_root();
@@ -120,20 +121,20 @@ fn cheap_counters_and_snapshots_add_the_same_weights() {
     let session = attach(&probes, f.pid);
     f.go();
     let slot = session.target_probes().slot();
-    probes.set_slot_sample_bytes(slot, 64 << 10).unwrap();
+    probes.set_slot_sample_bytes(slot, 16 << 10).unwrap();
     assert_eq!(f.ask("more"), "done");
     let truth = f.count("live") as f64;
     let stats = session.stats();
     let snap = session.snapshot(Duration::ZERO).unwrap();
-    assert_eq!(stats.sample_bytes, 64 << 10, "the interval in force is stated");
-    assert_eq!(snap.sample_bytes, 64 << 10);
+    assert_eq!(stats.sample_bytes, 16 << 10, "the interval in force is stated");
+    assert_eq!(snap.sample_bytes, 16 << 10);
     let (cheap, full) = (stats.live_bytes as f64, snap.totals.live_bytes as f64);
     eprintln!("truth {truth}, cheap {cheap} ({} allocs), snapshot {full} ({} allocs)", stats.live_allocs, snap.totals.live_allocs);
     assert!((cheap - full).abs() <= full * 0.001 + 64.0, "cheap {cheap} vs snapshot {full}");
     assert!(stats.live_allocs.abs_diff(snap.totals.live_allocs) <= 1 + snap.totals.live_allocs / 1000, "{} vs {}", stats.live_allocs, snap.totals.live_allocs);
     assert!((full - truth).abs() <= truth * 0.2, "snapshot {full} vs truth {truth}");
     let allocs_truth = 2.0 * 120_040.0;
-    assert!((snap.totals.live_allocs as f64 - allocs_truth).abs() <= allocs_truth * 0.25, "{} allocations", snap.totals.live_allocs);
+    assert!((snap.totals.live_allocs as f64 - allocs_truth).abs() <= allocs_truth * 0.4, "{} allocations", snap.totals.live_allocs);
 }
 
 /// `--cpu-budget 5`: a target recorded in full whose allocation rate jumps tenfold (3,000 to

@@ -177,6 +177,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let attacher = attacher(&args);
     // Refuse bad configurations before starting threads or touching the data directory.
     api::check_config(&config)?;
+    let warming = Arc::clone(&attacher);
+    std::thread::Builder::new().name("probe-load".into()).spawn(move || warming.warm_up()).context("starting a thread")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
