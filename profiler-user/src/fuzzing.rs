@@ -66,6 +66,12 @@ fn memfd(data: &[u8]) -> Option<std::fs::File> {
     Some(f)
 }
 
+/// Real files of the host (libc and libstdc++ are over libFuzzer's 1 MiB input cap: it
+/// truncates them, so they only serve the stable smoke run), plus `fuzz/seeds/elf/`: small
+/// builds of `tests/fixtures/trigger_fixture.c` (gcc 12, Debian 12): `usdt-pie`
+/// (`-O2 -fPIE -pie`: USDT notes and semaphore, PLT, `.eh_frame`, `.symtab`),
+/// `debug-frame-exe` and `debug-frame-rel.o` (`-O1 -g -fno-asynchronous-unwind-tables`, linked
+/// and `-c`: `.debug_frame`, its relocations in the `.o`).
 fn elf_seeds() -> Vec<Vec<u8>> {
     let mut seeds: Vec<Vec<u8>> = ["/usr/bin/true", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"]
         .iter()
@@ -185,11 +191,24 @@ pub fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus")
 }
 
+/// Where kept seed files live: `profiler-user/fuzz/seeds/<target>/`.
+pub fn seeds_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds")
+}
+
+/// `target`'s seeds: those its `seeds` function makes, then the files of
+/// `fuzz/seeds/<target>/`.
+pub fn seeds(target: &Target) -> Vec<Vec<u8>> {
+    let mut seeds = (target.seeds)();
+    seeds.extend(inputs_in(&seeds_dir().join(target.name)).iter().filter_map(|p| std::fs::read(p).ok()));
+    seeds
+}
+
 /// Writes `target`'s seeds into `dir` (`seed-<n>`, replacing older ones), for libFuzzer to
 /// start from. Returns how many.
 pub fn write_seeds(target: &Target, dir: &Path) -> std::io::Result<usize> {
     std::fs::create_dir_all(dir)?;
-    let seeds = (target.seeds)();
+    let seeds = seeds(target);
     for (i, seed) in seeds.iter().enumerate() {
         std::fs::write(dir.join(format!("seed-{i}")), seed)?;
     }

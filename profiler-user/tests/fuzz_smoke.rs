@@ -1,12 +1,12 @@
 //! The bolero harness of the fuzz targets of `profiler_user::fuzzing`: one test per target,
 //! the same code under both engines.
 //!
-//! - Plain `cargo test` (stable, what `cargo xtask test` runs): the target's seeds, its
-//!   regression inputs (`fuzz/regressions/<target>/*`) and the local corpus
-//!   (`fuzz/corpus/<target>/*`, if a coverage-guided run left one; as much of it as fits in the
-//!   smoke time) run without a panic, then
-//!   bolero's random inputs for `MEMSCOPE_FUZZ_SECONDS` (default 2 s; bolero prints the
-//!   inputs per second). A panic saves its input under `fuzz/regressions/<target>/`.
+//! - Plain `cargo test` (stable, what `cargo xtask test` runs): the target's seeds (built-in
+//!   and `fuzz/seeds/<target>/*`), its regression inputs (`fuzz/regressions/<target>/*`) and
+//!   the local corpus (`fuzz/corpus/<target>/*`, if a coverage-guided run left one; as much of
+//!   it as fits in the smoke time) run without a panic, then bolero's random inputs for
+//!   `MEMSCOPE_FUZZ_SECONDS` (default 2 s; bolero prints the inputs per second). A panic saves
+//!   its input under `fuzz/regressions/<target>/`.
 //! - `cargo xtask fuzz` runs these tests under `cargo bolero test` (libFuzzer, coverage-guided);
 //!   it sets `MEMSCOPE_FUZZ_CORPUS` to the corpus directory, where the seeds are written first.
 use std::{
@@ -30,7 +30,7 @@ fn prepare(name: &str) -> &'static Target {
             panic!("fuzz target {} crashes on {what}: {msg}", t.name);
         }
     };
-    let seeds = (t.seeds)();
+    let seeds = fuzzing::seeds(t);
     for (i, seed) in seeds.iter().enumerate() {
         check(&format!("seed {i}"), seed);
     }
