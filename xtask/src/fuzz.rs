@@ -21,7 +21,14 @@ use crate::cmd::{self, step};
 const CARGO_BOLERO_VERSION: &str = "0.13.4";
 
 /// The targets of `profiler_user::fuzzing::TARGETS` (xtask does not link profiler-user).
-pub const TARGETS: [&str; 6] = ["elf", "perf_map", "proc_files", "token_file", "trigger_spec", "request"];
+pub const TARGETS: [&str; 6] = [
+    "elf",
+    "perf_map",
+    "proc_files",
+    "token_file",
+    "trigger_spec",
+    "request",
+];
 
 #[derive(clap::Args)]
 pub struct FuzzArgs {
@@ -78,29 +85,46 @@ impl Summary {
 
 pub fn run(args: FuzzArgs) -> Result<()> {
     if let Some(bad) = args.targets.iter().find(|n| !TARGETS.contains(&n.as_str())) {
-        bail!("unknown fuzz target {bad:?} (targets: {})", TARGETS.join(", "));
+        bail!(
+            "unknown fuzz target {bad:?} (targets: {})",
+            TARGETS.join(", ")
+        );
     }
     ensure_cargo_bolero()?;
     let user = cmd::workspace_root().join("profiler-user");
-    let selected: Vec<&str> =
-        TARGETS.iter().copied().filter(|t| args.targets.is_empty() || args.targets.iter().any(|n| n == t)).collect();
+    let selected: Vec<&str> = TARGETS
+        .iter()
+        .copied()
+        .filter(|t| args.targets.is_empty() || args.targets.iter().any(|n| n == t))
+        .collect();
     let mut failed = Vec::new();
     let mut summaries = Vec::new();
     for target in selected {
         let corpus = user.join("fuzz/corpus").join(target);
         let crashes = user.join("fuzz/regressions").join(target);
-        std::fs::create_dir_all(&corpus).with_context(|| format!("cannot create {}", corpus.display()))?;
+        std::fs::create_dir_all(&corpus)
+            .with_context(|| format!("cannot create {}", corpus.display()))?;
         let before = files(&crashes);
-        step(format!("cargo bolero test {target}: libFuzzer, {} s", args.seconds));
+        step(format!(
+            "cargo bolero test {target}: libFuzzer, {} s",
+            args.seconds
+        ));
         let mut c = cmd::rustup_proxy("cargo");
-        c.args(["bolero", "test", "--package", "profiler-user", "--engine", "libfuzzer"])
-            .args(["--sanitizer", &args.sanitizer])
-            .args(["-T", &format!("{}s", args.seconds)])
-            .arg("--corpus-dir")
-            .arg(&corpus)
-            .arg("--crashes-dir")
-            .arg(&crashes)
-            .env("MEMSCOPE_FUZZ_CORPUS", &corpus);
+        c.args([
+            "bolero",
+            "test",
+            "--package",
+            "profiler-user",
+            "--engine",
+            "libfuzzer",
+        ])
+        .args(["--sanitizer", &args.sanitizer])
+        .args(["-T", &format!("{}s", args.seconds)])
+        .arg("--corpus-dir")
+        .arg(&corpus)
+        .arg("--crashes-dir")
+        .arg(&crashes)
+        .env("MEMSCOPE_FUZZ_CORPUS", &corpus);
         if args.sanitizer != "NONE" {
             c.args(["--toolchain", "nightly"]);
         }
@@ -115,10 +139,15 @@ pub fn run(args: FuzzArgs) -> Result<()> {
         if !ok || !new.is_empty() {
             failed.push(target);
             for path in &new {
-                step(format!("{target}: crashing input saved as {}", path.display()));
+                step(format!(
+                    "{target}: crashing input saved as {}",
+                    path.display()
+                ));
             }
             if new.is_empty() {
-                step(format!("{target}: the run failed without writing an input (see above)"));
+                step(format!(
+                    "{target}: the run failed without writing an input (see above)"
+                ));
             }
         }
     }
@@ -151,7 +180,9 @@ fn ensure_cargo_bolero() -> Result<()> {
     if installed {
         return Ok(());
     }
-    step(format!("cargo install cargo-bolero {CARGO_BOLERO_VERSION} (libFuzzer engine, ~2 min)"));
+    step(format!(
+        "cargo install cargo-bolero {CARGO_BOLERO_VERSION} (libFuzzer engine, ~2 min)"
+    ));
     cmd::run(cmd::rustup_proxy("cargo").args([
         "install",
         "cargo-bolero",
@@ -167,8 +198,10 @@ fn ensure_cargo_bolero() -> Result<()> {
 /// Runs `c`, passing its output through, and reads libFuzzer's figures from it.
 fn run_streaming(c: &mut std::process::Command) -> Result<(bool, Summary)> {
     let what = cmd::describe(c);
-    let mut child =
-        c.stderr(Stdio::piped()).spawn().with_context(|| format!("cannot start `{what}`"))?;
+    let mut child = c
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
     let mut summary = Summary::default();
     let stderr = child.stderr.take().expect("piped stderr");
     for line in BufReader::new(stderr).lines() {
@@ -181,7 +214,9 @@ fn run_streaming(c: &mut std::process::Command) -> Result<(bool, Summary)> {
             eprintln!("{line}");
         }
     }
-    let status = child.wait().with_context(|| format!("`{what}` did not finish"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("`{what}` did not finish"))?;
     Ok((status.success(), summary))
 }
 
