@@ -231,7 +231,31 @@ fn files(dir: &Path) -> BTreeSet<PathBuf> {
 
 #[cfg(test)]
 mod tests {
-    use super::Summary;
+    use super::{Summary, TARGETS};
+
+    /// TARGETS names what profiler-user's fuzzing module and harness have.
+    #[test]
+    fn targets_match_profiler_user() {
+        let root = crate::cmd::workspace_root().join("profiler-user");
+        let module = std::fs::read_to_string(root.join("src/fuzzing.rs")).unwrap();
+        let harness = std::fs::read_to_string(root.join("tests/fuzz_smoke.rs")).unwrap();
+        let listed = module.matches("Target { name: \"").count();
+        assert_eq!(
+            listed,
+            TARGETS.len(),
+            "fuzzing::TARGETS and xtask's TARGETS differ"
+        );
+        for t in TARGETS {
+            assert!(
+                module.contains(&format!("Target {{ name: \"{t}\"")),
+                "{t} not in fuzzing::TARGETS"
+            );
+            assert!(
+                harness.contains(&format!("fuzz_{t} => \"{t}\"")),
+                "{t} has no harness test"
+            );
+        }
+    }
 
     #[test]
     fn reads_libfuzzer_figures() {
