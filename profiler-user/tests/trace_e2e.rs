@@ -170,9 +170,10 @@ fn bad_targets_fail_with_one_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid duration"));
 }
 
-/// Poisson byte sampling at the default rate (512 KiB) gives estimates within 10% of the
-/// truth (400 MiB leaked in 64 KiB blocks, among 100k small churned allocations), counts every
-/// call exactly, and states its rate; `full` is exact.
+/// Poisson byte sampling at the default rate (512 KiB) gives estimates within 15% of the
+/// truth (400 MiB leaked in 64 KiB blocks, among 100k small churned allocations: ~750 samples;
+/// over 12 runs the estimate's spread was 4%, so 15% is almost 4 of them), counts every call
+/// exactly, and states its rate; `full` is exact.
 #[test]
 fn sampling_estimates_are_unbiased() {
     require_root();
@@ -180,8 +181,8 @@ fn sampling_estimates_are_unbiased() {
     let sampled = snapshot_of("sample", ProbeSettings { sample_bytes: 512 * 1024, ..Default::default() });
     let (bytes, allocs) = site(&sampled, "leak_sampled");
     let err = (bytes as f64 - truth as f64).abs() / truth as f64;
-    assert!(err < 0.10, "estimate {bytes} vs {truth} ({:.1}% off)", err * 100.0);
-    assert!((allocs as f64 - 6400.0).abs() / 6400.0 < 0.10, "allocs estimate {allocs}");
+    assert!(err < 0.15, "estimate {bytes} vs {truth} ({:.1}% off)", err * 100.0);
+    assert!((allocs as f64 - 6400.0).abs() / 6400.0 < 0.15, "allocs estimate {allocs}");
     assert_eq!(sampled.sample_bytes, 512 * 1024);
     assert_eq!(sampled.totals.allocs, 6400 + 100_000);
     assert_eq!(sampled.totals.allocated_bytes, truth + 100_000 * 64);
