@@ -456,7 +456,7 @@ pub mod mapping {
 /// x 40 bytes = 10 MiB. Node.js maps ~100 executable ranges, a large C++ service a few hundred.
 pub const MAX_UNWIND_MAPPINGS: u32 = 1024;
 // A slot's range is whole pages (the agent maps only its own).
-const _: () = assert!((2 * MAX_UNWIND_MAPPINGS as usize * core::mem::size_of::<UnwindMapping>()) % 4096 == 0);
+const _: () = assert!((2 * MAX_UNWIND_MAPPINGS as usize * core::mem::size_of::<UnwindMapping>()).is_multiple_of(4096));
 /// Binary-search steps over a half of `UNWIND_MAPPINGS` (2^10 = 1024).
 pub const MAPPING_SEARCH_STEPS: u32 = 10;
 /// `UNWIND_STATE` entries per target: `[active half, mappings in half 0, in half 1, unused]`.

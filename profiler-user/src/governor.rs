@@ -51,8 +51,21 @@ pub struct ProbeCost {
     pub sample_bytes: u64,
 }
 
+/// A target's event counters when last read.
 struct Seen {
     at: Instant,
+    entries: u64,
+    returns: u64,
+}
+
+/// One target's events over the last period.
+struct Period {
+    id: u64,
+    slot: u32,
+    /// Configured interval, and the one in force.
+    base: u64,
+    current: u64,
+    secs: f64,
     entries: u64,
     returns: u64,
 }
@@ -97,11 +110,12 @@ fn run(probes: Weak<Probes>, budget: f64) {
             let prev = seen.insert(id, Seen { at: now, entries, returns });
             let Some(prev) = prev else { continue };
             let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
-            periods.push((id, slot, base, current, secs, entries - prev.entries.min(entries), returns - prev.returns.min(returns)));
+            let (entries, returns) = (entries.saturating_sub(prev.entries), returns.saturating_sub(prev.returns));
+            periods.push(Period { id, slot, base, current, secs, entries, returns });
         }
-        let all_events: u64 = periods.iter().map(|p| p.5 + p.6).sum();
+        let all_events: u64 = periods.iter().map(|p| p.entries + p.returns).sum();
         let ns_per_run = if bpf_runs > 0 { bpf_ns as f64 / bpf_runs as f64 } else { 0.0 };
-        for (id, slot, base, current, secs, entries, returns) in periods {
+        for Period { id, slot, base, current, secs, entries, returns } in periods {
             let share = if all_events > 0 { (entries + returns) as f64 / all_events as f64 } else { 0.0 };
             let floor_ns = entries as f64 * ENTRY_TRAP_NS;
             let cost_ns = floor_ns + returns as f64 * RETURN_TRAP_NS + bpf_ns as f64 * share;

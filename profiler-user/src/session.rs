@@ -28,14 +28,11 @@ pub struct Session {
     pid: u32,
     comm: String,
     process: Arc<Process>,
-    settings: ProbeSettings,
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
     allocator: String,
     sites: Vec<ProbeSiteReport>,
-    /// `Session` or `Classic`: what `Auto` came to.
-    probe_mode: ProbeMode,
-    unwind: Option<UnwindHandle>,
+    unwind: UnwindHandle,
     target: Arc<TargetProbes>,
     inner: Arc<Mutex<Inner>>,
 }
@@ -64,14 +61,13 @@ impl Session {
     /// targets), with the unwind tables of `plan`.
     pub fn attach_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
         let started = Instant::now();
-        let settings = probes.settings();
         // Everything read about `pid` below is checked to come from this very process at the
         // end (its pid could be reused by another one meanwhile).
         let process = Arc::new(Process::open(pid)?);
         let comm = procfs::comm(pid)?;
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        let mut target = TargetProbes::claim(probes, pid, settings.sample_bytes)?;
+        let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(
             process.clone(),
@@ -97,13 +93,11 @@ impl Session {
             pid,
             comm,
             process,
-            settings,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
             allocator: allocator.path_in_target,
             sites,
-            probe_mode,
-            unwind: Some(unwind),
+            unwind,
             target,
             inner,
         })
@@ -119,11 +113,7 @@ impl Session {
 
     /// How the probes were attached: `Session` or `Classic`.
     pub fn probe_mode(&self) -> ProbeMode {
-        self.probe_mode
-    }
-
-    pub fn settings(&self) -> ProbeSettings {
-        self.settings
+        self.target.probes().probe_mode()
     }
 
     /// This target's part of the probes (its sampling interval, counters, maps).
@@ -225,7 +215,7 @@ impl TracedTarget for Session {
             }
         }
         profile.expand_inlined();
-        profile.unwind_tables = self.unwind.as_ref().map(UnwindHandle::stats);
+        profile.unwind_tables = Some(self.unwind.stats());
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
         }
@@ -246,10 +236,10 @@ impl TracedTarget for Session {
             frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
             dropped: build::dropped(&counters),
             unwind: build::unwind(&counters),
-            unwind_tables: self.unwind.as_ref().map(UnwindHandle::stats),
+            unwind_tables: Some(self.unwind.stats()),
             sample_bytes: self.target.sample_bytes(),
             probe_cost: self.target.cost(),
-            probe_mode: self.probe_mode.name().to_string(),
+            probe_mode: self.probe_mode().name().to_string(),
             alive: self.alive(),
             labels: Default::default(),
         }
@@ -273,10 +263,6 @@ pub struct EbpfAttacher {
 impl EbpfAttacher {
     pub fn new(settings: ProbeSettings, cpu_budget: Option<f64>) -> EbpfAttacher {
         EbpfAttacher { settings, cpu_budget, probes: Mutex::new(None) }
-    }
-
-    pub fn settings(&self) -> ProbeSettings {
-        self.settings
     }
 
     /// The probes, once loaded.
@@ -316,7 +302,7 @@ impl Attacher for EbpfAttacher {
 
     /// Loads the probes (0.5 to 0.7 s of verification, and the maps allocated) at once.
     fn warm_up(&self) {
-        if let Err(e) = load::check_environment().map_err(anyhow::Error::from).and_then(|()| self.loaded()) {
+        if let Err(e) = self.loaded() {
             tracing::debug!("probes not loaded ahead of the first attach: {e:#}");
         }
     }

@@ -7,7 +7,7 @@
 //! slot in the shared maps and a few links (`bpf::target_view`).
 use std::{
     fs,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -125,7 +125,7 @@ pub struct Probes {
     /// Stack ids no target referenced at the last purge (see `target_view::purge`).
     pub(crate) unreferenced_stacks: Mutex<std::collections::HashSet<u64>>,
     /// `COUNTERS`, for the readers on other threads (`counters_handle`).
-    counters_fd: OwnedFd,
+    counters_data: MapData,
     /// What the probes cost each target (by target id), measured by the governor.
     pub(crate) costs: Mutex<std::collections::HashMap<u64, crate::governor::ProbeCost>>,
 }
@@ -246,23 +246,20 @@ impl Probes {
             mappings: array(&mut ebpf, "UNWIND_MAPPINGS")?,
             state: array(&mut ebpf, "UNWIND_STATE")?,
         };
+        let counters_data = match ebpf.map("COUNTERS") {
+            Some(aya::maps::Map::PerCpuArray(data)) => dup_map("COUNTERS", data)?,
+            _ => return Err(LoadError::MissingMap("COUNTERS")),
+        };
         let slots = SlotMaps {
             targets: take(&mut ebpf, "TARGETS")?,
             target_live: take(&mut ebpf, "TARGET_LIVE")?,
             active_calls: take(&mut ebpf, "ACTIVE_CALLS")?,
             countdown: take(&mut ebpf, "SAMPLE_COUNTDOWN")?,
-            counters: dup(&ebpf, "COUNTERS")?,
+            counters: per_cpu_counters(dup_map("COUNTERS", &counters_data)?)?,
             owners: vec![SlotOwner::default(); MAX_TARGETS as usize],
             trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
             triggers_used: Default::default(),
         };
-        let Some(aya::maps::Map::PerCpuArray(counters)) = ebpf.map("COUNTERS") else {
-            return Err(LoadError::MissingMap("COUNTERS"));
-        };
-        let counters_fd = counters.fd().as_fd().try_clone_to_owned().map_err(|e| LoadError::Map {
-            name: "COUNTERS",
-            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }),
-        })?;
         let maps = ProbeMaps {
             live: take(&mut ebpf, "LIVE")?,
             stack_stats: take(&mut ebpf, "STACK_STATS")?,
@@ -277,7 +274,7 @@ impl Probes {
             unwind,
             settings,
             unreferenced_stacks: Default::default(),
-            counters_fd,
+            counters_data,
             costs: Default::default(),
         })
     }
@@ -313,13 +310,7 @@ impl Probes {
 
     /// A new handle on `COUNTERS` (for a reader on another thread).
     pub(crate) fn counters_handle(&self) -> Result<PerCpuArray<MapData, u64>, LoadError> {
-        let name = "COUNTERS";
-        let err = |source| LoadError::Map { name, source };
-        let fd = self.counters_fd.try_clone().map_err(|e| {
-            err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }))
-        })?;
-        let data = MapData::from_fd(fd).map_err(err)?;
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(err)
+        per_cpu_counters(dup_map("COUNTERS", &self.counters_data)?)
     }
 }
 
@@ -331,21 +322,16 @@ where
     T::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
-/// A second handle on map `data` (for a target's unwinder, which mmaps it).
+/// A second handle on map `data` (for a target's unwinder, which mmaps it; for readers on
+/// other threads).
 pub fn dup_map(name: &'static str, data: &MapData) -> Result<MapData, LoadError> {
-    dup_data(name, data)
-}
-
-fn dup_data(name: &'static str, data: &MapData) -> Result<MapData, LoadError> {
     let dup = |e: std::io::Error| LoadError::Map { name, source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error: e }) };
     let fd = data.fd().as_fd().try_clone_to_owned().map_err(dup)?;
     MapData::from_fd(fd).map_err(|source| LoadError::Map { name, source })
 }
 
-/// A second handle on per-CPU array `name`, left in the object.
-fn dup(ebpf: &Ebpf, name: &'static str) -> Result<PerCpuArray<MapData, u64>, LoadError> {
-    let Some(aya::maps::Map::PerCpuArray(data)) = ebpf.map(name) else { return Err(LoadError::MissingMap(name)) };
-    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup_data(name, data)?)).map_err(|source| LoadError::Map { name, source })
+fn per_cpu_counters(data: MapData) -> Result<PerCpuArray<MapData, u64>, LoadError> {
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| LoadError::Map { name: "COUNTERS", source })
 }
 
 fn array(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, LoadError> {
