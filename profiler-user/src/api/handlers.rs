@@ -50,25 +50,31 @@ const MAX_TOP: usize = 10_000;
 // ---------------------------------------------------------------------------------------------
 // Authentication and audit
 
-fn audit_denied(p: Option<&Principal>, peer: Option<IpAddr>, method: &Method, path: &str, err: &ApiError) {
-    let (name, role) = p.map_or(("-", "-"), |p| (p.name.as_str(), p.role.as_str()));
-    let peer = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-    info!(target: "audit", token = name, role, %peer, %method, route = path, result = "denied",
-          status = err.status.as_u16(), code = err.code, "request denied");
+fn audit_denied(
+    state: &State,
+    p: Option<&Principal>,
+    peer: Option<IpAddr>,
+    method: &Method,
+    path: &str,
+    err: &ApiError,
+) {
+    state.denials.record(p, peer, method, path, err);
 }
 
-/// Logs an admin action and its result.
+/// Logs an admin action and its result (values from the request clipped, see
+/// [`super::audit::Clip`]).
 pub(crate) fn audit_action(p: &Principal, method: &Method, route: &str, result: Result<&str, &ApiError>) {
+    use super::audit::Clip;
     match result {
-        Ok(detail) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route,
-                            result = "ok", detail, "admin action"),
-        Err(e) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route,
+        Ok(detail) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route = %Clip(route),
+                            result = "ok", detail = %Clip(detail), "admin action"),
+        Err(e) => info!(target: "audit", token = %p.name, role = p.role.as_str(), %method, route = %Clip(route),
                         result = "error", status = e.status.as_u16(), code = e.code, "admin action failed"),
     }
 }
 
-/// Checks the bearer token, the per-IP failure limit, the per-token rate limit and the role.
-/// Every refusal is audited.
+/// Checks the bearer token and the role, after [`precheck`] has spent the request's budget.
+/// Every refusal is audited (aggregated).
 pub(crate) fn authorize(
     state: &State,
     authorization: Option<&[u8]>,
@@ -78,44 +84,31 @@ pub(crate) fn authorize(
     needed: Role,
 ) -> Result<Principal, ApiError> {
     let ip = peer.map(|a| a.ip());
-    if let Some(ip) = ip {
-        if let Err(wait) = state.limiter.check_ip(ip) {
-            state.metrics.refused_ip.fetch_add(1, Ordering::Relaxed);
-            let err = ApiError::rate_limited("too many failed authentications from this address", wait);
-            audit_denied(None, ip.into(), method, path, &err);
-            return Err(err);
-        }
-    }
     let principal = match state.auth.authenticate(authorization) {
         Ok(p) => p,
         Err(failure) => {
-            if let Some(ip) = ip {
-                state.limiter.record_failure(ip);
-            }
             let err = ApiError::unauthorized(failure.code(), failure.message());
-            audit_denied(None, ip, method, path, &err);
+            audit_denied(state, None, ip, method, path, &err);
             return Err(err);
         }
     };
-    if let Err(wait) = state.limiter.check_token(&principal.name) {
-        state.metrics.refused_token.fetch_add(1, Ordering::Relaxed);
-        let err = ApiError::rate_limited("per-token limit", wait);
-        audit_denied(Some(&principal), ip, method, path, &err);
-        return Err(err);
-    }
     if !principal.role.allows(needed) {
         let err = ApiError::forbidden(format!("this route needs the {} role", needed.as_str()));
-        audit_denied(Some(&principal), ip, method, path, &err);
+        audit_denied(state, Some(&principal), ip, method, path, &err);
         return Err(err);
     }
     Ok(principal)
 }
 
 /// The checks in front of every route but the health checks: body size by Content-Length,
-/// then the global rate limit.
+/// then the token (constant time) and the one budget the request draws from: its token's when
+/// the token is valid, else the unauthenticated ones (per address, wrong tokens per address,
+/// agent-wide; see [`limits::RateLimiter`]). So no client without a token can make a valid
+/// token wait.
 pub(crate) fn precheck(
     state: &State,
     content_length: Option<u64>,
+    authorization: Option<&[u8]>,
     peer: Option<SocketAddr>,
     method: &Method,
     path: &str,
@@ -123,11 +116,30 @@ pub(crate) fn precheck(
     if content_length.is_some_and(|n| n > state.limits.body_bytes) {
         return Err(ApiError::too_large(state.limits.body_bytes));
     }
-    if let Err(wait) = state.limiter.check_global() {
-        state.metrics.refused_global.fetch_add(1, Ordering::Relaxed);
-        let err = ApiError::rate_limited("agent-wide limit", wait);
-        audit_denied(None, peer.map(|a| a.ip()), method, path, &err);
-        return Err(err);
+    let ip = peer.map(|a| a.ip());
+    match state.auth.authenticate(authorization) {
+        Ok(principal) => {
+            if let Err(wait) = state.limiter.check_token(&principal.name) {
+                state.metrics.refused_token.fetch_add(1, Ordering::Relaxed);
+                let err = ApiError::rate_limited("per-token limit", wait);
+                audit_denied(state, Some(&principal), ip, method, path, &err);
+                return Err(err);
+            }
+        }
+        Err(failure) => {
+            let failed = failure != super::auth::AuthFailure::Missing;
+            if let Err((why, wait)) = state.limiter.check_unauthenticated(ip, failed) {
+                let counter = match why {
+                    limits::UnauthRefusal::AuthFailures => &state.metrics.refused_auth_failures,
+                    limits::UnauthRefusal::PerAddress => &state.metrics.refused_unauth_address,
+                    limits::UnauthRefusal::Global => &state.metrics.refused_unauth,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let err = ApiError::rate_limited(why.message(), wait);
+                audit_denied(state, None, ip, method, path, &err);
+                return Err(err);
+            }
+        }
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Denial-of-service limits: nothing queues without bound, every limit answers at once.
 //!
-//! - [`RateLimiter`]: token buckets, one global, one per token name, and one per remote IP
-//!   that is only drawn from by failed authentications (so a scanner is slowed down before
-//!   the token comparison runs). A refusal carries the wait until the next token: sent as
-//!   `Retry-After` with a 429.
+//! - [`RateLimiter`]: token buckets. The token is checked first (constant time), then a
+//!   request with a valid token draws only from its token's bucket; a request without one
+//!   draws from the unauthenticated budgets (one agent-wide, one per client address) and, when
+//!   it presented a wrong token, from its address's failure budget. So nothing a client without
+//!   a token sends (a flood to a path that does not exist, wrong tokens from the admin's own
+//!   address, which on loopback every local user shares) can make a valid token wait. A refusal
+//!   carries the wait until the next token: sent as `Retry-After` with a 429.
 //! - [`SingleFlight`]: identical concurrent expensive requests (same key: target or snapshot,
 //!   route and canonical query) share one computation. The computation runs in
 //!   `spawn_blocking` and finishes even when every waiter has gone (a disconnect does not
@@ -36,20 +39,30 @@ const MAX_KEYS: usize = 10_000;
 /// All limits of the agent; the defaults suit one agent per node.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Requests per second for the whole agent (health checks excluded), and its burst.
-    pub global_per_sec: f64,
-    pub global_burst: u32,
-    /// Requests per second per token, and its burst.
+    /// Requests per second without a valid token, for the whole agent (health checks excluded),
+    /// and its burst. Requests with a valid token never draw from it.
+    pub unauth_per_sec: f64,
+    pub unauth_burst: u32,
+    /// Requests per second without a valid token from one client address (IPv4, or IPv6 /64),
+    /// and its burst.
+    pub unauth_per_address_per_sec: f64,
+    pub unauth_per_address_burst: u32,
+    /// Requests per second per token, and its burst (the only budget a valid token draws from).
     pub token_per_sec: f64,
     pub token_burst: u32,
-    /// Failed authentications per minute per remote IP, and its burst.
+    /// Failed authentications (a wrong or malformed token) per minute per remote IP, and its
+    /// burst; past it that address's requests without a valid token get 429.
     pub auth_failures_per_min: f64,
     pub auth_failures_burst: u32,
     /// Concurrent snapshots and renders; more are answered 503 at once.
     pub max_expensive: usize,
-    /// Concurrent connections (TLS handshakes included); more wait in the kernel's backlog.
+    /// Concurrent connections (TLS handshakes included). When it is reached, the oldest
+    /// connection that has not yet shown a valid token (or asked for a health check) is closed
+    /// to make room; when every connection has, new ones wait in the kernel's backlog.
     pub max_connections: usize,
-    /// Concurrent connections from one address (IPv4, or IPv6 /64); more are closed at once.
+    /// Connections from one address (IPv4, the whole of 127.0.0.0/8, or IPv6 /64) that have not
+    /// yet shown a valid token; a new one past it closes the address's oldest (see
+    /// [`super::conn_limits`]).
     pub max_connections_per_address: usize,
     /// Most targets traced at once.
     pub max_targets: usize,
@@ -67,8 +80,10 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            global_per_sec: 50.0,
-            global_burst: 100,
+            unauth_per_sec: 50.0,
+            unauth_burst: 100,
+            unauth_per_address_per_sec: 10.0,
+            unauth_per_address_burst: 20,
             token_per_sec: 5.0,
             token_burst: 20,
             auth_failures_per_min: 10.0,
@@ -123,16 +138,6 @@ impl Rate {
             Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_sec))
         }
     }
-
-    /// Whether a token is there, without taking it.
-    fn peek(self, b: &mut Bucket, now: Instant) -> Result<(), Duration> {
-        self.refill(b, now);
-        if b.tokens >= 1.0 {
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_sec))
-        }
-    }
 }
 
 /// Buckets per key, bounded to `MAX_KEYS`.
@@ -164,10 +169,33 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     }
 }
 
-/// Global, per-token and per-IP (failed authentication) rate limits.
+/// Which budget refused a request without a valid token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnauthRefusal {
+    /// The address used up its failed-authentication budget (wrong tokens).
+    AuthFailures,
+    /// The address used up its unauthenticated budget.
+    PerAddress,
+    /// The agent-wide unauthenticated budget is used up.
+    Global,
+}
+
+impl UnauthRefusal {
+    pub fn message(self) -> &'static str {
+        match self {
+            UnauthRefusal::AuthFailures => "too many failed authentications from this address",
+            UnauthRefusal::PerAddress => "too many requests without a valid token from this address",
+            UnauthRefusal::Global => "too many requests without a valid token",
+        }
+    }
+}
+
+/// Per-token budgets for valid tokens; agent-wide, per-address and failed-authentication
+/// budgets for everything else.
 pub struct RateLimiter {
-    global_rate: Rate,
-    global: Mutex<Bucket>,
+    unauth_rate: Rate,
+    unauth: Mutex<Bucket>,
+    unauth_per_address: Mutex<KeyedBuckets<IpAddr>>,
     per_token: Mutex<KeyedBuckets<String>>,
     failures: Mutex<KeyedBuckets<IpAddr>>,
 }
@@ -175,10 +203,14 @@ pub struct RateLimiter {
 impl RateLimiter {
     pub fn new(limits: &Limits) -> RateLimiter {
         let now = Instant::now();
-        let global_rate = Rate::new(limits.global_per_sec, limits.global_burst);
+        let unauth_rate = Rate::new(limits.unauth_per_sec, limits.unauth_burst);
         RateLimiter {
-            global_rate,
-            global: Mutex::new(global_rate.full(now)),
+            unauth_rate,
+            unauth: Mutex::new(unauth_rate.full(now)),
+            unauth_per_address: Mutex::new(KeyedBuckets::new(Rate::new(
+                limits.unauth_per_address_per_sec,
+                limits.unauth_per_address_burst,
+            ))),
             per_token: Mutex::new(KeyedBuckets::new(Rate::new(limits.token_per_sec, limits.token_burst))),
             failures: Mutex::new(KeyedBuckets::new(Rate::new(
                 limits.auth_failures_per_min / 60.0,
@@ -187,24 +219,49 @@ impl RateLimiter {
         }
     }
 
-    /// One request against the global budget.
-    pub fn check_global(&self) -> Result<(), Duration> {
-        self.global_rate.take(&mut self.global.lock().unwrap(), Instant::now())
-    }
-
-    /// One request against the budget of the token named `name`.
+    /// One request with a valid token against the budget of the token named `name` (and no
+    /// other budget).
     pub fn check_token(&self, name: &str) -> Result<(), Duration> {
         self.per_token.lock().unwrap().with(&name.to_owned(), Instant::now(), |r, b| r.take(b, Instant::now()))
     }
 
-    /// Whether `ip` may still try to authenticate (does not use up anything).
-    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Duration> {
-        self.failures.lock().unwrap().with(&ip, Instant::now(), |r, b| r.peek(b, Instant::now()))
+    /// One request without a valid token from `ip` (`None`: unknown peer, only the agent-wide
+    /// budget applies); `failed` when it presented a token that is not valid. Checked in
+    /// order: the address's failure budget (wrong tokens only), its unauthenticated budget,
+    /// then the agent-wide one, so one address cannot use up the agent-wide budget beyond its
+    /// own share.
+    pub fn check_unauthenticated(&self, ip: Option<IpAddr>, failed: bool) -> Result<(), (UnauthRefusal, Duration)> {
+        let now = Instant::now();
+        if let Some(ip) = ip.map(address_key) {
+            if failed {
+                self.failures
+                    .lock()
+                    .unwrap()
+                    .with(&ip, now, |r, b| r.take(b, now))
+                    .map_err(|w| (UnauthRefusal::AuthFailures, w))?;
+            }
+            self.unauth_per_address
+                .lock()
+                .unwrap()
+                .with(&ip, now, |r, b| r.take(b, now))
+                .map_err(|w| (UnauthRefusal::PerAddress, w))?;
+        }
+        self.unauth_rate.take(&mut self.unauth.lock().unwrap(), now).map_err(|w| (UnauthRefusal::Global, w))
     }
+}
 
-    /// Records a failed authentication from `ip`.
-    pub fn record_failure(&self, ip: IpAddr) {
-        let _ = self.failures.lock().unwrap().with(&ip, Instant::now(), |r, b| r.take(b, Instant::now()));
+/// The address a per-address budget applies to: IPv4 as is (also when mapped into IPv6), IPv6
+/// by /64 (what one host usually gets).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -315,18 +372,54 @@ mod tests {
         rate.take(&mut b, t0 + Duration::from_millis(600)).unwrap();
     }
 
-    /// Failed authentications are counted per IP; other IPs are not affected.
+    /// Failed authentications are counted per IP; other IPs are not affected, and a valid
+    /// token's budget is not touched by them.
     #[test]
     fn failures_are_per_ip() {
         let limits = Limits { auth_failures_per_min: 1.0, auth_failures_burst: 2, ..Limits::default() };
         let rl = RateLimiter::new(&limits);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        rl.check_ip(a).unwrap();
-        rl.record_failure(a);
-        rl.record_failure(a);
-        assert!(rl.check_ip(a).unwrap_err() > Duration::from_secs(30));
-        rl.check_ip(b).unwrap();
+        rl.check_unauthenticated(Some(a), true).unwrap();
+        rl.check_unauthenticated(Some(a), true).unwrap();
+        let (why, wait) = rl.check_unauthenticated(Some(a), true).unwrap_err();
+        assert_eq!(why, UnauthRefusal::AuthFailures);
+        assert!(wait > Duration::from_secs(30), "{wait:?}");
+        rl.check_unauthenticated(Some(b), true).unwrap();
+        rl.check_unauthenticated(Some(a), false).unwrap();
+        for _ in 0..limits.token_burst {
+            rl.check_token("admin").unwrap();
+        }
+    }
+
+    /// Requests without a valid token use up their own budgets (per address first, then
+    /// agent-wide) and never a token's.
+    #[test]
+    fn unauthenticated_budgets_spare_tokens() {
+        let limits = Limits {
+            unauth_per_sec: 0.001,
+            unauth_burst: 5,
+            unauth_per_address_per_sec: 0.001,
+            unauth_per_address_burst: 3,
+            token_per_sec: 0.001,
+            token_burst: 4,
+            ..Limits::default()
+        };
+        let rl = RateLimiter::new(&limits);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            rl.check_unauthenticated(Some(a), false).unwrap();
+        }
+        assert_eq!(rl.check_unauthenticated(Some(a), false).unwrap_err().0, UnauthRefusal::PerAddress);
+        rl.check_unauthenticated(Some(b), false).unwrap();
+        rl.check_unauthenticated(None, false).unwrap();
+        assert_eq!(rl.check_unauthenticated(Some(b), false).unwrap_err().0, UnauthRefusal::Global);
+        for _ in 0..4 {
+            rl.check_token("ops").unwrap();
+        }
+        assert!(rl.check_token("ops").is_err());
+        rl.check_token("viewer").unwrap();
     }
 
     /// The key maps stay bounded under many distinct keys.

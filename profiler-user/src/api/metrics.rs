@@ -23,10 +23,16 @@ use crate::target::TargetStats;
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
-    /// Refusals by limit: global, token, ip, busy.
-    pub refused_global: AtomicU64,
+    /// Refusals by limit (`memscope_http_refused_total{limit}`).
+    /// Requests without a valid token refused by the agent-wide unauthenticated budget.
+    pub refused_unauth: AtomicU64,
+    /// ... by their address's unauthenticated budget.
+    pub refused_unauth_address: AtomicU64,
+    /// ... by their address's failed-authentication budget.
+    pub refused_auth_failures: AtomicU64,
+    /// Requests with a valid token refused by their token's budget.
     pub refused_token: AtomicU64,
-    pub refused_ip: AtomicU64,
+    /// Expensive requests refused because the cap was full.
     pub refused_busy: AtomicU64,
 }
 
@@ -142,15 +148,18 @@ impl Metrics {
         }
         family(&mut out, "memscope_http_refused_total", "counter", "Requests refused by a limit, by limit.");
         for (limit, c) in [
-            ("global", &self.refused_global),
+            ("unauthenticated", &self.refused_unauth),
+            ("unauthenticated_per_address", &self.refused_unauth_address),
+            ("auth_failures", &self.refused_auth_failures),
             ("token", &self.refused_token),
-            ("ip", &self.refused_ip),
             ("busy", &self.refused_busy),
         ] {
             let _ = writeln!(out, "memscope_http_refused_total{{limit=\"{limit}\"}} {}", c.load(Ordering::Relaxed));
         }
         let per_address = super::conn_limits::refused();
         let _ = writeln!(out, "memscope_http_refused_total{{limit=\"connections_per_address\"}} {per_address}");
+        let evicted = super::conn_limits::evicted();
+        let _ = writeln!(out, "memscope_http_refused_total{{limit=\"connections\"}} {evicted}");
         out
     }
 }

@@ -40,6 +40,7 @@ use crate::{
     trigger::TriggerSpec,
 };
 
+pub mod audit;
 pub mod auth;
 pub mod conn_limits;
 pub mod errors;
@@ -135,6 +136,8 @@ pub struct State {
     pub(crate) attaching: Mutex<HashSet<u32>>,
     pub(crate) store: Arc<SnapshotStore>,
     pub(crate) limiter: limits::RateLimiter,
+    /// Denied requests, written to the audit log with bounds.
+    pub(crate) denials: audit::DenialLog,
     pub(crate) flights: limits::SingleFlight,
     pub(crate) expensive: Arc<Semaphore>,
     pub(crate) metrics: metrics::Metrics,
@@ -168,6 +171,7 @@ impl State {
             attaching: Mutex::new(HashSet::new()),
             store,
             limiter: limits::RateLimiter::new(&limits),
+            denials: audit::DenialLog::default(),
             flights: limits::SingleFlight::new(),
             expensive: Arc::new(Semaphore::new(limits.max_expensive.max(1))),
             metrics: metrics::Metrics::default(),
@@ -344,6 +348,16 @@ impl Agent {
         let Agent { state, listener, tls, local_addr } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
         let poller = triggers::spawn_poller(state.clone());
+        let denials = {
+            let st = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(audit::INTERVAL);
+                loop {
+                    tick.tick().await;
+                    st.denials.flush_if_due();
+                }
+            })
+        };
         let pushing = workloads::spawn_push(&state);
         let limits = state.limits.clone();
         let incoming = tls::incoming(
@@ -354,11 +368,22 @@ impl Agent {
             limits.tls_handshake_timeout,
         );
         let filter = routes::routes(state.clone());
+        let auth = state.auth.clone();
         let make = make_service_fn(move |conn: &tls::Conn| {
             let peer = routes::PeerAddr(conn.peer);
+            let prover = conn.prover();
+            let auth = auth.clone();
             let svc = warp::service(filter.clone());
             async move {
                 Ok::<_, std::convert::Infallible>(service_fn(move |mut req: hyper::Request<hyper::Body>| {
+                    // A head with a valid token, or a health check, keeps its connection (it is
+                    // no longer closed to make room; see conn_limits).
+                    let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+                    if health
+                        || auth.authenticate(req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes())).is_ok()
+                    {
+                        prover.prove();
+                    }
                     req.extensions_mut().insert(peer);
                     let mut svc = svc.clone();
                     async move { svc.call(req).await }
@@ -398,6 +423,8 @@ impl Agent {
         };
         reload.abort();
         poller.abort();
+        denials.abort();
+        state.denials.flush_if_due();
         if let Some(p) = pushing {
             p.abort();
         }

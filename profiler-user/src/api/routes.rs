@@ -396,13 +396,16 @@ pub fn routes(
         .unify()
         .boxed();
 
+    // The token first, then the one budget the request draws from (see handlers::precheck).
     let precheck = st()
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::headers_cloned())
         .and(peer())
         .and(warp::method())
         .and(warp::path::full())
-        .and_then(|s: Arc<State>, len, peer, m: Method, p: FullPath| async move {
-            handlers::precheck(&s, len, peer, &m, p.as_str()).map_err(reject)
+        .and_then(|s: Arc<State>, len, headers: HeaderMap, peer, m: Method, p: FullPath| async move {
+            let authz = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+            handlers::precheck(&s, len, authz, peer, &m, p.as_str()).map_err(reject)
         })
         .untuple_one();
 

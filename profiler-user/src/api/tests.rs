@@ -170,8 +170,10 @@ struct Fixture {
 
 fn generous() -> Limits {
     Limits {
-        global_per_sec: 10_000.0,
-        global_burst: 10_000,
+        unauth_per_sec: 10_000.0,
+        unauth_burst: 10_000,
+        unauth_per_address_per_sec: 10_000.0,
+        unauth_per_address_burst: 10_000,
         token_per_sec: 10_000.0,
         token_burst: 10_000,
         auth_failures_per_min: 10_000.0,
@@ -621,25 +623,30 @@ async fn per_token_rate_limit() {
     assert_eq!(get(&f.state, "/v1/targets", Some(ADMIN)).await.status, 200);
 }
 
-/// Past the global limit everything but the health checks gets 429 with Retry-After.
+/// Past the agent-wide unauthenticated budget, requests without a valid token get 429 with
+/// Retry-After, while valid tokens and the health checks are still served (issue 18: a flood
+/// to a path that does not exist made the admin's requests 429).
 #[tokio::test]
-async fn global_rate_limit_spares_health() {
-    let limits = Limits { global_per_sec: 0.1, global_burst: 2, ..generous() };
+async fn unauthenticated_budget_spares_tokens_and_health() {
+    let limits = Limits { unauth_per_sec: 0.1, unauth_burst: 2, ..generous() };
     let f = fixture_with(limits, Duration::ZERO);
-    assert_eq!(get(&f.state, "/v1/targets", Some(READ)).await.status, 200);
-    assert_eq!(get(&f.state, "/v1/targets", Some(ADMIN)).await.status, 200);
-    let r = get(&f.state, "/v1/targets", Some(ADMIN)).await;
-    assert_eq!(r.status, 429);
-    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(get(&f.state, "/nope", None).await.status, 404);
+    assert_eq!(get(&f.state, "/v1/targets", Some("wrong-token-0123456789")).await.status, 401);
     let r = get(&f.state, "/nope", None).await;
     assert_eq!(r.status, 429);
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(get(&f.state, "/v1/openapi.json", None).await.status, 429);
     for _ in 0..20 {
+        assert_eq!(get(&f.state, "/v1/targets", Some(ADMIN)).await.status, 200);
+        assert_eq!(get(&f.state, "/nope", Some(READ)).await.status, 404, "a valid token is not refused");
         assert_eq!(get(&f.state, "/healthz", None).await.status, 200);
+        assert_eq!(get(&f.state, "/readyz", None).await.status, 200);
     }
 }
 
-/// Failed authentications are limited per remote IP: after the burst even a valid token from
-/// that IP waits, while other IPs are served.
+/// Failed authentications are limited per remote IP: after the burst that IP's wrong tokens
+/// get 429, while a valid token from the same IP is served (on loopback every local user
+/// shares the address) and other IPs are unaffected.
 #[tokio::test]
 async fn auth_failures_limited_per_ip() {
     let limits = Limits { auth_failures_per_min: 1.0, auth_failures_burst: 3, ..generous() };
@@ -654,10 +661,35 @@ async fn auth_failures_limited_per_ip() {
     for _ in 0..3 {
         assert_eq!(from([198, 51, 100, 7], "guess-0123456789abcdef").reply(&filter).await.status(), 401);
     }
-    let r = from([198, 51, 100, 7], READ).reply(&filter).await;
+    let r = from([198, 51, 100, 7], "guess-0123456789abcdef").reply(&filter).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
-    assert_eq!(from([198, 51, 100, 8], READ).reply(&filter).await.status(), 200);
+    for _ in 0..10 {
+        assert_eq!(from([198, 51, 100, 7], READ).reply(&filter).await.status(), 200);
+    }
+    assert_eq!(from([198, 51, 100, 8], "guess-0123456789abcdef").reply(&filter).await.status(), 401);
+}
+
+/// Requests without a valid token from one address use up that address's budget only: other
+/// addresses without a token, and valid tokens from the same address, are served.
+#[tokio::test]
+async fn unauthenticated_budget_per_address() {
+    let limits = Limits { unauth_per_address_per_sec: 0.1, unauth_per_address_burst: 2, ..generous() };
+    let f = fixture_with(limits, Duration::ZERO);
+    let filter = routes::routes(f.state.clone());
+    let from = |ip: [u8; 4], token: Option<&str>| {
+        let r = warp::test::request().path("/v1/openapi.json").remote_addr(SocketAddr::from((ip, 5555)));
+        match token {
+            Some(t) => r.header("authorization", format!("Bearer {t}")),
+            None => r,
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(from([127, 0, 0, 1], None).reply(&filter).await.status(), 200);
+    }
+    assert_eq!(from([127, 0, 0, 1], None).reply(&filter).await.status(), 429);
+    assert_eq!(from([127, 0, 0, 1], Some(ADMIN)).reply(&filter).await.status(), 200);
+    assert_eq!(from([127, 0, 0, 2], None).reply(&filter).await.status(), 200);
 }
 
 /// Identical concurrent requests share one snapshot and render.

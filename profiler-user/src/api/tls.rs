@@ -4,8 +4,10 @@
 //!
 //! Connections are accepted here, not by warp, so that: handshakes run in their own tasks (a
 //! slow client cannot stall the accept loop) and are bounded in time; a connection holds a
-//! permit of the connection cap until it closes (past the cap, new connections wait in the
-//! kernel's backlog); and each connection keeps its peer address for the per-IP limits.
+//! permit of the connection cap until it closes; past the cap, the oldest connection that has
+//! not shown a valid token yet is closed for the newcomer (see [`super::conn_limits`]), and
+//! only when every connection has do new ones wait in the kernel's backlog; and each
+//! connection keeps its peer address for the per-IP limits.
 //! Only HTTP/1.1 is offered (ALPN `http/1.1`). A write stalled for 60 s (a client that stopped
 //! reading) ends its connection.
 use std::{
@@ -29,7 +31,7 @@ use tokio::{
 use tokio_rustls::{rustls, server::TlsStream, TlsAcceptor};
 use tracing::{debug, warn};
 
-use super::conn_limits::{AddressSlot, PerAddress};
+use super::conn_limits::{Admission, Prover, Ticket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -84,19 +86,30 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 /// connection, so a stalled client cannot hold a slot of the connection cap forever.
 const WRITE_STALL: Duration = Duration::from_secs(60);
 
-/// One accepted connection, plain or TLS, with its peer address and its slot of the cap.
+/// One accepted connection, plain or TLS, with its peer address, its slot of the cap and its
+/// admission ticket (closed with an error when it is evicted before proving itself).
 pub struct Conn {
     io: ConnIo,
     pub peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
-    _slot: AddressSlot,
+    ticket: Ticket,
     /// Running while a write is blocked.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
+fn evicted_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "closed to make room: no valid token shown yet")
+}
+
 impl Conn {
-    fn new(io: ConnIo, peer: SocketAddr, permit: OwnedSemaphorePermit, slot: AddressSlot) -> Conn {
-        Conn { io, peer, _permit: permit, _slot: slot, stall: None }
+    fn new(io: ConnIo, peer: SocketAddr, permit: OwnedSemaphorePermit, ticket: Ticket) -> Conn {
+        Conn { io, peer, _permit: permit, ticket, stall: None }
+    }
+
+    /// Marks the connection as showing a valid token (or a health check), see
+    /// [`super::conn_limits`].
+    pub fn prover(&self) -> Prover {
+        self.ticket.prover()
     }
 
     /// Passes a write-side result through, timing how long it stays pending.
@@ -127,7 +140,11 @@ enum ConnIo {
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.ticket.poll_evicted(cx).is_ready() {
+            return Poll::Ready(Err(evicted_error()));
+        }
+        match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -137,6 +154,9 @@ impl AsyncRead for Conn {
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.ticket.poll_evicted(cx).is_ready() {
+            return Poll::Ready(Err(evicted_error()));
+        }
         let poll = match &mut this.io {
             ConnIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ConnIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -183,8 +203,8 @@ impl Drop for Incoming {
 }
 
 /// Starts accepting on `listener`. At most `max_connections` connections (including those
-/// still in their TLS handshake) exist at once, at most `per_address` from one address (see
-/// [`super::conn_limits`]).
+/// still in their TLS handshake) exist at once; unproven ones give way to newcomers, at most
+/// `per_address` unproven from one address (see [`super::conn_limits`]).
 pub fn incoming(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -194,10 +214,9 @@ pub fn incoming(
 ) -> Incoming {
     let (tx, rx) = mpsc::channel::<Conn>(64);
     let cap = Arc::new(Semaphore::new(max_connections.max(1)));
-    let per_address = PerAddress::new(per_address);
+    let admission = Admission::new(per_address);
     let accept_loop = tokio::spawn(async move {
         loop {
-            let Ok(permit) = cap.clone().acquire_owned().await else { return };
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -207,15 +226,39 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Some(slot) = per_address.try_take(peer.ip()) else {
-                // Closed before reading a byte; the global permit goes back at once.
-                debug!(%peer, "connection refused: this address holds its share of connections");
-                continue;
+            // Its address's share first: past it, the address's oldest unproven connection goes.
+            let ticket = admission.admit(peer.ip());
+            let permit = match cap.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // The cap is full: close the oldest unproven connection and take its slot
+                    // when its task has let go of it. With every connection proven, wait.
+                    let mut got = None;
+                    while got.is_none() && !ticket.is_evicted() {
+                        admission.evict_oldest();
+                        match tokio::time::timeout(Duration::from_millis(200), cap.clone().acquire_owned()).await {
+                            Ok(Ok(p)) => got = Some(p),
+                            Ok(Err(_)) => return,
+                            Err(_) => {}
+                        }
+                    }
+                    match got {
+                        Some(p) if !ticket.is_evicted() => p,
+                        _ => {
+                            debug!(%peer, "connection closed at accept: no room");
+                            continue;
+                        }
+                    }
+                }
             };
+            if ticket.is_evicted() {
+                debug!(%peer, "connection closed: its address holds its share of unproven connections");
+                continue;
+            }
             let _ = tcp.set_nodelay(true);
             match &tls {
                 None => {
-                    if tx.send(Conn::new(ConnIo::Plain(tcp), peer, permit, slot)).await.is_err() {
+                    if tx.send(Conn::new(ConnIo::Plain(tcp), peer, permit, ticket)).await.is_err() {
                         return;
                     }
                 }
@@ -223,9 +266,20 @@ pub fn incoming(
                     let acceptor = acceptor.clone();
                     let tx = tx.clone();
                     tokio::spawn(async move {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        let outcome = {
+                            let evicted = std::future::poll_fn(|cx| ticket.poll_evicted(cx));
+                            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
+                            tokio::select! {
+                                r = handshake => r,
+                                () = evicted => {
+                                    debug!(%peer, "TLS handshake closed to make room");
+                                    return;
+                                }
+                            }
+                        };
+                        match outcome {
                             Ok(Ok(stream)) => {
-                                let conn = Conn::new(ConnIo::Tls(Box::new(stream)), peer, permit, slot);
+                                let conn = Conn::new(ConnIo::Tls(Box::new(stream)), peer, permit, ticket);
                                 let _ = tx.send(conn).await;
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
