@@ -146,14 +146,16 @@ async fn request_from(src: Option<Ipv4Addr>, to: SocketAddr, path: &str, token: 
 }
 
 /// The admin's 20 requests, 100 ms apart, from 127.0.0.1: how many were answered 200, and
-/// every status seen (0: no answer).
-async fn admin_requests(to: SocketAddr) -> (usize, Vec<u16>) {
-    let mut statuses = Vec::new();
+/// every status seen with its time in ms (status 0: no answer within 5 s).
+async fn admin_requests(to: SocketAddr) -> (usize, Vec<(u16, u32)>) {
+    let mut seen = Vec::new();
     for _ in 0..20 {
-        statuses.push(request_from(None, to, "/v1/targets", Some(ADMIN)).await.unwrap_or(0));
+        let t = Instant::now();
+        let status = request_from(None, to, "/v1/targets", Some(ADMIN)).await.unwrap_or(0);
+        seen.push((status, t.elapsed().as_millis() as u32));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (statuses.iter().filter(|&&s| s == 200).count(), statuses)
+    (seen.iter().filter(|&&(s, _)| s == 200).count(), seen)
 }
 
 fn start(dir: &std::path::Path) -> common::agent::Agent {
@@ -262,8 +264,8 @@ async fn slow_client(src: Ipv4Addr, to: SocketAddr, stop: Arc<AtomicBool>, opene
 }
 
 /// (c) 160 slow connections from ten loopback addresses (16 each, more than the cap of 128
-/// and reopened when closed): `/healthz` keeps answering and the admin keeps >= 19 of 20
-/// requests answered (before: `/healthz` took seconds or was lost). Connections that have not
+/// and reopened when closed): `/healthz` and the admin keep >= 19 of 20 requests answered
+/// within 1 s (before: `/healthz` took seconds or was lost). Connections that have not
 /// shown a token give way (counted in `/metrics`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_connections_from_many_loopback_addresses_leave_room() {
@@ -280,27 +282,28 @@ async fn slow_connections_from_many_loopback_addresses_leave_room() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut health = Vec::new();
-    let mut health_ms = Vec::new();
     for _ in 0..20 {
         let t = Instant::now();
-        health.push(request_from(Some(Ipv4Addr::new(127, 0, 0, 200)), to, "/healthz", None).await.unwrap_or(0));
-        health_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let status = request_from(Some(Ipv4Addr::new(127, 0, 0, 200)), to, "/healthz", None).await.unwrap_or(0);
+        health.push((status, t.elapsed().as_millis() as u32));
     }
-    let (ok, statuses) = admin_requests(to).await;
+    let (_, statuses) = admin_requests(to).await;
+    let ok = statuses.iter().filter(|&&(s, ms)| s == 200 && ms < 1000).count();
     let metrics = request_metrics(to).await;
     stop.store(true, Ordering::Relaxed);
     for t in slow {
         tokio::time::timeout(Duration::from_secs(10), t).await.expect("a slow client ended").unwrap();
     }
-    let healthy = health.iter().filter(|&&s| s == 200).count();
-    let max_ms = health_ms.iter().cloned().fold(0.0, f64::max);
+    // Answered, and within 1 s: ten times what a loaded machine needs, far less than waiting
+    // for a slow connection's slot (seconds).
+    let healthy = health.iter().filter(|&&(s, ms)| s == 200 && ms < 1000).count();
     let refused: Vec<&str> = metrics.lines().filter(|l| l.starts_with("memscope_http_refused_total{limit=\"connections")).collect();
     eprintln!(
-        "slow connections: {} opened; /healthz {healthy}/20 answered (max {max_ms:.1} ms); admin {ok}/20 {statuses:?}; {refused:?}",
+        "slow connections: {} opened; /healthz {healthy}/20 answered within 1 s {health:?}; admin {ok}/20 within 1 s {statuses:?}; {refused:?}",
         opened.load(Ordering::Relaxed)
     );
     assert!(opened.load(Ordering::Relaxed) >= 160, "the slow clients did not all connect");
-    assert!(healthy >= 19, "/healthz was lost: {health:?}");
+    assert!(healthy >= 19, "/healthz was lost or slow: {health:?}");
     assert!(ok >= 19, "the admin was not served: {statuses:?}");
 }
 
