@@ -99,7 +99,12 @@ impl DenialLog {
     pub fn new(interval: Duration) -> DenialLog {
         DenialLog {
             interval,
-            window: Mutex::new(Window { start: Instant::now(), full_lines: 0, suppressed: HashMap::new(), overflow: 0 }),
+            window: Mutex::new(Window {
+                start: Instant::now(),
+                full_lines: 0,
+                suppressed: HashMap::new(),
+                overflow: 0,
+            }),
         }
     }
 
