@@ -87,11 +87,13 @@ pub struct AgentArgs {
     /// Concurrent snapshots and renders; more are answered 503 at once.
     #[arg(long, default_value_t = Limits::default().max_expensive, value_name = "N")]
     pub max_renders: usize,
-    /// Concurrent connections.
+    /// Concurrent connections; when reached, the oldest connection that has not shown a valid
+    /// token yet is closed for a newcomer.
     #[arg(long, default_value_t = Limits::default().max_connections, value_name = "N")]
     pub max_connections: usize,
-    /// Concurrent connections from one client address (IPv4, or IPv6 /64); raise it when all
-    /// clients come through one proxy.
+    /// Connections from one client address (IPv4 with all of 127.0.0.0/8 as one, or IPv6 /64)
+    /// that have not shown a valid token yet; past it the address's oldest is closed. Raise it
+    /// when all clients come through one proxy.
     #[arg(long, default_value_t = Limits::default().max_connections_per_address, value_name = "N")]
     pub max_connections_per_address: usize,
     /// Requests per second allowed per token (burst: 4x, at least 20).
