@@ -6,7 +6,8 @@
 //! `spawn_blocking` under the cap of [`super::limits`], through single-flight where identical
 //! concurrent requests can share the result, and under the request timeout.
 //! Admin actions and every denied request are written to the audit log (tracing target
-//! `audit`, level info) with the token's name and role, the route and the result.
+//! `audit`, level info) with the token's name and role, the route and the result; denials
+//! aggregated and client values clipped ([`super::audit`]).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},

@@ -8,9 +8,12 @@
 //! cap on expensive work ([`limits`]), a 16 KiB body limit, timeouts, an audit log, and JSON
 //! errors ([`errors`]).
 //!
-//! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`], [`errors`], [`metrics`],
-//! [`tls`] (listener, TLS, connection cap), [`triggers`] (snapshot triggers, their poller, and
-//! leak verdicts per target). Snapshots are kept by [`crate::store`].
+//! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`] (rate budgets: a valid
+//! token's own, the unauthenticated ones apart), [`errors`], [`metrics`], [`audit`] (bounded
+//! audit lines: clipped values, aggregated denials), [`tls`] (listener, TLS, connection cap)
+//! and [`conn_limits`] (which connections give way under the cap), [`triggers`] (snapshot
+//! triggers, their poller, and leak verdicts per target). Snapshots are kept by
+//! [`crate::store`].
 //!
 //! Limits: HTTP/1.1 only; one agent per data directory; the handshake timeout and connection
 //! cap bound what a slow client holds, not what a botnet sends.
