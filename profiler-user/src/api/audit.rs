@@ -160,7 +160,7 @@ impl DenialLog {
         if counts.is_empty() && overflow == 0 {
             return None;
         }
-        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.sort_by_key(|c| std::cmp::Reverse(c.1));
         let rest = counts.split_off(counts.len().min(MAX_LINES));
         Some(Summary { counts, rest_keys: rest.len(), rest: rest.iter().map(|(_, n)| n).sum::<u64>() + overflow })
     }
