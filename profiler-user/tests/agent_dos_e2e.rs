@@ -264,8 +264,8 @@ async fn slow_client(src: Ipv4Addr, to: SocketAddr, stop: Arc<AtomicBool>, opene
 }
 
 /// (c) 160 slow connections from ten loopback addresses (16 each, more than the cap of 128
-/// and reopened when closed): `/healthz` and the admin keep >= 19 of 20 requests answered
-/// within 1 s (before: `/healthz` took seconds or was lost). Connections that have not
+/// and reopened when closed): `/healthz` and `/readyz` (alternating) and the admin keep >= 19
+/// of 20 requests answered within 1 s (before: `/healthz` took seconds or was lost). Connections that have not
 /// shown a token give way (counted in `/metrics`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_connections_from_many_loopback_addresses_leave_room() {
@@ -282,9 +282,10 @@ async fn slow_connections_from_many_loopback_addresses_leave_room() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut health = Vec::new();
-    for _ in 0..20 {
+    for i in 0..20 {
         let t = Instant::now();
-        let status = request_from(Some(Ipv4Addr::new(127, 0, 0, 200)), to, "/healthz", None).await.unwrap_or(0);
+        let path = if i % 2 == 0 { "/healthz" } else { "/readyz" };
+        let status = request_from(Some(Ipv4Addr::new(127, 0, 0, 200)), to, path, None).await.unwrap_or(0);
         health.push((status, t.elapsed().as_millis() as u32));
     }
     let (_, statuses) = admin_requests(to).await;
@@ -299,11 +300,11 @@ async fn slow_connections_from_many_loopback_addresses_leave_room() {
     let healthy = health.iter().filter(|&&(s, ms)| s == 200 && ms < 1000).count();
     let refused: Vec<&str> = metrics.lines().filter(|l| l.starts_with("memscope_http_refused_total{limit=\"connections")).collect();
     eprintln!(
-        "slow connections: {} opened; /healthz {healthy}/20 answered within 1 s {health:?}; admin {ok}/20 within 1 s {statuses:?}; {refused:?}",
+        "slow connections: {} opened; /healthz and /readyz {healthy}/20 answered within 1 s {health:?}; admin {ok}/20 within 1 s {statuses:?}; {refused:?}",
         opened.load(Ordering::Relaxed)
     );
     assert!(opened.load(Ordering::Relaxed) >= 160, "the slow clients did not all connect");
-    assert!(healthy >= 19, "/healthz was lost or slow: {health:?}");
+    assert!(healthy >= 19, "/healthz or /readyz was lost or slow: {health:?}");
     assert!(ok >= 19, "the admin was not served: {statuses:?}");
 }
 
