@@ -172,6 +172,7 @@ fn squatter_gets_nothing_during_a_summary() {
     let _ = squatter.kill();
     let _ = squatter.wait();
     let v: serde_json::Value = serde_json::from_str(&stats).unwrap_or_else(|_| panic!("squatter said {stats:?}"));
+    eprintln!("squatter: {v}");
     assert_eq!(v["connected"], 0, "the squatter connected: {v}");
     assert_eq!(v["json"], 0, "the squatter read /json/list: {v}");
     assert!(v["eperm"].as_u64().unwrap() > 0, "the squatter never ran into the guard (did it poll during the window?): {v}");
@@ -191,10 +192,11 @@ fn squatter_gets_nothing_during_a_summary() {
 }
 
 /// The impostor: listens on 127.0.0.1:9229 in the target's namespace and logs every connection
-/// to a file (answering like an inspector would, so that talking to it would "work").
+/// to a file (answering like an inspector would, so that talking to it would "work"); it ends
+/// when the target (its parent: `sh` exec'd into node) does.
 fn impostor(log: &std::path::Path) -> String {
     format!(
-        "node -e \"require('net').createServer(c => {{ require('fs').appendFileSync('{}', 'connection\\n'); c.end('HTTP/1.0 200 OK\\r\\n\\r\\n[]') }}).listen(9229, '127.0.0.1'); setTimeout(() => {{}}, 120000)\" & sleep 1; ",
+        "node -e \"require('net').createServer(c => {{ require('fs').appendFileSync('{}', 'connection\\n'); c.end('HTTP/1.0 200 OK\\r\\n\\r\\n[]') }}).listen(9229, '127.0.0.1'); const p = process.ppid; setInterval(() => {{ if (process.ppid !== p) process.exit(0) }}, 200); setTimeout(() => process.exit(0), 120000)\" </dev/null >/dev/null 2>&1 & sleep 1; ",
         log.display()
     )
 }
