@@ -25,8 +25,15 @@ use profiler_user::v8::{
 /// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
 /// processes, node_v8_e2e too) that open one there take turns.
 fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join("memscope-v8-e2e.lock"))
+        .unwrap();
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
+        0
+    );
     f
 }
 
@@ -47,7 +54,9 @@ fn alive(pid: u32) -> bool {
 
 /// What a connect from a socket memscope did not register gives.
 fn connect_result(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
-    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop).map_err(|e| e.kind())
+    TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map(drop)
+        .map_err(|e| e.kind())
 }
 
 /// The guard's programs, without node: while a port is guarded, a socket memscope did not
@@ -63,33 +72,63 @@ fn guard_refuses_every_other_socket_until_dropped() {
     let v6 = TcpListener::bind(("::1", port)).unwrap();
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let cookie = inspector::netns_cookie(std::process::id()).unwrap();
-    let addrs: Vec<SocketAddr> =
-        ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::", "::ffff:127.0.0.1"].iter().map(|ip| SocketAddr::new(ip.parse().unwrap(), port)).collect();
+    let addrs: Vec<SocketAddr> = [
+        "127.0.0.1",
+        "127.0.0.2",
+        "0.0.0.0",
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+    ]
+    .iter()
+    .map(|ip| SocketAddr::new(ip.parse().unwrap(), port))
+    .collect();
     // Wildcard and 127.0.0.2 need a listener that accepts them: bind them where the kernel lets us.
     let _any4 = TcpListener::bind(("127.0.0.2", port)).ok();
 
     let guard = Guard::install(cookie, port).unwrap();
     assert!(guard::attached());
     for a in &addrs {
-        assert_eq!(connect_result(*a), Err(std::io::ErrorKind::PermissionDenied), "{a} was not refused");
+        assert_eq!(
+            connect_result(*a),
+            Err(std::io::ErrorKind::PermissionDenied),
+            "{a} was not refused"
+        );
     }
-    assert_eq!(connect_result(other.local_addr().unwrap()), Ok(()), "another port was refused");
+    assert_eq!(
+        connect_result(other.local_addr().unwrap()),
+        Ok(()),
+        "another port was refused"
+    );
     // Another user's process (not only another socket of this one).
     let out = Command::new("setpriv")
         .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e"])
         .arg(format!("require('net').connect({port}, '127.0.0.1').on('connect', () => {{ console.log('connected'); process.exit(0) }}).on('error', e => {{ console.log(e.code); process.exit(0) }})"))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "EPERM", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "EPERM",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A second guard of the same key (a window that would not close keeps its own): dropping
     // one keeps the key guarded.
     let second = Guard::install(cookie, port).unwrap();
     drop(second);
-    assert_eq!(connect_result(addrs[0]), Err(std::io::ErrorKind::PermissionDenied), "dropping one of two guards of a key unguarded it");
+    assert_eq!(
+        connect_result(addrs[0]),
+        Err(std::io::ErrorKind::PermissionDenied),
+        "dropping one of two guards of a key unguarded it"
+    );
     drop(guard);
     assert!(!guard::attached());
     for a in &addrs[..2] {
-        assert_eq!(connect_result(*a), Ok(()), "{a} refused after the guard was dropped");
+        assert_eq!(
+            connect_result(*a),
+            Ok(()),
+            "{a} refused after the guard was dropped"
+        );
     }
     assert_eq!(connect_result(addrs[3]), Ok(()));
     drop((v4, v6));
@@ -144,7 +183,17 @@ fn squatter_gets_nothing_during_a_summary() {
     });
     assert_eq!(node.ask("grow 300"), "grown 300");
     let mut squatter = Command::new("setpriv")
-        .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e", SQUATTER, "9229"])
+        .args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            "node",
+            "-e",
+            SQUATTER,
+            "9229",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -156,26 +205,37 @@ fn squatter_gets_nothing_during_a_summary() {
             let _ = tx.send(line);
         }
     });
-    assert_eq!(rx.recv_timeout(Duration::from_secs(20)).expect("the squatter did not start"), "polling");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the squatter did not start"),
+        "polling"
+    );
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..2 {
-        let s = v8::summary_of(node.pid, false, "guard-test").unwrap_or_else(|e| panic!("summary {i}: {e}"));
+        let s = v8::summary_of(node.pid, false, "guard-test")
+            .unwrap_or_else(|e| panic!("summary {i}: {e}"));
         assert!(s.get("LeakyRecord").unwrap().count >= 300);
     }
     std::thread::sleep(Duration::from_millis(300));
     drop(squatter.stdin.take());
-    let stats = rx.recv_timeout(Duration::from_secs(20)).expect("the squatter did not report");
+    let stats = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the squatter did not report");
     let deadline = Instant::now() + Duration::from_secs(10);
     while squatter.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = squatter.kill();
     let _ = squatter.wait();
-    let v: serde_json::Value = serde_json::from_str(&stats).unwrap_or_else(|_| panic!("squatter said {stats:?}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&stats).unwrap_or_else(|_| panic!("squatter said {stats:?}"));
     eprintln!("squatter: {v}");
     assert_eq!(v["connected"], 0, "the squatter connected: {v}");
     assert_eq!(v["json"], 0, "the squatter read /json/list: {v}");
-    assert!(v["eperm"].as_u64().unwrap() > 0, "the squatter never ran into the guard (did it poll during the window?): {v}");
+    assert!(
+        v["eperm"].as_u64().unwrap() > 0,
+        "the squatter never ran into the guard (did it poll during the window?): {v}"
+    );
 
     // The guard is gone: nothing attached, and a plain listener on 9229 is reachable by others.
     assert!(!guard::attached());
@@ -187,7 +247,12 @@ fn squatter_gets_nothing_during_a_summary() {
         .arg("require('net').connect(9229, '127.0.0.1').on('connect', () => { console.log('connected'); process.exit(0) }).on('error', e => { console.log(e.code); process.exit(0) })")
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "connected", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "connected",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(plain);
 }
 
@@ -218,7 +283,11 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
             "--net",
             "sh",
             "-c",
-            &format!("ip link set lo up; {}exec node --inspect-port=[::1]:9229 {}", impostor(&log), fixture_script().display()),
+            &format!(
+                "ip link set lo up; {}exec node --inspect-port=[::1]:9229 {}",
+                impostor(&log),
+                fixture_script().display()
+            ),
         ]);
         c
     });
@@ -226,22 +295,44 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
     let s = v8::summary_of(node.pid, false, "impostor-test").unwrap();
     assert!(s.get("LeakyRecord").unwrap().count >= 200);
     let mut seen = String::new();
-    std::fs::File::open(&log).unwrap().read_to_string(&mut seen).unwrap();
-    assert_eq!(seen, "", "memscope talked to the impostor on 127.0.0.1:9229");
-    assert!(own_listener_sockets(node.pid).is_empty(), "{:?}", own_listener_sockets(node.pid));
+    std::fs::File::open(&log)
+        .unwrap()
+        .read_to_string(&mut seen)
+        .unwrap();
+    assert_eq!(
+        seen, "",
+        "memscope talked to the impostor on 127.0.0.1:9229"
+    );
+    assert!(
+        own_listener_sockets(node.pid).is_empty(),
+        "{:?}",
+        own_listener_sockets(node.pid)
+    );
     assert!(!guard::attached());
     drop(node);
 
     let node = Fixture::spawn({
         let mut c = Command::new("unshare");
-        c.args(["--net", "sh", "-c", &format!("ip link set lo up; exec node --inspect-port=0.0.0.0:9229 {}", fixture_script().display())]);
+        c.args([
+            "--net",
+            "sh",
+            "-c",
+            &format!(
+                "ip link set lo up; exec node --inspect-port=0.0.0.0:9229 {}",
+                fixture_script().display()
+            ),
+        ]);
         c
     });
     let err = v8::summary_of(node.pid, false, "wildcard-test").unwrap_err();
     assert!(matches!(err, v8::V8Error::Unguardable { .. }), "{err}");
     assert!(err.to_string().contains("0.0.0.0"), "{err}");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(own_listener_sockets(node.pid).is_empty(), "the refused target listens: {:?}", own_listener_sockets(node.pid));
+    assert!(
+        own_listener_sockets(node.pid).is_empty(),
+        "the refused target listens: {:?}",
+        own_listener_sockets(node.pid)
+    );
     assert!(alive(node.pid));
     assert!(!guard::attached());
 }

@@ -98,12 +98,18 @@ impl Guard {
         }
         loaded.windows += 1;
         // From here on, dropping the guard undoes what was done.
-        let guard = Guard { key, cookies: Vec::new() };
+        let guard = Guard {
+            key,
+            cookies: Vec::new(),
+        };
         *loaded.keys.entry(key).or_insert(0) += 1;
         if let Err(e) = loaded.guarded.insert(key, 1, 0) {
             drop(state);
             drop(guard);
-            return Err(GuardError::Map { map: "GUARDED", reason: e.to_string() });
+            return Err(GuardError::Map {
+                map: "GUARDED",
+                reason: e.to_string(),
+            });
         }
         debug!(netns_cookie, port, "inspector guard in place");
         Ok(guard)
@@ -112,8 +118,16 @@ impl Guard {
     /// Lets the socket with cookie `socket_cookie` (`SO_COOKIE`) connect to the guarded port.
     pub fn allow(&mut self, socket_cookie: u64) -> Result<(), GuardError> {
         let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
-        let loaded = state.as_mut().ok_or(GuardError::Load("the guard is not loaded".into()))?;
-        loaded.allowed.insert(socket_cookie, self.key, 0).map_err(|e| GuardError::Map { map: "ALLOWED", reason: e.to_string() })?;
+        let loaded = state
+            .as_mut()
+            .ok_or(GuardError::Load("the guard is not loaded".into()))?;
+        loaded
+            .allowed
+            .insert(socket_cookie, self.key, 0)
+            .map_err(|e| GuardError::Map {
+                map: "ALLOWED",
+                reason: e.to_string(),
+            })?;
         self.cookies.push(socket_cookie);
         Ok(())
     }
@@ -148,13 +162,21 @@ impl Drop for Guard {
         if loaded.windows == 0 {
             detach(loaded);
         }
-        debug!(netns_cookie = self.key[0], port = self.key[1], "inspector guard removed");
+        debug!(
+            netns_cookie = self.key[0],
+            port = self.key[1],
+            "inspector guard removed"
+        );
     }
 }
 
 /// Whether the programs are attached right now (some window is open).
 pub fn attached() -> bool {
-    STATE.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|l| !l.links.is_empty())
+    STATE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|l| !l.links.is_empty())
 }
 
 fn load() -> Result<Loaded, GuardError> {
@@ -162,32 +184,54 @@ fn load() -> Result<Loaded, GuardError> {
         return Err(GuardError::NotBuilt);
     }
     let (cgroup, cgroup_path) = cgroup_root()?;
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| GuardError::Load(e.to_string()))?;
+    let mut ebpf = EbpfLoader::new()
+        .load(OBJECT)
+        .map_err(|e| GuardError::Load(e.to_string()))?;
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or_else(|| GuardError::Load(format!("program {name} missing from the object")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| GuardError::Load(format!("{name}: {e}")))?;
-        prog.load().map_err(|e| GuardError::Load(format!("{name}: {}", chain(&e))))?;
+        prog.load()
+            .map_err(|e| GuardError::Load(format!("{name}: {}", chain(&e))))?;
     }
     let guarded = take_map(&mut ebpf, "GUARDED")?;
     let allowed = take_map(&mut ebpf, "ALLOWED")?;
     info!(cgroup = %cgroup_path.display(), "inspector guard loaded");
-    Ok(Loaded { ebpf, guarded, allowed, cgroup, cgroup_path, links: Vec::new(), windows: 0, keys: Default::default() })
+    Ok(Loaded {
+        ebpf,
+        guarded,
+        allowed,
+        cgroup,
+        cgroup_path,
+        links: Vec::new(),
+        windows: 0,
+        keys: Default::default(),
+    })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, map: &'static str) -> Result<T, GuardError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let m = ebpf.take_map(map).ok_or(GuardError::Map { map, reason: "missing from the object".into() })?;
-    T::try_from(m).map_err(|e| GuardError::Map { map, reason: e.to_string() })
+    let m = ebpf.take_map(map).ok_or(GuardError::Map {
+        map,
+        reason: "missing from the object".into(),
+    })?;
+    T::try_from(m).map_err(|e| GuardError::Map {
+        map,
+        reason: e.to_string(),
+    })
 }
 
 fn attach(loaded: &mut Loaded) -> Result<(), GuardError> {
     for name in PROGRAMS {
-        let prog: &mut CgroupSockAddr = loaded.ebpf.program_mut(name).and_then(|p| p.try_into().ok()).expect("loaded in load()");
+        let prog: &mut CgroupSockAddr = loaded
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in load()");
         // A BPF link (aya uses one on 5.7+): the kernel takes no flags for cgroup links and
         // attaches them as multi-programs, so other programs on the root (systemd's, a CNI's)
         // keep running, and ours runs for every cgroup below whatever they attach there.
@@ -195,7 +239,10 @@ fn attach(loaded: &mut Loaded) -> Result<(), GuardError> {
             Ok(id) => loaded.links.push((name, id)),
             Err(e) => {
                 detach(loaded);
-                return Err(GuardError::Attach { path: loaded.cgroup_path.display().to_string(), reason: chain(&e) });
+                return Err(GuardError::Attach {
+                    path: loaded.cgroup_path.display().to_string(),
+                    reason: chain(&e),
+                });
             }
         }
     }
@@ -216,7 +263,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn detach(loaded: &mut Loaded) {
     for (name, id) in loaded.links.drain(..) {
-        if let Some(prog) = loaded.ebpf.program_mut(name).and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok()) {
+        if let Some(prog) = loaded
+            .ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+        {
             if let Err(e) = prog.detach(id) {
                 tracing::warn!(program = name, error = %e, "detaching the inspector guard");
             }
@@ -228,7 +279,12 @@ fn detach(loaded: &mut Loaded) {
 /// `cgroup.events`, which every cgroup but the root has; the root of a cgroup namespace is
 /// not the root).
 fn cgroup_root() -> Result<(File, PathBuf), GuardError> {
-    let candidates = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/proc/1/root/sys/fs/cgroup", "/proc/1/root/sys/fs/cgroup/unified"];
+    let candidates = [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/proc/1/root/sys/fs/cgroup",
+        "/proc/1/root/sys/fs/cgroup/unified",
+    ];
     for c in candidates {
         let path = Path::new(c);
         if is_cgroup2(path) && !path.join("cgroup.events").exists() {
@@ -241,7 +297,9 @@ fn cgroup_root() -> Result<(File, PathBuf), GuardError> {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(c.as_ptr(), &mut st) }) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
 }

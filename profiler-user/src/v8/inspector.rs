@@ -789,4 +789,42 @@ mod tests {
         assert!(!catches_signal(std::process::id(), libc::SIGUSR1).unwrap());
         assert!(matches!(catches_signal(u32::MAX - 1, libc::SIGUSR1), Err(V8Error::NoSuchProcess(_))));
     }
+
+    fn ep(node_options: &str, argv: &[&str]) -> (Option<String>, u16) {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let e = parse_endpoint(node_options.split_whitespace(), &argv);
+        (e.host, e.port)
+    }
+
+    /// Node's inspector flags, in NODE_OPTIONS and on the command line (the last wins; the
+    /// script's own arguments are not Node's).
+    #[test]
+    fn inspector_endpoint_from_flags() {
+        assert_eq!(ep("", &["node", "app.js"]), (None, 9229));
+        assert_eq!(ep("", &["node", "--inspect-port=1234", "app.js"]), (None, 1234));
+        assert_eq!(ep("", &["node", "--inspect-port", "1234", "app.js"]), (None, 1234));
+        assert_eq!(ep("", &["node", "--inspect-port=[::1]:9230", "app.js"]), (Some("::1".into()), 9230));
+        assert_eq!(ep("", &["node", "--inspect=0.0.0.0:9229", "app.js"]), (Some("0.0.0.0".into()), 9229));
+        assert_eq!(ep("", &["node", "--inspect=localhost", "app.js"]), (Some("localhost".into()), 9229));
+        assert_eq!(ep("", &["node", "--debug-port=0", "app.js"]), (None, 0));
+        assert_eq!(ep("--inspect-port=4000", &["node", "app.js"]), (None, 4000));
+        assert_eq!(ep("--inspect-port=4000", &["node", "--inspect-port=5000", "app.js"]), (None, 5000));
+        assert_eq!(ep("", &["node", "-r", "--inspect-port=1", "app.js", "--inspect-port=7"]), (None, 9229));
+        assert_eq!(ep("", &["node", "app.js", "--inspect-port=7"]), (None, 9229));
+    }
+
+    /// `/proc/net/tcp{,6}` addresses, as the kernel prints them on x86-64.
+    #[test]
+    fn proc_net_addresses() {
+        assert_eq!(proc_net_addr("0100007F"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_net_addr("00000000"), Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(proc_net_addr("00000000000000000000000001000000"), Some("::1".parse().unwrap()));
+        assert_eq!(proc_net_addr("0000000000000000FFFF00000100007F"), Some("::ffff:127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_net_addr("xyz"), None);
+        let l = Listener { addr: "::ffff:127.0.0.1".parse().unwrap(), port: 9229, inode: 1 };
+        assert!(l.is_loopback());
+        let any = Listener { addr: "::".parse().unwrap(), port: 9229, inode: 1 };
+        assert!(!any.is_loopback());
+        assert_eq!(any.connect_addr(), "[::1]:9229".parse().unwrap());
+    }
 }
