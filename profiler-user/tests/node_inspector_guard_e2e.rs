@@ -336,3 +336,50 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
     assert!(alive(node.pid));
     assert!(!guard::attached());
 }
+
+/// Not a check, a measurement (run with `--ignored --nocapture`): what putting the guard in
+/// place costs (the first time: load, verify and attach; later: attach), and what a loopback
+/// connect on the host costs while the programs are attached (to an unguarded port: every
+/// connect of the host pays this during a window) against none attached.
+#[test]
+#[ignore]
+fn guard_costs() {
+    require_root();
+    let _serial = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    std::thread::spawn(move || for c in listener.incoming() { drop(c) });
+    let cookie = inspector::netns_cookie(std::process::id()).unwrap();
+    let connects = |n: u32| {
+        let t = Instant::now();
+        for _ in 0..n {
+            drop(TcpStream::connect(target).unwrap());
+        }
+        t.elapsed() / n
+    };
+    let t = Instant::now();
+    let g = Guard::install(cookie, 1).unwrap();
+    let first = t.elapsed();
+    drop(g);
+    let mut later = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let g = Guard::install(cookie, 1).unwrap();
+        later.push(t.elapsed());
+        drop(g);
+    }
+    connects(500);
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    for _ in 0..5 {
+        without.push(connects(2000));
+        let g = Guard::install(cookie, 1).unwrap();
+        with.push(connects(2000));
+        drop(g);
+    }
+    without.sort();
+    with.sort();
+    later.sort();
+    eprintln!("guard install: first {first:?}, later (median of 5) {:?}", later[2]);
+    eprintln!("loopback connect+close: without guard {:?}, with guard attached {:?} (medians of 5 x 2000)", without[2], with[2]);
+}
