@@ -59,6 +59,33 @@ fn connect_result(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
         .map_err(|e| e.kind())
 }
 
+/// `sendto(MSG_FASTOPEN)` of a few bytes to `addr` (IPv4) from a new socket.
+fn fast_open(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
+    let SocketAddr::V4(a) = addr else { panic!("IPv4 only") };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let msg = b"GET /json/list HTTP/1.0\r\n\r\n";
+        let r = libc::sendto(
+            fd,
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let e = std::io::Error::last_os_error();
+        libc::close(fd);
+        if r < 0 { Err(e.kind()) } else { Ok(()) }
+    }
+}
+
 /// The guard's programs, without node: while a port is guarded, a socket memscope did not
 /// register is refused with EPERM on every local address form (127.0.0.1, 127.0.0.2, 0.0.0.0,
 /// ::1, ::, ::ffff:127.0.0.1), a registered one connects, another port is untouched; after the
@@ -100,6 +127,8 @@ fn guard_refuses_every_other_socket_until_dropped() {
         Ok(()),
         "another port was refused"
     );
+    // TCP fast open (connect and data in one sendto) goes through the same hook.
+    assert_eq!(fast_open(addrs[0]), Err(std::io::ErrorKind::PermissionDenied), "a TCP fast open connect was not refused");
     // Another user's process (not only another socket of this one).
     let out = Command::new("setpriv")
         .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e"])
