@@ -61,14 +61,18 @@ fn connect_result(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
 
 /// `sendto(MSG_FASTOPEN)` of a few bytes to `addr` (IPv4) from a new socket.
 fn fast_open(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
-    let SocketAddr::V4(a) = addr else { panic!("IPv4 only") };
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0);
         let sin = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
         let msg = b"GET /json/list HTTP/1.0\r\n\r\n";
@@ -82,7 +86,11 @@ fn fast_open(addr: SocketAddr) -> Result<(), std::io::ErrorKind> {
         );
         let e = std::io::Error::last_os_error();
         libc::close(fd);
-        if r < 0 { Err(e.kind()) } else { Ok(()) }
+        if r < 0 {
+            Err(e.kind())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -128,7 +136,11 @@ fn guard_refuses_every_other_socket_until_dropped() {
         "another port was refused"
     );
     // TCP fast open (connect and data in one sendto) goes through the same hook.
-    assert_eq!(fast_open(addrs[0]), Err(std::io::ErrorKind::PermissionDenied), "a TCP fast open connect was not refused");
+    assert_eq!(
+        fast_open(addrs[0]),
+        Err(std::io::ErrorKind::PermissionDenied),
+        "a TCP fast open connect was not refused"
+    );
     // Another user's process (not only another socket of this one).
     let out = Command::new("setpriv")
         .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e"])
@@ -377,7 +389,11 @@ fn guard_costs() {
     let _serial = serial();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let target = listener.local_addr().unwrap();
-    std::thread::spawn(move || for c in listener.incoming() { drop(c) });
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c)
+        }
+    });
     let cookie = inspector::netns_cookie(std::process::id()).unwrap();
     let connects = |n: u32| {
         let t = Instant::now();
@@ -409,6 +425,9 @@ fn guard_costs() {
     without.sort();
     with.sort();
     later.sort();
-    eprintln!("guard install: first {first:?}, later (median of 5) {:?}", later[2]);
+    eprintln!(
+        "guard install: first {first:?}, later (median of 5) {:?}",
+        later[2]
+    );
     eprintln!("loopback connect+close: without guard {:?}, with guard attached {:?} (medians of 5 x 2000)", without[2], with[2]);
 }
