@@ -431,3 +431,45 @@ fn guard_costs() {
     );
     eprintln!("loopback connect+close: without guard {:?}, with guard attached {:?} (medians of 5 x 2000)", without[2], with[2]);
 }
+
+/// A node that moved its inspector port at run time (`process.debugPort = 9333`, which no flag
+/// shows): the guard covered 9229, the inspector opens on 9333, so memscope closes it at once
+/// (under a guard of its own) and refuses; afterwards the target listens on nothing and lives.
+#[test]
+fn inspector_on_an_unexpected_port_is_closed_and_refused() {
+    require_root();
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let preload = dir.path().join("port.js");
+    std::fs::write(&preload, "process.debugPort = 9333;\n").unwrap();
+    let node = Fixture::spawn({
+        let mut c = Command::new("unshare");
+        c.args([
+            "--net",
+            "sh",
+            "-c",
+            &format!(
+                "ip link set lo up; exec node -r {} {}",
+                preload.display(),
+                fixture_script().display()
+            ),
+        ]);
+        c
+    });
+    let err = v8::summary_of(node.pid, false, "moved-port-test").unwrap_err();
+    assert!(
+        matches!(err, v8::V8Error::Unguardable { .. }) && err.to_string().contains("9333"),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !own_listener_sockets(node.pid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        own_listener_sockets(node.pid).is_empty(),
+        "the inspector on 9333 was left open: {:?}",
+        own_listener_sockets(node.pid)
+    );
+    assert!(alive(node.pid));
+    assert!(!guard::attached());
+}

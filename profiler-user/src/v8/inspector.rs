@@ -598,11 +598,17 @@ impl Inspector {
             // Reachable from other hosts: close it at once, through the guarded port.
             let addr = found.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>().join(", ");
             let l = found[0];
-            let closed = Self::connect(pid, l.connect_addr(), &mut guard, purpose).map(|mut s| {
-                s.guard = Some(guard);
-                s.close()
-            });
-            tracing::warn!(pid, port, %addr, closed = closed.is_ok_and(|c| c.is_ok()), "the inspector listened on a non-loopback address");
+            let closed = match Self::connect(pid, l.connect_addr(), &mut guard, purpose) {
+                Ok(mut s) => {
+                    s.guard = Some(guard);
+                    s.close().is_ok()
+                }
+                Err(_) => {
+                    park_guard(pid, port, guard);
+                    false
+                }
+            };
+            tracing::warn!(pid, port, %addr, closed, "the inspector listened on a non-loopback address");
             return Err(V8Error::NotLoopback { pid, addr, port });
         };
         // Exactly the target's own socket's address: never an assumed 127.0.0.1, where another
