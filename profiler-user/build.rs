@@ -1,5 +1,6 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`. A host build without it still
-//! succeeds (with a warning); the binary then refuses to trace with a clear message.
+//! Embeds the eBPF objects built by `cargo xtask build-ebpf` (the allocator probes and the
+//! inspector guard). A host build without them still succeeds (with a warning); the binary then
+//! refuses to trace (or to open a Node.js inspector) with a clear message.
 use std::{env, fs, path::PathBuf};
 
 fn main() {
@@ -13,15 +14,24 @@ fn main() {
     println!("cargo:rerun-if-env-changed=MEMSCOPE_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("profiler-ebpf.o");
-    match fs::read(&object) {
-        Ok(bytes) => fs::write(&out, bytes).unwrap(),
+    embed(&object, &out, "trace");
+    // The inspector guard is a second binary of the same package, beside the probes' object.
+    let guard = object.with_file_name("inspector-guard");
+    println!("cargo:rerun-if-changed={}", guard.display());
+    let guard_out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("inspector-guard.o");
+    embed(&guard, &guard_out, "open a Node.js inspector");
+}
+
+fn embed(object: &std::path::Path, out: &std::path::Path, what: &str) {
+    match fs::read(object) {
+        Ok(bytes) => fs::write(out, bytes).unwrap(),
         Err(_) => {
             println!(
                 "cargo:warning=eBPF object {} not found: run `cargo xtask build-ebpf`; \
-                 this memscope build cannot trace",
+                 this memscope build cannot {what}",
                 object.display()
             );
-            fs::write(&out, []).unwrap();
+            fs::write(out, []).unwrap();
         }
     }
 }

@@ -4,25 +4,34 @@
 //! Opening: the target must catch `SIGUSR1` (`SigCgt` in `/proc/PID/status`: Node installs a
 //! handler; for any other process the default action of `SIGUSR1` is to terminate it, so it is
 //! never sent). An inspector the target already listens on is refused (another debugger may be
-//! attached; memscope does not share it nor close it). `SIGUSR1` makes Node listen on loopback
-//! inside its own network namespace (9229 unless started with another `--inspect-port`); the
-//! port is the new listening socket that the target itself owns (its inode among the target's
-//! descriptors, from `/proc/PID/net/tcp{,6}`), so a port taken by another process is reported
-//! as such instead of being talked to. The socket is connected by a dedicated thread that
-//! entered the target's network namespace (`setns(CLONE_NEWNET)`) and is then used from the
-//! caller's thread. `/json/list` gives the WebSocket path (only the path is used: the host is
-//! always the loopback address connected to). The protocol runs over tungstenite + serde_json.
+//! attached; memscope does not share it nor close it). `SIGUSR1` makes Node listen inside its
+//! own network namespace on the host and port of its `--inspect-port` (or `--inspect=`,
+//! command line or `NODE_OPTIONS`; 127.0.0.1:9229 by default), read here before signalling: a
+//! non-loopback host or port 0 (random) is refused before any signal.
+//!
+//! Exclusive: before the signal, the [`super::guard`] refuses every connect to that port in
+//! that namespace but from memscope's own sockets (registered by cookie), and it stays until
+//! the inspector is closed. memscope talks only to the target's own listener: the listening
+//! socket on that port whose inode is among the target's descriptors (`/proc/PID/fd` matched
+//! against `/proc/PID/net/tcp{,6}`), at exactly its address (127.0.0.1, ::1, ...), never an
+//! assumed one; a listener of another process is never talked to. An inspector that came up
+//! on a non-loopback address (reachable from other hosts, which the guard cannot stop) or on
+//! another port than announced is closed at once and the operation refused. Sockets are
+//! created by a dedicated thread that entered the target's network namespace
+//! (`setns(CLONE_NEWNET)`) and used from the caller's thread. `/json/list` gives the WebSocket
+//! path (only the path is used). The protocol runs over tungstenite + serde_json.
 //!
 //! Closing (also on drop): `process._debugEnd()` through `Runtime.evaluate`, then a wait until
-//! the port no longer listens, so that no debug port stays open. Every session (open, close,
+//! the port no longer listens, so that no debug port stays open; then the guard goes (a window
+//! that would not close keeps its guard until its port is gone). Every session (open, close,
 //! refusal) is in the audit log (tracing target `audit`). One session per process at a time.
 //!
 //! Everything the target sends is hostile: answers are size-capped, every read has a deadline.
 use std::{
     collections::HashSet,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::fd::AsRawFd,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -31,7 +40,7 @@ use serde_json::{json, Value};
 use tracing::info;
 use tungstenite::{protocol::WebSocketConfig, Message, WebSocket};
 
-use super::V8Error;
+use super::{guard::Guard, V8Error};
 
 /// Largest `/json/list` answer read.
 const MAX_LIST_BYTES: usize = 64 * 1024;
@@ -92,6 +101,8 @@ pub struct Inspector {
     closed: bool,
     opened_at: Instant,
     turn: Option<NetnsTurn>,
+    /// Keeps every other process off the port until the inspector is closed.
+    guard: Option<Guard>,
 }
 
 /// Whether the process catches `sig` (its bit in `SigCgt`).
@@ -120,17 +131,54 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
     out
 }
 
-/// A loopback TCP socket listening in the target's network namespace.
+/// A TCP socket listening in the target's network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listener {
+    /// The address it is bound to (`0.0.0.0` or `::` for every address).
+    pub addr: IpAddr,
     pub port: u16,
     pub inode: u64,
 }
 
-/// Listening loopback TCP sockets in the network namespace of `pid` (IPv4 and IPv6).
-pub fn loopback_listeners(pid: u32) -> Vec<Listener> {
+impl Listener {
+    /// Bound to a loopback address only (`::ffff:127.x` included).
+    pub fn is_loopback(&self) -> bool {
+        self.addr.to_canonical().is_loopback()
+    }
+
+    /// Where to connect to reach it from inside its namespace: its own address, or loopback of
+    /// its family for a wildcard one.
+    pub fn connect_addr(&self) -> SocketAddr {
+        let ip = match self.addr.to_canonical() {
+            IpAddr::V4(a) if a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(a) if a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            a => a,
+        };
+        SocketAddr::new(ip, self.port)
+    }
+}
+
+/// An address as `/proc/net/tcp{,6}` prints it: each 32-bit word of the network-order
+/// address as a native (little-endian here) integer in hex.
+fn proc_net_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| hex.get(i * 8..i * 8 + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_ne_bytes);
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+/// Every listening TCP socket in the network namespace of `pid` (IPv4 and IPv6).
+pub fn listeners(pid: u32) -> Vec<Listener> {
     let mut out = Vec::new();
-    for (file, loopback) in [("tcp", "0100007F"), ("tcp6", "00000000000000000000000001000000")] {
+    for file in ["tcp", "tcp6"] {
         let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -138,51 +186,241 @@ pub fn loopback_listeners(pid: u32) -> Vec<Listener> {
                 continue;
             }
             let Some((ip, port)) = f[1].split_once(':') else { continue };
-            if ip != loopback {
-                continue;
-            }
-            if let (Ok(port), Ok(inode)) = (u16::from_str_radix(port, 16), f[9].parse()) {
-                out.push(Listener { port, inode });
+            if let (Some(addr), Ok(port), Ok(inode)) = (proc_net_addr(ip), u16::from_str_radix(port, 16), f[9].parse()) {
+                out.push(Listener { addr, port, inode });
             }
         }
     }
     out
 }
 
+/// Listening loopback TCP sockets in the network namespace of `pid` (IPv4 and IPv6).
+pub fn loopback_listeners(pid: u32) -> Vec<Listener> {
+    listeners(pid).into_iter().filter(Listener::is_loopback).collect()
+}
+
+/// Every listening socket the target itself owns (its inode among the target's descriptors),
+/// on any address.
+pub fn own_listener_sockets(pid: u32) -> Vec<Listener> {
+    let mine = socket_inodes(pid);
+    listeners(pid).into_iter().filter(|l| mine.contains(&l.inode)).collect()
+}
+
 /// The loopback ports the target itself listens on.
 pub fn own_listeners(pid: u32) -> Vec<u16> {
-    let mine = socket_inodes(pid);
-    let mut ports: Vec<u16> = loopback_listeners(pid).into_iter().filter(|l| mine.contains(&l.inode)).map(|l| l.port).collect();
+    let mut ports: Vec<u16> = own_listener_sockets(pid).into_iter().filter(Listener::is_loopback).map(|l| l.port).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
 }
 
-/// Connects to 127.0.0.1:`port` from inside the network namespace of `pid`.
-fn connect_in_netns(pid: u32, port: u16, timeout: Duration) -> Result<TcpStream, V8Error> {
+/// Where Node will listen after `SIGUSR1`, from its flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InspectorEndpoint {
+    /// The host of `--inspect-port=HOST:PORT` (or `--inspect=`...), if one was given.
+    pub host: Option<String>,
+    pub port: u16,
+}
+
+/// The inspector host and port in Node's options: `NODE_OPTIONS` first, then the command line
+/// up to the script (the last one given wins, as in Node).
+pub fn parse_endpoint<'a>(node_options: impl IntoIterator<Item = &'a str>, argv: &'a [String]) -> InspectorEndpoint {
+    let mut ep = InspectorEndpoint { host: None, port: 9229 };
+    let mut apply = |v: &str| {
+        let (host, port) = split_host_port(v);
+        if let Some(h) = host {
+            ep.host = Some(h);
+        }
+        if let Some(p) = port {
+            ep.port = p;
+        }
+    };
+    const INSPECT: [&str; 5] = ["--inspect", "--inspect-brk", "--inspect-wait", "--inspect-port", "--debug-port"];
+    // Node's options that take their value as the next argument.
+    const WITH_VALUE: [&str; 12] =
+        ["-r", "--require", "--import", "--loader", "--experimental-loader", "-C", "--conditions", "--title", "--env-file", "--input-type", "--stack-size", "--max-old-space-size"];
+    let mut scan = |args: &mut dyn Iterator<Item = &str>, stop_at_script: bool| {
+        while let Some(a) = args.next() {
+            if a == "--" || (stop_at_script && !a.starts_with('-')) {
+                break;
+            }
+            if let Some((flag, v)) = a.split_once('=') {
+                if INSPECT.contains(&flag) {
+                    apply(v);
+                }
+            } else if a == "--inspect-port" || a == "--debug-port" {
+                if let Some(v) = args.next() {
+                    apply(v);
+                }
+            } else if WITH_VALUE.contains(&a) {
+                args.next();
+            } else if matches!(a, "-e" | "--eval" | "-p" | "--print") {
+                break;
+            }
+        }
+    };
+    scan(&mut node_options.into_iter(), false);
+    scan(&mut argv.iter().skip(1).map(String::as_str), true);
+    ep
+}
+
+/// Node's `[HOST:]PORT`, `HOST` or `[IPV6]:PORT`.
+fn split_host_port(v: &str) -> (Option<String>, Option<u16>) {
+    if let Some(rest) = v.strip_prefix('[') {
+        let Some((host, after)) = rest.split_once(']') else { return (Some(v.to_string()), None) };
+        return (Some(host.to_string()), after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return (None, v.parse().ok());
+    }
+    match v.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (Some(h.to_string()), p.parse().ok()),
+        _ => (Some(v.to_string()), None),
+    }
+}
+
+/// The endpoint of `pid`'s inspector, refused if the guard could not cover it: a port chosen
+/// at random (0) or a host that is not loopback (remote hosts are beyond any local rule).
+pub fn expected_endpoint(pid: u32) -> Result<InspectorEndpoint, V8Error> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|_| V8Error::NoSuchProcess(pid))?;
+    let argv: Vec<String> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let node_options = environ
+        .split(|&b| b == 0)
+        .find_map(|e| e.strip_prefix(b"NODE_OPTIONS="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default();
+    let ep = parse_endpoint(node_options.split_whitespace(), &argv);
+    let unguardable = |reason: String| V8Error::Unguardable { pid, reason };
+    if ep.port == 0 {
+        return Err(unguardable("its inspector port is 0 (chosen at random when it opens), which cannot be guarded before it opens".into()));
+    }
+    match ep.host.as_deref() {
+        None | Some("localhost") => {}
+        Some(h) => match h.parse::<IpAddr>() {
+            Ok(ip) if ip.to_canonical().is_loopback() => {}
+            Ok(ip) => return Err(unguardable(format!("its inspector would listen on {ip}, reachable from other hosts"))),
+            Err(_) => return Err(unguardable(format!("its inspector host {h:?} is not a loopback address"))),
+        },
+    }
+    Ok(ep)
+}
+
+/// `SO_COOKIE` and `SO_NETNS_COOKIE` (Linux 4.12 and 5.14).
+const SO_COOKIE: libc::c_int = 57;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+fn sockopt_u64(fd: &OwnedFd, opt: libc::c_int) -> std::io::Result<u64> {
+    let mut v = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    if unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// A new TCP socket of the target's network namespace (the namespace is the socket's for
+/// life: it is connected from the caller's thread afterwards).
+fn socket_in_netns(pid: u32, v6: bool) -> Result<OwnedFd, V8Error> {
     let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|e| V8Error::Connect(format!("opening the network namespace of {pid}: {e}")))?;
     // setns changes only the calling thread's namespace: a thread of its own, which ends after.
     std::thread::Builder::new()
         .name(format!("netns-{pid}"))
-        .spawn(move || -> Result<TcpStream, V8Error> {
+        .spawn(move || -> Result<OwnedFd, V8Error> {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(V8Error::Connect(format!("entering the network namespace of {pid}: {}", std::io::Error::last_os_error())));
             }
-            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-            TcpStream::connect_timeout(&addr, timeout).map_err(|e| V8Error::Connect(format!("connecting to the inspector of {pid} on port {port}: {e}")))
+            let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+            let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(V8Error::Connect(format!("a socket in the network namespace of {pid}: {}", std::io::Error::last_os_error())));
+            }
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })
         .map_err(|e| V8Error::Connect(format!("starting the namespace thread: {e}")))?
         .join()
         .map_err(|_| V8Error::Connect("the namespace thread panicked".into()))?
 }
 
+/// The cookie of the network namespace of `pid` (what the guard's programs see as
+/// `bpf_get_netns_cookie`).
+pub fn netns_cookie(pid: u32) -> Result<u64, V8Error> {
+    let s = socket_in_netns(pid, false)?;
+    sockopt_u64(&s, SO_NETNS_COOKIE).map_err(|e| V8Error::Connect(format!("the network namespace cookie of {pid}: {e}")))
+}
+
+/// Connects to `addr` from inside the network namespace of `pid`, from a socket the guard lets
+/// through (its cookie registered before the connect).
+fn connect_in_netns(pid: u32, addr: SocketAddr, guard: &mut Guard, timeout: Duration) -> Result<TcpStream, V8Error> {
+    let fd = socket_in_netns(pid, addr.is_ipv6())?;
+    let err = |what: &str, e: std::io::Error| V8Error::Connect(format!("{what} the inspector of {pid} at {addr}: {e}"));
+    let cookie = sockopt_u64(&fd, SO_COOKIE).map_err(|e| err("a socket cookie for", e))?;
+    guard.allow(cookie)?;
+    let (storage, len) = sockaddr(addr);
+    let raw = fd.as_raw_fd();
+    unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFL);
+        libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        if libc::connect(raw, (&raw const storage).cast(), len) != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(err("connecting to", e));
+            }
+            let mut pfd = libc::pollfd { fd: raw, events: libc::POLLOUT, revents: 0 };
+            let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+            match libc::poll(&mut pfd, 1, ms) {
+                1 => {}
+                0 => return Err(err("connecting to", std::io::ErrorKind::TimedOut.into())),
+                _ => return Err(err("connecting to", std::io::Error::last_os_error())),
+            }
+            let mut so_error: libc::c_int = 0;
+            let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::getsockopt(raw, libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut so_error).cast(), &mut l);
+            if so_error != 0 {
+                return Err(err("connecting to", std::io::Error::from_raw_os_error(so_error)));
+            }
+        }
+        libc::fcntl(raw, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    Ok(TcpStream::from(fd))
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 /// The WebSocket path from the inspector's `/json/list` (an HTTP/1.0 GET, answer capped).
-fn websocket_path(pid: u32, port: u16) -> Result<String, V8Error> {
-    let mut s = connect_in_netns(pid, port, Duration::from_secs(3))?;
+fn websocket_path(pid: u32, addr: SocketAddr, guard: &mut Guard) -> Result<String, V8Error> {
+    let port = addr.port();
+    let mut s = connect_in_netns(pid, addr, guard, Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
     s.set_write_timeout(Some(Duration::from_secs(5))).ok();
-    s.write_all(b"GET /json/list HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    s.write_all(format!("GET /json/list HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .map_err(|e| V8Error::Protocol(format!("asking /json/list: {e}")))?;
     // Node keeps the connection open after answering: read until the body is complete.
     let mut buf = Vec::new();
@@ -226,6 +464,46 @@ fn websocket_path(pid: u32, port: u16) -> Result<String, V8Error> {
     Ok(path.to_string())
 }
 
+/// Guards of inspectors that would not close: each stays until its port no longer listens
+/// (checked at every new session), so a window memscope opened is never left unguarded.
+static PARKED: Mutex<Vec<(u32, u16, Guard)>> = Mutex::new(Vec::new());
+
+fn park_guard(pid: u32, port: u16, guard: Guard) {
+    if own_listeners(pid).contains(&port) || own_listener_sockets(pid).iter().any(|l| l.port == port) {
+        tracing::warn!(pid, port, "the inspector is still open: its guard stays until it closes");
+        PARKED.lock().unwrap_or_else(|e| e.into_inner()).push((pid, port, guard));
+    }
+}
+
+/// Drops the parked guards whose inspector is gone.
+fn sweep_parked() {
+    let gone: Vec<Guard> = {
+        let mut parked = PARKED.lock().unwrap_or_else(|e| e.into_inner());
+        let (keep, gone) = std::mem::take(&mut *parked)
+            .into_iter()
+            .partition(|(pid, port, _)| own_listener_sockets(*pid).iter().any(|l| l.port == *port));
+        *parked = keep;
+        gone.into_iter().map(|(_, _, g)| g).collect()
+    };
+    drop(gone);
+}
+
+/// Closes an inspector that opened where it was not expected (`l`), under a guard of its own.
+/// False if `l` is not an inspector (the app's own listener).
+fn close_stray(pid: u32, l: Listener, purpose: &str) -> bool {
+    let Ok(cookie) = netns_cookie(pid) else { return false };
+    let Ok(mut guard) = Guard::install(cookie, l.port) else { return false };
+    let Ok(path) = websocket_path(pid, l.connect_addr(), &mut guard) else { return false };
+    match Inspector::handshake(pid, l.connect_addr(), &path, &mut guard, purpose) {
+        Ok(mut s) => {
+            s.guard = Some(guard);
+            let _ = s.close();
+        }
+        Err(_) => park_guard(pid, l.port, guard),
+    }
+    true
+}
+
 fn audit_refusal(pid: u32, purpose: &str, e: &V8Error) {
     info!(target: "audit", pid, purpose, result = "refused", reason = %e, "v8 inspector session");
 }
@@ -234,6 +512,7 @@ impl Inspector {
     /// Opens a session with Node.js process `pid` (see the module doc for what is checked and
     /// refused). `purpose` (who asked and what for) goes to the audit log.
     pub fn open(pid: u32, purpose: &str) -> Result<Inspector, V8Error> {
+        sweep_parked();
         {
             let mut open = OPEN.lock().unwrap();
             let set = open.get_or_insert_with(HashSet::new);
@@ -262,18 +541,22 @@ impl Inspector {
         if !catches_signal(pid, libc::SIGUSR1)? {
             return Err(V8Error::NoSigusr1Handler(pid));
         }
-        let before = own_listeners(pid);
-        let taken_9229 = loopback_listeners(pid).iter().any(|l| l.port == 9229);
+        let endpoint = expected_endpoint(pid)?;
+        let port = endpoint.port;
+        let mut before = own_listener_sockets(pid);
+        let taken = listeners(pid).iter().any(|l| l.port == port);
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
         if pidfd < 0 {
             return Err(V8Error::NoSuchProcess(pid));
         }
         let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+        // Before the signal: from now on only memscope's sockets reach that port there.
+        let mut guard = Guard::install(netns_cookie(pid)?, port)?;
         // Probe the inspector that may already be there: a listener of the target's that
         // answers /json/list. It may be someone else's debugging session: refused, untouched.
-        for &port in before.iter().take(8) {
-            if websocket_path(pid, port).is_ok() {
-                return Err(V8Error::AlreadyOpen { pid, port });
+        for l in before.iter().take(8) {
+            if websocket_path(pid, l.connect_addr(), &mut guard).is_ok() {
+                return Err(V8Error::AlreadyOpen { pid, port: l.port });
             }
         }
         // Through the pidfd: the signal cannot reach another process that reused the pid.
@@ -281,45 +564,96 @@ impl Inspector {
             return Err(V8Error::Connect(format!("signalling {pid}: {}", std::io::Error::last_os_error())));
         }
         let deadline = Instant::now() + LISTEN_WAIT;
-        let port = loop {
-            let new: Vec<u16> = own_listeners(pid).into_iter().filter(|p| !before.contains(p)).collect();
-            if let Some(&p) = new.iter().find(|&&p| p == 9229).or(new.first()) {
-                break p;
+        let mut elsewhere_since: Option<Instant> = None;
+        let found: Vec<Listener> = loop {
+            let new: Vec<Listener> = own_listener_sockets(pid).into_iter().filter(|l| !before.iter().any(|b| b.inode == l.inode)).collect();
+            let (on_port, elsewhere): (Vec<Listener>, Vec<Listener>) = new.into_iter().partition(|l| l.port == port);
+            if !on_port.is_empty() {
+                // Node binds every address of its host at once: one more look gets them all.
+                std::thread::sleep(Duration::from_millis(20));
+                let mine = socket_inodes(pid);
+                break listeners(pid).into_iter().filter(|l| l.port == port && mine.contains(&l.inode)).collect();
+            }
+            if let Some(other) = elsewhere.first().copied() {
+                // A new listener of the target on another port: the app's own, or its inspector
+                // on a port set at run time (`process.debugPort`), which the guard does not cover.
+                let since = *elsewhere_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(100) {
+                    if close_stray(pid, other, purpose) {
+                        return Err(V8Error::Unguardable {
+                            pid,
+                            reason: format!("its inspector opened on port {} instead of {port} (set at run time?): closed it", other.port),
+                        });
+                    }
+                    before.extend(elsewhere);
+                    elsewhere_since = None;
+                }
             }
             if Instant::now() > deadline {
-                return Err(if taken_9229 { V8Error::PortTaken { pid, port: 9229 } } else { V8Error::NoInspector(pid) });
+                return Err(if taken { V8Error::PortTaken { pid, port } } else { V8Error::NoInspector(pid) });
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut opened = Self::connect(pid, port, purpose);
+        let Some(listener) = found.iter().find(|l| l.is_loopback()).copied().filter(|_| found.iter().all(Listener::is_loopback)) else {
+            // Reachable from other hosts: close it at once, through the guarded port.
+            let addr = found.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>().join(", ");
+            let l = found[0];
+            let closed = match Self::connect(pid, l.connect_addr(), &mut guard, purpose) {
+                Ok(mut s) => {
+                    s.guard = Some(guard);
+                    s.close().is_ok()
+                }
+                Err(_) => {
+                    park_guard(pid, port, guard);
+                    false
+                }
+            };
+            tracing::warn!(pid, port, %addr, closed, "the inspector listened on a non-loopback address");
+            return Err(V8Error::NotLoopback { pid, addr, port });
+        };
+        // Exactly the target's own socket's address: never an assumed 127.0.0.1, where another
+        // process may listen while Node is on [::1].
+        let addr = SocketAddr::new(listener.addr, port);
+        let mut opened = Self::connect(pid, addr, &mut guard, purpose);
         if opened.is_err() {
             // We started it: do not leave it listening. Without a session, only a second
             // SIGUSR1 is harmless (a no-op): close it the one way we can, by a session.
-            if let Ok(path) = websocket_path(pid, port) {
-                opened = Self::handshake(pid, port, &path, purpose);
+            if let Ok(path) = websocket_path(pid, addr, &mut guard) {
+                opened = Self::handshake(pid, addr, &path, &mut guard, purpose);
             }
         }
-        opened
+        match opened {
+            Ok(mut s) => {
+                s.guard = Some(guard);
+                Ok(s)
+            }
+            Err(e) => {
+                // Still listening, and we could not close it: it stays guarded until it is gone.
+                park_guard(pid, port, guard);
+                Err(e)
+            }
+        }
     }
 
-    fn connect(pid: u32, port: u16, purpose: &str) -> Result<Inspector, V8Error> {
-        let path = websocket_path(pid, port)?;
-        Self::handshake(pid, port, &path, purpose)
+    fn connect(pid: u32, addr: SocketAddr, guard: &mut Guard, purpose: &str) -> Result<Inspector, V8Error> {
+        let path = websocket_path(pid, addr, guard)?;
+        Self::handshake(pid, addr, &path, guard, purpose)
     }
 
-    fn handshake(pid: u32, port: u16, path: &str, purpose: &str) -> Result<Inspector, V8Error> {
-        let stream = connect_in_netns(pid, port, Duration::from_secs(3))?;
+    fn handshake(pid: u32, addr: SocketAddr, path: &str, guard: &mut Guard, purpose: &str) -> Result<Inspector, V8Error> {
+        let port = addr.port();
+        let stream = connect_in_netns(pid, addr, guard, Duration::from_secs(3))?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
         stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
         let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES)).max_frame_size(Some(MAX_MESSAGE_BYTES));
-        let url = format!("ws://127.0.0.1:{port}{path}");
+        let url = format!("ws://{addr}{path}");
         let (ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config)).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) if r.status() == 400 || r.status() == 403 => {
                 V8Error::DebuggerAttached(pid)
             }
             e => V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}")),
         })?;
-        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now(), turn: None })
+        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now(), turn: None, guard: None })
     }
 
     pub fn pid(&self) -> u32 {
@@ -418,7 +752,7 @@ impl Inspector {
         let deadline = Instant::now() + CLOSE_WAIT;
         let mut still = true;
         while Instant::now() < deadline {
-            if !own_listeners(self.pid).contains(&self.port) {
+            if !own_listener_sockets(self.pid).iter().any(|l| l.port == self.port) {
                 still = false;
                 break;
             }
@@ -426,6 +760,11 @@ impl Inspector {
             let _ = self.ws.read();
         }
         let _ = self.ws.close(None);
+        if let Some(guard) = self.guard.take() {
+            if still {
+                park_guard(self.pid, self.port, guard);
+            }
+        }
         self.turn.take();
         OPEN.lock().unwrap().get_or_insert_with(HashSet::new).remove(&self.pid);
         let ms = self.opened_at.elapsed().as_millis() as u64;
@@ -455,5 +794,43 @@ mod tests {
     fn reads_sigcgt() {
         assert!(!catches_signal(std::process::id(), libc::SIGUSR1).unwrap());
         assert!(matches!(catches_signal(u32::MAX - 1, libc::SIGUSR1), Err(V8Error::NoSuchProcess(_))));
+    }
+
+    fn ep(node_options: &str, argv: &[&str]) -> (Option<String>, u16) {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        let e = parse_endpoint(node_options.split_whitespace(), &argv);
+        (e.host, e.port)
+    }
+
+    /// Node's inspector flags, in NODE_OPTIONS and on the command line (the last wins; the
+    /// script's own arguments are not Node's).
+    #[test]
+    fn inspector_endpoint_from_flags() {
+        assert_eq!(ep("", &["node", "app.js"]), (None, 9229));
+        assert_eq!(ep("", &["node", "--inspect-port=1234", "app.js"]), (None, 1234));
+        assert_eq!(ep("", &["node", "--inspect-port", "1234", "app.js"]), (None, 1234));
+        assert_eq!(ep("", &["node", "--inspect-port=[::1]:9230", "app.js"]), (Some("::1".into()), 9230));
+        assert_eq!(ep("", &["node", "--inspect=0.0.0.0:9229", "app.js"]), (Some("0.0.0.0".into()), 9229));
+        assert_eq!(ep("", &["node", "--inspect=localhost", "app.js"]), (Some("localhost".into()), 9229));
+        assert_eq!(ep("", &["node", "--debug-port=0", "app.js"]), (None, 0));
+        assert_eq!(ep("--inspect-port=4000", &["node", "app.js"]), (None, 4000));
+        assert_eq!(ep("--inspect-port=4000", &["node", "--inspect-port=5000", "app.js"]), (None, 5000));
+        assert_eq!(ep("", &["node", "-r", "--inspect-port=1", "app.js", "--inspect-port=7"]), (None, 9229));
+        assert_eq!(ep("", &["node", "app.js", "--inspect-port=7"]), (None, 9229));
+    }
+
+    /// `/proc/net/tcp{,6}` addresses, as the kernel prints them on x86-64.
+    #[test]
+    fn proc_net_addresses() {
+        assert_eq!(proc_net_addr("0100007F"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_net_addr("00000000"), Some("0.0.0.0".parse().unwrap()));
+        assert_eq!(proc_net_addr("00000000000000000000000001000000"), Some("::1".parse().unwrap()));
+        assert_eq!(proc_net_addr("0000000000000000FFFF00000100007F"), Some("::ffff:127.0.0.1".parse().unwrap()));
+        assert_eq!(proc_net_addr("xyz"), None);
+        let l = Listener { addr: "::ffff:127.0.0.1".parse().unwrap(), port: 9229, inode: 1 };
+        assert!(l.is_loopback());
+        let any = Listener { addr: "::".parse().unwrap(), port: 9229, inode: 1 };
+        assert!(!any.is_loopback());
+        assert_eq!(any.connect_addr(), "[::1]:9229".parse().unwrap());
     }
 }

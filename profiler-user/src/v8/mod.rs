@@ -2,11 +2,13 @@
 //! snapshots streamed as V8 writes them ([`snapshot`]), per-constructor summaries of them and
 //! their growth ([`summary`]), growth verdicts across a series of summaries ([`growth`]), the sampling heap profiler rendered like the native heap
 //! ([`sampling`]), and garbage collection or (opt-in) expression evaluation. [`inspector`] owns
-//! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing.
+//! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing;
+//! [`guard`] keeps every other process off the inspector while memscope holds it.
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
 pub mod growth;
+pub mod guard;
 pub mod inspector;
 pub mod sampling;
 pub mod snapshot;
@@ -25,6 +27,12 @@ pub enum V8Error {
     AlreadyOpen { pid: u32, port: u16 },
     #[error("port {port} in the network namespace of process {pid} is taken by another process: Node could not start its inspector")]
     PortTaken { pid: u32, port: u16 },
+    #[error("refusing to open an unguarded inspector: {0}")]
+    Guard(#[from] guard::GuardError),
+    #[error("refusing to open the inspector of process {pid}: {reason}")]
+    Unguardable { pid: u32, reason: String },
+    #[error("the inspector of process {pid} listened on {addr} port {port}, reachable from other hosts: closed it at once, refusing")]
+    NotLoopback { pid: u32, addr: String, port: u16 },
     #[error("process {0} did not open an inspector after SIGUSR1 (not Node.js, or started with --disable-sigusr1?)")]
     NoInspector(u32),
     #[error("another debugger is attached to process {0}")]
@@ -55,6 +63,9 @@ impl V8Error {
             V8Error::NoSigusr1Handler(_) => (409, "not_node"),
             V8Error::AlreadyOpen { .. } => (409, "inspector_in_use"),
             V8Error::PortTaken { .. } => (409, "inspector_port_taken"),
+            V8Error::Guard(_) => (503, "inspector_guard_unavailable"),
+            V8Error::Unguardable { .. } => (409, "inspector_unguardable"),
+            V8Error::NotLoopback { .. } => (409, "inspector_not_loopback"),
             V8Error::NoInspector(_) => (409, "no_inspector"),
             V8Error::DebuggerAttached(_) => (409, "debugger_attached"),
             V8Error::Busy(_) => (409, "inspector_busy"),
