@@ -1,6 +1,12 @@
 //! One DevTools-protocol session with a Node.js process's inspector, opened from outside:
 //! no flag, no code change in the target.
 //!
+//! Identity: a session acts on one process, the one memscope attached ([`Process`]: pidfd and
+//! start time), never on whatever process has its pid now. [`Inspector::open`] checks that the
+//! process still runs as that pid before anything, reads `/proc/PID/...` and then checks again
+//! (a pid cannot be reused while its process lives), and sends `SIGUSR1` only through the
+//! pidfd: a process that took a dead target's pid is never signalled ([`V8Error::Gone`]).
+//!
 //! Opening: the target must catch `SIGUSR1` (`SigCgt` in `/proc/PID/status`: Node installs a
 //! handler; for any other process the default action of `SIGUSR1` is to terminate it, so it is
 //! never sent). An inspector the target already listens on is refused (another debugger may be
@@ -17,32 +23,131 @@
 //! the port no longer listens, so that no debug port stays open. Every session (open, close,
 //! refusal) is in the audit log (tracing target `audit`). One session per process at a time.
 //!
-//! Everything the target sends is hostile: answers are size-capped, every read has a deadline.
+//! Everything the target sends is hostile. Every message is capped ([`MAX_MESSAGE_BYTES`]; a
+//! caller may allow up to [`MAX_PROFILE_MESSAGE_BYTES`] for one call) and checked at its frame
+//! header, before it is read; messages are parsed into a small envelope (the result stays raw
+//! text for the caller to parse into typed structs). The whole exchange, from the listing and
+//! the handshake to the last call, has one deadline ([`Budget`]), and every read waits at most
+//! [`READ_SLICE`] before the deadline and the [`Cancel`] flag are checked again: a request
+//! that ends (timeout, client gone) stops its session within a slice, whatever the target sends.
 use std::{
+    borrow::Cow,
     collections::HashSet,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue, Value};
 use tracing::info;
 use tungstenite::{protocol::WebSocketConfig, Message, WebSocket};
 
 use super::V8Error;
+use crate::process::Process;
 
 /// Largest `/json/list` answer read.
 const MAX_LIST_BYTES: usize = 64 * 1024;
-/// Largest protocol message accepted (a sampling profile of a big program is a few MiB).
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest protocol message accepted by default: V8 sends a heap snapshot as
+/// `addHeapSnapshotChunk` events of ~100 KB of text; an evaluation's result is at most 1 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest message a caller may allow for one call ([`Inspector::call_raw`]): the sampling
+/// heap profile comes whole in one answer. With both render slots busy the agent holds at most
+/// two such messages and what they parse into (see [`super::sampling`]'s caps).
+pub const MAX_PROFILE_MESSAGE_BYTES: usize = 16 << 20;
+/// Longest one read blocks before the deadline and the cancellation are checked again.
+pub const READ_SLICE: Duration = Duration::from_millis(200);
+/// How long cleaning up may take after a failed or cancelled open (closing the inspector we
+/// started), whatever the request's own deadline.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// How long Node may take to start listening after `SIGUSR1`.
 const LISTEN_WAIT: Duration = Duration::from_secs(5);
 /// How long the inspector may take to stop listening after `_debugEnd`.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Default deadline of one protocol call (a heap snapshot of a large heap takes long).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A cancellation shared by a request and the blocking work it started: set when the request
+/// ends early (its timeout, its client gone); a session sees it within [`READ_SLICE`].
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// A guard that cancels when dropped (held by the request: its end cancels the work).
+    pub fn on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// Cancels its [`Cancel`] when dropped.
+#[derive(Debug)]
+pub struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The one deadline of a whole exchange with an inspector (the listing, the handshake, every
+/// call) and its cancellation.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    deadline: Instant,
+    timeout: Duration,
+    cancel: Cancel,
+}
+
+impl Budget {
+    /// `timeout` from now, not cancellable.
+    pub fn new(timeout: Duration) -> Budget {
+        Budget::with_cancel(timeout, Cancel::new())
+    }
+
+    /// `timeout` from now, or until `cancel` is set.
+    pub fn with_cancel(timeout: Duration, cancel: Cancel) -> Budget {
+        Budget { deadline: Instant::now() + timeout, timeout, cancel }
+    }
+
+    /// Time left (zero once past the deadline).
+    pub fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The time left, or why `what` must stop now.
+    pub fn check(&self, what: &str) -> Result<Duration, V8Error> {
+        if self.cancel.is_cancelled() {
+            return Err(V8Error::Cancelled(what.to_string()));
+        }
+        let left = self.left();
+        if left.is_zero() {
+            return Err(V8Error::Timeout(what.to_string(), self.timeout));
+        }
+        Ok(left)
+    }
+
+    /// How long the next read may block.
+    fn slice(&self) -> Duration {
+        self.left().clamp(Duration::from_millis(1), READ_SLICE)
+    }
+}
 
 /// Processes with a session open right now.
 static OPEN: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
@@ -57,9 +162,14 @@ const NETNS_WAIT: Duration = Duration::from_secs(30);
 struct NetnsTurn(u64);
 
 impl NetnsTurn {
-    fn take(pid: u32) -> Result<NetnsTurn, V8Error> {
+    fn take(process: &Process, budget: &Budget) -> Result<NetnsTurn, V8Error> {
         use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_err(|_| V8Error::NoSuchProcess(pid))?.ino();
+        let pid = process.pid();
+        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_err(|_| V8Error::Gone(pid))?.ino();
+        // Read, then check: the namespace was the target's if it still runs as `pid`.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
+        }
         let deadline = Instant::now() + NETNS_WAIT;
         let mut held = NETNS.lock().unwrap();
         while held.get_or_insert_with(HashSet::new).contains(&ino) {
@@ -67,7 +177,8 @@ impl NetnsTurn {
             if left.is_zero() {
                 return Err(V8Error::Connect(format!("another inspector session in the network namespace of {pid} has not ended in {NETNS_WAIT:?}")));
             }
-            held = NETNS_FREED.wait_timeout(held, left).unwrap().0;
+            budget.check("waiting for the network namespace's inspector port")?;
+            held = NETNS_FREED.wait_timeout(held, left.min(budget.slice())).unwrap().0;
         }
         held.get_or_insert_with(HashSet::new).insert(ino);
         Ok(NetnsTurn(ino))
@@ -84,6 +195,10 @@ impl Drop for NetnsTurn {
 /// A DevTools-protocol session with one Node.js process.
 pub struct Inspector {
     pid: u32,
+    /// The process this session acts on.
+    process: Arc<Process>,
+    /// The exchange's deadline and cancellation.
+    budget: Budget,
     port: u16,
     ws: WebSocket<TcpStream>,
     next_id: u64,
@@ -178,17 +293,25 @@ fn connect_in_netns(pid: u32, port: u16, timeout: Duration) -> Result<TcpStream,
 }
 
 /// The WebSocket path from the inspector's `/json/list` (an HTTP/1.0 GET, answer capped).
-fn websocket_path(pid: u32, port: u16) -> Result<String, V8Error> {
-    let mut s = connect_in_netns(pid, port, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(5))).ok();
+fn websocket_path(pid: u32, port: u16, budget: &Budget) -> Result<String, V8Error> {
+    let left = budget.check("asking the inspector's /json/list")?;
+    let mut s = connect_in_netns(pid, port, left.min(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(budget.slice())).ok();
+    s.set_write_timeout(Some(left.min(Duration::from_secs(5)))).ok();
     s.write_all(b"GET /json/list HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .map_err(|e| V8Error::Protocol(format!("asking /json/list: {e}")))?;
     // Node keeps the connection open after answering: read until the body is complete.
     let mut buf = Vec::new();
     let mut piece = [0u8; 8192];
     let (body_at, body_len) = loop {
-        let n = s.read(&mut piece).map_err(|e| V8Error::Protocol(format!("reading /json/list: {e}")))?;
+        // One deadline for the whole answer, however slowly it comes.
+        budget.check("reading the inspector's /json/list")?;
+        s.set_read_timeout(Some(budget.slice())).ok();
+        let n = match s.read(&mut piece) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Err(V8Error::Protocol(format!("reading /json/list: {e}"))),
+        };
         buf.extend_from_slice(&piece[..n]);
         if buf.len() > MAX_LIST_BYTES {
             return Err(V8Error::Protocol("the /json/list answer is larger than 64 KiB".into()));
@@ -231,9 +354,17 @@ fn audit_refusal(pid: u32, purpose: &str, e: &V8Error) {
 }
 
 impl Inspector {
-    /// Opens a session with Node.js process `pid` (see the module doc for what is checked and
-    /// refused). `purpose` (who asked and what for) goes to the audit log.
-    pub fn open(pid: u32, purpose: &str) -> Result<Inspector, V8Error> {
+    /// Opens a session with Node.js process `process` (see the module doc for what is checked
+    /// and refused), within `budget` (the whole exchange, later calls included). `purpose` (who
+    /// asked and what for) goes to the audit log.
+    pub fn open(process: Arc<Process>, purpose: &str, budget: Budget) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
+        // Before anything: the process attached still runs as `pid`.
+        if !process.alive() {
+            let e = V8Error::Gone(pid);
+            audit_refusal(pid, purpose, &e);
+            return Err(e);
+        }
         {
             let mut open = OPEN.lock().unwrap();
             let set = open.get_or_insert_with(HashSet::new);
@@ -243,8 +374,8 @@ impl Inspector {
                 return Err(e);
             }
         }
-        let result = NetnsTurn::take(pid).and_then(|turn| {
-            let mut s = Self::open_inner(pid, purpose)?;
+        let result = NetnsTurn::take(&process, &budget).and_then(|turn| {
+            let mut s = Self::open_inner(&process, purpose, &budget)?;
             s.turn = Some(turn);
             Ok(s)
         });
@@ -258,68 +389,107 @@ impl Inspector {
         result
     }
 
-    fn open_inner(pid: u32, purpose: &str) -> Result<Inspector, V8Error> {
-        if !catches_signal(pid, libc::SIGUSR1)? {
-            return Err(V8Error::NoSigusr1Handler(pid));
-        }
+    fn open_inner(process: &Arc<Process>, purpose: &str, budget: &Budget) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
+        let catches = catches_signal(pid, libc::SIGUSR1)?;
         let before = own_listeners(pid);
         let taken_9229 = loopback_listeners(pid).iter().any(|l| l.port == 9229);
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if pidfd < 0 {
-            return Err(V8Error::NoSuchProcess(pid));
+        // Read, then check: what was read is the target's only if it still runs as `pid`.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
         }
-        let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+        if !catches {
+            return Err(V8Error::NoSigusr1Handler(pid));
+        }
         // Probe the inspector that may already be there: a listener of the target's that
         // answers /json/list. It may be someone else's debugging session: refused, untouched.
         for &port in before.iter().take(8) {
-            if websocket_path(pid, port).is_ok() {
-                return Err(V8Error::AlreadyOpen { pid, port });
+            match websocket_path(pid, port, budget) {
+                Ok(_) => return Err(V8Error::AlreadyOpen { pid, port }),
+                Err(e @ (V8Error::Cancelled(_) | V8Error::Timeout(..))) => return Err(e),
+                Err(_) => {}
             }
         }
+        budget.check("opening the inspector")?;
         // Through the pidfd: the signal cannot reach another process that reused the pid.
-        if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGUSR1, std::ptr::null::<u8>(), 0) } != 0 {
-            return Err(V8Error::Connect(format!("signalling {pid}: {}", std::io::Error::last_os_error())));
-        }
+        process.signal(libc::SIGUSR1).map_err(|e| match e.raw_os_error() {
+            Some(libc::ESRCH) => V8Error::Gone(pid),
+            _ => V8Error::Connect(format!("signalling {pid}: {e}")),
+        })?;
         let deadline = Instant::now() + LISTEN_WAIT;
         let port = loop {
             let new: Vec<u16> = own_listeners(pid).into_iter().filter(|p| !before.contains(p)).collect();
+            if !process.alive() {
+                return Err(V8Error::Gone(pid));
+            }
             if let Some(&p) = new.iter().find(|&&p| p == 9229).or(new.first()) {
                 break p;
             }
             if Instant::now() > deadline {
                 return Err(if taken_9229 { V8Error::PortTaken { pid, port: 9229 } } else { V8Error::NoInspector(pid) });
             }
+            budget.check("waiting for the inspector to listen")?;
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut opened = Self::connect(pid, port, purpose);
-        if opened.is_err() {
+        let opened = Self::connect(process, port, purpose, budget.clone());
+        if opened.is_err() && process.alive() {
             // We started it: do not leave it listening. Without a session, only a second
-            // SIGUSR1 is harmless (a no-op): close it the one way we can, by a session.
-            if let Ok(path) = websocket_path(pid, port) {
-                opened = Self::handshake(pid, port, &path, purpose);
+            // SIGUSR1 is harmless (a no-op): close it the one way we can, by a session, on a
+            // budget of its own (the request's may be what ended).
+            let cleanup = Budget::new(CLEANUP_BUDGET);
+            if let Ok(path) = websocket_path(pid, port, &cleanup) {
+                if let Ok(s) = Self::handshake(process, port, &path, purpose, cleanup) {
+                    drop(s);
+                }
             }
         }
         opened
     }
 
-    fn connect(pid: u32, port: u16, purpose: &str) -> Result<Inspector, V8Error> {
-        let path = websocket_path(pid, port)?;
-        Self::handshake(pid, port, &path, purpose)
+    fn connect(process: &Arc<Process>, port: u16, purpose: &str, budget: Budget) -> Result<Inspector, V8Error> {
+        let path = websocket_path(process.pid(), port, &budget)?;
+        Self::handshake(process, port, &path, purpose, budget)
     }
 
-    fn handshake(pid: u32, port: u16, path: &str, purpose: &str) -> Result<Inspector, V8Error> {
-        let stream = connect_in_netns(pid, port, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    fn handshake(process: &Arc<Process>, port: u16, path: &str, purpose: &str, budget: Budget) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
+        let left = budget.check("the WebSocket handshake")?;
+        let stream = connect_in_netns(pid, port, left.min(Duration::from_secs(3)))?;
+        // Connected in the namespace read from /proc/PID: the target's only if it still runs.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
+        }
+        stream.set_read_timeout(Some(budget.slice())).ok();
+        stream.set_write_timeout(Some(left.min(Duration::from_secs(10)))).ok();
         let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES)).max_frame_size(Some(MAX_MESSAGE_BYTES));
         let url = format!("ws://127.0.0.1:{port}{path}");
-        let (ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config)).map_err(|e| match e {
-            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) if r.status() == 400 || r.status() == 403 => {
-                V8Error::DebuggerAttached(pid)
+        let mut attempt = tungstenite::client::client_with_config(url.as_str(), stream, Some(config));
+        let ws = loop {
+            match attempt {
+                Ok((ws, _)) => break ws,
+                // A read slice ended: the handshake goes on, within the one deadline.
+                Err(tungstenite::HandshakeError::Interrupted(mid)) => {
+                    budget.check("the WebSocket handshake")?;
+                    attempt = mid.handshake();
+                }
+                Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) if r.status() == 400 || r.status() == 403 => {
+                    return Err(V8Error::DebuggerAttached(pid))
+                }
+                Err(e) => return Err(V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}"))),
             }
-            e => V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}")),
-        })?;
-        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now(), turn: None })
+        };
+        Ok(Inspector {
+            pid,
+            process: process.clone(),
+            budget,
+            port,
+            ws,
+            next_id: 1,
+            purpose: purpose.to_string(),
+            closed: false,
+            opened_at: Instant::now(),
+            turn: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -330,29 +500,88 @@ impl Inspector {
         self.port
     }
 
-    /// Calls `method` and waits (up to `timeout`) for its result; events that arrive meanwhile
-    /// go to `on_event(method, params)`, which may stop the call by returning an error.
+    /// The process this session acts on.
+    pub fn process(&self) -> &Arc<Process> {
+        &self.process
+    }
+
+    /// The exchange's deadline and cancellation.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Calls `method` and waits (up to `timeout`, and within the session's [`Budget`]) for its
+    /// result; events that arrive meanwhile go to `on_event(method, params)`, which may stop
+    /// the call by returning an error.
     pub fn call_with_events(
         &mut self,
         method: &str,
         params: Value,
         timeout: Duration,
-        mut on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
+        on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
     ) -> Result<Value, V8Error> {
+        let reply = self.call_raw(method, params, timeout, MAX_MESSAGE_BYTES, on_event)?;
+        Ok(reply.result()?.map(|r| serde_json::from_str(r.get())).transpose().map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?.unwrap_or(Value::Null))
+    }
+
+    /// Like [`Self::call_with_events`], accepting an answer of up to `max_bytes` (at most
+    /// [`MAX_PROFILE_MESSAGE_BYTES`]) and returning it unparsed: the caller parses its result
+    /// into typed structs ([`RawReply::result`]). Events stay capped at [`MAX_MESSAGE_BYTES`]
+    /// each in spirit: they are parsed as they come, one at a time.
+    pub fn call_raw(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        mut on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<RawReply, V8Error> {
         let id = self.next_id;
         self.next_id += 1;
+        let max_bytes = max_bytes.clamp(MAX_MESSAGE_BYTES, MAX_PROFILE_MESSAGE_BYTES);
+        self.set_message_cap(max_bytes);
+        let result = self.call_raw_inner(id, method, params, timeout, max_bytes, &mut on_event);
+        self.set_message_cap(MAX_MESSAGE_BYTES);
+        result
+    }
+
+    fn set_message_cap(&mut self, bytes: usize) {
+        self.ws.set_config(|c| {
+            c.max_message_size = Some(bytes);
+            c.max_frame_size = Some(bytes);
+        });
+    }
+
+    fn call_raw_inner(
+        &mut self,
+        id: u64,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<RawReply, V8Error> {
         let msg = json!({ "id": id, "method": method, "params": params }).to_string();
+        self.budget.check(method)?;
+        self.ws.get_ref().set_write_timeout(Some(self.budget.left().min(Duration::from_secs(10)))).ok();
         self.ws.send(Message::text(msg)).map_err(|e| V8Error::Protocol(format!("sending {method}: {e}")))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if Instant::now() >= deadline {
                 return Err(V8Error::Timeout(method.to_string(), timeout));
             }
-            self.ws.get_ref().set_read_timeout(Some(left.min(Duration::from_secs(5)))).ok();
+            self.budget.check(method)?;
+            self.ws.get_ref().set_read_timeout(Some(self.budget.slice().min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))).ok();
             let m = match self.ws.read() {
                 Ok(m) => m,
-                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+                Err(tungstenite::Error::Capacity(e)) => {
+                    return Err(V8Error::TooLarge(format!(
+                        "the inspector of process {} sent a message larger than the {} MiB accepted during {method} ({e})",
+                        self.pid,
+                        max_bytes >> 20
+                    )))
+                }
                 Err(e) => return Err(V8Error::Protocol(format!("reading the answer to {method}: {e}"))),
             };
             let text = match m {
@@ -360,16 +589,21 @@ impl Inspector {
                 Message::Close(_) => return Err(V8Error::Protocol(format!("the inspector closed the session during {method}"))),
                 _ => continue,
             };
-            let v: Value = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?;
-            if v.get("id").and_then(Value::as_u64) == Some(id) {
-                if let Some(err) = v.get("error") {
-                    let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
+            let env: Envelope = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
+            if env.id == Some(id) {
+                if let Some(err) = &env.error {
+                    let msg = err.message.as_deref().unwrap_or("error");
                     return Err(V8Error::Remote(method.to_string(), msg.chars().take(200).collect()));
                 }
-                return Ok(v.get("result").cloned().unwrap_or(Value::Null));
+                drop(env);
+                return Ok(RawReply(text));
             }
-            if let Some(ev) = v.get("method").and_then(Value::as_str) {
-                on_event(ev, v.get("params").unwrap_or(&Value::Null))?;
+            if let Some(ev) = env.method {
+                let params: Value = match env.params {
+                    Some(p) => serde_json::from_str(p.get()).map_err(|_| V8Error::Protocol("the inspector sent an event that is not JSON".into()))?,
+                    None => Value::Null,
+                };
+                on_event(ev.as_ref(), &params)?;
             }
         }
     }
@@ -410,6 +644,10 @@ impl Inspector {
             return Ok(());
         }
         self.closed = true;
+        // Closing happens whatever the request's budget says (a cancelled request must not
+        // leave the port open), bounded by CLOSE_WAIT, reading nothing more of what the
+        // target sends.
+        self.ws.get_ref().set_write_timeout(Some(Duration::from_secs(1))).ok();
         // The answer may never come: the server closes under the call.
         let sent = self.ws.send(Message::text(
             json!({ "id": self.next_id, "method": "Runtime.evaluate", "params": { "expression": "process._debugEnd()" } }).to_string(),
@@ -418,14 +656,16 @@ impl Inspector {
         let deadline = Instant::now() + CLOSE_WAIT;
         let mut still = true;
         while Instant::now() < deadline {
-            if !own_listeners(self.pid).contains(&self.port) {
+            let listening = own_listeners(self.pid).contains(&self.port);
+            // Read, then check: a port seen after the target died is not its own.
+            if !listening || !self.process.alive() {
                 still = false;
                 break;
             }
-            self.ws.get_ref().set_read_timeout(Some(Duration::from_millis(50))).ok();
-            let _ = self.ws.read();
+            std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.ws.close(None);
+        let _ = self.ws.flush();
         self.turn.take();
         OPEN.lock().unwrap().get_or_insert_with(HashSet::new).remove(&self.pid);
         let ms = self.opened_at.elapsed().as_millis() as u64;
@@ -435,6 +675,45 @@ impl Inspector {
         }
         info!(target: "audit", pid = self.pid, port = self.port, purpose = %self.purpose, result = "closed", ms, "v8 inspector session");
         Ok(())
+    }
+}
+
+/// The envelope of a protocol message: the rest stays raw text.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<RemoteError>,
+}
+
+#[derive(Deserialize)]
+struct RemoteError {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The answer to one call, unparsed (at most the call's message cap).
+pub struct RawReply(tungstenite::Utf8Bytes);
+
+impl RawReply {
+    /// The whole message's text.
+    pub fn text(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// Its `result`, raw (`None` when absent).
+    pub fn result(&self) -> Result<Option<&RawValue>, V8Error> {
+        #[derive(Deserialize)]
+        struct R<'a> {
+            #[serde(default, borrow)]
+            result: Option<&'a RawValue>,
+        }
+        serde_json::from_str::<R>(self.text()).map(|r| r.result).map_err(|_| V8Error::Protocol("the inspector's answer is not JSON".into()))
     }
 }
 
