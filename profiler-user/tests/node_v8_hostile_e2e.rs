@@ -210,7 +210,7 @@ fn a_huge_sample_array_is_refused_and_memory_stays_bounded() {
     let base = format!("{}/v1/targets/{}", a.url, fake.pid());
     for (round, says) in [("64 MiB", "larger than the 16 MiB"), ("700000 samples", "more than 500000 samples")] {
         let (s, b) = http("GET", &format!("{base}/v8/heap-profile?seconds=1"), READ, None);
-        assert_eq!((s, b["code"].as_str()), (502, Some("v8_too_large")), "{round}: {b}");
+        assert_eq!((s, b["code"].as_str()), (502, Some("v8_too_large")), "{round}: {b} {:?}", a.log());
         assert!(b["error"].as_str().unwrap().contains(says), "{round}: {b}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !profiler_user::v8::inspector::own_listeners(fake.pid()).is_empty() {

@@ -205,6 +205,9 @@ pub struct Inspector {
     /// Who asked, for the audit log.
     purpose: String,
     closed: bool,
+    /// Why the WebSocket can no longer be read (after a read error, a refused message: its
+    /// frame is half read), if it cannot.
+    broken: Option<String>,
     opened_at: Instant,
     turn: Option<NetnsTurn>,
 }
@@ -487,6 +490,7 @@ impl Inspector {
             next_id: 1,
             purpose: purpose.to_string(),
             closed: false,
+            broken: None,
             opened_at: Instant::now(),
             turn: None,
         })
@@ -561,6 +565,9 @@ impl Inspector {
         max_bytes: usize,
         on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
     ) -> Result<RawReply, V8Error> {
+        if let Some(why) = &self.broken {
+            return Err(V8Error::Protocol(format!("the inspector session cannot be used for {method}: {why}")));
+        }
         let msg = json!({ "id": id, "method": method, "params": params }).to_string();
         self.budget.check(method)?;
         self.ws.get_ref().set_write_timeout(Some(self.budget.left().min(Duration::from_secs(10)))).ok();
@@ -576,13 +583,15 @@ impl Inspector {
                 Ok(m) => m,
                 Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
                 Err(tungstenite::Error::Capacity(e)) => {
-                    return Err(V8Error::TooLarge(format!(
-                        "the inspector of process {} sent a message larger than the {} MiB accepted during {method} ({e})",
-                        self.pid,
-                        max_bytes >> 20
-                    )))
+                    let why = format!("the inspector of process {} sent a message larger than the {} MiB accepted during {method} ({e})", self.pid, max_bytes >> 20);
+                    self.broken = Some(why.clone());
+                    return Err(V8Error::TooLarge(why));
                 }
-                Err(e) => return Err(V8Error::Protocol(format!("reading the answer to {method}: {e}"))),
+                Err(e) => {
+                    let why = format!("reading the answer to {method}: {e}");
+                    self.broken = Some(why.clone());
+                    return Err(V8Error::Protocol(why));
+                }
             };
             let text = match m {
                 Message::Text(t) => t,
