@@ -421,4 +421,63 @@ mod tests {
         assert_eq!(s.frames[1].function.as_deref(), Some("main"));
         assert!(crate::render::render(&hp, crate::render::Format::Pprof, crate::aggregate::Measure::Inuse).is_ok());
     }
+
+    /// A chain of `depth` frames under the root, the innermost holding `size` bytes.
+    fn chain(depth: usize, size: u64) -> String {
+        let mut s = String::from(r#"{"head":"#);
+        for i in 0..=depth {
+            let self_size = if i == depth { size } else { 0 };
+            s.push_str(&format!(r#"{{"callFrame":{{"functionName":"f{i}","scriptId":"1","url":"file:///a.js","lineNumber":{i},"columnNumber":0}},"selfSize":{self_size},"id":{},"children":["#, i + 1));
+        }
+        for _ in 0..=depth {
+            s.push_str("]}");
+        }
+        s.push_str(r#","samples":[]}"#);
+        s
+    }
+
+    fn too_large(r: Result<SamplingProfile, V8Error>) -> String {
+        match r {
+            Err(V8Error::TooLarge(m)) => m,
+            other => panic!("not refused as too large: {other:?}"),
+        }
+    }
+
+    /// V8's deepest stacks (128 frames: JSON nested ~260 deep, past serde_json's default limit)
+    /// parse; deeper trees, too many nodes, samples or stack frames are refused as too large.
+    #[test]
+    fn caps_are_enforced_while_parsing() {
+        let p = parse_profile(&chain(128, 1024)).unwrap();
+        let hp = to_profile(&p, 1, 1, Duration::from_secs(1), 1024).unwrap();
+        assert_eq!(hp.stacks[0].frames.len(), 128);
+        assert!(too_large(parse_profile(&chain(MAX_TREE_DEPTH + 1, 1))).contains("deeper"));
+        // A hostile depth of a million is refused before it can exhaust the stack.
+        let deep = format!(r#"{{"head":{}"#, r#"{"children":["#.repeat(1_000_000));
+        assert!(too_large(parse_profile(&deep)).contains("deeper"));
+        let node = r#"{"callFrame":{"functionName":"x","url":"","lineNumber":-1},"selfSize":0,"id":2,"children":[]},"#;
+        let wide = format!(r#"{{"head":{{"id":1,"children":[{}{{"id":3}}]}}}}"#, node.repeat(MAX_NODES));
+        assert!(too_large(parse_profile(&wide)).contains("nodes"));
+        let samples = format!(r#"{{"head":{{"id":1}},"samples":[{}{{"nodeId":1}}]}}"#, r#"{"nodeId":1},"#.repeat(MAX_SAMPLES as usize));
+        assert!(too_large(parse_profile(&samples)).contains("samples"));
+        let ids: String = (0..=MAX_NODES).map(|i| format!(r#"{{"nodeId":{i}}},"#)).collect();
+        let ids = format!(r#"{{"head":{{"id":1}},"samples":[{ids}{{"nodeId":1}}]}}"#);
+        assert!(too_large(parse_profile(&ids)).contains("name more than"));
+        // 20,000 leaves 128 deep: 2.56 M frames.
+        let leaf = r#"{"selfSize":8,"id":9},"#.repeat(20_000);
+        let mut frames = chain(127, 0);
+        let at = frames.find(r#""id":128,"children":["#).unwrap() + r#""id":128,"children":["#.len();
+        frames.insert_str(at, &leaf[..leaf.len() - 1]);
+        assert!(too_large(parse_profile(&frames)).contains("frames"));
+        assert!(matches!(parse_profile(r#"{"samples":[]}"#), Err(V8Error::Protocol(_))));
+        assert!(matches!(parse_profile(r#"{"head":{"selfSize":"big"}}"#), Err(V8Error::Protocol(_))));
+    }
+
+    /// Names are cut to 500 characters; unknown fields are skipped.
+    #[test]
+    fn names_are_capped_and_unknown_fields_skipped() {
+        let text = format!(r#"{{"extra":[[[1]]],"head":{{"callFrame":{{"functionName":"{}","url":"u"}},"more":{{"a":[1,2]}},"children":[]}}}}"#, "n".repeat(10_000));
+        let p = parse_profile(&text).unwrap();
+        assert_eq!(p.head.call_frame.function_name.len(), MAX_NAME);
+        assert_eq!(p.head.call_frame.line_number, -1);
+    }
 }
