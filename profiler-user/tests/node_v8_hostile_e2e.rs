@@ -223,27 +223,35 @@ fn a_huge_sample_array_is_refused_and_memory_stays_bounded() {
     assert!(peak < RSS_BOUND, "the agent peaked at {} MiB", peak >> 20);
 }
 
-/// An inspector that answers one byte every 2 s: with one render slot and an 8 s request
-/// timeout, the request times out, and right after it a heap profile of another target (a
-/// real node) gets the slot (not 503).
+/// Inspectors that answer one byte every 2 s, one per kind of V8 request (a heap snapshot, a
+/// GC, a heap profile): with one render slot and an 8 s request timeout, each request times
+/// out, and right after each a heap profile of another target (a real node) gets the slot
+/// (not 503).
 #[test]
 fn a_dripping_inspector_frees_its_render_slot_when_the_request_ends() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let tf = tokens(dir.path());
-    let fake = fake("drip");
+    let fakes = [fake("drip"), fake("drip"), fake("drip")];
     let _turn = host_netns_turn();
     let node = node_js_heap();
-    let a = start_agent(&[
-        "--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()),
-        "--max-renders", "1", "--request-timeout", "8s", "--pid", &fake.pid().to_string(), "--pid", &node.pid.to_string(),
-    ])
-    .unwrap();
-    let started = Instant::now();
-    let (s, b) = http("GET", &format!("{}/v1/targets/{}/v8/heap-profile?seconds=1", a.url, fake.pid()), READ, None);
-    assert_eq!((s, b["code"].as_str()), (503, Some("timeout")), "{b}");
-    assert!(started.elapsed() < Duration::from_secs(30), "the request outlived its timeout by far: {:?}", started.elapsed());
-    let (s, b) = http("GET", &format!("{}/v1/targets/{}/v8/heap-profile?seconds=1&format=json", a.url, node.pid), READ, None);
-    assert_ne!(b["code"].as_str(), Some("busy"), "the render slot is still taken: {b}");
-    assert_eq!(s, 200, "{b}");
+    let mut args = vec!["--tokens".to_string(), tf.display().to_string(), "--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), data_dir(dir.path())];
+    args.extend(["--max-renders", "1", "--request-timeout", "8s", "--pid", &node.pid.to_string()].map(String::from));
+    for f in &fakes {
+        args.extend(["--pid".to_string(), f.pid().to_string()]);
+    }
+    let a = start_agent(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    for (fake, method, route, token) in [
+        (&fakes[0], "GET", "v8/heap-snapshot", ADMIN),
+        (&fakes[1], "POST", "actions/gc", ADMIN),
+        (&fakes[2], "GET", "v8/heap-profile?seconds=1", READ),
+    ] {
+        let started = Instant::now();
+        let (s, b) = http(method, &format!("{}/v1/targets/{}/{route}", a.url, fake.pid()), token, None);
+        assert_eq!((s, b["code"].as_str()), (503, Some("timeout")), "{route}: {b}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{route}: the request outlived its timeout by far: {:?}", started.elapsed());
+        let (s, b) = http("GET", &format!("{}/v1/targets/{}/v8/heap-profile?seconds=1&format=json", a.url, node.pid), READ, None);
+        assert_ne!(b["code"].as_str(), Some("busy"), "after {route}: the render slot is still taken: {b}");
+        assert_eq!(s, 200, "after {route}: {b}");
+    }
 }
