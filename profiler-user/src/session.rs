@@ -187,6 +187,10 @@ impl TracedTarget for Session {
         self.pid
     }
 
+    fn process(&self) -> Option<Arc<Process>> {
+        Some(self.process.clone())
+    }
+
     fn snapshot(&self, min_age: Duration) -> anyhow::Result<HeapProfile> {
         let exited = !self.alive();
         let mut guard = self.inner.lock().unwrap();

@@ -47,6 +47,12 @@ pub trait TracedTarget: Send + Sync {
     fn trigger_host(&self) -> Option<&dyn TriggerHost> {
         None
     }
+    /// The process attached (pidfd and start time), when the target is a real process: what
+    /// acts on it beside the probes (the V8 inspector) must act on this process, never on
+    /// whatever process now has its pid. `None` (the default): no such action is allowed.
+    fn process(&self) -> Option<Arc<crate::process::Process>> {
+        None
+    }
 }
 
 /// Starts tracing processes. Errors carry one clear line for the operator.

@@ -16,6 +16,11 @@ use std::{
 };
 
 use common::{require_root, Fixture};
+
+/// The process `pid`, held by pidfd and start time as the V8 functions take it.
+fn held(pid: u32) -> std::sync::Arc<profiler_user::process::Process> {
+    std::sync::Arc::new(profiler_user::process::Process::open(pid).unwrap())
+}
 use profiler_user::v8::{
     self,
     guard::{self, Guard},
@@ -253,7 +258,7 @@ fn squatter_gets_nothing_during_a_summary() {
     );
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..2 {
-        let s = v8::summary_of(node.pid, false, "guard-test")
+        let s = v8::summary_of(held(node.pid), false, "guard-test", v8::Budget::new(Duration::from_secs(120)))
             .unwrap_or_else(|e| panic!("summary {i}: {e}"));
         assert!(s.get("LeakyRecord").unwrap().count >= 300);
     }
@@ -333,7 +338,7 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
         c
     });
     assert_eq!(node.ask("grow 200"), "grown 200");
-    let s = v8::summary_of(node.pid, false, "impostor-test").unwrap();
+    let s = v8::summary_of(held(node.pid), false, "impostor-test", v8::Budget::new(Duration::from_secs(120))).unwrap();
     assert!(s.get("LeakyRecord").unwrap().count >= 200);
     let mut seen = String::new();
     std::fs::File::open(&log)
@@ -365,7 +370,7 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
         ]);
         c
     });
-    let err = v8::summary_of(node.pid, false, "wildcard-test").unwrap_err();
+    let err = v8::summary_of(held(node.pid), false, "wildcard-test", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
     assert!(matches!(err, v8::V8Error::Unguardable { .. }), "{err}");
     assert!(err.to_string().contains("0.0.0.0"), "{err}");
     std::thread::sleep(Duration::from_millis(300));
@@ -456,7 +461,7 @@ fn inspector_on_an_unexpected_port_is_closed_and_refused() {
         ]);
         c
     });
-    let err = v8::summary_of(node.pid, false, "moved-port-test").unwrap_err();
+    let err = v8::summary_of(held(node.pid), false, "moved-port-test", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
     assert!(
         matches!(err, v8::V8Error::Unguardable { .. }) && err.to_string().contains("9333"),
         "{err}"

@@ -48,6 +48,11 @@ fn plain(l: &str) -> String {
     out
 }
 
+/// The process running as `pid`, held by pidfd.
+fn held(pid: u32) -> std::sync::Arc<profiler_user::process::Process> {
+    std::sync::Arc::new(profiler_user::process::Process::open(pid).unwrap())
+}
+
 fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
@@ -189,9 +194,9 @@ fn v8_summaries_cli_and_refusals() {
     let _turn = host_netns_turn();
     let mut node = node_js_heap();
     assert_eq!(node.ask("grow 1000"), "grown 1000");
-    let before = v8::summary_of(node.pid, true, "before").unwrap();
+    let before = v8::summary_of(held(node.pid), true, "before", v8::Budget::new(Duration::from_secs(120))).unwrap();
     assert_eq!(node.ask("grow 4000"), "grown 5000");
-    let after = v8::summary_of(node.pid, true, "after").unwrap();
+    let after = v8::summary_of(held(node.pid), true, "after", v8::Budget::new(Duration::from_secs(120))).unwrap();
     assert!(after.get("LeakyRecord").unwrap().count >= 5000, "{:?}", after.get("LeakyRecord"));
     let grew = summary::grew(&before, &after);
     let leaky = grew.iter().find(|g| g.name == "LeakyRecord").expect("LeakyRecord grew");
@@ -241,12 +246,12 @@ fn v8_in_another_network_namespace() {
     };
     let mut node = spawn(false);
     assert_eq!(node.ask("grow 300"), "grown 300");
-    let s = v8::summary_of(node.pid, false, "netns").unwrap();
+    let s = v8::summary_of(held(node.pid), false, "netns", v8::Budget::new(Duration::from_secs(120))).unwrap();
     assert!(s.get("LeakyRecord").unwrap().count >= 300);
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
 
     let node2 = spawn(true);
-    let err = v8::summary_of(node2.pid, false, "netns").unwrap_err();
+    let err = v8::summary_of(held(node2.pid), false, "netns", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
     assert!(err.to_string().contains("taken by another process"), "{err}");
     assert!(alive(node2.pid));
     drop(node2);

@@ -256,7 +256,7 @@ pub(crate) fn json_reply<T: Serialize>(status: StatusCode, v: &T) -> Response {
     warp::reply::with_status(warp::reply::json(v), status).into_response()
 }
 
-fn rendered_reply(r: &Rendered) -> Response {
+pub(crate) fn rendered_reply(r: &Rendered) -> Response {
     let mut resp = Response::new(Body::from(r.body.clone()));
     *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK);
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(r.content_type));
@@ -502,7 +502,7 @@ async fn take_snapshot_inner(
             let comm = t.stats().comm;
             let stored = st.store.put_for(&p, &comm, "api", tracking.workload())?;
             triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
-            super::v8::note_snapshot(&st, &tracking, p.pid, &stored.meta.id, "api", &stored.removed);
+            super::v8::note_snapshot(&st, &tracking, &*t, &stored.meta.id, "api", &stored.removed);
             Ok(stored)
         }),
     )

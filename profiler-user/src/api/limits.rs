@@ -10,7 +10,10 @@
 //! - [`SingleFlight`]: identical concurrent expensive requests (same key: target or snapshot,
 //!   route and canonical query) share one computation. The computation runs in
 //!   `spawn_blocking` and finishes even when every waiter has gone (a disconnect does not
-//!   waste it, and its permit is held until it really ends).
+//!   waste it, and its permit is held until it really ends). [`SingleFlight::run_cancellable`]
+//!   is for work that can stop early (a V8 inspector session): there the permit is held by the
+//!   waiters, and when the last one goes (its timeout, its client gone) the permit is released
+//!   at once and the work is told to stop ([`Cancel`]).
 //! - [`Limits::max_expensive`]: a semaphore on concurrent snapshots and renders; when it is
 //!   full the request is answered 503 with `Retry-After` at once.
 //!
@@ -30,6 +33,7 @@ use futures_util::{future::Shared, FutureExt};
 use tokio::sync::Semaphore;
 
 use super::errors::ApiError;
+use crate::v8::Cancel;
 
 /// Largest request body accepted (bytes).
 pub const BODY_LIMIT_DEFAULT: u64 = 16 * 1024;
@@ -275,11 +279,32 @@ pub struct Rendered {
 }
 
 type SharedResult = Shared<Pin<Box<dyn Future<Output = Result<Arc<Rendered>, ApiError>> + Send>>>;
+type WeakResult = futures_util::future::WeakShared<Pin<Box<dyn Future<Output = Result<Arc<Rendered>, ApiError>> + Send>>>;
 
 /// Identical concurrent requests share one computation.
 #[derive(Clone, Default)]
 pub struct SingleFlight {
     inflight: Arc<Mutex<HashMap<String, SharedResult>>>,
+    /// Cancellable computations, held only by their waiters (with a generation, so that an
+    /// ended one never removes its successor).
+    cancellable: Arc<Mutex<HashMap<String, (u64, WeakResult)>>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Removes a cancellable computation's entry when its shared future ends or is dropped.
+struct RemoveOnDrop {
+    map: Arc<Mutex<HashMap<String, (u64, WeakResult)>>>,
+    key: String,
+    generation: u64,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap();
+        if map.get(&self.key).is_some_and(|(g, _)| *g == self.generation) {
+            map.remove(&self.key);
+        }
+    }
 }
 
 impl SingleFlight {
@@ -289,7 +314,47 @@ impl SingleFlight {
 
     /// Number of computations in progress.
     pub fn in_flight(&self) -> usize {
-        self.inflight.lock().unwrap().len()
+        self.inflight.lock().unwrap().len() + self.cancellable.lock().unwrap().len()
+    }
+
+    /// Like [`Self::run`] for `work` that can stop early: it gets a [`Cancel`] that is set
+    /// when every waiter has gone (each one's timeout, or its client going away). The permit of
+    /// `cap` is held by the waiters' shared future, not by the work: it is released at that
+    /// moment, while the work stops at its next check (an inspector session: within
+    /// [`crate::v8::inspector::READ_SLICE`], then closes).
+    pub async fn run_cancellable<F>(&self, key: String, cap: &Arc<Semaphore>, work: F) -> Result<Arc<Rendered>, ApiError>
+    where
+        F: FnOnce(Cancel) -> Result<Rendered, ApiError> + Send + 'static,
+    {
+        let shared = {
+            let mut map = self.cancellable.lock().unwrap();
+            match map.get(&key).and_then(|(_, w)| w.upgrade()) {
+                Some(existing) => existing,
+                None => {
+                    let permit = cap.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
+                    let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let cancel = Cancel::new();
+                    let on_drop = cancel.on_drop();
+                    let task = tokio::task::spawn_blocking(move || work(cancel));
+                    let remove = RemoveOnDrop { map: self.cancellable.clone(), key: key.clone(), generation };
+                    let fut: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(async move {
+                        let (_permit, _on_drop, _remove) = (permit, on_drop, remove);
+                        match task.await {
+                            Ok(r) => r.map(Arc::new),
+                            Err(e) => {
+                                tracing::error!(error = %e, "an expensive request panicked or was cancelled");
+                                Err(ApiError::internal("internal", "the computation failed; see the agent's log"))
+                            }
+                        }
+                    });
+                    let shared = fut.shared();
+                    let weak = shared.downgrade().expect("a new shared future is not complete");
+                    map.insert(key, (generation, weak));
+                    shared
+                }
+            }
+        };
+        shared.await
     }
 
     /// Runs `work` in `spawn_blocking` unless a computation with the same `key` is already in
@@ -348,6 +413,23 @@ where
     })
     .await
     .unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a blocking request panicked or was cancelled");
+        Err(ApiError::internal("internal", "the computation failed; see the agent's log"))
+    })
+}
+
+/// Like [`exclusive`] for `work` that can stop early: the permit is held by the request, not
+/// by the work, and the request ending (its timeout, its client gone) releases it at once and
+/// sets the work's [`Cancel`].
+pub async fn exclusive_cancellable<T, F>(cap: &Arc<Semaphore>, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(Cancel) -> Result<T, ApiError> + Send + 'static,
+{
+    let permit = cap.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
+    let cancel = Cancel::new();
+    let (_permit, _on_drop) = (permit, cancel.on_drop());
+    tokio::task::spawn_blocking(move || work(cancel)).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "a blocking request panicked or was cancelled");
         Err(ApiError::internal("internal", "the computation failed; see the agent's log"))
     })
@@ -432,6 +514,31 @@ mod tests {
             let _ = kb.with(&ip, now, |r, b| r.take(b, now));
         }
         assert!(kb.map.len() <= MAX_KEYS);
+    }
+
+    /// A cancellable computation whose waiters all went away releases its permit at once and
+    /// sees its cancellation; the next request gets the permit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancellable_flight_releases_its_permit_when_its_waiters_go() {
+        let sf = SingleFlight::new();
+        let cap = Arc::new(Semaphore::new(1));
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel::<bool>();
+        let work = move |cancel: Cancel| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !cancel.is_cancelled() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen_tx.send(cancel.is_cancelled()).unwrap();
+            Err(ApiError::internal("internal", "cancelled"))
+        };
+        let r = tokio::time::timeout(Duration::from_millis(200), sf.run_cancellable("k".into(), &cap, work)).await;
+        assert!(r.is_err(), "the work cannot end by itself");
+        assert_eq!(cap.available_permits(), 1, "the permit outlived its request");
+        let seen = tokio::task::spawn_blocking(move || seen_rx.recv_timeout(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(seen, Ok(true), "the work was not told to stop");
+        assert_eq!(sf.in_flight(), 0);
+        let ok = sf.run_cancellable("k".into(), &cap, |_| Ok(Rendered { content_type: "text/plain", body: bytes::Bytes::from_static(b"x"), status: 200 }));
+        assert_eq!(&ok.await.unwrap().body[..], b"x");
     }
 
     /// Identical concurrent requests run the work once; a full cap answers 503 at once.

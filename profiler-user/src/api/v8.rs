@@ -13,6 +13,12 @@
 //!   call is audited (token, target, SHA-256 and length of the expression, result size) and
 //!   limited to one per token every [`EVAL_SPACING`].
 //!
+//! Every route acts on the process attached as the target (its pidfd and start time), never on
+//! whatever process has its pid now: once the target has exited, 410 `target_exited` and no
+//! signal (see [`crate::v8::inspector`]). Each request's inspector session has one deadline
+//! (the request timeout) and is cancelled when the request ends early (timeout, client gone):
+//! its render slot is held by the request, not by the session, so it is free again at once.
+//!
 //! Every inspector session is audited by [`crate::v8::inspector`] too.
 use std::{
     collections::HashMap,
@@ -32,7 +38,7 @@ use warp::{
 use super::{
     auth::Principal,
     errors::ApiError,
-    handlers::{audit_action, expensive, json_reply, Params},
+    handlers::{audit_action, json_reply, rendered_reply, Params},
     limits::{self, Rendered},
     triggers::Tracking,
     State,
@@ -43,7 +49,9 @@ use crate::{
         Measure,
     },
     render,
-    v8::{growth as v8_growth, sampling, snapshot, summary::HeapSummary, Inspector, V8Error},
+    process::Process,
+    target::TracedTarget,
+    v8::{growth as v8_growth, inspector::CancelOnDrop, sampling, snapshot, summary::HeapSummary, Budget, Cancel, Inspector, V8Error},
 };
 
 /// Longest sampling accepted.
@@ -61,14 +69,27 @@ type Chunk = Result<Bytes, ApiError>;
 /// A heap snapshot being prepared or streamed.
 struct Flight {
     gc: bool,
+    /// Tells this flight from a later one of the same process.
+    generation: u64,
     /// The clients; `None` once bytes flow (no one can join then).
     waiting: Option<Vec<tokio::sync::mpsc::Sender<Chunk>>>,
+    /// What the clients hold; gone once the last client has gone.
+    hold: std::sync::Weak<FlightHold>,
+}
+
+/// What every client of a snapshot flight holds (its request, then its response body): the
+/// render slot and the cancellation of the session. The last client to go releases the slot
+/// and cancels the session at once.
+struct FlightHold {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _cancel: CancelOnDrop,
 }
 
 /// What the V8 routes keep in the agent's state.
 #[derive(Default)]
 pub struct V8State {
     flights: Mutex<HashMap<u32, Flight>>,
+    next_flight: std::sync::atomic::AtomicU64,
     last_eval: Mutex<HashMap<String, Instant>>,
     /// `--allow-eval`.
     pub allow_eval: AtomicBool,
@@ -81,14 +102,26 @@ fn v8_error(e: V8Error) -> ApiError {
     ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), code, e.to_string())
 }
 
-fn node_target(state: &State, id: u32) -> Result<u32, ApiError> {
-    state
+/// The process attached as target `id`: 404 when there is no such target, 410 when its
+/// process has exited (its pid may belong to another process now: nothing is sent to it).
+fn node_target(state: &State, id: u32) -> Result<Arc<Process>, ApiError> {
+    let process = state
         .targets
         .read()
         .unwrap()
         .get(&id)
-        .map(|e| e.target.pid())
-        .ok_or_else(|| ApiError::not_found("target_not_found", format!("no target {id}: attach it first")))
+        .map(|e| e.target.process())
+        .ok_or_else(|| ApiError::not_found("target_not_found", format!("no target {id}: attach it first")))?
+        .ok_or_else(|| ApiError::conflict("no_process_identity", format!("target {id} is not a process memscope holds by pidfd: V8 operations refused")))?;
+    if !process.alive() {
+        return Err(v8_error(V8Error::Gone(process.pid())));
+    }
+    Ok(process)
+}
+
+/// The budget of one request's inspector session.
+fn budget(state: &State, cancel: Cancel) -> Budget {
+    Budget::with_cancel(state.limits.request_timeout, cancel)
 }
 
 fn flag(q: &Params, k: &str) -> Result<bool, ApiError> {
@@ -109,34 +142,49 @@ pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: V
 async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
     let q = Params::parse(q, &["gc"])?;
     let gc = flag(&q, "gc")?;
-    let pid = node_target(state, id)?;
+    let process = node_target(state, id)?;
+    let pid = process.pid();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_PER_CLIENT);
-    let lead = {
+    let (hold, lead) = {
         let mut flights = state.v8.flights.lock().unwrap();
-        match flights.get_mut(&pid) {
-            Some(Flight { gc: g, waiting: Some(w) }) if *g == gc => {
-                w.push(tx);
-                None
-            }
-            Some(_) => {
-                return Err(ApiError::conflict("snapshot_in_progress", format!("a heap snapshot of {pid} is already being taken; retry when it is done"))
-                    .with_retry_after(Duration::from_secs(5)))
-            }
+        let joined = match flights.get_mut(&pid) {
+            Some(f) => match f.hold.upgrade() {
+                Some(hold) if f.gc == gc && f.waiting.is_some() => {
+                    f.waiting.as_mut().expect("checked").push(tx.clone());
+                    Some(hold)
+                }
+                Some(_) => {
+                    return Err(ApiError::conflict("snapshot_in_progress", format!("a heap snapshot of {pid} is already being taken; retry when it is done"))
+                        .with_retry_after(Duration::from_secs(5)))
+                }
+                // Every client of that one has gone: it is being cancelled.
+                None => None,
+            },
+            None => None,
+        };
+        match joined {
+            Some(hold) => (hold, None),
             None => {
                 let permit = state.expensive.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
-                flights.insert(pid, Flight { gc, waiting: Some(vec![tx]) });
-                Some(permit)
+                let cancel = Cancel::new();
+                let hold = Arc::new(FlightHold { _permit: permit, _cancel: cancel.on_drop() });
+                let generation = state.v8.next_flight.fetch_add(1, Ordering::Relaxed);
+                flights.insert(pid, Flight { gc, generation, waiting: Some(vec![tx]), hold: Arc::downgrade(&hold) });
+                (hold, Some((generation, cancel)))
             }
         }
     };
-    if let Some(permit) = lead {
+    if let Some((generation, cancel)) = lead {
         let st = state.clone();
         let purpose = format!("api: heap-snapshot by {}", p.name);
-        let timeout = state.limits.request_timeout;
+        let budget = budget(state, cancel);
+        // Holds no permit: the clients do (`hold`).
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            stream_snapshot(&st, pid, gc, &purpose, timeout);
-            st.v8.flights.lock().unwrap().remove(&pid);
+            stream_snapshot(&st, process, gc, &purpose, budget, generation);
+            let mut flights = st.v8.flights.lock().unwrap();
+            if flights.get(&pid).is_some_and(|f| f.generation == generation) {
+                flights.remove(&pid);
+            }
         });
     }
     let first = match tokio::time::timeout(state.limits.request_timeout, rx.recv()).await {
@@ -144,8 +192,9 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         Ok(None) => return Err(ApiError::internal("v8_failed", "the heap snapshot ended before it began; see the agent's log")),
         Ok(Some(first)) => first?,
     };
-    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|c| (c.map_err(|e| std::io::Error::other(e.message)), rx))
+    // The body holds the flight while it streams.
+    let rest = futures_util::stream::unfold((rx, hold), |(mut rx, hold)| async move {
+        rx.recv().await.map(|c| (c.map_err(|e| std::io::Error::other(e.message)), (rx, hold)))
     });
     let body = futures_util::StreamExt::chain(futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }), rest);
     let mut resp = Response::new(Body::wrap_stream(body));
@@ -158,14 +207,19 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 
 /// The producer: opens the session, streams every chunk to every client (at the pace of the
 /// slowest), stops when all are gone.
-fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Duration) {
+fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str, budget: Budget, generation: u64) {
+    let pid = process.pid();
+    let timeout = budget.left();
+    let waiting = || {
+        state.v8.flights.lock().unwrap().get_mut(&pid).filter(|f| f.generation == generation).and_then(|f| f.waiting.take()).unwrap_or_default()
+    };
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
-    let result = Inspector::open(pid, purpose).and_then(|mut insp| {
+    let result = Inspector::open(process, purpose, budget).and_then(|mut insp| {
         let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
             if !started {
                 started = true;
-                clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
+                clients = waiting();
                 info!(pid, clients = clients.len(), "heap snapshot streaming");
             }
             let b = Bytes::copy_from_slice(chunk.as_bytes());
@@ -179,7 +233,7 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
         Ok(bytes)
     });
     if !started {
-        clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
+        clients = waiting();
     }
     match result {
         Ok(bytes) => info!(pid, bytes, "heap snapshot sent"),
@@ -210,11 +264,13 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
         f @ ("json" | "pprof" | "folded" | "svg") => render::Format::parse(f).expect("known format"),
         f => return Err(ApiError::bad_request("bad_format", format!("unknown format {:?} (use json, pprof, folded, svg)", f.chars().take(64).collect::<String>()))),
     };
-    let pid = node_target(&state, id)?;
+    let process = node_target(&state, id)?;
+    let pid = process.pid();
     let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}", format.name());
     let purpose = format!("api: heap-profile by {}", p.name);
-    expensive(&state, key, move || {
-        let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+    let timeout = state.limits.request_timeout;
+    let work = move |cancel: Cancel| {
+        let mut insp = Inspector::open(process, &purpose, Budget::with_cancel(timeout, cancel)).map_err(v8_error)?;
         let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
         insp.close().map_err(v8_error)?;
         let body = match format {
@@ -223,18 +279,41 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
         }
         .map_err(|e| ApiError::internal("render_failed", e.to_string()))?;
         Ok(Rendered { content_type: format.content_type(), body: Bytes::from(body), status: 200 })
-    })
-    .await
+    };
+    let result = match tokio::time::timeout(timeout, state.flights.run_cancellable(key, &state.expensive, work)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::timeout(timeout)),
+    };
+    if matches!(&result, Err(e) if e.code == "busy") {
+        state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(rendered_reply(&*result?))
+}
+
+/// Runs `work` (an inspector session) under a render slot held by this request and its
+/// timeout: the request ending early cancels the session and frees the slot at once.
+async fn exclusive_session<T, F>(state: &State, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(Budget) -> Result<T, ApiError> + Send + 'static,
+{
+    let timeout = state.limits.request_timeout;
+    let result = tokio::time::timeout(timeout, limits::exclusive_cancellable(&state.expensive, move |cancel| work(Budget::with_cancel(timeout, cancel)))).await;
+    let result = result.unwrap_or_else(|_| Err(ApiError::timeout(timeout)));
+    if matches!(&result, Err(e) if e.code == "busy") {
+        state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+    }
+    result
 }
 
 pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Response, ApiError> {
     let route = format!("/v1/targets/{id}/actions/gc");
     let result = async {
-        let pid = node_target(&state, id)?;
+        let process = node_target(&state, id)?;
         let purpose = format!("api: gc by {}", p.name);
-        limits::exclusive(&state.expensive, move || {
+        exclusive_session(&state, move |budget| {
             let started = Instant::now();
-            let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+            let mut insp = Inspector::open(process, &purpose, budget).map_err(v8_error)?;
             insp.collect_garbage().map_err(v8_error)?;
             insp.close().map_err(v8_error)?;
             Ok(started.elapsed())
@@ -286,9 +365,9 @@ pub(crate) async fn eval(state: Arc<State>, p: Principal, id: u32, body: Bytes) 
     let purpose = format!("api: eval by {}", p.name);
     let result = match pid {
         Err(e) => Err(e),
-        Ok(pid) => {
-            limits::exclusive(&state.expensive, move || {
-                let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+        Ok(process) => {
+            exclusive_session(&state, move |budget| {
+                let mut insp = Inspector::open(process, &purpose, budget).map_err(v8_error)?;
                 let r = insp.evaluate(&expression, Duration::from_secs(10)).map_err(v8_error);
                 insp.close().map_err(v8_error)?;
                 let text = serde_json::to_vec(&serde_json::json!({ "result": r?.get("value").cloned().unwrap_or(serde_json::Value::Null) }))
@@ -337,15 +416,23 @@ struct StoredSummary {
 /// heap snapshot, summarizes it as it streams, adds it to the target's series of summaries
 /// (`tracking`) and keeps it with the series' verdicts beside the snapshot; drops the summaries
 /// of snapshots the store `removed`. Blocking. Failures are logged, not fatal.
-pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &str, reason: &str, removed: &[String]) {
+pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn TracedTarget, id: &str, reason: &str, removed: &[String]) {
     for r in removed {
         let _ = std::fs::remove_file(summary_path(state, r));
     }
-    if !state.v8.summaries.load(Ordering::Relaxed) || !crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false) {
+    if !state.v8.summaries.load(Ordering::Relaxed) {
+        return;
+    }
+    // The process attached, not whatever has its pid now: read, then check it still runs.
+    let Some(process) = target.process() else { return };
+    let pid = process.pid();
+    let catches = crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false);
+    if !process.alive() || !catches {
         return;
     }
     let path = summary_path(state, id);
-    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
+    let budget = Budget::new(state.limits.request_timeout);
+    let result = crate::v8::summary_of(process, false, reason, budget).map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };
         let dir = path.parent().expect("has a parent");

@@ -1,8 +1,13 @@
 //! `memscope v8 snapshot|profile|summary|gc PID`: the JavaScript heap of a Node.js process,
 //! standalone (no agent): through its inspector, opened from outside and closed again (see
 //! [`crate::v8::inspector`]). Needs root (setns into the target's network namespace, signal).
+//!
+//! The process is held from the start (a pidfd and its start time, [`Process::open`]): what is
+//! checked (`SigCgt`, listeners) is checked again after being read, and the signal goes
+//! through the pidfd, so a pid reused between the check and the signal is never signalled.
 use std::{
     fs,
+    sync::Arc,
     io::{BufWriter, Write},
     path::PathBuf,
     time::Duration,
@@ -14,8 +19,18 @@ use clap::{Args, Subcommand};
 use crate::{
     aggregate::Measure,
     render,
-    v8::{inspector::DEFAULT_CALL_TIMEOUT, sampling, snapshot, Inspector, V8Error},
+    process::Process,
+    v8::{inspector::DEFAULT_CALL_TIMEOUT, sampling, snapshot, Budget, Inspector, V8Error},
 };
+
+/// The whole exchange of a command that is not a sampling run (a heap snapshot of a large heap
+/// takes minutes).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The process running as `pid` now, held by pidfd for the whole command.
+fn hold(pid: u32) -> Result<Arc<Process>, V8Error> {
+    Process::open(pid).map(Arc::new).map_err(|_| V8Error::NoSuchProcess(pid))
+}
 
 #[derive(Args, Debug)]
 pub struct V8Args {
@@ -84,7 +99,7 @@ pub fn run(args: V8Args) -> anyhow::Result<()> {
         V8Action::Snapshot { pid, output, gc } => {
             let file = fs::File::create(&output).with_context(|| format!("creating {}", output.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            let mut insp = Inspector::open(pid, "cli: v8 snapshot")?;
+            let mut insp = Inspector::open(hold(pid)?, "cli: v8 snapshot", Budget::new(SESSION_TIMEOUT))?;
             let bytes = snapshot::take(&mut insp, gc, DEFAULT_CALL_TIMEOUT, |c| w.write_all(c.as_bytes()).map_err(|e| V8Error::Sink(e.to_string())))?;
             insp.close()?;
             w.flush().with_context(|| format!("writing {}", output.display()))?;
@@ -95,7 +110,7 @@ pub fn run(args: V8Args) -> anyhow::Result<()> {
             if interval == 0 {
                 bail!("--interval must be positive");
             }
-            let mut insp = Inspector::open(pid, "cli: v8 profile")?;
+            let mut insp = Inspector::open(hold(pid)?, "cli: v8 profile", Budget::new(duration + SESSION_TIMEOUT))?;
             let p = sampling::profile(&mut insp, duration, interval)?;
             insp.close()?;
             let body = match f {
@@ -108,7 +123,7 @@ pub fn run(args: V8Args) -> anyhow::Result<()> {
             }
         }
         V8Action::Summary { pid, gc, top, json } => {
-            let s = crate::v8::summary_of(pid, gc, "cli")?;
+            let s = crate::v8::summary_of(hold(pid)?, gc, "cli", Budget::new(SESSION_TIMEOUT))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -120,7 +135,7 @@ pub fn run(args: V8Args) -> anyhow::Result<()> {
             }
         }
         V8Action::Gc { pid } => {
-            let mut insp = Inspector::open(pid, "cli: v8 gc")?;
+            let mut insp = Inspector::open(hold(pid)?, "cli: v8 gc", Budget::new(SESSION_TIMEOUT))?;
             insp.collect_garbage()?;
             insp.close()?;
             eprintln!("memscope: garbage collected in {pid}");

@@ -1,6 +1,12 @@
 //! One DevTools-protocol session with a Node.js process's inspector, opened from outside:
 //! no flag, no code change in the target.
 //!
+//! Identity: a session acts on one process, the one memscope attached ([`Process`]: pidfd and
+//! start time), never on whatever process has its pid now. [`Inspector::open`] checks that the
+//! process still runs as that pid before anything, reads `/proc/PID/...` and then checks again
+//! (a pid cannot be reused while its process lives), and sends `SIGUSR1` only through the
+//! pidfd: a process that took a dead target's pid is never signalled ([`V8Error::Gone`]).
+//!
 //! Opening: the target must catch `SIGUSR1` (`SigCgt` in `/proc/PID/status`: Node installs a
 //! handler; for any other process the default action of `SIGUSR1` is to terminate it, so it is
 //! never sent). An inspector the target already listens on is refused (another debugger may be
@@ -26,32 +32,131 @@
 //! that would not close keeps its guard until its port is gone). Every session (open, close,
 //! refusal) is in the audit log (tracing target `audit`). One session per process at a time.
 //!
-//! Everything the target sends is hostile: answers are size-capped, every read has a deadline.
+//! Everything the target sends is hostile. Every message is capped ([`MAX_MESSAGE_BYTES`]; a
+//! caller may allow up to [`MAX_PROFILE_MESSAGE_BYTES`] for one call) and checked at its frame
+//! header, before it is read; messages are parsed into a small envelope (the result stays raw
+//! text for the caller to parse into typed structs). The whole exchange, from the listing and
+//! the handshake to the last call, has one deadline ([`Budget`]), and every read waits at most
+//! [`READ_SLICE`] before the deadline and the [`Cancel`] flag are checked again: a request
+//! that ends (timeout, client gone) stops its session within a slice, whatever the target sends.
 use std::{
+    borrow::Cow,
     collections::HashSet,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue, Value};
 use tracing::info;
 use tungstenite::{protocol::WebSocketConfig, Message, WebSocket};
 
 use super::{guard::Guard, V8Error};
+use crate::process::Process;
 
 /// Largest `/json/list` answer read.
 const MAX_LIST_BYTES: usize = 64 * 1024;
-/// Largest protocol message accepted (a sampling profile of a big program is a few MiB).
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Largest protocol message accepted by default: V8 sends a heap snapshot as
+/// `addHeapSnapshotChunk` events of ~100 KB of text; an evaluation's result is at most 1 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest message a caller may allow for one call ([`Inspector::call_raw`]): the sampling
+/// heap profile comes whole in one answer. With both render slots busy the agent holds at most
+/// two such messages and what they parse into (see [`super::sampling`]'s caps).
+pub const MAX_PROFILE_MESSAGE_BYTES: usize = 16 << 20;
+/// Longest one read blocks before the deadline and the cancellation are checked again.
+pub const READ_SLICE: Duration = Duration::from_millis(200);
+/// How long cleaning up may take after a failed or cancelled open (closing the inspector we
+/// started), whatever the request's own deadline.
+const CLEANUP_BUDGET: Duration = Duration::from_secs(5);
 /// How long Node may take to start listening after `SIGUSR1`.
 const LISTEN_WAIT: Duration = Duration::from_secs(5);
 /// How long the inspector may take to stop listening after `_debugEnd`.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 /// Default deadline of one protocol call (a heap snapshot of a large heap takes long).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A cancellation shared by a request and the blocking work it started: set when the request
+/// ends early (its timeout, its client gone); a session sees it within [`READ_SLICE`].
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// A guard that cancels when dropped (held by the request: its end cancels the work).
+    pub fn on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+/// Cancels its [`Cancel`] when dropped.
+#[derive(Debug)]
+pub struct CancelOnDrop(Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The one deadline of a whole exchange with an inspector (the listing, the handshake, every
+/// call) and its cancellation.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    deadline: Instant,
+    timeout: Duration,
+    cancel: Cancel,
+}
+
+impl Budget {
+    /// `timeout` from now, not cancellable.
+    pub fn new(timeout: Duration) -> Budget {
+        Budget::with_cancel(timeout, Cancel::new())
+    }
+
+    /// `timeout` from now, or until `cancel` is set.
+    pub fn with_cancel(timeout: Duration, cancel: Cancel) -> Budget {
+        Budget { deadline: Instant::now() + timeout, timeout, cancel }
+    }
+
+    /// Time left (zero once past the deadline).
+    pub fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The time left, or why `what` must stop now.
+    pub fn check(&self, what: &str) -> Result<Duration, V8Error> {
+        if self.cancel.is_cancelled() {
+            return Err(V8Error::Cancelled(what.to_string()));
+        }
+        let left = self.left();
+        if left.is_zero() {
+            return Err(V8Error::Timeout(what.to_string(), self.timeout));
+        }
+        Ok(left)
+    }
+
+    /// How long the next read may block.
+    fn slice(&self) -> Duration {
+        self.left().clamp(Duration::from_millis(1), READ_SLICE)
+    }
+}
 
 /// Processes with a session open right now.
 static OPEN: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
@@ -66,9 +171,14 @@ const NETNS_WAIT: Duration = Duration::from_secs(30);
 struct NetnsTurn(u64);
 
 impl NetnsTurn {
-    fn take(pid: u32) -> Result<NetnsTurn, V8Error> {
+    fn take(process: &Process, budget: &Budget) -> Result<NetnsTurn, V8Error> {
         use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_err(|_| V8Error::NoSuchProcess(pid))?.ino();
+        let pid = process.pid();
+        let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map_err(|_| V8Error::Gone(pid))?.ino();
+        // Read, then check: the namespace was the target's if it still runs as `pid`.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
+        }
         let deadline = Instant::now() + NETNS_WAIT;
         let mut held = NETNS.lock().unwrap();
         while held.get_or_insert_with(HashSet::new).contains(&ino) {
@@ -76,7 +186,8 @@ impl NetnsTurn {
             if left.is_zero() {
                 return Err(V8Error::Connect(format!("another inspector session in the network namespace of {pid} has not ended in {NETNS_WAIT:?}")));
             }
-            held = NETNS_FREED.wait_timeout(held, left).unwrap().0;
+            budget.check("waiting for the network namespace's inspector port")?;
+            held = NETNS_FREED.wait_timeout(held, left.min(budget.slice())).unwrap().0;
         }
         held.get_or_insert_with(HashSet::new).insert(ino);
         Ok(NetnsTurn(ino))
@@ -93,12 +204,19 @@ impl Drop for NetnsTurn {
 /// A DevTools-protocol session with one Node.js process.
 pub struct Inspector {
     pid: u32,
+    /// The process this session acts on.
+    process: Arc<Process>,
+    /// The exchange's deadline and cancellation.
+    budget: Budget,
     port: u16,
     ws: WebSocket<TcpStream>,
     next_id: u64,
     /// Who asked, for the audit log.
     purpose: String,
     closed: bool,
+    /// Why the WebSocket can no longer be read (after a read error, a refused message: its
+    /// frame is half read), if it cannot.
+    broken: Option<String>,
     opened_at: Instant,
     turn: Option<NetnsTurn>,
     /// Keeps every other process off the port until the inspector is closed.
@@ -415,18 +533,26 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 /// The WebSocket path from the inspector's `/json/list` (an HTTP/1.0 GET, answer capped).
-fn websocket_path(pid: u32, addr: SocketAddr, guard: &mut Guard) -> Result<String, V8Error> {
+fn websocket_path(pid: u32, addr: SocketAddr, guard: &mut Guard, budget: &Budget) -> Result<String, V8Error> {
     let port = addr.port();
-    let mut s = connect_in_netns(pid, addr, guard, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(5))).ok();
+    let left = budget.check("asking the inspector's /json/list")?;
+    let mut s = connect_in_netns(pid, addr, guard, left.min(Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(budget.slice())).ok();
+    s.set_write_timeout(Some(left.min(Duration::from_secs(5)))).ok();
     s.write_all(format!("GET /json/list HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .map_err(|e| V8Error::Protocol(format!("asking /json/list: {e}")))?;
     // Node keeps the connection open after answering: read until the body is complete.
     let mut buf = Vec::new();
     let mut piece = [0u8; 8192];
     let (body_at, body_len) = loop {
-        let n = s.read(&mut piece).map_err(|e| V8Error::Protocol(format!("reading /json/list: {e}")))?;
+        // One deadline for the whole answer, however slowly it comes.
+        budget.check("reading the inspector's /json/list")?;
+        s.set_read_timeout(Some(budget.slice())).ok();
+        let n = match s.read(&mut piece) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Err(V8Error::Protocol(format!("reading /json/list: {e}"))),
+        };
         buf.extend_from_slice(&piece[..n]);
         if buf.len() > MAX_LIST_BYTES {
             return Err(V8Error::Protocol("the /json/list answer is larger than 64 KiB".into()));
@@ -490,11 +616,13 @@ fn sweep_parked() {
 
 /// Closes an inspector that opened where it was not expected (`l`), under a guard of its own.
 /// False if `l` is not an inspector (the app's own listener).
-fn close_stray(pid: u32, l: Listener, purpose: &str) -> bool {
+fn close_stray(process: &Arc<Process>, l: Listener, purpose: &str) -> bool {
+    let pid = process.pid();
+    let cleanup = Budget::new(CLEANUP_BUDGET);
     let Ok(cookie) = netns_cookie(pid) else { return false };
     let Ok(mut guard) = Guard::install(cookie, l.port) else { return false };
-    let Ok(path) = websocket_path(pid, l.connect_addr(), &mut guard) else { return false };
-    match Inspector::handshake(pid, l.connect_addr(), &path, &mut guard, purpose) {
+    let Ok(path) = websocket_path(pid, l.connect_addr(), &mut guard, &cleanup) else { return false };
+    match Inspector::handshake(process, l.connect_addr(), &path, &mut guard, purpose, cleanup) {
         Ok(mut s) => {
             s.guard = Some(guard);
             let _ = s.close();
@@ -509,9 +637,17 @@ fn audit_refusal(pid: u32, purpose: &str, e: &V8Error) {
 }
 
 impl Inspector {
-    /// Opens a session with Node.js process `pid` (see the module doc for what is checked and
-    /// refused). `purpose` (who asked and what for) goes to the audit log.
-    pub fn open(pid: u32, purpose: &str) -> Result<Inspector, V8Error> {
+    /// Opens a session with Node.js process `process` (see the module doc for what is checked
+    /// and refused), within `budget` (the whole exchange, later calls included). `purpose` (who
+    /// asked and what for) goes to the audit log.
+    pub fn open(process: Arc<Process>, purpose: &str, budget: Budget) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
+        // Before anything: the process attached still runs as `pid`.
+        if !process.alive() {
+            let e = V8Error::Gone(pid);
+            audit_refusal(pid, purpose, &e);
+            return Err(e);
+        }
         sweep_parked();
         {
             let mut open = OPEN.lock().unwrap();
@@ -522,8 +658,8 @@ impl Inspector {
                 return Err(e);
             }
         }
-        let result = NetnsTurn::take(pid).and_then(|turn| {
-            let mut s = Self::open_inner(pid, purpose)?;
+        let result = NetnsTurn::take(&process, &budget).and_then(|turn| {
+            let mut s = Self::open_inner(&process, purpose, &budget)?;
             s.turn = Some(turn);
             Ok(s)
         });
@@ -537,36 +673,45 @@ impl Inspector {
         result
     }
 
-    fn open_inner(pid: u32, purpose: &str) -> Result<Inspector, V8Error> {
-        if !catches_signal(pid, libc::SIGUSR1)? {
+    fn open_inner(process: &Arc<Process>, purpose: &str, budget: &Budget) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
+        let catches = catches_signal(pid, libc::SIGUSR1)?;
+        let endpoint = expected_endpoint(pid);
+        let mut before = own_listener_sockets(pid);
+        let listening = listeners(pid);
+        // Read, then check: what was read is the target's only if it still runs as `pid`.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
+        }
+        if !catches {
             return Err(V8Error::NoSigusr1Handler(pid));
         }
-        let endpoint = expected_endpoint(pid)?;
-        let port = endpoint.port;
-        let mut before = own_listener_sockets(pid);
-        let taken = listeners(pid).iter().any(|l| l.port == port);
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if pidfd < 0 {
-            return Err(V8Error::NoSuchProcess(pid));
-        }
-        let pidfd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+        let port = endpoint?.port;
+        let taken = listening.iter().any(|l| l.port == port);
         // Before the signal: from now on only memscope's sockets reach that port there.
         let mut guard = Guard::install(netns_cookie(pid)?, port)?;
         // Probe the inspector that may already be there: a listener of the target's that
         // answers /json/list. It may be someone else's debugging session: refused, untouched.
         for l in before.iter().take(8) {
-            if websocket_path(pid, l.connect_addr(), &mut guard).is_ok() {
-                return Err(V8Error::AlreadyOpen { pid, port: l.port });
+            match websocket_path(pid, l.connect_addr(), &mut guard, budget) {
+                Ok(_) => return Err(V8Error::AlreadyOpen { pid, port: l.port }),
+                Err(e @ (V8Error::Cancelled(_) | V8Error::Timeout(..))) => return Err(e),
+                Err(_) => {}
             }
         }
+        budget.check("opening the inspector")?;
         // Through the pidfd: the signal cannot reach another process that reused the pid.
-        if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGUSR1, std::ptr::null::<u8>(), 0) } != 0 {
-            return Err(V8Error::Connect(format!("signalling {pid}: {}", std::io::Error::last_os_error())));
-        }
+        process.signal(libc::SIGUSR1).map_err(|e| match e.raw_os_error() {
+            Some(libc::ESRCH) => V8Error::Gone(pid),
+            _ => V8Error::Connect(format!("signalling {pid}: {e}")),
+        })?;
         let deadline = Instant::now() + LISTEN_WAIT;
         let mut elsewhere_since: Option<Instant> = None;
         let found: Vec<Listener> = loop {
             let new: Vec<Listener> = own_listener_sockets(pid).into_iter().filter(|l| !before.iter().any(|b| b.inode == l.inode)).collect();
+            if !process.alive() {
+                return Err(V8Error::Gone(pid));
+            }
             let (on_port, elsewhere): (Vec<Listener>, Vec<Listener>) = new.into_iter().partition(|l| l.port == port);
             if !on_port.is_empty() {
                 // Node binds every address of its host at once: one more look gets them all.
@@ -579,7 +724,7 @@ impl Inspector {
                 // on a port set at run time (`process.debugPort`), which the guard does not cover.
                 let since = *elsewhere_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_millis(100) {
-                    if close_stray(pid, other, purpose) {
+                    if close_stray(process, other, purpose) {
                         return Err(V8Error::Unguardable {
                             pid,
                             reason: format!("its inspector opened on port {} instead of {port} (set at run time?): closed it", other.port),
@@ -592,13 +737,14 @@ impl Inspector {
             if Instant::now() > deadline {
                 return Err(if taken { V8Error::PortTaken { pid, port } } else { V8Error::NoInspector(pid) });
             }
+            budget.check("waiting for the inspector to listen")?;
             std::thread::sleep(Duration::from_millis(20));
         };
         let Some(listener) = found.iter().find(|l| l.is_loopback()).copied().filter(|_| found.iter().all(Listener::is_loopback)) else {
             // Reachable from other hosts: close it at once, through the guarded port.
             let addr = found.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>().join(", ");
             let l = found[0];
-            let closed = match Self::connect(pid, l.connect_addr(), &mut guard, purpose) {
+            let closed = match Self::connect(process, l.connect_addr(), &mut guard, purpose, Budget::new(CLEANUP_BUDGET)) {
                 Ok(mut s) => {
                     s.guard = Some(guard);
                     s.close().is_ok()
@@ -614,46 +760,90 @@ impl Inspector {
         // Exactly the target's own socket's address: never an assumed 127.0.0.1, where another
         // process may listen while Node is on [::1].
         let addr = SocketAddr::new(listener.addr, port);
-        let mut opened = Self::connect(pid, addr, &mut guard, purpose);
-        if opened.is_err() {
-            // We started it: do not leave it listening. Without a session, only a second
-            // SIGUSR1 is harmless (a no-op): close it the one way we can, by a session.
-            if let Ok(path) = websocket_path(pid, addr, &mut guard) {
-                opened = Self::handshake(pid, addr, &path, &mut guard, purpose);
-            }
-        }
-        match opened {
+        match Self::connect(process, addr, &mut guard, purpose, budget.clone()) {
             Ok(mut s) => {
                 s.guard = Some(guard);
                 Ok(s)
             }
             Err(e) => {
-                // Still listening, and we could not close it: it stays guarded until it is gone.
-                park_guard(pid, port, guard);
+                // We started it: do not leave it listening. Without a session, only a second
+                // SIGUSR1 is harmless (a no-op): close it the one way we can, by a session, on a
+                // budget of its own (the request's may be what ended).
+                let cleanup = Budget::new(CLEANUP_BUDGET);
+                let session = if process.alive() {
+                    websocket_path(pid, addr, &mut guard, &cleanup)
+                        .and_then(|path| Self::handshake(process, addr, &path, &mut guard, purpose, cleanup.clone()))
+                        .ok()
+                } else {
+                    None
+                };
+                match session {
+                    Some(mut s) => {
+                        s.guard = Some(guard);
+                        drop(s);
+                    }
+                    // Still listening, and we could not close it: it stays guarded until it is gone.
+                    None => park_guard(pid, port, guard),
+                }
                 Err(e)
             }
         }
     }
 
-    fn connect(pid: u32, addr: SocketAddr, guard: &mut Guard, purpose: &str) -> Result<Inspector, V8Error> {
-        let path = websocket_path(pid, addr, guard)?;
-        Self::handshake(pid, addr, &path, guard, purpose)
+    fn connect(process: &Arc<Process>, addr: SocketAddr, guard: &mut Guard, purpose: &str, budget: Budget) -> Result<Inspector, V8Error> {
+        let path = websocket_path(process.pid(), addr, guard, &budget)?;
+        Self::handshake(process, addr, &path, guard, purpose, budget)
     }
 
-    fn handshake(pid: u32, addr: SocketAddr, path: &str, guard: &mut Guard, purpose: &str) -> Result<Inspector, V8Error> {
+    fn handshake(
+        process: &Arc<Process>,
+        addr: SocketAddr,
+        path: &str,
+        guard: &mut Guard,
+        purpose: &str,
+        budget: Budget,
+    ) -> Result<Inspector, V8Error> {
+        let pid = process.pid();
         let port = addr.port();
-        let stream = connect_in_netns(pid, addr, guard, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+        let left = budget.check("the WebSocket handshake")?;
+        let stream = connect_in_netns(pid, addr, guard, left.min(Duration::from_secs(3)))?;
+        // Connected in the namespace read from /proc/PID: the target's only if it still runs.
+        if !process.alive() {
+            return Err(V8Error::Gone(pid));
+        }
+        stream.set_read_timeout(Some(budget.slice())).ok();
+        stream.set_write_timeout(Some(left.min(Duration::from_secs(10)))).ok();
         let config = WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES)).max_frame_size(Some(MAX_MESSAGE_BYTES));
         let url = format!("ws://{addr}{path}");
-        let (ws, _) = tungstenite::client::client_with_config(url.as_str(), stream, Some(config)).map_err(|e| match e {
-            tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r)) if r.status() == 400 || r.status() == 403 => {
-                V8Error::DebuggerAttached(pid)
+        let mut attempt = tungstenite::client::client_with_config(url.as_str(), stream, Some(config));
+        let ws = loop {
+            match attempt {
+                Ok((ws, _)) => break ws,
+                // A read slice ended: the handshake goes on, within the one deadline.
+                Err(tungstenite::HandshakeError::Interrupted(mid)) => {
+                    budget.check("the WebSocket handshake")?;
+                    attempt = mid.handshake();
+                }
+                Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) if r.status() == 400 || r.status() == 403 => {
+                    return Err(V8Error::DebuggerAttached(pid))
+                }
+                Err(e) => return Err(V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}"))),
             }
-            e => V8Error::Protocol(format!("WebSocket handshake with the inspector of {pid}: {e}")),
-        })?;
-        Ok(Inspector { pid, port, ws, next_id: 1, purpose: purpose.to_string(), closed: false, opened_at: Instant::now(), turn: None, guard: None })
+        };
+        Ok(Inspector {
+            pid,
+            process: process.clone(),
+            budget,
+            port,
+            ws,
+            next_id: 1,
+            purpose: purpose.to_string(),
+            closed: false,
+            broken: None,
+            opened_at: Instant::now(),
+            turn: None,
+            guard: None,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -664,46 +854,115 @@ impl Inspector {
         self.port
     }
 
-    /// Calls `method` and waits (up to `timeout`) for its result; events that arrive meanwhile
-    /// go to `on_event(method, params)`, which may stop the call by returning an error.
+    /// The process this session acts on.
+    pub fn process(&self) -> &Arc<Process> {
+        &self.process
+    }
+
+    /// The exchange's deadline and cancellation.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Calls `method` and waits (up to `timeout`, and within the session's [`Budget`]) for its
+    /// result; events that arrive meanwhile go to `on_event(method, params)`, which may stop
+    /// the call by returning an error.
     pub fn call_with_events(
         &mut self,
         method: &str,
         params: Value,
         timeout: Duration,
-        mut on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
+        on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
     ) -> Result<Value, V8Error> {
+        let reply = self.call_raw(method, params, timeout, MAX_MESSAGE_BYTES, on_event)?;
+        Ok(reply.result()?.map(|r| serde_json::from_str(r.get())).transpose().map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?.unwrap_or(Value::Null))
+    }
+
+    /// Like [`Self::call_with_events`], accepting an answer of up to `max_bytes` (at most
+    /// [`MAX_PROFILE_MESSAGE_BYTES`]) and returning it unparsed: the caller parses its result
+    /// into typed structs ([`RawReply::result`]). Events stay capped at [`MAX_MESSAGE_BYTES`]
+    /// each in spirit: they are parsed as they come, one at a time.
+    pub fn call_raw(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        mut on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<RawReply, V8Error> {
         let id = self.next_id;
         self.next_id += 1;
+        let max_bytes = max_bytes.clamp(MAX_MESSAGE_BYTES, MAX_PROFILE_MESSAGE_BYTES);
+        self.set_message_cap(max_bytes);
+        let result = self.call_raw_inner(id, method, params, timeout, max_bytes, &mut on_event);
+        self.set_message_cap(MAX_MESSAGE_BYTES);
+        result
+    }
+
+    fn set_message_cap(&mut self, bytes: usize) {
+        self.ws.set_config(|c| {
+            c.max_message_size = Some(bytes);
+            c.max_frame_size = Some(bytes);
+        });
+    }
+
+    fn call_raw_inner(
+        &mut self,
+        id: u64,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<RawReply, V8Error> {
+        if let Some(why) = &self.broken {
+            return Err(V8Error::Protocol(format!("the inspector session cannot be used for {method}: {why}")));
+        }
         let msg = json!({ "id": id, "method": method, "params": params }).to_string();
+        self.budget.check(method)?;
+        self.ws.get_ref().set_write_timeout(Some(self.budget.left().min(Duration::from_secs(10)))).ok();
         self.ws.send(Message::text(msg)).map_err(|e| V8Error::Protocol(format!("sending {method}: {e}")))?;
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if Instant::now() >= deadline {
                 return Err(V8Error::Timeout(method.to_string(), timeout));
             }
-            self.ws.get_ref().set_read_timeout(Some(left.min(Duration::from_secs(5)))).ok();
+            self.budget.check(method)?;
+            self.ws.get_ref().set_read_timeout(Some(self.budget.slice().min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))).ok();
             let m = match self.ws.read() {
                 Ok(m) => m,
-                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
-                Err(e) => return Err(V8Error::Protocol(format!("reading the answer to {method}: {e}"))),
+                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+                Err(tungstenite::Error::Capacity(e)) => {
+                    let why = format!("the inspector of process {} sent a message larger than the {} MiB accepted during {method} ({e})", self.pid, max_bytes >> 20);
+                    self.broken = Some(why.clone());
+                    return Err(V8Error::TooLarge(why));
+                }
+                Err(e) => {
+                    let why = format!("reading the answer to {method}: {e}");
+                    self.broken = Some(why.clone());
+                    return Err(V8Error::Protocol(why));
+                }
             };
             let text = match m {
                 Message::Text(t) => t,
                 Message::Close(_) => return Err(V8Error::Protocol(format!("the inspector closed the session during {method}"))),
                 _ => continue,
             };
-            let v: Value = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?;
-            if v.get("id").and_then(Value::as_u64) == Some(id) {
-                if let Some(err) = v.get("error") {
-                    let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
+            let env: Envelope = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
+            if env.id == Some(id) {
+                if let Some(err) = &env.error {
+                    let msg = err.message.as_deref().unwrap_or("error");
                     return Err(V8Error::Remote(method.to_string(), msg.chars().take(200).collect()));
                 }
-                return Ok(v.get("result").cloned().unwrap_or(Value::Null));
+                drop(env);
+                return Ok(RawReply(text));
             }
-            if let Some(ev) = v.get("method").and_then(Value::as_str) {
-                on_event(ev, v.get("params").unwrap_or(&Value::Null))?;
+            if let Some(ev) = env.method {
+                let params: Value = match env.params {
+                    Some(p) => serde_json::from_str(p.get()).map_err(|_| V8Error::Protocol("the inspector sent an event that is not JSON".into()))?,
+                    None => Value::Null,
+                };
+                on_event(ev.as_ref(), &params)?;
             }
         }
     }
@@ -744,6 +1003,10 @@ impl Inspector {
             return Ok(());
         }
         self.closed = true;
+        // Closing happens whatever the request's budget says (a cancelled request must not
+        // leave the port open), bounded by CLOSE_WAIT, reading nothing more of what the
+        // target sends.
+        self.ws.get_ref().set_write_timeout(Some(Duration::from_secs(1))).ok();
         // The answer may never come: the server closes under the call.
         let sent = self.ws.send(Message::text(
             json!({ "id": self.next_id, "method": "Runtime.evaluate", "params": { "expression": "process._debugEnd()" } }).to_string(),
@@ -752,14 +1015,16 @@ impl Inspector {
         let deadline = Instant::now() + CLOSE_WAIT;
         let mut still = true;
         while Instant::now() < deadline {
-            if !own_listener_sockets(self.pid).iter().any(|l| l.port == self.port) {
+            let listening = own_listener_sockets(self.pid).iter().any(|l| l.port == self.port);
+            // Read, then check: a port seen after the target died is not its own.
+            if !listening || !self.process.alive() {
                 still = false;
                 break;
             }
-            self.ws.get_ref().set_read_timeout(Some(Duration::from_millis(50))).ok();
-            let _ = self.ws.read();
+            std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.ws.close(None);
+        let _ = self.ws.flush();
         if let Some(guard) = self.guard.take() {
             if still {
                 park_guard(self.pid, self.port, guard);
@@ -774,6 +1039,45 @@ impl Inspector {
         }
         info!(target: "audit", pid = self.pid, port = self.port, purpose = %self.purpose, result = "closed", ms, "v8 inspector session");
         Ok(())
+    }
+}
+
+/// The envelope of a protocol message: the rest stays raw text.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(default)]
+    error: Option<RemoteError>,
+}
+
+#[derive(Deserialize)]
+struct RemoteError {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The answer to one call, unparsed (at most the call's message cap).
+pub struct RawReply(tungstenite::Utf8Bytes);
+
+impl RawReply {
+    /// The whole message's text.
+    pub fn text(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// Its `result`, raw (`None` when absent).
+    pub fn result(&self) -> Result<Option<&RawValue>, V8Error> {
+        #[derive(Deserialize)]
+        struct R<'a> {
+            #[serde(default, borrow)]
+            result: Option<&'a RawValue>,
+        }
+        serde_json::from_str::<R>(self.text()).map(|r| r.result).map_err(|_| V8Error::Protocol("the inspector's answer is not JSON".into()))
     }
 }
 

@@ -14,13 +14,19 @@ pub mod sampling;
 pub mod snapshot;
 pub mod summary;
 
-pub use inspector::Inspector;
+pub use inspector::{Budget, Cancel, Inspector};
 
 /// Why a V8 operation failed or was refused. Each message is one line for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum V8Error {
     #[error("no process {0}")]
     NoSuchProcess(u32),
+    #[error("the process attached as {0} has exited; the pid may now belong to another process: refusing to touch it")]
+    Gone(u32),
+    #[error("{0} was cancelled: the request ended")]
+    Cancelled(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("process {0} does not handle SIGUSR1 (not Node.js, or Node without its inspector): refusing to send a signal that would terminate it")]
     NoSigusr1Handler(u32),
     #[error("the inspector of process {pid} is already open on port {port}: another debugger may be using it; not touching it")]
@@ -60,6 +66,9 @@ impl V8Error {
     pub fn http(&self) -> (u16, &'static str) {
         match self {
             V8Error::NoSuchProcess(_) => (404, "no_such_process"),
+            V8Error::Gone(_) => (410, "target_exited"),
+            V8Error::Cancelled(_) => (503, "v8_cancelled"),
+            V8Error::TooLarge(_) => (502, "v8_too_large"),
             V8Error::NoSigusr1Handler(_) => (409, "not_node"),
             V8Error::AlreadyOpen { .. } => (409, "inspector_in_use"),
             V8Error::PortTaken { .. } => (409, "inspector_port_taken"),
@@ -75,9 +84,15 @@ impl V8Error {
     }
 }
 
-/// Takes a heap snapshot of `pid` and summarizes it as it streams (never held whole).
-pub fn summary_of(pid: u32, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
-    let mut insp = Inspector::open(pid, &format!("summary ({reason})"))?;
+/// Takes a heap snapshot of `process` and summarizes it as it streams (never held whole),
+/// within `budget`.
+pub fn summary_of(
+    process: std::sync::Arc<crate::process::Process>,
+    gc: bool,
+    reason: &str,
+    budget: inspector::Budget,
+) -> Result<summary::HeapSummary, V8Error> {
+    let mut insp = Inspector::open(process, &format!("summary ({reason})"), budget)?;
     let s = summary_with(&mut insp, gc, reason)?;
     insp.close()?;
     Ok(s)

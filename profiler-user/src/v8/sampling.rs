@@ -3,61 +3,369 @@
 //! stack that made them, of which the profile keeps those still alive. Turned into a
 //! [`HeapProfile`] (function, script URL, line per frame; sampled sizes as live bytes) so that
 //! every renderer of the native heap (pprof, folded, flamegraph, JSON) serves it too.
+//!
+//! Everything in the answer is hostile: it is parsed into typed structs ([`SamplingProfile`]),
+//! never a generic JSON tree, from a message of at most
+//! [`super::inspector::MAX_PROFILE_MESSAGE_BYTES`], with caps on nodes ([`MAX_NODES`]), depth
+//! ([`MAX_TREE_DEPTH`]), samples ([`MAX_SAMPLES`]) and the frames of the stacks it makes
+//! ([`MAX_STACK_FRAMES`]); past a cap the profile is refused with a clear error
+//! ([`V8Error::TooLarge`]) as soon as the cap is crossed.
 use std::{
+    cell::Cell,
+    collections::HashMap,
+    fmt,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::{json, Value};
+use serde::{
+    de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+    Deserialize, Deserializer,
+};
+use serde_json::json;
 
-use super::{Inspector, V8Error};
+use super::{inspector::MAX_PROFILE_MESSAGE_BYTES, Inspector, V8Error};
 use crate::aggregate::{FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
 pub const DEFAULT_INTERVAL: u64 = 32 * 1024;
 /// Deepest JavaScript stack kept.
 const MAX_DEPTH: usize = 128;
+/// Most nodes in a profile's call tree (a big service has a few thousand to tens of thousands).
+pub const MAX_NODES: usize = 100_000;
+/// Deepest call tree accepted (V8 records at most 128 frames per sample, below a root).
+pub const MAX_TREE_DEPTH: usize = 160;
+/// Most samples (live sampled allocations) in a profile: 16 GiB of live heap at the default
+/// interval.
+pub const MAX_SAMPLES: u64 = 500_000;
+/// Most frames over the stacks of all nodes that hold memory (what the renderers expand).
+pub const MAX_STACK_FRAMES: u64 = 2_000_000;
+/// Longest function name or URL kept (characters).
+const MAX_NAME: usize = 500;
 
-/// Samples the target's JavaScript allocations for `duration`.
+/// `Runtime.CallFrame`, as far as a sampling profile needs it (strings capped at [`MAX_NAME`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CallFrame {
+    #[serde(default, deserialize_with = "capped_string")]
+    pub function_name: String,
+    #[serde(default, deserialize_with = "capped_string")]
+    pub url: String,
+    /// 0-based; -1 when unknown.
+    #[serde(default = "unknown_line")]
+    pub line_number: i64,
+    #[serde(default = "unknown_line")]
+    pub column_number: i64,
+}
+
+fn unknown_line() -> i64 {
+    -1
+}
+
+fn capped_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+    Ok(if s.chars().count() > MAX_NAME { s.chars().take(MAX_NAME).collect() } else { s.into_owned() })
+}
+
+/// `HeapProfiler.SamplingHeapProfileNode`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SamplingNode {
+    pub call_frame: CallFrame,
+    /// Bytes of the live samples allocated right here.
+    pub self_size: u64,
+    pub id: u64,
+    pub children: Vec<SamplingNode>,
+}
+
+/// `HeapProfiler.SamplingHeapProfile`: the call tree, and the samples counted per node id
+/// (the samples themselves are not kept).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SamplingProfile {
+    pub head: SamplingNode,
+    /// Live samples per node id.
+    pub samples_per_node: HashMap<u64, u64>,
+    pub samples: u64,
+}
+
+/// Samples the target's JavaScript allocations for `duration` (within the session's budget:
+/// a cancelled request stops the wait at once).
 pub fn profile(insp: &mut Inspector, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;
-    std::thread::sleep(duration);
-    let got = insp.call("HeapProfiler.getSamplingProfile", json!({}), Duration::from_secs(60));
-    let _ = insp.call("HeapProfiler.stopSampling", json!({}), t);
+    let end = std::time::Instant::now() + duration;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        insp.budget().check("sampling the JavaScript heap")?;
+        std::thread::sleep(left.min(super::inspector::READ_SLICE));
+    }
+    // stopSampling answers the profile (as getSamplingProfile would) and stops.
+    let got = insp.call_raw("HeapProfiler.stopSampling", json!({}), Duration::from_secs(60), MAX_PROFILE_MESSAGE_BYTES, |_, _| Ok(()));
     let _ = insp.call("HeapProfiler.disable", json!({}), t);
-    let got = got?;
+    let reply = got?;
+    let parsed = parse_reply(reply)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    to_profile(got.get("profile").unwrap_or(&Value::Null), insp.pid(), now, duration, interval)
+    to_profile(&parsed, insp.pid(), now, duration, interval)
 }
 
-/// A `SamplingHeapProfile` as a [`HeapProfile`]: one stack per node with a self size.
-pub fn to_profile(p: &Value, pid: u32, taken_at_ms: u64, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
-    let head = p.get("head").ok_or_else(|| V8Error::Protocol("the sampling profile has no head".into()))?;
-    let mut counts = std::collections::HashMap::new();
-    for s in p.get("samples").and_then(Value::as_array).into_iter().flatten() {
-        if let Some(id) = s.get("nodeId").and_then(Value::as_u64) {
-            *counts.entry(id).or_insert(0u64) += 1;
-        }
+/// The profile in an answer to `stopSampling` / `getSamplingProfile`, parsed on a thread of
+/// its own (the call tree is parsed recursively, at most [`MAX_TREE_DEPTH`] deep: a stack
+/// sized for it whatever thread asked).
+fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingProfile, V8Error> {
+    std::thread::Builder::new()
+        .name("v8-profile-parse".into())
+        .stack_size(32 << 20)
+        .spawn(move || {
+            #[derive(Deserialize)]
+            struct R<'a> {
+                #[serde(borrow)]
+                profile: &'a serde_json::value::RawValue,
+            }
+            let result = reply.result()?.ok_or_else(|| V8Error::Protocol("the sampling profile answer has no result".into()))?;
+            let r: R = serde_json::from_str(result.get()).map_err(|e| V8Error::Protocol(format!("the sampling profile answer: {e}")))?;
+            parse_profile(r.profile.get())
+        })
+        .map_err(|e| V8Error::Protocol(format!("starting the profile parser: {e}")))?
+        .join()
+        .map_err(|_| V8Error::Malformed("the profile parser panicked".into()))?
+}
+
+/// Parses a `SamplingHeapProfile` object (JSON text) under the caps of this module. Recursive
+/// to [`MAX_TREE_DEPTH`]: call it on a thread with a few MiB of stack.
+pub fn parse_profile(text: &str) -> Result<SamplingProfile, V8Error> {
+    let ctx = Ctx::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    // The only recursion is the call tree's, bounded by NodeSeed; ignored values are skipped
+    // without recursion by serde_json.
+    de.disable_recursion_limit();
+    let parsed = ProfileSeed { ctx: &ctx }.deserialize(&mut de).and_then(|p| de.end().map(|_| p));
+    match parsed {
+        Ok(p) => Ok(p),
+        Err(e) => Err(match ctx.too_large.take() {
+            Some(why) => V8Error::TooLarge(why),
+            None => V8Error::Protocol(format!("the sampling profile is malformed: {e}")),
+        }),
     }
+}
+
+#[derive(Default)]
+struct Ctx {
+    nodes: Cell<usize>,
+    frames: Cell<u64>,
+    too_large: Cell<Option<String>>,
+}
+
+impl Ctx {
+    fn refuse<E: serde::de::Error>(&self, why: String) -> E {
+        let e = E::custom(&why);
+        self.too_large.set(Some(why));
+        e
+    }
+}
+
+/// A JSON number as a byte count (V8 writes sizes as doubles): negative or not finite is 0.
+fn bytes_of(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        v.min(u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum NodeField {
+    CallFrame,
+    SelfSize,
+    Id,
+    Children,
+    #[serde(other)]
+    Other,
+}
+
+struct NodeSeed<'c> {
+    ctx: &'c Ctx,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
+    type Value = SamplingNode;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<SamplingNode, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NodeSeed<'_> {
+    type Value = SamplingNode;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a sampling profile node")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SamplingNode, A::Error> {
+        let ctx = self.ctx;
+        if self.depth > MAX_TREE_DEPTH {
+            return Err(ctx.refuse(format!("the sampling profile's call tree is deeper than {MAX_TREE_DEPTH} frames")));
+        }
+        let n = ctx.nodes.get() + 1;
+        if n > MAX_NODES {
+            return Err(ctx.refuse(format!("the sampling profile has more than {MAX_NODES} nodes; sample with a larger interval")));
+        }
+        ctx.nodes.set(n);
+        let mut node = SamplingNode::default();
+        while let Some(k) = map.next_key::<NodeField>()? {
+            match k {
+                NodeField::CallFrame => node.call_frame = map.next_value()?,
+                NodeField::SelfSize => node.self_size = bytes_of(map.next_value::<f64>()?),
+                NodeField::Id => node.id = map.next_value()?,
+                NodeField::Children => node.children = map.next_value_seed(ChildrenSeed { ctx, depth: self.depth + 1 })?,
+                NodeField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if node.self_size > 0 {
+            let frames = ctx.frames.get() + self.depth as u64;
+            if frames > MAX_STACK_FRAMES {
+                return Err(ctx.refuse(format!("the sampling profile's stacks have more than {MAX_STACK_FRAMES} frames in all")));
+            }
+            ctx.frames.set(frames);
+        }
+        Ok(node)
+    }
+}
+
+struct ChildrenSeed<'c> {
+    ctx: &'c Ctx,
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ChildrenSeed<'_> {
+    type Value = Vec<SamplingNode>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<SamplingNode>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ChildrenSeed<'_> {
+    type Value = Vec<SamplingNode>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of sampling profile nodes")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<SamplingNode>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(n) = seq.next_element_seed(NodeSeed { ctx: self.ctx, depth: self.depth })? {
+            out.push(n);
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum ProfileField {
+    Head,
+    Samples,
+    #[serde(other)]
+    Other,
+}
+
+struct ProfileSeed<'c> {
+    ctx: &'c Ctx,
+}
+
+impl<'de> DeserializeSeed<'de> for ProfileSeed<'_> {
+    type Value = SamplingProfile;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<SamplingProfile, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ProfileSeed<'_> {
+    type Value = SamplingProfile;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a sampling heap profile")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SamplingProfile, A::Error> {
+        let mut head = None;
+        let mut p = SamplingProfile::default();
+        while let Some(k) = map.next_key::<ProfileField>()? {
+            match k {
+                ProfileField::Head => head = Some(map.next_value_seed(NodeSeed { ctx: self.ctx, depth: 0 })?),
+                ProfileField::Samples => map.next_value_seed(SamplesSeed { ctx: self.ctx, p: &mut p })?,
+                ProfileField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        p.head = head.ok_or_else(|| serde::de::Error::custom("the sampling profile has no head"))?;
+        Ok(p)
+    }
+}
+
+/// Counts the samples per node id as they stream by (none is kept).
+struct SamplesSeed<'c, 'p> {
+    ctx: &'c Ctx,
+    p: &'p mut SamplingProfile,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Sample {
+    #[serde(default)]
+    node_id: Option<u64>,
+}
+
+impl<'de> DeserializeSeed<'de> for SamplesSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SamplesSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of samples")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(s) = seq.next_element::<Sample>()? {
+            self.p.samples += 1;
+            if self.p.samples > MAX_SAMPLES {
+                return Err(self.ctx.refuse(format!("the sampling profile has more than {MAX_SAMPLES} samples; sample with a larger interval")));
+            }
+            if let Some(id) = s.node_id {
+                if !self.p.samples_per_node.contains_key(&id) && self.p.samples_per_node.len() >= MAX_NODES {
+                    return Err(self.ctx.refuse(format!("the sampling profile's samples name more than {MAX_NODES} nodes")));
+                }
+                *self.p.samples_per_node.entry(id).or_insert(0) += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`SamplingProfile`] as a [`HeapProfile`]: one stack per node with a self size.
+pub fn to_profile(p: &SamplingProfile, pid: u32, taken_at_ms: u64, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+    let counts = &p.samples_per_node;
     let mut stacks = Vec::new();
     let mut path: Vec<crate::aggregate::Frame> = Vec::new();
     // Depth-first without recursion: (node, depth).
-    let mut todo: Vec<(&Value, usize)> = vec![(head, 0)];
+    let mut todo: Vec<(&SamplingNode, usize)> = vec![(&p.head, 0)];
     while let Some((node, depth)) = todo.pop() {
         path.truncate(depth);
         if depth > 0 {
-            path.push(frame(node).into());
+            path.push(frame(&node.call_frame).into());
         }
-        let size = node.get("selfSize").and_then(Value::as_u64).unwrap_or(0);
+        let size = node.self_size;
         if size > 0 && !path.is_empty() {
-            let allocs = node.get("id").and_then(Value::as_u64).and_then(|id| counts.get(&id).copied()).unwrap_or(1);
+            let allocs = counts.get(&node.id).copied().unwrap_or(1);
             let frames = path.iter().rev().cloned().collect();
             stacks.push(StackSample { frames, live_bytes: size, live_allocs: allocs, total_bytes: size, total_allocs: allocs, ..Default::default() });
         }
         if depth < MAX_DEPTH {
-            for c in node.get("children").and_then(Value::as_array).into_iter().flatten() {
+            for c in &node.children {
                 todo.push((c, depth + 1));
             }
         }
@@ -77,15 +385,15 @@ pub fn to_profile(p: &Value, pid: u32, taken_at_ms: u64, duration: Duration, int
     })
 }
 
-fn frame(node: &Value) -> FrameInfo {
-    let cf = node.get("callFrame").unwrap_or(&Value::Null);
-    let s = |k: &str| cf.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(|s| s.chars().take(500).collect::<String>());
-    let function = s("functionName").unwrap_or_else(|| "(anonymous)".into());
-    let line = cf.get("lineNumber").and_then(Value::as_i64).filter(|&l| l >= 0).map(|l| l as u32 + 1);
+fn frame(cf: &CallFrame) -> FrameInfo {
+    let s = |v: &str| (!v.is_empty()).then(|| v.to_string());
+    let function = s(&cf.function_name).unwrap_or_else(|| "(anonymous)".into());
+    let line = (cf.line_number >= 0).then(|| cf.line_number as u32 + 1);
+    let url = s(&cf.url);
     FrameInfo {
         function: Some(Arc::from(function)),
-        file: s("url").map(Arc::from),
-        line: line.filter(|_| s("url").is_some()),
+        line: line.filter(|_| url.is_some()),
+        file: url.map(Arc::from),
         module: Some(Arc::from("[js]")),
         ..Default::default()
     }
@@ -102,6 +410,8 @@ mod tests {
             "children": [{"callFrame": {"functionName": "main", "url": "file:///a.js", "lineNumber": 9}, "selfSize": 0, "id": 2,
                 "children": [{"callFrame": {"functionName": "makeLeak", "url": "file:///a.js", "lineNumber": 2}, "selfSize": 65536, "id": 3, "children": []}]}]},
             "samples": [{"size": 32768, "nodeId": 3, "ordinal": 1}, {"size": 32768, "nodeId": 3, "ordinal": 2}]});
+        let p = parse_profile(&p.to_string()).unwrap();
+        assert_eq!(p.samples, 2);
         let hp = to_profile(&p, 7, 1, Duration::from_secs(1), 32768).unwrap();
         assert_eq!(hp.stacks.len(), 1);
         let s = &hp.stacks[0];
@@ -110,5 +420,64 @@ mod tests {
         assert_eq!((s.frames[0].file.as_deref(), s.frames[0].line), (Some("file:///a.js"), Some(3)));
         assert_eq!(s.frames[1].function.as_deref(), Some("main"));
         assert!(crate::render::render(&hp, crate::render::Format::Pprof, crate::aggregate::Measure::Inuse).is_ok());
+    }
+
+    /// A chain of `depth` frames under the root, the innermost holding `size` bytes.
+    fn chain(depth: usize, size: u64) -> String {
+        let mut s = String::from(r#"{"head":"#);
+        for i in 0..=depth {
+            let self_size = if i == depth { size } else { 0 };
+            s.push_str(&format!(r#"{{"callFrame":{{"functionName":"f{i}","scriptId":"1","url":"file:///a.js","lineNumber":{i},"columnNumber":0}},"selfSize":{self_size},"id":{},"children":["#, i + 1));
+        }
+        for _ in 0..=depth {
+            s.push_str("]}");
+        }
+        s.push_str(r#","samples":[]}"#);
+        s
+    }
+
+    fn too_large(r: Result<SamplingProfile, V8Error>) -> String {
+        match r {
+            Err(V8Error::TooLarge(m)) => m,
+            other => panic!("not refused as too large: {other:?}"),
+        }
+    }
+
+    /// V8's deepest stacks (128 frames: JSON nested ~260 deep, past serde_json's default limit)
+    /// parse; deeper trees, too many nodes, samples or stack frames are refused as too large.
+    #[test]
+    fn caps_are_enforced_while_parsing() {
+        let p = parse_profile(&chain(128, 1024)).unwrap();
+        let hp = to_profile(&p, 1, 1, Duration::from_secs(1), 1024).unwrap();
+        assert_eq!(hp.stacks[0].frames.len(), 128);
+        assert!(too_large(parse_profile(&chain(MAX_TREE_DEPTH + 1, 1))).contains("deeper"));
+        // A hostile depth of a million is refused before it can exhaust the stack.
+        let deep = format!(r#"{{"head":{}"#, r#"{"children":["#.repeat(1_000_000));
+        assert!(too_large(parse_profile(&deep)).contains("deeper"));
+        let node = r#"{"callFrame":{"functionName":"x","url":"","lineNumber":-1},"selfSize":0,"id":2,"children":[]},"#;
+        let wide = format!(r#"{{"head":{{"id":1,"children":[{}{{"id":3}}]}}}}"#, node.repeat(MAX_NODES));
+        assert!(too_large(parse_profile(&wide)).contains("nodes"));
+        let samples = format!(r#"{{"head":{{"id":1}},"samples":[{}{{"nodeId":1}}]}}"#, r#"{"nodeId":1},"#.repeat(MAX_SAMPLES as usize));
+        assert!(too_large(parse_profile(&samples)).contains("samples"));
+        let ids: String = (0..=MAX_NODES).map(|i| format!(r#"{{"nodeId":{i}}},"#)).collect();
+        let ids = format!(r#"{{"head":{{"id":1}},"samples":[{ids}{{"nodeId":1}}]}}"#);
+        assert!(too_large(parse_profile(&ids)).contains("name more than"));
+        // 20,000 leaves 128 deep: 2.56 M frames.
+        let leaf = r#"{"selfSize":8,"id":9},"#.repeat(20_000);
+        let mut frames = chain(127, 0);
+        let at = frames.find(r#""id":128,"children":["#).unwrap() + r#""id":128,"children":["#.len();
+        frames.insert_str(at, &leaf[..leaf.len() - 1]);
+        assert!(too_large(parse_profile(&frames)).contains("frames"));
+        assert!(matches!(parse_profile(r#"{"samples":[]}"#), Err(V8Error::Protocol(_))));
+        assert!(matches!(parse_profile(r#"{"head":{"selfSize":"big"}}"#), Err(V8Error::Protocol(_))));
+    }
+
+    /// Names are cut to 500 characters; unknown fields are skipped.
+    #[test]
+    fn names_are_capped_and_unknown_fields_skipped() {
+        let text = format!(r#"{{"extra":[[[1]]],"head":{{"callFrame":{{"functionName":"{}","url":"u"}},"more":{{"a":[1,2]}},"children":[]}}}}"#, "n".repeat(10_000));
+        let p = parse_profile(&text).unwrap();
+        assert_eq!(p.head.call_frame.function_name.len(), MAX_NAME);
+        assert_eq!(p.head.call_frame.line_number, -1);
     }
 }

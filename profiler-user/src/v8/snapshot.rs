@@ -1,12 +1,17 @@
 //! V8 heap snapshots (`.heapsnapshot`, the JSON Chrome DevTools loads), streamed: each
 //! `HeapProfiler.addHeapSnapshotChunk` goes to a sink as it arrives, so the caller's memory is
 //! O(chunk), whatever the heap's size. V8 pauses the target while it walks the heap (see
-//! docs/node.md for measured pauses), then serializes.
+//! docs/node.md for measured pauses), then serializes. V8 writes chunks of ~100 KB; a chunk
+//! over [`MAX_CHUNK_BYTES`] is refused ([`V8Error::TooLarge`]), which bounds what the buffers
+//! downstream (8 chunks per HTTP client, 16 in a summary's pipe) can hold.
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::{Inspector, V8Error};
+
+/// Largest snapshot chunk accepted (V8's are ~100 KB).
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
 /// Takes a heap snapshot, passing its text to `sink` chunk by chunk (a sink error stops the
 /// transfer: the client went away). `gc`: a full garbage collection first, so that only live
@@ -29,6 +34,9 @@ pub fn take(
         |method, params: &Value| {
             if method == "HeapProfiler.addHeapSnapshotChunk" {
                 let chunk = params.get("chunk").and_then(Value::as_str).unwrap_or("");
+                if chunk.len() > MAX_CHUNK_BYTES {
+                    return Err(V8Error::TooLarge(format!("the inspector sent a heap snapshot chunk larger than {} MiB", MAX_CHUNK_BYTES >> 20)));
+                }
                 bytes += chunk.len() as u64;
                 sink(chunk)?;
             }

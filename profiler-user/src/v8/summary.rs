@@ -12,6 +12,12 @@
 //! and the dominator algorithm's arrays take several hundred MB, against the few MiB this
 //! summary needs.
 //!
+//! Everything in the snapshot is hostile (the target writes it): `snapshot.meta` is parsed into
+//! bounded typed fields (the rest of `snapshot` is skipped, never held), and no single JSON
+//! string may exceed [`MAX_STRING_BYTES`] (V8 cuts the strings of a snapshot to 1024
+//! characters: `--heap-snapshot-string-limit`), so the parser's memory stays bounded whatever
+//! the stream holds.
+//!
 //! [`grew`] compares two summaries; [`super::growth`] judges a series of them.
 use std::{
     collections::{HashMap, HashSet},
@@ -58,6 +64,10 @@ impl HeapSummary {
 const BY_NAME: &[&str] = &["object", "native"];
 /// Most constructors kept; the rest are summed as `(other)`.
 const MAX_CONSTRUCTORS: usize = 100_000;
+/// Longest JSON string (or key) accepted in a snapshot, in bytes as sent (escapes included).
+pub const MAX_STRING_BYTES: usize = 1 << 20;
+/// Most node fields and node types accepted in `snapshot.meta` (V8 has 7 and 14).
+const MAX_META_ITEMS: usize = 256;
 
 #[derive(Default)]
 struct Meta {
@@ -68,25 +78,106 @@ struct Meta {
     types: Vec<String>,
 }
 
-fn parse_meta(v: &serde_json::Value) -> Result<Meta, String> {
-    let meta = v.get("meta").ok_or("no snapshot.meta")?;
-    let fields: Vec<&str> = meta
-        .get("node_fields")
-        .and_then(|f| f.as_array())
-        .ok_or("no meta.node_fields")?
-        .iter()
-        .filter_map(|f| f.as_str())
-        .collect();
+/// `snapshot` as far as the summary needs it: `meta.node_fields` and `meta.node_types[0]`,
+/// each at most [`MAX_META_ITEMS`] strings; everything else is skipped.
+#[derive(Deserialize)]
+struct SnapshotHead {
+    meta: Option<MetaHead>,
+}
+
+#[derive(Deserialize)]
+struct MetaHead {
+    node_fields: Option<Bounded>,
+    node_types: Option<FirstOf>,
+}
+
+/// At most [`MAX_META_ITEMS`] strings (other values as `?`).
+struct Bounded(Vec<String>);
+
+impl<'de> Deserialize<'de> for Bounded {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Bounded, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Bounded;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of names")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bounded, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element::<serde_json::Value>()? {
+                    if out.len() == MAX_META_ITEMS {
+                        return Err(serde::de::Error::custom(format!("more than {MAX_META_ITEMS} names in snapshot.meta")));
+                    }
+                    out.push(v.as_str().unwrap_or("?").chars().take(200).collect());
+                }
+                Ok(Bounded(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// The first element of an array, bounded; the others skipped.
+struct FirstOf(Option<Bounded>);
+
+impl<'de> Deserialize<'de> for FirstOf {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FirstOf, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FirstOf;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("meta.node_types")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<FirstOf, A::Error> {
+                let first = seq.next_element::<Bounded>()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstOf(first))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+fn parse_meta(v: SnapshotHead) -> Result<Meta, String> {
+    let meta = v.meta.ok_or("no snapshot.meta")?;
+    let fields = meta.node_fields.ok_or("no meta.node_fields")?.0;
     let at = |n: &str| fields.iter().position(|f| *f == n).ok_or(format!("node_fields has no {n:?}"));
-    let types = meta
-        .get("node_types")
-        .and_then(|t| t.get(0))
-        .and_then(|t| t.as_array())
-        .ok_or("no meta.node_types[0]")?
-        .iter()
-        .map(|t| t.as_str().unwrap_or("?").to_string())
-        .collect();
+    let types = meta.node_types.and_then(|t| t.0).ok_or("no meta.node_types[0]")?.0;
     Ok(Meta { fields: fields.len(), type_at: at("type")?, name_at: at("name")?, size_at: at("self_size")?, types })
+}
+
+/// A reader that refuses a JSON string (or key) longer than [`MAX_STRING_BYTES`]: the JSON
+/// parser holds a whole string before handing it over.
+struct StringCap<R> {
+    inner: R,
+    in_string: bool,
+    escaped: bool,
+    run: usize,
+}
+
+impl<R: Read> Read for StringCap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if self.in_string {
+                self.run += 1;
+                if self.run > MAX_STRING_BYTES {
+                    return Err(std::io::Error::other(format!("a string longer than {MAX_STRING_BYTES} bytes")));
+                }
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+            } else if b == b'"' {
+                self.in_string = true;
+                self.run = 0;
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// (type index, name string index or u64::MAX) -> (count, self size)
@@ -190,8 +281,8 @@ impl<'de> Visitor<'de> for Top<'_> {
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "snapshot" => {
-                    let v: serde_json::Value = map.next_value()?;
-                    *self.meta = parse_meta(&v).map_err(serde::de::Error::custom)?;
+                    let v: SnapshotHead = map.next_value()?;
+                    *self.meta = parse_meta(v).map_err(serde::de::Error::custom)?;
                     *self.saw_meta = true;
                 }
                 "nodes" => map.next_value_seed(Nodes { meta: self.meta, agg: self.agg, count: self.count })?,
@@ -211,7 +302,8 @@ impl<'de> Visitor<'de> for Top<'_> {
 /// Reads a whole heap snapshot from `r` (streaming) into its summary.
 pub fn summarize(r: impl Read, pid: u32, taken_at_ms: u64, reason: &str) -> Result<HeapSummary, V8Error> {
     let (mut meta, mut agg, mut count, mut names, mut saw_meta) = (Meta::default(), Agg::new(), 0u64, HashMap::new(), false);
-    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 * 1024, r));
+    let capped = StringCap { inner: r, in_string: false, escaped: false, run: 0 };
+    let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(64 * 1024, capped));
     de.deserialize_map(Top { meta: &mut meta, agg: &mut agg, count: &mut count, names: &mut names, saw_meta: &mut saw_meta })
         .map_err(|e| V8Error::Malformed(e.to_string()))?;
     de.end().map_err(|e| V8Error::Malformed(e.to_string()))?;
@@ -347,6 +439,22 @@ mod tests {
         assert_eq!(s.constructors[0].name, "Leaky");
         assert!(summarize(&b"{\"nodes\":[1,2]}"[..], 1, 2, "x").is_err());
         assert!(summarize(&SNAP.as_bytes()[..100], 1, 2, "x").is_err());
+    }
+
+    /// A string past the cap, or a huge `snapshot` section, is refused or skipped without
+    /// being held.
+    #[test]
+    fn hostile_snapshots_are_bounded() {
+        let long = format!("{{\"snapshot\":{{\"x\":\"{}\"}}}}", "a".repeat(MAX_STRING_BYTES + 1));
+        let e = summarize(long.as_bytes(), 1, 2, "x").unwrap_err().to_string();
+        assert!(e.contains("longer than"), "{e}");
+        let escaped = format!("{{\"strings\":[\"{}\"]}}", "\\\"".repeat(MAX_STRING_BYTES));
+        assert!(summarize(escaped.as_bytes(), 1, 2, "x").unwrap_err().to_string().contains("longer than"));
+        // Many small values beside meta are skipped, not kept.
+        let wide = SNAP.replacen("\"node_count\":5", &format!("\"pad\":[{}0],\"node_count\":5", "0,".repeat(1 << 20)), 1);
+        assert_eq!(summarize(wide.as_bytes(), 1, 2, "x").unwrap().node_count, 5);
+        let many = SNAP.replacen("[\"type\",", &format!("[{}\"type\",", "\"f\",".repeat(MAX_META_ITEMS)), 1);
+        assert!(summarize(many.as_bytes(), 1, 2, "x").is_err());
     }
 
     /// Growth lists constructors whose count grew, largest self-size growth first.
