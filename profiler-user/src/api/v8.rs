@@ -1,5 +1,13 @@
 //! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]):
 //!
+//! Every V8 route takes `?thread=`: `main` (the default), a worker's id, or (summary and
+//! profile) `all`; see [`crate::v8::workers`].
+//!
+//! - `GET /v1/targets/{id}/v8/threads` (read): the JavaScript threads (main, then each
+//!   `worker_threads` worker: id, type, title, url).
+//! - `GET /v1/targets/{id}/v8/summary[?gc=true]` (admin: V8 pauses the target as for a
+//!   snapshot): objects per constructor of a heap snapshot summarized as it streams, with its
+//!   thread; for `thread=all` a list of them.
 //! - `GET /v1/targets/{id}/v8/heap-snapshot[?gc=true]` (admin): the `.heapsnapshot` streamed as
 //!   V8 writes it (each chunk goes out as it comes; the agent holds a few chunks per client).
 //!   One per target at a time: a request that arrives while another is being prepared (the
@@ -43,7 +51,10 @@ use crate::{
         Measure,
     },
     render,
-    v8::{growth as v8_growth, sampling, snapshot, summary::HeapSummary, Inspector, V8Error},
+    v8::{
+        growth as v8_growth, heap_limit::HeapUsage, sampling, snapshot, summary::HeapSummary, workers, Inspector, Thread,
+        V8Error,
+    },
 };
 
 /// Longest sampling accepted.
@@ -61,6 +72,7 @@ type Chunk = Result<Bytes, ApiError>;
 /// A heap snapshot being prepared or streamed.
 struct Flight {
     gc: bool,
+    thread: Thread,
     /// The clients; `None` once bytes flow (no one can join then).
     waiting: Option<Vec<tokio::sync::mpsc::Sender<Chunk>>>,
 }
@@ -99,6 +111,45 @@ fn flag(q: &Params, k: &str) -> Result<bool, ApiError> {
     }
 }
 
+fn thread_param(q: &Params) -> Result<Thread, ApiError> {
+    q.get("thread").unwrap_or("main").parse().map_err(|e: String| ApiError::bad_request("bad_thread", e))
+}
+
+/// `GET /v1/targets/{id}/v8/threads`: the JavaScript threads of the target.
+pub(crate) async fn threads(state: Arc<State>, p: Principal, id: u32) -> Result<Response, ApiError> {
+    let pid = node_target(&state, id)?;
+    let purpose = format!("api: v8 threads by {}", p.name);
+    expensive(&state, format!("target:{id}|v8-threads"), move || {
+        let list = workers::threads_of(pid, &purpose).map_err(v8_error)?;
+        let body = serde_json::to_vec(&serde_json::json!({ "pid": pid, "threads": list }))
+            .map_err(|e| ApiError::internal("internal", e.to_string()))?;
+        Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
+    })
+    .await
+}
+
+/// `GET /v1/targets/{id}/v8/summary[?gc=true&thread=T]`: a heap summary of one thread (its
+/// [`workers::ThreadSummary`]), or of every thread (`thread=all`: a list of them).
+pub(crate) async fn summary(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/v8/summary");
+    let result = async {
+        let q = Params::parse(q, &["gc", "thread"])?;
+        let (gc, thread) = (flag(&q, "gc")?, thread_param(&q)?);
+        let pid = node_target(&state, id)?;
+        let reason = format!("api by {}", p.name);
+        expensive(&state, format!("target:{id}|v8-summary|{gc}|{thread}"), move || {
+            let mut list = workers::summaries_of(pid, &thread, gc, &reason).map_err(v8_error)?;
+            let body = if thread == Thread::All { serde_json::to_vec(&list) } else { serde_json::to_vec(&list.pop()) }
+                .map_err(|e| ApiError::internal("internal", e.to_string()))?;
+            Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
+        })
+        .await
+    }
+    .await;
+    audit_action(&p, &Method::GET, &route, result.as_ref().map(|_| "v8 heap summary"));
+    result
+}
+
 pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
     let route = format!("/v1/targets/{id}/v8/heap-snapshot");
     let result = heap_snapshot_inner(&state, &p, id, q).await;
@@ -107,14 +158,18 @@ pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: V
 }
 
 async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let q = Params::parse(q, &["gc"])?;
+    let q = Params::parse(q, &["gc", "thread"])?;
     let gc = flag(&q, "gc")?;
+    let thread = thread_param(&q)?;
+    if thread == Thread::All {
+        return Err(ApiError::bad_request("bad_thread", "a heap snapshot is of one thread: main or a worker's id"));
+    }
     let pid = node_target(state, id)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_PER_CLIENT);
     let lead = {
         let mut flights = state.v8.flights.lock().unwrap();
         match flights.get_mut(&pid) {
-            Some(Flight { gc: g, waiting: Some(w) }) if *g == gc => {
+            Some(Flight { gc: g, thread: t, waiting: Some(w) }) if *g == gc && *t == thread => {
                 w.push(tx);
                 None
             }
@@ -124,7 +179,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
             }
             None => {
                 let permit = state.expensive.clone().try_acquire_owned().map_err(|_| ApiError::busy())?;
-                flights.insert(pid, Flight { gc, waiting: Some(vec![tx]) });
+                flights.insert(pid, Flight { gc, thread: thread.clone(), waiting: Some(vec![tx]) });
                 Some(permit)
             }
         }
@@ -135,7 +190,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         let timeout = state.limits.request_timeout;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            stream_snapshot(&st, pid, gc, &purpose, timeout);
+            stream_snapshot(&st, pid, gc, &thread, &purpose, timeout);
             st.v8.flights.lock().unwrap().remove(&pid);
         });
     }
@@ -158,11 +213,11 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 
 /// The producer: opens the session, streams every chunk to every client (at the pace of the
 /// slowest), stops when all are gone.
-fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Duration) {
+fn stream_snapshot(state: &State, pid: u32, gc: bool, thread: &Thread, purpose: &str, timeout: Duration) {
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
     let result = Inspector::open(pid, purpose).and_then(|mut insp| {
-        let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
+        let mut sink = |chunk: &str| {
             if !started {
                 started = true;
                 clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
@@ -174,7 +229,9 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
                 return Err(V8Error::Sink("every client went away".into()));
             }
             Ok(())
-        })?;
+        };
+        let mut taken = workers::with_threads(&mut insp, thread, |_, s| snapshot::take(s, gc, timeout, &mut sink))?;
+        let bytes = taken.pop().map(|(_, b)| b).unwrap_or(0);
         insp.close()?;
         Ok(bytes)
     });
@@ -194,7 +251,8 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
 }
 
 pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let q = Params::parse(q, &["seconds", "format", "interval"])?;
+    let q = Params::parse(q, &["seconds", "format", "interval", "thread"])?;
+    let thread = thread_param(&q)?;
     let limit = MAX_SECONDS.min(state.limits.request_timeout.as_secs().saturating_sub(5)).max(1);
     let seconds = match q.get("seconds") {
         None => 10.min(limit),
@@ -211,11 +269,11 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
         f => return Err(ApiError::bad_request("bad_format", format!("unknown format {:?} (use json, pprof, folded, svg)", f.chars().take(64).collect::<String>()))),
     };
     let pid = node_target(&state, id)?;
-    let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}", format.name());
+    let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}|{thread}", format.name());
     let purpose = format!("api: heap-profile by {}", p.name);
     expensive(&state, key, move || {
         let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
-        let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
+        let prof = workers::profile_threads(&mut insp, &thread, Duration::from_secs(seconds), interval).map_err(v8_error)?;
         insp.close().map_err(v8_error)?;
         let body = match format {
             render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
@@ -330,6 +388,9 @@ struct StoredSummary {
     summary: HeapSummary,
     #[serde(default)]
     verdicts: HashMap<String, Verdict>,
+    /// V8's used heap and limit when it was taken (summaries of the `heap_limit` trigger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heap: Option<HeapUsage>,
 }
 
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
@@ -347,7 +408,7 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &s
     let path = summary_path(state, id);
     let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
-        let stored = StoredSummary { summary, verdicts };
+        let stored = StoredSummary { summary, verdicts, heap: None };
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!(".{id}.json.tmp"));
@@ -359,6 +420,37 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &s
     match result {
         Ok((n, summaries, growing)) => info!(pid, id, reason, constructors = n, summaries, growing, "V8 heap summary stored"),
         Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary failed"),
+    }
+}
+
+/// After a `heap_limit` trigger's snapshot of target `pid` was stored as `id`: reads V8's used
+/// heap and limit and takes a V8 heap summary in one inspector session (whether or not the
+/// agent runs with `--v8-summaries`), adds the summary to the target's series and keeps it,
+/// with the heap figures, beside the snapshot. Blocking; failures are logged.
+pub(crate) fn note_heap_limit(state: &State, tracking: &Tracking, pid: u32, id: &str, reason: &str, removed: &[String]) {
+    for r in removed {
+        let _ = std::fs::remove_file(summary_path(state, r));
+    }
+    let path = summary_path(state, id);
+    let taken = Inspector::open(pid, &format!("trigger {reason}: summary")).and_then(|mut insp| {
+        let heap = crate::v8::heap_limit::read(&mut insp)?;
+        let summary = crate::v8::summary_with(&mut insp, false, reason)?;
+        insp.close()?;
+        Ok((heap, summary))
+    });
+    let result = taken.map_err(|e| e.to_string()).and_then(|(heap, summary)| {
+        let (verdicts, _) = tracking.note_v8_summary(&summary);
+        let stored = StoredSummary { summary, verdicts, heap: Some(heap) };
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!(".{id}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&stored).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+        Ok(heap)
+    });
+    match result {
+        Ok(h) => info!(pid, id, used = h.used, limit = h.limit, percent = h.percent(), "V8 heap summary near the heap limit stored"),
+        Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary near the heap limit failed"),
     }
 }
 
@@ -408,5 +500,8 @@ pub(crate) fn annotate_leaks(tracking: &Tracking, top: usize, json: &mut serde_j
 pub(crate) fn annotate_stored_leaks(state: &State, id: &str, top: usize, json: &mut serde_json::Value) {
     if let Some(s) = load_summary(state, id) {
         json["v8"] = serde_json::to_value(v8_growth::report(&s.summary, &s.verdicts, top)).unwrap_or_default();
+        if let Some(h) = s.heap {
+            json["v8"]["heap"] = serde_json::json!({ "used": h.used, "limit": h.limit, "total": h.total, "percent": h.percent() });
+        }
     }
 }

@@ -374,6 +374,41 @@ impl Inspector {
         }
     }
 
+    /// Reads events (no call) until `on_event` returns `true` (done) or `timeout` passes (then
+    /// `V8Error::Timeout` naming `what`). For answers that come as events, e.g. those of a
+    /// worker's nested session (see [`super::workers`]).
+    pub fn read_events(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut on_event: impl FnMut(&str, &Value) -> Result<bool, V8Error>,
+    ) -> Result<(), V8Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(V8Error::Timeout(what.to_string(), timeout));
+            }
+            self.ws.get_ref().set_read_timeout(Some(left.min(Duration::from_secs(5)))).ok();
+            let m = match self.ws.read() {
+                Ok(m) => m,
+                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                Err(e) => return Err(V8Error::Protocol(format!("reading the answer to {what}: {e}"))),
+            };
+            let text = match m {
+                Message::Text(t) => t,
+                Message::Close(_) => return Err(V8Error::Protocol(format!("the inspector closed the session during {what}"))),
+                _ => continue,
+            };
+            let v: Value = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?;
+            if let Some(ev) = v.get("method").and_then(Value::as_str) {
+                if on_event(ev, v.get("params").unwrap_or(&Value::Null))? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
     /// Calls `method` and returns its result, ignoring events.
     pub fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
         self.call_with_events(method, params, timeout, |_, _| Ok(()))

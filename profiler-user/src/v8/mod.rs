@@ -3,16 +3,67 @@
 //! their growth ([`summary`]), growth verdicts across a series of summaries ([`growth`]), the sampling heap profiler rendered like the native heap
 //! ([`sampling`]), and garbage collection or (opt-in) expression evaluation. [`inspector`] owns
 //! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing.
+//! [`workers`] reaches the process's `worker_threads` through that session (nested sessions of
+//! the `NodeWorker` domain); [`heap_limit`] reads V8's heap limit and used heap for the
+//! `heap_limit` trigger. Every operation runs on a [`Protocol`]: the main thread's session or a
+//! worker's.
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
 pub mod growth;
+pub mod heap_limit;
 pub mod inspector;
 pub mod sampling;
 pub mod snapshot;
 pub mod summary;
+pub mod workers;
 
 pub use inspector::Inspector;
+pub use workers::{Thread, ThreadInfo, WorkerSession};
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A DevTools-protocol session of one JavaScript thread: the main thread's ([`Inspector`]) or a
+/// worker's ([`WorkerSession`], nested in the main one). Snapshots, summaries and sampling
+/// profiles run on either.
+pub trait Protocol {
+    /// The process.
+    fn pid(&self) -> u32;
+    /// Calls `method` and waits (up to `timeout`) for its result; events that arrive meanwhile
+    /// go to `on_event(method, params)`, which may stop the call by returning an error.
+    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: F,
+    ) -> Result<Value, V8Error>;
+    /// Calls `method` and returns its result, ignoring events.
+    fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
+        self.call_with_events(method, params, timeout, |_, _| Ok(()))
+    }
+    /// A full garbage collection (`HeapProfiler.collectGarbage`).
+    fn collect_garbage(&mut self) -> Result<(), V8Error> {
+        self.call("HeapProfiler.collectGarbage", json!({}), inspector::DEFAULT_CALL_TIMEOUT).map(|_| ())
+    }
+}
+
+impl Protocol for Inspector {
+    fn pid(&self) -> u32 {
+        Inspector::pid(self)
+    }
+    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: F,
+    ) -> Result<Value, V8Error> {
+        Inspector::call_with_events(self, method, params, timeout, on_event)
+    }
+}
 
 /// Why a V8 operation failed or was refused. Each message is one line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +84,8 @@ pub enum V8Error {
     Busy(u32),
     #[error("the inspector of process {pid} still listens on port {port} after closing")]
     StillListening { pid: u32, port: u16 },
+    #[error("process {pid} has no JavaScript thread {thread:?} (see the thread listing)")]
+    NoSuchThread { pid: u32, thread: String },
     #[error("{0}")]
     Connect(String),
     #[error("{0}")]
@@ -52,6 +105,7 @@ impl V8Error {
     pub fn http(&self) -> (u16, &'static str) {
         match self {
             V8Error::NoSuchProcess(_) => (404, "no_such_process"),
+            V8Error::NoSuchThread { .. } => (404, "no_such_thread"),
             V8Error::NoSigusr1Handler(_) => (409, "not_node"),
             V8Error::AlreadyOpen { .. } => (409, "inspector_in_use"),
             V8Error::PortTaken { .. } => (409, "inspector_port_taken"),
@@ -73,7 +127,7 @@ pub fn summary_of(pid: u32, gc: bool, reason: &str) -> Result<summary::HeapSumma
 }
 
 /// The summary of a snapshot taken through an open session.
-pub fn summary_with(insp: &mut Inspector, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
+pub fn summary_with(insp: &mut impl Protocol, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
     let pid = insp.pid();
     let taken = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let (tx, reader) = summary::ChunkReader::new();

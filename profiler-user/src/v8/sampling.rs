@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::{Inspector, V8Error};
+use super::{Protocol, V8Error};
 use crate::aggregate::{FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
@@ -19,7 +19,7 @@ pub const DEFAULT_INTERVAL: u64 = 32 * 1024;
 const MAX_DEPTH: usize = 128;
 
 /// Samples the target's JavaScript allocations for `duration`.
-pub fn profile(insp: &mut Inspector, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+pub fn profile(insp: &mut impl Protocol, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;

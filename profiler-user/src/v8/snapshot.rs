@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Inspector, V8Error};
+use super::{Protocol, V8Error};
 
 /// Takes a heap snapshot, passing its text to `sink` chunk by chunk (a sink error stops the
 /// transfer: the client went away). `gc`: a full garbage collection first, so that only live
 /// objects are in it. Returns the bytes written.
 pub fn take(
-    insp: &mut Inspector,
+    insp: &mut impl Protocol,
     gc: bool,
     timeout: Duration,
     mut sink: impl FnMut(&str) -> Result<(), V8Error>,
