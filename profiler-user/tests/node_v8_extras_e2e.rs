@@ -224,11 +224,16 @@ fn v8_heap_limit_trigger() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let heap = loop {
-        let (_, list) = http("GET", &format!("{}/v1/snapshots", a.url), READ, None);
+        // Polled gently: the agent rate-limits each token (429 is retried).
+        std::thread::sleep(Duration::from_secs(1));
+        let (s, list) = http("GET", &format!("{}/v1/snapshots", a.url), READ, None);
+        if s == 429 {
+            continue;
+        }
         let id = list["snapshots"].as_array().unwrap().iter().find(|s| s["reason"] == "heap_limit").and_then(|s| s["id"].as_str()).map(str::to_string);
         if let Some(id) = id {
             let (s, v) = http("GET", &format!("{}/v1/snapshots/{id}?format=leaks&top=1000", a.url), READ, None);
-            assert_eq!(s, 200);
+            assert!(s == 200 || s == 429, "{s} {v}");
             if !v["v8"]["heap"].is_null() {
                 let names: Vec<&str> = v["v8"]["constructors"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
                 assert!(names.contains(&"Ballast"), "{names:?}");
@@ -236,12 +241,12 @@ fn v8_heap_limit_trigger() {
             }
         }
         assert!(Instant::now() < deadline, "no heap_limit summary in 60 s: {:#?}", a.log());
-        std::thread::sleep(Duration::from_millis(250));
     };
     let (used, limit) = (heap["used"].as_u64().unwrap(), heap["limit"].as_u64().unwrap());
     assert_eq!(limit, f[1], "{heap}");
     assert!(used * 100 >= limit * 40 && used < limit, "{heap}");
 
+    eprintln!("heap_limit summary: {heap}; sessions that read the used heap: {}", used_heap_sessions(&a));
     std::thread::sleep(Duration::from_secs(3));
     let (_, v) = http("GET", &triggers, READ, None);
     assert_eq!(v["triggers"][0]["fired"], 1, "fired more than once per crossing: {v}");
