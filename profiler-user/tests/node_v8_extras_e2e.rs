@@ -17,13 +17,22 @@ use serde_json::Value;
 /// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
 /// processes, those of tests/node_v8_e2e.rs too) take turns through the same lock file.
 fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::env::temp_dir().join("memscope-v8-e2e.lock"))
+        .unwrap();
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
+        0
+    );
     f
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// tests/fixtures/node_workers.js: one worker holding `n` WorkerHeld, the main thread 100 MainHeld.
@@ -38,22 +47,43 @@ fn alive(pid: u32) -> bool {
 }
 
 fn count(s: &Value, name: &str) -> u64 {
-    s["constructors"].as_array().unwrap().iter().find(|c| c["name"] == name).map_or(0, |c| c["count"].as_u64().unwrap())
+    s["constructors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .map_or(0, |c| c["count"].as_u64().unwrap())
 }
 
 /// Objects of type `object` named `class` in a `.heapsnapshot`.
 fn count_in_snapshot(bytes: &[u8], class: &str) -> u64 {
     let v: Value = serde_json::from_slice(bytes).expect("the heap snapshot is JSON");
     let meta = &v["snapshot"]["meta"];
-    let fields: Vec<&str> = meta["node_fields"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-    let types: Vec<&str> = meta["node_types"][0].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let fields: Vec<&str> = meta["node_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let types: Vec<&str> = meta["node_types"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
     let strings = v["strings"].as_array().unwrap();
-    let (ti, ni) = (fields.iter().position(|f| *f == "type").unwrap(), fields.iter().position(|f| *f == "name").unwrap());
+    let (ti, ni) = (
+        fields.iter().position(|f| *f == "type").unwrap(),
+        fields.iter().position(|f| *f == "name").unwrap(),
+    );
     v["nodes"]
         .as_array()
         .unwrap()
         .chunks(fields.len())
-        .filter(|n| types[n[ti].as_u64().unwrap() as usize] == "object" && strings[n[ni].as_u64().unwrap() as usize] == class)
+        .filter(|n| {
+            types[n[ti].as_u64().unwrap() as usize] == "object"
+                && strings[n[ni].as_u64().unwrap() as usize] == class
+        })
         .count() as u64
 }
 
@@ -83,20 +113,39 @@ fn v8_worker_threads() {
 
     let threads = workers::threads_of(node.pid, "test").unwrap();
     assert_eq!(threads.len(), 2, "{threads:?}");
-    assert_eq!((threads[0].id.as_str(), threads[0].kind.as_str()), ("main", "main"));
+    assert_eq!(
+        (threads[0].id.as_str(), threads[0].kind.as_str()),
+        ("main", "main")
+    );
     let worker = &threads[1];
     assert_eq!(worker.kind, "worker");
-    assert!(worker.title.contains("holder") && worker.url.ends_with("node_workers.js"), "{worker:?}");
+    assert!(
+        worker.title.contains("holder") && worker.url.ends_with("node_workers.js"),
+        "{worker:?}"
+    );
 
-    let w = workers::summaries_of(node.pid, &Thread::Worker(worker.id.clone()), false, "test").unwrap();
+    let w =
+        workers::summaries_of(node.pid, &Thread::Worker(worker.id.clone()), false, "test").unwrap();
     assert_eq!(w.len(), 1);
-    assert!(w[0].summary.get("WorkerHeld").is_some_and(|c| c.count >= N), "{:?}", w[0].summary.get("WorkerHeld"));
+    assert!(
+        w[0].summary.get("WorkerHeld").is_some_and(|c| c.count >= N),
+        "{:?}",
+        w[0].summary.get("WorkerHeld")
+    );
     assert_eq!(w[0].thread.id, worker.id);
     let m = workers::summaries_of(node.pid, &Thread::Main, false, "test").unwrap();
-    assert!(m[0].summary.get("WorkerHeld").is_none(), "the main thread's heap has WorkerHeld: {:?}", m[0].summary.get("WorkerHeld"));
+    assert!(
+        m[0].summary.get("WorkerHeld").is_none(),
+        "the main thread's heap has WorkerHeld: {:?}",
+        m[0].summary.get("WorkerHeld")
+    );
     assert!(m[0].summary.get("MainHeld").is_some_and(|c| c.count >= 100));
-    let missing = workers::summaries_of(node.pid, &Thread::Worker("999".into()), false, "test").unwrap_err();
-    assert!(missing.to_string().contains("no JavaScript thread"), "{missing}");
+    let missing =
+        workers::summaries_of(node.pid, &Thread::Worker("999".into()), false, "test").unwrap_err();
+    assert!(
+        missing.to_string().contains("no JavaScript thread"),
+        "{missing}"
+    );
 
     let (out, _) = cli(&["v8", "threads", &pid, "--json"]);
     let listed: Value = serde_json::from_str(&out).unwrap();
@@ -111,13 +160,37 @@ fn v8_worker_threads() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("w.heapsnapshot");
-    cli(&["v8", "snapshot", &pid, "--thread", &worker.id, "-o", out.to_str().unwrap()]);
+    cli(&[
+        "v8",
+        "snapshot",
+        &pid,
+        "--thread",
+        &worker.id,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(count_in_snapshot(&std::fs::read(&out).unwrap(), "WorkerHeld") >= N);
-    cli(&["v8", "profile", &pid, "--thread", "all", "--duration", "1s", "--format", "json", "-o", dir.path().join("p.json").to_str().unwrap()]);
+    cli(&[
+        "v8",
+        "profile",
+        &pid,
+        "--thread",
+        "all",
+        "--duration",
+        "1s",
+        "--format",
+        "json",
+        "-o",
+        dir.path().join("p.json").to_str().unwrap(),
+    ]);
 
     std::thread::sleep(Duration::from_millis(200));
     assert!(alive(node.pid));
-    assert_eq!(own_listeners(node.pid), Vec::<u16>::new(), "the target still listens");
+    assert_eq!(
+        own_listeners(node.pid),
+        Vec::<u16>::new(),
+        "the target still listens"
+    );
 }
 
 /// `memscope v8 summary --agent URL --token-file F PID` answers with the same classes as the
@@ -131,31 +204,104 @@ fn v8_cli_through_the_agent() {
     let pid = node.pid.to_string();
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
-    let admin = token_file(&dir.path().join("admin").tap_mkdir(), &format!("ops admin {ADMIN}\n"), 0o600);
-    let read = token_file(&dir.path().join("read").tap_mkdir(), &format!("viewer read {READ}\n"), 0o600);
-    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &pid]).unwrap();
+    let admin = token_file(
+        &dir.path().join("admin").tap_mkdir(),
+        &format!("ops admin {ADMIN}\n"),
+        0o600,
+    );
+    let read = token_file(
+        &dir.path().join("read").tap_mkdir(),
+        &format!("viewer read {READ}\n"),
+        0o600,
+    );
+    let a = start_agent(&[
+        "--tokens",
+        tf.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir(dir.path()),
+        "--pid",
+        &pid,
+    ])
+    .unwrap();
 
     let (local, _) = cli(&["v8", "summary", &pid, "--json"]);
-    let (remote, _) = cli(&["v8", "summary", "--agent", &a.url, "--token-file", admin.to_str().unwrap(), &pid, "--json"]);
-    let (local, remote): (Value, Value) = (serde_json::from_str(&local).unwrap(), serde_json::from_str(&remote).unwrap());
+    let (remote, _) = cli(&[
+        "v8",
+        "summary",
+        "--agent",
+        &a.url,
+        "--token-file",
+        admin.to_str().unwrap(),
+        &pid,
+        "--json",
+    ]);
+    let (local, remote): (Value, Value) = (
+        serde_json::from_str(&local).unwrap(),
+        serde_json::from_str(&remote).unwrap(),
+    );
     assert_eq!(count(&local, "MainHeld"), 100);
     assert_eq!(count(&remote, "MainHeld"), 100, "{remote}");
     let big = |s: &Value| -> std::collections::BTreeSet<String> {
-        s["constructors"].as_array().unwrap().iter().filter(|c| c["count"].as_u64().unwrap() >= 500).map(|c| c["name"].as_str().unwrap().to_string()).collect()
+        s["constructors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["count"].as_u64().unwrap() >= 500)
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
     };
     let (lb, rb) = (big(&local), big(&remote));
-    assert!(lb.is_subset(&rb) || rb.is_subset(&lb), "local {lb:?}\nremote {rb:?}");
+    assert!(
+        lb.is_subset(&rb) || rb.is_subset(&lb),
+        "local {lb:?}\nremote {rb:?}"
+    );
     assert_eq!(remote["thread"]["id"], "main");
 
-    let (out, _) = cli(&["v8", "threads", "--agent", &a.url, "--token-file", read.to_str().unwrap(), &pid, "--json"]);
+    let (out, _) = cli(&[
+        "v8",
+        "threads",
+        "--agent",
+        &a.url,
+        "--token-file",
+        read.to_str().unwrap(),
+        &pid,
+        "--json",
+    ]);
     let threads: Value = serde_json::from_str(&out).unwrap();
-    let worker = threads[1]["id"].as_str().unwrap_or_else(|| panic!("{out}")).to_string();
-    let (out, _) = cli(&["v8", "summary", "--agent", &a.url, "--token-file", admin.to_str().unwrap(), "--thread", &worker, &pid, "--json"]);
-    assert!(count(&serde_json::from_str(&out).unwrap(), "WorkerHeld") >= 5000, "{out}");
+    let worker = threads[1]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let (out, _) = cli(&[
+        "v8",
+        "summary",
+        "--agent",
+        &a.url,
+        "--token-file",
+        admin.to_str().unwrap(),
+        "--thread",
+        &worker,
+        &pid,
+        "--json",
+    ]);
+    assert!(
+        count(&serde_json::from_str(&out).unwrap(), "WorkerHeld") >= 5000,
+        "{out}"
+    );
 
     let (st, _, err) = run({
         let mut c = memscope();
-        c.args(["v8", "summary", "--agent", &a.url, "--token-file", read.to_str().unwrap(), &pid]);
+        c.args([
+            "v8",
+            "summary",
+            "--agent",
+            &a.url,
+            "--token-file",
+            read.to_str().unwrap(),
+            &pid,
+        ]);
         c
     });
     assert!(!st.success() && err.contains("role"), "{err}");
@@ -176,11 +322,19 @@ impl TapMkdir for PathBuf {
 }
 
 fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
     let auth = format!("Bearer {token}");
     let resp = match method {
         "GET" => agent.get(url).header("Authorization", &auth).call(),
-        _ => agent.post(url).header("Authorization", &auth).content_type("application/json").send(body.unwrap_or("{}")),
+        _ => agent
+            .post(url)
+            .header("Authorization", &auth)
+            .content_type("application/json")
+            .send(body.unwrap_or("{}")),
     }
     .unwrap();
     let status = resp.status().as_u16();
@@ -190,7 +344,14 @@ fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Value
 
 /// Inspector sessions the agent opened to read the used heap (its audit log).
 fn used_heap_sessions(a: &Agent) -> usize {
-    a.log().iter().filter(|l| l.contains("v8 inspector session") && l.contains("opened") && l.contains("the used heap")).count()
+    a.log()
+        .iter()
+        .filter(|l| {
+            l.contains("v8 inspector session")
+                && l.contains("opened")
+                && l.contains("the used heap")
+        })
+        .count()
 }
 
 /// `heap_limit=40%` on a node started with `--max-old-space-size=64` (its limit: ~112 MiB with
@@ -204,22 +365,48 @@ fn v8_heap_limit_trigger() {
     require_root();
     let _turn = host_netns_turn();
     let mut cmd = Command::new("node");
-    cmd.arg("--max-old-space-size=64").arg(fixture("node_heap_limit.js"));
+    cmd.arg("--max-old-space-size=64")
+        .arg(fixture("node_heap_limit.js"));
     let mut node = Fixture::spawn(cmd);
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
-    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string()]).unwrap();
+    let a = start_agent(&[
+        "--tokens",
+        tf.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir(dir.path()),
+        "--pid",
+        &node.pid.to_string(),
+    ])
+    .unwrap();
     let triggers = format!("{}/v1/targets/{}/triggers", a.url, node.pid);
-    let (s, v) = http("POST", &triggers, ADMIN, Some(r#"{"spec": "heap_limit=40%", "min_spacing": "1s"}"#));
+    let (s, v) = http(
+        "POST",
+        &triggers,
+        ADMIN,
+        Some(r#"{"spec": "heap_limit=40%", "min_spacing": "1s"}"#),
+    );
     assert_eq!(s, 201, "{v}");
 
     std::thread::sleep(Duration::from_secs(3));
     let (_, v) = http("GET", &triggers, READ, None);
     assert_eq!(v["triggers"][0]["fired"], 0, "{v}");
-    assert_eq!(used_heap_sessions(&a), 0, "a session was opened while far below: {:#?}", a.log());
+    assert_eq!(
+        used_heap_sessions(&a),
+        0,
+        "a session was opened while far below: {:#?}",
+        a.log()
+    );
 
     let at = node.ask("grow-to 48");
-    let f: Vec<u64> = at.strip_prefix("at ").unwrap_or_else(|| panic!("fixture said {at:?}")).split(' ').map(|n| n.parse().unwrap()).collect();
+    let f: Vec<u64> = at
+        .strip_prefix("at ")
+        .unwrap_or_else(|| panic!("fixture said {at:?}"))
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
     assert!(f[0] * 100 >= f[1] * 48, "{at}");
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -230,26 +417,55 @@ fn v8_heap_limit_trigger() {
         if s == 429 {
             continue;
         }
-        let id = list["snapshots"].as_array().unwrap().iter().find(|s| s["reason"] == "heap_limit").and_then(|s| s["id"].as_str()).map(str::to_string);
+        let id = list["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["reason"] == "heap_limit")
+            .and_then(|s| s["id"].as_str())
+            .map(str::to_string);
         if let Some(id) = id {
-            let (s, v) = http("GET", &format!("{}/v1/snapshots/{id}?format=leaks&top=1000", a.url), READ, None);
+            let (s, v) = http(
+                "GET",
+                &format!("{}/v1/snapshots/{id}?format=leaks&top=1000", a.url),
+                READ,
+                None,
+            );
             assert!(s == 200 || s == 429, "{s} {v}");
             if !v["v8"]["heap"].is_null() {
-                let names: Vec<&str> = v["v8"]["constructors"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+                let names: Vec<&str> = v["v8"]["constructors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|c| c["name"].as_str())
+                    .collect();
                 assert!(names.contains(&"Ballast"), "{names:?}");
                 break v["v8"]["heap"].clone();
             }
         }
-        assert!(Instant::now() < deadline, "no heap_limit summary in 60 s: {:#?}", a.log());
+        assert!(
+            Instant::now() < deadline,
+            "no heap_limit summary in 60 s: {:#?}",
+            a.log()
+        );
     };
-    let (used, limit) = (heap["used"].as_u64().unwrap(), heap["limit"].as_u64().unwrap());
+    let (used, limit) = (
+        heap["used"].as_u64().unwrap(),
+        heap["limit"].as_u64().unwrap(),
+    );
     assert_eq!(limit, f[1], "{heap}");
     assert!(used * 100 >= limit * 40 && used < limit, "{heap}");
 
-    eprintln!("heap_limit summary: {heap}; sessions that read the used heap: {}", used_heap_sessions(&a));
+    eprintln!(
+        "heap_limit summary: {heap}; sessions that read the used heap: {}",
+        used_heap_sessions(&a)
+    );
     std::thread::sleep(Duration::from_secs(3));
     let (_, v) = http("GET", &triggers, READ, None);
-    assert_eq!(v["triggers"][0]["fired"], 1, "fired more than once per crossing: {v}");
+    assert_eq!(
+        v["triggers"][0]["fired"], 1,
+        "fired more than once per crossing: {v}"
+    );
     assert!(alive(node.pid));
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
 }

@@ -193,7 +193,8 @@ pub enum TriggersAction {
         json: bool,
     },
     /// Add triggers to a target (admin token), all or none: specs as in the agent's API
-    /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`).
+    /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`,
+    /// `heap_limit=80%`).
     Add {
         /// The target's pid.
         pid: u32,

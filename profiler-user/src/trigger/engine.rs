@@ -148,6 +148,13 @@ impl TriggerHost for Session {
         let bytes = heap_limit::rss_anon(self.process().pid());
         self.process().verified(bytes).flatten()
     }
+    fn v8_heap(&self) -> Option<HeapUsage> {
+        let u = heap_limit::usage_of(self.process().pid(), "trigger heap_limit: the used heap");
+        if let Err(e) = &u {
+            debug!(pid = self.process().pid(), error = %e, "reading V8's used heap");
+        }
+        self.process().verified(u.ok()).flatten()
+    }
     fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
         Session::trigger_hits(self)
     }

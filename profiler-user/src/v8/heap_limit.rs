@@ -13,11 +13,7 @@
 //!   heap (at most once per [`CHECK_SPACING`] while the bound stays above).
 //!
 //! Main thread only: a worker's isolate has a limit of its own (see [`super::workers`]).
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -65,16 +61,29 @@ pub fn read(insp: &mut impl Protocol) -> Result<HeapUsage, V8Error> {
         Duration::from_secs(10),
     )?;
     if r.get("exceptionDetails").is_some() {
-        return Err(V8Error::Remote("v8.getHeapStatistics()".into(), "an exception".into()));
+        return Err(V8Error::Remote(
+            "v8.getHeapStatistics()".into(),
+            "an exception".into(),
+        ));
     }
-    let v = r.get("result").and_then(|r| r.get("value")).and_then(Value::as_array);
-    let n = |i: usize| v.and_then(|a| a.get(i)).and_then(Value::as_f64).filter(|x| x.is_finite() && *x >= 0.0).map(|x| x as u64);
+    let v = r
+        .get("result")
+        .and_then(|r| r.get("value"))
+        .and_then(Value::as_array);
+    let n = |i: usize| {
+        v.and_then(|a| a.get(i))
+            .and_then(Value::as_f64)
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .map(|x| x as u64)
+    };
     match (n(0), n(1), n(2)) {
         (Some(used), Some(limit), Some(total)) if limit > 0 => {
             remember(insp.pid(), limit);
             Ok(HeapUsage { used, limit, total })
         }
-        _ => Err(V8Error::Protocol("v8.getHeapStatistics() did not give numbers".into())),
+        _ => Err(V8Error::Protocol(
+            "v8.getHeapStatistics() did not give numbers".into(),
+        )),
     }
 }
 
@@ -96,7 +105,12 @@ const MAX_CACHED: usize = 4096;
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 fn remember(pid: u32, limit: u64) {
@@ -141,6 +155,14 @@ mod tests {
         remember(me, 123 << 20);
         assert_eq!(cached_limit(me), Some(123 << 20));
         assert_eq!(cached_limit(u32::MAX - 1), None);
-        assert_eq!(HeapUsage { used: 50, limit: 200, total: 100 }.percent(), 25.0);
+        assert_eq!(
+            HeapUsage {
+                used: 50,
+                limit: 200,
+                total: 100
+            }
+            .percent(),
+            25.0
+        );
     }
 }

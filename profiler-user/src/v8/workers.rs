@@ -75,7 +75,11 @@ impl fmt::Display for Thread {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// One JavaScript thread of a process, as listed.
@@ -95,7 +99,12 @@ pub struct ThreadInfo {
 impl ThreadInfo {
     fn main(pid: u32) -> ThreadInfo {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        ThreadInfo { id: "main".into(), kind: "main".into(), title: clip(comm.trim()), url: String::new() }
+        ThreadInfo {
+            id: "main".into(),
+            kind: "main".into(),
+            title: clip(comm.trim()),
+            url: String::new(),
+        }
     }
 }
 
@@ -115,16 +124,21 @@ pub struct Attached {
 pub fn attach(insp: &mut Inspector) -> Result<Vec<Attached>, V8Error> {
     let mut out: Vec<Attached> = Vec::new();
     // Node reports the running workers before it answers `enable`.
-    insp.call_with_events("NodeWorker.enable", json!({ "waitForDebuggerOnStart": false }), Duration::from_secs(10), |m, p| {
-        if m == "NodeWorker.attachedToWorker" && out.len() < MAX_WORKERS {
-            if let Some(a) = attached(p) {
-                if !out.iter().any(|o| o.session_id == a.session_id) {
-                    out.push(a);
+    insp.call_with_events(
+        "NodeWorker.enable",
+        json!({ "waitForDebuggerOnStart": false }),
+        Duration::from_secs(10),
+        |m, p| {
+            if m == "NodeWorker.attachedToWorker" && out.len() < MAX_WORKERS {
+                if let Some(a) = attached(p) {
+                    if !out.iter().any(|o| o.session_id == a.session_id) {
+                        out.push(a);
+                    }
                 }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     out.sort_by(|a, b| natural(&a.info.id).cmp(&natural(&b.info.id)));
     Ok(out)
 }
@@ -135,11 +149,32 @@ fn natural(id: &str) -> (u64, String) {
 }
 
 fn attached(p: &Value) -> Option<Attached> {
-    let session_id = p.get("sessionId")?.as_str().filter(|s| valid_id(s))?.to_string();
+    let session_id = p
+        .get("sessionId")?
+        .as_str()
+        .filter(|s| valid_id(s))?
+        .to_string();
     let w = p.get("workerInfo")?;
-    let id = w.get("workerId")?.as_str().filter(|s| valid_id(s))?.to_string();
-    let s = |k: &str| w.get(k).and_then(Value::as_str).map(clip).unwrap_or_default();
-    Some(Attached { session_id, info: ThreadInfo { id, kind: "worker".into(), title: s("title"), url: s("url") } })
+    let id = w
+        .get("workerId")?
+        .as_str()
+        .filter(|s| valid_id(s))?
+        .to_string();
+    let s = |k: &str| {
+        w.get(k)
+            .and_then(Value::as_str)
+            .map(clip)
+            .unwrap_or_default()
+    };
+    Some(Attached {
+        session_id,
+        info: ThreadInfo {
+            id,
+            kind: "worker".into(),
+            title: s("title"),
+            url: s("url"),
+        },
+    })
 }
 
 /// Turns `NodeWorker` off again (best effort: closing the inspector ends it anyway).
@@ -172,7 +207,10 @@ pub struct WorkerSession<'a> {
 
 impl<'a> WorkerSession<'a> {
     pub fn new(insp: &'a mut Inspector, worker: &Attached) -> WorkerSession<'a> {
-        WorkerSession { insp, session_id: worker.session_id.clone() }
+        WorkerSession {
+            insp,
+            session_id: worker.session_id.clone(),
+        }
     }
 }
 
@@ -191,7 +229,8 @@ impl Protocol for WorkerSession<'_> {
         let id = NESTED_ID.fetch_add(1, Ordering::Relaxed);
         let message = json!({ "id": id, "method": method, "params": params }).to_string();
         let sid = self.session_id.clone();
-        let answer: std::cell::RefCell<Option<Result<Value, V8Error>>> = std::cell::RefCell::new(None);
+        let answer: std::cell::RefCell<Option<Result<Value, V8Error>>> =
+            std::cell::RefCell::new(None);
         let mut handle = |m: &str, p: &Value| -> Result<bool, V8Error> {
             if p.get("sessionId").and_then(Value::as_str) != Some(sid.as_str()) {
                 return Ok(false);
@@ -199,13 +238,20 @@ impl Protocol for WorkerSession<'_> {
             match m {
                 "NodeWorker.receivedMessageFromWorker" => {
                     let text = p.get("message").and_then(Value::as_str).unwrap_or("");
-                    let inner: Value = serde_json::from_str(text)
-                        .map_err(|_| V8Error::Protocol("a worker sent something that is not JSON".into()))?;
+                    let inner: Value = serde_json::from_str(text).map_err(|_| {
+                        V8Error::Protocol("a worker sent something that is not JSON".into())
+                    })?;
                     if inner.get("id").and_then(Value::as_u64) == Some(id) {
                         *answer.borrow_mut() = Some(match inner.get("error") {
                             Some(err) => {
-                                let msg = err.get("message").and_then(Value::as_str).unwrap_or("error");
-                                Err(V8Error::Remote(method.to_string(), msg.chars().take(200).collect()))
+                                let msg = err
+                                    .get("message")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("error");
+                                Err(V8Error::Remote(
+                                    method.to_string(),
+                                    msg.chars().take(200).collect(),
+                                ))
                             }
                             None => Ok(inner.get("result").cloned().unwrap_or(Value::Null)),
                         });
@@ -216,7 +262,9 @@ impl Protocol for WorkerSession<'_> {
                     }
                     Ok(false)
                 }
-                "NodeWorker.detachedFromWorker" => Err(V8Error::Protocol(format!("the worker exited during {method}"))),
+                "NodeWorker.detachedFromWorker" => Err(V8Error::Protocol(format!(
+                    "the worker exited during {method}"
+                ))),
                 _ => Ok(false),
             }
         };
@@ -231,7 +279,9 @@ impl Protocol for WorkerSession<'_> {
             let left = timeout.saturating_sub(started.elapsed());
             self.insp.read_events(method, left, &mut handle)?;
         }
-        answer.into_inner().unwrap_or_else(|| Err(V8Error::Timeout(method.to_string(), timeout)))
+        answer
+            .into_inner()
+            .unwrap_or_else(|| Err(V8Error::Timeout(method.to_string(), timeout)))
     }
 }
 
@@ -256,7 +306,9 @@ impl Protocol for ThreadSession<'_> {
         on_event: F,
     ) -> Result<Value, V8Error> {
         match self {
-            ThreadSession::Main(i) => Inspector::call_with_events(i, method, params, timeout, on_event),
+            ThreadSession::Main(i) => {
+                Inspector::call_with_events(i, method, params, timeout, on_event)
+            }
             ThreadSession::Worker(w) => w.call_with_events(method, params, timeout, on_event),
         }
     }
@@ -271,7 +323,10 @@ fn session<'a>(insp: &'a mut Inspector, worker: Option<&Attached>) -> ThreadSess
 
 /// Why a thread could not be found.
 fn no_such_worker(pid: u32, id: &str) -> V8Error {
-    V8Error::NoSuchThread { pid, thread: id.to_string() }
+    V8Error::NoSuchThread {
+        pid,
+        thread: id.to_string(),
+    }
 }
 
 /// Runs `f` on each thread `thread` selects (main first, then workers by id) and returns each
@@ -293,12 +348,18 @@ pub fn with_threads<T>(
     }
     let workers = attach(insp)?;
     let chosen: Vec<&Attached> = match thread {
-        Thread::Worker(id) => vec![workers.iter().find(|w| w.info.id == *id).ok_or_else(|| no_such_worker(pid, id))?],
+        Thread::Worker(id) => vec![workers
+            .iter()
+            .find(|w| w.info.id == *id)
+            .ok_or_else(|| no_such_worker(pid, id))?],
         _ => workers.iter().collect(),
     };
     let result = (|| {
         for w in chosen {
-            let r = f(&w.info, &mut ThreadSession::Worker(WorkerSession::new(insp, w)))?;
+            let r = f(
+                &w.info,
+                &mut ThreadSession::Worker(WorkerSession::new(insp, w)),
+            )?;
             out.push((w.info.clone(), r));
         }
         Ok(())
@@ -316,20 +377,38 @@ pub struct ThreadSummary {
 }
 
 /// Summaries of the selected threads of `pid`, through a session of their own.
-pub fn summaries_of(pid: u32, thread: &Thread, gc: bool, reason: &str) -> Result<Vec<ThreadSummary>, V8Error> {
+pub fn summaries_of(
+    pid: u32,
+    thread: &Thread,
+    gc: bool,
+    reason: &str,
+) -> Result<Vec<ThreadSummary>, V8Error> {
     let mut insp = Inspector::open(pid, &format!("summary ({reason}, thread {thread})"))?;
     let out = with_threads(&mut insp, thread, |_, s| super::summary_with(s, gc, reason))?;
     insp.close()?;
-    Ok(out.into_iter().map(|(thread, summary)| ThreadSummary { thread, summary }).collect())
+    Ok(out
+        .into_iter()
+        .map(|(thread, summary)| ThreadSummary { thread, summary })
+        .collect())
 }
 
 /// Samples the JavaScript allocations of the selected threads at once for `duration`. One
 /// thread: its profile as [`sampling::profile`] gives it. Several: their stacks together, each
 /// under a root frame naming its thread (`[thread main]`, `[worker 1] …`).
-pub fn profile_threads(insp: &mut Inspector, thread: &Thread, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+pub fn profile_threads(
+    insp: &mut Inspector,
+    thread: &Thread,
+    duration: Duration,
+    interval: u64,
+) -> Result<HeapProfile, V8Error> {
     if *thread != Thread::All {
-        let mut got = with_threads(insp, thread, |_, s| sampling::profile(s, duration, interval))?;
-        return got.pop().map(|(_, p)| p).ok_or_else(|| V8Error::Protocol("no thread sampled".into()));
+        let mut got = with_threads(insp, thread, |_, s| {
+            sampling::profile(s, duration, interval)
+        })?;
+        return got
+            .pop()
+            .map(|(_, p)| p)
+            .ok_or_else(|| V8Error::Protocol("no thread sampled".into()));
     }
     let t = Duration::from_secs(30);
     let pid = insp.pid();
@@ -342,7 +421,11 @@ pub fn profile_threads(insp: &mut Inspector, thread: &Thread, duration: Duration
         for (info, w) in threads {
             let mut s = session(insp, w);
             let started = s.call("HeapProfiler.enable", json!({}), t).and_then(|_| {
-                s.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)
+                s.call(
+                    "HeapProfiler.startSampling",
+                    json!({ "samplingInterval": interval as f64 }),
+                    t,
+                )
             });
             match started {
                 Ok(_) => sampling.push((info, w)),
@@ -352,15 +435,31 @@ pub fn profile_threads(insp: &mut Inspector, thread: &Thread, duration: Duration
             }
         }
         std::thread::sleep(duration);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let mut out = Vec::new();
         for (info, w) in sampling {
             let mut s = session(insp, w);
-            let got = s.call("HeapProfiler.getSamplingProfile", json!({}), Duration::from_secs(60));
+            let got = s.call(
+                "HeapProfiler.getSamplingProfile",
+                json!({}),
+                Duration::from_secs(60),
+            );
             let _ = s.call("HeapProfiler.stopSampling", json!({}), t);
             let _ = s.call("HeapProfiler.disable", json!({}), t);
             match got {
-                Ok(v) => out.push((info, sampling::to_profile(v.get("profile").unwrap_or(&Value::Null), pid, now, duration, interval)?)),
+                Ok(v) => out.push((
+                    info,
+                    sampling::to_profile(
+                        v.get("profile").unwrap_or(&Value::Null),
+                        pid,
+                        now,
+                        duration,
+                        interval,
+                    )?,
+                )),
                 Err(_) if w.is_some() => {}
                 Err(e) => return Err(e),
             }
@@ -369,10 +468,20 @@ pub fn profile_threads(insp: &mut Inspector, thread: &Thread, duration: Duration
     })();
     detach(insp);
     let (now, got) = got?;
-    let mut merged = HeapProfile { pid, taken_at_ms: now, duration_s: duration.as_secs_f64(), sample_bytes: interval, ..Default::default() };
+    let mut merged = HeapProfile {
+        pid,
+        taken_at_ms: now,
+        duration_s: duration.as_secs_f64(),
+        sample_bytes: interval,
+        ..Default::default()
+    };
     for (info, p) in got {
         let root: crate::aggregate::Frame = FrameInfo {
-            function: Some(Arc::from(if info.kind == "main" { "[thread main]".to_string() } else { thread_label(&info) })),
+            function: Some(Arc::from(if info.kind == "main" {
+                "[thread main]".to_string()
+            } else {
+                thread_label(&info)
+            })),
             module: Some(Arc::from("[js]")),
             ..Default::default()
         }
@@ -386,7 +495,9 @@ pub fn profile_threads(insp: &mut Inspector, thread: &Thread, duration: Duration
         merged.totals.allocated_bytes += p.totals.allocated_bytes;
         merged.totals.allocs += p.totals.allocs;
     }
-    merged.stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
+    merged
+        .stacks
+        .sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     Ok(merged)
 }
 
@@ -419,7 +530,15 @@ mod tests {
     fn reads_attached_workers() {
         let p = json!({"sessionId": "1", "workerInfo": {"workerId": "2", "type": "worker", "title": "[worker 2] cache", "url": "file:///w.js"}, "waitingForDebugger": false});
         let a = attached(&p).unwrap();
-        assert_eq!((a.session_id.as_str(), a.info.id.as_str(), a.info.title.as_str(), a.info.url.as_str()), ("1", "2", "[worker 2] cache", "file:///w.js"));
+        assert_eq!(
+            (
+                a.session_id.as_str(),
+                a.info.id.as_str(),
+                a.info.title.as_str(),
+                a.info.url.as_str()
+            ),
+            ("1", "2", "[worker 2] cache", "file:///w.js")
+        );
         assert!(attached(&json!({"sessionId": "1"})).is_none());
         assert!(attached(&json!({"sessionId": "a b", "workerInfo": {"workerId": "2"}})).is_none());
     }
