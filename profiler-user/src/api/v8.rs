@@ -1,7 +1,7 @@
-//! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]):
-//!
-//! Every V8 route takes `?thread=`: `main` (the default), a worker's id, or (summary and
-//! profile) `all`; see [`crate::v8::workers`].
+//! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]). The
+//! threads, summary, snapshot and profile routes reach `worker_threads` workers too: `?thread=`
+//! is `main` (the default), a worker's id, or (summary and profile) `all`; see
+//! [`crate::v8::workers`].
 //!
 //! - `GET /v1/targets/{id}/v8/threads` (read): the JavaScript threads (main, then each
 //!   `worker_threads` worker: id, type, title, url).
