@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, require_root, Fixture};
+use common::{agent::*, require_root, spawn_record, Fixture};
 use profiler_user::v8::{inspector::own_listeners, workers, Thread};
 use serde_json::Value;
 
@@ -468,4 +468,55 @@ fn v8_heap_limit_trigger() {
     );
     assert!(alive(node.pid));
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
+}
+
+/// `memscope record --on-heap-limit 40%` on the same node: one snapshot with reason
+/// `heap_limit` and beside it `0001-heap_limit.v8.json`, the V8 summary with the used heap
+/// (>= 40% of the limit) and the Ballast objects; no second firing while the heap stays there.
+#[test]
+fn v8_heap_limit_with_record() {
+    require_root();
+    let _turn = host_netns_turn();
+    let mut cmd = Command::new("node");
+    cmd.arg("--max-old-space-size=64").arg(fixture("node_heap_limit.js"));
+    let mut node = Fixture::spawn(cmd);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rec");
+    let mut rec = spawn_record(node.pid, &out, &["--on-heap-limit", "40%", "--min-spacing", "1s"]);
+    // The recording has started once its snapshots directory exists.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.join("snapshots").exists() {
+        assert!(Instant::now() < deadline, "memscope record did not start");
+        assert!(rec.try_wait().unwrap().is_none(), "memscope record exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let at = node.ask("grow-to 48");
+    assert!(at.starts_with("at "), "fixture said {at:?}");
+    let summary = out.join("snapshots/0001-heap_limit.v8.json");
+    // V8 walks a ~55 MB heap under the recording's allocator probes: slow on a loaded machine.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(150);
+    let v: Value = loop {
+        if let Some(v) = std::fs::read(&summary).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            break v;
+        }
+        if Instant::now() > deadline {
+            let _ = rec.kill();
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut rec.stderr.take().unwrap(), &mut err).unwrap();
+            let files: Vec<_> = std::fs::read_dir(out.join("snapshots")).unwrap().flatten().map(|e| e.file_name()).collect();
+            panic!("no {} in 150 s; files {files:?}; memscope record said:\n{err}", summary.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("heap_limit summary written {:?} after the heap reached 48%: {}", started.elapsed(), v["heap"]);
+    let (used, limit) = (v["heap"]["used"].as_u64().unwrap(), v["heap"]["limit"].as_u64().unwrap());
+    assert!(used * 100 >= limit * 40 && used < limit, "{}", v["heap"]);
+    assert!(count(&v, "Ballast") > 0, "no Ballast in the summary");
+    assert!(out.join("snapshots/0001-heap_limit.json").exists());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!out.join("snapshots/0002-heap_limit.json").exists(), "fired twice");
+    let _ = rec.kill();
+    let _ = rec.wait();
+    assert!(alive(node.pid));
 }
