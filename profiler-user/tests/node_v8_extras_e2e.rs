@@ -357,7 +357,7 @@ fn used_heap_sessions(a: &Agent) -> usize {
 /// `heap_limit=40%` on a node started with `--max-old-space-size=64` (its limit: ~112 MiB with
 /// the young generation; out of memory at ~57% of it): while the heap is small, no firing and
 /// no inspector session to read it (the RssAnon bound is below the threshold); as the heap
-/// grows past 40% and stays there (48%), one firing, stored as a snapshot with reason
+/// grows past 40% and stays there (45%, well below the ~57% where it runs out), one firing, stored as a snapshot with reason
 /// `heap_limit` whose V8 summary has the used heap (>= 40%, < 100% of the limit) and the
 /// Ballast objects; the target lives on.
 #[test]
@@ -400,16 +400,17 @@ fn v8_heap_limit_trigger() {
         a.log()
     );
 
-    let at = node.ask("grow-to 48");
+    let at = node.ask("grow-to 45");
     let f: Vec<u64> = at
         .strip_prefix("at ")
         .unwrap_or_else(|| panic!("fixture said {at:?}"))
         .split(' ')
         .map(|n| n.parse().unwrap())
         .collect();
-    assert!(f[0] * 100 >= f[1] * 48, "{at}");
+    assert!(f[0] * 100 >= f[1] * 45, "{at}");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The summary follows the native snapshot; V8 walks the heap under the agent's probes.
+    let deadline = Instant::now() + Duration::from_secs(180);
     let heap = loop {
         // Polled gently: the agent rate-limits each token (429 is retried).
         std::thread::sleep(Duration::from_secs(1));
@@ -445,7 +446,7 @@ fn v8_heap_limit_trigger() {
         }
         assert!(
             Instant::now() < deadline,
-            "no heap_limit summary in 60 s: {:#?}",
+            "no heap_limit summary in 180 s: {:#?}",
             a.log()
         );
     };
@@ -490,7 +491,7 @@ fn v8_heap_limit_with_record() {
         assert!(rec.try_wait().unwrap().is_none(), "memscope record exited");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let at = node.ask("grow-to 48");
+    let at = node.ask("grow-to 45");
     assert!(at.starts_with("at "), "fixture said {at:?}");
     let summary = out.join("snapshots/0001-heap_limit.v8.json");
     // V8 walks a ~55 MB heap under the recording's allocator probes: slow on a loaded machine.
@@ -509,7 +510,7 @@ fn v8_heap_limit_with_record() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    eprintln!("heap_limit summary written {:?} after the heap reached 48%: {}", started.elapsed(), v["heap"]);
+    eprintln!("heap_limit summary written {:?} after the heap reached 45%: {}", started.elapsed(), v["heap"]);
     let (used, limit) = (v["heap"]["used"].as_u64().unwrap(), v["heap"]["limit"].as_u64().unwrap());
     assert!(used * 100 >= limit * 40 && used < limit, "{}", v["heap"]);
     assert!(count(&v, "Ballast") > 0, "no Ballast in the summary");
