@@ -139,7 +139,7 @@ pub fn attach(insp: &mut Inspector) -> Result<Vec<Attached>, V8Error> {
             Ok(())
         },
     )?;
-    out.sort_by(|a, b| natural(&a.info.id).cmp(&natural(&b.info.id)));
+    out.sort_by_key(|a| natural(&a.info.id));
     Ok(out)
 }
 
