@@ -40,6 +40,11 @@ impl Process {
         self.pid
     }
 
+    /// When the process started (clock ticks after boot): with the pid, its identity.
+    pub fn start_ticks(&self) -> u64 {
+        self.start_ticks
+    }
+
     /// Still running (a zombie counts as exited), and `pid` still names it.
     pub fn alive(&self) -> bool {
         match &self.pidfd {

@@ -52,6 +52,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/workloads/{wid}/snapshots"),
     ("GET", "/v1/targets/{id}/v8/heap-snapshot"),
     ("GET", "/v1/targets/{id}/v8/heap-profile"),
+    ("GET", "/v1/targets/{id}/v8/threads"),
+    ("GET", "/v1/targets/{id}/v8/summary"),
     ("POST", "/v1/targets/{id}/actions/gc"),
     ("POST", "/v1/targets/{id}/actions/eval"),
 ];
@@ -269,6 +271,19 @@ pub fn routes(
         .and(query())
         .and_then(|id, p, s, q| async move { done(super::v8::heap_profile(s, p, id, q).await) })
         .boxed();
+    let v8_threads = warp::path!("v1" / "targets" / u32 / "v8" / "threads")
+        .and(warp::get())
+        .and(auth(Role::Read))
+        .and(st())
+        .and_then(|id, p, s| async move { done(super::v8::threads(s, p, id).await) })
+        .boxed();
+    let v8_summary = warp::path!("v1" / "targets" / u32 / "v8" / "summary")
+        .and(warp::get())
+        .and(auth(Role::Admin))
+        .and(st())
+        .and(query())
+        .and_then(|id, p, s, q| async move { done(super::v8::summary(s, p, id, q).await) })
+        .boxed();
     let v8_gc = warp::path!("v1" / "targets" / u32 / "actions" / "gc")
         .and(warp::post())
         .and(auth(Role::Admin))
@@ -387,6 +402,10 @@ pub fn routes(
         .or(v8_snapshot)
         .unify()
         .or(v8_profile)
+        .unify()
+        .or(v8_threads)
+        .unify()
+        .or(v8_summary)
         .unify()
         .or(v8_gc)
         .unify()

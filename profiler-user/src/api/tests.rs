@@ -271,7 +271,7 @@ const WORKLOAD: &str = "fake-000000000001";
 fn needed_role(method: &str, template: &str) -> Option<&'static str> {
     match (method, template) {
         ("GET", "/healthz" | "/readyz" | "/v1/openapi.json") => None,
-        ("GET", t) if t.ends_with("/v8/heap-snapshot") => Some("admin"),
+        ("GET", t) if t.ends_with("/v8/heap-snapshot") || t.ends_with("/v8/summary") => Some("admin"),
         (_, t) if t.ends_with("/actions/eval") => Some("eval"),
         ("GET", _) => Some("read"),
         _ => Some("admin"),

@@ -412,7 +412,11 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
                 info!(pid, reason = %f.reason, id = %stored.meta.id, live_bytes = profile.totals.live_bytes,
                       latency_ms = now_ms().saturating_sub(f.at_ms), "triggered snapshot stored");
                 note_snapshot(state, tracking, &profile, &stored.meta.id, &stored.removed);
-                super::v8::note_snapshot(state, tracking, target, &stored.meta.id, &store_reason(&f.reason), &stored.removed);
+                if f.reason == crate::trigger::spec::HEAP_LIMIT_REASON {
+                    super::v8::note_heap_limit(state, tracking, target, &stored.meta.id, &store_reason(&f.reason), &stored.removed);
+                } else {
+                    super::v8::note_snapshot(state, tracking, target, &stored.meta.id, &store_reason(&f.reason), &stored.removed);
+                }
             }
             Err(e) => warn!(pid, reason = %f.reason, error = %e, "storing a triggered snapshot failed"),
         }

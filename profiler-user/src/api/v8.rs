@@ -1,5 +1,13 @@
-//! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]):
+//! The JavaScript heap of Node.js targets through the endpoint (see [`crate::v8`]). The
+//! threads, summary, snapshot and profile routes reach `worker_threads` workers too: `?thread=`
+//! is `main` (the default), a worker's id, or (summary and profile) `all`; see
+//! [`crate::v8::workers`].
 //!
+//! - `GET /v1/targets/{id}/v8/threads` (read): the JavaScript threads (main, then each
+//!   `worker_threads` worker: id, type, title, url).
+//! - `GET /v1/targets/{id}/v8/summary[?gc=true]` (admin: V8 pauses the target as for a
+//!   snapshot): objects per constructor of a heap snapshot summarized as it streams, with its
+//!   thread; for `thread=all` a list of them.
 //! - `GET /v1/targets/{id}/v8/heap-snapshot[?gc=true]` (admin): the `.heapsnapshot` streamed as
 //!   V8 writes it (each chunk goes out as it comes; the agent holds a few chunks per client).
 //!   One per target at a time: a request that arrives while another is being prepared (the
@@ -51,7 +59,10 @@ use crate::{
     render,
     process::Process,
     target::TracedTarget,
-    v8::{growth as v8_growth, inspector::CancelOnDrop, sampling, snapshot, summary::HeapSummary, Budget, Cancel, Inspector, V8Error},
+    v8::{
+        growth as v8_growth, heap_limit::HeapUsage, inspector::CancelOnDrop, sampling, snapshot, summary::HeapSummary, workers,
+        Budget, Cancel, Inspector, Thread, V8Error,
+    },
 };
 
 /// Longest sampling accepted.
@@ -71,6 +82,7 @@ struct Flight {
     gc: bool,
     /// Tells this flight from a later one of the same process.
     generation: u64,
+    thread: Thread,
     /// The clients; `None` once bytes flow (no one can join then).
     waiting: Option<Vec<tokio::sync::mpsc::Sender<Chunk>>>,
     /// What the clients hold; gone once the last client has gone.
@@ -132,6 +144,46 @@ fn flag(q: &Params, k: &str) -> Result<bool, ApiError> {
     }
 }
 
+fn thread_param(q: &Params) -> Result<Thread, ApiError> {
+    q.get("thread").unwrap_or("main").parse().map_err(|e: String| ApiError::bad_request("bad_thread", e))
+}
+
+/// `GET /v1/targets/{id}/v8/threads`: the JavaScript threads of the target.
+pub(crate) async fn threads(state: Arc<State>, p: Principal, id: u32) -> Result<Response, ApiError> {
+    let process = node_target(&state, id)?;
+    let pid = process.pid();
+    let purpose = format!("api: v8 threads by {}", p.name);
+    cancellable(&state, format!("target:{id}|v8-threads"), move |budget| {
+        let list = workers::threads_of(process, &purpose, budget).map_err(v8_error)?;
+        let body = serde_json::to_vec(&serde_json::json!({ "pid": pid, "threads": list }))
+            .map_err(|e| ApiError::internal("internal", e.to_string()))?;
+        Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
+    })
+    .await
+}
+
+/// `GET /v1/targets/{id}/v8/summary[?gc=true&thread=T]`: a heap summary of one thread (its
+/// [`workers::ThreadSummary`]), or of every thread (`thread=all`: a list of them).
+pub(crate) async fn summary(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
+    let route = format!("/v1/targets/{id}/v8/summary");
+    let result = async {
+        let q = Params::parse(q, &["gc", "thread"])?;
+        let (gc, thread) = (flag(&q, "gc")?, thread_param(&q)?);
+        let process = node_target(&state, id)?;
+        let reason = format!("api by {}", p.name);
+        cancellable(&state, format!("target:{id}|v8-summary|{gc}|{thread}"), move |budget| {
+            let mut list = workers::summaries_of(process, &thread, gc, &reason, budget).map_err(v8_error)?;
+            let body = if thread == Thread::All { serde_json::to_vec(&list) } else { serde_json::to_vec(&list.pop()) }
+                .map_err(|e| ApiError::internal("internal", e.to_string()))?;
+            Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
+        })
+        .await
+    }
+    .await;
+    audit_action(&p, &Method::GET, &route, result.as_ref().map(|_| "v8 heap summary"));
+    result
+}
+
 pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
     let route = format!("/v1/targets/{id}/v8/heap-snapshot");
     let result = heap_snapshot_inner(&state, &p, id, q).await;
@@ -140,8 +192,12 @@ pub(crate) async fn heap_snapshot(state: Arc<State>, p: Principal, id: u32, q: V
 }
 
 async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let q = Params::parse(q, &["gc"])?;
+    let q = Params::parse(q, &["gc", "thread"])?;
     let gc = flag(&q, "gc")?;
+    let thread = thread_param(&q)?;
+    if thread == Thread::All {
+        return Err(ApiError::bad_request("bad_thread", "a heap snapshot is of one thread: main or a worker's id"));
+    }
     let process = node_target(state, id)?;
     let pid = process.pid();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(CHUNKS_PER_CLIENT);
@@ -149,7 +205,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         let mut flights = state.v8.flights.lock().unwrap();
         let joined = match flights.get_mut(&pid) {
             Some(f) => match f.hold.upgrade() {
-                Some(hold) if f.gc == gc && f.waiting.is_some() => {
+                Some(hold) if f.gc == gc && f.thread == thread && f.waiting.is_some() => {
                     f.waiting.as_mut().expect("checked").push(tx.clone());
                     Some(hold)
                 }
@@ -169,7 +225,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
                 let cancel = Cancel::new();
                 let hold = Arc::new(FlightHold { _permit: permit, _cancel: cancel.on_drop() });
                 let generation = state.v8.next_flight.fetch_add(1, Ordering::Relaxed);
-                flights.insert(pid, Flight { gc, generation, waiting: Some(vec![tx]), hold: Arc::downgrade(&hold) });
+                flights.insert(pid, Flight { gc, generation, thread: thread.clone(), waiting: Some(vec![tx]), hold: Arc::downgrade(&hold) });
                 (hold, Some((generation, cancel)))
             }
         }
@@ -180,7 +236,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         let budget = budget(state, cancel);
         // Holds no permit: the clients do (`hold`).
         tokio::task::spawn_blocking(move || {
-            stream_snapshot(&st, process, gc, &purpose, budget, generation);
+            stream_snapshot(&st, process, gc, &thread, &purpose, budget, generation);
             let mut flights = st.v8.flights.lock().unwrap();
             if flights.get(&pid).is_some_and(|f| f.generation == generation) {
                 flights.remove(&pid);
@@ -207,7 +263,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 
 /// The producer: opens the session, streams every chunk to every client (at the pace of the
 /// slowest), stops when all are gone.
-fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str, budget: Budget, generation: u64) {
+fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, thread: &Thread, purpose: &str, budget: Budget, generation: u64) {
     let pid = process.pid();
     let timeout = budget.left();
     let waiting = || {
@@ -216,7 +272,7 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
     let result = Inspector::open(process, purpose, budget).and_then(|mut insp| {
-        let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
+        let mut sink = |chunk: &str| {
             if !started {
                 started = true;
                 clients = waiting();
@@ -228,7 +284,9 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
                 return Err(V8Error::Sink("every client went away".into()));
             }
             Ok(())
-        })?;
+        };
+        let mut taken = workers::with_threads(&mut insp, thread, |_, s| snapshot::take(s, gc, timeout, &mut sink))?;
+        let bytes = taken.pop().map(|(_, b)| b).unwrap_or(0);
         insp.close()?;
         Ok(bytes)
     });
@@ -248,7 +306,8 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
 }
 
 pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let q = Params::parse(q, &["seconds", "format", "interval"])?;
+    let q = Params::parse(q, &["seconds", "format", "interval", "thread"])?;
+    let thread = thread_param(&q)?;
     let limit = MAX_SECONDS.min(state.limits.request_timeout.as_secs().saturating_sub(5)).max(1);
     let seconds = match q.get("seconds") {
         None => 10.min(limit),
@@ -266,12 +325,12 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
     };
     let process = node_target(&state, id)?;
     let pid = process.pid();
-    let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}", format.name());
+    let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}|{thread}", format.name());
     let purpose = format!("api: heap-profile by {}", p.name);
     let timeout = state.limits.request_timeout;
     let work = move |cancel: Cancel| {
         let mut insp = Inspector::open(process, &purpose, Budget::with_cancel(timeout, cancel)).map_err(v8_error)?;
-        let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
+        let prof = workers::profile_threads(&mut insp, &thread, Duration::from_secs(seconds), interval).map_err(v8_error)?;
         insp.close().map_err(v8_error)?;
         let body = match format {
             render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
@@ -280,6 +339,25 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
         .map_err(|e| ApiError::internal("render_failed", e.to_string()))?;
         Ok(Rendered { content_type: format.content_type(), body: Bytes::from(body), status: 200 })
     };
+    let result = match tokio::time::timeout(timeout, state.flights.run_cancellable(key, &state.expensive, work)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::timeout(timeout)),
+    };
+    if matches!(&result, Err(e) if e.code == "busy") {
+        state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(rendered_reply(&*result?))
+}
+
+/// Runs `work` (an inspector session, given the request's [`Budget`]) through single-flight
+/// under `key`, its render slot held by the requests that wait for it: when they all end early
+/// (timeout, client gone) the session is cancelled and the slot is free at once.
+async fn cancellable<F>(state: &State, key: String, work: F) -> Result<Response, ApiError>
+where
+    F: FnOnce(Budget) -> Result<Rendered, ApiError> + Send + 'static,
+{
+    let timeout = state.limits.request_timeout;
+    let work = move |cancel: Cancel| work(Budget::with_cancel(timeout, cancel));
     let result = match tokio::time::timeout(timeout, state.flights.run_cancellable(key, &state.expensive, work)).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::timeout(timeout)),
@@ -409,6 +487,9 @@ struct StoredSummary {
     summary: HeapSummary,
     #[serde(default)]
     verdicts: HashMap<String, Verdict>,
+    /// V8's used heap and limit when it was taken (summaries of the `heap_limit` trigger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heap: Option<HeapUsage>,
 }
 
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
@@ -434,7 +515,7 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     let budget = Budget::new(state.limits.request_timeout);
     let result = crate::v8::summary_of(process, false, reason, budget).map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
-        let stored = StoredSummary { summary, verdicts };
+        let stored = StoredSummary { summary, verdicts, heap: None };
         let dir = path.parent().expect("has a parent");
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!(".{id}.json.tmp"));
@@ -446,6 +527,44 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     match result {
         Ok((n, summaries, growing)) => info!(pid, id, reason, constructors = n, summaries, growing, "V8 heap summary stored"),
         Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary failed"),
+    }
+}
+
+/// After a `heap_limit` trigger's snapshot of `target` was stored as `id`: reads V8's used
+/// heap and limit and takes a V8 heap summary in one inspector session (whether or not the
+/// agent runs with `--v8-summaries`), adds the summary to the target's series and keeps it,
+/// with the heap figures, beside the snapshot. Blocking; failures are logged.
+pub(crate) fn note_heap_limit(state: &State, tracking: &Tracking, target: &dyn TracedTarget, id: &str, reason: &str, removed: &[String]) {
+    for r in removed {
+        let _ = std::fs::remove_file(summary_path(state, r));
+    }
+    // The process attached, never whatever has its pid now.
+    let Some(process) = target.process() else {
+        tracing::warn!(pid = target.pid(), id, reason, "V8 heap summary near the heap limit skipped: the target is not held by identity");
+        return;
+    };
+    let pid = process.pid();
+    let path = summary_path(state, id);
+    let budget = Budget::new(state.limits.request_timeout);
+    let taken = Inspector::open(process, &format!("trigger {reason}: summary"), budget).and_then(|mut insp| {
+        let heap = crate::v8::heap_limit::read(&mut insp)?;
+        let summary = crate::v8::summary_with(&mut insp, false, reason)?;
+        insp.close()?;
+        Ok((heap, summary))
+    });
+    let result = taken.map_err(|e| e.to_string()).and_then(|(heap, summary)| {
+        let (verdicts, _) = tracking.note_v8_summary(&summary);
+        let stored = StoredSummary { summary, verdicts, heap: Some(heap) };
+        let dir = path.parent().expect("has a parent");
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!(".{id}.json.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(&stored).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+        Ok(heap)
+    });
+    match result {
+        Ok(h) => info!(pid, id, used = h.used, limit = h.limit, percent = h.percent(), "V8 heap summary near the heap limit stored"),
+        Err(e) => tracing::warn!(pid, id, reason, error = %e, "V8 heap summary near the heap limit failed"),
     }
 }
 
@@ -495,5 +614,8 @@ pub(crate) fn annotate_leaks(tracking: &Tracking, top: usize, json: &mut serde_j
 pub(crate) fn annotate_stored_leaks(state: &State, id: &str, top: usize, json: &mut serde_json::Value) {
     if let Some(s) = load_summary(state, id) {
         json["v8"] = serde_json::to_value(v8_growth::report(&s.summary, &s.verdicts, top)).unwrap_or_default();
+        if let Some(h) = s.heap {
+            json["v8"]["heap"] = serde_json::json!({ "used": h.used, "limit": h.limit, "total": h.total, "percent": h.percent() });
+        }
     }
 }

@@ -193,7 +193,8 @@ pub enum TriggersAction {
         json: bool,
     },
     /// Add triggers to a target (admin token), all or none: specs as in the agent's API
-    /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`).
+    /// (`every=30s`, `growth=20%`, `rss=1GiB`, `return=SYMBOL`, `usdt=PROVIDER:NAME`, `exit`, `gc`,
+    /// `heap_limit=80%`).
     Add {
         /// The target's pid.
         pid: u32,
@@ -409,8 +410,32 @@ impl Client {
     }
 }
 
+/// One request to the agent, its answer read whole (for `memscope v8 --agent`).
+pub(crate) fn request(conn: &ConnArgs, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    Ok(Client::new(conn)?.call(method, path, body)?.body)
+}
+
+/// A GET to the agent whose answer goes to `out` as it comes (a heap snapshot is not held
+/// whole); returns the bytes written. Errors as [`Client::call`] gives them.
+pub(crate) fn get_streamed(conn: &ConnArgs, path: &str, out: &mut dyn Write) -> anyhow::Result<u64> {
+    let c = Client::new(conn)?;
+    let mut req = c.http.get(format!("{}{path}", c.base));
+    if let Some(t) = &c.token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut resp = req.call().map_err(|e| c.transport_error(e))?;
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = resp.body_mut().with_config().limit(1 << 20).read_to_vec().unwrap_or_default();
+        bail!(c.status_error(status, retry_after.as_deref(), &body));
+    }
+    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    std::io::copy(&mut reader, out).map_err(|e| anyhow!("reading the agent's answer: {e}"))
+}
+
 /// `?k=v&...` with values percent-encoded.
-fn query(pairs: &[(&str, Option<String>)]) -> String {
+pub(crate) fn query(pairs: &[(&str, Option<String>)]) -> String {
     let mut out = String::new();
     for (k, v) in pairs {
         let Some(v) = v else { continue };

@@ -233,11 +233,41 @@ impl Triggered {
                 profile.duration_s,
                 render::human_bytes(profile.totals.live_bytes),
             );
+            if fired.reason == crate::trigger::spec::HEAP_LIMIT_REASON {
+                self.write_heap_limit_summary(session, &file);
+            }
             if fired.reason == TriggerSpec::Exit.reason() {
                 self.exit_profile = Some(profile);
             }
         }
         Ok(())
+    }
+
+    /// A `heap_limit` firing: V8's used heap and limit and a V8 heap summary, read in one
+    /// inspector session, beside the snapshot `file` as `<file stem>.v8.json`. Failures are
+    /// reported, not fatal.
+    fn write_heap_limit_summary(&self, session: &Session, file: &str) {
+        // The traced process by identity, never whatever has its pid now; one deadline for the
+        // whole session (the heap figures, then a snapshot streamed into the summary).
+        let budget = crate::v8::Budget::new(crate::v8::inspector::DEFAULT_CALL_TIMEOUT + crate::v8::heap_limit::SESSION_TIMEOUT);
+        let taken = crate::v8::Inspector::open(session.process().clone(), "record: heap_limit summary", budget).and_then(|mut insp| {
+            let heap = crate::v8::heap_limit::read(&mut insp)?;
+            let summary = crate::v8::summary_with(&mut insp, false, crate::trigger::spec::HEAP_LIMIT_REASON)?;
+            insp.close()?;
+            Ok((heap, summary))
+        });
+        let path = self.dir.join(format!("{}.v8.json", file.trim_end_matches(".json")));
+        let written = taken.map_err(anyhow::Error::new).and_then(|(heap, summary)| {
+            let mut v = serde_json::to_value(&summary)?;
+            v["heap"] = serde_json::json!({ "used": heap.used, "limit": heap.limit, "total": heap.total, "percent": heap.percent() });
+            fs::write(&path, serde_json::to_string_pretty(&v)?).with_context(|| format!("writing {}", path.display()))?;
+            Ok(heap)
+        });
+        match written {
+            Ok(h) => eprintln!("memscope: V8 heap at {:.0}% of its limit ({} of {}) -> snapshots/{}", h.percent(),
+                render::human_bytes(h.used), render::human_bytes(h.limit), path.file_name().unwrap_or_default().to_string_lossy()),
+            Err(e) => eprintln!("memscope: V8 heap summary for heap_limit failed: {}", super::one_line(&e)),
+        }
     }
 
     fn write_index(&self) -> anyhow::Result<()> {

@@ -37,6 +37,11 @@ pub struct TriggerArgs {
     /// v8::internal::Heap::CollectGarbage, reason `gc`).
     #[arg(long, help_heading = "Triggers")]
     pub on_gc: bool,
+    /// Node.js: a V8 heap summary (with the snapshot) when V8's used heap crosses this
+    /// percentage of its limit (e.g. 80%), once per crossing: the outside equivalent of
+    /// --heapsnapshot-near-heap-limit.
+    #[arg(long, value_name = "PCT", value_parser = spec::parse_heap_limit, help_heading = "Triggers")]
+    pub on_heap_limit: Option<f64>,
     /// Each trigger fires at most once per this long; its firings in between are counted as
     /// suppressed.
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Triggers")]
@@ -53,6 +58,7 @@ impl Default for TriggerArgs {
             on_usdt: Vec::new(),
             on_exit: false,
             on_gc: false,
+            on_heap_limit: None,
             min_spacing: DEFAULT_MIN_SPACING,
         }
     }
@@ -85,6 +91,9 @@ impl TriggerArgs {
         }
         if self.on_gc {
             add(TriggerSpec::Gc, "--on-gc".into())?;
+        }
+        if let Some(p) = self.on_heap_limit {
+            add(TriggerSpec::HeapLimit(p), format!("--on-heap-limit {p}%"))?;
         }
         if self.on_exit {
             add(TriggerSpec::Exit, "--on-exit".into())?;

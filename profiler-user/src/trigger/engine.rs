@@ -12,6 +12,12 @@
 //!   `memory.current`, v1 `memory.usage_in_bytes`); fires when it is at or above the
 //!   threshold and armed, then re-arms once it falls below 90% of it (also fires at the first
 //!   poll if the target is already above);
+//! - heap_limit: the process's `RssAnon` (an upper bound of V8's used heap) against PCT of V8's
+//!   heap limit (read once per process, cached); only when that bound is at or above the
+//!   threshold, V8's used heap itself through an inspector session (at most once per
+//!   [`heap_limit::CHECK_SPACING`]); fires when the used heap is at or above the threshold and
+//!   armed, re-arms once it is below 90% of it (checked through a session at most once per
+//!   [`heap_limit::REARM_CHECK_SPACING`] while the bound stays above that);
 //! - return / usdt / gc: hit counters of uprobes the engine attached (via [`TriggerHost`]);
 //!   `gc` is a return trigger on V8's [`V8_GC_FUNCTION`] with its own reason;
 //! - exit: whether the target still runs. The exit firing ignores the minimum spacing; after
@@ -44,6 +50,7 @@ use super::{
 };
 use crate::{
     bpf::attach::TriggerPoint,
+    v8::heap_limit::{self, HeapUsage},
     procfs,
     session::Session,
     target::TracedTarget as _,
@@ -73,6 +80,19 @@ pub trait TriggerHost {
     }
     fn cgroup_memory_bytes(&self) -> Option<u64> {
         cgroup_memory(self.pid())
+    }
+    /// `RssAnon`: the upper bound of V8's used heap the `heap_limit` trigger polls.
+    fn rss_anon_bytes(&self) -> Option<u64> {
+        heap_limit::rss_anon(self.pid())
+    }
+    /// V8's heap limit (cached per process; the first call opens an inspector session). The
+    /// default refuses: an inspector session acts on a process attached by identity only.
+    fn v8_heap_limit(&self) -> anyhow::Result<u64> {
+        anyhow::bail!("process {} is not attached by identity: no V8 inspector session", self.pid())
+    }
+    /// V8's used heap and limit, through an inspector session (`None` by default, as above).
+    fn v8_heap(&self) -> Option<HeapUsage> {
+        None
     }
 }
 
@@ -119,6 +139,22 @@ impl TriggerHost for Session {
         let bytes = cgroup_memory(self.process().pid());
         self.process().verified(bytes).flatten()
     }
+    fn rss_anon_bytes(&self) -> Option<u64> {
+        let bytes = heap_limit::rss_anon(self.process().pid());
+        self.process().verified(bytes).flatten()
+    }
+    fn v8_heap_limit(&self) -> anyhow::Result<u64> {
+        let budget = crate::v8::Budget::new(heap_limit::SESSION_TIMEOUT);
+        Ok(heap_limit::limit_of(self.process(), "trigger heap_limit: the heap limit", budget)?)
+    }
+    fn v8_heap(&self) -> Option<HeapUsage> {
+        let budget = crate::v8::Budget::new(heap_limit::SESSION_TIMEOUT);
+        let u = heap_limit::usage_of(self.process(), "trigger heap_limit: the used heap", budget);
+        if let Err(e) = &u {
+            debug!(pid = self.process().pid(), error = %e, "reading V8's used heap");
+        }
+        self.process().verified(u.ok()).flatten()
+    }
     fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
         Session::trigger_hits(self)
     }
@@ -153,6 +189,8 @@ enum State {
     Growth { threshold: GrowthThreshold, pending: bool },
     Rss { threshold: u64, source: MemorySource, armed: bool, pending: bool },
     Probe { slots: Vec<u32>, seen: u64 },
+    /// `over`: the last reading of the used heap was at or above the threshold.
+    HeapLimit { percent: f64, limit: u64, armed: bool, pending: bool, over: bool, next_check: Instant },
     Exit,
 }
 
@@ -225,6 +263,13 @@ impl TriggerEngine {
                         );
                     }
                     state_for(spec, now)
+                }
+                TriggerSpec::HeapLimit(percent) => {
+                    let limit = host.v8_heap_limit().with_context(|| {
+                        format!("--on-heap-limit: reading V8's heap limit of process {pid} (is it Node.js?)")
+                    })?;
+                    info!(pid, limit, percent, "trigger heap_limit: V8's heap limit read");
+                    State::HeapLimit { percent: *percent, limit, armed: true, pending: false, over: false, next_check: now }
                 }
                 other => state_for(other, now),
             };
@@ -340,6 +385,7 @@ impl TriggerEngine {
         let cgroup = has(|s| matches!(s, State::Rss { source: MemorySource::CgroupMemory, .. }))
             .then(|| host.cgroup_memory_bytes())
             .flatten();
+        let rss_anon = has(|s| matches!(s, State::HeapLimit { .. })).then(|| host.rss_anon_bytes()).flatten();
 
         let min_spacing = self.min_spacing;
         let mut out = Vec::new();
@@ -391,10 +437,35 @@ impl TriggerEngine {
                     *seen = total;
                     (new, false)
                 }
+                State::HeapLimit { percent, limit, armed, over, next_check, .. } => {
+                    let Some(bound) = rss_anon else { continue };
+                    let threshold = *limit as f64 * *percent / 100.0;
+                    let rearm_below = threshold * RSS_REARM_FRACTION;
+                    if (bound as f64) < rearm_below {
+                        // The used heap is below the re-arm level for sure: no session.
+                        *armed = true;
+                        *over = false;
+                        *next_check = now;
+                    } else if (bound as f64) >= threshold || !*armed {
+                        if now >= *next_check {
+                            if let Some(u) = host.v8_heap() {
+                                if !*armed && (u.used as f64) < rearm_below {
+                                    *armed = true;
+                                }
+                                *over = (u.used as f64) >= threshold;
+                                debug!(used = u.used, limit = u.limit, bound, armed = *armed, "trigger heap_limit: V8's used heap read");
+                            }
+                            *next_check = now + if *armed { heap_limit::CHECK_SPACING } else { heap_limit::REARM_CHECK_SPACING };
+                        }
+                    } else {
+                        *over = false;
+                    }
+                    (u64::from(*armed && *over), true)
+                }
                 State::Exit => (0, false),
             };
             let pending = match &mut t.state {
-                State::Growth { pending, .. } | State::Rss { pending, .. } => Some(pending),
+                State::Growth { pending, .. } | State::Rss { pending, .. } | State::HeapLimit { pending, .. } => Some(pending),
                 _ => None,
             };
             if wanted == 0 {
@@ -410,7 +481,7 @@ impl TriggerEngine {
                 if let Some(p) = pending {
                     *p = false;
                 }
-                if let State::Rss { armed, .. } = &mut t.state {
+                if let State::Rss { armed, .. } | State::HeapLimit { armed, .. } = &mut t.state {
                     *armed = false;
                 }
                 out.push(Fired { reason: t.spec.reason(), trigger: i, at: now, at_ms: now_ms });
@@ -463,6 +534,10 @@ fn state_for(spec: &TriggerSpec, now: Instant) -> State {
             State::Rss { threshold: *threshold, source: *source, armed: true, pending: false }
         }
         TriggerSpec::Exit => State::Exit,
+        // Needs the host (the limit): made in `attach`.
+        TriggerSpec::HeapLimit(percent) => {
+            State::HeapLimit { percent: *percent, limit: 0, armed: true, pending: false, over: false, next_check: now }
+        }
         TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } | TriggerSpec::Gc => {
             State::Probe { slots: Vec::new(), seen: 0 }
         }
@@ -485,6 +560,9 @@ mod tests {
         live: Cell<u64>,
         rss: Cell<u64>,
         hits: RefCell<Vec<u64>>,
+        anon: Cell<u64>,
+        used: Cell<u64>,
+        heap_reads: Cell<u32>,
     }
 
     impl TriggerHost for Fake {
@@ -511,6 +589,44 @@ mod tests {
         fn cgroup_memory_bytes(&self) -> Option<u64> {
             None
         }
+        fn rss_anon_bytes(&self) -> Option<u64> {
+            Some(self.anon.get())
+        }
+        fn v8_heap_limit(&self) -> anyhow::Result<u64> {
+            Ok(1000)
+        }
+        fn v8_heap(&self) -> Option<HeapUsage> {
+            self.heap_reads.set(self.heap_reads.get() + 1);
+            Some(HeapUsage { used: self.used.get(), limit: 1000, total: self.used.get() })
+        }
+    }
+
+    /// heap_limit: no session while the outside bound is below the threshold; a session per
+    /// CHECK_SPACING while it is above; fires once when the used heap crosses, not again while
+    /// above; re-arms once the bound (or the used heap) falls below 90% of the threshold.
+    #[test]
+    fn heap_limit_reads_v8_only_near_the_limit() {
+        let host = Fake::default();
+        let mut e = TriggerEngine::without_probes(&host, &[TriggerSpec::HeapLimit(50.0)], Duration::ZERO).unwrap();
+        let t0 = Instant::now();
+        let mut fired = 0;
+        let mut step = |anon: u64, used: u64, at_ms: u64| {
+            host.anon.set(anon);
+            host.used.set(used);
+            fired += e.poll_at(&host, ms(t0, at_ms), 0).len();
+            (fired, host.heap_reads.get())
+        };
+        assert_eq!(step(300, 100, 0), (0, 0), "far below: no session");
+        assert_eq!(step(499, 300, 20), (0, 0));
+        assert_eq!(step(600, 300, 40), (0, 1), "bound above: one read, used below");
+        assert_eq!(step(600, 510, 60), (0, 1), "within the check spacing: no read");
+        assert_eq!(step(700, 510, 1100), (1, 2), "read again: over the threshold");
+        assert_eq!(step(700, 520, 2200), (1, 3), "fired once per crossing");
+        assert_eq!(step(700, 400, 3300), (1, 3), "disarmed: re-arm checks are spaced more");
+        assert_eq!(step(700, 400, 14_000), (1, 4), "re-armed through a read");
+        assert_eq!(step(700, 520, 15_100), (2, 5), "crossed again");
+        assert_eq!(step(400, 100, 15_200), (2, 5), "bound below 90%: re-armed without a read");
+        assert_eq!(step(800, 600, 15_220), (3, 6));
     }
 
     /// An engine with a probe trigger on a fake host (no symbol lookup).

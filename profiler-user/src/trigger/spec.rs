@@ -1,11 +1,12 @@
 //! What a trigger is: parsed from command-line flags (`--every 30s`, `--on-growth 64MiB`,
 //! `--on-rss cgroup:1GiB`, `--on-return SYMBOL`, `--on-usdt provider:name`, `--on-exit`,
-//! `--on-gc`) or from one `kind=value` string (`every=30s`, `growth=20%`, `rss=1GiB`,
-//! `return=gc_cycle`, `usdt=myapp:gc_done`, `exit`, `gc`), the form an API or a config file
-//! can carry.
+//! `--on-gc`, `--on-heap-limit 80%`) or from one `kind=value` string (`every=30s`, `growth=20%`,
+//! `rss=1GiB`, `return=gc_cycle`, `usdt=myapp:gc_done`, `exit`, `gc`, `heap_limit=80%`), the
+//! form an API or a config file can carry.
 //!
 //! [`TriggerSpec`]'s `Display` is the *reason* stored with each snapshot it causes:
-//! `interval`, `growth`, `rss`, `return:SYMBOL`, `usdt:PROVIDER:NAME`, `exit`, `gc`.
+//! `interval`, `growth`, `rss`, `return:SYMBOL`, `usdt:PROVIDER:NAME`, `exit`, `gc`,
+//! `heap_limit`.
 use std::{fmt, str::FromStr, time::Duration};
 
 use crate::units::{parse_duration, parse_size};
@@ -37,7 +38,15 @@ pub enum TriggerSpec {
     /// At the end of each garbage collection of a Node.js (V8) process: a return trigger on
     /// [`V8_GC_FUNCTION`], with its own reason `gc` (`--on-gc`).
     Gc,
+    /// When V8's used heap (of a Node.js process's main thread) crosses this percentage of its
+    /// limit (`heap_size_limit`): the outside equivalent of `--heapsnapshot-near-heap-limit`.
+    /// Fires once per crossing; re-arms once the used heap is below 90% of the threshold. See
+    /// [`crate::v8::heap_limit`] for how it is watched without an inspector session per poll.
+    HeapLimit(f64),
 }
+
+/// The reason of [`TriggerSpec::HeapLimit`].
+pub const HEAP_LIMIT_REASON: &str = "heap_limit";
 
 /// How much growth of the live heap fires [`TriggerSpec::Growth`].
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,6 +79,7 @@ impl fmt::Display for TriggerSpec {
             TriggerSpec::Usdt { provider, name } => write!(f, "usdt:{provider}:{name}"),
             TriggerSpec::Exit => f.write_str("exit"),
             TriggerSpec::Gc => f.write_str("gc"),
+            TriggerSpec::HeapLimit(_) => f.write_str(HEAP_LIMIT_REASON),
         }
     }
 }
@@ -95,6 +105,7 @@ impl TriggerSpec {
             TriggerSpec::Usdt { provider, name } => format!("usdt={provider}:{name}"),
             TriggerSpec::Exit => "exit".to_string(),
             TriggerSpec::Gc => "gc".to_string(),
+            TriggerSpec::HeapLimit(p) => format!("heap_limit={p}%"),
         }
     }
 
@@ -142,6 +153,21 @@ pub fn parse_growth(s: &str) -> Result<GrowthThreshold, String> {
     Ok(GrowthThreshold::Bytes(b))
 }
 
+/// `--on-heap-limit`: a percentage of V8's heap limit, above 0 and at most 100 (`80%` or `80`).
+pub fn parse_heap_limit(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let p: f64 = t
+        .strip_suffix('%')
+        .unwrap_or(t)
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid heap limit percentage {s:?}: expected a percentage such as 80%"))?;
+    if !p.is_finite() || p <= 0.0 || p > 100.0 {
+        return Err(format!("invalid heap limit percentage {s:?}: above 0 and at most 100"));
+    }
+    Ok(p)
+}
+
 /// `--on-rss`: `SIZE` for the process's RSS, `cgroup:SIZE` for its cgroup's `memory.current`.
 pub fn parse_rss(s: &str) -> Result<(u64, MemorySource), String> {
     let s = s.trim();
@@ -185,7 +211,7 @@ impl FromStr for TriggerSpec {
     type Err = String;
 
     /// `every=DURATION`, `growth=SIZE|PCT%`, `rss=[cgroup:]SIZE`, `return=SYMBOL`,
-    /// `usdt=PROVIDER:NAME`, `exit`, `gc`.
+    /// `usdt=PROVIDER:NAME`, `exit`, `gc`, `heap_limit=PCT%`.
     fn from_str(s: &str) -> Result<TriggerSpec, String> {
         let s = s.trim();
         match s {
@@ -194,7 +220,7 @@ impl FromStr for TriggerSpec {
             _ => {}
         }
         let (kind, value) = s.split_once('=').ok_or_else(|| {
-            format!("invalid trigger {s:?}: expected kind=value (every, growth, rss, return, usdt), exit or gc")
+            format!("invalid trigger {s:?}: expected kind=value (every, growth, rss, return, usdt, heap_limit), exit or gc")
         })?;
         match kind.trim() {
             "every" | "interval" => parse_every(value).map(TriggerSpec::Interval),
@@ -202,7 +228,8 @@ impl FromStr for TriggerSpec {
             "rss" => parse_rss(value).map(|(threshold, source)| TriggerSpec::Rss { threshold, source }),
             "return" => parse_symbol(value).map(TriggerSpec::Return),
             "usdt" => parse_usdt(value).map(|(provider, name)| TriggerSpec::Usdt { provider, name }),
-            other => Err(format!("unknown trigger kind {other:?}: use every, growth, rss, return, usdt, exit or gc")),
+            "heap_limit" => parse_heap_limit(value).map(TriggerSpec::HeapLimit),
+            other => Err(format!("unknown trigger kind {other:?}: use every, growth, rss, return, usdt, heap_limit, exit or gc")),
         }
     }
 }
@@ -255,11 +282,13 @@ mod tests {
             TriggerSpec::Usdt { provider: "p".into(), name: "n".into() },
             TriggerSpec::Exit,
             TriggerSpec::Gc,
+            TriggerSpec::HeapLimit(80.0),
+            TriggerSpec::HeapLimit(62.5),
         ];
         let reasons: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
         assert_eq!(
             reasons,
-            ["interval", "interval", "growth", "growth", "rss", "rss", "return:gc_cycle", "usdt:p:n", "exit", "gc"]
+            ["interval", "interval", "growth", "growth", "rss", "rss", "return:gc_cycle", "usdt:p:n", "exit", "gc", "heap_limit", "heap_limit"]
         );
         for s in &specs {
             assert_eq!(&s.describe().parse::<TriggerSpec>().unwrap(), s, "{}", s.describe());
@@ -269,5 +298,10 @@ mod tests {
         assert!(TriggerSpec::Return("f".into()).needs_probe() && !TriggerSpec::Exit.needs_probe());
         assert!(TriggerSpec::Gc.needs_probe());
         assert!("gc=1".parse::<TriggerSpec>().is_err());
+        assert_eq!("heap_limit=75".parse::<TriggerSpec>().unwrap(), TriggerSpec::HeapLimit(75.0));
+        assert!(!TriggerSpec::HeapLimit(75.0).needs_probe());
+        for bad in ["heap_limit=0", "heap_limit=101%", "heap_limit=lots", "heap_limit=-5%"] {
+            assert!(bad.parse::<TriggerSpec>().is_err(), "{bad}");
+        }
     }
 }

@@ -890,6 +890,20 @@ impl Inspector {
         max_bytes: usize,
         mut on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
     ) -> Result<RawReply, V8Error> {
+        self.call_raw_events(method, params, timeout, max_bytes, |m, p| on_event(m, &event_params(p)?))
+    }
+
+    /// Like [`Self::call_raw`], with the events' params unparsed too (`None` when absent): for
+    /// events that carry a large payload the caller parses into typed structs (a worker's
+    /// nested answers, see [`super::workers`]).
+    pub fn call_raw_events(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        mut on_event: impl FnMut(&str, Option<&RawValue>) -> Result<(), V8Error>,
+    ) -> Result<RawReply, V8Error> {
         let id = self.next_id;
         self.next_id += 1;
         let max_bytes = max_bytes.clamp(MAX_MESSAGE_BYTES, MAX_PROFILE_MESSAGE_BYTES);
@@ -906,6 +920,38 @@ impl Inspector {
         });
     }
 
+    /// Reads the next text message within `deadline` (the caller's `timeout`) and the session's
+    /// budget; `None` when a read slice ended without one (or the message was not text).
+    fn read_text(&mut self, what: &str, deadline: Instant, timeout: Duration, max_bytes: usize) -> Result<Option<tungstenite::Utf8Bytes>, V8Error> {
+        if let Some(why) = &self.broken {
+            return Err(V8Error::Protocol(format!("the inspector session cannot be used for {what}: {why}")));
+        }
+        if Instant::now() >= deadline {
+            return Err(V8Error::Timeout(what.to_string(), timeout));
+        }
+        self.budget.check(what)?;
+        self.ws.get_ref().set_read_timeout(Some(self.budget.slice().min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))).ok();
+        let m = match self.ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => return Ok(None),
+            Err(tungstenite::Error::Capacity(e)) => {
+                let why = format!("the inspector of process {} sent a message larger than the {} MiB accepted during {what} ({e})", self.pid, max_bytes >> 20);
+                self.broken = Some(why.clone());
+                return Err(V8Error::TooLarge(why));
+            }
+            Err(e) => {
+                let why = format!("reading the answer to {what}: {e}");
+                self.broken = Some(why.clone());
+                return Err(V8Error::Protocol(why));
+            }
+        };
+        match m {
+            Message::Text(t) => Ok(Some(t)),
+            Message::Close(_) => Err(V8Error::Protocol(format!("the inspector closed the session during {what}"))),
+            _ => Ok(None),
+        }
+    }
+
     fn call_raw_inner(
         &mut self,
         id: u64,
@@ -913,7 +959,7 @@ impl Inspector {
         params: Value,
         timeout: Duration,
         max_bytes: usize,
-        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+        on_event: &mut dyn FnMut(&str, Option<&RawValue>) -> Result<(), V8Error>,
     ) -> Result<RawReply, V8Error> {
         if let Some(why) = &self.broken {
             return Err(V8Error::Protocol(format!("the inspector session cannot be used for {method}: {why}")));
@@ -924,30 +970,7 @@ impl Inspector {
         self.ws.send(Message::text(msg)).map_err(|e| V8Error::Protocol(format!("sending {method}: {e}")))?;
         let deadline = Instant::now() + timeout;
         loop {
-            if Instant::now() >= deadline {
-                return Err(V8Error::Timeout(method.to_string(), timeout));
-            }
-            self.budget.check(method)?;
-            self.ws.get_ref().set_read_timeout(Some(self.budget.slice().min(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))).ok();
-            let m = match self.ws.read() {
-                Ok(m) => m,
-                Err(tungstenite::Error::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
-                Err(tungstenite::Error::Capacity(e)) => {
-                    let why = format!("the inspector of process {} sent a message larger than the {} MiB accepted during {method} ({e})", self.pid, max_bytes >> 20);
-                    self.broken = Some(why.clone());
-                    return Err(V8Error::TooLarge(why));
-                }
-                Err(e) => {
-                    let why = format!("reading the answer to {method}: {e}");
-                    self.broken = Some(why.clone());
-                    return Err(V8Error::Protocol(why));
-                }
-            };
-            let text = match m {
-                Message::Text(t) => t,
-                Message::Close(_) => return Err(V8Error::Protocol(format!("the inspector closed the session during {method}"))),
-                _ => continue,
-            };
+            let Some(text) = self.read_text(method, deadline, timeout, max_bytes)? else { continue };
             let env: Envelope = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
             if env.id == Some(id) {
                 if let Some(err) = &env.error {
@@ -958,13 +981,36 @@ impl Inspector {
                 return Ok(RawReply(text));
             }
             if let Some(ev) = env.method {
-                let params: Value = match env.params {
-                    Some(p) => serde_json::from_str(p.get()).map_err(|_| V8Error::Protocol("the inspector sent an event that is not JSON".into()))?,
-                    None => Value::Null,
-                };
-                on_event(ev.as_ref(), &params)?;
+                on_event(ev.as_ref(), env.params)?;
             }
         }
+    }
+
+    /// Reads events (no call) until `on_event` returns `true` (done) or `timeout` passes (then
+    /// `V8Error::Timeout` naming `what`), within the session's budget and messages of at most
+    /// `max_bytes` (clamped as in [`Self::call_raw`]). For answers that come as events, e.g.
+    /// those of a worker's nested session (see [`super::workers`]). Events' params stay raw.
+    pub fn read_events_raw(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        max_bytes: usize,
+        mut on_event: impl FnMut(&str, Option<&RawValue>) -> Result<bool, V8Error>,
+    ) -> Result<(), V8Error> {
+        let max_bytes = max_bytes.clamp(MAX_MESSAGE_BYTES, MAX_PROFILE_MESSAGE_BYTES);
+        self.set_message_cap(max_bytes);
+        let deadline = Instant::now() + timeout;
+        let result = (|| loop {
+            let Some(text) = self.read_text(what, deadline, timeout, max_bytes)? else { continue };
+            let env: Envelope = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
+            if let Some(ev) = env.method {
+                if on_event(ev.as_ref(), env.params)? {
+                    return Ok(());
+                }
+            }
+        })();
+        self.set_message_cap(MAX_MESSAGE_BYTES);
+        result
     }
 
     /// Calls `method` and returns its result, ignoring events.
@@ -1061,10 +1107,45 @@ struct RemoteError {
     message: Option<String>,
 }
 
+/// An event's params as a JSON tree (`Null` when absent), for callers of events of a bounded
+/// size.
+fn event_params(p: Option<&RawValue>) -> Result<Value, V8Error> {
+    match p {
+        Some(p) => serde_json::from_str(p.get()).map_err(|_| V8Error::Protocol("the inspector sent an event that is not JSON".into())),
+        None => Ok(Value::Null),
+    }
+}
+
+/// The envelope of one protocol message, `text` (an inner message of a worker's session
+/// included): its id, method, params (raw) and error message.
+pub struct ParsedEnvelope<'a> {
+    pub id: Option<u64>,
+    pub method: Option<Cow<'a, str>>,
+    pub params: Option<&'a RawValue>,
+    /// The error's message (when the message is an error answer).
+    pub error: Option<String>,
+}
+
+/// Parses the envelope of `text` (the rest stays raw text).
+pub fn envelope(text: &str) -> Result<ParsedEnvelope<'_>, V8Error> {
+    let env: Envelope = serde_json::from_str(text).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
+    Ok(ParsedEnvelope {
+        id: env.id,
+        method: env.method,
+        params: env.params,
+        error: env.error.map(|e| e.message.unwrap_or_else(|| "error".into()).chars().take(200).collect()),
+    })
+}
+
 /// The answer to one call, unparsed (at most the call's message cap).
 pub struct RawReply(tungstenite::Utf8Bytes);
 
 impl RawReply {
+    /// An answer that came as text of its own (a worker's, nested in an event).
+    pub fn from_text(text: String) -> RawReply {
+        RawReply(text.into())
+    }
+
     /// The whole message's text.
     pub fn text(&self) -> &str {
         self.0.as_str()

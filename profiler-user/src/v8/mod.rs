@@ -4,17 +4,94 @@
 //! ([`sampling`]), and garbage collection or (opt-in) expression evaluation. [`inspector`] owns
 //! the session: the `SIGUSR1` check, the target's network namespace, the WebSocket, closing;
 //! [`guard`] keeps every other process off the inspector while memscope holds it.
+//! [`workers`] reaches the process's `worker_threads` through that session (nested sessions of
+//! the `NodeWorker` domain); [`heap_limit`] reads V8's heap limit and used heap for the
+//! `heap_limit` trigger. Every operation runs on a [`Protocol`]: the main thread's session or a
+//! worker's, within the session's one [`Budget`].
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
 pub mod growth;
 pub mod guard;
+pub mod heap_limit;
 pub mod inspector;
 pub mod sampling;
 pub mod snapshot;
 pub mod summary;
+pub mod workers;
 
-pub use inspector::{Budget, Cancel, Inspector};
+pub use inspector::{Budget, Cancel, Inspector, RawReply};
+pub use workers::{Thread, ThreadInfo, WorkerSession};
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A DevTools-protocol session of one JavaScript thread: the main thread's ([`Inspector`]) or a
+/// worker's ([`WorkerSession`], nested in the main one). Snapshots, summaries and sampling
+/// profiles run on either.
+pub trait Protocol {
+    /// The process.
+    fn pid(&self) -> u32;
+    /// The session's one deadline and cancellation (helpers that wait check it).
+    fn budget(&self) -> &Budget;
+    /// Calls `method` and waits (up to `timeout`) for its result; events that arrive meanwhile
+    /// go to `on_event(method, params)`, which may stop the call by returning an error.
+    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: F,
+    ) -> Result<Value, V8Error>;
+    /// Like [`Protocol::call_with_events`], accepting an answer of up to `max_bytes` (at most
+    /// [`inspector::MAX_PROFILE_MESSAGE_BYTES`]) and returning it unparsed, for the caller to
+    /// parse into typed structs.
+    fn call_raw<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        on_event: F,
+    ) -> Result<RawReply, V8Error>;
+    /// Calls `method` and returns its result, ignoring events.
+    fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
+        self.call_with_events(method, params, timeout, |_, _| Ok(()))
+    }
+    /// A full garbage collection (`HeapProfiler.collectGarbage`).
+    fn collect_garbage(&mut self) -> Result<(), V8Error> {
+        self.call("HeapProfiler.collectGarbage", json!({}), inspector::DEFAULT_CALL_TIMEOUT).map(|_| ())
+    }
+}
+
+impl Protocol for Inspector {
+    fn pid(&self) -> u32 {
+        Inspector::pid(self)
+    }
+    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: F,
+    ) -> Result<Value, V8Error> {
+        Inspector::call_with_events(self, method, params, timeout, on_event)
+    }
+    fn budget(&self) -> &Budget {
+        Inspector::budget(self)
+    }
+    fn call_raw<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        max_bytes: usize,
+        on_event: F,
+    ) -> Result<RawReply, V8Error> {
+        Inspector::call_raw(self, method, params, timeout, max_bytes, on_event)
+    }
+}
 
 /// Why a V8 operation failed or was refused. Each message is one line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +124,8 @@ pub enum V8Error {
     Busy(u32),
     #[error("the inspector of process {pid} still listens on port {port} after closing")]
     StillListening { pid: u32, port: u16 },
+    #[error("process {pid} has no JavaScript thread {thread:?} (see the thread listing)")]
+    NoSuchThread { pid: u32, thread: String },
     #[error("{0}")]
     Connect(String),
     #[error("{0}")]
@@ -69,6 +148,7 @@ impl V8Error {
             V8Error::Gone(_) => (410, "target_exited"),
             V8Error::Cancelled(_) => (503, "v8_cancelled"),
             V8Error::TooLarge(_) => (502, "v8_too_large"),
+            V8Error::NoSuchThread { .. } => (404, "no_such_thread"),
             V8Error::NoSigusr1Handler(_) => (409, "not_node"),
             V8Error::AlreadyOpen { .. } => (409, "inspector_in_use"),
             V8Error::PortTaken { .. } => (409, "inspector_port_taken"),
@@ -99,7 +179,7 @@ pub fn summary_of(
 }
 
 /// The summary of a snapshot taken through an open session.
-pub fn summary_with(insp: &mut Inspector, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
+pub fn summary_with(insp: &mut impl Protocol, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
     let pid = insp.pid();
     let taken = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let (tx, reader) = summary::ChunkReader::new();

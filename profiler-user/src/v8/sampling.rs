@@ -24,7 +24,7 @@ use serde::{
 };
 use serde_json::json;
 
-use super::{inspector::MAX_PROFILE_MESSAGE_BYTES, Inspector, V8Error};
+use super::{inspector::MAX_PROFILE_MESSAGE_BYTES, Protocol, V8Error};
 use crate::aggregate::{FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
@@ -89,7 +89,7 @@ pub struct SamplingProfile {
 
 /// Samples the target's JavaScript allocations for `duration` (within the session's budget:
 /// a cancelled request stops the wait at once).
-pub fn profile(insp: &mut Inspector, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+pub fn profile(insp: &mut impl Protocol, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;
@@ -114,7 +114,7 @@ pub fn profile(insp: &mut Inspector, duration: Duration, interval: u64) -> Resul
 /// The profile in an answer to `stopSampling` / `getSamplingProfile`, parsed on a thread of
 /// its own (the call tree is parsed recursively, at most [`MAX_TREE_DEPTH`] deep: a stack
 /// sized for it whatever thread asked).
-fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingProfile, V8Error> {
+pub(super) fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingProfile, V8Error> {
     std::thread::Builder::new()
         .name("v8-profile-parse".into())
         .stack_size(32 << 20)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Inspector, V8Error};
+use super::{Protocol, V8Error};
 
 /// Largest snapshot chunk accepted (V8's are ~100 KB).
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
@@ -17,7 +17,7 @@ pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// transfer: the client went away). `gc`: a full garbage collection first, so that only live
 /// objects are in it. Returns the bytes written.
 pub fn take(
-    insp: &mut Inspector,
+    insp: &mut impl Protocol,
     gc: bool,
     timeout: Duration,
     mut sink: impl FnMut(&str) -> Result<(), V8Error>,
