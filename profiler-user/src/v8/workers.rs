@@ -657,4 +657,33 @@ mod tests {
         assert!(attached(&json!({"sessionId": "1"})).is_none());
         assert!(attached(&json!({"sessionId": "a b", "workerInfo": {"workerId": "2"}})).is_none());
     }
+
+    /// A worker's answer nested in `receivedMessageFromWorker` (its message a JSON string, with
+    /// escapes): the session id and the inner envelope are read without a generic tree, and the
+    /// answer is handed on as text; a sampling profile in it parses with sampling's typed parser.
+    #[test]
+    fn reads_nested_answers() {
+        let inner = json!({"id": 7, "result": {"profile": {"head": {"callFrame": {"functionName": "f\"q", "url": "file:///w.js",
+            "lineNumber": 1, "columnNumber": 2}, "selfSize": 64, "id": 1, "children": []}, "samples": [{"size": 64, "nodeId": 1, "ordinal": 1}]}}})
+        .to_string();
+        let outer = json!({"sessionId": "1", "message": inner, "workerId": "2"}).to_string();
+        let w: FromWorker = serde_json::from_str(&outer).unwrap();
+        assert_eq!(w.session_id, "1");
+        let env = inspector::envelope(&w.message).unwrap();
+        assert_eq!(
+            (env.id, env.method.is_none(), env.error.is_none()),
+            (Some(7), true, true)
+        );
+        let parsed = sampling::parse_reply(RawReply::from_text(w.message.into_owned())).unwrap();
+        assert_eq!(parsed.head.call_frame.function_name, "f\"q");
+        assert_eq!((parsed.head.self_size, parsed.samples), (64, 1));
+
+        let err = json!({"id": 8, "error": {"code": -1, "message": "x".repeat(1000)}}).to_string();
+        let env = inspector::envelope(&err).unwrap();
+        assert_eq!(env.error.map(|m| m.len()), Some(200));
+        assert!(inspector::envelope("[1, 2]").is_err());
+        assert!(serde_json::from_str::<FromWorker>(r#"{"message": "{}"}"#).is_err());
+        let d: Detached = serde_json::from_str(r#"{"sessionId": "3", "workerId": "4"}"#).unwrap();
+        assert_eq!(d.session_id, "3");
+    }
 }
