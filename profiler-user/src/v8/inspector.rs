@@ -959,7 +959,7 @@ impl Inspector {
         params: Value,
         timeout: Duration,
         max_bytes: usize,
-        on_event: &mut dyn FnMut(&str, Option<&RawValue>) -> Result<(), V8Error>,
+        on_event: &mut RawEventFn<'_>,
     ) -> Result<RawReply, V8Error> {
         if let Some(why) = &self.broken {
             return Err(V8Error::Protocol(format!("the inspector session cannot be used for {method}: {why}")));
@@ -1087,6 +1087,9 @@ impl Inspector {
         Ok(())
     }
 }
+
+/// What receives the events of a call whose events' params stay raw.
+type RawEventFn<'a> = dyn FnMut(&str, Option<&RawValue>) -> Result<(), V8Error> + 'a;
 
 /// The envelope of a protocol message: the rest stays raw text.
 #[derive(Deserialize)]
