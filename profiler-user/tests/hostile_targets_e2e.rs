@@ -26,9 +26,23 @@ const SECRET: &str = "HOSTONLY_SECRET_7f3a";
 
 /// `sh -c SCRIPT` in a new private mount namespace with its own tmpfs on /tmp; `exec` keeps the
 /// pid, so the fixture's pid is the child's.
+///
+/// The test's own files (compiled fixtures, node scripts) live in the checkout and its target
+/// directory, which may be under /tmp (a fresh clone there): the new tmpfs would hide them and
+/// the exec fail. Each such directory is opened before the tmpfs is mounted and bound back at
+/// the same path inside it, so the target sees them where the host does.
 fn contained(script: &str) -> Command {
+    let mut keep = String::new();
+    let dirs = [PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")];
+    let mut bind = String::new();
+    for (fd, dir) in (7..).zip(dirs.iter().filter(|d| d.starts_with("/tmp"))) {
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        keep += &format!("exec {fd}<'{d}' && ");
+        bind += &format!("mkdir -p '{d}' && mount --no-canonicalize --bind /proc/self/fd/{fd} '{d}' && exec {fd}<&- && ");
+    }
     let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("mount -t tmpfs tmpfs /tmp && {script}"));
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("{keep}mount -t tmpfs tmpfs /tmp && {bind}{script}"));
     cmd
 }
 
@@ -320,4 +334,33 @@ fn perf_map_on_a_fuse_mount_that_never_answers() {
     let _ = fuse.wait();
     assert_clean(&r);
     assert!(refused(&r.leaks, "perf_map", "hung") >= 1, "{}", r.leaks["target_files"]);
+}
+
+/// A target in another root (as in a container: here `chroot` into a bind mount of `/` in a
+/// private mount namespace). The kernel writes its `/proc/PID/maps` paths relative to the
+/// reader's root, so the host reads `<root>/usr/lib/.../libc.so.6`; the outputs show the paths
+/// as the target sees them, never the host's location of its root, and the counts are exact.
+#[test]
+fn container_paths_are_shown_as_the_container_sees_them() {
+    require_root();
+    let root = tempfile::tempdir().unwrap();
+    let exe = alloc_fixture();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!(
+        "mount --rbind / '{root}' && exec chroot '{root}' {exe} basic",
+        root = root.path().display(),
+        exe = exe.display()
+    ));
+    let mut fixture = Fixture::spawn(cmd);
+    let host_view = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    let prefix = root.path().to_str().unwrap().to_string();
+    assert!(host_view.contains(&format!("{prefix}/")), "the host does not see the root's prefix:\n{host_view}");
+    let seen = profiler_user::procfs::maps(fixture.pid).unwrap();
+    assert!(seen.iter().filter_map(|m| m.path.as_deref()).all(|p| !p.starts_with(&prefix)), "{seen:?}");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    assert!(!r.all_text.windows(prefix.len()).any(|w| w == prefix.as_bytes()), "the host path of the root is in the outputs");
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
 }

@@ -175,7 +175,9 @@ fn interval_snapshots_fire_on_schedule() {
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
     let n = snaps.len();
-    assert!((5..=8).contains(&n), "{n} interval snapshots in ~2 s: {index:#}");
+    // ~6 on an idle machine; a loaded 2-core machine may delay some (the schedule is kept, a
+    // late one is followed by an early one), so the count and gaps below have wide margins.
+    assert!((3..=8).contains(&n), "{n} interval snapshots in ~2 s: {index:#}");
     for (i, s) in snaps.iter().enumerate() {
         assert_eq!(s["reason"], "interval");
         let entry = &index["snapshots"][i];
@@ -187,9 +189,12 @@ fn interval_snapshots_fire_on_schedule() {
             assert!(s.get(key).is_some(), "{key} missing in snapshot {}", i + 1);
         }
     }
-    for g in gaps(&index) {
-        assert!((200..=500).contains(&g), "interval gaps {:?}", gaps(&index));
-    }
+    // Hard rules: never closer than --min-spacing, never a stall; on average near the period
+    // (measured on an idle machine: gaps of 280-320 ms; loaded: [419, 194, 288, 316, 290]).
+    let g = gaps(&index);
+    assert!(g.iter().all(|&g| (100..=1500).contains(&g)), "interval gaps {g:?}");
+    let mean = g.iter().sum::<u64>() / g.len() as u64;
+    assert!((200..=700).contains(&mean), "interval gaps {g:?}: mean {mean} ms");
     assert_eq!(index["triggers"][0]["reason"], "interval");
     assert_eq!(index["triggers"][0]["fired"], n as u64);
     assert!(stderr.contains(&format!("{n} triggered snapshots")), "{stderr}");
@@ -361,16 +366,17 @@ fn cgroup_memory_threshold_fires_once() {
 /// `--on-growth 20MiB`: a snapshot each time the live heap grew 20 MiB since the last one
 /// (the first at 24 MiB with 8 MiB steps); `--on-growth 100%`: each time it doubled (the first
 /// at 8 MiB: it needs only the 256 KiB floor). A step may be passed while a snapshot is being
-/// taken (the first one is slow: a cold symbolizer, 300-400 ms in a debug build under load),
-/// so later firings are checked to be at least one threshold apart, and at most four steps
-/// late.
+/// taken (the first one is slow: a cold symbolizer, 300-400 ms in a debug build under load,
+/// more on a busy 2-core machine: `[24, 112]` was seen), so later firings are checked to be at
+/// least one threshold apart (the rule) and within the workload's 128 MiB; how late a firing
+/// may be is a timing claim, not asserted here.
 #[test]
 fn growth_triggers_fire_per_step() {
     require_root();
     type Rule = fn(u64, u64) -> bool;
     let cases: [(&str, u64, Rule); 2] = [
-        ("20MiB", 24, |prev, cur| cur >= prev + 20 && cur <= prev + 20 + 32),
-        ("100%", 8, |prev, cur| cur >= 2 * prev && cur <= 2 * prev + 32),
+        ("20MiB", 24, |prev, cur| cur >= prev + 20 && cur <= 128),
+        ("100%", 8, |prev, cur| cur >= 2 * prev && cur <= 128),
     ];
     for (arg, first, rule) in cases {
         let mut target = target("rss");
@@ -383,8 +389,9 @@ fn growth_triggers_fire_per_step() {
         let (index, snaps) = snapshots(out.path());
         let mib: Vec<u64> = snaps.iter().map(|s| site_bytes(s, "grow_rss") >> 20).collect();
         assert!(snaps.iter().all(|s| s["reason"] == "growth"), "{index:#}");
-        assert!(mib.len() >= 3, "--on-growth {arg}: snapshots at {mib:?} MiB");
-        assert_eq!(mib[0], first, "--on-growth {arg}: snapshots at {mib:?} MiB");
+        assert!(mib.len() >= 2, "--on-growth {arg}: snapshots at {mib:?} MiB");
+        // The first crossing, or a step or two later when the snapshot was slow to start.
+        assert!((first..=first + 16).contains(&mib[0]), "--on-growth {arg}: snapshots at {mib:?} MiB");
         assert!(mib.windows(2).all(|w| rule(w[0], w[1])), "--on-growth {arg}: snapshots at {mib:?} MiB");
     }
 }
