@@ -91,14 +91,19 @@ pub struct Pool {
 
 impl Pool {
     pub const fn new(cap: u64) -> Pool {
-        Pool { cap: AtomicU64::new(cap), used: AtomicU64::new(0) }
+        Pool {
+            cap: AtomicU64::new(cap),
+            used: AtomicU64::new(0),
+        }
     }
 
     /// Takes `bytes`, or says how much is in use and the cap.
     fn take(&self, bytes: u64) -> Result<(), (u64, u64)> {
         let cap = self.cap.load(Ordering::Relaxed);
         self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| used.checked_add(bytes).filter(|&n| n <= cap))
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&n| n <= cap)
+            })
             .map(|_| ())
             .map_err(|used| (used, cap))
     }
@@ -109,7 +114,10 @@ impl Pool {
 
     /// `(bytes reserved now, cap)`.
     pub fn usage(&self) -> (u64, u64) {
-        (self.used.load(Ordering::Relaxed), self.cap.load(Ordering::Relaxed))
+        (
+            self.used.load(Ordering::Relaxed),
+            self.cap.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -131,7 +139,12 @@ pub fn usage() -> (u64, u64) {
 
 /// Refusals so far, by use and limit: `(use, limit, count)`.
 pub fn refusals() -> Vec<(&'static str, &'static str, u64)> {
-    REFUSALS.lock().unwrap().iter().map(|((u, l), n)| (u.name(), l.name(), *n)).collect()
+    REFUSALS
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|((u, l), n)| (u.name(), l.name(), *n))
+        .collect()
 }
 
 /// The agent-wide figures as JSON, for `leaks.json`: `{"used_bytes": N, "cap_bytes": N,
@@ -200,12 +213,22 @@ impl Account {
 
     /// An account drawing on another pool than the agent's (tests).
     pub fn in_pool(pid: u32, cap: u64, pool: &'static Pool) -> Arc<Account> {
-        Arc::new(Account { pid, cap, pool, used: AtomicU64::new(0), state: Mutex::new(BTreeMap::new()) })
+        Arc::new(Account {
+            pid,
+            cap,
+            pool,
+            used: AtomicU64::new(0),
+            state: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// An empty reservation for `what`, to grow as bytes are kept.
     pub fn reservation(self: &Arc<Self>, what: Use) -> Reservation {
-        Reservation { account: self.clone(), what, bytes: 0 }
+        Reservation {
+            account: self.clone(),
+            what,
+            bytes: 0,
+        }
     }
 
     /// `bytes` for `what`, or the cap it would pass (counted).
@@ -216,10 +239,20 @@ impl Account {
     }
 
     fn take(&self, what: Use, bytes: u64) -> Result<(), BudgetExceeded> {
-        let exceeded = |limit, used, cap| BudgetExceeded { pid: self.pid, what, limit, wanted: bytes, cap, used };
+        let exceeded = |limit, used, cap| BudgetExceeded {
+            pid: self.pid,
+            what,
+            limit,
+            wanted: bytes,
+            cap,
+            used,
+        };
         let cap = self.cap;
-        if let Err(used) =
-            self.used.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| u.checked_add(bytes).filter(|&n| n <= cap))
+        if let Err(used) = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|&n| n <= cap)
+            })
         {
             return Err(self.refused(exceeded(Limit::Target, used, cap)));
         }
@@ -243,7 +276,11 @@ impl Account {
     }
 
     fn refused(&self, e: BudgetExceeded) -> BudgetExceeded {
-        *REFUSALS.lock().unwrap().entry((e.what, e.limit)).or_default() += 1;
+        *REFUSALS
+            .lock()
+            .unwrap()
+            .entry((e.what, e.limit))
+            .or_default() += 1;
         let mut state = self.state.lock().unwrap();
         let s = state.entry(e.what).or_default();
         s.refused += 1;
@@ -256,7 +293,12 @@ impl Account {
 
     /// Records what a refusal left out (`what`'s user knows: bytes of a file not read, ...).
     pub fn note_not_loaded(&self, what: Use, text: String) {
-        self.state.lock().unwrap().entry(what).or_default().not_loaded = Some(text);
+        self.state
+            .lock()
+            .unwrap()
+            .entry(what)
+            .or_default()
+            .not_loaded = Some(text);
     }
 
     pub fn report(&self) -> BudgetReport {
@@ -264,7 +306,11 @@ impl Account {
         BudgetReport {
             cap_bytes: self.cap,
             used_bytes: self.used.load(Ordering::Relaxed),
-            by_use: state.iter().filter(|(_, s)| s.held > 0).map(|(u, s)| (u.name(), s.held)).collect(),
+            by_use: state
+                .iter()
+                .filter(|(_, s)| s.held > 0)
+                .map(|(u, s)| (u.name(), s.held))
+                .collect(),
             refused: state
                 .iter()
                 .filter_map(|(u, s)| {
@@ -343,7 +389,11 @@ mod tests {
         let _r3 = c.reserve(Use::Unwind, 50).unwrap();
         let e = c.reserve(Use::Unwind, 1).unwrap_err();
         assert_eq!(e.limit, Limit::Agent, "{e}");
-        assert_eq!(c.report().used_bytes, 50, "a refusal by the agent's cap leaves the target's count as it was");
+        assert_eq!(
+            c.report().used_bytes,
+            50,
+            "a refusal by the agent's cap leaves the target's count as it was"
+        );
         c.note_not_loaded(Use::Unwind, "libx.so".into());
         let rep = c.report();
         assert_eq!(rep.refused["unwind"].limit, "agent");
@@ -354,7 +404,9 @@ mod tests {
         let _again = c.reserve(Use::Unwind, 50).unwrap();
         r2.shrink(30);
         assert_eq!(b.report().used_bytes, 70);
-        assert!(refusals().iter().any(|&(u, l, n)| u == "unwind" && l == "agent" && n >= 1));
+        assert!(refusals()
+            .iter()
+            .any(|&(u, l, n)| u == "unwind" && l == "agent" && n >= 1));
         drop(r2);
         assert_eq!(POOL.usage().0, 100);
     }

@@ -17,7 +17,8 @@
 use std::borrow::Cow;
 
 fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn push_escaped(out: &mut String, c: char) {
@@ -52,7 +53,10 @@ pub fn term(s: &str) -> Cow<'_, str> {
 /// become U+FFFD. For text whose fields were already escaped this changes nothing.
 pub fn term_document(bytes: &[u8]) -> Cow<'_, [u8]> {
     let text = String::from_utf8_lossy(bytes);
-    if !text.chars().any(|c| c != '\n' && c != '\t' && needs_escape(c)) {
+    if !text
+        .chars()
+        .any(|c| c != '\n' && c != '\t' && needs_escape(c))
+    {
         return match text {
             Cow::Borrowed(_) => Cow::Borrowed(bytes),
             Cow::Owned(s) => Cow::Owned(s.into_bytes()),
@@ -73,7 +77,8 @@ pub fn term_document(bytes: &[u8]) -> Cow<'_, [u8]> {
 /// tab, DEL, or (in UTF-8) a C1 control. For tests.
 pub fn has_raw_control(bytes: &[u8]) -> bool {
     let text = String::from_utf8_lossy(bytes);
-    text.chars().any(|c| c != '\n' && c != '\t' && needs_escape(c))
+    text.chars()
+        .any(|c| c != '\n' && c != '\t' && needs_escape(c))
 }
 
 #[cfg(test)]
@@ -92,7 +97,11 @@ mod tests {
         let doc = term_document(b"row 1\tok\nrow\x1b[2J 2\n\xff");
         assert_eq!(&*doc, "row 1\tok\nrow\\e[2J 2\n\u{fffd}".as_bytes());
         assert!(matches!(term_document(b"plain\n"), Cow::Borrowed(_)));
-        assert!(has_raw_control(b"a\x1bb") && has_raw_control("\u{85}".as_bytes()) && !has_raw_control(b"a\nb\t"));
+        assert!(
+            has_raw_control(b"a\x1bb")
+                && has_raw_control("\u{85}".as_bytes())
+                && !has_raw_control(b"a\nb\t")
+        );
         assert!(!has_raw_control(term("\u{1b}[31m\n").as_bytes()));
     }
 }
