@@ -78,13 +78,7 @@ struct Recorded {
 #[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
 fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
     let mut child = spawn_record(fixture.pid, out, &["--min-age", "0s", "--sampling", "full"]);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut text = String::new();
-    while !text.contains("attached") {
-        let before = text.len();
-        stderr.read_line(&mut text).unwrap();
-        assert!(text.len() > before, "memscope ended before attaching: {text}");
-    }
+    let (mut text, mut stderr) = wait_attached(&mut child);
     fixture.go();
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
@@ -117,6 +111,33 @@ fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
     }
     flate2::read::GzDecoder::new(std::fs::File::open(out.join("heap.pb.gz")).unwrap()).read_to_end(&mut all_text).unwrap();
     Recorded { code, stderr: text, peak_rss: usage.ru_maxrss as u64 * 1024, leaks, all_text }
+}
+
+/// Reads `memscope record`'s stderr until its "attached" line, for at most 120 s (then it is
+/// killed and the test fails); returns what was read and the rest of the stream.
+fn wait_attached(child: &mut std::process::Child) -> (String, BufReader<std::process::ChildStderr>) {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        while !text.contains("attached") {
+            let before = text.len();
+            if stderr.read_line(&mut text).is_err() || text.len() == before {
+                break;
+            }
+        }
+        let _ = tx.send((text, stderr));
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok((text, stderr)) => {
+            assert!(text.contains("attached"), "memscope ended before attaching: {text}");
+            (text, stderr)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("memscope record did not attach within 120 s");
+        }
+    }
 }
 
 fn assert_clean(r: &Recorded) {
@@ -523,13 +544,7 @@ fn hostile_names_never_reach_the_terminal_raw() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut err_text = String::new();
-    while !err_text.contains("attached") {
-        let before = err_text.len();
-        stderr.read_line(&mut err_text).unwrap();
-        assert!(err_text.len() > before, "memscope ended before attaching: {err_text}");
-    }
+    let (mut err_text, mut stderr) = wait_attached(&mut child);
     target.go();
     // The JIT names are pinned within ~200 ms of the stacks being recorded.
     std::thread::sleep(Duration::from_millis(1500));

@@ -123,6 +123,23 @@ fn snapshots(out: &Path) -> (Value, Vec<Value>) {
     (index, files)
 }
 
+/// Waits until `snapshots/index.json` lists at least `n` snapshots, at most `deadline` (then
+/// returns: the assertions say what is missing). A loaded machine takes seconds per snapshot.
+fn wait_for_snapshots(out: &Path, n: usize, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        let listed = std::fs::read_to_string(out.join("snapshots/index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["snapshots"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if listed >= n {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Differences between consecutive `fired_at_ms` of the index, in ms.
 fn gaps(index: &Value) -> Vec<u64> {
     gaps_of(index, None)
@@ -223,11 +240,16 @@ fn on_return_fires_after_each_gc_cycle() {
     let (index, snaps) = snapshots(out.path());
     let gc: Vec<&Value> = snaps.iter().filter(|s| s["reason"] == "return:gc_cycle").collect();
     assert!(cycles >= 4, "only {cycles} gc cycles");
+    // Every cycle's return is seen: it fires a snapshot, or is counted as suppressed when a
+    // snapshot is still being taken (on a loaded 2-core machine one took 2 s: fired 1,
+    // suppressed 3 for 4 cycles). On an idle machine every one fires.
+    let gc_trigger = index["triggers"].as_array().unwrap().iter().find(|t| t["reason"] == "return:gc_cycle").unwrap();
+    let (fired, suppressed) = (gc_trigger["fired"].as_u64().unwrap(), gc_trigger["suppressed"].as_u64().unwrap());
     assert!(
-        gc.len() as u64 == cycles || gc.len() as u64 == cycles + 1,
-        "{} gc snapshots for {cycles} gc cycles: {index:#}",
-        gc.len()
+        fired + suppressed == cycles || fired + suppressed == cycles + 1,
+        "{fired} gc snapshots and {suppressed} suppressed for {cycles} gc cycles: {index:#}"
     );
+    assert!(!gc.is_empty() && gc.len() as u64 == fired, "{index:#}");
     // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): under
     // half of that proves the snapshot came after the cycle, with room for a loaded machine
     // (once, with the whole suite running on 2 cores, a snapshot came 210 ms late).
@@ -238,12 +260,13 @@ fn on_return_fires_after_each_gc_cycle() {
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
     // Cycles are 500 ms apart; each firing is seen within a poll (20 ms) or later on a loaded
-    // machine, so a gap can shrink or stretch by that lateness.
-    assert!(g.iter().all(|g| (300..=700).contains(g)), "gc gaps {g:?}");
-    assert!(snaps.iter().filter(|s| s["reason"] == "interval").count() >= 6, "{index:#}");
-    let gc_trigger = index["triggers"].as_array().unwrap().iter().find(|t| t["reason"] == "return:gc_cycle").unwrap();
+    // machine, so a gap can shrink or stretch by that lateness (a suppressed cycle makes one
+    // gap a multiple of 500 ms).
+    if suppressed == 0 {
+        assert!(g.iter().all(|g| (250..=1000).contains(g)), "gc gaps {g:?}");
+    }
+    assert!(snaps.iter().any(|s| s["reason"] == "interval"), "the interval trigger was held back: {index:#}");
     assert_eq!(gc_trigger["probes"], 1);
-    assert_eq!(gc_trigger["suppressed"], 0);
     assert!(index["snapshots"].as_array().unwrap().iter().any(|s| s["file"].as_str().unwrap().ends_with("-return_gc_cycle.json")));
 }
 
@@ -384,6 +407,8 @@ fn growth_triggers_fire_per_step() {
         let rec = Recording::start(target.pid, out.path(), &["--on-growth", arg, "--min-spacing", "20ms"]);
         target.go();
         thread::sleep(Duration::from_millis(2000));
+        // The workload is done growing by now; a slow first snapshot delays the next firing.
+        wait_for_snapshots(out.path(), 2, Duration::from_secs(30));
         let (code, stderr) = rec.stop();
         assert_eq!(code, 0, "{stderr}");
         let (index, snaps) = snapshots(out.path());
