@@ -186,15 +186,19 @@ fn interval_snapshots_fire_on_schedule() {
     let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--every", "300ms", "--min-spacing", "100ms"]);
+    let started = Instant::now();
     target.go();
     thread::sleep(Duration::from_millis(2000));
+    // ~6 in 2 s on an idle machine; under load (load average 10 on 2 cores) one snapshot took
+    // 1.4 s, so wait (bounded) for four.
+    wait_for_snapshots(out.path(), 4, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as usize;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
     let n = snaps.len();
-    // ~6 on an idle machine; a loaded 2-core machine may delay some (the schedule is kept, a
-    // late one is followed by an early one), so the count and gaps below have wide margins.
-    assert!((3..=8).contains(&n), "{n} interval snapshots in ~2 s: {index:#}");
+    // Never more than the schedule allows.
+    assert!(n >= 4 && n <= elapsed_ms / 300 + 2, "{n} interval snapshots in {elapsed_ms} ms: {index:#}");
     for (i, s) in snaps.iter().enumerate() {
         assert_eq!(s["reason"], "interval");
         let entry = &index["snapshots"][i];
@@ -206,12 +210,12 @@ fn interval_snapshots_fire_on_schedule() {
             assert!(s.get(key).is_some(), "{key} missing in snapshot {}", i + 1);
         }
     }
-    // Hard rules: never closer than --min-spacing, never a stall; on average near the period
-    // (measured on an idle machine: gaps of 280-320 ms; loaded: [419, 194, 288, 316, 290]).
+    // Hard rules: never closer than --min-spacing, never a long stall. How close to the period
+    // the gaps are is timing, not asserted (idle machine: 280-320 ms; loaded: [419, 194, 288,
+    // 316, 290], and [1364, 153] with a load average of 10: a late one is followed by an early
+    // one, the schedule is kept).
     let g = gaps(&index);
-    assert!(g.iter().all(|&g| (100..=1500).contains(&g)), "interval gaps {g:?}");
-    let mean = g.iter().sum::<u64>() / g.len() as u64;
-    assert!((200..=700).contains(&mean), "interval gaps {g:?}: mean {mean} ms");
+    assert!(g.iter().all(|&g| (100..=5000).contains(&g)), "interval gaps {g:?}");
     assert_eq!(index["triggers"][0]["reason"], "interval");
     assert_eq!(index["triggers"][0]["fired"], n as u64);
     assert!(stderr.contains(&format!("{n} triggered snapshots")), "{stderr}");
@@ -462,6 +466,8 @@ fn verdicts_tell_a_leak_from_a_cache() {
     );
     target.go();
     thread::sleep(Duration::from_millis(3000));
+    // A loaded machine takes seconds per snapshot: wait (bounded) for enough for a trend.
+    wait_for_snapshots(out.path(), 6, Duration::from_secs(30));
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let leaks = read_json(&out.path().join("leaks.json"));
