@@ -21,7 +21,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
 };
 
@@ -125,6 +125,8 @@ impl Pool {
 pub static GLOBAL: Pool = Pool::new(DEFAULT_TOTAL);
 static PER_TARGET_CAP: AtomicU64 = AtomicU64::new(DEFAULT_PER_TARGET);
 static REFUSALS: Mutex<BTreeMap<(Use, Limit), u64>> = Mutex::new(BTreeMap::new());
+/// The live accounts by pid ([`Account::for_pid`]).
+static ACCOUNTS: Mutex<BTreeMap<u32, Weak<Account>>> = Mutex::new(BTreeMap::new());
 
 /// Sets the caps (the agent's flags); accounts made later take the per-target cap.
 pub fn configure(total: u64, per_target: u64) {
@@ -202,6 +204,20 @@ pub struct RefusalReport {
 }
 
 impl Account {
+    /// The account of target `pid`: the one its other readers hold, or a new one (the hook
+    /// for every reader of a target's data: the perf map, and V8 messages, symbol and unwind
+    /// tables to come). An account lives as long as someone holds it.
+    pub fn for_pid(pid: u32) -> Arc<Account> {
+        let mut accounts = ACCOUNTS.lock().unwrap();
+        accounts.retain(|_, a| a.strong_count() > 0);
+        if let Some(a) = accounts.get(&pid).and_then(Weak::upgrade) {
+            return a;
+        }
+        let a = Account::new(pid);
+        accounts.insert(pid, Arc::downgrade(&a));
+        a
+    }
+
     /// A new account for `pid`, with the per-target cap in force now.
     pub fn new(pid: u32) -> Arc<Account> {
         Account::with_cap(pid, PER_TARGET_CAP.load(Ordering::Relaxed))
@@ -374,6 +390,17 @@ mod tests {
 
     /// The per-target cap refuses first; accounts together stop at the agent-wide cap; refusals
     /// are counted and reported with their limit; dropped reservations give their bytes back.
+    #[test]
+    fn one_account_per_live_target() {
+        let a = Account::for_pid(u32::MAX - 7);
+        let b = Account::for_pid(u32::MAX - 7);
+        assert!(Arc::ptr_eq(&a, &b));
+        let r = a.reserve(Use::V8, 10).unwrap();
+        assert_eq!(b.report().by_use["v8"], 10);
+        drop((r, a, b));
+        assert_eq!(Account::for_pid(u32::MAX - 7).report().used_bytes, 0);
+    }
+
     #[test]
     fn target_and_agent_caps() {
         static POOL: Pool = Pool::new(250);

@@ -83,7 +83,7 @@ impl Session {
         let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
         let sites = target.attach(&allocator).with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = probes.probe_mode();
-        let budget = crate::budget::Account::new(pid);
+        let budget = crate::budget::Account::for_pid(pid);
         let symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;

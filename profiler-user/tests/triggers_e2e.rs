@@ -282,13 +282,17 @@ fn min_spacing_limits_a_hot_function() {
     let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-return", "tick_fast", "--min-spacing", "400ms"]);
+    let started = Instant::now();
     target.go();
     thread::sleep(Duration::from_millis(2000));
+    // A loaded machine takes seconds per snapshot: wait (bounded) for a second one.
+    wait_for_snapshots(out.path(), 2, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as u64;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
-    // 2 s at one snapshot per 400 ms at most; fewer when the machine is loaded.
-    assert!((2..=6).contains(&snaps.len()), "{} snapshots: {index:#}", snaps.len());
+    // One snapshot per 400 ms at most.
+    assert!(snaps.len() >= 2 && snaps.len() as u64 <= elapsed_ms / 400 + 2, "{} snapshots in {elapsed_ms} ms: {index:#}", snaps.len());
     for g in gaps(&index) {
         assert!(g >= 400, "gaps {:?} below the min spacing", gaps(&index));
     }
@@ -297,7 +301,7 @@ fn min_spacing_limits_a_hot_function() {
     assert_eq!(fired, snaps.len() as u64);
     // ~200 returns in 2 s (fewer when the fixture is starved of CPU); all but the fired ones
     // are suppressed.
-    assert!(suppressed >= 60 && fired + suppressed <= 260, "fired {fired}, suppressed {suppressed}");
+    assert!(suppressed >= 60 && fired + suppressed <= elapsed_ms / 10 + 60, "fired {fired}, suppressed {suppressed}");
     assert!(stderr.contains(&format!("{suppressed} firings suppressed")), "{stderr}");
 }
 
