@@ -254,13 +254,13 @@ fn on_return_fires_after_each_gc_cycle() {
         "{fired} gc snapshots and {suppressed} suppressed for {cycles} gc cycles: {index:#}"
     );
     assert!(!gc.is_empty() && gc.len() as u64 == fired, "{index:#}");
-    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): under
-    // half of that proves the snapshot came after the cycle, with room for a loaded machine
-    // (once, with the whole suite running on 2 cores, a snapshot came 210 ms late).
-    for s in &gc {
-        let garbage = site_bytes(s, "garbage_alloc");
-        assert!(garbage < 25 * 1024, "{garbage} bytes of garbage right after a gc cycle: {index:#}");
-    }
+    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms). Each
+    // snapshot came after a cycle (under 48 KiB), and at least one promptly (under half): on a
+    // loaded machine a snapshot can come late (210 ms once with the whole suite on 2 cores,
+    // 260 ms with a load average of 10).
+    let garbage: Vec<u64> = gc.iter().map(|s| site_bytes(s, "garbage_alloc")).collect();
+    assert!(garbage.iter().all(|&g| g < 48 * 1024), "garbage right after gc cycles: {garbage:?}: {index:#}");
+    assert!(garbage.iter().any(|&g| g < 25 * 1024), "no snapshot promptly after a gc cycle: {garbage:?}: {index:#}");
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
     // Cycles are 500 ms apart; each firing is seen within a poll (20 ms) or later on a loaded
@@ -508,12 +508,17 @@ fn usdt_probe_with_semaphore() {
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-usdt", "memscope_fixture:tick", "--min-spacing", "10ms"]);
     assert_eq!(target.count("sem"), 1, "memscope enabled the semaphore");
+    let started = Instant::now();
     thread::sleep(Duration::from_millis(1000));
+    // ~20 in 1 s on an idle machine; a loaded one takes longer per snapshot: wait (bounded).
+    wait_for_snapshots(out.path(), 12, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as usize;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(target.count("sem"), 0, "memscope restored the semaphore");
     let (index, snaps) = snapshots(out.path());
-    assert!((12..=22).contains(&snaps.len()), "{} snapshots for ~20 ticks: {index:#}", snaps.len());
+    let n = snaps.len();
+    assert!(n >= 12 && n <= elapsed_ms / 50 + 4, "{n} snapshots for ~{} ticks: {index:#}", elapsed_ms / 50);
     assert!(snaps.iter().all(|s| s["reason"] == "usdt:memscope_fixture:tick"));
     assert!(out.path().join("snapshots/0001-usdt_memscope_fixture_tick.json").exists());
 }
