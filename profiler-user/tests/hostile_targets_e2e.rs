@@ -570,6 +570,7 @@ fn hostile_names_never_reach_the_terminal_raw() {
     // the frame's file.
     assert!(report.contains("app\\e[31m"), "the hostile file name is not shown escaped:\n{report}");
     assert!(err_text.contains("\\e]0;p\\u{7}\\e[2J\\nFAKE"), "the comm is not shown escaped: {err_text}");
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", target.pid));
     drop(target);
 
     // The client on a terminal.
@@ -599,4 +600,5 @@ fn hostile_names_never_reach_the_terminal_raw() {
     let leaks = on_tty(&format!("leaks {} --min-age 0s", target.pid));
     clean("memscope leaks", leaks.as_bytes());
     assert!(leaks.contains("#1 "), "no leak listed:\n{leaks}");
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", target.pid));
 }
