@@ -10,6 +10,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod bpf;
+pub mod budget;
 pub mod cli;
 pub mod discover;
 pub mod export;

@@ -35,6 +35,8 @@ pub struct Session {
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
     inner: Arc<Mutex<Inner>>,
+    /// The target's share of the agent's memory budget ([`crate::budget`]).
+    budget: Arc<crate::budget::Account>,
 }
 
 /// How often new stacks' JIT frames are named (see [`Symbolizer::pin_jit`]): well before V8
@@ -81,7 +83,8 @@ impl Session {
         let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
         let sites = target.attach(&allocator).with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = probes.probe_mode();
-        let symbolizer = Symbolizer::for_process(process.clone());
+        let budget = crate::budget::Account::for_pid(pid);
+        let symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
         unwind.set_attach_ms(attach_ms);
@@ -100,6 +103,7 @@ impl Session {
             unwind,
             target,
             inner,
+            budget,
         })
     }
 
@@ -241,6 +245,7 @@ impl TracedTarget for Session {
             dropped: build::dropped(&counters),
             unwind: build::unwind(&counters),
             unwind_tables: Some(self.unwind.stats()),
+            memory_budget: Some(self.budget.report()),
             sample_bytes: self.target.sample_bytes(),
             probe_cost: self.target.cost(),
             probe_mode: self.probe_mode().name().to_string(),

@@ -21,6 +21,10 @@ pub struct TargetStats {
     pub unwind: BTreeMap<String, u64>,
     /// The target's unwind tables: files, rows, kernel memory.
     pub unwind_tables: Option<crate::unwind::UnwindStats>,
+    /// What the agent keeps of this target's data (perf map names, ...) against its memory
+    /// budget, and what the budget refused ([`crate::budget`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<crate::budget::BudgetReport>,
     /// Mean bytes between samples in force, 0 for every allocation (the governor may have
     /// widened it: see `probe_cost`).
     pub sample_bytes: u64,

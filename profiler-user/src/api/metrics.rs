@@ -131,6 +131,15 @@ impl Metrics {
         for (kind, reason, n) in crate::target_fs::refusals() {
             let _ = writeln!(out, "memscope_target_file_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} {n}");
         }
+        family(&mut out, "memscope_target_budget_refusals_total", "counter", "Target-controlled data not loaded because a memory budget (the target's or the agent's) was spent, by use and limit.");
+        for (what, limit, n) in crate::budget::refusals() {
+            let _ = writeln!(out, "memscope_target_budget_refusals_total{{use=\"{what}\",limit=\"{limit}\"}} {n}");
+        }
+        let (used, cap) = crate::budget::usage();
+        family(&mut out, "memscope_target_budget_bytes", "gauge", "Memory held for target-controlled data (perf map names, ...), all targets.");
+        let _ = writeln!(out, "memscope_target_budget_bytes {used}");
+        family(&mut out, "memscope_target_budget_cap_bytes", "gauge", "The agent-wide memory budget for target-controlled data.");
+        let _ = writeln!(out, "memscope_target_budget_cap_bytes {cap}");
         family(&mut out, "memscope_agent_snapshots", "gauge", "Snapshots in the store.");
         let _ = writeln!(out, "memscope_agent_snapshots {}", snapshots.0);
         family(&mut out, "memscope_agent_snapshot_bytes", "gauge", "Bytes of snapshots on disk.");

@@ -198,7 +198,19 @@ impl Workloads {
         let api: Vec<&Selector> = selectors.iter().filter(|e| e.origin == "api").map(|e| &e.selector).collect();
         self.file.save(&api).map_err(|e| {
             warn!(error = %e, "saving the selectors failed");
-            ApiError::internal("store_failed", "saving the selectors failed; see the agent's log")
+            match e.io_kind() {
+                Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    "the data directory is full: the selectors were not saved and nothing changed; free space",
+                ),
+                Some(std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_read_only",
+                    "the data directory is not writable: the selectors were not saved and nothing changed",
+                ),
+                _ => ApiError::internal("store_failed", "saving the selectors failed; see the agent's log"),
+            }
         })
     }
 

@@ -19,7 +19,15 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::{aggregate::growth::VerdictFields, render::human_bytes, store::SnapshotId, v8::growth::JsHeapReport};
+use crate::{
+    aggregate::growth::VerdictFields,
+    render::{
+        escape::{term, term_document},
+        human_bytes,
+    },
+    store::SnapshotId,
+    v8::growth::JsHeapReport,
+};
 
 /// Largest answer read from the agent.
 const MAX_ANSWER_BYTES: u64 = 1 << 30;
@@ -394,6 +402,7 @@ impl Client {
         let msg = v["error"].as_str().map(str::to_owned).unwrap_or_else(|| {
             String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned()
         });
+        let (msg, code) = (term(&msg).into_owned(), term(code));
         let wait = retry_after.map(|s| format!("; retry in {s}s")).unwrap_or_default();
         match status {
             401 if self.token.is_none() => {
@@ -475,12 +484,17 @@ fn pick_format(explicit: Option<&str>, output: Option<&Path>, default: &str) -> 
 }
 
 /// Writes a report: to `-o FILE`, else to stdout, refusing binary or SVG output on a terminal.
+/// Text printed on a terminal has its control characters escaped ([`term_document`]): the
+/// agent's text report escapes the target's names already, folded stacks do not.
 fn emit(output: Option<&Path>, format: &str, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(path) = output {
         return write_file(path, bytes);
     }
-    if stdout_is_terminal() && matches!(format, "pprof" | "svg") {
-        bail!("{format} output is not for a terminal: give -o FILE or redirect stdout");
+    if stdout_is_terminal() {
+        if matches!(format, "pprof" | "svg") {
+            bail!("{format} output is not for a terminal: give -o FILE or redirect stdout");
+        }
+        return print(&term_document(bytes));
     }
     print(bytes)
 }
@@ -512,8 +526,12 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-/// `function (file:line)` or the module and address.
+/// `function (file:line)` or the module and address, escaped for a terminal.
 fn frame_text(f: &Value) -> String {
+    term(&frame_text_raw(f)).into_owned()
+}
+
+fn frame_text_raw(f: &Value) -> String {
     let name = f["function"].as_str().map(str::to_owned).unwrap_or_else(|| {
         let module = f["module"].as_str().map(|m| m.rsplit('/').next().unwrap_or(m));
         match module {
@@ -528,8 +546,11 @@ fn frame_text(f: &Value) -> String {
     }
 }
 
-/// Aligned columns; the last column is left unpadded.
+/// Aligned columns; the last column is left unpadded. Every cell is escaped for a terminal
+/// ([`term`]): a cell cannot end its row, move the cursor or start an escape sequence.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| term(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let n = header.len();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -644,7 +665,7 @@ pub(crate) fn diff_table(v: &Value, before: &str, after: &str) -> String {
             let names: Vec<String> = frames
                 .iter()
                 .take(4)
-                .map(|f| f["function"].as_str().map(str::to_owned).unwrap_or_else(|| frame_text(f)))
+                .map(|f| f["function"].as_str().map(str::to_owned).unwrap_or_else(|| frame_text_raw(f)))
                 .collect();
             vec![
                 signed_bytes(s["growth_bytes"].as_i64().unwrap_or(0)),
@@ -739,7 +760,7 @@ pub fn targets(args: TargetsArgs) -> anyhow::Result<()> {
     let c = Client::new(&args.conn)?;
     if let Some(pid) = args.attach {
         let v = c.call("POST", "/v1/targets", Some(&format!("{{\"pid\": {pid}}}")))?.json()?;
-        eprintln!("memscope: attached to {} ({})", pid, v["comm"].as_str().unwrap_or("?"));
+        eprintln!("memscope: attached to {} ({})", pid, term(v["comm"].as_str().unwrap_or("?")));
     }
     if let Some(pid) = args.detach {
         c.call("DELETE", &format!("/v1/targets/{pid}"), None)?;
@@ -801,7 +822,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
                         "{}  (pid {}, {}, {})\n",
                         v["id"].as_str().unwrap_or("?"),
                         u(&v["pid"]),
-                        v["comm"].as_str().unwrap_or(""),
+                        term(v["comm"].as_str().unwrap_or("")),
                         human_bytes(u(&v["size_bytes"]))
                     )
                     .as_bytes(),

@@ -130,7 +130,7 @@ pub fn run(args: V8Args) -> anyhow::Result<()> {
                 println!("{} objects, {} self size (retained sizes not computed)", s.node_count, render::human_bytes(s.self_size));
                 println!("{:>12} {:>12}  constructor", "count", "self size");
                 for c in s.constructors.iter().take(top) {
-                    println!("{:>12} {:>12}  {}", c.count, render::human_bytes(c.self_size), c.name);
+                    println!("{:>12} {:>12}  {}", c.count, render::human_bytes(c.self_size), render::escape::term(&c.name));
                 }
             }
         }

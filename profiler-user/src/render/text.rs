@@ -2,11 +2,14 @@
 //! (process, duration, sampling, totals, dropped events, what memscope could not see), then the
 //! largest leaks ([`HeapProfile::leaks`]) with their stacks, innermost frame first.
 //!
+//! Every string the target controls (function, file and module names) is escaped for a
+//! terminal ([`super::escape::term`]): the report is printed and written to `report.txt`.
+//!
 //! Limits: plain text for a terminal or a file, no colors; the layout is for people, not
 //! parsers (use [`super::json::leaks_json`] for that).
 use std::fmt::Write as _;
 
-use super::human_bytes;
+use super::{escape::term, human_bytes};
 use crate::aggregate::{Frame, HeapProfile};
 
 /// The leak report of `p`, listing at most `top` leaks. Ends with a newline.
@@ -107,13 +110,15 @@ fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
     }
 }
 
-/// `function  (file:line)`, `function  (in libfoo.so)` or `module+0xoff`.
+/// `function  (file:line)`, `function  (in libfoo.so)` or `module+0xoff`; the target's
+/// names escaped for a terminal ([`term`]).
 fn frame_line(f: &Frame) -> String {
     let name = f.display_name();
+    let name = term(&name);
     match (f.location(), &f.function, &f.module) {
-        (Some(loc), _, _) => format!("{name}  ({loc})"),
-        (None, Some(_), Some(m)) => format!("{name}  (in {})", m.rsplit('/').next().unwrap_or(m)),
-        _ => name,
+        (Some(loc), _, _) => format!("{name}  ({})", term(&loc)),
+        (None, Some(_), Some(m)) => format!("{name}  (in {})", term(m.rsplit('/').next().unwrap_or(m))),
+        _ => name.into_owned(),
     }
 }
 
