@@ -46,6 +46,7 @@ pub mod errors;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
+pub mod pauses;
 pub mod routes;
 pub mod tls;
 pub mod triggers;
@@ -299,7 +300,7 @@ impl Agent {
                 let (st, specs) = (state.clone(), config.triggers.clone());
                 let spacing = st.trigger_settings.min_spacing;
                 tokio::task::spawn_blocking(move || {
-                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag)
+                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag, None)
                 })
                 .await
                 .context("attaching triggers")?

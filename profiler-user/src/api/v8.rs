@@ -135,6 +135,7 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         let timeout = state.limits.request_timeout;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _pause = super::pauses::begin(&st, pid);
             stream_snapshot(&st, pid, gc, &purpose, timeout);
             st.v8.flights.lock().unwrap().remove(&pid);
         });
@@ -232,7 +233,9 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
     let result = async {
         let pid = node_target(&state, id)?;
         let purpose = format!("api: gc by {}", p.name);
+        let traced = super::pauses::target_of(&state, pid);
         limits::exclusive(&state.expensive, move || {
+            let _pause = traced.and_then(crate::pause::PauseGuard::begin);
             let started = Instant::now();
             let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
             insp.collect_garbage().map_err(v8_error)?;
@@ -332,6 +335,12 @@ struct StoredSummary {
     verdicts: HashMap<String, Verdict>,
 }
 
+/// Whether a snapshot stored for target `pid` gets a V8 heap summary (`--v8-summaries` and a
+/// target that handles SIGUSR1): then storing it pauses the target.
+pub(crate) fn would_summarize(state: &State, pid: u32) -> bool {
+    state.v8.summaries.load(Ordering::Relaxed) && crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false)
+}
+
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
 /// reason): with `--v8-summaries` and a target that handles SIGUSR1 (Node.js), also takes a V8
 /// heap snapshot, summarizes it as it streams, adds it to the target's series of summaries
@@ -345,7 +354,10 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &s
         return;
     }
     let path = summary_path(state, id);
-    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
+    let pause = super::pauses::begin(state, pid);
+    let summary = crate::v8::summary_of(pid, false, reason);
+    drop(pause);
+    let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };
         let dir = path.parent().expect("has a parent");
