@@ -153,7 +153,8 @@ impl AgentTrigger {
             id: self.id,
             spec,
             reason,
-            fired,
+            // A firing the budget refused took no snapshot: suppressed, not fired.
+            fired: fired.saturating_sub(self.budget_suppressed),
             suppressed: suppressed + self.busy_suppressed + self.budget_suppressed,
             suppressed_busy: self.busy_suppressed,
             suppressed_pause_budget: self.budget_suppressed,

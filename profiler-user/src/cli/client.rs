@@ -955,6 +955,12 @@ mod tests {
         let t = targets_table(&targets);
         assert!(t.starts_with("PID"), "{t}");
         assert!(t.contains("demo") && t.contains("2.0 KiB") && t.contains("session"), "{t}");
+        assert!(t.contains("PAUSED") && t.lines().nth(1).unwrap().contains(" - "), "never paused: {t}");
+        let mut paused = targets.clone();
+        paused["targets"][0]["pauses"] = serde_json::json!({"probe_gaps": {"count": 3, "total_ms": 900, "last_end_ms": 1},
+            "paused_percent": 0.84, "budget_percent": 5.0, "suppressed": {"pause_budget": 10, "self_caused_gc": 2}});
+        let t = targets_table(&paused);
+        assert!(t.contains("0.8%/5% 3 gaps 12 supp"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});
