@@ -11,9 +11,12 @@
 //! - *probe gaps*: how many windows and how long in all; allocations and frees in them were
 //!   not seen, so an allocation freed during a gap stays listed as live (`probe_gaps` in the
 //!   targets table, `leaks.json` and `/metrics`);
-//! - *paused share*: the wall time of memscope's V8 operations on the target over a sliding
-//!   window, against a budget ([`PauseBudget`], 5% of 60 s by default): triggered snapshots
-//!   whose V8 summary would go past it are refused and counted (`pause_budget`);
+//! - *paused share*: the wall time of memscope's V8 operations on the target in the last
+//!   `window` (a sliding window), against a budget ([`PauseBudget`], 5% of 60 s by default):
+//!   a triggered snapshot whose V8 summary, if it lasts as long as the target's last one,
+//!   would take the share past it is refused and counted (`pause_budget`). The first pause of
+//!   a target is admitted whatever its length (not known before): a first summary longer
+//!   than the budget (3 s of 60 s) goes past it once;
 //! - *self-caused trigger hits*: probe triggers (`gc`, return, USDT) hit while a window is open
 //!   were caused by memscope (the snapshot's own garbage collections): they never fire a
 //!   snapshot and are counted as suppressed (`self_caused_gc`).
@@ -113,8 +116,8 @@ pub struct ProbeGaps {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PauseStatus {
     pub probe_gaps: ProbeGaps,
-    /// Paused time in the budget's window, and its share of that window (or of the time since
-    /// attach, when shorter), in percent.
+    /// Paused time in the budget's window (the last `budget_window_s`), and its share of that
+    /// window, in percent.
     pub paused_ms: u64,
     pub paused_percent: f64,
     /// The budget (`PCT%/WINDOWs`).
@@ -199,12 +202,13 @@ impl PauseLedger {
         sum
     }
 
-    /// The wall time the share is measured over: the window, or the time since attach.
-    fn base(&self, window: Duration, now: Instant) -> Duration {
-        window.min(now.saturating_duration_since(self.started)).max(Duration::from_millis(1))
+    /// The wall time the share is measured over: the whole window, also while the target has
+    /// been traced for less (it ran unpaused before).
+    fn base(&self, window: Duration, _now: Instant) -> Duration {
+        window.max(Duration::from_millis(1))
     }
 
-    /// Paused share in percent of `budget`'s window (or of the time since attach).
+    /// Paused share in percent of `budget`'s window.
     pub fn share_percent(&self, budget: &PauseBudget, now: Instant) -> f64 {
         self.paused_within(budget.window, now).as_secs_f64() * 100.0 / self.base(budget.window, now).as_secs_f64()
     }
@@ -371,14 +375,14 @@ mod tests {
         let s = |ms: u64| t0 + Duration::from_millis(ms);
         {
             let mut r = l.record.lock().unwrap();
-            r.recent.push_back((s(1_000), s(2_000)));
-            r.last = Some(Duration::from_secs(1));
+            r.recent.push_back((s(1_000), s(3_000)));
+            r.last = Some(Duration::from_secs(2));
         }
         let b = PauseBudget { percent: 5.0, window: Duration::from_secs(60) };
-        assert!((l.share_percent(&b, s(10_000)) - 10.0).abs() < 1e-6, "1 s of 10 s");
-        assert!(!l.admits(&b, s(10_000)), "2 s of 10 s is 20%");
-        assert!(!l.admits(&b, s(39_000)));
-        assert!(l.admits(&b, s(40_000)), "2 s of 40 s is 5%");
+        assert!((l.share_percent(&b, s(10_000)) - 2.0 * 100.0 / 60.0).abs() < 1e-6, "2 s of 60 s");
+        assert!(!l.admits(&b, s(10_000)), "4 s of 60 s is past 5%");
+        assert!(!l.admits(&b, s(61_000)), "all of the first pause is still in the window");
+        assert!(l.admits(&b, s(62_000)), "1 s of it left in the window, 3 s of 60 is 5%");
         assert!((l.share_percent(&b, s(120_000))).abs() < 1e-6, "the window slid past it");
         assert!(!l.admits(&PauseBudget { percent: 0.0, ..b }, s(120_000)));
         assert!(PauseLedger::new().admits(&b, Instant::now()), "the first pause is admitted");

@@ -62,12 +62,12 @@ fn bpf_links(agent_pid: i32) -> usize {
         .count()
 }
 
-/// Waits (at most `secs`) for `cond`, polling every 50 ms.
+/// Waits (at most `secs`) for `cond`, polling every 100 ms.
 fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -84,7 +84,7 @@ fn v8_snapshot_suspends_the_allocator_probes() {
     let mut node = node_busy(40);
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
-    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string()]).unwrap();
+    let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--rate-limit", "1000", "--data-dir", &data_dir(dir.path()), "--pid", &node.pid.to_string()]).unwrap();
     let pid = node.pid;
     let allocs = || target_row(&a.url, pid)["allocs"].as_u64().unwrap();
     let first = allocs();
@@ -158,8 +158,8 @@ fn gc_trigger_keeps_within_the_pause_budget() {
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
     let a = start_agent(&[
-        "--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &pid.to_string(),
-        "--on-gc", "--min-spacing", "500ms", "--v8-summaries", "--pause-budget", "5%/60s",
+        "--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--rate-limit", "1000", "--data-dir", &data_dir(dir.path()), "--pid", &pid.to_string(),
+        "--on-gc", "--min-spacing", "500ms", "--v8-summaries", "--pause-budget", "5%/5m",
     ])
     .unwrap();
     let triggers = || get_json(&format!("{}/v1/targets/{pid}/triggers", a.url));
@@ -184,11 +184,13 @@ fn gc_trigger_keeps_within_the_pause_budget() {
     assert_eq!(p["suppressed"]["pause_budget"], t["suppressed_pause_budget"], "{p} {t}");
     assert_eq!(p["suppressed"]["self_caused_gc"], t["suppressed_self_caused"], "{p} {t}");
     assert_eq!(p["probe_gaps"]["count"].as_u64().unwrap(), fired, "one window per summary: {p} {t}");
-    assert_eq!(t["pause_budget"], "5%/60s");
-    // The share is measured since attach (under 60 s): the budget holds as long as one
-    // summary takes about as long as the one before it (the prediction the budget uses).
+    assert_eq!(t["pause_budget"], "5%/300s");
+    // The paused share of the last 5 minutes: within the budget as long as the first summary
+    // takes less than 15 s (the budget admits one more pause when one as long as the last
+    // fits). A 5-minute window: one summary of this small heap took 1.7 to 5.6 s on a loaded
+    // 2-core machine, past the 3 s of a 60 s window.
     let share = p["paused_percent"].as_f64().unwrap();
-    assert!(share <= 5.0 * 1.2, "paused {share}% of the time, budget 5%: {p}");
+    assert!(share <= 5.0, "paused {share}% of the time, budget 5%: {p}");
     let metrics = get_text(&format!("{}/metrics", a.url));
     assert!(metrics.contains("memscope_target_paused_ratio{"), "{metrics}");
     assert!(metrics.lines().any(|l| l.starts_with("memscope_target_suppressed_firings_total{") && l.contains("reason=\"pause_budget\"") && !l.ends_with(" 0")), "{metrics}");

@@ -135,7 +135,6 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
         let timeout = state.limits.request_timeout;
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let _pause = super::pauses::begin(&st, pid);
             stream_snapshot(&st, pid, gc, &purpose, timeout);
             st.v8.flights.lock().unwrap().remove(&pid);
         });
@@ -163,6 +162,7 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
     let result = Inspector::open(pid, purpose).and_then(|mut insp| {
+        let pause = super::pauses::begin(state, pid);
         let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
             if !started {
                 started = true;
@@ -175,7 +175,9 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
                 return Err(V8Error::Sink("every client went away".into()));
             }
             Ok(())
-        })?;
+        });
+        drop(pause);
+        let bytes = bytes?;
         insp.close()?;
         Ok(bytes)
     });
@@ -235,10 +237,11 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
         let purpose = format!("api: gc by {}", p.name);
         let traced = super::pauses::target_of(&state, pid);
         limits::exclusive(&state.expensive, move || {
-            let _pause = traced.and_then(crate::pause::PauseGuard::begin);
             let started = Instant::now();
             let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
+            let pause = traced.and_then(crate::pause::PauseGuard::begin);
             insp.collect_garbage().map_err(v8_error)?;
+            drop(pause);
             insp.close().map_err(v8_error)?;
             Ok(started.elapsed())
         })
@@ -354,9 +357,15 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &s
         return;
     }
     let path = summary_path(state, id);
-    let pause = super::pauses::begin(state, pid);
-    let summary = crate::v8::summary_of(pid, false, reason);
-    drop(pause);
+    // The pause window covers the snapshot, not the inspector's opening and closing.
+    let summary = Inspector::open(pid, &format!("summary ({reason})")).and_then(|mut insp| {
+        let pause = super::pauses::begin(state, pid);
+        let s = crate::v8::summary_with(&mut insp, false, reason);
+        drop(pause);
+        let s = s?;
+        insp.close()?;
+        Ok(s)
+    });
     let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };
