@@ -17,6 +17,7 @@ use crate::{
         load::{self, ProbeMode, ProbeSettings, Probes},
         target_view::TargetProbes,
     },
+    pause::PauseLedger,
     process::Process,
     procfs,
     symbolize::Symbolizer,
@@ -37,6 +38,7 @@ pub struct Session {
     inner: Arc<Mutex<Inner>>,
     /// The target's share of the agent's memory budget ([`crate::budget`]).
     budget: Arc<crate::budget::Account>,
+    pauses: PauseLedger,
 }
 
 /// How often new stacks' JIT frames are named (see [`Symbolizer::pin_jit`]): well before V8
@@ -104,6 +106,7 @@ impl Session {
             target,
             inner,
             budget,
+            pauses: PauseLedger::new(),
         })
     }
 
@@ -224,6 +227,7 @@ impl TracedTarget for Session {
         }
         profile.expand_inlined();
         profile.unwind_tables = Some(self.unwind.stats());
+        profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
         }
@@ -251,11 +255,27 @@ impl TracedTarget for Session {
             probe_mode: self.probe_mode().name().to_string(),
             alive: self.alive(),
             labels: Default::default(),
+            pauses: Some(self.pauses.status(&crate::pause::default_budget())),
         }
     }
 
     fn trigger_host(&self) -> Option<&dyn crate::trigger::TriggerHost> {
         Some(self)
+    }
+
+    fn pauses(&self) -> Option<&PauseLedger> {
+        Some(&self.pauses)
+    }
+
+    fn suspend_probes(&self) -> anyhow::Result<()> {
+        self.target.suspend_allocator_probes();
+        Ok(())
+    }
+
+    /// Not on a process that is gone (its pid may name another one by now).
+    fn resume_probes(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.alive(), "process {} exited: its probes stay detached", self.pid);
+        Ok(self.target.resume_allocator_probes()?)
     }
 }
 

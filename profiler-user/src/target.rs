@@ -38,6 +38,10 @@ pub struct TargetStats {
     /// target is a workload's process; filled by the agent.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The pauses memscope's V8 operations imposed on it, the gaps they left in the native
+    /// figures and its pause budget (see [`crate::pause`]); absent for targets that keep none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pauses: Option<crate::pause::PauseStatus>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.
@@ -56,6 +60,19 @@ pub trait TracedTarget: Send + Sync {
     /// whatever process now has its pid. `None` (the default): no such action is allowed.
     fn process(&self) -> Option<Arc<crate::process::Process>> {
         None
+    }
+    /// Its pause accounting (see [`crate::pause`]), when it keeps one.
+    fn pauses(&self) -> Option<&crate::pause::PauseLedger> {
+        None
+    }
+    /// Takes its allocator probes out of the process for a while (its slot, maps and live
+    /// entries stay).
+    fn suspend_probes(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Puts them back after [`TracedTarget::suspend_probes`].
+    fn resume_probes(&self) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

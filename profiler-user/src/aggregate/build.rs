@@ -110,6 +110,7 @@ pub fn build(
         target_exited: ctx.target_exited,
         stacks,
         mappings: Vec::new(),
+        probe_gaps: None,
     }
 }
 

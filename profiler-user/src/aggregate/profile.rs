@@ -145,6 +145,11 @@ pub struct HeapProfile {
     /// rows, for backends that symbolize by build id); empty when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mappings: Vec<ModuleMapping>,
+    /// Windows during which the allocator probes were out of the process (V8 heap walks, see
+    /// [`crate::pause`]): allocations and frees in them were not seen, so an allocation freed
+    /// in a gap may still be listed as live. `None` when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_gaps: Option<crate::pause::ProbeGaps>,
 }
 
 /// One executable mapping of a file in the target.

@@ -146,6 +146,7 @@ impl TracedTarget for FakeTarget {
             probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),
+            pauses: None,
         }
     }
 }

@@ -216,6 +216,7 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
     let result = Inspector::open(process, purpose, budget).and_then(|mut insp| {
+        let pause = super::pauses::begin(state, pid);
         let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
             if !started {
                 started = true;
@@ -228,7 +229,9 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
                 return Err(V8Error::Sink("every client went away".into()));
             }
             Ok(())
-        })?;
+        });
+        drop(pause);
+        let bytes = bytes?;
         insp.close()?;
         Ok(bytes)
     });
@@ -311,10 +314,13 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
     let result = async {
         let process = node_target(&state, id)?;
         let purpose = format!("api: gc by {}", p.name);
+        let traced = super::pauses::target_of(&state, id);
         exclusive_session(&state, move |budget| {
             let started = Instant::now();
             let mut insp = Inspector::open(process, &purpose, budget).map_err(v8_error)?;
+            let pause = traced.and_then(crate::pause::PauseGuard::begin);
             insp.collect_garbage().map_err(v8_error)?;
+            drop(pause);
             insp.close().map_err(v8_error)?;
             Ok(started.elapsed())
         })
@@ -411,6 +417,12 @@ struct StoredSummary {
     verdicts: HashMap<String, Verdict>,
 }
 
+/// Whether a snapshot stored for target `pid` gets a V8 heap summary (`--v8-summaries` and a
+/// target that handles SIGUSR1): then storing it pauses the target.
+pub(crate) fn would_summarize(state: &State, pid: u32) -> bool {
+    state.v8.summaries.load(Ordering::Relaxed) && crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false)
+}
+
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
 /// reason): with `--v8-summaries` and a target that handles SIGUSR1 (Node.js), also takes a V8
 /// heap snapshot, summarizes it as it streams, adds it to the target's series of summaries
@@ -432,7 +444,16 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     }
     let path = summary_path(state, id);
     let budget = Budget::new(state.limits.request_timeout);
-    let result = crate::v8::summary_of(process, false, reason, budget).map_err(|e| e.to_string()).and_then(|summary| {
+    // The pause window covers the snapshot, not the inspector's opening and closing.
+    let summary = Inspector::open(process, &format!("summary ({reason})"), budget).and_then(|mut insp| {
+        let pause = super::pauses::begin(state, pid);
+        let s = crate::v8::summary_with(&mut insp, false, reason);
+        drop(pause);
+        let s = s?;
+        insp.close()?;
+        Ok(s)
+    });
+    let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };
         let dir = path.parent().expect("has a parent");

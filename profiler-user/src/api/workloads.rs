@@ -449,7 +449,7 @@ fn attach_reserved(
     tracking.remove_finished();
     if !selector.triggers.is_empty() {
         let spacing = state.trigger_settings.min_spacing;
-        if let Err(e) = triggers::attach(state, &*target, &tracking, &selector.triggers, spacing, triggers::Origin::Selector) {
+        if let Err(e) = triggers::attach(state, &*target, &tracking, &selector.triggers, spacing, triggers::Origin::Selector, selector.pause_budget) {
             warn!(pid, workload = %identity.id, error = %e, "attaching the selector's triggers failed");
         }
     }

@@ -598,11 +598,34 @@ pub(crate) fn targets_table(v: &Value) -> String {
                 u(&t["frees"]).to_string(),
                 dropped.to_string(),
                 t["probe_mode"].as_str().unwrap_or("").to_owned(),
+                paused_cell(&t["pauses"]),
                 ago(u(&t["attached_at_ms"])),
             ]
         })
         .collect();
-    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "ATTACHED"], &rows)
+    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "PAUSED", "ATTACHED"], &rows)
+}
+
+/// The PAUSED column: paused share / budget, probe gaps, firings suppressed to spare the
+/// target (`0.8%/5% 3 gaps 2 supp`); `-` for a target memscope never paused.
+fn paused_cell(p: &Value) -> String {
+    if p.is_null() {
+        return "-".to_string();
+    }
+    let gaps = u(&p["probe_gaps"]["count"]);
+    let suppressed: u64 = p["suppressed"].as_object().map_or(0, |m| m.values().map(u).sum());
+    if gaps == 0 && suppressed == 0 {
+        return "-".to_string();
+    }
+    let mut s = format!(
+        "{:.1}%/{}% {gaps} gaps",
+        p["paused_percent"].as_f64().unwrap_or(0.0),
+        p["budget_percent"].as_f64().unwrap_or(0.0)
+    );
+    if suppressed > 0 {
+        let _ = write!(s, " {suppressed} supp");
+    }
+    s
 }
 
 pub(crate) fn leaks_table(v: &Value) -> String {
@@ -616,17 +639,26 @@ pub(crate) fn leaks_table(v: &Value) -> String {
         u(&t["live_allocs"]),
         secs(v["min_age_s"].as_f64().unwrap_or(0.0)),
     );
+    if let Some(g) = v["probe_gaps"].as_object() {
+        let _ = writeln!(
+            out,
+            "note: the probes were out of the process {} times ({} ms in all) while V8 walked its heap: memory freed then may be listed as live (leaks marked *)",
+            g.get("count").map_or(0, u),
+            g.get("total_ms").map_or(0, u)
+        );
+    }
     if leaks.is_empty() {
         out.push_str("no leaks found\n");
     }
     for (i, l) in leaks.iter().enumerate() {
         let _ = writeln!(
             out,
-            "\n#{:<3} {} in {} allocations, oldest {}",
+            "\n#{:<3} {} in {} allocations, oldest {}{}",
             i + 1,
             human_bytes(u(&l["bytes"])),
             u(&l["allocs"]),
-            secs(l["oldest_age_s"].as_f64().unwrap_or(0.0))
+            secs(l["oldest_age_s"].as_f64().unwrap_or(0.0)),
+            if l["may_include_unseen_frees"].as_bool() == Some(true) { " *" } else { "" }
         );
         if let Ok(vf @ VerdictFields { verdict: Some(_), .. }) = serde_json::from_value::<VerdictFields>(l.clone()) {
             let _ = writeln!(out, "     {} (across {} snapshots)", vf.text(), u(&v["verdict_snapshots"]));
@@ -944,6 +976,12 @@ mod tests {
         let t = targets_table(&targets);
         assert!(t.starts_with("PID"), "{t}");
         assert!(t.contains("demo") && t.contains("2.0 KiB") && t.contains("session"), "{t}");
+        assert!(t.contains("PAUSED") && t.lines().nth(1).unwrap().contains(" - "), "never paused: {t}");
+        let mut paused = targets.clone();
+        paused["targets"][0]["pauses"] = serde_json::json!({"probe_gaps": {"count": 3, "total_ms": 900, "last_end_ms": 1},
+            "paused_percent": 0.84, "budget_percent": 5.0, "suppressed": {"pause_budget": 10, "self_caused_gc": 2}});
+        let t = targets_table(&paused);
+        assert!(t.contains("0.8%/5% 3 gaps 12 supp"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});
