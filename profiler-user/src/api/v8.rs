@@ -161,8 +161,10 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Duration) {
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
-    let result = Inspector::open(pid, purpose).and_then(|mut insp| {
-        let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
+    // Through the target's snapshot channel: the ids of surviving objects stay the same from
+    // one snapshot to the next (see crate::v8::channel).
+    let result = {
+        let bytes = snapshot::take_keeping_ids(pid, purpose, gc, timeout, |chunk| {
             if !started {
                 started = true;
                 clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
@@ -174,10 +176,9 @@ fn stream_snapshot(state: &State, pid: u32, gc: bool, purpose: &str, timeout: Du
                 return Err(V8Error::Sink("every client went away".into()));
             }
             Ok(())
-        })?;
-        insp.close()?;
-        Ok(bytes)
-    });
+        });
+        bytes
+    };
     if !started {
         clients = state.v8.flights.lock().unwrap().get_mut(&pid).and_then(|f| f.waiting.take()).unwrap_or_default();
     }

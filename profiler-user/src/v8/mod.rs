@@ -6,6 +6,7 @@
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
+pub mod channel;
 pub mod growth;
 pub mod inspector;
 pub mod sampling;

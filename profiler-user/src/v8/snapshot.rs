@@ -2,11 +2,41 @@
 //! `HeapProfiler.addHeapSnapshotChunk` goes to a sink as it arrives, so the caller's memory is
 //! O(chunk), whatever the heap's size. V8 pauses the target while it walks the heap (see
 //! docs/node.md for measured pauses), then serializes.
-use std::time::Duration;
+//!
+//! [`take_keeping_ids`] is what the agent uses: through the target's snapshot channel
+//! ([`super::channel`]), so that the ids of objects that survive are the same from one snapshot
+//! to the next (an inspector session of its own, [`take`], renumbers every object).
+use std::{cell::RefCell, time::Duration};
 
 use serde_json::{json, Value};
 
-use super::{Inspector, V8Error};
+use super::{channel, Inspector, V8Error};
+
+/// Takes a heap snapshot of `pid` through its snapshot channel (installed first if needed, an
+/// inspector session audited with `purpose`), passing its text to `sink` chunk by chunk; object
+/// ids stay the same across such snapshots. `gc`: a full garbage collection first (V8 collects
+/// garbage for a snapshot anyway). Falls back to [`take`] through the inspector when the channel
+/// cannot be installed. Returns the bytes written.
+pub fn take_keeping_ids(
+    pid: u32,
+    purpose: &str,
+    gc: bool,
+    timeout: Duration,
+    sink: impl FnMut(&str) -> Result<(), V8Error>,
+) -> Result<u64, V8Error> {
+    let sink = RefCell::new(sink);
+    channel::with_channel(
+        pid,
+        purpose,
+        |ch| {
+            if gc {
+                channel::Protocol::call(ch, "HeapProfiler.collectGarbage", json!({}), timeout)?;
+            }
+            ch.snapshot(timeout, &mut |c| (sink.borrow_mut())(c))
+        },
+        |insp| take(insp, gc, timeout, |c| (sink.borrow_mut())(c)),
+    )
+}
 
 /// Takes a heap snapshot, passing its text to `sink` chunk by chunk (a sink error stops the
 /// transfer: the client went away). `gc`: a full garbage collection first, so that only live

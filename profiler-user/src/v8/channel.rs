@@ -1,0 +1,330 @@
+//! The snapshot channel: a persistent, private line into a Node.js process, so that heap
+//! snapshots taken one after the other keep the ids of the objects that survive.
+//!
+//! Why: V8 clears its heap object ids (`HeapProfiler::ClearObjectIds`, in
+//! `V8HeapProfilerAgentImpl::disable`) whenever an inspector session ends
+//! (`~V8InspectorSessionImpl` disables every agent) or disables `HeapProfiler`. Each snapshot
+//! through its own inspector session therefore numbers every object anew, and comparison tools
+//! (memlab, DevTools' comparison view), which match objects by id, see no growth. The service's
+//! own snapshots (`v8.writeHeapSnapshot`) keep their ids because they end no session.
+//!
+//! What: the first time the agent needs it for a target, it opens an inspector session (with
+//! every check of [`super::inspector`]), evaluates `channel_agent.js` in the target (memscope's
+//! own code, audited), connects to the Unix socket that code listens on (through
+//! `/proc/PID/root`, so the target's mount namespace and private `/tmp` do not matter), proves
+//! it knows a random token, and closes the inspector session (the one id reset, before any
+//! snapshot through the channel). The code in the target then stops listening and removes its
+//! socket: the connection memscope holds is the only way in. Snapshots are
+//! `v8.getHeapSnapshot()` in the target (V8's own serializer, streamed chunk by chunk as
+//! framed data, never a file); `HeapProfiler` methods (GC, the sampling profiler) go through an
+//! in-process session that stays connected, and `HeapProfiler.disable` is never sent.
+//!
+//! The connection's peer must be the target (`SO_PEERCRED`). Everything the target sends is
+//! hostile: frames are size-capped, every read has a deadline, a broken channel is dropped and
+//! installed again next time (one more id reset: after an agent restart or a target that
+//! closed it). Channels live as long as the agent process; one operation at a time per target.
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    os::{fd::AsRawFd, unix::net::UnixStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::{Inspector, V8Error};
+
+/// The code evaluated in the target.
+const AGENT_JS: &str = include_str!("channel_agent.js");
+/// How long the target waits for memscope to connect before it removes the channel.
+const EXPIRY: Duration = Duration::from_secs(30);
+/// Largest data frame (V8's snapshot chunks are 64 KiB) or message (a sampling profile).
+const MAX_DATA_FRAME: usize = 4 << 20;
+const MAX_MESSAGE_FRAME: usize = 64 << 20;
+/// How long the target may take to start listening.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
+/// One channel per target pid; `None` until installed (or after it broke).
+type Slot = Arc<Mutex<Option<Channel>>>;
+static CHANNELS: Mutex<Option<HashMap<u32, Slot>>> = Mutex::new(None);
+
+/// A private connection to memscope's code in one Node.js process.
+pub struct Channel {
+    pid: u32,
+    stream: UnixStream,
+    next_id: u64,
+}
+
+/// A DevTools-protocol peer: an inspector session, or the channel's in-process session.
+pub trait Protocol {
+    fn pid(&self) -> u32;
+    /// Calls `method`, passing the events that arrive meanwhile to `on_event`.
+    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error>;
+    /// Whether `HeapProfiler.disable` may be sent (never on the channel: it clears the ids).
+    fn may_disable(&self) -> bool;
+    fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
+        self.call_events(method, params, timeout, &mut |_, _| Ok(()))
+    }
+}
+
+impl Protocol for Inspector {
+    fn pid(&self) -> u32 {
+        Inspector::pid(self)
+    }
+    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error> {
+        self.call_with_events(method, params, timeout, on_event)
+    }
+    fn may_disable(&self) -> bool {
+        true
+    }
+}
+
+impl Protocol for Channel {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error> {
+        let id = self.send(json!({ "op": "call", "method": method, "params": params }))?;
+        self.finish(id, method, timeout, &mut |_| Err(V8Error::Protocol("data in answer to a call".into())), on_event)
+    }
+    fn may_disable(&self) -> bool {
+        false
+    }
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    assert_eq!(n, b.len() as isize, "getrandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The pid of the process at the other end of a Unix socket (the one that listened).
+fn peer_pid(s: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len) };
+    (r == 0).then_some(cred.pid as u32)
+}
+
+impl Channel {
+    /// Installs the channel through an open inspector session (which the caller then closes).
+    pub fn install(insp: &mut Inspector) -> Result<Channel, V8Error> {
+        let pid = insp.pid();
+        let token = random_token();
+        let code = AGENT_JS.replace("__MEMSCOPE_TOKEN__", &token).replace("__MEMSCOPE_EXPIRY_MS__", &EXPIRY.as_millis().to_string());
+        let r = insp.call(
+            "Runtime.evaluate",
+            json!({ "expression": code, "returnByValue": true, "includeCommandLineAPI": true, "silent": true }),
+            Duration::from_secs(10),
+        )?;
+        if let Some(ex) = r.get("exceptionDetails") {
+            let text = ex.get("exception").and_then(|e| e.get("description")).and_then(Value::as_str).unwrap_or("exception");
+            return Err(V8Error::Remote("installing the snapshot channel".into(), text.chars().take(200).collect()));
+        }
+        let path = r.get("result").and_then(|v| v.get("value")).and_then(Value::as_str).unwrap_or("");
+        // Only what the code makes: an absolute path ending in /memscope-XXXXXX/s.
+        let ok = path.starts_with('/') && path.ends_with("/s") && !path.contains("..") && path.len() < 4096 && path.rsplit('/').nth(1).is_some_and(|d| d.starts_with("memscope-"));
+        if !ok {
+            return Err(V8Error::Protocol(format!("the snapshot channel answered a strange path {:?}", path.chars().take(100).collect::<String>())));
+        }
+        let full = format!("/proc/{pid}/root{path}");
+        let deadline = Instant::now() + CONNECT_WAIT;
+        let stream = loop {
+            match UnixStream::connect(&full) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => return Err(V8Error::Connect(format!("connecting to the snapshot channel of {pid}: {e}"))),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        match peer_pid(&stream) {
+            Some(p) if p == pid => {}
+            other => return Err(V8Error::Connect(format!("the snapshot channel of {pid} is held by another process ({other:?})"))),
+        }
+        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+        let mut ch = Channel { pid, stream, next_id: 1 };
+        ch.stream.write_all(format!("{token}\n").as_bytes()).map_err(|e| V8Error::Connect(format!("the snapshot channel of {pid}: {e}")))?;
+        let hello = ch.read_message(Instant::now() + Duration::from_secs(5), "the snapshot channel's greeting")?;
+        if hello.get("ok") != Some(&Value::Bool(true)) {
+            return Err(V8Error::Protocol(format!("the snapshot channel of {pid} did not greet")));
+        }
+        Ok(ch)
+    }
+
+    fn send(&mut self, mut req: Value) -> Result<u64, V8Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        req["id"] = json!(id);
+        let line = format!("{req}\n");
+        if line.len() > 65536 {
+            return Err(V8Error::Protocol("request too large for the snapshot channel".into()));
+        }
+        self.stream.write_all(line.as_bytes()).map_err(|e| V8Error::Connect(format!("writing to the snapshot channel: {e}")))?;
+        Ok(id)
+    }
+
+    fn read_exact_by(&mut self, buf: &mut [u8], deadline: Instant, what: &str) -> Result<(), V8Error> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(V8Error::Timeout(what.to_string(), Duration::ZERO));
+            }
+            self.stream.set_read_timeout(Some(left.min(Duration::from_secs(1)))).ok();
+            match self.stream.read(&mut buf[got..]) {
+                Ok(0) => return Err(V8Error::Connect(format!("the snapshot channel of {} closed", self.pid))),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(V8Error::Connect(format!("reading the snapshot channel: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// One frame: (kind, payload), capped by kind.
+    fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<(u8, Vec<u8>), V8Error> {
+        let mut head = [0u8; 5];
+        self.read_exact_by(&mut head, deadline, what)?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let cap = match head[0] {
+            b'D' => MAX_DATA_FRAME,
+            b'M' => MAX_MESSAGE_FRAME,
+            k => return Err(V8Error::Protocol(format!("the snapshot channel sent a frame of unknown kind {k}"))),
+        };
+        if len > cap {
+            return Err(V8Error::Protocol(format!("the snapshot channel sent a {len}-byte frame (at most {cap})")));
+        }
+        let mut payload = vec![0u8; len];
+        self.read_exact_by(&mut payload, deadline, what)?;
+        Ok((head[0], payload))
+    }
+
+    fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Value, V8Error> {
+        match self.read_frame(deadline, what)? {
+            (b'M', p) => serde_json::from_slice(&p).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into())),
+            _ => Err(V8Error::Protocol("the snapshot channel sent data where a message was due".into())),
+        }
+    }
+
+    /// Reads until the answer to `id`: data frames to `on_data`, events to `on_event`.
+    fn finish(
+        &mut self,
+        id: u64,
+        what: &str,
+        timeout: Duration,
+        on_data: &mut dyn FnMut(&[u8]) -> Result<(), V8Error>,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<Value, V8Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (kind, payload) = self.read_frame(deadline, what).map_err(|e| match e {
+                V8Error::Timeout(w, _) => V8Error::Timeout(w, timeout),
+                e => e,
+            })?;
+            if kind == b'D' {
+                on_data(&payload)?;
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&payload).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into()))?;
+            if v.get("id").and_then(Value::as_u64) == Some(id) {
+                if let Some(err) = v.get("error") {
+                    let msg = err.as_str().unwrap_or("error");
+                    return Err(V8Error::Remote(what.to_string(), msg.chars().take(200).collect()));
+                }
+                return Ok(v.get("result").cloned().unwrap_or(Value::Null));
+            }
+            if let Some(ev) = v.get("method").and_then(Value::as_str) {
+                on_event(ev, v.get("params").unwrap_or(&Value::Null))?;
+            }
+        }
+    }
+
+    /// A heap snapshot through `v8.getHeapSnapshot()` in the target, chunk by chunk to `sink`
+    /// (text: V8 writes the snapshot in ASCII). Returns the bytes written.
+    pub fn snapshot(&mut self, timeout: Duration, sink: &mut dyn FnMut(&str) -> Result<(), V8Error>) -> Result<u64, V8Error> {
+        let id = self.send(json!({ "op": "snapshot" }))?;
+        let mut bytes = 0u64;
+        // A sink that fails (the client went away) stops the forwarding, not the reading: the
+        // rest is read and dropped so that the channel stays usable (and the ids kept).
+        let mut stopped: Option<V8Error> = None;
+        self.finish(
+            id,
+            "the heap snapshot",
+            timeout,
+            &mut |d| {
+                if stopped.is_some() {
+                    return Ok(());
+                }
+                let text = std::str::from_utf8(d).map_err(|_| V8Error::Protocol("the heap snapshot is not text".into()))?;
+                bytes += d.len() as u64;
+                if let Err(e) = sink(text) {
+                    stopped = Some(e);
+                }
+                Ok(())
+            },
+            &mut |_, _| Ok(()),
+        )?;
+        match stopped {
+            Some(e) => Err(e),
+            None => Ok(bytes),
+        }
+    }
+}
+
+/// Whether an error means the channel itself is unusable (dropped, installed again next time)
+/// rather than the operation failing.
+fn broken(e: &V8Error) -> bool {
+    matches!(e, V8Error::Connect(_) | V8Error::Protocol(_) | V8Error::Timeout(..))
+}
+
+/// Runs `f` on the channel of `pid`, installing it first if needed (an inspector session,
+/// audited with `purpose`). When the channel cannot be installed (a read-only temporary
+/// directory, a Node.js without `require` in the inspector), `fallback` runs on that inspector
+/// session instead (ids are not kept then) and a warning says why.
+pub fn with_channel<R>(
+    pid: u32,
+    purpose: &str,
+    f: impl FnOnce(&mut Channel) -> Result<R, V8Error>,
+    fallback: impl FnOnce(&mut Inspector) -> Result<R, V8Error>,
+) -> Result<R, V8Error> {
+    let slot = CHANNELS.lock().unwrap().get_or_insert_with(HashMap::new).entry(pid).or_default().clone();
+    let mut guard = slot.try_lock().map_err(|_| V8Error::Busy(pid))?;
+    if guard.as_ref().is_some_and(|c| peer_pid(&c.stream) != Some(pid)) {
+        *guard = None;
+    }
+    if guard.is_none() {
+        let mut insp = Inspector::open(pid, &format!("{purpose} (installing the snapshot channel)"))?;
+        match Channel::install(&mut insp) {
+            Ok(ch) => {
+                insp.close()?;
+                info!(target: "audit", pid, purpose, result = "installed", "v8 snapshot channel");
+                *guard = Some(ch);
+            }
+            Err(e) => {
+                warn!(pid, error = %e, "the snapshot channel could not be installed: this snapshot goes through the inspector, object ids are not kept across snapshots");
+                let r = fallback(&mut insp);
+                insp.close()?;
+                return r;
+            }
+        }
+    }
+    let ch = guard.as_mut().expect("installed above");
+    let r = f(ch);
+    if let Err(e) = &r {
+        if broken(e) {
+            warn!(pid, error = %e, "the snapshot channel broke; it is installed again next time");
+            *guard = None;
+        }
+    }
+    r
+}
+
+/// Forgets the channel of `pid` (its target exited or was detached): the connection closes and
+/// the code in the target removes itself.
+pub fn forget(pid: u32) {
+    if let Some(map) = CHANNELS.lock().unwrap().as_mut() {
+        map.remove(&pid);
+    }
+}
