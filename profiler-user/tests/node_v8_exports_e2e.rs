@@ -189,9 +189,11 @@ fn memlab_new_and_alive(dir: &std::path::Path, snaps: &[PathBuf; 3], class: &str
 }
 
 /// Three heap snapshots through the agent of a node that keeps growing LeakyRecord (1000, then
-/// 2000, then 3000 kept): every LeakyRecord of a snapshot has the same id in the next ones (the
-/// ids of surviving objects are stable), and memlab's find-leaks, given the three, counts the
-/// 1000 LeakyRecord made between the first and the second and alive in the third.
+/// 2000, then 3000 kept; a sampling profile and a GC through the agent before the third): every
+/// LeakyRecord of a snapshot has the same id in the next ones (the ids of surviving objects are
+/// stable), one channel served it all, nothing is left listening or in the target's /tmp, and
+/// memlab's find-leaks, given the three, counts the 1000 LeakyRecord made between the first and
+/// the second and alive in the third.
 #[test]
 fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
     require_root();
@@ -207,6 +209,14 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
     for (i, total) in [1000u64, 2000, 3000].into_iter().enumerate() {
         if i > 0 {
             assert_eq!(node.ask("grow 1000"), format!("grown {total}"));
+        }
+        if i == 2 {
+            // The agent's other V8 work in between renumbers nothing either.
+            let (s, b) = http_get(&format!("{}/v1/targets/{}/v8/heap-profile?seconds=1&format=folded", a.url, node.pid), READ);
+            assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into();
+            let resp = agent.post(&format!("{}/v1/targets/{}/actions/gc", a.url, node.pid)).header("Authorization", &format!("Bearer {ADMIN}")).send("{}").unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
         }
         let (s, b) = http_get(&url, ADMIN);
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b[..b.len().min(300)]));

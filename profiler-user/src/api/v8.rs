@@ -43,7 +43,12 @@ use crate::{
         Measure,
     },
     render,
-    v8::{growth as v8_growth, sampling, snapshot, summary::HeapSummary, Inspector, V8Error},
+    v8::{
+        channel::{self, Protocol as _},
+        growth as v8_growth, sampling, snapshot,
+        summary::HeapSummary,
+        Inspector, V8Error,
+    },
 };
 
 /// Longest sampling accepted.
@@ -215,9 +220,10 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
     let key = format!("target:{id}|v8-heap-profile|{seconds}|{interval}|{}", format.name());
     let purpose = format!("api: heap-profile by {}", p.name);
     expensive(&state, key, move || {
-        let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
-        let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
-        insp.close().map_err(v8_error)?;
+        // Through the snapshot channel: no inspector session ends, so the ids of the next heap
+        // snapshot's objects stay those of the last one.
+        let d = Duration::from_secs(seconds);
+        let prof = channel::with_channel(pid, &purpose, |ch| sampling::profile(ch, d, interval), |insp| sampling::profile(insp, d, interval)).map_err(v8_error)?;
         let body = match format {
             render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
             f => render::render(&prof, f, Measure::Inuse),
@@ -235,9 +241,9 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
         let purpose = format!("api: gc by {}", p.name);
         limits::exclusive(&state.expensive, move || {
             let started = Instant::now();
-            let mut insp = Inspector::open(pid, &purpose).map_err(v8_error)?;
-            insp.collect_garbage().map_err(v8_error)?;
-            insp.close().map_err(v8_error)?;
+            let t = crate::v8::inspector::DEFAULT_CALL_TIMEOUT;
+            channel::with_channel(pid, &purpose, |ch| ch.call("HeapProfiler.collectGarbage", serde_json::json!({}), t).map(|_| ()), |insp| insp.collect_garbage())
+                .map_err(v8_error)?;
             Ok(started.elapsed())
         })
         .await
@@ -346,7 +352,7 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, pid: u32, id: &s
         return;
     }
     let path = summary_path(state, id);
-    let result = crate::v8::summary_of(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
+    let result = crate::v8::summary_keeping_ids(pid, false, reason).map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };
         let dir = path.parent().expect("has a parent");

@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::{Inspector, V8Error};
+use super::{channel::Protocol, V8Error};
 use crate::aggregate::{Frame, FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
@@ -19,15 +19,19 @@ pub const DEFAULT_INTERVAL: u64 = 32 * 1024;
 /// Deepest JavaScript stack kept.
 const MAX_DEPTH: usize = 128;
 
-/// Samples the target's JavaScript allocations for `duration`.
-pub fn profile(insp: &mut Inspector, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+/// Samples the target's JavaScript allocations for `duration`, through an inspector session or
+/// the target's snapshot channel (which never disables `HeapProfiler`: that would renumber
+/// every object of the next heap snapshot).
+pub fn profile<P: Protocol + ?Sized>(insp: &mut P, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;
     std::thread::sleep(duration);
     let got = insp.call("HeapProfiler.getSamplingProfile", json!({}), Duration::from_secs(60));
     let _ = insp.call("HeapProfiler.stopSampling", json!({}), t);
-    let _ = insp.call("HeapProfiler.disable", json!({}), t);
+    if insp.may_disable() {
+        let _ = insp.call("HeapProfiler.disable", json!({}), t);
+    }
     let got = got?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     to_profile(got.get("profile").unwrap_or(&Value::Null), insp.pid(), now, duration, interval)
