@@ -39,7 +39,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
     "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
     "curl",                           // the second client, bound to 127.0.0.2, during it
-    "golang-go",                      // `go tool pprof`, to read the sampling profile's pprof in node_v8_e2e
+    "golang-go",                      // `go tool pprof`, to read memscope's pprof in node_v8_exports_e2e
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -63,7 +63,13 @@ pub fn npm_packages() -> Result<()> {
     step("npm install -g @memlab/cli");
     cmd::run(
         Command::new("npm")
-            .args(["install", "--global", "--no-audit", "--no-fund", "@memlab/cli@2"])
+            .args([
+                "install",
+                "--global",
+                "--no-audit",
+                "--no-fund",
+                "@memlab/cli@2",
+            ])
             .env("PUPPETEER_SKIP_DOWNLOAD", "1")
             .env("PUPPETEER_SKIP_CHROMIUM_DOWNLOAD", "1")
             .stdin(Stdio::null()),

@@ -61,7 +61,13 @@ pub struct Channel {
 pub trait Protocol {
     fn pid(&self) -> u32;
     /// Calls `method`, passing the events that arrive meanwhile to `on_event`.
-    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error>;
+    fn call_events(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<Value, V8Error>;
     /// Whether `HeapProfiler.disable` may be sent (never on the channel: it clears the ids).
     fn may_disable(&self) -> bool;
     fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
@@ -73,7 +79,13 @@ impl Protocol for Inspector {
     fn pid(&self) -> u32 {
         Inspector::pid(self)
     }
-    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error> {
+    fn call_events(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<Value, V8Error> {
         self.call_with_events(method, params, timeout, on_event)
     }
     fn may_disable(&self) -> bool {
@@ -85,9 +97,21 @@ impl Protocol for Channel {
     fn pid(&self) -> u32 {
         self.pid
     }
-    fn call_events(&mut self, method: &str, params: Value, timeout: Duration, on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>) -> Result<Value, V8Error> {
+    fn call_events(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+    ) -> Result<Value, V8Error> {
         let id = self.send(json!({ "op": "call", "method": method, "params": params }))?;
-        self.finish(id, method, timeout, &mut |_| Err(V8Error::Protocol("data in answer to a call".into())), on_event)
+        self.finish(
+            id,
+            method,
+            timeout,
+            &mut |_| Err(V8Error::Protocol("data in answer to a call".into())),
+            on_event,
+        )
     }
     fn may_disable(&self) -> bool {
         false
@@ -103,9 +127,21 @@ fn random_token() -> String {
 
 /// The pid of the process at the other end of a Unix socket (the one that listened).
 fn peer_pid(s: &UnixStream) -> Option<u32> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&raw mut cred).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
     (r == 0).then_some(cred.pid as u32)
 }
 
@@ -114,41 +150,83 @@ impl Channel {
     pub fn install(insp: &mut Inspector) -> Result<Channel, V8Error> {
         let pid = insp.pid();
         let token = random_token();
-        let code = AGENT_JS.replace("__MEMSCOPE_TOKEN__", &token).replace("__MEMSCOPE_EXPIRY_MS__", &EXPIRY.as_millis().to_string());
+        let code = AGENT_JS
+            .replace("__MEMSCOPE_TOKEN__", &token)
+            .replace("__MEMSCOPE_EXPIRY_MS__", &EXPIRY.as_millis().to_string());
         let r = insp.call(
             "Runtime.evaluate",
             json!({ "expression": code, "returnByValue": true, "includeCommandLineAPI": true, "silent": true }),
             Duration::from_secs(10),
         )?;
         if let Some(ex) = r.get("exceptionDetails") {
-            let text = ex.get("exception").and_then(|e| e.get("description")).and_then(Value::as_str).unwrap_or("exception");
-            return Err(V8Error::Remote("installing the snapshot channel".into(), text.chars().take(200).collect()));
+            let text = ex
+                .get("exception")
+                .and_then(|e| e.get("description"))
+                .and_then(Value::as_str)
+                .unwrap_or("exception");
+            return Err(V8Error::Remote(
+                "installing the snapshot channel".into(),
+                text.chars().take(200).collect(),
+            ));
         }
-        let path = r.get("result").and_then(|v| v.get("value")).and_then(Value::as_str).unwrap_or("");
+        let path = r
+            .get("result")
+            .and_then(|v| v.get("value"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
         // Only what the code makes: an absolute path ending in /memscope-XXXXXX/s.
-        let ok = path.starts_with('/') && path.ends_with("/s") && !path.contains("..") && path.len() < 4096 && path.rsplit('/').nth(1).is_some_and(|d| d.starts_with("memscope-"));
+        let ok = path.starts_with('/')
+            && path.ends_with("/s")
+            && !path.contains("..")
+            && path.len() < 4096
+            && path
+                .rsplit('/')
+                .nth(1)
+                .is_some_and(|d| d.starts_with("memscope-"));
         if !ok {
-            return Err(V8Error::Protocol(format!("the snapshot channel answered a strange path {:?}", path.chars().take(100).collect::<String>())));
+            return Err(V8Error::Protocol(format!(
+                "the snapshot channel answered a strange path {:?}",
+                path.chars().take(100).collect::<String>()
+            )));
         }
         let full = format!("/proc/{pid}/root{path}");
         let deadline = Instant::now() + CONNECT_WAIT;
         let stream = loop {
             match UnixStream::connect(&full) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(V8Error::Connect(format!("connecting to the snapshot channel of {pid}: {e}"))),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(V8Error::Connect(format!(
+                        "connecting to the snapshot channel of {pid}: {e}"
+                    )))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
         match peer_pid(&stream) {
             Some(p) if p == pid => {}
-            other => return Err(V8Error::Connect(format!("the snapshot channel of {pid} is held by another process ({other:?})"))),
+            other => {
+                return Err(V8Error::Connect(format!(
+                    "the snapshot channel of {pid} is held by another process ({other:?})"
+                )))
+            }
         }
         stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-        let mut ch = Channel { pid, stream, next_id: 1 };
-        ch.stream.write_all(format!("{token}\n").as_bytes()).map_err(|e| V8Error::Connect(format!("the snapshot channel of {pid}: {e}")))?;
-        let hello = ch.read_message(Instant::now() + Duration::from_secs(5), "the snapshot channel's greeting")?;
+        let mut ch = Channel {
+            pid,
+            stream,
+            next_id: 1,
+        };
+        ch.stream
+            .write_all(format!("{token}\n").as_bytes())
+            .map_err(|e| V8Error::Connect(format!("the snapshot channel of {pid}: {e}")))?;
+        let hello = ch.read_message(
+            Instant::now() + Duration::from_secs(5),
+            "the snapshot channel's greeting",
+        )?;
         if hello.get("ok") != Some(&Value::Bool(true)) {
-            return Err(V8Error::Protocol(format!("the snapshot channel of {pid} did not greet")));
+            return Err(V8Error::Protocol(format!(
+                "the snapshot channel of {pid} did not greet"
+            )));
         }
         Ok(ch)
     }
@@ -159,25 +237,51 @@ impl Channel {
         req["id"] = json!(id);
         let line = format!("{req}\n");
         if line.len() > 65536 {
-            return Err(V8Error::Protocol("request too large for the snapshot channel".into()));
+            return Err(V8Error::Protocol(
+                "request too large for the snapshot channel".into(),
+            ));
         }
-        self.stream.write_all(line.as_bytes()).map_err(|e| V8Error::Connect(format!("writing to the snapshot channel: {e}")))?;
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| V8Error::Connect(format!("writing to the snapshot channel: {e}")))?;
         Ok(id)
     }
 
-    fn read_exact_by(&mut self, buf: &mut [u8], deadline: Instant, what: &str) -> Result<(), V8Error> {
+    fn read_exact_by(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Instant,
+        what: &str,
+    ) -> Result<(), V8Error> {
         let mut got = 0;
         while got < buf.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(V8Error::Timeout(what.to_string(), Duration::ZERO));
             }
-            self.stream.set_read_timeout(Some(left.min(Duration::from_secs(1)))).ok();
+            self.stream
+                .set_read_timeout(Some(left.min(Duration::from_secs(1))))
+                .ok();
             match self.stream.read(&mut buf[got..]) {
-                Ok(0) => return Err(V8Error::Connect(format!("the snapshot channel of {} closed", self.pid))),
+                Ok(0) => {
+                    return Err(V8Error::Connect(format!(
+                        "the snapshot channel of {} closed",
+                        self.pid
+                    )))
+                }
                 Ok(n) => got += n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {}
-                Err(e) => return Err(V8Error::Connect(format!("reading the snapshot channel: {e}"))),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    return Err(V8Error::Connect(format!(
+                        "reading the snapshot channel: {e}"
+                    )))
+                }
             }
         }
         Ok(())
@@ -191,10 +295,16 @@ impl Channel {
         let cap = match head[0] {
             b'D' => MAX_DATA_FRAME,
             b'M' => MAX_MESSAGE_FRAME,
-            k => return Err(V8Error::Protocol(format!("the snapshot channel sent a frame of unknown kind {k}"))),
+            k => {
+                return Err(V8Error::Protocol(format!(
+                    "the snapshot channel sent a frame of unknown kind {k}"
+                )))
+            }
         };
         if len > cap {
-            return Err(V8Error::Protocol(format!("the snapshot channel sent a {len}-byte frame (at most {cap})")));
+            return Err(V8Error::Protocol(format!(
+                "the snapshot channel sent a {len}-byte frame (at most {cap})"
+            )));
         }
         let mut payload = vec![0u8; len];
         self.read_exact_by(&mut payload, deadline, what)?;
@@ -203,8 +313,12 @@ impl Channel {
 
     fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Value, V8Error> {
         match self.read_frame(deadline, what)? {
-            (b'M', p) => serde_json::from_slice(&p).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into())),
-            _ => Err(V8Error::Protocol("the snapshot channel sent data where a message was due".into())),
+            (b'M', p) => serde_json::from_slice(&p).map_err(|_| {
+                V8Error::Protocol("the snapshot channel sent something that is not JSON".into())
+            }),
+            _ => Err(V8Error::Protocol(
+                "the snapshot channel sent data where a message was due".into(),
+            )),
         }
     }
 
@@ -227,11 +341,16 @@ impl Channel {
                 on_data(&payload)?;
                 continue;
             }
-            let v: Value = serde_json::from_slice(&payload).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into()))?;
+            let v: Value = serde_json::from_slice(&payload).map_err(|_| {
+                V8Error::Protocol("the snapshot channel sent something that is not JSON".into())
+            })?;
             if v.get("id").and_then(Value::as_u64) == Some(id) {
                 if let Some(err) = v.get("error") {
                     let msg = err.as_str().unwrap_or("error");
-                    return Err(V8Error::Remote(what.to_string(), msg.chars().take(200).collect()));
+                    return Err(V8Error::Remote(
+                        what.to_string(),
+                        msg.chars().take(200).collect(),
+                    ));
                 }
                 return Ok(v.get("result").cloned().unwrap_or(Value::Null));
             }
@@ -243,7 +362,11 @@ impl Channel {
 
     /// A heap snapshot through `v8.getHeapSnapshot()` in the target, chunk by chunk to `sink`
     /// (text: V8 writes the snapshot in ASCII). Returns the bytes written.
-    pub fn snapshot(&mut self, timeout: Duration, sink: &mut dyn FnMut(&str) -> Result<(), V8Error>) -> Result<u64, V8Error> {
+    pub fn snapshot(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(&str) -> Result<(), V8Error>,
+    ) -> Result<u64, V8Error> {
         let id = self.send(json!({ "op": "snapshot" }))?;
         let mut bytes = 0u64;
         // A sink that fails (the client went away) stops the forwarding, not the reading: the
@@ -257,7 +380,8 @@ impl Channel {
                 if stopped.is_some() {
                     return Ok(());
                 }
-                let text = std::str::from_utf8(d).map_err(|_| V8Error::Protocol("the heap snapshot is not text".into()))?;
+                let text = std::str::from_utf8(d)
+                    .map_err(|_| V8Error::Protocol("the heap snapshot is not text".into()))?;
                 bytes += d.len() as u64;
                 if let Err(e) = sink(text) {
                     stopped = Some(e);
@@ -276,7 +400,10 @@ impl Channel {
 /// Whether an error means the channel itself is unusable (dropped, installed again next time)
 /// rather than the operation failing.
 fn broken(e: &V8Error) -> bool {
-    matches!(e, V8Error::Connect(_) | V8Error::Protocol(_) | V8Error::Timeout(..))
+    matches!(
+        e,
+        V8Error::Connect(_) | V8Error::Protocol(_) | V8Error::Timeout(..)
+    )
 }
 
 /// Runs `f` on the channel of `pid`, installing it first if needed (an inspector session,
@@ -289,13 +416,23 @@ pub fn with_channel<R>(
     f: impl FnOnce(&mut Channel) -> Result<R, V8Error>,
     fallback: impl FnOnce(&mut Inspector) -> Result<R, V8Error>,
 ) -> Result<R, V8Error> {
-    let slot = CHANNELS.lock().unwrap().get_or_insert_with(HashMap::new).entry(pid).or_default().clone();
+    let slot = CHANNELS
+        .lock()
+        .unwrap()
+        .get_or_insert_with(HashMap::new)
+        .entry(pid)
+        .or_default()
+        .clone();
     let mut guard = slot.try_lock().map_err(|_| V8Error::Busy(pid))?;
-    if guard.as_ref().is_some_and(|c| peer_pid(&c.stream) != Some(pid)) {
+    if guard
+        .as_ref()
+        .is_some_and(|c| peer_pid(&c.stream) != Some(pid))
+    {
         *guard = None;
     }
     if guard.is_none() {
-        let mut insp = Inspector::open(pid, &format!("{purpose} (installing the snapshot channel)"))?;
+        let mut insp =
+            Inspector::open(pid, &format!("{purpose} (installing the snapshot channel)"))?;
         match Channel::install(&mut insp) {
             Ok(ch) => {
                 insp.close()?;
