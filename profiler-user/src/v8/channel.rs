@@ -202,6 +202,18 @@ impl Channel {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
+        // What was connected to must be what the program made: a socket in a real directory
+        // (not a symlink the target planted towards another socket), held by the target.
+        let made = std::fs::symlink_metadata(&full)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            && std::path::Path::new(&full)
+                .parent()
+                .is_some_and(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()));
+        if !made {
+            return Err(V8Error::Connect(format!(
+                "the snapshot channel of {pid} is not a socket in a directory of its own"
+            )));
+        }
         match peer_pid(&stream) {
             Some(p) if p == pid => {}
             other => {
@@ -229,6 +241,20 @@ impl Channel {
             )));
         }
         Ok(ch)
+    }
+
+    /// Whether the target's end is closed (or has sent something unasked: not usable either).
+    fn closed(&self) -> bool {
+        let mut b = [0u8; 1];
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock
     }
 
     fn send(&mut self, mut req: Value) -> Result<u64, V8Error> {
@@ -424,10 +450,9 @@ pub fn with_channel<R>(
         .or_default()
         .clone();
     let mut guard = slot.try_lock().map_err(|_| V8Error::Busy(pid))?;
-    if guard
-        .as_ref()
-        .is_some_and(|c| peer_pid(&c.stream) != Some(pid))
-    {
+    if guard.as_ref().is_some_and(|c| c.closed()) {
+        // The target exited (or dropped its end): a pid reused since cannot be reached through
+        // it, the connection was to that process. Installed again below, with every check.
         *guard = None;
     }
     if guard.is_none() {
