@@ -490,3 +490,95 @@ pub fn forget(pid: u32) {
         map.remove(&pid);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Channel, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (
+            Channel {
+                pid: 1,
+                stream: a,
+                next_id: 1,
+            },
+            b,
+        )
+    }
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A hostile target: a frame announced larger than the cap, or of an unknown kind, is refused
+    /// before anything is allocated for it; silence ends at the deadline.
+    #[test]
+    fn hostile_frames_are_refused() {
+        let (mut ch, mut peer) = pair();
+        peer.write_all(&[b'D', 0xff, 0xff, 0xff, 0xff]).unwrap();
+        let e = ch
+            .snapshot(Duration::from_secs(5), &mut |_| Ok(()))
+            .unwrap_err();
+        assert!(
+            matches!(e, V8Error::Protocol(ref m) if m.contains("frame")),
+            "{e}"
+        );
+        assert!(broken(&e));
+
+        let (mut ch, mut peer) = pair();
+        peer.write_all(&frame(b'Z', b"x")).unwrap();
+        assert!(matches!(
+            ch.snapshot(Duration::from_secs(5), &mut |_| Ok(())),
+            Err(V8Error::Protocol(_))
+        ));
+
+        let (mut ch, _peer) = pair();
+        let started = Instant::now();
+        let e = ch
+            .call(
+                "HeapProfiler.collectGarbage",
+                json!({}),
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(matches!(e, V8Error::Timeout(..)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// A client that goes away mid-snapshot stops the forwarding, not the reading: the rest is
+    /// drained up to the answer, so the channel stays in step (and the ids kept).
+    #[test]
+    fn a_failing_sink_drains_the_snapshot() {
+        let (mut ch, mut peer) = pair();
+        for _ in 0..3 {
+            peer.write_all(&frame(b'D', b"{\"chunk\":1}")).unwrap();
+        }
+        peer.write_all(&frame(b'M', br#"{"id":1,"result":{}}"#))
+            .unwrap();
+        let mut calls = 0;
+        let e = ch
+            .snapshot(Duration::from_secs(5), &mut |_| {
+                calls += 1;
+                Err(V8Error::Sink("gone".into()))
+            })
+            .unwrap_err();
+        assert!(matches!(e, V8Error::Sink(_)) && !broken(&e));
+        assert_eq!(calls, 1);
+        assert!(!ch.closed(), "nothing left unread");
+        peer.write_all(&frame(b'M', br#"{"method":"HeapProfiler.x","params":{}}"#))
+            .unwrap();
+        peer.write_all(&frame(b'M', br#"{"id":2,"result":{"ok":true}}"#))
+            .unwrap();
+        assert_eq!(
+            ch.call("HeapProfiler.enable", json!({}), Duration::from_secs(5))
+                .unwrap(),
+            json!({"ok": true})
+        );
+        drop(peer);
+        assert!(ch.closed());
+    }
+}
