@@ -22,7 +22,8 @@
 //! The connection's peer must be the target (`SO_PEERCRED`). Everything the target sends is
 //! hostile: frames are size-capped, every read has a deadline, a broken channel is dropped and
 //! installed again next time (one more id reset: after an agent restart or a target that
-//! closed it). Channels live as long as the agent process; one operation at a time per target.
+//! closed it). A channel is closed when its target is detached ([`forget`]) or exits, and with
+//! the agent; one operation at a time per target.
 use std::{
     collections::HashMap,
     io::{Read, Write},
