@@ -399,6 +399,7 @@ async fn attach_blocking(state: &Arc<State>, pid: u32) -> Result<Arc<dyn TracedT
 
 pub(crate) fn detach(state: &State, p: Principal, id: u32) -> Result<Response, ApiError> {
     let removed = state.targets.write().unwrap().remove(&id);
+    crate::v8::channel::forget(id); // the agent keeps no line into a process it let go
     let route = format!("/v1/targets/{id}");
     let result = match removed {
         Some(_) => Ok(json_reply(StatusCode::OK, &serde_json::json!({ "detached": id }))),

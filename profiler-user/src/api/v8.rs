@@ -51,7 +51,14 @@ use crate::{
     render,
     process::Process,
     target::TracedTarget,
-    v8::{growth as v8_growth, inspector::CancelOnDrop, sampling, snapshot, summary::HeapSummary, Budget, Cancel, Inspector, V8Error},
+    v8::{
+        channel::{self, Protocol as _},
+        growth as v8_growth,
+        inspector::CancelOnDrop,
+        sampling, snapshot,
+        summary::HeapSummary,
+        Budget, Cancel, Inspector, V8Error,
+    },
 };
 
 /// Longest sampling accepted.
@@ -209,15 +216,16 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 /// slowest), stops when all are gone.
 fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str, budget: Budget, generation: u64) {
     let pid = process.pid();
-    let timeout = budget.left();
     let waiting = || {
         state.v8.flights.lock().unwrap().get_mut(&pid).filter(|f| f.generation == generation).and_then(|f| f.waiting.take()).unwrap_or_default()
     };
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
-    let result = Inspector::open(process, purpose, budget).and_then(|mut insp| {
+    // Through the target's snapshot channel: the ids of surviving objects stay the same from
+    // one snapshot to the next (see crate::v8::channel).
+    let result = {
         let pause = super::pauses::begin(state, pid);
-        let bytes = snapshot::take(&mut insp, gc, timeout, |chunk| {
+        let bytes = snapshot::take_keeping_ids(&process, purpose, gc, budget, |chunk| {
             if !started {
                 started = true;
                 clients = waiting();
@@ -231,10 +239,8 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, purpose: &str
             Ok(())
         });
         drop(pause);
-        let bytes = bytes?;
-        insp.close()?;
-        Ok(bytes)
-    });
+        bytes
+    };
     if !started {
         clients = waiting();
     }
@@ -273,9 +279,12 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
     let purpose = format!("api: heap-profile by {}", p.name);
     let timeout = state.limits.request_timeout;
     let work = move |cancel: Cancel| {
-        let mut insp = Inspector::open(process, &purpose, Budget::with_cancel(timeout, cancel)).map_err(v8_error)?;
-        let prof = sampling::profile(&mut insp, Duration::from_secs(seconds), interval).map_err(v8_error)?;
-        insp.close().map_err(v8_error)?;
+        // Through the snapshot channel: no inspector session ends, so the ids of the next heap
+        // snapshot's objects stay those of the last one.
+        let d = Duration::from_secs(seconds);
+        let budget = Budget::with_cancel(timeout, cancel);
+        let prof = channel::with_channel(&process, &purpose, budget, |ch| sampling::profile(ch, d, interval), |insp| sampling::profile(insp, d, interval))
+            .map_err(v8_error)?;
         let body = match format {
             render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
             f => render::render(&prof, f, Measure::Inuse),
@@ -317,11 +326,13 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
         let traced = super::pauses::target_of(&state, id);
         exclusive_session(&state, move |budget| {
             let started = Instant::now();
-            let mut insp = Inspector::open(process, &purpose, budget).map_err(v8_error)?;
+            let t = budget.left();
             let pause = traced.and_then(crate::pause::PauseGuard::begin);
-            insp.collect_garbage().map_err(v8_error)?;
+            let done = channel::with_channel(&process, &purpose, budget, |ch| ch.call("HeapProfiler.collectGarbage", serde_json::json!({}), t).map(|_| ()), |insp| {
+                insp.collect_garbage()
+            });
             drop(pause);
-            insp.close().map_err(v8_error)?;
+            done.map_err(v8_error)?;
             Ok(started.elapsed())
         })
         .await
@@ -444,15 +455,9 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     }
     let path = summary_path(state, id);
     let budget = Budget::new(state.limits.request_timeout);
-    // The pause window covers the snapshot, not the inspector's opening and closing.
-    let summary = Inspector::open(process, &format!("summary ({reason})"), budget).and_then(|mut insp| {
-        let pause = super::pauses::begin(state, pid);
-        let s = crate::v8::summary_with(&mut insp, false, reason);
-        drop(pause);
-        let s = s?;
-        insp.close()?;
-        Ok(s)
-    });
+    let pause = super::pauses::begin(state, pid);
+    let summary = crate::v8::summary_keeping_ids(&process, false, reason, budget);
+    drop(pause);
     let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts };

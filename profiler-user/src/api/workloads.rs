@@ -600,6 +600,7 @@ pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Resul
         let mut detached = Vec::new();
         for pid in &pids {
             by_pid.remove(pid);
+            crate::v8::channel::forget(*pid);
             if let Some(e) = state.targets.write().unwrap().remove(pid) {
                 detached.push(e);
             }
