@@ -508,6 +508,9 @@ pub fn with_channel<R>(
                 info!(target: "audit", pid, purpose, result = "installed", "v8 snapshot channel");
                 *guard = Some(ch);
             }
+            // The session itself failed (a refused message, the deadline, the process gone):
+            // there is no inspector left to fall back on.
+            Err(e @ (V8Error::TooLarge(_) | V8Error::Gone(_) | V8Error::Cancelled(_) | V8Error::Timeout(..))) => return Err(e),
             Err(e) => {
                 warn!(pid, error = %e, "the snapshot channel could not be installed: this snapshot goes through the inspector, object ids are not kept across snapshots");
                 let r = fallback(&mut insp);
