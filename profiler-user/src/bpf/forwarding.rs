@@ -1,4 +1,5 @@
-//! Which of an allocator's C++ operators only forward to another of its probed entry points.
+//! Which of an allocator's C++ operators (and non-standard wrappers: `tc_*`, `mi_*`, `*allocx`,
+//! Rust's shims) only forward to another of its probed entry points.
 //!
 //! jemalloc's `operator delete(void*)` is `jmp free@plt` and its `operator new[]` is
 //! `jmp operator new`; its aligned `operator new` calls `aligned_alloc@plt`. Probing both the
@@ -26,7 +27,10 @@ use super::elf_symbols::{CodeImage, FunctionSymbol};
 /// another of them: the target's probe sees their calls once.
 pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) -> Vec<(AllocKind, FunctionSymbol)> {
     let is_operator = |k: AllocKind| matches!(k, AllocKind::OperatorNew | AllocKind::OperatorDelete);
-    if !functions.iter().any(|(k, _)| is_operator(*k)) {
+    // The C API of glibc and musl forwards nowhere; the other families' wrappers may
+    // (tcmalloc's `tc_newarray`, mimalloc's aliases).
+    let checked = |k: AllocKind, name: &str| is_operator(k) || !AllocKind::ALL.iter().any(|a| a.symbols().contains(&name));
+    if !functions.iter().any(|(k, f)| checked(*k, &f.name)) {
         return functions;
     }
     let image = match CodeImage::open(path) {
@@ -41,7 +45,7 @@ pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol
     functions
         .into_iter()
         .filter(|(kind, f)| {
-            let target = is_operator(*kind).then(|| forwards_to(&image, f, &probed, &names)).flatten();
+            let target = checked(*kind, &f.name).then(|| forwards_to(&image, f, &probed, &names)).flatten();
             if let Some(target) = &target {
                 debug!("{}: not probed, it forwards to {target}", f.name);
             }
