@@ -21,6 +21,7 @@ use profiler_user::{
     aggregate::HeapProfile,
     bpf::load::ProbeSettings,
     session::Session,
+    target::TracedTarget,
 };
 
 /// Builds the fixture with `feature` (None: the system allocator) and returns a private copy
