@@ -129,7 +129,11 @@ fn c_fixture_without_cfi() -> PathBuf {
 /// the link compresses the debug sections. Checked with readelf.
 fn c_fixture_compressed_debug_frame() -> PathBuf {
     let helper = out_path("debug_frame_helper.c");
-    std::fs::write(&helper, "int debug_frame_helper(int x) { return x * 3 + 1; }\n").unwrap();
+    // Enough FDEs that compressing pays (ld leaves a section uncompressed otherwise).
+    let helpers: String = (0..300)
+        .map(|i| format!("int debug_frame_helper{i}(int x) {{ volatile int a[{}]; a[0] = x; return a[0] * {i}; }}\n", i % 7 + 2))
+        .collect();
+    std::fs::write(&helper, helpers).unwrap();
     let helper_obj = out_path("debug_frame_helper.o");
     run(Command::new("cc")
         .args(["-O2", "-fPIE", "-gdwarf-4", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-c", "-o"])
