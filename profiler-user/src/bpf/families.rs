@@ -16,7 +16,10 @@
 //!   `__rust_alloc_zeroed`, v0-mangled as `_RNv..._7___rustc12___rust_alloc` since Rust 1.8x):
 //!   the fallback for a `#[global_allocator]` none of the above recognizes. Used only when the
 //!   executable defines them, has no `__rdl_alloc` (which is there when Rust's allocator is the
-//!   system one, i.e. `malloc`) and no family above.
+//!   system one, i.e. `malloc`), no family above, and the shims do not call libc's allocator
+//!   (a global allocator wrapping `System` is inlined by rustc into the crate's own code, which
+//!   then calls `malloc` directly: `malloc` sees it all). Calls rustc inlined past the shims
+//!   (the allocator's crate's own allocations) are not seen then.
 //!
 //! Left out on purpose: jemalloc's `xallocx` and mimalloc's `mi_expand` (they resize in place
 //! and keep the pointer: the size change is not tracked, the allocation stays tracked at its
@@ -244,7 +247,7 @@ pub fn defined_in(path: &std::path::Path) -> Result<Vec<(Entry, FunctionSymbol)>
 }
 
 /// Rust's allocator shims in the executable at `path`, when they are the way to see its
-/// `#[global_allocator]`: all four defined and no `__rdl_alloc` (the system allocator, seen
+/// `#[global_allocator]`: `__rust_alloc` and `__rust_dealloc` defined and no `__rdl_alloc` (the system allocator, seen
 /// through `malloc`). Names are given unmangled.
 pub fn rust_shims_in(path: &std::path::Path) -> Result<Vec<(Entry, FunctionSymbol)>, ElfError> {
     let found = elf_symbols::find_functions(path, |n| rust_shim_name(n).is_some())?;
@@ -261,7 +264,18 @@ pub fn rust_shims_in(path: &std::path::Path) -> Result<Vec<(Entry, FunctionSymbo
         f.name = name.to_string();
         out.push((Entry { family: Family::RustShims, kind, symbol: name.to_string() }, f));
     }
-    if out.len() < RUST_SHIMS.len() {
+    // The linker drops the shims a program never calls (`__rust_alloc_zeroed`, often): an
+    // allocation and a free are enough.
+    let has = |name: &str| out.iter().any(|(e, _)| e.symbol == name);
+    if !has("__rust_alloc") || !has("__rust_dealloc") {
+        return Ok(Vec::new());
+    }
+    // A global allocator over the system one (its `__rust_alloc` calls libc's `malloc`): rustc
+    // inlines such an allocator into the crate's own code, which then calls `malloc` without
+    // the shims, so `malloc` is what sees every allocation.
+    let image = super::elf_symbols::CodeImage::open(path)?;
+    let system = ["malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"];
+    if out.iter().any(|(_, f)| super::forwarding::reaches_import(&image, f, &system)) {
         return Ok(Vec::new());
     }
     Ok(out)

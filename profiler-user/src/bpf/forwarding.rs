@@ -81,6 +81,33 @@ fn forwards_to(
     plt_import(image, target).filter(|n| probed_names.contains(*n)).map(str::to_owned)
 }
 
+/// Whether `function` (of the file `image` was opened from) calls or jumps to one of the imports
+/// named in `names` anywhere in its first [`MAX_FUNCTION_SCAN`] bytes: through a PLT stub or
+/// through its GOT slot (`call/jmp [rip + slot]`, as `-fno-plt` and Rust emit). Used to tell a
+/// Rust `#[global_allocator]` that wraps the system allocator (its `__rust_alloc` reaches
+/// `malloc`) from one that does not.
+pub fn reaches_import(image: &CodeImage, function: &FunctionSymbol, names: &[&str]) -> bool {
+    let len = if function.size == 0 { MAX_PREFIX } else { function.size.min(MAX_FUNCTION_SCAN) };
+    let Some(code) = image.code(function.vaddr, len) else { return false };
+    let mut decoder = Decoder::with_ip(64, code, function.vaddr, DecoderOptions::NONE);
+    decoder.iter().any(|insn| {
+        if !matches!(insn.flow_control(), FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::IndirectCall) {
+            return false;
+        }
+        let import = if insn.op0_kind() == OpKind::NearBranch64 {
+            plt_import(image, insn.near_branch_target())
+        } else if insn.is_ip_rel_memory_operand() {
+            image.import_at_slot(insn.ip_rel_memory_address())
+        } else {
+            None
+        };
+        import.is_some_and(|name| names.contains(&name.split('@').next().unwrap_or(name)))
+    })
+}
+
+/// How much of a function [`reaches_import`] decodes.
+const MAX_FUNCTION_SCAN: u64 = 4096;
+
 /// The import a PLT stub at `stub` jumps to: its first instruction after an optional
 /// `endbr64` is `jmp [rip + slot]` (`bnd jmp` in IBT stubs).
 pub fn plt_import(image: &CodeImage, stub: u64) -> Option<&str> {
