@@ -2,7 +2,9 @@
 //! argument layout ([`AllocKind`]) of each of their entry points.
 //!
 //! A family counts in a file only when that file defines at least one of its allocation
-//! functions and one of its frees: a library importing `mi_free` does not make it mimalloc.
+//! functions and one of its frees (for the C API: `malloc` and `free` themselves, so that
+//! libstdc++'s `operator new` does not make it an allocator): a library importing `mi_free`
+//! does not make it mimalloc.
 //!
 //! - the C standard API (`malloc`, `free`, ... and the C++ operators) as glibc, musl, an
 //!   unprefixed jemalloc or tcmalloc export it;
@@ -231,6 +233,12 @@ pub fn rust_shim_name(symbol: &str) -> Option<&'static str> {
 /// and one free of the family. Returns the entries of those families only.
 pub fn complete(present: Vec<(Entry, FunctionSymbol)>) -> Vec<(Entry, FunctionSymbol)> {
     let complete_family = |f: Family| {
+        if f == Family::Standard {
+            // `malloc` and `free` themselves: libstdc++ defines `operator new` and `delete`,
+            // which call libc's `malloc` (the allocator is the one defining `malloc`).
+            let has = |k: AllocKind| present.iter().any(|(e, _)| e.family == f && e.kind == k);
+            return has(AllocKind::Malloc) && has(AllocKind::Free);
+        }
         let of = |frees: bool| present.iter().any(|(e, _)| e.family == f && e.kind.frees() == frees);
         of(true) && of(false)
     };
@@ -322,6 +330,8 @@ mod tests {
         };
         let e = |family, kind, s: &str| (Entry { family, kind, symbol: s.into() }, f(s));
         let kept = complete(vec![
+            e(Family::Standard, AllocKind::OperatorNew, "_Znwm"),
+            e(Family::Standard, AllocKind::OperatorDelete, "_ZdlPv"),
             e(Family::Mimalloc, AllocKind::Malloc, "mi_malloc"),
             e(Family::Jemalloc("_rjem_"), AllocKind::Malloc, "_rjem_mallocx"),
             e(Family::Jemalloc("_rjem_"), AllocKind::Free, "_rjem_sdallocx"),
