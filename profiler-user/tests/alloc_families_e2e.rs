@@ -17,12 +17,7 @@ use std::{
 };
 
 use common::{require_root, Fixture};
-use profiler_user::{
-    aggregate::HeapProfile,
-    bpf::load::ProbeSettings,
-    session::Session,
-    target::TracedTarget,
-};
+use profiler_user::{aggregate::HeapProfile, bpf::load::ProbeSettings, session::Session, target::TracedTarget};
 
 /// Builds the fixture with `feature` (None: the system allocator) and returns a private copy
 /// of the executable (see `common::build_fixture` for why a copy per test process and thread).
