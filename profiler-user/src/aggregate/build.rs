@@ -148,12 +148,12 @@ mod tests {
         counters[Counter::WeightBytes as usize] = 2 << 20;
         assert_eq!(live_from_counters(&counters), (1 << 20, 183_830));
 
-        let mut raw = RawSnapshot::default();
-        raw.counters = counters;
-        let mut stack = crate::bpf::reader::RawStack::default();
-        stack.live_bytes = 2 << 20;
-        stack.live_allocs_fp = 185_157 << 16;
-        raw.stacks.push(stack);
+        let stack = crate::bpf::reader::RawStack {
+            live_bytes: 2 << 20,
+            live_allocs_fp: 185_157 << 16,
+            ..Default::default()
+        };
+        let raw = RawSnapshot { counters, stacks: vec![stack], ..Default::default() };
         let ctx = BuildContext {
             pid: 1,
             taken_at_ms: 0,
