@@ -78,6 +78,15 @@ fn header(out: &mut String, p: &HeapProfile) {
 
 fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
     let all = p.leaks();
+    if all.is_empty() && p.totals.allocs == 0 {
+        // Not "No leaks": nothing was seen, which says nothing about the heap.
+        let _ = writeln!(
+            out,
+            "No allocation seen since attach: the process did not allocate through the probed allocator \
+             (it may use one memscope does not recognize, or a runtime heap such as Go's); leaks cannot be judged."
+        );
+        return;
+    }
     if all.is_empty() {
         let _ = writeln!(out, "No leaks: no live allocation is older than {}.", secs(p.min_age_s));
         return;
@@ -163,6 +172,17 @@ mod tests {
         assert_eq!(secs(725.0), "12m05s");
         assert_eq!(secs(7380.0), "2h03m");
         assert_eq!(secs(f64::NAN), "?s");
+    }
+
+    /// A recording that saw no allocation at all never says "No leaks".
+    #[test]
+    fn nothing_seen_is_not_no_leaks() {
+        let mut p = HeapProfile::default();
+        let r = leak_report(&p, 5);
+        assert!(!r.contains("No leaks"), "{r}");
+        assert!(r.contains("No allocation seen since attach"), "{r}");
+        p.totals.allocs = 3;
+        assert!(leak_report(&p, 5).contains("No leaks"));
     }
 
     #[test]
