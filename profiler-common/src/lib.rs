@@ -26,10 +26,13 @@ pub enum AllocKind {
     OperatorNew = 10,
     /// Every C++ `operator delete` (pointer in the first argument), likewise.
     OperatorDelete = 11,
+    /// Rust's allocator shim `__rust_realloc(ptr, old_size, align, new_size)`: the old pointer
+    /// in the first argument, the new size in the fourth (see `profiler-user`'s `bpf::families`).
+    RustRealloc = 12,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 12] = [
+    pub const ALL: [AllocKind; 13] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -42,6 +45,7 @@ impl AllocKind {
         AllocKind::Free,
         AllocKind::OperatorNew,
         AllocKind::OperatorDelete,
+        AllocKind::RustRealloc,
     ];
 
     pub const fn from_u8(v: u8) -> Option<AllocKind> {
@@ -80,6 +84,7 @@ impl AllocKind {
             AllocKind::Valloc => &["valloc"],
             AllocKind::Pvalloc => &["pvalloc"],
             AllocKind::Free => &["free"],
+            AllocKind::RustRealloc => &["__rust_realloc"],
             AllocKind::OperatorNew => &[
                 "_Znwm",
                 "_Znam",

@@ -224,6 +224,7 @@ fn on_alloc_entry(t: &Target, ctx: &ProbeContext, pid_tgid: u64, kind_enum: Allo
         AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc | AllocKind::OperatorNew => (arg(ctx, 0), 0),
         AllocKind::Calloc => (arg(ctx, 0).wrapping_mul(arg(ctx, 1)), 0),
         AllocKind::Realloc => (arg(ctx, 1), arg(ctx, 0)),
+        AllocKind::RustRealloc => (arg(ctx, 3), arg(ctx, 0)),
         AllocKind::Reallocarray => (arg(ctx, 1).wrapping_mul(arg(ctx, 2)), arg(ctx, 0)),
         AllocKind::PosixMemalign => (arg(ctx, 2), arg(ctx, 0)),
         AllocKind::AlignedAlloc | AllocKind::Memalign => (arg(ctx, 1), 0),
@@ -244,7 +245,7 @@ fn on_alloc_entry(t: &Target, ctx: &ProbeContext, pid_tgid: u64, kind_enum: Allo
         return Ok(true);
     }
     let sampled = sample(t, size);
-    let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray);
+    let frees_old = matches!(kind_enum, AllocKind::Realloc | AllocKind::Reallocarray | AllocKind::RustRealloc);
     if !sampled && !frees_old && kind_enum != AllocKind::PosixMemalign {
         // Cheap path: nothing to remember and no need to see the return. The call is counted
         // here (a NULL result of an unsampled call still counts as an allocation).
@@ -324,7 +325,7 @@ fn on_alloc_return(t: &Target, regs: *const pt_regs, pid_tgid: u64) -> Result<()
             }
             unsafe { bpf_probe_read_user(call.ptr_arg as *const u64) }.unwrap_or(0)
         }
-        AllocKind::Realloc | AllocKind::Reallocarray => {
+        AllocKind::Realloc | AllocKind::Reallocarray | AllocKind::RustRealloc => {
             if ret == 0 {
                 if call.size == 0 && call.ptr_arg != 0 {
                     // realloc(p, 0) frees p and returns NULL (glibc through free, which the

@@ -63,8 +63,37 @@ pub fn comm(pid: u32) -> Result<String, ProcError> {
     Ok(read(pid, "comm")?.trim_end().to_string())
 }
 
+/// The target's mappings, their paths as the target sees them. The kernel writes the paths of
+/// `/proc/PID/maps` relative to the READER's root: for a process in a container (another
+/// root) the host reads `/run/containerd/.../rootfs/usr/lib/libc.so.6`. That prefix, the
+/// target's root as the host sees it (`/proc/PID/root`), is taken off, so profiles (and `read`
+/// tokens) show `/usr/lib/libc.so.6` and never the host's layout; paths outside it are kept.
 pub fn maps(pid: u32) -> Result<Vec<Mapping>, ProcError> {
-    Ok(read(pid, "maps")?.lines().filter_map(parse_maps_line).collect())
+    let text = read(pid, "maps")?;
+    let root = fs::read_link(format!("/proc/{pid}/root")).ok().and_then(|r| r.to_str().map(str::to_owned));
+    Ok(text
+        .lines()
+        .filter_map(parse_maps_line)
+        .map(|mut m| {
+            if let (Some(root), Some(path)) = (root.as_deref(), m.path.as_mut()) {
+                if let Some(inside) = in_root(root, path) {
+                    *path = inside;
+                }
+            }
+            m
+        })
+        .collect())
+}
+
+/// `path` (as the host sees it) relative to a target root at `root` (as the host sees it):
+/// `None` when the root is the host's or `path` is not below it.
+fn in_root(root: &str, path: &str) -> Option<String> {
+    let root = root.trim_end_matches('/');
+    if root.is_empty() {
+        return None;
+    }
+    let rest = path.strip_prefix(root)?;
+    rest.starts_with('/').then(|| rest.to_string())
 }
 
 pub(crate) fn parse_maps_line(line: &str) -> Option<Mapping> {
@@ -193,6 +222,18 @@ pub fn cgroup_memory_current(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A container's paths, read from the host with its root's prefix, become the paths the
+    /// container sees; the host's own root and paths outside the container's root are kept.
+    #[test]
+    fn container_paths_lose_the_hosts_prefix() {
+        let root = "/run/containerd/io.containerd.runtime.v2.task/k8s.io/abc/rootfs";
+        assert_eq!(in_root(root, &format!("{root}/usr/lib/libc.so.6")).as_deref(), Some("/usr/lib/libc.so.6"));
+        assert_eq!(in_root(&format!("{root}/"), &format!("{root}/app/a b.so")).as_deref(), Some("/app/a b.so"));
+        assert_eq!(in_root(root, &format!("{root}x/lib.so")), None);
+        assert_eq!(in_root(root, "/var/lib/kubelet/x.so"), None);
+        assert_eq!(in_root("/", "/usr/lib/libc.so.6"), None);
+    }
 
     /// Parses file-backed, anonymous and pseudo mappings, and paths with spaces.
     #[test]

@@ -17,6 +17,7 @@ use crate::{
         load::{self, ProbeMode, ProbeSettings, Probes},
         target_view::TargetProbes,
     },
+    pause::PauseLedger,
     process::Process,
     procfs,
     symbolize::Symbolizer,
@@ -35,6 +36,9 @@ pub struct Session {
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
     inner: Arc<Mutex<Inner>>,
+    /// The target's share of the agent's memory budget ([`crate::budget`]).
+    budget: Arc<crate::budget::Account>,
+    pauses: PauseLedger,
 }
 
 /// How often new stacks' JIT frames are named (see [`Symbolizer::pin_jit`]): well before V8
@@ -81,7 +85,8 @@ impl Session {
         let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
         let sites = target.attach(&allocator).with_context(|| format!("attaching to process {pid} ({comm})"))?;
         let probe_mode = probes.probe_mode();
-        let symbolizer = Symbolizer::for_process(process.clone());
+        let budget = crate::budget::Account::for_pid(pid);
+        let symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
         unwind.set_attach_ms(attach_ms);
@@ -100,6 +105,8 @@ impl Session {
             unwind,
             target,
             inner,
+            budget,
+            pauses: PauseLedger::new(),
         })
     }
 
@@ -220,6 +227,7 @@ impl TracedTarget for Session {
         }
         profile.expand_inlined();
         profile.unwind_tables = Some(self.unwind.stats());
+        profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
         }
@@ -241,16 +249,33 @@ impl TracedTarget for Session {
             dropped: build::dropped(&counters),
             unwind: build::unwind(&counters),
             unwind_tables: Some(self.unwind.stats()),
+            memory_budget: Some(self.budget.report()),
             sample_bytes: self.target.sample_bytes(),
             probe_cost: self.target.cost(),
             probe_mode: self.probe_mode().name().to_string(),
             alive: self.alive(),
             labels: Default::default(),
+            pauses: Some(self.pauses.status(&crate::pause::default_budget())),
         }
     }
 
     fn trigger_host(&self) -> Option<&dyn crate::trigger::TriggerHost> {
         Some(self)
+    }
+
+    fn pauses(&self) -> Option<&PauseLedger> {
+        Some(&self.pauses)
+    }
+
+    fn suspend_probes(&self) -> anyhow::Result<()> {
+        self.target.suspend_allocator_probes();
+        Ok(())
+    }
+
+    /// Not on a process that is gone (its pid may name another one by now).
+    fn resume_probes(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.alive(), "process {} exited: its probes stay detached", self.pid);
+        Ok(self.target.resume_allocator_probes()?)
     }
 }
 

@@ -21,6 +21,10 @@ pub struct TargetStats {
     pub unwind: BTreeMap<String, u64>,
     /// The target's unwind tables: files, rows, kernel memory.
     pub unwind_tables: Option<crate::unwind::UnwindStats>,
+    /// What the agent keeps of this target's data (perf map names, ...) against its memory
+    /// budget, and what the budget refused ([`crate::budget`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_budget: Option<crate::budget::BudgetReport>,
     /// Mean bytes between samples in force, 0 for every allocation (the governor may have
     /// widened it: see `probe_cost`).
     pub sample_bytes: u64,
@@ -34,6 +38,10 @@ pub struct TargetStats {
     /// target is a workload's process; filled by the agent.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The pauses memscope's V8 operations imposed on it, the gaps they left in the native
+    /// figures and its pause budget (see [`crate::pause`]); absent for targets that keep none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pauses: Option<crate::pause::PauseStatus>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.
@@ -52,6 +60,19 @@ pub trait TracedTarget: Send + Sync {
     /// whatever process now has its pid. `None` (the default): no such action is allowed.
     fn process(&self) -> Option<Arc<crate::process::Process>> {
         None
+    }
+    /// Its pause accounting (see [`crate::pause`]), when it keeps one.
+    fn pauses(&self) -> Option<&crate::pause::PauseLedger> {
+        None
+    }
+    /// Takes its allocator probes out of the process for a while (its slot, maps and live
+    /// entries stay).
+    fn suspend_probes(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Puts them back after [`TracedTarget::suspend_probes`].
+    fn resume_probes(&self) -> anyhow::Result<()> {
+        Ok(())
     }
 }
 

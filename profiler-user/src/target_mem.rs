@@ -106,14 +106,16 @@ mod tests {
         assert!(results[..MAX_STUCK].iter().all(|r| r.as_ref().unwrap_err().kind() == io::ErrorKind::TimedOut));
         assert_eq!(results[MAX_STUCK].as_ref().unwrap_err().kind(), io::ErrorKind::WouldBlock);
         assert!(stats().0 >= MAX_STUCK && stats().1 >= MAX_STUCK as u64);
-        // A writer releases every blocked reader.
-        let writers: Vec<File> = (0..MAX_STUCK).map(|_| std::fs::OpenOptions::new().write(true).open(&fifo).unwrap()).collect();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // One open for reading and writing releases every blocked reader and never blocks
+        // itself (Linux: a FIFO opened O_RDWR is its own reader). A blocking O_WRONLY open per
+        // reader would hang once the released readers have closed the FIFO.
+        let writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
         while stats().0 > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(stats().0, 0);
-        drop(writers);
+        assert_eq!(stats().0, 0, "the released workers did not end within 10 s");
+        drop(writer);
         assert_eq!(with_deadline("test", DEADLINE, || Ok(7)).unwrap(), 7);
     }
 }

@@ -26,9 +26,23 @@ const SECRET: &str = "HOSTONLY_SECRET_7f3a";
 
 /// `sh -c SCRIPT` in a new private mount namespace with its own tmpfs on /tmp; `exec` keeps the
 /// pid, so the fixture's pid is the child's.
+///
+/// The test's own files (compiled fixtures, node scripts) live in the checkout and its target
+/// directory, which may be under /tmp (a fresh clone there): the new tmpfs would hide them and
+/// the exec fail. Each such directory is opened before the tmpfs is mounted and bound back at
+/// the same path inside it, so the target sees them where the host does.
 fn contained(script: &str) -> Command {
+    let mut keep = String::new();
+    let dirs = [PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures"), PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")];
+    let mut bind = String::new();
+    for (fd, dir) in (7..).zip(dirs.iter().filter(|d| d.starts_with("/tmp"))) {
+        std::fs::create_dir_all(dir).unwrap();
+        let d = dir.display();
+        keep += &format!("exec {fd}<'{d}' && ");
+        bind += &format!("mkdir -p '{d}' && mount --no-canonicalize --bind /proc/self/fd/{fd} '{d}' && exec {fd}<&- && ");
+    }
     let mut cmd = Command::new("unshare");
-    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("mount -t tmpfs tmpfs /tmp && {script}"));
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!("{keep}mount -t tmpfs tmpfs /tmp && {bind}{script}"));
     cmd
 }
 
@@ -64,13 +78,7 @@ struct Recorded {
 #[allow(clippy::zombie_processes)] // reaped by wait4, which also gives its rusage
 fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
     let mut child = spawn_record(fixture.pid, out, &["--min-age", "0s", "--sampling", "full"]);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut text = String::new();
-    while !text.contains("attached") {
-        let before = text.len();
-        stderr.read_line(&mut text).unwrap();
-        assert!(text.len() > before, "memscope ended before attaching: {text}");
-    }
+    let (mut text, mut stderr) = wait_attached(&mut child);
     fixture.go();
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
@@ -103,6 +111,33 @@ fn record(fixture: &mut Fixture, out: &Path) -> Recorded {
     }
     flate2::read::GzDecoder::new(std::fs::File::open(out.join("heap.pb.gz")).unwrap()).read_to_end(&mut all_text).unwrap();
     Recorded { code, stderr: text, peak_rss: usage.ru_maxrss as u64 * 1024, leaks, all_text }
+}
+
+/// Reads `memscope record`'s stderr until its "attached" line, for at most 120 s (then it is
+/// killed and the test fails); returns what was read and the rest of the stream.
+fn wait_attached(child: &mut std::process::Child) -> (String, BufReader<std::process::ChildStderr>) {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        while !text.contains("attached") {
+            let before = text.len();
+            if stderr.read_line(&mut text).is_err() || text.len() == before {
+                break;
+            }
+        }
+        let _ = tx.send((text, stderr));
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok((text, stderr)) => {
+            assert!(text.contains("attached"), "memscope ended before attaching: {text}");
+            (text, stderr)
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("memscope record did not attach within 120 s");
+        }
+    }
 }
 
 fn assert_clean(r: &Recorded) {
@@ -320,4 +355,250 @@ fn perf_map_on_a_fuse_mount_that_never_answers() {
     let _ = fuse.wait();
     assert_clean(&r);
     assert!(refused(&r.leaks, "perf_map", "hung") >= 1, "{}", r.leaks["target_files"]);
+}
+
+/// A target in another root (as in a container: here `chroot` into a bind mount of `/` in a
+/// private mount namespace). The kernel writes its `/proc/PID/maps` paths relative to the
+/// reader's root, so the host reads `<root>/usr/lib/.../libc.so.6`; the outputs show the paths
+/// as the target sees them, never the host's location of its root, and the counts are exact.
+#[test]
+fn container_paths_are_shown_as_the_container_sees_them() {
+    require_root();
+    let root = tempfile::tempdir().unwrap();
+    let exe = alloc_fixture();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!(
+        "mount --rbind / '{root}' && exec chroot '{root}' {exe} basic",
+        root = root.path().display(),
+        exe = exe.display()
+    ));
+    let mut fixture = Fixture::spawn(cmd);
+    let host_view = std::fs::read_to_string(format!("/proc/{}/maps", fixture.pid)).unwrap();
+    let prefix = root.path().to_str().unwrap().to_string();
+    assert!(host_view.contains(&format!("{prefix}/")), "the host does not see the root's prefix:\n{host_view}");
+    let seen = profiler_user::procfs::maps(fixture.pid).unwrap();
+    assert!(seen.iter().filter_map(|m| m.path.as_deref()).all(|p| !p.starts_with(&prefix)), "{seen:?}");
+    let out = tempfile::tempdir().unwrap();
+    let r = record(&mut fixture, out.path());
+    assert_clean(&r);
+    assert!(!r.all_text.windows(prefix.len()).any(|w| w == prefix.as_bytes()), "the host path of the root is in the outputs");
+    let t = &r.leaks["totals"];
+    assert_eq!((t["allocs"].as_u64(), t["live_bytes"].as_u64()), (Some(1022), Some(2111788)), "{t}");
+}
+
+/// `(status, body as JSON or Null)` of one request to the agent, with curl (30 s at most).
+fn http(method: &str, url: &str, token: &str) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "30", "-X", method, "-H", &format!("Authorization: Bearer {token}"), "-w", "\n%{http_code}"])
+        .arg(url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Peak resident memory of `pid` (`VmHWM`), in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap().trim().trim_end_matches(" kB").trim();
+    kb.parse::<u64>().unwrap() * 1024
+}
+
+/// Four targets, each with a 200 MB perf map of short lines (the worst case: ~100 bytes of
+/// memory per 23-byte line). Before the memory budget each target cost the agent ~225 MB
+/// (961 MB for four). Now each target's parsed names are charged to its share (64 MiB by
+/// default) and all of them to the agent's (`--target-data-budget`, 192 MiB here so that both
+/// caps are hit): the agent's peak RSS stays under that budget plus its own working memory
+/// (128 MiB), and every target's status says what was not loaded and which cap refused, as do
+/// the metrics.
+#[test]
+fn four_targets_with_200_mb_perf_maps_stay_within_the_budget() {
+    require_root();
+    const BUDGET_MIB: u64 = 192;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = common::agent::standard_tokens(dir.path());
+    let data = common::agent::data_dir(dir.path());
+    let budget = format!("{BUDGET_MIB}MiB");
+    let agent = common::agent::start_agent(&[
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data,
+        "--sampling", "full", "--rate-limit", "500", "--target-data-budget", &budget,
+    ])
+    .unwrap();
+    let base_rss = peak_rss(agent.pid());
+    // One 200 MB map, linked as each target's /tmp/perf-PID.map.
+    let big = dir.path().join("perf.map");
+    {
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut i: u64 = 0;
+        let mut written = 0u64;
+        while written < 200_000_000 {
+            let line = format!("{:x} 10 f{i:07}\n", 0x7f00_0000_0000u64 + i * 16);
+            w.write_all(line.as_bytes()).unwrap();
+            written += line.len() as u64;
+            i += 1;
+        }
+        w.flush().unwrap();
+    }
+    let mut fixtures = Vec::new();
+    for _ in 0..4 {
+        let mut f = Fixture::start(&alloc_fixture(), "basic");
+        let link = PathBuf::from(format!("/tmp/perf-{}.map", f.pid));
+        let _ = std::fs::remove_file(&link);
+        std::fs::hard_link(&big, &link).unwrap();
+        let (code, body) = http_post_attach(&agent.url, f.pid);
+        assert!(code == 200 || code == 201, "attach: {code} {body}");
+        f.go();
+        fixtures.push(f);
+    }
+    for f in &fixtures {
+        let (code, body) = http("POST", &format!("{}/v1/targets/{}/snapshots", agent.url, f.pid), common::agent::ADMIN);
+        assert!(code == 200 || code == 201, "snapshot: {code} {body}");
+    }
+    let peak = peak_rss(agent.pid());
+    let (code, targets) = http("GET", &format!("{}/v1/targets", agent.url), common::agent::READ);
+    assert_eq!(code, 200, "{targets}");
+    let list = targets["targets"].as_array().unwrap();
+    assert_eq!(list.len(), 4, "{targets:#}");
+    let mut limits = Vec::new();
+    let mut used = 0;
+    for t in list {
+        let b = &t["memory_budget"];
+        let refusal = &b["refused"]["perf_map"];
+        assert!(refusal.is_object(), "no refusal reported for pid {}: {b:#}", t["pid"]);
+        assert!(refusal["not_loaded"].as_str().unwrap_or("").contains("not loaded"), "{b:#}");
+        assert!(b["used_bytes"].as_u64().unwrap() <= 64 << 20, "{b:#}");
+        used += b["used_bytes"].as_u64().unwrap();
+        limits.push(refusal["limit"].as_str().unwrap().to_string());
+    }
+    assert!(used <= BUDGET_MIB << 20, "targets hold {} MiB together", used >> 20);
+    assert!(limits.iter().any(|l| l == "agent"), "the agent-wide cap never refused: {limits:?}");
+    let metrics = Command::new("curl")
+        .args(["-s", "-m", "30", "-H", &format!("Authorization: Bearer {}", common::agent::READ)])
+        .arg(format!("{}/metrics", agent.url))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("memscope_target_budget_refusals_total{use=\"perf_map\",limit=\"agent\"}"), "{metrics}");
+    for f in &fixtures {
+        let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", f.pid));
+    }
+    eprintln!(
+        "agent peak RSS with four 200 MB perf maps: {} MiB (at start {} MiB; {} MiB of names held; refusals {limits:?})",
+        peak >> 20,
+        base_rss >> 20,
+        used >> 20
+    );
+    let cap = (BUDGET_MIB + 128) << 20;
+    assert!(peak < cap, "agent peaked at {} MiB (cap {} MiB)", peak >> 20, cap >> 20);
+}
+
+fn http_post_attach(url: &str, pid: u32) -> (u16, Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "30", "-X", "POST", "-H", &format!("Authorization: Bearer {}", common::agent::ADMIN)])
+        .args(["-H", "Content-Type: application/json", "--data", &format!("{{\"pid\": {pid}}}"), "-w", "\n%{http_code}"])
+        .arg(format!("{url}/v1/targets"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Hostile bytes in what a target names: node started through a symlink whose name (its
+/// comm) holds an escape sequence (set the window title, clear the screen) and a newline, on
+/// a script whose file name (in every JIT frame's location, through the perf map) holds others.
+/// `memscope record`'s report (stdout and report.txt), and the client's `targets` and `leaks`
+/// tables on a terminal (a pty through `script`), hold no raw control byte but their own
+/// newlines: the names are there, escaped.
+#[test]
+fn hostile_names_never_reach_the_terminal_raw() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let node = String::from_utf8(Command::new("sh").args(["-c", "command -v node"]).output().unwrap().stdout).unwrap();
+    // 15 bytes: all of it is the comm.
+    let evil_exe = dir.path().join("\x1b]0;p\x07\x1b[2J\nFAKE");
+    symlink(node.trim(), &evil_exe).unwrap();
+    let script = dir.path().join("app\x1b[31m\nfake row.js");
+    std::fs::copy(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_leak.js"), &script).unwrap();
+    let spawn = || {
+        let mut cmd = Command::new(&evil_exe);
+        cmd.current_dir(dir.path()).args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack"]).arg(&script);
+        Fixture::spawn(cmd)
+    };
+    let clean = |what: &str, bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes).replace("\r\n", "\n");
+        assert!(!profiler_user::render::escape::has_raw_control(text.as_bytes()), "{what} has raw control bytes:\n{text:?}");
+    };
+
+    // memscope record: stdout (the report), stderr, report.txt.
+    let mut target = spawn();
+    let comm = std::fs::read(format!("/proc/{}/comm", target.pid)).unwrap();
+    assert!(comm.contains(&0x1b), "the comm is not hostile: {comm:?}");
+    let out = dir.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memscope"))
+        .args(["record", "--pid", &target.pid.to_string(), "--duration", "60s", "--min-age", "0s", "--sampling", "full", "--out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut err_text, mut stderr) = wait_attached(&mut child);
+    target.go();
+    // The JIT names are pinned within ~200 ms of the stacks being recorded.
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = BufReader::new(stdout).read_to_end(&mut all);
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        let _ = tx.send((all, rest));
+    });
+    let (report_out, rest) = rx.recv_timeout(Duration::from_secs(90)).expect("memscope record did not end within 90 s of SIGINT");
+    let _ = child.wait();
+    err_text += &rest;
+    let report = std::fs::read(out.join("report.txt")).unwrap();
+    clean("report.txt", &report);
+    clean("record's stdout", &report_out);
+    clean("record's stderr", err_text.as_bytes());
+    let report = String::from_utf8_lossy(&report);
+    // V8 writes the name raw, so the newline ends that perf map line: the part before it is
+    // the frame's file.
+    assert!(report.contains("app\\e[31m"), "the hostile file name is not shown escaped:\n{report}");
+    assert!(err_text.contains("\\e]0;p\\u{7}\\e[2J\\nFAKE"), "the comm is not shown escaped: {err_text}");
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", target.pid));
+    drop(target);
+
+    // The client on a terminal.
+    let mut target = spawn();
+    let tokens = common::agent::standard_tokens(dir.path());
+    let data = common::agent::data_dir(dir.path());
+    let agent = common::agent::start_agent(&[
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--sampling", "full",
+    ])
+    .unwrap();
+    let (code, body) = http_post_attach(&agent.url, target.pid);
+    assert!(code == 200 || code == 201, "attach: {code} {body}");
+    target.go();
+    std::thread::sleep(Duration::from_millis(1500));
+    let on_tty = |args: &str| {
+        let cmd = format!("{} {args} --agent {}", env!("CARGO_BIN_EXE_memscope"), agent.url);
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"]).env("MEMSCOPE_TOKEN", common::agent::READ).env_remove("MEMSCOPE_AGENT");
+        let (status, stdout, stderr) = common::agent::run(c);
+        assert!(status.success(), "memscope {args}: {stdout}{stderr}");
+        stdout
+    };
+    let table = on_tty("targets");
+    clean("memscope targets", table.as_bytes());
+    assert!(table.contains("\\e]0;p\\u{7}"), "the comm is not in the table, escaped:\n{table}");
+    assert_eq!(table.replace("\r\n", "\n").trim_end().lines().count(), 2, "the comm added rows:\n{table}");
+    let leaks = on_tty(&format!("leaks {} --min-age 0s", target.pid));
+    clean("memscope leaks", leaks.as_bytes());
+    assert!(leaks.contains("#1 "), "no leak listed:\n{leaks}");
+    let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", target.pid));
 }

@@ -164,6 +164,7 @@ fn fixture() -> HeapProfile {
         target_exited: true,
         stacks,
         mappings: Vec::new(),
+        probe_gaps: None,
     }
 }
 

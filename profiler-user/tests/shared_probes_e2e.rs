@@ -138,8 +138,8 @@ fn cheap_counters_and_snapshots_add_the_same_weights() {
 }
 
 /// `--cpu-budget 5`: a target recorded in full whose allocation rate jumps tenfold (3,000 to
-/// 30,000 pairs a second) gets a wider interval, and the measured cost comes back within the
-/// budget; the agent states the interval in force and the cost in `/v1/targets` and `/metrics`.
+/// 30,000 pairs a second) gets a wider interval when that costs more than the budget, and the
+/// measured cost comes back within it; the agent states the interval in force and the cost in `/v1/targets` and `/metrics`.
 #[test]
 fn governor_widens_the_interval_when_the_rate_jumps() {
     require_root();
@@ -163,18 +163,30 @@ fn governor_widens_the_interval_when_the_rate_jumps() {
     eprintln!("slow: {:#}", slow["probe_cost"]);
     assert_eq!(slow["sample_bytes"], 0, "3,000 pairs/s fit in 5%: {slow:#}");
     assert_eq!(f.ask("faster"), "done");
-    // Settled: a few governor periods.
+    // The governor widens the interval when, and only when, the measured cost is over budget.
+    // A loaded machine can slow the fixture below the rate that costs more than 5% (24k pairs a
+    // second cost 3.5% in one run): then nothing is over budget and nothing may widen. Either
+    // way the cost settles within the budget for 3 periods.
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut within = 0;
+    let mut widened = false;
+    let mut over_budget_at_full = false;
     let mut last = Value::Null;
     while Instant::now() < deadline && within < 3 {
         thread::sleep(Duration::from_secs(1));
         last = target(&agent);
         let cost = last["probe_cost"]["cpu_percent"].as_f64().unwrap_or(f64::MAX);
-        within = if last["sample_bytes"].as_u64().unwrap_or(0) > 0 && cost <= 5.0 { within + 1 } else { 0 };
+        let interval = last["sample_bytes"].as_u64().unwrap_or(0);
+        widened |= interval > 0;
+        over_budget_at_full |= interval == 0 && cost > 5.0;
+        within = if cost <= 5.0 && (interval > 0 || !over_budget_at_full) { within + 1 } else { 0 };
     }
     eprintln!("fast: {:#}", last["probe_cost"]);
-    assert!(last["sample_bytes"].as_u64().unwrap() >= 4096, "interval not widened: {last:#}");
+    if widened || over_budget_at_full {
+        assert!(last["sample_bytes"].as_u64().unwrap() >= 4096, "interval not widened: {last:#}");
+    } else {
+        eprintln!("the machine kept the fixture under the 5% budget at full sampling: nothing to widen");
+    }
     assert!(within >= 3, "cost not back within 5% for 3 periods: {last:#}");
     let events = last["probe_cost"]["events_per_sec"].as_f64().unwrap();
     assert!(events > 30_000.0, "the rate jumped: {events} events/s");

@@ -117,3 +117,51 @@ fn full_and_read_only_data_dir() {
     assert!(code == 200 || code == 201, "after freeing space: {code} {body}");
     assert_eq!(all_readable(&agent).len(), kept.len());
 }
+
+/// Adding a selector when the data directory is full answers 507 `storage_full` (it is
+/// persisted there), nothing is added and no temp file is left; with space back it succeeds.
+#[test]
+fn selector_on_a_full_data_dir_is_507() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.envs(memscope().get_envs().filter_map(|(k, v)| v.map(|v| (k, v)))).env_remove("MEMSCOPE_TOKEN");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c"]).arg(format!(
+        "mount -t tmpfs -o size=64k,mode=0700 tmpfs {data} && exec {exe} agent --tokens {tokens} --listen 127.0.0.1:0 \
+         --data-dir {data} --rate-limit 500",
+        data = data.display(),
+        exe = env!("CARGO_BIN_EXE_memscope"),
+        tokens = tokens.display(),
+    ));
+    let agent = start_agent_command(cmd).unwrap();
+    let agent_data = Path::new(&format!("/proc/{}/root", agent.pid())).join(data.strip_prefix("/").unwrap());
+    // Fill the tmpfs to its last byte.
+    let filler = agent_data.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xa5u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0]);
+        let _ = f.sync_all();
+    }
+    let url = format!("{}/v1/selectors", agent.url);
+    let body = r#"{"select": "exe=/nonexistent/memscope-507-test"}"#;
+    let (code, answer) = http("POST", &url, ADMIN, Some(body));
+    assert_eq!((code, answer["code"].as_str()), (507, Some("storage_full")), "{answer}");
+    let (code, list) = http("GET", &url, READ, None);
+    assert_eq!(code, 200, "{list}");
+    assert!(!list.to_string().contains("memscope-507-test"), "a selector not saved is listed: {list}");
+    let leftovers: Vec<_> = std::fs::read_dir(&agent_data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    std::fs::remove_file(&filler).unwrap();
+    let (code, answer) = http("POST", &url, ADMIN, Some(body));
+    assert_eq!(code, 201, "{answer}");
+}

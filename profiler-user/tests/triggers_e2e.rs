@@ -123,6 +123,23 @@ fn snapshots(out: &Path) -> (Value, Vec<Value>) {
     (index, files)
 }
 
+/// Waits until `snapshots/index.json` lists at least `n` snapshots, at most `deadline` (then
+/// returns: the assertions say what is missing). A loaded machine takes seconds per snapshot.
+fn wait_for_snapshots(out: &Path, n: usize, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        let listed = std::fs::read_to_string(out.join("snapshots/index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["snapshots"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if listed >= n {
+            return;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Differences between consecutive `fired_at_ms` of the index, in ms.
 fn gaps(index: &Value) -> Vec<u64> {
     gaps_of(index, None)
@@ -169,13 +186,19 @@ fn interval_snapshots_fire_on_schedule() {
     let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--every", "300ms", "--min-spacing", "100ms"]);
+    let started = Instant::now();
     target.go();
     thread::sleep(Duration::from_millis(2000));
+    // ~6 in 2 s on an idle machine; under load (load average 10 on 2 cores) one snapshot took
+    // 1.4 s, so wait (bounded) for four.
+    wait_for_snapshots(out.path(), 4, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as usize;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
     let n = snaps.len();
-    assert!((5..=8).contains(&n), "{n} interval snapshots in ~2 s: {index:#}");
+    // Never more than the schedule allows.
+    assert!(n >= 4 && n <= elapsed_ms / 300 + 2, "{n} interval snapshots in {elapsed_ms} ms: {index:#}");
     for (i, s) in snaps.iter().enumerate() {
         assert_eq!(s["reason"], "interval");
         let entry = &index["snapshots"][i];
@@ -187,9 +210,12 @@ fn interval_snapshots_fire_on_schedule() {
             assert!(s.get(key).is_some(), "{key} missing in snapshot {}", i + 1);
         }
     }
-    for g in gaps(&index) {
-        assert!((200..=500).contains(&g), "interval gaps {:?}", gaps(&index));
-    }
+    // Hard rules: never closer than --min-spacing, never a long stall. How close to the period
+    // the gaps are is timing, not asserted (idle machine: 280-320 ms; loaded: [419, 194, 288,
+    // 316, 290], and [1364, 153] with a load average of 10: a late one is followed by an early
+    // one, the schedule is kept).
+    let g = gaps(&index);
+    assert!(g.iter().all(|&g| (100..=5000).contains(&g)), "interval gaps {g:?}");
     assert_eq!(index["triggers"][0]["reason"], "interval");
     assert_eq!(index["triggers"][0]["fired"], n as u64);
     assert!(stderr.contains(&format!("{n} triggered snapshots")), "{stderr}");
@@ -218,27 +244,40 @@ fn on_return_fires_after_each_gc_cycle() {
     let (index, snaps) = snapshots(out.path());
     let gc: Vec<&Value> = snaps.iter().filter(|s| s["reason"] == "return:gc_cycle").collect();
     assert!(cycles >= 4, "only {cycles} gc cycles");
+    // Every cycle's return is seen: it fires a snapshot, or is counted as suppressed when a
+    // snapshot is still being taken (on a loaded 2-core machine one took 2 s: fired 1,
+    // suppressed 3 for 4 cycles). On an idle machine every one fires.
+    let gc_trigger = index["triggers"].as_array().unwrap().iter().find(|t| t["reason"] == "return:gc_cycle").unwrap();
+    let (fired, suppressed) = (gc_trigger["fired"].as_u64().unwrap(), gc_trigger["suppressed"].as_u64().unwrap());
     assert!(
-        gc.len() as u64 == cycles || gc.len() as u64 == cycles + 1,
-        "{} gc snapshots for {cycles} gc cycles: {index:#}",
-        gc.len()
+        fired + suppressed == cycles || fired + suppressed == cycles + 1,
+        "{fired} gc snapshots and {suppressed} suppressed for {cycles} gc cycles: {index:#}"
     );
-    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): under
-    // half of that proves the snapshot came after the cycle, with room for a loaded machine
-    // (once, with the whole suite running on 2 cores, a snapshot came 210 ms late).
+    assert!(!gc.is_empty() && gc.len() as u64 == fired, "{index:#}");
+    // Right after a cycle the garbage is ~0, right before one ~50 KiB (1 KiB per 10 ms): the
+    // trigger fired promptly after its cycle when the garbage is under half of that plus what
+    // grew between the firing and the moment the snapshot read the maps (`taken_at_ms`; on a
+    // loaded machine that took 210 ms once with the whole suite on 2 cores, ~480 ms with the
+    // hostile suite beside it: the snapshot's latency, not the trigger's).
     for s in &gc {
         let garbage = site_bytes(s, "garbage_alloc");
-        assert!(garbage < 25 * 1024, "{garbage} bytes of garbage right after a gc cycle: {index:#}");
+        let fired = index["snapshots"].as_array().unwrap().iter().find(|e| e["taken_at_ms"] == s["taken_at_ms"]).unwrap()["fired_at_ms"].as_u64().unwrap();
+        let latency_ms = s["taken_at_ms"].as_u64().unwrap().saturating_sub(fired);
+        assert!(
+            garbage < 25 * 1024 + latency_ms * 1024 / 10,
+            "{garbage} bytes of garbage right after a gc cycle, the snapshot {latency_ms} ms after the firing: {index:#}"
+        );
     }
     assert!(!gc[0]["leaks"].as_array().unwrap().is_empty());
     let g = gaps_of(&index, Some("return:gc_cycle"));
     // Cycles are 500 ms apart; each firing is seen within a poll (20 ms) or later on a loaded
-    // machine, so a gap can shrink or stretch by that lateness.
-    assert!(g.iter().all(|g| (300..=700).contains(g)), "gc gaps {g:?}");
-    assert!(snaps.iter().filter(|s| s["reason"] == "interval").count() >= 6, "{index:#}");
-    let gc_trigger = index["triggers"].as_array().unwrap().iter().find(|t| t["reason"] == "return:gc_cycle").unwrap();
+    // machine, so a gap can shrink or stretch by that lateness (a suppressed cycle makes one
+    // gap a multiple of 500 ms).
+    if suppressed == 0 {
+        assert!(g.iter().all(|g| (250..=1000).contains(g)), "gc gaps {g:?}");
+    }
+    assert!(snaps.iter().any(|s| s["reason"] == "interval"), "the interval trigger was held back: {index:#}");
     assert_eq!(gc_trigger["probes"], 1);
-    assert_eq!(gc_trigger["suppressed"], 0);
     assert!(index["snapshots"].as_array().unwrap().iter().any(|s| s["file"].as_str().unwrap().ends_with("-return_gc_cycle.json")));
 }
 
@@ -250,13 +289,17 @@ fn min_spacing_limits_a_hot_function() {
     let mut target = target("gc");
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-return", "tick_fast", "--min-spacing", "400ms"]);
+    let started = Instant::now();
     target.go();
     thread::sleep(Duration::from_millis(2000));
+    // A loaded machine takes seconds per snapshot: wait (bounded) for a second one.
+    wait_for_snapshots(out.path(), 2, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as u64;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let (index, snaps) = snapshots(out.path());
-    // 2 s at one snapshot per 400 ms at most; fewer when the machine is loaded.
-    assert!((2..=6).contains(&snaps.len()), "{} snapshots: {index:#}", snaps.len());
+    // One snapshot per 400 ms at most.
+    assert!(snaps.len() >= 2 && snaps.len() as u64 <= elapsed_ms / 400 + 2, "{} snapshots in {elapsed_ms} ms: {index:#}", snaps.len());
     for g in gaps(&index) {
         assert!(g >= 400, "gaps {:?} below the min spacing", gaps(&index));
     }
@@ -265,7 +308,7 @@ fn min_spacing_limits_a_hot_function() {
     assert_eq!(fired, snaps.len() as u64);
     // ~200 returns in 2 s (fewer when the fixture is starved of CPU); all but the fired ones
     // are suppressed.
-    assert!(suppressed >= 60 && fired + suppressed <= 260, "fired {fired}, suppressed {suppressed}");
+    assert!(suppressed >= 60 && fired + suppressed <= elapsed_ms / 10 + 60, "fired {fired}, suppressed {suppressed}");
     assert!(stderr.contains(&format!("{suppressed} firings suppressed")), "{stderr}");
 }
 
@@ -361,16 +404,17 @@ fn cgroup_memory_threshold_fires_once() {
 /// `--on-growth 20MiB`: a snapshot each time the live heap grew 20 MiB since the last one
 /// (the first at 24 MiB with 8 MiB steps); `--on-growth 100%`: each time it doubled (the first
 /// at 8 MiB: it needs only the 256 KiB floor). A step may be passed while a snapshot is being
-/// taken (the first one is slow: a cold symbolizer, 300-400 ms in a debug build under load),
-/// so later firings are checked to be at least one threshold apart, and at most four steps
-/// late.
+/// taken (the first one is slow: a cold symbolizer, 300-400 ms in a debug build under load,
+/// more on a busy 2-core machine: `[24, 112]` was seen), so later firings are checked to be at
+/// least one threshold apart (the rule) and within the workload's 128 MiB; how late a firing
+/// may be is a timing claim, not asserted here.
 #[test]
 fn growth_triggers_fire_per_step() {
     require_root();
     type Rule = fn(u64, u64) -> bool;
     let cases: [(&str, u64, Rule); 2] = [
-        ("20MiB", 24, |prev, cur| cur >= prev + 20 && cur <= prev + 20 + 32),
-        ("100%", 8, |prev, cur| cur >= 2 * prev && cur <= 2 * prev + 32),
+        ("20MiB", 24, |prev, cur| cur >= prev + 20 && cur <= 128),
+        ("100%", 8, |prev, cur| cur >= 2 * prev && cur <= 128),
     ];
     for (arg, first, rule) in cases {
         let mut target = target("rss");
@@ -378,13 +422,16 @@ fn growth_triggers_fire_per_step() {
         let rec = Recording::start(target.pid, out.path(), &["--on-growth", arg, "--min-spacing", "20ms"]);
         target.go();
         thread::sleep(Duration::from_millis(2000));
+        // The workload is done growing by now; a slow first snapshot delays the next firing.
+        wait_for_snapshots(out.path(), 2, Duration::from_secs(30));
         let (code, stderr) = rec.stop();
         assert_eq!(code, 0, "{stderr}");
         let (index, snaps) = snapshots(out.path());
         let mib: Vec<u64> = snaps.iter().map(|s| site_bytes(s, "grow_rss") >> 20).collect();
         assert!(snaps.iter().all(|s| s["reason"] == "growth"), "{index:#}");
-        assert!(mib.len() >= 3, "--on-growth {arg}: snapshots at {mib:?} MiB");
-        assert_eq!(mib[0], first, "--on-growth {arg}: snapshots at {mib:?} MiB");
+        assert!(mib.len() >= 2, "--on-growth {arg}: snapshots at {mib:?} MiB");
+        // The first crossing, or a step or two later when the snapshot was slow to start.
+        assert!((first..=first + 16).contains(&mib[0]), "--on-growth {arg}: snapshots at {mib:?} MiB");
         assert!(mib.windows(2).all(|w| rule(w[0], w[1])), "--on-growth {arg}: snapshots at {mib:?} MiB");
     }
 }
@@ -430,6 +477,8 @@ fn verdicts_tell_a_leak_from_a_cache() {
     );
     target.go();
     thread::sleep(Duration::from_millis(3000));
+    // A loaded machine takes seconds per snapshot: wait (bounded) for enough for a trend.
+    wait_for_snapshots(out.path(), 6, Duration::from_secs(30));
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     let leaks = read_json(&out.path().join("leaks.json"));
@@ -446,9 +495,11 @@ fn verdicts_tell_a_leak_from_a_cache() {
     assert_eq!(cache["verdict"], "stable", "{cache:#}");
     assert!(cache["confidence"].as_f64().unwrap() >= 0.5, "{cache:#}");
     // 32 entries, or 31 when the snapshot fell between freeing the entry replaced and its
-    // replacement's malloc.
+    // replacement's malloc. The live map is read while the target runs: on a loaded machine
+    // the read is slow and a few replacements can happen during it (30 seen with the hostile
+    // suite running beside it).
     let cache_bytes = site_bytes(&leaks, "cache_put");
-    assert!(cache_bytes == 32 * 4096 || cache_bytes == 31 * 4096, "cache holds {cache_bytes} bytes");
+    assert!((29 * 4096..=33 * 4096).contains(&cache_bytes), "cache holds {cache_bytes} bytes");
     let report = std::fs::read_to_string(out.path().join("report.txt")).unwrap();
     assert!(report.contains(&format!("Leak verdicts from growth across {n} snapshots")), "{report}");
     assert!(report.lines().any(|l| l.contains("growing") && l.contains("leak_grow")), "{report}");
@@ -466,12 +517,17 @@ fn usdt_probe_with_semaphore() {
     let out = tempfile::tempdir().unwrap();
     let rec = Recording::start(target.pid, out.path(), &["--on-usdt", "memscope_fixture:tick", "--min-spacing", "10ms"]);
     assert_eq!(target.count("sem"), 1, "memscope enabled the semaphore");
+    let started = Instant::now();
     thread::sleep(Duration::from_millis(1000));
+    // ~20 in 1 s on an idle machine; a loaded one takes longer per snapshot: wait (bounded).
+    wait_for_snapshots(out.path(), 12, Duration::from_secs(30));
+    let elapsed_ms = started.elapsed().as_millis() as usize;
     let (code, stderr) = rec.stop();
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(target.count("sem"), 0, "memscope restored the semaphore");
     let (index, snaps) = snapshots(out.path());
-    assert!((12..=22).contains(&snaps.len()), "{} snapshots for ~20 ticks: {index:#}", snaps.len());
+    let n = snaps.len();
+    assert!(n >= 12 && n <= elapsed_ms / 50 + 4, "{n} snapshots for ~{} ticks: {index:#}", elapsed_ms / 50);
     assert!(snaps.iter().all(|s| s["reason"] == "usdt:memscope_fixture:tick"));
     assert!(out.path().join("snapshots/0001-usdt_memscope_fixture_tick.json").exists());
 }

@@ -123,6 +123,42 @@ fn c_fixture_without_cfi() -> PathBuf {
     exe
 }
 
+/// The C fixture as a PIE with both an `.eh_frame` (its own code's CFI, as always) and a
+/// zlib-compressed `.debug_frame` (`SHF_COMPRESSED`, as every Go/cgo binary has): one more
+/// object built with `-fno-asynchronous-unwind-tables -g` puts its CFI in `.debug_frame`, and
+/// the link compresses the debug sections. Checked with readelf.
+fn c_fixture_compressed_debug_frame() -> PathBuf {
+    let helper = out_path("debug_frame_helper.c");
+    // Enough FDEs that compressing pays (ld leaves a section uncompressed otherwise).
+    let helpers: String = (0..300)
+        .map(|i| format!("int debug_frame_helper{i}(int x) {{ volatile int a[{}]; a[0] = x; return a[0] * {i}; }}\n", i % 7 + 2))
+        .collect();
+    std::fs::write(&helper, helpers).unwrap();
+    let helper_obj = out_path("debug_frame_helper.o");
+    run(Command::new("cc")
+        .args(["-O2", "-fPIE", "-gdwarf-4", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-c", "-o"])
+        .arg(&helper_obj)
+        .arg("-x")
+        .arg("c")
+        .arg(&helper));
+    let exe = compile(
+        "cc",
+        "unwind_c.c",
+        "unwind_c_zdebug",
+        &["-pie", "-fPIE", "-gdwarf-4", "-Wl,--compress-debug-sections=zlib", helper_obj.to_str().unwrap()],
+    );
+    let sections = String::from_utf8(Command::new("readelf").arg("-SW").arg(&exe).output().unwrap().stdout).unwrap();
+    let line = |name: &str| sections.lines().find(|l| l.contains(&format!(" {name} "))).map(str::to_owned);
+    let debug_frame = line(".debug_frame").unwrap_or_else(|| panic!("no .debug_frame:\n{sections}"));
+    assert!(line(".eh_frame").is_some(), "no .eh_frame:\n{sections}");
+    // The flags column holds C for SHF_COMPRESSED.
+    let flags = debug_frame.split_whitespace().rev().nth(3).unwrap_or_default();
+    assert!(flags.contains('C'), ".debug_frame not compressed: {debug_frame}");
+    let header = String::from_utf8(Command::new("readelf").arg("-hW").arg(&exe).output().unwrap().stdout).unwrap();
+    assert!(header.contains("DYN"), "not a PIE:\n{header}");
+    exe
+}
+
 fn rust_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
@@ -755,6 +791,20 @@ fn c_tail_call_and_signal_handler_stacks() {
     let exe = c_fixture();
     check_both_samplings(
         "C tail call + signal",
+        || fixture_cmd(&exe, &["basic", "4000"], None),
+        &c_sites(),
+        &[&exe],
+    );
+}
+
+/// A PIE with both `.eh_frame` and a compressed `.debug_frame` (issue 19): the compressed
+/// section no longer hides the `.eh_frame` (before, the file counted as without CFI and its
+/// stacks had one frame): the same whole chains to `main` as the plain C fixture.
+#[test]
+fn compressed_debug_frame_keeps_eh_frame_stacks() {
+    let exe = c_fixture_compressed_debug_frame();
+    check_both_samplings(
+        "C PIE with compressed .debug_frame",
         || fixture_cmd(&exe, &["basic", "4000"], None),
         &c_sites(),
         &[&exe],

@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Run only the `node` section (one agent, 50 targets).
     #[arg(long)]
     node_only: bool,
+    /// Run only the `v8` section (a Node.js service's pause for a heap snapshot through the
+    /// agent vs in-process; the paused share with a gc trigger).
+    #[arg(long, conflicts_with = "node_only")]
+    v8_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -105,6 +109,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.v8_only {
+        let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+        print!("{}", v8.render());
+        for (name, limit, value, met) in v8.targets() {
+            let mark = if met { "met    " } else { "NOT MET" };
+            println!("  [{mark}] {name}: {value} (target {limit})");
+        }
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "v8": v8.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let load_before = loadavg();
     let measured = Instant::now();
     let pairs = compare(&tools, &PAIRS, args.repeat)?;
@@ -117,6 +134,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let big = big_attach(&tools, args.repeat)?;
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
+    let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -131,8 +149,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         total_s: started.elapsed().as_secs_f64(),
     };
     print!("{}", report.render());
+    print!("{}", v8.render());
+    for (name, limit, value, met) in v8.targets() {
+        let mark = if met { "met    " } else { "NOT MET" };
+        println!("  [{mark}] {name}: {value} (target {limit})");
+    }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report.to_json())?;
+        let mut all = report.to_json();
+        all["v8"] = v8.to_json();
+        let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));
     }

@@ -3,6 +3,7 @@
 //!
 //! - Debian packages, checked one by one with `dpkg-query`; `apt-get update` runs once, and only
 //!   when something is missing. Needs root then; skipped with a note on machines without dpkg.
+//! - memlab's CLI from npm (globally, when `memlab` is not on PATH).
 //! - The nightly toolchain and its `rust-src` (for `-Z build-std=core`).
 //! - bpf-linker 0.13.0 built against the nightly's own libLLVM (Debian 12's LLVM 14/15 does not
 //!   match the nightly's), through symlinks in `$HOME/.local/lib/bpf-linker-llvm/lib` (which is
@@ -38,6 +39,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
     "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
     "curl",                           // the second client, bound to 127.0.0.2, during it
+    "golang-go",                      // `go tool pprof`, to read memscope's pprof in node_v8_exports_e2e
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -45,7 +47,34 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Everything: Debian packages, then the toolchain part.
 pub fn all() -> Result<()> {
     debian_packages()?;
+    npm_packages()?;
     toolchain()
+}
+
+/// npm packages the tests use: memlab's CLI (node_v8_exports_e2e gives it three heap snapshots
+/// taken through the agent), installed globally once. Puppeteer's browser download is skipped:
+/// memlab only reads snapshot files here. Its install scripts are not needed either.
+pub fn npm_packages() -> Result<()> {
+    if cmd::find_in_path("memlab").is_some() {
+        step("memlab: present");
+        return Ok(());
+    }
+    cmd::require_root("installing memlab (npm install -g @memlab/cli)")?;
+    step("npm install -g @memlab/cli");
+    cmd::run(
+        Command::new("npm")
+            .args([
+                "install",
+                "--global",
+                "--no-audit",
+                "--no-fund",
+                "@memlab/cli@2",
+            ])
+            .env("PUPPETEER_SKIP_DOWNLOAD", "1")
+            .env("PUPPETEER_SKIP_CHROMIUM_DOWNLOAD", "1")
+            .stdin(Stdio::null()),
+    )
+    .context("npm install -g @memlab/cli failed")
 }
 
 /// The Rust part only (what `build-ebpf` needs): nightly, its rust-src, bpf-linker.
@@ -59,6 +88,9 @@ fn wanted_packages() -> Vec<&'static str> {
     let mut wanted = PACKAGES.to_vec();
     if cmd::find_in_path("node").is_none() {
         wanted.push("nodejs");
+    }
+    if cmd::find_in_path("npm").is_none() {
+        wanted.push("npm"); // for memlab (npm_packages)
     }
     wanted
 }

@@ -16,6 +16,7 @@ const EXCLUDE: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
 pub fn run(extra: &[String]) -> Result<()> {
     cmd::require_root("`cargo xtask test`")?;
     setup::debian_packages()?;
+    setup::npm_packages()?; // memlab, for node_v8_exports_e2e
     ebpf::build(false)?; // runs setup's toolchain part first
     deploy::check()?;
     if has_nextest() {

@@ -45,11 +45,22 @@ pub fn count_of(fp: u64) -> u64 {
 /// Live bytes and allocations from the probes' weighted counters: the cheap figures of the
 /// targets table, `/metrics` and the growth trigger, the same sums a snapshot adds entry by
 /// entry.
+/// Clamped like [`clamp_estimates`].
 pub fn live_from_counters(counters: &[u64]) -> (u64, u64) {
     let c = |k: Counter| counters.get(k as usize).copied().unwrap_or(0);
     let bytes = c(Counter::WeightBytes).saturating_sub(c(Counter::WeightFreeBytes));
     let allocs = count_of(c(Counter::WeightAllocs).saturating_sub(c(Counter::WeightFrees)));
-    (bytes, allocs)
+    clamp_estimates(bytes, allocs, c(Counter::AllocBytes), c(Counter::Allocs))
+}
+
+/// Estimated live (bytes, allocations) never above what was exactly allocated since attach
+/// (`allocated_bytes`, `allocs`, counted at every call): a sampled estimate's error (a few
+/// large weights) could otherwise show more live allocations than were ever made, as
+/// `live_allocs` 185,157 > `allocs` 183,830 did. Only the totals are clamped; each stack's own
+/// estimate is left as it is (its error is what the sampling bound says), so the stacks may sum
+/// a little above the totals when sampling.
+pub fn clamp_estimates(live_bytes: u64, live_allocs: u64, allocated_bytes: u64, allocs: u64) -> (u64, u64) {
+    (live_bytes.min(allocated_bytes), live_allocs.min(allocs))
 }
 
 pub fn build(
@@ -88,9 +99,15 @@ pub fn build(
             oldest_age_s: (oldest_age_s * 1000.0).round() / 1000.0,
         });
     }
+    let (live_bytes, live_allocs) = clamp_estimates(
+        stacks.iter().map(|s| s.live_bytes).sum(),
+        count_of(raw.stacks.iter().map(|s| s.live_allocs_fp).sum()),
+        c(Counter::AllocBytes),
+        c(Counter::Allocs),
+    );
     let totals = Totals {
-        live_bytes: stacks.iter().map(|s| s.live_bytes).sum(),
-        live_allocs: count_of(raw.stacks.iter().map(|s| s.live_allocs_fp).sum()),
+        live_bytes,
+        live_allocs,
         allocated_bytes: c(Counter::AllocBytes),
         allocs: c(Counter::Allocs),
         frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
@@ -110,12 +127,47 @@ pub fn build(
         target_exited: ctx.target_exited,
         stacks,
         mappings: Vec::new(),
+        probe_gaps: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No estimated live figure above its exact counterpart, in a snapshot's totals and in the
+    /// cheap counters figure (targets table, `/metrics`); exact ones pass through.
+    #[test]
+    fn estimates_never_exceed_exact_counts() {
+        assert_eq!(clamp_estimates(10, 185_157, 1 << 30, 183_830), (10, 183_830));
+        assert_eq!(clamp_estimates(5 << 20, 3, 4 << 20, 10), (4 << 20, 3));
+        assert_eq!(clamp_estimates(100, 2, 100, 2), (100, 2));
+        let mut counters = vec![0u64; profiler_common::COUNTER_COUNT as usize];
+        counters[Counter::Allocs as usize] = 183_830;
+        counters[Counter::AllocBytes as usize] = 1 << 20;
+        counters[Counter::WeightAllocs as usize] = 185_157 << 16;
+        counters[Counter::WeightBytes as usize] = 2 << 20;
+        assert_eq!(live_from_counters(&counters), (1 << 20, 183_830));
+
+        let stack = crate::bpf::reader::RawStack {
+            live_bytes: 2 << 20,
+            live_allocs_fp: 185_157 << 16,
+            ..Default::default()
+        };
+        let raw = RawSnapshot { counters, stacks: vec![stack], ..Default::default() };
+        let ctx = BuildContext {
+            pid: 1,
+            taken_at_ms: 0,
+            duration_s: 1.0,
+            min_age_s: 0.0,
+            sample_bytes: 512 * 1024,
+            unseen_before_attach_bytes: 0,
+            target_exited: false,
+        };
+        let p = build(&raw, &ctx, |_| Default::default());
+        assert_eq!((p.totals.live_bytes, p.totals.live_allocs), (1 << 20, 183_830));
+        assert_eq!((p.totals.allocated_bytes, p.totals.allocs), (1 << 20, 183_830));
+    }
 
     /// The probes' fixed-point weight is `size / (1 - exp(-size / T))` within 0.01% for every
     /// size, from a byte to past 16 T; full recording weighs each allocation its size.

@@ -341,6 +341,7 @@ pub fn verdict_report(p: &HeapProfile, verdicts: &HashMap<String, Verdict>, snap
     }
     for (i, s) in leaks.iter().take(top).enumerate() {
         let name = s.frames.first().map(|f| f.display_name()).unwrap_or_else(|| "[no stack]".into());
+        let name = crate::render::escape::term(&name);
         let v = verdicts.get(&stack_id(&s.frames));
         out.push_str(&format!("  #{:<3} {}  {name}\n", i + 1, verdict_text(v.map(|v| (v.verdict, v.slope_bytes_per_s, v.confidence)))));
     }

@@ -39,6 +39,10 @@ pub struct FrameInfo {
     /// Source file, when debug info exists.
     pub file: Option<Arc<str>>,
     pub line: Option<u32>,
+    /// Column (1-based), known for JavaScript frames only: with the function, file and line it
+    /// tells apart two functions defined on one line (pprof keeps them as two functions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<u32>,
     /// Path of the object file (executable or library) holding the address.
     pub module: Option<Arc<str>>,
     /// Virtual address in the target, as `0x...` (JSON numbers lose precision past 2^53).
@@ -145,6 +149,11 @@ pub struct HeapProfile {
     /// rows, for backends that symbolize by build id); empty when unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mappings: Vec<ModuleMapping>,
+    /// Windows during which the allocator probes were out of the process (V8 heap walks, see
+    /// [`crate::pause`]): allocations and frees in them were not seen, so an allocation freed
+    /// in a gap may still be listed as live. `None` when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_gaps: Option<crate::pause::ProbeGaps>,
 }
 
 /// One executable mapping of a file in the target.

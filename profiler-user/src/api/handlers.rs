@@ -399,6 +399,7 @@ async fn attach_blocking(state: &Arc<State>, pid: u32) -> Result<Arc<dyn TracedT
 
 pub(crate) fn detach(state: &State, p: Principal, id: u32) -> Result<Response, ApiError> {
     let removed = state.targets.write().unwrap().remove(&id);
+    crate::v8::channel::forget(id); // the agent keeps no line into a process it let go
     let route = format!("/v1/targets/{id}");
     let result = match removed {
         Some(_) => Ok(json_reply(StatusCode::OK, &serde_json::json!({ "detached": id }))),
@@ -664,14 +665,23 @@ struct TriggersBody {
     spec: Option<String>,
     specs: Option<Vec<String>>,
     min_spacing: Option<String>,
+    /// `PCT%[/WINDOW]`: the pause budget of these triggers (see [`crate::pause`]).
+    pause_budget: Option<String>,
+}
+
+/// What a `POST /v1/targets/{id}/triggers` body asks for.
+struct TriggersRequest {
+    specs: Vec<TriggerSpec>,
+    min_spacing: Duration,
+    pause_budget: Option<crate::pause::PauseBudget>,
 }
 
 /// The specs and spacing of a `POST /v1/targets/{id}/triggers` body.
-fn parse_triggers_body(state: &State, body: &[u8]) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
+fn parse_triggers_body(state: &State, body: &[u8]) -> Result<TriggersRequest, ApiError> {
     triggers_body(body, state.trigger_settings.min_spacing)
 }
 
-fn triggers_body(body: &[u8], default_spacing: Duration) -> Result<(Vec<TriggerSpec>, Duration), ApiError> {
+fn triggers_body(body: &[u8], default_spacing: Duration) -> Result<TriggersRequest, ApiError> {
     let shape = "expected a JSON body {\"spec\": \"every=30s\"} or {\"specs\": [\"gc\", \"growth=20%\"]}, optionally with \"min_spacing\": \"5s\"";
     let b: TriggersBody = serde_json::from_slice(body).map_err(|_| ApiError::bad_request("bad_body", shape))?;
     let raw = match (b.spec, b.specs) {
@@ -702,7 +712,11 @@ fn triggers_body(body: &[u8], default_spacing: Duration) -> Result<(Vec<TriggerS
             d
         }
     };
-    Ok((specs, min_spacing))
+    let pause_budget = match b.pause_budget.as_deref() {
+        None => None,
+        Some(v) => Some(crate::pause::PauseBudget::parse(v).map_err(|e| ApiError::bad_request("bad_pause_budget", truncate_line(&e)))?),
+    };
+    Ok(TriggersRequest { specs, min_spacing, pause_budget })
 }
 
 /// A client's message, at most 200 characters.
@@ -733,12 +747,12 @@ pub(crate) async fn add_triggers(state: Arc<State>, p: Principal, id: u32, body:
 
 async fn add_triggers_inner(state: &Arc<State>, id: u32, body: Bytes) -> Result<(Vec<u64>, Response), ApiError> {
     let (t, tracking) = tracked(state, id)?;
-    let (specs, min_spacing) = parse_triggers_body(state, &body)?;
+    let TriggersRequest { specs, min_spacing, pause_budget } = parse_triggers_body(state, &body)?;
     let st = state.clone();
     let views = with_timeout(
         state,
         limits::exclusive(&state.expensive, move || {
-            triggers::attach(&st, &*t, &tracking, &specs, min_spacing, triggers::Origin::Api).map_err(|e| {
+            triggers::attach(&st, &*t, &tracking, &specs, min_spacing, triggers::Origin::Api, pause_budget).map_err(|e| {
                 let msg = truncate_line(&e.to_string());
                 match e {
                     triggers::AttachError::Unsupported(_) => ApiError::conflict("triggers_unsupported", msg),

@@ -118,6 +118,31 @@ impl Metrics {
                 let _ = writeln!(out, "memscope_target_cpu_budget_percent{{{}}} {}", target_labels(t), c.budget_percent.unwrap_or(0.0));
             }
         }
+        let paused: Vec<_> = targets.iter().filter_map(|t| Some((pause_labels(t), t.pauses.as_ref()?))).collect();
+        if !paused.is_empty() {
+            family(&mut out, "memscope_target_probe_gaps_total", "counter", "Windows during which the allocator probes were out of the target (V8 heap walks): allocations and frees in them were not seen.");
+            for (l, p) in &paused {
+                let _ = writeln!(out, "memscope_target_probe_gaps_total{{{l}}} {}", p.probe_gaps.count);
+            }
+            family(&mut out, "memscope_target_probe_gap_seconds_total", "counter", "Time the allocator probes were out of the target.");
+            for (l, p) in &paused {
+                let _ = writeln!(out, "memscope_target_probe_gap_seconds_total{{{l}}} {:.3}", p.probe_gaps.total_ms as f64 / 1000.0);
+            }
+            family(&mut out, "memscope_target_paused_ratio", "gauge", "Share of wall time memscope's V8 operations paused the target over the pause budget's window.");
+            for (l, p) in &paused {
+                let _ = writeln!(out, "memscope_target_paused_ratio{{{l}}} {:.6}", p.paused_percent / 100.0);
+            }
+            family(&mut out, "memscope_target_pause_budget_ratio", "gauge", "The pause budget: the share of wall time memscope may pause the target (--pause-budget).");
+            for (l, p) in &paused {
+                let _ = writeln!(out, "memscope_target_pause_budget_ratio{{{l}}} {:.6}", p.budget_percent / 100.0);
+            }
+            family(&mut out, "memscope_target_suppressed_firings_total", "counter", "Trigger firings not taken to spare the target a pause, by reason (pause_budget, self_caused_gc).");
+            for (l, p) in &paused {
+                for (reason, n) in &p.suppressed {
+                    let _ = writeln!(out, "memscope_target_suppressed_firings_total{{{l},reason=\"{}\"}} {n}", escape(reason));
+                }
+            }
+        }
 
         if let Some(s) = self_stat() {
             family(&mut out, "memscope_agent_cpu_seconds_total", "counter", "CPU time used by the agent (user and system).");
@@ -131,6 +156,15 @@ impl Metrics {
         for (kind, reason, n) in crate::target_fs::refusals() {
             let _ = writeln!(out, "memscope_target_file_refusals_total{{kind=\"{kind}\",reason=\"{reason}\"}} {n}");
         }
+        family(&mut out, "memscope_target_budget_refusals_total", "counter", "Target-controlled data not loaded because a memory budget (the target's or the agent's) was spent, by use and limit.");
+        for (what, limit, n) in crate::budget::refusals() {
+            let _ = writeln!(out, "memscope_target_budget_refusals_total{{use=\"{what}\",limit=\"{limit}\"}} {n}");
+        }
+        let (used, cap) = crate::budget::usage();
+        family(&mut out, "memscope_target_budget_bytes", "gauge", "Memory held for target-controlled data (perf map names, ...), all targets.");
+        let _ = writeln!(out, "memscope_target_budget_bytes {used}");
+        family(&mut out, "memscope_target_budget_cap_bytes", "gauge", "The agent-wide memory budget for target-controlled data.");
+        let _ = writeln!(out, "memscope_target_budget_cap_bytes {cap}");
         family(&mut out, "memscope_agent_snapshots", "gauge", "Snapshots in the store.");
         let _ = writeln!(out, "memscope_agent_snapshots {}", snapshots.0);
         family(&mut out, "memscope_agent_snapshot_bytes", "gauge", "Bytes of snapshots on disk.");
@@ -170,6 +204,15 @@ fn target_labels(t: &TargetStats) -> String {
         let _ = write!(l, ",{k}=\"{}\"", escape(v));
     }
     l
+}
+
+/// Labels of the pause series: the workload's labels when the target has them (a pid changes
+/// with every restart), else pid and comm.
+fn pause_labels(t: &TargetStats) -> String {
+    if t.labels.is_empty() {
+        return target_labels(t);
+    }
+    t.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
 }
 
 /// Escapes a label value: backslash, double quote and newline.

@@ -50,6 +50,7 @@ pub mod errors;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
+pub mod pauses;
 pub mod routes;
 pub mod tls;
 pub mod triggers;
@@ -306,7 +307,7 @@ impl Agent {
                 let (st, specs) = (state.clone(), config.triggers.clone());
                 let spacing = st.trigger_settings.min_spacing;
                 tokio::task::spawn_blocking(move || {
-                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag)
+                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag, None)
                 })
                 .await
                 .context("attaching triggers")?

@@ -140,11 +140,13 @@ impl TracedTarget for FakeTarget {
             dropped: [("stack_map_full".to_string(), 1)].into(),
             unwind: [("truncated_no_cfi".to_string(), 2)].into(),
             unwind_tables: None,
+            memory_budget: None,
             sample_bytes: 0,
             probe_cost: None,
             probe_mode: "session".into(),
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),
+            pauses: None,
         }
     }
 }

@@ -15,6 +15,14 @@
 //! Only the exit snapshot waits for a permit (up to the request timeout): it cannot be taken
 //! later.
 //!
+//! Pause budget: a firing whose snapshot would get a V8 heap summary (`--v8-summaries`, a
+//! Node.js target) pauses the target; when one more pause (as long as its last) would take
+//! the target's paused share past the trigger's budget ([`crate::pause`]: `pause_budget` of
+//! the trigger, of the selector that made it, or the agent's `--pause-budget`, 5% of 60 s by
+//! default), the firing is refused and counted as suppressed (`suppressed_pause_budget`).
+//! Probe hits memscope itself caused (the summaries' own garbage collections) never fire
+//! (`suppressed_self_caused`, see [`crate::trigger::engine`]).
+//!
 //! When a target exits: with an `exit` trigger its final snapshot is stored with reason
 //! `exit`; either way the target stays listed (`alive: false`) with its triggers finished,
 //! until it is detached.
@@ -44,6 +52,7 @@ use crate::{
         growth::{self, Verdict},
         HeapProfile,
     },
+    pause::PauseBudget,
     target::TracedTarget,
     trigger::{TriggerEngine, TriggerSpec, POLL_INTERVAL},
     v8::{
@@ -96,6 +105,10 @@ struct AgentTrigger {
     engine: TriggerEngine,
     /// Firings dropped because the cap on expensive work was full.
     busy_suppressed: u64,
+    /// Its pause budget (`None`: the agent's).
+    pause_budget: Option<PauseBudget>,
+    /// Firings refused by the pause budget.
+    budget_suppressed: u64,
 }
 
 /// One trigger as `GET /v1/targets/{id}/triggers` shows it.
@@ -111,6 +124,12 @@ pub struct TriggerView {
     /// expensive work was full (`suppressed_busy` of them).
     pub suppressed: u64,
     pub suppressed_busy: u64,
+    /// Refused because the target's paused share would go past the pause budget.
+    pub suppressed_pause_budget: u64,
+    /// Probe hits memscope caused itself (its V8 operations' garbage collections).
+    pub suppressed_self_caused: u64,
+    /// The pause budget its firings are held to (`PCT%/WINDOWs`).
+    pub pause_budget: String,
     /// Probe sites attached (return, usdt and gc triggers).
     pub probes: usize,
     pub min_spacing_s: f64,
@@ -120,19 +139,27 @@ pub struct TriggerView {
 }
 
 impl AgentTrigger {
+    fn budget(&self) -> PauseBudget {
+        self.pause_budget.unwrap_or_else(crate::pause::default_budget)
+    }
+
     fn view(&self) -> TriggerView {
         let st = self.engine.status().into_iter().next();
-        let (spec, reason, fired, suppressed, probes) = match st {
-            Some(s) => (s.spec, s.reason, s.fired, s.suppressed, s.probes),
+        let (spec, reason, fired, suppressed, self_caused, probes) = match st {
+            Some(s) => (s.spec, s.reason, s.fired, s.suppressed, s.suppressed_self_caused, s.probes),
             None => Default::default(),
         };
         TriggerView {
             id: self.id,
             spec,
             reason,
-            fired,
-            suppressed: suppressed + self.busy_suppressed,
+            // A firing the budget refused took no snapshot: suppressed, not fired.
+            fired: fired.saturating_sub(self.budget_suppressed),
+            suppressed: suppressed + self.busy_suppressed + self.budget_suppressed,
             suppressed_busy: self.busy_suppressed,
+            suppressed_pause_budget: self.budget_suppressed,
+            suppressed_self_caused: self_caused,
+            pause_budget: self.budget().to_string(),
             probes,
             min_spacing_s: self.engine.min_spacing().as_secs_f64(),
             origin: self.origin,
@@ -298,6 +325,7 @@ pub(crate) fn attach(
     specs: &[TriggerSpec],
     min_spacing: Duration,
     origin: Origin,
+    pause_budget: Option<PauseBudget>,
 ) -> Result<Vec<TriggerView>, AttachError> {
     let pid = target.pid();
     let host = target.trigger_host().ok_or(AttachError::Unsupported(pid))?;
@@ -319,7 +347,7 @@ pub(crate) fn attach(
     for s in specs {
         let engine = TriggerEngine::attach(host, std::slice::from_ref(s), min_spacing).map_err(AttachError::Failed)?;
         let id = state.next_trigger_id.fetch_add(1, Ordering::Relaxed);
-        added.push(AgentTrigger { id, origin, engine, busy_suppressed: 0 });
+        added.push(AgentTrigger { id, origin, engine, busy_suppressed: 0, pause_budget, budget_suppressed: 0 });
     }
     let views: Vec<TriggerView> = added.iter().map(AgentTrigger::view).collect();
     tracking.triggers.lock().unwrap().extend(added);
@@ -379,18 +407,31 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, p: &HeapProfile,
 /// One poll job of one target (blocking): poll its engines, then a snapshot per firing.
 fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
     let Some(host) = target.trigger_host() else { return };
-    let fired: Vec<(u64, crate::trigger::Fired)> = {
+    let fired: Vec<(u64, PauseBudget, crate::trigger::Fired)> = {
         let mut triggers = tracking.triggers.lock().unwrap();
         triggers
             .iter_mut()
             .flat_map(|t| {
-                let id = t.id;
-                t.engine.poll(host).into_iter().map(move |f| (id, f))
+                let (id, budget) = (t.id, t.budget());
+                t.engine.poll(host).into_iter().map(move |f| (id, budget, f))
             })
             .collect::<Vec<_>>()
     };
-    for (tid, f) in fired {
+    let mut summarizes: Option<bool> = None;
+    for (tid, budget, f) in fired {
         let is_exit = f.reason == TriggerSpec::Exit.reason();
+        // Its snapshot would get a V8 summary: a pause of the target, within its budget only.
+        let pauses = *summarizes.get_or_insert_with(|| super::v8::would_summarize(state, target.pid()));
+        if pauses && !is_exit {
+            if let Some(ledger) = target.pauses().filter(|l| !l.admits(&budget, std::time::Instant::now())) {
+                ledger.note_budget_refusal();
+                if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
+                    t.budget_suppressed += 1;
+                }
+                tracing::debug!(pid = target.pid(), reason = %f.reason, %budget, "firing refused by the pause budget");
+                continue;
+            }
+        }
         let Some(_permit) = permit(state, is_exit) else {
             if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
                 t.busy_suppressed += 1;

@@ -60,8 +60,13 @@ use crate::{
     process::Process,
     target::TracedTarget,
     v8::{
-        growth as v8_growth, heap_limit::HeapUsage, inspector::CancelOnDrop, sampling, snapshot, summary::HeapSummary, workers,
-        Budget, Cancel, Inspector, Thread, V8Error,
+        channel::{self, Protocol as _},
+        growth as v8_growth,
+        heap_limit::HeapUsage,
+        inspector::CancelOnDrop,
+        sampling, snapshot,
+        summary::HeapSummary,
+        workers, Budget, Cancel, Inspector, Thread, V8Error,
     },
 };
 
@@ -265,31 +270,43 @@ async fn heap_snapshot_inner(state: &Arc<State>, p: &Principal, id: u32, q: Vec<
 /// slowest), stops when all are gone.
 fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, thread: &Thread, purpose: &str, budget: Budget, generation: u64) {
     let pid = process.pid();
-    let timeout = budget.left();
     let waiting = || {
         state.v8.flights.lock().unwrap().get_mut(&pid).filter(|f| f.generation == generation).and_then(|f| f.waiting.take()).unwrap_or_default()
     };
     let mut clients: Vec<tokio::sync::mpsc::Sender<Chunk>> = Vec::new();
     let mut started = false;
-    let result = Inspector::open(process, purpose, budget).and_then(|mut insp| {
-        let mut sink = |chunk: &str| {
-            if !started {
-                started = true;
-                clients = waiting();
-                info!(pid, clients = clients.len(), "heap snapshot streaming");
-            }
-            let b = Bytes::copy_from_slice(chunk.as_bytes());
-            clients.retain(|c| c.blocking_send(Ok(b.clone())).is_ok());
-            if clients.is_empty() {
-                return Err(V8Error::Sink("every client went away".into()));
-            }
-            Ok(())
-        };
-        let mut taken = workers::with_threads(&mut insp, thread, |_, s| snapshot::take(s, gc, timeout, &mut sink))?;
-        let bytes = taken.pop().map(|(_, b)| b).unwrap_or(0);
-        insp.close()?;
-        Ok(bytes)
-    });
+    let mut sink = |chunk: &str| -> Result<(), V8Error> {
+        if !started {
+            started = true;
+            clients = waiting();
+            info!(pid, clients = clients.len(), "heap snapshot streaming");
+        }
+        let b = Bytes::copy_from_slice(chunk.as_bytes());
+        clients.retain(|c| c.blocking_send(Ok(b.clone())).is_ok());
+        if clients.is_empty() {
+            return Err(V8Error::Sink("every client went away".into()));
+        }
+        Ok(())
+    };
+    let result = if *thread == Thread::Main {
+        // Through the target's snapshot channel: the ids of surviving objects stay the same from
+        // one snapshot to the next (see crate::v8::channel).
+        let pause = super::pauses::begin(state, pid);
+        let bytes = snapshot::take_keeping_ids(&process, purpose, gc, budget, &mut sink);
+        drop(pause);
+        bytes
+    } else {
+        // A worker's isolate: through a nested session of the inspector.
+        let timeout = budget.left();
+        Inspector::open(process, purpose, budget).and_then(|mut insp| {
+            let pause = super::pauses::begin(state, pid);
+            let taken = workers::with_threads(&mut insp, thread, |_, s| snapshot::take(s, gc, timeout, &mut sink));
+            drop(pause);
+            let bytes = taken?.pop().map(|(_, b)| b).unwrap_or(0);
+            insp.close()?;
+            Ok(bytes)
+        })
+    };
     if !started {
         clients = waiting();
     }
@@ -329,9 +346,20 @@ pub(crate) async fn heap_profile(state: Arc<State>, p: Principal, id: u32, q: Ve
     let purpose = format!("api: heap-profile by {}", p.name);
     let timeout = state.limits.request_timeout;
     let work = move |cancel: Cancel| {
-        let mut insp = Inspector::open(process, &purpose, Budget::with_cancel(timeout, cancel)).map_err(v8_error)?;
-        let prof = workers::profile_threads(&mut insp, &thread, Duration::from_secs(seconds), interval).map_err(v8_error)?;
-        insp.close().map_err(v8_error)?;
+        let d = Duration::from_secs(seconds);
+        let budget = Budget::with_cancel(timeout, cancel);
+        let prof = if thread == Thread::Main {
+            // Through the snapshot channel: no inspector session ends, so the ids of the next
+            // heap snapshot's objects stay those of the last one.
+            channel::with_channel(&process, &purpose, budget, |ch| sampling::profile(ch, d, interval), |insp| sampling::profile(insp, d, interval))
+        } else {
+            Inspector::open(process, &purpose, budget).and_then(|mut insp| {
+                let prof = workers::profile_threads(&mut insp, &thread, d, interval)?;
+                insp.close()?;
+                Ok(prof)
+            })
+        }
+        .map_err(v8_error)?;
         let body = match format {
             render::Format::Svg => render::flamegraph::flamegraph_svg(&prof, Measure::Inuse, &format!("pid {pid}: JavaScript heap, live (sampled every {interval} B)")),
             f => render::render(&prof, f, Measure::Inuse),
@@ -389,11 +417,16 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
     let result = async {
         let process = node_target(&state, id)?;
         let purpose = format!("api: gc by {}", p.name);
+        let traced = super::pauses::target_of(&state, id);
         exclusive_session(&state, move |budget| {
             let started = Instant::now();
-            let mut insp = Inspector::open(process, &purpose, budget).map_err(v8_error)?;
-            insp.collect_garbage().map_err(v8_error)?;
-            insp.close().map_err(v8_error)?;
+            let t = budget.left();
+            let pause = traced.and_then(crate::pause::PauseGuard::begin);
+            let done = channel::with_channel(&process, &purpose, budget, |ch| ch.call("HeapProfiler.collectGarbage", serde_json::json!({}), t).map(|_| ()), |insp| {
+                insp.collect_garbage()
+            });
+            drop(pause);
+            done.map_err(v8_error)?;
             Ok(started.elapsed())
         })
         .await
@@ -492,6 +525,12 @@ struct StoredSummary {
     heap: Option<HeapUsage>,
 }
 
+/// Whether a snapshot stored for target `pid` gets a V8 heap summary (`--v8-summaries` and a
+/// target that handles SIGUSR1): then storing it pauses the target.
+pub(crate) fn would_summarize(state: &State, pid: u32) -> bool {
+    state.v8.summaries.load(Ordering::Relaxed) && crate::v8::inspector::catches_signal(pid, libc::SIGUSR1).unwrap_or(false)
+}
+
 /// After a snapshot of target `pid` was stored as `id` (by the API or a trigger, with its
 /// reason): with `--v8-summaries` and a target that handles SIGUSR1 (Node.js), also takes a V8
 /// heap snapshot, summarizes it as it streams, adds it to the target's series of summaries
@@ -513,7 +552,10 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     }
     let path = summary_path(state, id);
     let budget = Budget::new(state.limits.request_timeout);
-    let result = crate::v8::summary_of(process, false, reason, budget).map_err(|e| e.to_string()).and_then(|summary| {
+    let pause = super::pauses::begin(state, pid);
+    let summary = crate::v8::summary_keeping_ids(&process, false, reason, budget);
+    drop(pause);
+    let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
         let (verdicts, summaries) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts, heap: None };
         let dir = path.parent().expect("has a parent");

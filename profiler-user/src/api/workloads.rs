@@ -198,7 +198,19 @@ impl Workloads {
         let api: Vec<&Selector> = selectors.iter().filter(|e| e.origin == "api").map(|e| &e.selector).collect();
         self.file.save(&api).map_err(|e| {
             warn!(error = %e, "saving the selectors failed");
-            ApiError::internal("store_failed", "saving the selectors failed; see the agent's log")
+            match e.io_kind() {
+                Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "storage_full",
+                    "the data directory is full: the selectors were not saved and nothing changed; free space",
+                ),
+                Some(std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_read_only",
+                    "the data directory is not writable: the selectors were not saved and nothing changed",
+                ),
+                _ => ApiError::internal("store_failed", "saving the selectors failed; see the agent's log"),
+            }
         })
     }
 
@@ -437,7 +449,7 @@ fn attach_reserved(
     tracking.remove_finished();
     if !selector.triggers.is_empty() {
         let spacing = state.trigger_settings.min_spacing;
-        if let Err(e) = triggers::attach(state, &*target, &tracking, &selector.triggers, spacing, triggers::Origin::Selector) {
+        if let Err(e) = triggers::attach(state, &*target, &tracking, &selector.triggers, spacing, triggers::Origin::Selector, selector.pause_budget) {
             warn!(pid, workload = %identity.id, error = %e, "attaching the selector's triggers failed");
         }
     }
@@ -588,6 +600,7 @@ pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Resul
         let mut detached = Vec::new();
         for pid in &pids {
             by_pid.remove(pid);
+            crate::v8::channel::forget(*pid);
             if let Some(e) = state.targets.write().unwrap().remove(pid) {
                 detached.push(e);
             }

@@ -1,5 +1,6 @@
-//! Decides which allocator a target really uses and attaches the probes to it: on every
-//! allocation function the library defines and on `free`, each at the site chosen by
+//! Decides which allocator a target really uses (by the families of [`super::families`] each
+//! mapped object defines) and attaches the probes to it: on every allocation function and
+//! every free it defines, each at the site chosen by
 //! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
 //! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function
 //! gets a uprobe and a uretprobe, `free` a uprobe.
@@ -16,8 +17,8 @@ use profiler_common::{encode_cookie, AllocKind};
 use tracing::{debug, info};
 
 use super::{
-    elf_symbols::{self, FunctionSymbol},
-    forwarding,
+    elf_symbols::FunctionSymbol,
+    families, forwarding,
     load::Probes,
     probe_site::{self, ProbeRole, ProbeSite},
     session_link::{SessionLink, SessionLinkError, SessionProbe},
@@ -35,8 +36,11 @@ pub struct Allocator {
     /// The file, opened inside the target's root (see [`crate::target_fs`]); derefs to a
     /// `/proc/self/fd/N` path that reopens exactly it.
     pub host_path: TargetFile,
-    /// The allocation functions it defines; `malloc` and `free` are always present.
+    /// The allocation functions it defines: at least one allocation and one free, each with
+    /// its argument layout.
     pub functions: Vec<(AllocKind, FunctionSymbol)>,
+    /// The recognized families these belong to (see [`families::Family::name`]).
+    pub families: Vec<String>,
 }
 
 /// Where each probe went, for logs and `--verbose` output.
@@ -53,7 +57,7 @@ pub struct ProbeSiteReport {
 pub enum AttachError {
     #[error(transparent)]
     Proc(#[from] ProcError),
-    #[error("process {pid} has no recognizable allocator: none of its mapped objects defines both malloc and free (searched {searched})")]
+    #[error("process {pid} has no recognizable allocator: none of its mapped objects defines an allocation and a free of a known allocator (C malloc/free, jemalloc with or without a je_/_rjem_ prefix, mimalloc, tcmalloc) and its executable defines no Rust allocator shims (searched {searched})")]
     NoAllocator { pid: u32, searched: String },
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
@@ -70,34 +74,49 @@ const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's 
 /// Finds the object defining the allocator the target uses. Symbol interposition resolves
 /// `malloc` to the first definition in load order: the executable, then preloaded and linked
 /// libraries, libc last; `/proc/PID/maps` is in address order, so libc is tried last explicitly.
+///
+/// The first object defining a complete family of [`families`] is the allocator, with every
+/// complete family it defines: an executable that links its allocator statically (Rust with
+/// `tikv-jemallocator` or `mimalloc`, a static glibc or musl) is probed, not libc's unused
+/// `malloc`. An executable defining Rust's allocator shims for a `#[global_allocator]` none of
+/// the families recognizes is probed at the shims.
 pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
     let mut candidates = procfs::objects(pid)?;
     let is_libc = |o: &procfs::MappedObject| {
         let base = o.path.rsplit('/').next().unwrap_or(&o.path);
         base.starts_with("libc.so") || base.starts_with("libc-")
     };
+    // Stable: the executable stays first.
     candidates.sort_by_key(is_libc);
-    let kinds: Vec<AllocKind> =
-        AllocKind::ALL.iter().flat_map(|k| std::iter::repeat_n(*k, k.symbols().len())).collect();
-    let names: Vec<&str> = AllocKind::ALL.iter().flat_map(|k| k.symbols().iter().copied()).collect();
-    for procfs::MappedObject { path, host_path } in &candidates {
-        let symbols = match elf_symbols::resolve(host_path, &names) {
+    for (i, procfs::MappedObject { path, host_path }) in candidates.iter().enumerate() {
+        let mut found = match families::defined_in(host_path) {
             Ok(s) => s,
             Err(e) => {
                 debug!("skipping {path}: {e}");
                 continue;
             }
         };
-        let functions: Vec<(AllocKind, FunctionSymbol)> = kinds
-            .iter()
-            .zip(symbols)
-            .filter_map(|(k, s)| s.map(|s| (*k, s)))
-            .collect();
-        let has = |k: AllocKind| functions.iter().any(|(f, _)| *f == k);
-        if has(AllocKind::Malloc) && has(AllocKind::Free) {
-            let functions = forwarding::without_forwarders(host_path, functions);
-            return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions });
+        if found.is_empty() && i == 0 {
+            // The executable (objects() lists it first).
+            found = families::rust_shims_in(host_path).unwrap_or_else(|e| {
+                debug!("no Rust allocator shims in {path}: {e}");
+                Vec::new()
+            });
         }
+        if found.is_empty() {
+            continue;
+        }
+        let mut names: Vec<String> = Vec::new();
+        for (e, _) in &found {
+            let name = e.family.name();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let functions = found.into_iter().map(|(e, s)| (e.kind, s)).collect();
+        let functions = forwarding::without_forwarders(host_path, functions);
+        info!(pid, allocator = %path, families = ?names, "allocator found");
+        return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions, families: names });
     }
     let searched: Vec<&str> = candidates.iter().map(|o| o.path.as_str()).collect();
     Err(AttachError::NoAllocator { pid, searched: searched.join(", ") })
@@ -137,7 +156,11 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
     }
     let (mut malloc_probes, mut alloc_probes, mut free_probes) = (Vec::new(), Vec::new(), Vec::new());
     for (kind, sym) in sites {
-        let role = if kind.frees() { ProbeRole::FreeEntry } else { ProbeRole::AllocEntry { arg_regs: 3 } };
+        let role = match kind {
+            k if k.frees() => ProbeRole::FreeEntry,
+            AllocKind::RustRealloc => ProbeRole::AllocEntry { arg_regs: 4 },
+            _ => ProbeRole::AllocEntry { arg_regs: 3 },
+        };
         let mut site = probe_site::choose(&sym.bytes, sym.vaddr, role);
         debug!("{}: probe at +{:#x}, rsp delta {}: {}", sym.name, site.offset, site.rsp_delta, site.reason);
         if probes.session.is_some() {

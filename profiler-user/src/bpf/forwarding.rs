@@ -1,4 +1,5 @@
-//! Which of an allocator's C++ operators only forward to another of its probed entry points.
+//! Which of an allocator's C++ operators (and non-standard wrappers: `tc_*`, `mi_*`, `*allocx`,
+//! Rust's shims) only forward to another of its probed entry points.
 //!
 //! jemalloc's `operator delete(void*)` is `jmp free@plt` and its `operator new[]` is
 //! `jmp operator new`; its aligned `operator new` calls `aligned_alloc@plt`. Probing both the
@@ -26,7 +27,10 @@ use super::elf_symbols::{CodeImage, FunctionSymbol};
 /// another of them: the target's probe sees their calls once.
 pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol)>) -> Vec<(AllocKind, FunctionSymbol)> {
     let is_operator = |k: AllocKind| matches!(k, AllocKind::OperatorNew | AllocKind::OperatorDelete);
-    if !functions.iter().any(|(k, _)| is_operator(*k)) {
+    // The C API of glibc and musl forwards nowhere; the other families' wrappers may
+    // (tcmalloc's `tc_newarray`, mimalloc's aliases).
+    let checked = |k: AllocKind, name: &str| is_operator(k) || !AllocKind::ALL.iter().any(|a| a.symbols().contains(&name));
+    if !functions.iter().any(|(k, f)| checked(*k, &f.name)) {
         return functions;
     }
     let image = match CodeImage::open(path) {
@@ -41,7 +45,7 @@ pub fn without_forwarders(path: &Path, functions: Vec<(AllocKind, FunctionSymbol
     functions
         .into_iter()
         .filter(|(kind, f)| {
-            let target = is_operator(*kind).then(|| forwards_to(&image, f, &probed, &names)).flatten();
+            let target = checked(*kind, &f.name).then(|| forwards_to(&image, f, &probed, &names)).flatten();
             if let Some(target) = &target {
                 debug!("{}: not probed, it forwards to {target}", f.name);
             }
@@ -76,6 +80,33 @@ fn forwards_to(
     }
     plt_import(image, target).filter(|n| probed_names.contains(*n)).map(str::to_owned)
 }
+
+/// Whether `function` (of the file `image` was opened from) calls or jumps to one of the imports
+/// named in `names` anywhere in its first [`MAX_FUNCTION_SCAN`] bytes: through a PLT stub or
+/// through its GOT slot (`call/jmp [rip + slot]`, as `-fno-plt` and Rust emit). Used to tell a
+/// Rust `#[global_allocator]` that wraps the system allocator (its `__rust_alloc` reaches
+/// `malloc`) from one that does not.
+pub fn reaches_import(image: &CodeImage, function: &FunctionSymbol, names: &[&str]) -> bool {
+    let len = if function.size == 0 { MAX_PREFIX } else { function.size.min(MAX_FUNCTION_SCAN) };
+    let Some(code) = image.code(function.vaddr, len) else { return false };
+    let mut decoder = Decoder::with_ip(64, code, function.vaddr, DecoderOptions::NONE);
+    decoder.iter().any(|insn| {
+        if !matches!(insn.flow_control(), FlowControl::Call | FlowControl::UnconditionalBranch | FlowControl::IndirectBranch | FlowControl::IndirectCall) {
+            return false;
+        }
+        let import = if insn.op0_kind() == OpKind::NearBranch64 {
+            plt_import(image, insn.near_branch_target())
+        } else if insn.is_ip_rel_memory_operand() {
+            image.import_at_slot(insn.ip_rel_memory_address())
+        } else {
+            None
+        };
+        import.is_some_and(|name| names.contains(&name.split('@').next().unwrap_or(name)))
+    })
+}
+
+/// How much of a function [`reaches_import`] decodes.
+const MAX_FUNCTION_SCAN: u64 = 4096;
 
 /// The import a PLT stub at `stub` jumps to: its first instruction after an optional
 /// `endbr64` is `jmp [rip + slot]` (`bnd jmp` in IBT stubs).

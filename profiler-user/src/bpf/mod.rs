@@ -1,6 +1,7 @@
 //! Kernel side plumbing: find allocator symbols, choose probe sites, load and attach the eBPF
 //! object, read its maps.
 pub mod elf_symbols;
+pub mod families;
 pub mod forwarding;
 pub mod probe_site;
 pub mod attach;

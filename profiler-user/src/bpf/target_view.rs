@@ -7,6 +7,10 @@
 //! frees its slot for the next target and deletes what it left in the shared maps (a million
 //! live entries take a few hundred milliseconds to list); the slot's new generation keeps
 //! entries not yet deleted from being taken for the next owner's.
+//!
+//! A target's allocator probes can also leave it for a while and come back
+//! ([`TargetProbes::suspend_allocator_probes`], used by [`crate::pause`] around V8 heap
+//! walks): the slot, its maps and live entries stay; only the links go and are made again.
 use std::{
     collections::HashSet,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -44,7 +48,9 @@ pub struct TargetProbes {
     pid: u32,
     slot: u32,
     id: u64,
-    links: Vec<Link>,
+    links: Mutex<Vec<Link>>,
+    /// The allocator the links were made on, to make them again after a suspension.
+    allocator: Mutex<Option<attach::Allocator>>,
     triggers: Mutex<Vec<(u32, Link)>>,
 }
 
@@ -63,14 +69,89 @@ impl TargetProbes {
         reset_slot(&mut slots, slot)?;
         rebalance(&mut slots, probes.settings.max_allocs)?;
         debug!(pid, slot, id, "target slot claimed");
-        Ok(TargetProbes { probes: Arc::clone(probes), pid, slot, id, links: Vec::new(), triggers: Mutex::new(Vec::new()) })
+        Ok(TargetProbes {
+            probes: Arc::clone(probes),
+            pid,
+            slot,
+            id,
+            links: Mutex::new(Vec::new()),
+            allocator: Mutex::new(None),
+            triggers: Mutex::new(Vec::new()),
+        })
     }
 
     /// Attaches the allocator probes for this target.
     pub fn attach(&mut self, alloc: &attach::Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
         let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc)?;
-        self.links.extend(links);
+        self.links.lock().unwrap().extend(links);
+        *self.allocator.lock().unwrap() = Some(alloc.clone());
         Ok(report)
+    }
+
+    /// Takes the allocator probes out of the process (its triggers stay): every link is
+    /// released, concurrently (one RCU grace period for all, ~40 ms), and no breakpoint of
+    /// them is left in the target when this returns. The slot, its counters and its live
+    /// entries stay. Returns how many links were released (0 when already suspended).
+    pub fn suspend_allocator_probes(&self) -> usize {
+        let links = std::mem::take(&mut *self.links.lock().unwrap());
+        let n = links.len();
+        std::thread::scope(|scope| {
+            for link in links {
+                scope.spawn(move || drop(link));
+            }
+        });
+        debug!(pid = self.pid, links = n, "allocator probes suspended");
+        n
+    }
+
+    /// Puts the allocator probes back after [`TargetProbes::suspend_allocator_probes`], at the
+    /// same sites of the same file, with the same cookies (this target's id). Nothing happens
+    /// when they are attached.
+    pub fn resume_allocator_probes(&self) -> Result<(), AttachError> {
+        let mut links = self.links.lock().unwrap();
+        if !links.is_empty() {
+            return Ok(());
+        }
+        let Some(alloc) = self.allocator.lock().unwrap().clone() else { return Ok(()) };
+        self.forget_calls_in_flight();
+        let (_, fresh) = attach::attach(&self.probes, self.id, self.pid, &alloc)?;
+        links.extend(fresh);
+        debug!(pid = self.pid, links = links.len(), "allocator probes resumed");
+        Ok(())
+    }
+
+    /// Calls whose entry was seen before a suspension never had their return seen: their
+    /// threads' `INFLIGHT` slots would stay active (every later call of the thread taken for a
+    /// nested one, never recorded) and `ACTIVE_CALLS` counted up. With no probe of this target
+    /// attached, nothing of it is in flight: both are cleared.
+    fn forget_calls_in_flight(&self) {
+        let mut ebpf = self.probes.ebpf.lock().unwrap();
+        if let Some(map) = ebpf.map_mut("INFLIGHT") {
+            match aya::maps::HashMap::<&mut aya::maps::MapData, u64, profiler_common::InFlight>::try_from(map) {
+                Ok(mut inflight) => {
+                    let stale: Vec<u64> = inflight
+                        .iter()
+                        .filter_map(Result::ok)
+                        .filter(|(_, call)| call.stack.target == self.id && call.active != 0)
+                        .map(|(k, _)| k)
+                        .collect();
+                    for k in &stale {
+                        let _ = inflight.remove(k);
+                    }
+                    debug!(pid = self.pid, stale = stale.len(), "calls in flight at the suspension forgotten");
+                }
+                Err(e) => warn!(pid = self.pid, "cannot read INFLIGHT: {e}"),
+            }
+        }
+        drop(ebpf);
+        if let Err(e) = self.probes.slots.lock().unwrap().active_calls.set(self.slot, 0, 0) {
+            warn!(pid = self.pid, "cannot reset the target's calls in flight: {e}");
+        }
+    }
+
+    /// Whether the allocator probes are attached now.
+    pub fn allocator_probes_attached(&self) -> bool {
+        !self.links.lock().unwrap().is_empty()
     }
 
     pub fn probes(&self) -> &Arc<Probes> {
@@ -154,7 +235,7 @@ impl Drop for TargetProbes {
     /// `cargo xtask bench`'s node section): the caller does not wait. The slot is given back
     /// only once no probe of this target can run any more.
     fn drop(&mut self) {
-        let links = std::mem::take(&mut self.links);
+        let links = std::mem::take(&mut *self.links.lock().unwrap());
         let triggers = std::mem::take(&mut *self.triggers.lock().unwrap());
         self.probes.costs.lock().unwrap().remove(&self.id);
         let (probes, id, slot, pid) = (Arc::clone(&self.probes), self.id, self.slot, self.pid);

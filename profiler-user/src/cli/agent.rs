@@ -96,6 +96,13 @@ pub struct AgentArgs {
     /// when all clients come through one proxy.
     #[arg(long, default_value_t = Limits::default().max_connections_per_address, value_name = "N")]
     pub max_connections_per_address: usize,
+    /// Memory the agent may keep of what all targets together control (the parsed names of
+    /// their perf maps, ...); past it, more is not loaded and the refusal is reported.
+    #[arg(long, default_value = "256MiB", value_parser = crate::units::parse_size, value_name = "SIZE")]
+    pub target_data_budget: u64,
+    /// The same for one target (its share, within --target-data-budget).
+    #[arg(long, default_value = "64MiB", value_parser = crate::units::parse_size, value_name = "SIZE")]
+    pub target_data_budget_per_target: u64,
     /// Requests per second allowed per token (burst: 4x, at least 20).
     #[arg(long, default_value_t = Limits::default().token_per_sec, value_name = "RPS")]
     pub rate_limit: f64,
@@ -109,6 +116,12 @@ pub struct AgentArgs {
     /// Leak verdicts use each target's last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = super::record::parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
+    /// The share of wall time memscope may pause a target with the V8 operations of its own
+    /// triggers (summaries with --v8-summaries): `PCT%` or `PCT%/WINDOW` over a sliding window
+    /// (60 s by default); firings past it are suppressed (`pause_budget`). Per trigger:
+    /// `pause_budget` in `POST /v1/targets/ID/triggers`; per selector: a `pause_budget=` term.
+    #[arg(long, default_value = "5%", value_parser = crate::pause::PauseBudget::parse, value_name = "PCT%[/WINDOW]", help_heading = "Triggers")]
+    pub pause_budget: crate::pause::PauseBudget,
     /// Selectors and node paths (`--select`, `--node-root`).
     #[command(flatten)]
     pub node: Box<super::node_args::NodeArgs>,
@@ -176,6 +189,8 @@ fn parse_budget(s: &str) -> Result<f64, String> {
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let config = args.config()?;
+    crate::budget::configure(args.target_data_budget, args.target_data_budget_per_target.min(args.target_data_budget));
+    crate::pause::set_default_budget(args.pause_budget);
     let attacher = attacher(&args);
     // Refuse bad configurations before starting threads or touching the data directory.
     api::check_config(&config)?;

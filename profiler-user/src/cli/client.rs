@@ -19,7 +19,15 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
-use crate::{aggregate::growth::VerdictFields, render::human_bytes, store::SnapshotId, v8::growth::JsHeapReport};
+use crate::{
+    aggregate::growth::VerdictFields,
+    render::{
+        escape::{term, term_document},
+        human_bytes,
+    },
+    store::SnapshotId,
+    v8::growth::JsHeapReport,
+};
 
 /// Largest answer read from the agent.
 const MAX_ANSWER_BYTES: u64 = 1 << 30;
@@ -395,6 +403,7 @@ impl Client {
         let msg = v["error"].as_str().map(str::to_owned).unwrap_or_else(|| {
             String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned()
         });
+        let (msg, code) = (term(&msg).into_owned(), term(code));
         let wait = retry_after.map(|s| format!("; retry in {s}s")).unwrap_or_default();
         match status {
             401 if self.token.is_none() => {
@@ -500,12 +509,17 @@ fn pick_format(explicit: Option<&str>, output: Option<&Path>, default: &str) -> 
 }
 
 /// Writes a report: to `-o FILE`, else to stdout, refusing binary or SVG output on a terminal.
+/// Text printed on a terminal has its control characters escaped ([`term_document`]): the
+/// agent's text report escapes the target's names already, folded stacks do not.
 fn emit(output: Option<&Path>, format: &str, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(path) = output {
         return write_file(path, bytes);
     }
-    if stdout_is_terminal() && matches!(format, "pprof" | "svg") {
-        bail!("{format} output is not for a terminal: give -o FILE or redirect stdout");
+    if stdout_is_terminal() {
+        if matches!(format, "pprof" | "svg") {
+            bail!("{format} output is not for a terminal: give -o FILE or redirect stdout");
+        }
+        return print(&term_document(bytes));
     }
     print(bytes)
 }
@@ -537,8 +551,12 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-/// `function (file:line)` or the module and address.
+/// `function (file:line)` or the module and address, escaped for a terminal.
 fn frame_text(f: &Value) -> String {
+    term(&frame_text_raw(f)).into_owned()
+}
+
+fn frame_text_raw(f: &Value) -> String {
     let name = f["function"].as_str().map(str::to_owned).unwrap_or_else(|| {
         let module = f["module"].as_str().map(|m| m.rsplit('/').next().unwrap_or(m));
         match module {
@@ -553,8 +571,11 @@ fn frame_text(f: &Value) -> String {
     }
 }
 
-/// Aligned columns; the last column is left unpadded.
+/// Aligned columns; the last column is left unpadded. Every cell is escaped for a terminal
+/// ([`term`]): a cell cannot end its row, move the cursor or start an escape sequence.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| term(c).into_owned()).collect()).collect();
+    let rows = &rows;
     let n = header.len();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -602,11 +623,34 @@ pub(crate) fn targets_table(v: &Value) -> String {
                 u(&t["frees"]).to_string(),
                 dropped.to_string(),
                 t["probe_mode"].as_str().unwrap_or("").to_owned(),
+                paused_cell(&t["pauses"]),
                 ago(u(&t["attached_at_ms"])),
             ]
         })
         .collect();
-    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "ATTACHED"], &rows)
+    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "PAUSED", "ATTACHED"], &rows)
+}
+
+/// The PAUSED column: paused share / budget, probe gaps, firings suppressed to spare the
+/// target (`0.8%/5% 3 gaps 2 supp`); `-` for a target memscope never paused.
+fn paused_cell(p: &Value) -> String {
+    if p.is_null() {
+        return "-".to_string();
+    }
+    let gaps = u(&p["probe_gaps"]["count"]);
+    let suppressed: u64 = p["suppressed"].as_object().map_or(0, |m| m.values().map(u).sum());
+    if gaps == 0 && suppressed == 0 {
+        return "-".to_string();
+    }
+    let mut s = format!(
+        "{:.1}%/{}% {gaps} gaps",
+        p["paused_percent"].as_f64().unwrap_or(0.0),
+        p["budget_percent"].as_f64().unwrap_or(0.0)
+    );
+    if suppressed > 0 {
+        let _ = write!(s, " {suppressed} supp");
+    }
+    s
 }
 
 pub(crate) fn leaks_table(v: &Value) -> String {
@@ -620,17 +664,26 @@ pub(crate) fn leaks_table(v: &Value) -> String {
         u(&t["live_allocs"]),
         secs(v["min_age_s"].as_f64().unwrap_or(0.0)),
     );
+    if let Some(g) = v["probe_gaps"].as_object() {
+        let _ = writeln!(
+            out,
+            "note: the probes were out of the process {} times ({} ms in all) while V8 walked its heap: memory freed then may be listed as live (leaks marked *)",
+            g.get("count").map_or(0, u),
+            g.get("total_ms").map_or(0, u)
+        );
+    }
     if leaks.is_empty() {
         out.push_str("no leaks found\n");
     }
     for (i, l) in leaks.iter().enumerate() {
         let _ = writeln!(
             out,
-            "\n#{:<3} {} in {} allocations, oldest {}",
+            "\n#{:<3} {} in {} allocations, oldest {}{}",
             i + 1,
             human_bytes(u(&l["bytes"])),
             u(&l["allocs"]),
-            secs(l["oldest_age_s"].as_f64().unwrap_or(0.0))
+            secs(l["oldest_age_s"].as_f64().unwrap_or(0.0)),
+            if l["may_include_unseen_frees"].as_bool() == Some(true) { " *" } else { "" }
         );
         if let Ok(vf @ VerdictFields { verdict: Some(_), .. }) = serde_json::from_value::<VerdictFields>(l.clone()) {
             let _ = writeln!(out, "     {} (across {} snapshots)", vf.text(), u(&v["verdict_snapshots"]));
@@ -669,7 +722,7 @@ pub(crate) fn diff_table(v: &Value, before: &str, after: &str) -> String {
             let names: Vec<String> = frames
                 .iter()
                 .take(4)
-                .map(|f| f["function"].as_str().map(str::to_owned).unwrap_or_else(|| frame_text(f)))
+                .map(|f| f["function"].as_str().map(str::to_owned).unwrap_or_else(|| frame_text_raw(f)))
                 .collect();
             vec![
                 signed_bytes(s["growth_bytes"].as_i64().unwrap_or(0)),
@@ -764,7 +817,7 @@ pub fn targets(args: TargetsArgs) -> anyhow::Result<()> {
     let c = Client::new(&args.conn)?;
     if let Some(pid) = args.attach {
         let v = c.call("POST", "/v1/targets", Some(&format!("{{\"pid\": {pid}}}")))?.json()?;
-        eprintln!("memscope: attached to {} ({})", pid, v["comm"].as_str().unwrap_or("?"));
+        eprintln!("memscope: attached to {} ({})", pid, term(v["comm"].as_str().unwrap_or("?")));
     }
     if let Some(pid) = args.detach {
         c.call("DELETE", &format!("/v1/targets/{pid}"), None)?;
@@ -826,7 +879,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
                         "{}  (pid {}, {}, {})\n",
                         v["id"].as_str().unwrap_or("?"),
                         u(&v["pid"]),
-                        v["comm"].as_str().unwrap_or(""),
+                        term(v["comm"].as_str().unwrap_or("")),
                         human_bytes(u(&v["size_bytes"]))
                     )
                     .as_bytes(),
@@ -948,6 +1001,12 @@ mod tests {
         let t = targets_table(&targets);
         assert!(t.starts_with("PID"), "{t}");
         assert!(t.contains("demo") && t.contains("2.0 KiB") && t.contains("session"), "{t}");
+        assert!(t.contains("PAUSED") && t.lines().nth(1).unwrap().contains(" - "), "never paused: {t}");
+        let mut paused = targets.clone();
+        paused["targets"][0]["pauses"] = serde_json::json!({"probe_gaps": {"count": 3, "total_ms": 900, "last_end_ms": 1},
+            "paused_percent": 0.84, "budget_percent": 5.0, "suppressed": {"pause_budget": 10, "self_caused_gc": 2}});
+        let t = targets_table(&paused);
+        assert!(t.contains("0.8%/5% 3 gaps 12 supp"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});

@@ -105,8 +105,8 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
         args.pid,
-        crate::procfs::comm(args.pid).unwrap_or_default(),
-        session.allocator(),
+        render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
+        render::escape::term(session.allocator()),
         session.probe_mode().name(),
         args.duration,
     );
@@ -401,6 +401,14 @@ pub fn write_outputs(
         let each: Vec<String> = refused.iter().map(|(kind, reason, n)| format!("{kind} {reason}: {n}")).collect();
         report.push_str(&format!("\nFiles of the target refused (not opened or not read to the end): {}\n", each.join(", ")));
     }
+    let budget = crate::budget::refusals();
+    if !budget.is_empty() {
+        let each: Vec<String> = budget.iter().map(|(what, limit, n)| format!("{what} ({limit} cap): {n}")).collect();
+        report.push_str(&format!(
+            "\nTarget data not loaded, its memory budget spent (some names may be missing): {}\n",
+            each.join(", ")
+        ));
+    }
     write("report.txt", report.as_bytes())?;
     let started = Instant::now();
     let mut json = render::json::leaks_json(profile, Some(json_top));
@@ -408,6 +416,7 @@ pub fn write_outputs(
         growth::annotate_leaks_json(&mut json, v);
     }
     json["target_files"] = crate::target_fs::report();
+    json["memory_budget"] = crate::budget::report_json();
     let mut out = create("leaks.json")?;
     serde_json::to_writer_pretty(&mut out, &json).context("writing leaks.json")?;
     out.flush().context("writing leaks.json")?;

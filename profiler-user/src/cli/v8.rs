@@ -254,12 +254,17 @@ fn print_summaries(list: &[ThreadSummary], all: bool, top: usize, json: bool) ->
             if i > 0 {
                 println!();
             }
-            println!("thread {} ({}{})", t.thread.id, t.thread.kind, if t.thread.title.is_empty() { String::new() } else { format!(": {}", t.thread.title) });
+            println!(
+                "thread {} ({}{})",
+                render::escape::term(&t.thread.id),
+                t.thread.kind,
+                if t.thread.title.is_empty() { String::new() } else { format!(": {}", render::escape::term(&t.thread.title)) }
+            );
         }
         println!("{} objects, {} self size (retained sizes not computed)", s.node_count, render::human_bytes(s.self_size));
         println!("{:>12} {:>12}  constructor", "count", "self size");
         for c in s.constructors.iter().take(top) {
-            println!("{:>12} {:>12}  {}", c.count, render::human_bytes(c.self_size), c.name);
+            println!("{:>12} {:>12}  {}", c.count, render::human_bytes(c.self_size), render::escape::term(&c.name));
         }
     }
     Ok(())

@@ -8,7 +8,8 @@
 //! every process the selector attaches. `forks=true` is not a match term either: it makes the
 //! agent follow the processes that an attached process of this selector forks (new processes,
 //! not threads; each one a worker workload of its own, see [`crate::workload::worker`]);
-//! without it a fork that does not exec is not attached. A glob has `*` (any characters, `/` included) and `?`
+//! without it a fork that does not exec is not attached. `pause_budget=PCT%[/WINDOW]` is not a
+//! match term: the pause budget of its triggers (see [`crate::pause`]). A glob has `*` (any characters, `/` included) and `?`
 //! (one character); nothing else is special, so a value may not contain `,`.
 use std::fmt;
 
@@ -92,6 +93,8 @@ pub struct Selector {
     pub triggers: Vec<TriggerSpec>,
     /// `forks=true`: the processes its attached processes fork are attached too.
     pub follow_forks: bool,
+    /// `pause_budget=PCT%[/WINDOW]`: the pause budget of its triggers (`None`: the agent's).
+    pub pause_budget: Option<crate::pause::PauseBudget>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +114,7 @@ impl Selector {
         let mut terms = Vec::new();
         let mut triggers: Vec<TriggerSpec> = Vec::new();
         let mut follow_forks: Option<bool> = None;
+        let mut pause_budget = None;
         for raw in expr.split(',') {
             let raw = raw.trim();
             if raw.is_empty() {
@@ -140,6 +144,13 @@ impl Selector {
                     }
                     continue;
                 }
+                "pause_budget" => {
+                    let b = crate::pause::PauseBudget::parse(value).map_err(bad)?;
+                    if pause_budget.replace(b).is_some() {
+                        return Err(bad("pause_budget= is given twice".into()));
+                    }
+                    continue;
+                }
                 "pod" => {
                     let (ns, name) = value
                         .split_once('/')
@@ -163,7 +174,7 @@ impl Selector {
         if terms.is_empty() {
             return Err(bad(format!("{expr:?} has no match term (comm=, exe=, cgroup=, container=, pod=)")));
         }
-        Ok(Selector { expr: expr.to_string(), terms, triggers, follow_forks: follow_forks.unwrap_or(false) })
+        Ok(Selector { expr: expr.to_string(), terms, triggers, follow_forks: follow_forks.unwrap_or(false), pause_budget })
     }
 
     pub fn matches(&self, p: &ProcessInfo) -> bool {
@@ -268,5 +279,17 @@ mod tests {
         assert!(s.matches(&proc("nginx", "/usr/sbin/nginx", "/", None)));
         assert!(!Selector::parse("comm=nginx").unwrap().follow_forks);
         assert!(!Selector::parse("comm=nginx,forks=false").unwrap().follow_forks);
+    }
+
+    /// `pause_budget=` sets its triggers' pause budget; it is not a match term; bad values and
+    /// repeats are refused.
+    #[test]
+    fn pause_budget_term() {
+        let s = Selector::parse("comm=node,gc,pause_budget=2%/30s").unwrap();
+        assert_eq!((s.terms.len(), s.triggers.len()), (1, 1));
+        assert_eq!(s.pause_budget, Some(crate::pause::PauseBudget { percent: 2.0, window: std::time::Duration::from_secs(30) }));
+        assert_eq!(Selector::parse("comm=node").unwrap().pause_budget, None);
+        assert!(Selector::parse("comm=node,pause_budget=lots").unwrap_err().to_string().contains("pause budget"));
+        assert!(Selector::parse("comm=node,pause_budget=1%,pause_budget=2%").unwrap_err().to_string().contains("twice"));
     }
 }

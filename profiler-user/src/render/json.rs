@@ -56,15 +56,22 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         .into_iter()
         .take(top.unwrap_or(usize::MAX))
         .map(|s| {
-            json!({
+            let mut leak = json!({
                 "bytes": s.leak_bytes,
                 "allocs": s.leak_allocs,
                 "oldest_age_s": s.oldest_age_s,
                 "frames": frames_json(&s.frames),
-            })
+            });
+            if let Some(g) = p.probe_gaps {
+                // Its oldest allocation predates the end of the last gap: some of it may have
+                // been freed while the probes were out.
+                let oldest_ms = p.taken_at_ms.saturating_sub((s.oldest_age_s * 1000.0) as u64);
+                leak["may_include_unseen_frees"] = json!(oldest_ms < g.last_end_ms);
+            }
+            leak
         })
         .collect();
-    json!({
+    let mut out = json!({
         "pid": p.pid,
         "duration_s": p.duration_s,
         "sample_bytes": p.sample_bytes,
@@ -85,7 +92,16 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         "untracked_frees": p.untracked_frees,
         "leak_stacks": leak_stacks,
         "leaks": leaks,
-    })
+    });
+    if let Some(g) = p.probe_gaps {
+        out["probe_gaps"] = json!({
+            "count": g.count,
+            "total_ms": g.total_ms,
+            "last_end_ms": g.last_end_ms,
+            "note": "the allocator probes were out of the process during V8 heap walks: allocations and frees in these windows were not seen, so memory freed then may be listed as live (leaks with may_include_unseen_frees)",
+        });
+    }
+    out
 }
 
 /// The whole profile, exactly as serde serializes [`HeapProfile`] (the snapshot file format).

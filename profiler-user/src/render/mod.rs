@@ -10,6 +10,7 @@
 //! Limits: nothing here reads the clock, the environment or random state; the same profile
 //! always renders to the same bytes (with the same inferno and flate2 versions).
 
+pub mod escape;
 pub mod flamegraph;
 pub mod folded;
 pub mod json;

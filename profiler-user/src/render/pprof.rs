@@ -13,6 +13,9 @@
 //! - one `Location` per distinct address, with one `Line` (function, line number) and the
 //!   `Mapping` of its module; one `Function` per distinct (name, file); frames that could not
 //!   be named get their `module+0xoffset` as function name;
+//! - frames without an address (JavaScript frames of V8's sampling profile) are told apart by
+//!   what they are instead: one `Location` and one `Function` per distinct (name, file, line,
+//!   column), the function's `start_line` being its line (V8 gives where a function starts);
 //! - the target's executable mappings with their start, limit, file offset, file name and GNU
 //!   build id (`HeapProfile::mappings`, read at snapshot time), so that a backend can
 //!   symbolize; for profiles without them (older stored snapshots), one `Mapping` per module
@@ -290,9 +293,9 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
 
     // Pass 2: functions, locations, samples.
     let mut functions: Vec<Function> = Vec::new();
-    let mut function_ids: HashMap<(String, Option<&str>), u64> = HashMap::new();
+    let mut function_ids: HashMap<FunctionKey<'_>, u64> = HashMap::new();
     let mut locations: Vec<Location> = Vec::new();
-    let mut location_ids: HashMap<u64, u64> = HashMap::new();
+    let mut location_ids: HashMap<LocationKey<'_>, u64> = HashMap::new();
     let mut samples = Vec::with_capacity(stacks.len());
     let leak_bytes_key = strings.get("leak_bytes");
     let leak_allocs_key = strings.get("leak_allocs");
@@ -300,7 +303,7 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
     for s in &stacks {
         let mut location_id = Vec::with_capacity(s.frames.len());
         for f in &s.frames {
-            let id = *location_ids.entry(f.address).or_insert_with(|| {
+            let id = *location_ids.entry(LocationKey::of(f)).or_insert_with(|| {
                 let function_id = function_id(f, &mut functions, &mut function_ids, &mut strings);
                 let id = locations.len() as u64 + 1;
                 locations.push(Location {
@@ -365,27 +368,45 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
     }
 }
 
-fn function_id<'a>(
-    f: &'a Frame,
-    functions: &mut Vec<Function>,
-    ids: &mut HashMap<(String, Option<&'a str>), u64>,
-    strings: &mut Strings,
-) -> u64 {
+/// What makes a location distinct: its address, or for a frame without one (JavaScript), the
+/// function, file, line and column (else every JavaScript frame would be one location).
+#[derive(PartialEq, Eq, Hash)]
+enum LocationKey<'a> {
+    Address(u64),
+    Source { function: Option<&'a str>, file: Option<&'a str>, line: Option<u32>, column: Option<u32> },
+}
+
+impl<'a> LocationKey<'a> {
+    fn of(f: &'a Frame) -> Self {
+        if f.address != 0 {
+            return LocationKey::Address(f.address);
+        }
+        LocationKey::Source { function: f.function.as_deref(), file: f.file.as_deref(), line: f.line, column: f.column }
+    }
+}
+
+/// What makes a function distinct: its name and file, plus for a frame without an address
+/// (JavaScript: V8 gives where the function starts) its line and column.
+type FunctionKey<'a> = (String, Option<&'a str>, Option<(Option<u32>, Option<u32>)>);
+
+fn function_id<'a>(f: &'a Frame, functions: &mut Vec<Function>, ids: &mut HashMap<FunctionKey<'a>, u64>, strings: &mut Strings) -> u64 {
     let name = f.display_name();
     let file = f.file.as_deref();
-    if let Some(&id) = ids.get(&(name.clone(), file)) {
+    let start = (f.address == 0).then_some((f.line, f.column));
+    let key = (name, file, start);
+    if let Some(&id) = ids.get(&key) {
         return id;
     }
     let id = functions.len() as u64 + 1;
-    let name_ix = strings.get(&name);
+    let name_ix = strings.get(&key.0);
     functions.push(Function {
         id,
         name: name_ix,
         system_name: name_ix,
         filename: file.map_or(0, |f| strings.get(f)),
-        start_line: 0,
+        start_line: start.and_then(|(l, _)| l).map_or(0, i64::from),
     });
-    ids.insert((name, file), id);
+    ids.insert(key, id);
     id
 }
 

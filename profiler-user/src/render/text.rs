@@ -2,11 +2,14 @@
 //! (process, duration, sampling, totals, dropped events, what memscope could not see), then the
 //! largest leaks ([`HeapProfile::leaks`]) with their stacks, innermost frame first.
 //!
+//! Every string the target controls (function, file and module names) is escaped for a
+//! terminal ([`super::escape::term`]): the report is printed and written to `report.txt`.
+//!
 //! Limits: plain text for a terminal or a file, no colors; the layout is for people, not
 //! parsers (use [`super::json::leaks_json`] for that).
 use std::fmt::Write as _;
 
-use super::human_bytes;
+use super::{escape::term, human_bytes};
 use crate::aggregate::{Frame, HeapProfile};
 
 /// The leak report of `p`, listing at most `top` leaks. Ends with a newline.
@@ -75,6 +78,15 @@ fn header(out: &mut String, p: &HeapProfile) {
 
 fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
     let all = p.leaks();
+    if all.is_empty() && p.totals.allocs == 0 {
+        // Not "No leaks": nothing was seen, which says nothing about the heap.
+        let _ = writeln!(
+            out,
+            "No allocation seen since attach: the process did not allocate through the probed allocator \
+             (it may use one memscope does not recognize, or a runtime heap such as Go's); leaks cannot be judged."
+        );
+        return;
+    }
     if all.is_empty() {
         let _ = writeln!(out, "No leaks: no live allocation is older than {}.", secs(p.min_age_s));
         return;
@@ -107,13 +119,15 @@ fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
     }
 }
 
-/// `function  (file:line)`, `function  (in libfoo.so)` or `module+0xoff`.
+/// `function  (file:line)`, `function  (in libfoo.so)` or `module+0xoff`; the target's
+/// names escaped for a terminal ([`term`]).
 fn frame_line(f: &Frame) -> String {
     let name = f.display_name();
+    let name = term(&name);
     match (f.location(), &f.function, &f.module) {
-        (Some(loc), _, _) => format!("{name}  ({loc})"),
-        (None, Some(_), Some(m)) => format!("{name}  (in {})", m.rsplit('/').next().unwrap_or(m)),
-        _ => name,
+        (Some(loc), _, _) => format!("{name}  ({})", term(&loc)),
+        (None, Some(_), Some(m)) => format!("{name}  (in {})", term(m.rsplit('/').next().unwrap_or(m))),
+        _ => name.into_owned(),
     }
 }
 
@@ -158,6 +172,17 @@ mod tests {
         assert_eq!(secs(725.0), "12m05s");
         assert_eq!(secs(7380.0), "2h03m");
         assert_eq!(secs(f64::NAN), "?s");
+    }
+
+    /// A recording that saw no allocation at all never says "No leaks".
+    #[test]
+    fn nothing_seen_is_not_no_leaks() {
+        let mut p = HeapProfile::default();
+        let r = leak_report(&p, 5);
+        assert!(!r.contains("No leaks"), "{r}");
+        assert!(r.contains("No allocation seen since attach"), "{r}");
+        p.totals.allocs = 3;
+        assert!(leak_report(&p, 5).contains("No leaks"));
     }
 
     #[test]

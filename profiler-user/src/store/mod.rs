@@ -3,7 +3,9 @@
 //!
 //! What it owns:
 //! - the directory (created 0700) and an exclusive `flock` on `.lock` in it, so two agents
-//!   never share one store;
+//!   never share one store; a held lock is waited for up to [`LOCK_WAIT`] (an agent killed
+//!   with SIGKILL keeps it until the kernel has finished its exit: closing its BPF links and
+//!   maps can take a while), then refused;
 //! - one gzip JSON file per snapshot, written crash-safely (temp file, fsync, rename, fsync of
 //!   the directory; see [`file`](self::file));
 //! - the in-memory index of metadata, rebuilt from the directory by [`SnapshotStore::open`]:
@@ -145,9 +147,22 @@ impl std::fmt::Debug for SnapshotStore {
     }
 }
 
+/// Longest [`SnapshotStore::open`] waits for another process's lock on the directory.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl SnapshotStore {
-    /// Opens (creating if needed) the store in `dir` and rebuilds the index from its files.
+    /// Opens (creating if needed) the store in `dir` and rebuilds the index from its files;
+    /// waits up to [`LOCK_WAIT`] for a previous agent to let go of the directory.
     pub fn open(dir: &Path, retention: Retention) -> Result<(SnapshotStore, OpenReport), StoreError> {
+        SnapshotStore::open_waiting(dir, retention, LOCK_WAIT)
+    }
+
+    /// [`SnapshotStore::open`], waiting at most `lock_wait` for the directory's lock.
+    pub fn open_waiting(
+        dir: &Path,
+        retention: Retention,
+        lock_wait: std::time::Duration,
+    ) -> Result<(SnapshotStore, OpenReport), StoreError> {
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -167,13 +182,26 @@ impl SnapshotStore {
             r => r,
         }
         .map_err(|source| StoreError::Io { what: "opening", path: lock_path.clone(), source })?;
-        // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // Polled, not a blocking flock: every wait has a deadline.
+        let deadline = std::time::Instant::now() + lock_wait;
+        let mut said = false;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is shared with the kernel.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
             let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Io { what: "locking", path: lock_path, source: err });
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(StoreError::Locked(dir.to_owned()));
             }
-            return Err(StoreError::Io { what: "locking", path: lock_path, source: err });
+            if !said {
+                tracing::warn!(dir = %dir.display(), "data directory locked by another process (a previous agent still exiting?); waiting up to {lock_wait:?}");
+                said = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
 
         let mut report = OpenReport::default();
@@ -516,11 +544,23 @@ mod tests {
         assert!(SnapshotId::parse(&next.meta.id).unwrap().seq() > 100);
     }
 
-    /// A second store on the same directory is refused while the first is open.
+    /// A second store on the same directory is refused while the first is open (after the
+    /// bounded wait), and gets the directory when the first lets go during the wait (an agent
+    /// restarted while the killed one is still exiting).
     #[test]
     fn one_agent_per_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let (_store, _) = SnapshotStore::open(dir.path(), Retention::default()).unwrap();
-        assert!(matches!(SnapshotStore::open(dir.path(), Retention::default()), Err(StoreError::Locked(_))));
+        let (store, _) = SnapshotStore::open(dir.path(), Retention::default()).unwrap();
+        let wait = std::time::Duration::from_millis(200);
+        assert!(matches!(SnapshotStore::open_waiting(dir.path(), Retention::default(), wait), Err(StoreError::Locked(_))));
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(store);
+        });
+        let started = std::time::Instant::now();
+        let second = SnapshotStore::open_waiting(dir.path(), Retention::default(), std::time::Duration::from_secs(30));
+        assert!(second.is_ok(), "{:?}", second.err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        release.join().unwrap();
     }
 }

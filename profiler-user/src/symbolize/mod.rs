@@ -58,8 +58,9 @@ impl Symbolizer {
     }
 
     /// For a process held by identity: nothing is read once its pid names another process.
-    pub fn for_process(process: Arc<Process>) -> Symbolizer {
-        Symbolizer::with(Modules::for_process(process.clone()), PerfMap::for_process(process))
+    /// What it keeps of the target's perf map is charged to `budget` (the target's account).
+    pub fn for_process(process: Arc<Process>, budget: Arc<crate::budget::Account>) -> Symbolizer {
+        Symbolizer::with(Modules::for_process(process.clone()), PerfMap::for_process(process, budget))
     }
 
     fn with(mut modules: Modules, jit: PerfMap) -> Symbolizer {

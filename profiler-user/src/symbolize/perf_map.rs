@@ -13,10 +13,16 @@
 //! read incrementally from where the last read stopped, complete lines only, up to
 //! [`Kind::PerfMap`]'s cap in total; a line longer than [`MAX_LINE`] is skipped. What was not
 //! read is counted ([`PerfMapStats`]) and the refusal logged.
+//!
+//! The parsed map is charged to the target's memory [`budget`] ([`LINE_COST`] plus the name per
+//! line kept): a file cap alone let a 64 MiB map of short lines cost ~225 MB. When the
+//! target's or the agent's budget refuses, reading stops there (later lines are not loaded,
+//! their addresses stay unnamed) and the target's status says so.
 use std::{collections::BTreeMap, io, os::unix::fs::FileExt as _, sync::Arc};
 
 use crate::{
     aggregate::{Frame, FrameInfo},
+    budget::{self, Account, Reservation},
     process::Process,
     target_fs::{self, Kind, Reason, TargetFile},
 };
@@ -25,6 +31,11 @@ use crate::{
 pub const MAX_LINE: usize = 4096;
 /// Bytes read per `pread`.
 const CHUNK: usize = 64 << 10;
+/// Memory charged per line kept, besides its name: the tree entry (key, end, name pointer)
+/// with the B-tree's slack, the name's allocation header and rounding, and the allocator's
+/// slack. Measured with the agent on 23-byte lines (8-byte names): ~146 bytes of RSS a line
+/// (`hostile_targets_e2e::four_targets_with_200_mb_perf_maps_stay_within_the_budget`).
+pub const LINE_COST: u64 = 136;
 
 /// Where reading the map got to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -36,6 +47,8 @@ pub struct PerfMapStats {
     pub lines_skipped: u64,
     /// The file grew past the cap: the rest is not read.
     pub capped: bool,
+    /// The memory budget (the target's or the agent's) refused: reading stopped here.
+    pub budget_refused: bool,
 }
 
 pub struct PerfMap {
@@ -50,19 +63,38 @@ pub struct PerfMap {
     /// Inside a line longer than [`MAX_LINE`]: skip up to its newline.
     skipping: bool,
     stats: PerfMapStats,
+    /// The memory the parsed lines are charged for (given back when the map is dropped or
+    /// read again from the start).
+    charge: Reservation,
     /// start -> (end, name), non-overlapping; a later line is painted over the parts of
     /// earlier ones it covers (the VM reused the memory for new code).
     code: BTreeMap<u64, (u64, Arc<str>)>,
 }
 
 impl PerfMap {
-    /// The map of `pid`, looked up in the target's own /tmp (it may live in a container).
+    /// The map of `pid`, looked up in the target's own /tmp (it may live in a container),
+    /// charged to a budget account of its own.
     pub fn for_pid(pid: u32) -> PerfMap {
-        PerfMap { pid, process: None, file: None, offset: 0, partial: Vec::new(), skipping: false, stats: PerfMapStats::default(), code: BTreeMap::new() }
+        PerfMap::with_account(pid, None, Account::new(pid))
     }
 
-    pub fn for_process(process: Arc<Process>) -> PerfMap {
-        PerfMap { process: Some(process.clone()), ..PerfMap::for_pid(process.pid()) }
+    /// The map of a process held by identity, charged to `account` (the target's).
+    pub fn for_process(process: Arc<Process>, account: Arc<Account>) -> PerfMap {
+        PerfMap::with_account(process.pid(), Some(process), account)
+    }
+
+    fn with_account(pid: u32, process: Option<Arc<Process>>, account: Arc<Account>) -> PerfMap {
+        PerfMap {
+            pid,
+            process,
+            file: None,
+            offset: 0,
+            partial: Vec::new(),
+            skipping: false,
+            stats: PerfMapStats::default(),
+            charge: account.reservation(budget::Use::PerfMap),
+            code: BTreeMap::new(),
+        }
     }
 
     pub fn stats(&self) -> PerfMapStats {
@@ -89,8 +121,8 @@ impl PerfMap {
         let len = file.len();
         let same = self.file.as_ref().is_some_and(|f| f.identity() == file.identity());
         if !same || len < self.offset {
-            let process = self.process.take();
-            *self = PerfMap { process, ..PerfMap::for_pid(self.pid) };
+            let account = self.charge.account().clone();
+            *self = PerfMap::with_account(self.pid, self.process.take(), account);
         }
         self.file = Some(file);
         if let Err(e) = self.read_appended(len) {
@@ -106,7 +138,7 @@ impl PerfMap {
             target_fs::refuse(&format!("/tmp/perf-{}.map", self.pid), Kind::PerfMap, Reason::TooLarge);
         }
         let mut buf = vec![0u8; CHUNK];
-        while self.offset < end {
+        while self.offset < end && !self.stats.budget_refused {
             let want = ((end - self.offset) as usize).min(CHUNK);
             let n = file.file().read_at(&mut buf[..want], self.offset)?;
             if n == 0 {
@@ -115,12 +147,21 @@ impl PerfMap {
             self.offset += n as u64;
             self.consume(&buf[..n]);
         }
+        if self.stats.budget_refused {
+            self.charge.account().note_not_loaded(
+                budget::Use::PerfMap,
+                format!("/tmp/perf-{}.map: lines after byte {} of {len} not loaded", self.pid, self.stats.bytes_read),
+            );
+        }
         Ok(())
     }
 
     /// Splits bytes into lines; keeps the incomplete tail (bounded by [`MAX_LINE`]).
     fn consume(&mut self, mut bytes: &[u8]) {
         while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+            if self.stats.budget_refused {
+                return;
+            }
             let (line, rest) = (&bytes[..nl], &bytes[nl + 1..]);
             bytes = rest;
             if std::mem::take(&mut self.skipping) || self.partial.len() + line.len() > MAX_LINE {
@@ -135,7 +176,7 @@ impl PerfMap {
             }
             self.stats.bytes_read = self.offset - bytes.len() as u64;
         }
-        if self.skipping {
+        if self.skipping || self.stats.budget_refused {
             return;
         }
         if self.partial.len() + bytes.len() > MAX_LINE {
@@ -150,6 +191,10 @@ impl PerfMap {
         let parsed = std::str::from_utf8(line).ok().and_then(parse_line);
         match parsed {
             Some((start, size, name)) => {
+                if self.charge.try_grow(LINE_COST + name.len() as u64).is_err() {
+                    self.stats.budget_refused = true;
+                    return;
+                }
                 self.stats.lines += 1;
                 self.add(start, size, name);
             }

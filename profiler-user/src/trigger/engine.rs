@@ -32,6 +32,11 @@
 //! and fire as soon as the spacing allows, counted once. At most one firing per trigger per
 //! poll; the extra hits of a probe trigger in one poll count as suppressed.
 //!
+//! Self-caused hits: probe-trigger hits while memscope itself paused the target for a V8
+//! operation ([`crate::pause`]: the heap snapshot's own garbage collections, for `gc`) never
+//! fire; they are counted as suppressed (`suppressed_self_caused`). While such a window is
+//! open, probe triggers wait for it to close.
+//!
 //! Latency: a return or USDT hit is seen at the next poll (≤ 20 ms) and the snapshot follows;
 //! the target keeps running meanwhile (nothing stops it).
 use std::{
@@ -94,6 +99,13 @@ pub trait TriggerHost {
     fn v8_heap(&self) -> Option<HeapUsage> {
         None
     }
+    /// Hits of each trigger slot that memscope caused (inside its pause windows), cumulative;
+    /// `None` while such a window is open. Empty: none.
+    fn self_caused_hits(&self) -> Option<Vec<u64>> {
+        Some(Vec::new())
+    }
+    /// `n` self-caused hits were not taken.
+    fn note_self_caused(&self, _n: u64) {}
 }
 
 /// Memory charged to the cgroup of process `pid`: `memory.current` with cgroup v2, else the
@@ -158,6 +170,14 @@ impl TriggerHost for Session {
     fn trigger_hits(&self) -> anyhow::Result<Vec<u64>> {
         Session::trigger_hits(self)
     }
+    fn self_caused_hits(&self) -> Option<Vec<u64>> {
+        crate::target::TracedTarget::pauses(self).and_then(|p| p.self_caused_hits())
+    }
+    fn note_self_caused(&self, n: u64) {
+        if let Some(p) = crate::target::TracedTarget::pauses(self) {
+            p.note_self_caused(n);
+        }
+    }
 }
 
 /// A trigger fired: take a snapshot now and store it with `reason`.
@@ -180,6 +200,8 @@ pub struct TriggerStatus {
     pub spec: String,
     pub fired: u64,
     pub suppressed: u64,
+    /// Of `suppressed`: probe hits memscope caused (see the module doc).
+    pub suppressed_self_caused: u64,
     /// Probe sites attached (return and USDT triggers), 0 for the others.
     pub probes: usize,
 }
@@ -188,7 +210,7 @@ enum State {
     Interval { every: Duration, next_due: Instant },
     Growth { threshold: GrowthThreshold, pending: bool },
     Rss { threshold: u64, source: MemorySource, armed: bool, pending: bool },
-    Probe { slots: Vec<u32>, seen: u64 },
+    Probe { slots: Vec<u32>, seen: u64, self_seen: u64 },
     /// `over`: the last reading of the used heap was at or above the threshold.
     HeapLimit { percent: f64, limit: u64, armed: bool, pending: bool, over: bool, next_check: Instant },
     Exit,
@@ -199,6 +221,7 @@ struct Trigger {
     state: State,
     fired: u64,
     suppressed: u64,
+    self_caused: u64,
     last_fired: Option<Instant>,
 }
 
@@ -254,7 +277,7 @@ impl TriggerEngine {
                         }
                         info!(pid, "trigger usdt:{what}: uprobe at {:#x} of {}", f.probe.file_offset, f.path_in_target);
                     }
-                    State::Probe { slots, seen: 0 }
+                    State::Probe { slots, seen: 0, self_seen: 0 }
                 }
                 TriggerSpec::Rss { source: MemorySource::CgroupMemory, .. } => {
                     if host.cgroup_memory_bytes().is_none() {
@@ -273,7 +296,7 @@ impl TriggerEngine {
                 }
                 other => state_for(other, now),
             };
-            triggers.push(Trigger { spec: spec.clone(), state, fired: 0, suppressed: 0, last_fired: None });
+            triggers.push(Trigger { spec: spec.clone(), state, fired: 0, suppressed: 0, self_caused: 0, last_fired: None });
         }
         let mut engine = TriggerEngine {
             triggers,
@@ -301,9 +324,11 @@ impl TriggerEngine {
         }
         if self.triggers.iter().any(|t| matches!(t.state, State::Probe { .. })) {
             let hits = host.trigger_hits().unwrap_or_default();
+            let caused = host.self_caused_hits().unwrap_or_default();
             for t in &mut self.triggers {
-                if let State::Probe { slots, seen } = &mut t.state {
+                if let State::Probe { slots, seen, self_seen } = &mut t.state {
                     *seen = slots.iter().map(|s| hits.get(*s as usize).copied().unwrap_or(0)).sum();
+                    *self_seen = slots.iter().map(|s| caused.get(*s as usize).copied().unwrap_or(0)).sum();
                 }
             }
         }
@@ -341,6 +366,7 @@ impl TriggerEngine {
                 spec: t.spec.describe(),
                 fired: t.fired,
                 suppressed: t.suppressed,
+                suppressed_self_caused: t.self_caused,
                 probes: match &t.state {
                     State::Probe { slots, .. } => slots.len(),
                     _ => 0,
@@ -378,7 +404,20 @@ impl TriggerEngine {
         }
         let has = |f: fn(&State) -> bool| self.triggers.iter().any(|t| f(&t.state));
         let live = has(|s| matches!(s, State::Growth { .. })).then(|| host.live_bytes());
-        let hits = if has(|s| matches!(s, State::Probe { .. })) { host.trigger_hits().ok() } else { None };
+        // Self-caused hits are read before and after the hits: a pause window that opened or
+        // closed in between (or is open) leaves the probe triggers to the next poll.
+        let hits = if has(|s| matches!(s, State::Probe { .. })) {
+            let before = host.self_caused_hits();
+            let hits = host.trigger_hits().ok();
+            let after = host.self_caused_hits();
+            match (before, hits, after) {
+                (Some(b), Some(h), Some(a)) if a == b => Some((h, a)),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let mut self_caused_now = 0u64;
         let rss = has(|s| matches!(s, State::Rss { source: MemorySource::ProcessRss, .. }))
             .then(|| host.rss_bytes())
             .flatten();
@@ -430,12 +469,18 @@ impl TriggerEngine {
                     }
                     (u64::from(*armed && value >= *threshold), true)
                 }
-                State::Probe { slots, seen } => {
-                    let Some(hits) = &hits else { continue };
-                    let total: u64 = slots.iter().map(|s| hits.get(*s as usize).copied().unwrap_or(0)).sum();
+                State::Probe { slots, seen, self_seen } => {
+                    let Some((hits, caused)) = &hits else { continue };
+                    let sum = |v: &[u64]| -> u64 { slots.iter().map(|s| v.get(*s as usize).copied().unwrap_or(0)).sum() };
+                    let (total, caused) = (sum(hits), sum(caused));
                     let new = total.saturating_sub(*seen);
+                    let mine = caused.saturating_sub(*self_seen).min(new);
                     *seen = total;
-                    (new, false)
+                    *self_seen = caused;
+                    t.self_caused += mine;
+                    t.suppressed += mine;
+                    self_caused_now += mine;
+                    (new - mine, false)
                 }
                 State::HeapLimit { percent, limit, armed, over, next_check, .. } => {
                     let Some(bound) = rss_anon else { continue };
@@ -496,6 +541,10 @@ impl TriggerEngine {
                 t.suppressed += wanted;
             }
         }
+        if self_caused_now > 0 {
+            debug!(self_caused_now, "probe-trigger hits caused by memscope's own V8 operations not taken");
+            host.note_self_caused(self_caused_now);
+        }
         if !out.is_empty() {
             if let Some(live) = live {
                 self.baseline_live = live;
@@ -523,7 +572,7 @@ fn attach_returns(host: &dyn TriggerHost, found: &[resolve::ResolvedFunction], w
         );
         slots.push(slot);
     }
-    Ok(State::Probe { slots, seen: 0 })
+    Ok(State::Probe { slots, seen: 0, self_seen: 0 })
 }
 
 fn state_for(spec: &TriggerSpec, now: Instant) -> State {
@@ -539,7 +588,7 @@ fn state_for(spec: &TriggerSpec, now: Instant) -> State {
             State::HeapLimit { percent: *percent, limit: 0, armed: true, pending: false, over: false, next_check: now }
         }
         TriggerSpec::Return(_) | TriggerSpec::Usdt { .. } | TriggerSpec::Gc => {
-            State::Probe { slots: Vec::new(), seen: 0 }
+            State::Probe { slots: Vec::new(), seen: 0, self_seen: 0 }
         }
     }
 }
@@ -563,6 +612,10 @@ mod tests {
         anon: Cell<u64>,
         used: Cell<u64>,
         heap_reads: Cell<u32>,
+        /// Self-caused hits per slot, and whether a pause window is open.
+        caused: RefCell<Vec<u64>>,
+        window_open: Cell<bool>,
+        noted: Cell<u64>,
     }
 
     impl TriggerHost for Fake {
@@ -588,6 +641,12 @@ mod tests {
         }
         fn cgroup_memory_bytes(&self) -> Option<u64> {
             None
+        }
+        fn self_caused_hits(&self) -> Option<Vec<u64>> {
+            (!self.window_open.get()).then(|| self.caused.borrow().clone())
+        }
+        fn note_self_caused(&self, n: u64) {
+            self.noted.set(self.noted.get() + n);
         }
         fn rss_anon_bytes(&self) -> Option<u64> {
             Some(self.anon.get())
@@ -635,9 +694,10 @@ mod tests {
         let slot = host.attach_trigger("/x", 0, TriggerPoint::Return).unwrap();
         e.triggers.push(Trigger {
             spec: TriggerSpec::Return("gc".into()),
-            state: State::Probe { slots: vec![slot], seen: 0 },
+            state: State::Probe { slots: vec![slot], seen: 0, self_seen: 0 },
             fired: 0,
             suppressed: 0,
+            self_caused: 0,
             last_fired: None,
         });
         e
@@ -754,6 +814,30 @@ mod tests {
         assert_eq!((st[1].reason.as_str(), st[1].fired), ("return:gc", 5));
         assert_eq!(st[1].fired + st[1].suppressed, 150, "every hit is either fired or suppressed");
         assert_eq!(e.suppressed(), st[0].suppressed + st[1].suppressed);
+    }
+
+    /// Hits inside memscope's own pause windows never fire and count as suppressed
+    /// (self-caused); while a window is open the probe trigger waits; the application's hits
+    /// around it still fire.
+    #[test]
+    fn self_caused_hits_never_fire() {
+        let host = Fake::default();
+        let mut e = with_probe(&host, &[], Duration::ZERO);
+        let t0 = Instant::now();
+        host.hits.borrow_mut()[0] += 1;
+        assert_eq!(reasons(e.poll_at(&host, ms(t0, 20), 0)), ["return:gc"], "the application's own gc");
+        // A window opens: 3 gcs of memscope's heap snapshot.
+        host.window_open.set(true);
+        host.hits.borrow_mut()[0] += 3;
+        assert!(e.poll_at(&host, ms(t0, 40), 0).is_empty(), "waits while the window is open");
+        *host.caused.borrow_mut() = vec![3];
+        host.window_open.set(false);
+        assert!(e.poll_at(&host, ms(t0, 60), 0).is_empty(), "memscope's gcs do not fire");
+        let st = &e.status()[0];
+        assert_eq!((st.fired, st.suppressed, st.suppressed_self_caused), (1, 3, 3));
+        assert_eq!(host.noted.get(), 3);
+        host.hits.borrow_mut()[0] += 1;
+        assert_eq!(e.poll_at(&host, ms(t0, 80), 0).len(), 1, "the application's next gc fires");
     }
 
     /// The engine can move to another thread (the agent polls from a blocking task).

@@ -3,7 +3,9 @@
 //! The sources are the file's `.eh_frame` (almost every binary and library has it, C++ and Rust
 //! need it for exceptions and panics) and its `.debug_frame`, or, when the file was stripped of
 //! that, the `.debug_frame` of its separate debug file (`/usr/lib/debug/.build-id/xx/yyyy.debug`
-//! in the target's root). gimli
+//! in the target's root); a compressed `.debug_frame` (zlib, as every Go binary has) is
+//! expanded under a size cap, and one that cannot be read is skipped, never hiding the
+//! `.eh_frame` rows. gimli
 //! evaluates every FDE's instructions into rows; each row becomes 8 bytes: where the CFA is (rsp
 //! or rbp plus an offset, the PLT expression, `*(rbp + k)`), where the caller's rbp is, or a
 //! marker (outermost frame, signal trampoline, no information, unsupported rule). Gaps between
@@ -118,22 +120,28 @@ pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<T
     }
     let mut source = if entries.is_empty() { CfiSource::None } else { CfiSource::EhFrame };
     let before = entries.len();
-    let debug_frame = |data: &[u8], entries: &mut Vec<_>| {
-        rows_of(&DebugFrame::new(data, LittleEndian), &BaseAddresses::default(), entries).map_err(cfi_err)
+    // A `.debug_frame` that cannot be read (compressed in a format we do not expand, larger
+    // than the cap, bad CFI) costs its own rows only, never the `.eh_frame` ones.
+    let debug_frame = |section: Option<object::Section<'_, '_>>, what: &Path, entries: &mut Vec<_>| {
+        let Some(section) = section else { return };
+        let Some(data) = section_data(&section, what) else { return };
+        let keep = entries.len();
+        if let Err(e) = rows_of(&DebugFrame::new(&data, LittleEndian), &BaseAddresses::default(), entries) {
+            tracing::debug!("{}: .debug_frame not used: {e}", what.display());
+            entries.truncate(keep);
+        }
     };
     match file.section_by_name(".debug_frame") {
-        Some(df) => debug_frame(df.data().unwrap_or_default(), &mut entries)?,
+        Some(df) => debug_frame(Some(df), path, &mut entries),
         // Stripped of its debug sections: its debug file (found by build id) may have them.
         None => {
             if let Some(debug) = build_id.as_deref().and_then(|id| debug_file.and_then(|find| find(id))) {
                 let data = read_file(&debug, Kind::DebugFile)?;
                 let dfile =
                     object::File::parse(&*data).map_err(|source| TableError::Parse { path: debug.to_path_buf(), source })?;
-                if let Some(df) = dfile.section_by_name(".debug_frame") {
-                    debug_frame(df.data().unwrap_or_default(), &mut entries)?;
-                    if entries.len() > before {
-                        source = CfiSource::DebugFile;
-                    }
+                debug_frame(dfile.section_by_name(".debug_frame"), &debug, &mut entries);
+                if entries.len() > before {
+                    source = CfiSource::DebugFile;
                 }
             }
         }
@@ -144,6 +152,41 @@ pub fn compile(path: &Path, debug_file: Option<DebugFileFinder<'_>>) -> Result<T
     let rows = flatten(entries);
     let unsupported_rows = rows.iter().filter(|r| r.kind == row::UNSUPPORTED).count();
     Ok(Table { rows, source, segments, unsupported_rows, build_id })
+}
+
+/// The most a compressed `.debug_frame` may expand to (libc's is ~200 KiB, a large Go or
+/// Rust binary's a few MiB); a bigger one is skipped, the file's `.eh_frame` still used.
+pub const MAX_DEBUG_FRAME_BYTES: u64 = 64 << 20;
+
+/// A section's contents, expanded when compressed (`SHF_COMPRESSED` or the older `.zdebug_`
+/// form, zlib, as Go and `-Wl,--compress-debug-sections=zlib` write them) within
+/// [`MAX_DEBUG_FRAME_BYTES`]; None (logged) when that cannot be done.
+fn section_data<'d>(section: &object::Section<'d, '_>, what: &Path) -> Option<std::borrow::Cow<'d, [u8]>> {
+    use std::io::Read as _;
+    let skip = |why: String| {
+        tracing::debug!("{}: {} not used: {why}", what.display(), section.name().unwrap_or("?"));
+        None
+    };
+    let c = match section.compressed_data() {
+        Ok(c) => c,
+        Err(e) => return skip(e.to_string()),
+    };
+    match c.format {
+        object::CompressionFormat::None => Some(std::borrow::Cow::Borrowed(c.data)),
+        object::CompressionFormat::Zlib if c.uncompressed_size <= MAX_DEBUG_FRAME_BYTES => {
+            let mut out = Vec::with_capacity(c.uncompressed_size as usize);
+            // take(): a lying header cannot make it expand past what it declared.
+            match flate2::read::ZlibDecoder::new(c.data).take(c.uncompressed_size).read_to_end(&mut out) {
+                Ok(_) if out.len() as u64 == c.uncompressed_size => Some(std::borrow::Cow::Owned(out)),
+                Ok(n) => skip(format!("expands to {n} bytes, its header says {}", c.uncompressed_size)),
+                Err(e) => skip(format!("zlib: {e}")),
+            }
+        }
+        object::CompressionFormat::Zlib => {
+            skip(format!("expands to {} bytes, more than the cap of {MAX_DEBUG_FRAME_BYTES}", c.uncompressed_size))
+        }
+        other => skip(format!("compressed as {other:?}, which memscope does not expand")),
+    }
 }
 
 /// A regular file within `kind`'s size cap (see [`crate::target_fs`]), read into memory or,

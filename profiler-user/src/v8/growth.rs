@@ -151,7 +151,7 @@ impl JsHeapReport {
                 c.verdict.text(),
                 c.count,
                 crate::render::human_bytes(c.self_size),
-                c.name
+                crate::render::escape::term(&c.name)
             ));
         }
         out

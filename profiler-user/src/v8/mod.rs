@@ -8,9 +8,12 @@
 //! the `NodeWorker` domain); [`heap_limit`] reads V8's heap limit and used heap for the
 //! `heap_limit` trigger. Every operation runs on a [`Protocol`]: the main thread's session or a
 //! worker's, within the session's one [`Budget`].
+//! [`channel`] is the agent's persistent line into a target, which keeps heap object ids
+//! stable from one snapshot to the next (an inspector session renumbers them when it ends).
 //!
 //! Needs: a Node.js target (any version with the inspector, v8+), root or `CAP_SYS_ADMIN`
 //! (setns) and the right to signal it. No flag in the target.
+pub mod channel;
 pub mod growth;
 pub mod guard;
 pub mod heap_limit;
@@ -181,11 +184,32 @@ pub fn summary_of(
 /// The summary of a snapshot taken through an open session.
 pub fn summary_with(insp: &mut impl Protocol, gc: bool, reason: &str) -> Result<summary::HeapSummary, V8Error> {
     let pid = insp.pid();
+    summarize_taken(pid, reason, |sink| snapshot::take(insp, gc, inspector::DEFAULT_CALL_TIMEOUT, sink))
+}
+
+/// Like [`summary_of`], through the target's snapshot channel ([`channel`]): the agent's way, so
+/// that its summaries do not renumber the objects of the heap snapshots users take.
+pub fn summary_keeping_ids(
+    process: &std::sync::Arc<crate::process::Process>,
+    gc: bool,
+    reason: &str,
+    budget: Budget,
+) -> Result<summary::HeapSummary, V8Error> {
+    let purpose = format!("summary ({reason})");
+    summarize_taken(process.pid(), reason, |sink| snapshot::take_keeping_ids(process, &purpose, gc, budget, sink))
+}
+
+/// Summarizes, as it streams, the snapshot that `take` passes to its sink.
+fn summarize_taken(
+    pid: u32,
+    reason: &str,
+    take: impl FnOnce(&mut dyn FnMut(&str) -> Result<(), V8Error>) -> Result<u64, V8Error>,
+) -> Result<summary::HeapSummary, V8Error> {
     let taken = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let (tx, reader) = summary::ChunkReader::new();
     let reason_owned = reason.to_string();
     let parser = std::thread::spawn(move || summary::summarize(reader, pid, taken, &reason_owned));
-    let sent = snapshot::take(insp, gc, inspector::DEFAULT_CALL_TIMEOUT, |c| tx.send(c.to_string()).map_err(|_| V8Error::Sink("the summary parser stopped".into())));
+    let sent = take(&mut |c: &str| tx.send(c.to_string()).map_err(|_| V8Error::Sink("the summary parser stopped".into())));
     drop(tx);
     let parsed = parser.join().map_err(|_| V8Error::Malformed("the parser panicked".into()))?;
     sent?;

@@ -24,8 +24,8 @@ use serde::{
 };
 use serde_json::json;
 
-use super::{inspector::MAX_PROFILE_MESSAGE_BYTES, Protocol, V8Error};
-use crate::aggregate::{FrameInfo, HeapProfile, StackSample, Totals};
+use super::{channel::Protocol, V8Error};
+use crate::aggregate::{Frame, FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
 pub const DEFAULT_INTERVAL: u64 = 32 * 1024;
@@ -87,9 +87,11 @@ pub struct SamplingProfile {
     pub samples: u64,
 }
 
-/// Samples the target's JavaScript allocations for `duration` (within the session's budget:
-/// a cancelled request stops the wait at once).
-pub fn profile(insp: &mut impl Protocol, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+/// Samples the target's JavaScript allocations for `duration`, through an inspector session or
+/// the target's snapshot channel (which never disables `HeapProfiler`: that would renumber
+/// every object of the next heap snapshot), within the session's budget when it has one (a
+/// cancelled request stops the wait at once).
+pub fn profile<P: Protocol + ?Sized>(insp: &mut P, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;
@@ -99,22 +101,32 @@ pub fn profile(insp: &mut impl Protocol, duration: Duration, interval: u64) -> R
         if left.is_zero() {
             break;
         }
-        insp.budget().check("sampling the JavaScript heap")?;
+        if let Some(b) = insp.budget() {
+            b.check("sampling the JavaScript heap")?;
+        }
         std::thread::sleep(left.min(super::inspector::READ_SLICE));
     }
     // stopSampling answers the profile (as getSamplingProfile would) and stops.
-    let got = insp.call_raw("HeapProfiler.stopSampling", json!({}), Duration::from_secs(60), MAX_PROFILE_MESSAGE_BYTES, |_, _| Ok(()));
-    let _ = insp.call("HeapProfiler.disable", json!({}), t);
-    let reply = got?;
-    let parsed = parse_reply(reply)?;
+    let got = insp.call_raw_result("HeapProfiler.stopSampling", json!({}), Duration::from_secs(60));
+    if insp.may_disable() {
+        let _ = insp.call("HeapProfiler.disable", json!({}), t);
+    }
+    let parsed = parse_result(got?)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     to_profile(&parsed, insp.pid(), now, duration, interval)
 }
 
-/// The profile in an answer to `stopSampling` / `getSamplingProfile`, parsed on a thread of
-/// its own (the call tree is parsed recursively, at most [`MAX_TREE_DEPTH`] deep: a stack
-/// sized for it whatever thread asked).
+/// The profile in an answer (a whole message) to `stopSampling` / `getSamplingProfile`: a
+/// worker's, read from its nested message.
 pub(super) fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingProfile, V8Error> {
+    let result = reply.result()?.ok_or_else(|| V8Error::Protocol("the sampling profile answer has no result".into()))?;
+    parse_result(result.get().to_string())
+}
+
+/// The profile in the `result` (raw JSON text) of `stopSampling` / `getSamplingProfile`, parsed
+/// on a thread of its own (the call tree is parsed recursively, at most [`MAX_TREE_DEPTH`] deep:
+/// a stack sized for it whatever thread asked).
+fn parse_result(result: String) -> Result<SamplingProfile, V8Error> {
     std::thread::Builder::new()
         .name("v8-profile-parse".into())
         .stack_size(32 << 20)
@@ -124,8 +136,7 @@ pub(super) fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingP
                 #[serde(borrow)]
                 profile: &'a serde_json::value::RawValue,
             }
-            let result = reply.result()?.ok_or_else(|| V8Error::Protocol("the sampling profile answer has no result".into()))?;
-            let r: R = serde_json::from_str(result.get()).map_err(|e| V8Error::Protocol(format!("the sampling profile answer: {e}")))?;
+            let r: R = serde_json::from_str(&result).map_err(|e| V8Error::Protocol(format!("the sampling profile answer: {e}")))?;
             parse_profile(r.profile.get())
         })
         .map_err(|e| V8Error::Protocol(format!("starting the profile parser: {e}")))?
@@ -346,53 +357,116 @@ impl<'de> Visitor<'de> for SamplesSeed<'_, '_> {
     }
 }
 
-/// A [`SamplingProfile`] as a [`HeapProfile`]: one stack per node with a self size.
+/// A [`SamplingProfile`] as a [`HeapProfile`]: [`tree_profile`] with its per-node sample counts.
 pub fn to_profile(p: &SamplingProfile, pid: u32, taken_at_ms: u64, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
-    let counts = &p.samples_per_node;
+    Ok(tree_profile(&p.head, &p.samples_per_node, ProfileMeta { pid, taken_at_ms, duration, interval }))
+}
+
+/// One `Runtime.CallFrame` of the sampling tree, as the protocol gives it (0-based line and
+/// column, -1 when unknown).
+#[derive(Clone, Copy, Debug)]
+pub struct JsCallFrame<'a> {
+    pub function_name: &'a str,
+    pub url: &'a str,
+    pub line_number: i64,
+    pub column_number: i64,
+}
+
+/// A node of V8's sampling tree, whatever parsed it: the tree-building ([`tree_profile`]) only
+/// reads these, so the parsing (and its caps) can change without touching it.
+pub trait SampleNode: Sized {
+    fn call_frame(&self) -> JsCallFrame<'_>;
+    /// Bytes sampled in this node itself (not its children).
+    fn self_size(&self) -> u64;
+    /// The node id that `samples[].nodeId` refers to.
+    fn node_id(&self) -> Option<u64>;
+    fn children(&self) -> impl Iterator<Item = &Self>;
+}
+
+impl SampleNode for SamplingNode {
+    fn call_frame(&self) -> JsCallFrame<'_> {
+        let cf = &self.call_frame;
+        JsCallFrame { function_name: &cf.function_name, url: &cf.url, line_number: cf.line_number, column_number: cf.column_number }
+    }
+    fn self_size(&self) -> u64 {
+        self.self_size
+    }
+    fn node_id(&self) -> Option<u64> {
+        Some(self.id)
+    }
+    fn children(&self) -> impl Iterator<Item = &Self> {
+        self.children.iter()
+    }
+}
+
+/// What a [`HeapProfile`] says about the sampling besides its stacks.
+#[derive(Clone, Copy, Debug)]
+pub struct ProfileMeta {
+    pub pid: u32,
+    pub taken_at_ms: u64,
+    pub duration: Duration,
+    pub interval: u64,
+}
+
+/// V8's call tree as a [`HeapProfile`]: one stack (innermost frame first) per node with a self
+/// size, whose frames are the node's ancestors below the root. Siblings stay siblings: a node's
+/// path is its parent's path plus itself. Equal call frames (function, URL, line, column) share
+/// one [`Frame`], so renderers see one function per distinct frame. `counts`: samples per node
+/// id (a node without any counts as one allocation).
+pub fn tree_profile<N: SampleNode>(head: &N, counts: &HashMap<u64, u64>, meta: ProfileMeta) -> HeapProfile {
+    let mut frames: HashMap<(String, String, i64, i64), Frame> = HashMap::new();
     let mut stacks = Vec::new();
-    let mut path: Vec<crate::aggregate::Frame> = Vec::new();
-    // Depth-first without recursion: (node, depth).
-    let mut todo: Vec<(&SamplingNode, usize)> = vec![(&p.head, 0)];
+    let mut path: Vec<Frame> = Vec::new();
+    // Depth-first without recursion: (node, depth); the head (V8's "(root)") is depth 0 and no
+    // frame. Children are pushed last first so that they are visited in V8's order.
+    let mut todo: Vec<(&N, usize)> = vec![(head, 0)];
     while let Some((node, depth)) = todo.pop() {
-        path.truncate(depth);
         if depth > 0 {
-            path.push(frame(&node.call_frame).into());
+            path.truncate(depth - 1);
+            let cf = node.call_frame();
+            let key = (cf.function_name.to_string(), cf.url.to_string(), cf.line_number, cf.column_number);
+            let f = frames.entry(key).or_insert_with(|| frame(cf).into()).clone();
+            path.push(f);
         }
-        let size = node.self_size;
+        let size = node.self_size();
         if size > 0 && !path.is_empty() {
-            let allocs = counts.get(&node.id).copied().unwrap_or(1);
+            let allocs = node.node_id().and_then(|id| counts.get(&id).copied()).unwrap_or(1);
             let frames = path.iter().rev().cloned().collect();
             stacks.push(StackSample { frames, live_bytes: size, live_allocs: allocs, total_bytes: size, total_allocs: allocs, ..Default::default() });
         }
         if depth < MAX_DEPTH {
-            for c in &node.children {
-                todo.push((c, depth + 1));
-            }
+            let before = todo.len();
+            todo.extend(node.children().map(|c| (c, depth + 1)));
+            todo[before..].reverse();
         }
     }
+    // Largest first; equal sizes in V8's tree order (the sort is stable).
     stacks.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     let live_bytes = stacks.iter().map(|s| s.live_bytes).sum();
     let live_allocs = stacks.iter().map(|s| s.live_allocs).sum();
-    Ok(HeapProfile {
-        pid,
-        taken_at_ms,
-        duration_s: duration.as_secs_f64(),
+    HeapProfile {
+        pid: meta.pid,
+        taken_at_ms: meta.taken_at_ms,
+        duration_s: meta.duration.as_secs_f64(),
         min_age_s: 0.0,
-        sample_bytes: interval,
+        sample_bytes: meta.interval,
         totals: Totals { live_bytes, live_allocs, allocated_bytes: live_bytes, allocs: live_allocs, frees: 0 },
         stacks,
         ..Default::default()
-    })
+    }
 }
 
-fn frame(cf: &CallFrame) -> FrameInfo {
-    let s = |v: &str| (!v.is_empty()).then(|| v.to_string());
-    let function = s(&cf.function_name).unwrap_or_else(|| "(anonymous)".into());
-    let line = (cf.line_number >= 0).then(|| cf.line_number as u32 + 1);
-    let url = s(&cf.url);
+/// A call frame as a frame of the render model: the function (`(anonymous)` when V8 gives no
+/// name), the script URL, 1-based line and column (only with a URL), module `[js]`, address 0
+/// (renderers tell JavaScript frames apart by name, file, line and column).
+fn frame(cf: JsCallFrame<'_>) -> FrameInfo {
+    let cut = |s: &str| Some(s).filter(|s| !s.is_empty()).map(|s| s.chars().take(500).collect::<String>());
+    let url = cut(cf.url);
+    let pos = |n: i64| u32::try_from(n).ok().and_then(|n| n.checked_add(1)).filter(|_| url.is_some());
     FrameInfo {
-        function: Some(Arc::from(function)),
-        line: line.filter(|_| url.is_some()),
+        function: Some(Arc::from(cut(cf.function_name).unwrap_or_else(|| "(anonymous)".into()))),
+        line: pos(cf.line_number),
+        column: pos(cf.column_number),
         file: url.map(Arc::from),
         module: Some(Arc::from("[js]")),
         ..Default::default()
@@ -479,5 +553,41 @@ mod tests {
         let p = parse_profile(&text).unwrap();
         assert_eq!(p.head.call_frame.function_name.len(), MAX_NAME);
         assert_eq!(p.head.call_frame.line_number, -1);
+    }
+
+    /// Siblings stay siblings (the bug was `caller;leftLeak;rightLeak`), equal call frames share
+    /// one frame, and pprof has one location and one function per distinct frame.
+    #[test]
+    fn siblings_are_not_nested() {
+        let cf = |name: &str, line: i64, col: i64| json!({"functionName": name, "url": "file:///s.js", "lineNumber": line, "columnNumber": col, "scriptId": "1"});
+        let leaf = |name: &str, line: i64, id: u64, size: u64| json!({"callFrame": cf(name, line, 2), "selfSize": size, "id": id, "children": []});
+        let p = json!({"head": {"callFrame": {"functionName": "(root)", "url": "", "lineNumber": -1, "columnNumber": -1}, "selfSize": 0, "id": 1,
+            "children": [
+                {"callFrame": cf("caller", 10, 0), "selfSize": 0, "id": 2, "children": [leaf("leftLeak", 3, 3, 300), leaf("rightLeak", 6, 4, 200)]},
+                {"callFrame": cf("other", 20, 0), "selfSize": 0, "id": 5, "children": [leaf("leftLeak", 3, 6, 100)]},
+                {"callFrame": cf("(anonymous)", 30, 4), "selfSize": 50, "id": 7, "children": []},
+                {"callFrame": cf("(anonymous)", 30, 20), "selfSize": 50, "id": 8, "children": []}]},
+            "samples": []});
+        let p = parse_profile(&p.to_string()).unwrap();
+        let hp = to_profile(&p, 7, 1, Duration::from_secs(1), 32768).unwrap();
+        let folded = crate::render::folded::folded(&hp, crate::aggregate::Measure::Inuse);
+        assert_eq!(folded, "(anonymous) 100\ncaller;leftLeak 300\ncaller;rightLeak 200\nother;leftLeak 100\n");
+        let left: Vec<_> = hp.stacks.iter().filter(|s| s.frames[0].function.as_deref() == Some("leftLeak")).collect();
+        assert!(std::ptr::eq(&*left[0].frames[0], &*left[1].frames[0]), "one frame per distinct call frame");
+        assert_eq!((left[0].frames[0].line, left[0].frames[0].column), (Some(4), Some(3)));
+
+        let pb = crate::render::pprof::pprof_profile(&hp);
+        let name = |loc: u64| {
+            let l = &pb.location[loc as usize - 1];
+            let f = &pb.function[l.line[0].function_id as usize - 1];
+            pb.string_table[f.name as usize].clone()
+        };
+        let mut traces: Vec<String> = pb.sample.iter().map(|s| s.location_id.iter().rev().map(|&l| name(l)).collect::<Vec<_>>().join(";")).collect();
+        traces.sort();
+        assert_eq!(traces, ["(anonymous)", "(anonymous)", "caller;leftLeak", "caller;rightLeak", "other;leftLeak"]);
+        assert_eq!(pb.location.len(), 6, "caller, leftLeak, rightLeak, other and two anonymous functions on one line");
+        assert_eq!(pb.function.len(), 6);
+        let start_lines: Vec<i64> = pb.function.iter().map(|f| f.start_line).collect();
+        assert!(start_lines.iter().all(|&l| l > 0), "{start_lines:?}");
     }
 }

@@ -4,11 +4,43 @@
 //! docs/node.md for measured pauses), then serializes. V8 writes chunks of ~100 KB; a chunk
 //! over [`MAX_CHUNK_BYTES`] is refused ([`V8Error::TooLarge`]), which bounds what the buffers
 //! downstream (8 chunks per HTTP client, 16 in a summary's pipe) can hold.
-use std::time::Duration;
+//!
+//! [`take_keeping_ids`] is what the agent uses: through the target's snapshot channel
+//! ([`super::channel`]), so that the ids of objects that survive are the same from one snapshot
+//! to the next (an inspector session of its own, [`take`], renumbers every object).
+use std::{cell::RefCell, time::Duration};
 
 use serde_json::{json, Value};
 
-use super::{Protocol, V8Error};
+use super::{channel, Protocol, V8Error};
+
+/// Takes a heap snapshot of `pid` through its snapshot channel (installed first if needed, an
+/// inspector session audited with `purpose`), passing its text to `sink` chunk by chunk; object
+/// ids stay the same across such snapshots. `gc`: a full garbage collection first (V8 collects
+/// garbage for a snapshot anyway). Falls back to [`take`] through the inspector when the channel
+/// cannot be installed. Returns the bytes written.
+pub fn take_keeping_ids(
+    process: &std::sync::Arc<crate::process::Process>,
+    purpose: &str,
+    gc: bool,
+    budget: super::Budget,
+    sink: impl FnMut(&str) -> Result<(), V8Error>,
+) -> Result<u64, V8Error> {
+    let sink = RefCell::new(sink);
+    let timeout = budget.left();
+    channel::with_channel(
+        process,
+        purpose,
+        budget,
+        |ch| {
+            if gc {
+                channel::Protocol::call(ch, "HeapProfiler.collectGarbage", json!({}), timeout)?;
+            }
+            ch.snapshot(timeout, &mut |c| (sink.borrow_mut())(c))
+        },
+        |insp| take(insp, gc, timeout, |c| (sink.borrow_mut())(c)),
+    )
+}
 
 /// Largest snapshot chunk accepted (V8's are ~100 KB).
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;

@@ -196,6 +196,16 @@ pub enum SelectorFileError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+impl SelectorFileError {
+    /// The kind of the I/O error, when it is one (a full disk answers 507).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            SelectorFileError::Io { source, .. } => Some(source.kind()),
+            SelectorFileError::Corrupt { .. } => None,
+        }
+    }
+}
+
 impl SelectorFile {
     pub const NAME: &'static str = "selectors.json";
 
@@ -227,16 +237,23 @@ impl SelectorFile {
             let path = path.to_owned();
             move |source| SelectorFileError::Io { what, path, source }
         };
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("writing", &tmp))?;
-        let text = serde_json::to_vec_pretty(&body).expect("plain data");
-        f.write_all(&text).and_then(|_| f.sync_all()).map_err(io("writing", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp))?;
+        let written = (|| {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io("writing", &tmp))?;
+            let text = serde_json::to_vec_pretty(&body).expect("plain data");
+            f.write_all(&text).and_then(|_| f.sync_all()).map_err(io("writing", &tmp))?;
+            fs::rename(&tmp, &self.path).map_err(io("renaming", &tmp))
+        })();
+        if written.is_err() {
+            // A half-written temp file (a full disk) is not left to hold the space.
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }

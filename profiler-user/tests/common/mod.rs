@@ -11,6 +11,9 @@ use std::{
     sync::OnceLock,
 };
 
+/// Longest a test waits for one line of a fixture (a loaded 2-core machine included).
+pub const FIXTURE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Compiles `tests/fixtures/<name>.c` with `cc`, or `<name>.cc` with `c++` (with `extra`
 /// flags), and returns the executable.
 /// Tests run in parallel processes (nextest), so each process compiles its own copy: replacing
@@ -62,7 +65,8 @@ pub struct Fixture {
     pub child: Child,
     pub pid: u32,
     stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
+    /// Taken while a line is being read (on a thread, with a deadline).
+    stdout: Option<BufReader<ChildStdout>>,
     /// node's working directory (V8 writes isolate-*-v8.log files there), removed on drop.
     node_cwd: Option<tempfile::TempDir>,
 }
@@ -72,11 +76,33 @@ impl Fixture {
     pub fn spawn(mut cmd: Command) -> Fixture {
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("starting fixture");
         let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut f = Fixture { pid: child.id(), child, stdin, stdout: Some(stdout), node_cwd: None };
+        let line = f.read_line();
         assert!(line.starts_with("ready "), "fixture said {line:?}");
-        Fixture { pid: child.id(), child, stdin, stdout, node_cwd: None }
+        f
+    }
+
+    /// The fixture's next line, waiting at most [`FIXTURE_DEADLINE`]: past it the fixture is
+    /// killed and the test fails (a test never blocks forever on a fixture).
+    fn read_line(&mut self) -> String {
+        let mut stdout = self.stdout.take().expect("fixture stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = stdout.read_line(&mut line);
+            let _ = tx.send((stdout, line));
+        });
+        match rx.recv_timeout(FIXTURE_DEADLINE) {
+            Ok((stdout, line)) => {
+                self.stdout = Some(stdout);
+                line
+            }
+            Err(_) => {
+                let _ = self.child.kill();
+                panic!("fixture {} did not answer within {FIXTURE_DEADLINE:?}", self.pid);
+            }
+        }
     }
 
     /// A compiled fixture in `mode`.
@@ -105,9 +131,7 @@ impl Fixture {
         let stdin = self.stdin.as_mut().unwrap();
         stdin.write_all(format!("{q}\n").as_bytes()).unwrap();
         stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim_end().to_string()
+        self.read_line().trim_end().to_string()
     }
 
     /// Lets the workload run and waits until it says "done".
