@@ -158,6 +158,7 @@ mod tests {
         static POOL: Pool = Pool::new(1 << 30);
         let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
         let bytes = estimate_symbol_bytes(libc);
+        eprintln!("libc's symbols: {bytes} bytes charged (estimate)");
         assert!(bytes > 16 << 10, "libc's .dynsym alone has thousands of entries: {bytes}");
         assert_eq!(estimate_symbol_bytes(Path::new("/etc/hostname")), 0, "not ELF");
         let small = Account::in_pool(21, 4 << 10, &POOL);

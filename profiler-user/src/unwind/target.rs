@@ -422,6 +422,7 @@ mod tests {
         static POOL: Pool = Pool::new(1 << 30);
         let table = super::super::table::compile(std::path::Path::new("/lib/x86_64-linux-gnu/libc.so.6"), None).unwrap();
         let bytes = table.memory_bytes();
+        eprintln!("libc's unwind table: {} rows, {bytes} bytes charged", table.rows.len());
         assert!(bytes >= (table.rows.len() * size_of::<UnwindRow>()) as u64 && bytes > 64 << 10, "{bytes}");
         let small = Account::in_pool(11, 64 << 10, &POOL);
         let e = charge(&small, &table).unwrap_err();
