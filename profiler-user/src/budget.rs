@@ -19,8 +19,10 @@
 //! - [`Use::Symbols`]: `symbolize::modules`, an estimate of what blazesym keeps of a module
 //!   (its caches cannot be measured: 32 bytes per ELF symbol plus the DWARF sections' sizes)
 //!   when the module is first opened; a refusal leaves its frames unnamed (module and offset).
-//!   memscope's own ELF reading (`bpf::elf_symbols`: the allocator functions and trigger
-//!   functions looked up at attach) keeps only the symbols asked for and is not charged.
+//!   memscope's own ELF reading (`bpf::elf_symbols`): a trigger's function search keeps a
+//!   candidate and up to 4 KiB of code per matching address, charged while it runs
+//!   (`find_functions_charged`; a refusal fails the search); the allocator lookup at attach
+//!   keeps one candidate per name asked for and is not charged.
 //! - [`Use::V8`]: `v8::channel` reserves a frame's announced length before allocating it;
 //!   `v8::inspector` charges a message once the WebSocket library hands it over whole. Both
 //!   hold it until it is parsed (or forwarded); a refusal is `V8Error::TooLarge`.
