@@ -527,6 +527,12 @@ pub fn with_channel<R>(
                 info!(target: "audit", pid, purpose, result = "installed", "v8 snapshot channel");
                 *guard = Some(ch);
             }
+            Err(e) if insp.is_broken() => {
+                // The session itself is unusable (a refused message is half read): no fallback
+                // on it, the refusal is the answer.
+                let _ = insp.close();
+                return Err(e);
+            }
             Err(e) => {
                 warn!(pid, error = %e, "the snapshot channel could not be installed: this snapshot goes through the inspector, object ids are not kept across snapshots");
                 let r = fallback(&mut insp);

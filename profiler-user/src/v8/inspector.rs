@@ -866,6 +866,12 @@ impl Inspector {
         self.port
     }
 
+    /// Whether the session can no longer be read (a read failed, or a message was refused
+    /// half read): every later call fails.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// The process this session acts on.
     pub fn process(&self) -> &Arc<Process> {
         &self.process
