@@ -156,11 +156,15 @@ impl Symbolizer {
         }
         for (module, (open_path, items)) in by_module {
             let offsets: Vec<u64> = items.iter().map(|&(_, off)| off.saturating_sub(1)).collect();
-            let src = Source::Elf(Elf::new(&open_path));
-            let results = (!open_path.as_os_str().is_empty())
-                .then(|| BLAZE.with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
-                .unwrap_or_default())
-                .unwrap_or_default();
+            // An empty path: the module's symbols were refused by the memory budget.
+            let results = if open_path.as_os_str().is_empty() {
+                Vec::new()
+            } else {
+                let src = Source::Elf(Elf::new(open_path));
+                BLAZE
+                    .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
+                    .unwrap_or_default()
+            };
             let module = intern(&mut self.names, &module);
             for (i, &(addr, off)) in items.iter().enumerate() {
                 let mut frame = FrameInfo {
