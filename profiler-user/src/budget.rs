@@ -1,6 +1,6 @@
 //! One memory budget for everything a traced process controls the size of: the JIT names of
-//! its perf map, and (through the same hook) symbol tables, unwind tables and V8 inspector
-//! messages. Each target has an [`Account`] with its own cap; all accounts together draw on
+//! its perf map, symbol tables, unwind tables and V8 inspector messages. Each target has an
+//! [`Account`] with its own cap; all accounts together draw on
 //! one agent-wide cap. A reader asks for bytes before it keeps them ([`Account::reserve`],
 //! [`Reservation::try_grow`]) and gives them back by dropping the [`Reservation`].
 //!
@@ -8,6 +8,24 @@
 //! ~225 MB of memory once parsed (short lines, a tree entry and a name each), and four targets
 //! cost 961 MB, while the docs promise that what targets control stays within 256 MiB. The
 //! bytes counted here are memory estimates of the parsed form (see each user), not file sizes.
+//!
+//! The users ([`Use`]), each charging [`Account::for_pid`] of its target:
+//! - [`Use::PerfMap`]: `symbolize::perf_map`, each line kept (measured: 136 bytes plus the
+//!   name); a refusal stops the reading (later JIT names unresolved).
+//! - [`Use::Unwind`]: `unwind::target`, each file's compiled table (`Table::memory_bytes`)
+//!   before its rows are placed; a refusal leaves the file to frame pointers. A table shared
+//!   by several targets (one per file in `unwind::cache`) is charged in full to each: a
+//!   target's count does not depend on the others, and the agent-wide sum may overstate.
+//! - [`Use::Symbols`]: `symbolize::modules`, an estimate of what blazesym keeps of a module
+//!   (its caches cannot be measured: 32 bytes per ELF symbol plus the DWARF sections' sizes)
+//!   when the module is first opened; a refusal leaves its frames unnamed (module and offset).
+//!   memscope's own ELF reading (`bpf::elf_symbols`): a trigger's function search keeps a
+//!   candidate and up to 4 KiB of code per matching address, charged while it runs
+//!   (`find_functions_charged`; a refusal fails the search); the allocator lookup at attach
+//!   keeps one candidate per name asked for and is not charged.
+//! - [`Use::V8`]: `v8::channel` reserves a frame's announced length before allocating it;
+//!   `v8::inspector` charges a message once the WebSocket library hands it over whole. Both
+//!   hold it until it is parsed (or forwarded); a refusal is `V8Error::TooLarge`.
 //!
 //! A refusal is not an error of the target: the reader stops loading (names past that point
 //! stay unresolved), the refusal is counted per use and limit ([`refusals`], the
@@ -205,8 +223,8 @@ pub struct RefusalReport {
 
 impl Account {
     /// The account of target `pid`: the one its other readers hold, or a new one (the hook
-    /// for every reader of a target's data: the perf map, and V8 messages, symbol and unwind
-    /// tables to come). An account lives as long as someone holds it.
+    /// for every reader of a target's data: the perf map, V8 messages, symbol and unwind
+    /// tables). An account lives as long as someone holds it.
     pub fn for_pid(pid: u32) -> Arc<Account> {
         let mut accounts = ACCOUNTS.lock().unwrap();
         accounts.retain(|_, a| a.strong_count() > 0);

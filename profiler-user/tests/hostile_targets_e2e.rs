@@ -494,6 +494,46 @@ fn four_targets_with_200_mb_perf_maps_stay_within_the_budget() {
     assert!(peak < cap, "agent peaked at {} MiB (cap {} MiB)", peak >> 20, cap >> 20);
 }
 
+/// The unwind tables and symbols of a target's files are charged to its account: with a
+/// per-target budget of 128 KiB, libc's unwind table (~250 KB once compiled) is refused, the
+/// target is still traced (libc's frames by frame pointers), and the refusal shows in its
+/// `memory_budget` and `unwind_tables` in `GET /v1/targets`, and in `/metrics`.
+#[test]
+fn unwind_tables_past_the_per_target_budget_are_refused_and_reported() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = common::agent::standard_tokens(dir.path());
+    let data = common::agent::data_dir(dir.path());
+    let agent = common::agent::start_agent(&[
+        "--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data,
+        "--sampling", "full", "--target-data-budget-per-target", "128KiB",
+    ])
+    .unwrap();
+    let mut f = Fixture::start(&alloc_fixture(), "basic");
+    let (code, body) = http_post_attach(&agent.url, f.pid);
+    assert!(code == 200 || code == 201, "attach: {code} {body}");
+    f.go();
+    let (code, snap) = http("POST", &format!("{}/v1/targets/{}/snapshots", agent.url, f.pid), common::agent::ADMIN);
+    assert!(code == 200 || code == 201, "a target over its budget is still profiled: {code} {snap}");
+    let (code, targets) = http("GET", &format!("{}/v1/targets", agent.url), common::agent::READ);
+    assert_eq!(code, 200, "{targets}");
+    let t = &targets["targets"].as_array().unwrap()[0];
+    let b = &t["memory_budget"];
+    let refusal = &b["refused"]["unwind"];
+    assert_eq!(refusal["limit"], "target", "{t:#}");
+    assert!(refusal["not_loaded"].as_str().unwrap_or("").contains("libc"), "{b:#}");
+    assert!(b["used_bytes"].as_u64().unwrap() <= 128 << 10, "{b:#}");
+    assert!(t["unwind_tables"]["files_over_budget"].as_u64().unwrap() >= 1, "{t:#}");
+    let metrics = Command::new("curl")
+        .args(["-s", "-m", "30", "-H", &format!("Authorization: Bearer {}", common::agent::READ)])
+        .arg(format!("{}/metrics", agent.url))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("memscope_target_budget_refusals_total{use=\"unwind\",limit=\"target\"}"), "{metrics}");
+    eprintln!("memory_budget of a target capped at 128 KiB: {b}");
+}
+
 fn http_post_attach(url: &str, pid: u32) -> (u16, Value) {
     let out = Command::new("curl")
         .args(["-s", "-m", "30", "-X", "POST", "-H", &format!("Authorization: Bearer {}", common::agent::ADMIN)])

@@ -11,6 +11,12 @@
 //! data, and `STT_GNU_IFUNC` symbols (whose value is the resolver, not the function) are not.
 //! Among candidates, global/weak beat local, the default version beats a non-default one,
 //! `.dynsym` beats `.symtab`, and a known size beats an unknown one.
+//!
+//! Memory: [`resolve`] keeps one candidate per name asked for. [`find_functions_charged`] keeps
+//! one per matching address, and each copies up to [`MAX_FUNCTION_BYTES`] of code: a hostile
+//! file with many matching symbols (even on the same code) could make that gigabytes, so what
+//! it keeps is charged to the target's memory budget ([`crate::budget::Use::Symbols`]) and the
+//! search stops at a refusal ([`ElfError::Budget`]).
 use std::path::{Path, PathBuf};
 
 use crate::target_fs::FileBytes;
@@ -67,6 +73,8 @@ pub enum ElfError {
     Unsupported { path: PathBuf, reason: &'static str },
     #[error("{} has no symbol table (neither .dynsym nor .symtab): cannot find functions in it", path.display())]
     NoSymbols { path: PathBuf },
+    #[error("searching the functions of {}: {source}", path.display())]
+    Budget { path: PathBuf, source: crate::budget::BudgetExceeded },
 }
 
 /// Opens `path` once and resolves every name in `names`; the result has one entry per name, in
@@ -271,22 +279,65 @@ fn function_symbol(data: &[u8], name: &str, c: Candidate) -> FunctionSymbol {
 /// several matching aliases is returned once, by the best-ranked name, ordered by address.
 pub fn find_functions(
     path: impl AsRef<Path>,
-    mut matches: impl FnMut(&str) -> bool,
+    matches: impl FnMut(&str) -> bool,
 ) -> Result<Vec<FunctionSymbol>, ElfError> {
-    let path = path.as_ref();
+    find_in(path.as_ref(), matches, &mut |_| Ok(()))
+}
+
+/// [`find_functions`], charging what it keeps (candidates, then the functions and their code)
+/// to `charge` (the target's account, [`crate::budget::Use::Symbols`]); the caller drops it once
+/// it has kept what it needs.
+pub fn find_functions_charged(
+    path: impl AsRef<Path>,
+    matches: impl FnMut(&str) -> bool,
+    charge: &mut crate::budget::Reservation,
+) -> Result<Vec<FunctionSymbol>, ElfError> {
+    find_in(path.as_ref(), matches, &mut |bytes| charge.try_grow(bytes))
+}
+
+/// Estimated bytes of one kept candidate (its map entry) besides its name.
+const CANDIDATE_BYTES: u64 = (size_of::<Candidate>() + size_of::<String>() + 64) as u64;
+
+fn find_in(
+    path: &Path,
+    mut matches: impl FnMut(&str) -> bool,
+    charge: &mut dyn FnMut(u64) -> Result<(), crate::budget::BudgetExceeded>,
+) -> Result<Vec<FunctionSymbol>, ElfError> {
     let data = map_file(path)?;
+    let refused = |source| ElfError::Budget {
+        path: path.to_owned(),
+        source,
+    };
     // vaddr -> (name, best candidate)
     let mut found: std::collections::BTreeMap<u64, (String, Candidate)> = Default::default();
-    for_each_function(path, &data, &mut matches, &mut |base, c| match found.get(&c.vaddr) {
-        Some((_, have)) if have.rank >= c.rank => {}
-        _ => {
-            found.insert(c.vaddr, (base.to_owned(), c));
+    let mut refusal = None;
+    for_each_function(path, &data, &mut matches, &mut |base, c| {
+        if refusal.is_some() {
+            return;
+        }
+        match found.get(&c.vaddr) {
+            Some((_, have)) if have.rank >= c.rank => {}
+            Some(_) => {
+                found.insert(c.vaddr, (base.to_owned(), c));
+            }
+            None => match charge(CANDIDATE_BYTES + base.len() as u64) {
+                Ok(()) => {
+                    found.insert(c.vaddr, (base.to_owned(), c));
+                }
+                Err(e) => refusal = Some(e),
+            },
         }
     })?;
-    Ok(found
-        .into_values()
-        .map(|(name, c)| function_symbol(&data, &name, c))
-        .collect())
+    if let Some(e) = refusal {
+        return Err(refused(e));
+    }
+    let mut out = Vec::with_capacity(found.len());
+    for (name, c) in found.into_values() {
+        let f = function_symbol(&data, &name, c);
+        charge((size_of::<FunctionSymbol>() + f.bytes.len()) as u64).map_err(refused)?;
+        out.push(f);
+    }
+    Ok(out)
 }
 
 /// The version of `.dynsym` entry `index`, with whether it is the default (`@@`) one.
@@ -678,6 +729,32 @@ mod tests {
         addrs.dedup();
         assert_eq!(addrs.len(), found.len(), "each function once");
         assert!(find_functions(&exe, |_| false).unwrap().is_empty());
+    }
+
+    /// A search matching every function of libc keeps thousands of them, with their code: past a
+    /// small per-target cap it stops with `Budget` (counted, reported); under a large one the
+    /// same functions as uncharged are returned, their bytes on the account until dropped.
+    #[test]
+    fn a_search_is_charged_to_the_target_budget() {
+        use crate::budget::{Account, Pool, Use};
+        static POOL: Pool = Pool::new(1 << 30);
+        let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        let small = Account::in_pool(31, 64 << 10, &POOL);
+        let mut charge = small.reservation(Use::Symbols);
+        let e = find_functions_charged(libc, |_| true, &mut charge).unwrap_err();
+        assert!(matches!(e, ElfError::Budget { .. }) && e.to_string().contains("budget"), "{e}");
+        drop(charge);
+        assert_eq!(small.report().refused["symbols"].times, 1);
+        assert_eq!(small.report().used_bytes, 0);
+        let big = Account::in_pool(32, 256 << 20, &POOL);
+        let mut charge = big.reservation(Use::Symbols);
+        let found = find_functions_charged(libc, |_| true, &mut charge).unwrap();
+        assert_eq!(found, find_functions(libc, |_| true).unwrap());
+        let code: usize = found.iter().map(|f| f.bytes.len()).sum();
+        eprintln!("all of libc's functions: {} kept, {code} bytes of code, {} bytes charged", found.len(), charge.bytes());
+        assert!(charge.bytes() > code as u64 && found.len() > 1000);
+        drop(charge);
+        assert_eq!(POOL.usage().0, 0);
     }
 
     /// Query parsing: bare, `@@` (default) and `@` (any) versions.

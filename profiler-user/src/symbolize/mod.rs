@@ -58,9 +58,10 @@ impl Symbolizer {
     }
 
     /// For a process held by identity: nothing is read once its pid names another process.
-    /// What it keeps of the target's perf map is charged to `budget` (the target's account).
+    /// What it keeps of the target's perf map, and an estimate of what blazesym keeps of its
+    /// modules' symbols ([`modules`]), are charged to `budget` (the target's account).
     pub fn for_process(process: Arc<Process>, budget: Arc<crate::budget::Account>) -> Symbolizer {
-        Symbolizer::with(Modules::for_process(process.clone()), PerfMap::for_process(process, budget))
+        Symbolizer::with(Modules::for_process(process.clone(), budget.clone()), PerfMap::for_process(process, budget))
     }
 
     fn with(mut modules: Modules, jit: PerfMap) -> Symbolizer {
@@ -138,9 +139,11 @@ impl Symbolizer {
             }
             match self.modules.place(addr) {
                 Place::File { module, file_offset } => {
+                    // Symbols the memory budget refused: module and offset only.
+                    let open_path = if module.symbols { module.open_path.clone() } else { std::path::PathBuf::new() };
                     by_module
                         .entry(module.path.clone())
-                        .or_insert_with(|| (module.open_path.clone(), Vec::new()))
+                        .or_insert_with(|| (open_path, Vec::new()))
                         .1
                         .push((addr, file_offset));
                 }
@@ -153,10 +156,15 @@ impl Symbolizer {
         }
         for (module, (open_path, items)) in by_module {
             let offsets: Vec<u64> = items.iter().map(|&(_, off)| off.saturating_sub(1)).collect();
-            let src = Source::Elf(Elf::new(open_path));
-            let results = BLAZE
-                .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
-                .unwrap_or_default();
+            // An empty path: the module's symbols were refused by the memory budget.
+            let results = if open_path.as_os_str().is_empty() {
+                Vec::new()
+            } else {
+                let src = Source::Elf(Elf::new(open_path));
+                BLAZE
+                    .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
+                    .unwrap_or_default()
+            };
             let module = intern(&mut self.names, &module);
             for (i, &(addr, off)) in items.iter().enumerate() {
                 let mut frame = FrameInfo {

@@ -12,6 +12,9 @@
 //!
 //! Spaces in the query are not normalized: write them as the demangler prints them
 //! (`foo(int, char const*)`). Libraries loaded after the trigger was attached are not searched.
+//!
+//! What a search keeps of a file's symbols is charged to the target's memory budget while it
+//! runs (see [`elf_symbols::find_functions_charged`]); a refusal ends it ([`ResolveError::Budget`]).
 use tracing::debug;
 
 use crate::{
@@ -38,6 +41,8 @@ pub enum ResolveError {
     Proc(#[from] ProcError),
     #[error("no function {query:?} in process {pid} (searched {searched}); give the name as `nm` or `nm -C` prints it")]
     NotFound { pid: u32, query: String, searched: String },
+    #[error("{0}")]
+    Budget(elf_symbols::ElfError),
     #[error("{count} functions match {query:?} in {path} (e.g. {examples}); give the full signature or the mangled name")]
     Ambiguous { query: String, path: String, count: usize, examples: String },
 }
@@ -45,9 +50,15 @@ pub enum ResolveError {
 /// Every function matching `query` in the first object of the target that defines one.
 pub fn find_function(pid: u32, query: &str) -> Result<Vec<ResolvedFunction>, ResolveError> {
     let mut searched = Vec::new();
+    let account = crate::budget::Account::for_pid(pid);
     for procfs::MappedObject { path, host_path } in procfs::objects(pid)? {
-        let found = match elf_symbols::find_functions(&host_path, |raw| symbol_matches(query, raw)) {
+        let mut charge = account.reservation(crate::budget::Use::Symbols);
+        let found = match elf_symbols::find_functions_charged(&host_path, |raw| symbol_matches(query, raw), &mut charge) {
             Ok(f) => f,
+            Err(e @ elf_symbols::ElfError::Budget { .. }) => {
+                account.note_not_loaded(crate::budget::Use::Symbols, format!("the function search for {query:?} in {path}"));
+                return Err(ResolveError::Budget(e));
+            }
             Err(e) => {
                 debug!("symbol search skips {path}: {e}");
                 searched.push(path);

@@ -69,6 +69,15 @@ pub struct Table {
 }
 
 impl Table {
+    /// Bytes this table keeps in the agent's memory (its rows, segments and build id, as
+    /// allocated): what a target is charged for it ([`crate::budget::Use::Unwind`]).
+    pub fn memory_bytes(&self) -> u64 {
+        (size_of::<Table>()
+            + self.rows.capacity() * size_of::<UnwindRow>()
+            + self.segments.capacity() * size_of::<Segment>()
+            + self.build_id.as_ref().map_or(0, String::capacity)) as u64
+    }
+
     /// `start - vaddr` for an executable mapping of this file at `start` from file offset
     /// `offset`. The kernel maps from the page holding the segment's first byte, so `offset`
     /// may lie below the segment's own offset (and inside the previous segment's range).

@@ -8,6 +8,14 @@
 //! stay where they are placed while a target maps it (a file unmapped and mapped again reuses
 //! its rows); when `UNWIND_ROWS` is full, new files fall back to frame pointers, counted in
 //! [`UnwindStats::files_refused`].
+//!
+//! Memory budget: the compiled table of every file placed for a target is charged to that
+//! target's account ([`crate::budget::Use::Unwind`], [`Table::memory_bytes`]) before its rows are
+//! placed; a refusal leaves the file to frame pointers (as when `UNWIND_ROWS` is full), counted
+//! in [`UnwindStats::files_over_budget`] and said in the target's `memory_budget` status. A table
+//! shared with other targets (the [`cache`] keeps one per file) is charged in full to each
+//! target that uses it: a target's count does not depend on which other targets run, and the
+//! agent-wide sum may overstate what is held (never understate it).
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
@@ -29,6 +37,7 @@ use super::{
     table::Table,
 };
 use crate::{
+    budget::{Account, BudgetExceeded, Reservation, Use},
     process::Process,
     procfs::{self, Mapping},
     target_fs::{self, Kind, TargetFile},
@@ -51,6 +60,9 @@ pub struct UnwindStats {
     pub files_without_cfi: usize,
     /// Files that did not fit in `UNWIND_ROWS` (frame pointers instead).
     pub files_refused: usize,
+    /// Files whose table the target's memory budget refused (frame pointers instead).
+    #[serde(default)]
+    pub files_over_budget: usize,
     /// Rows in use, and what the map can hold (`--max-unwind-rows` bounds it).
     pub rows: usize,
     pub capacity_rows: usize,
@@ -73,6 +85,8 @@ pub struct UnwindStats {
 struct Placed {
     _table: Arc<Table>,
     start: u32,
+    /// The table's bytes on the target's account, given back when the target stops using it.
+    _charge: Reservation,
 }
 
 /// One target's part of the unwind maps.
@@ -91,6 +105,8 @@ pub struct TargetUnwinder {
     active_half: u32,
     last_maps: Vec<(u64, u64, u64, u64)>,
     stats: UnwindStats,
+    /// The target's share of the memory budget.
+    budget: Arc<Account>,
 }
 
 /// Maps the BPF array behind `fd` (created with BPF_F_MMAPABLE) for writing, `bytes` of its
@@ -191,6 +207,7 @@ impl TargetUnwinder {
             active_half: 0,
             last_maps: Vec::new(),
             stats,
+            budget: Account::for_pid(pid),
         })
     }
 
@@ -276,6 +293,23 @@ impl TargetUnwinder {
                 return None;
             };
             let len = table.rows.len();
+            let charge = match charge(&self.budget, &table) {
+                Ok(charge) => charge,
+                Err(e) => {
+                    self.stats.files_over_budget += 1;
+                    let path = m.path.as_deref().unwrap_or("?");
+                    debug!(pid = self.pid, "unwind table of {path} refused: {e}");
+                    self.budget.note_not_loaded(
+                        Use::Unwind,
+                        format!(
+                            "the unwind tables of {} file(s) (the last: {path}, {len} rows): their frames are unwound by frame pointers",
+                            self.stats.files_over_budget
+                        ),
+                    );
+                    self.no_table.insert(key);
+                    return None;
+                }
+            };
             let Some(start) = self.rows.lock().unwrap().acquire(key, &table.rows) else {
                 self.stats.files_refused += 1;
                 warn!(pid = self.pid, "unwind table of {} does not fit ({len} rows): frame pointers there", m.path.as_deref().unwrap_or("?"));
@@ -285,7 +319,7 @@ impl TargetUnwinder {
             self.stats.files += 1;
             self.stats.rows += len;
             self.stats.table_bytes += len * size_of::<UnwindRow>();
-            self.placed.insert(key, Placed { _table: table, start });
+            self.placed.insert(key, Placed { _table: table, start, _charge: charge });
         }
         let placed = &self.placed[&key];
         let table = &placed._table;
@@ -303,6 +337,11 @@ impl Drop for TargetUnwinder {
             shared.release(*key);
         }
     }
+}
+
+/// Charges `table` to `account` before a target keeps it.
+pub(crate) fn charge(account: &Arc<Account>, table: &Table) -> Result<Reservation, BudgetExceeded> {
+    account.reserve(Use::Unwind, table.memory_bytes())
 }
 
 pub(super) fn as_bytes<T: aya::Pod>(items: &[T]) -> &[u8] {
@@ -368,5 +407,32 @@ fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapDat
         if !u.process.alive() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Pool;
+
+    /// libc's table (tens of thousands of rows) passes a small per-target cap: refused (counted,
+    /// reported); under a cap it fits, it is charged while kept and its bytes come back on drop.
+    #[test]
+    fn tables_are_charged_to_the_target_budget() {
+        static POOL: Pool = Pool::new(1 << 30);
+        let table = super::super::table::compile(std::path::Path::new("/lib/x86_64-linux-gnu/libc.so.6"), None).unwrap();
+        let bytes = table.memory_bytes();
+        eprintln!("libc's unwind table: {} rows, {bytes} bytes charged", table.rows.len());
+        assert!(bytes >= (table.rows.len() * size_of::<UnwindRow>()) as u64 && bytes > 64 << 10, "{bytes}");
+        let small = Account::in_pool(11, 64 << 10, &POOL);
+        let e = charge(&small, &table).unwrap_err();
+        assert_eq!((e.what, e.limit, e.wanted), (Use::Unwind, crate::budget::Limit::Target, bytes));
+        assert_eq!(small.report().refused["unwind"].times, 1);
+        assert_eq!(small.report().used_bytes, 0);
+        let big = Account::in_pool(12, 64 << 20, &POOL);
+        let held = charge(&big, &table).unwrap();
+        assert_eq!(big.report().by_use["unwind"], bytes);
+        drop(held);
+        assert_eq!((big.report().used_bytes, POOL.usage().0), (0, 0));
     }
 }

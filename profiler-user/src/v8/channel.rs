@@ -24,6 +24,11 @@
 //! installed again next time (one more id reset: after an agent restart or a target that
 //! closed it). A channel is closed when its target is detached ([`forget`]) or exits, and with
 //! the agent; one operation at a time per target.
+//!
+//! Memory budget: a frame's announced length is reserved on the target's account
+//! ([`crate::budget::Use::V8`]) before its payload is allocated, and held until the frame is
+//! parsed or forwarded; a refusal is [`V8Error::TooLarge`] and drops the channel (the rest of the
+//! frame is unread: installed again next time).
 use std::{
     collections::HashMap,
     io::{Read, Write},
@@ -36,6 +41,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::{Inspector, V8Error};
+use crate::budget::{Account, Reservation, Use};
 
 /// The code evaluated in the target.
 const AGENT_JS: &str = include_str!("channel_agent.js");
@@ -58,6 +64,8 @@ pub struct Channel {
     pid: u32,
     stream: UnixStream,
     next_id: u64,
+    /// The target's share of the memory budget: every frame held is charged to it.
+    account: Arc<Account>,
 }
 
 /// A DevTools-protocol peer: an inspector session, or the channel's in-process session.
@@ -243,6 +251,7 @@ impl Channel {
             pid,
             stream,
             next_id: 1,
+            account: Account::for_pid(pid),
         };
         ch.stream
             .write_all(format!("{token}\n").as_bytes())
@@ -329,8 +338,13 @@ impl Channel {
         Ok(())
     }
 
-    /// One frame: (kind, payload), capped by kind.
-    fn read_frame(&mut self, deadline: Instant, what: &str) -> Result<(u8, Vec<u8>), V8Error> {
+    /// One frame: (kind, payload, its bytes on the target's account), capped by kind and by the
+    /// target's memory budget (reserved before the payload is allocated).
+    fn read_frame(
+        &mut self,
+        deadline: Instant,
+        what: &str,
+    ) -> Result<(u8, Vec<u8>, Reservation), V8Error> {
         let mut head = [0u8; 5];
         self.read_exact_by(&mut head, deadline, what)?;
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -348,14 +362,19 @@ impl Channel {
                 "the snapshot channel sent a {len}-byte frame (at most {cap})"
             )));
         }
+        let held = self.account.reserve(Use::V8, len as u64).map_err(|e| {
+            V8Error::TooLarge(format!(
+                "a {len}-byte frame of the snapshot channel during {what}: {e}"
+            ))
+        })?;
         let mut payload = vec![0u8; len];
         self.read_exact_by(&mut payload, deadline, what)?;
-        Ok((head[0], payload))
+        Ok((head[0], payload, held))
     }
 
     fn read_message(&mut self, deadline: Instant, what: &str) -> Result<Value, V8Error> {
         match self.read_frame(deadline, what)? {
-            (b'M', p) => serde_json::from_slice(&p).map_err(|_| {
+            (b'M', p, _held) => serde_json::from_slice(&p).map_err(|_| {
                 V8Error::Protocol("the snapshot channel sent something that is not JSON".into())
             }),
             _ => Err(V8Error::Protocol(
@@ -401,7 +420,7 @@ impl Channel {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let (kind, payload) = self.read_frame(deadline, what).map_err(|e| match e {
+            let (kind, payload, _held) = self.read_frame(deadline, what).map_err(|e| match e {
                 V8Error::Timeout(w, _) => V8Error::Timeout(w, timeout),
                 e => e,
             })?;
@@ -468,7 +487,7 @@ impl Channel {
 fn broken(e: &V8Error) -> bool {
     matches!(
         e,
-        V8Error::Connect(_) | V8Error::Protocol(_) | V8Error::Timeout(..)
+        V8Error::Connect(_) | V8Error::Protocol(_) | V8Error::Timeout(..) | V8Error::TooLarge(_)
     )
 }
 
@@ -510,9 +529,12 @@ pub fn with_channel<R>(
                 info!(target: "audit", pid, purpose, result = "installed", "v8 snapshot channel");
                 *guard = Some(ch);
             }
-            // The session itself failed (a refused message, the deadline, the process gone):
-            // there is no inspector left to fall back on.
-            Err(e @ (V8Error::TooLarge(_) | V8Error::Gone(_) | V8Error::Cancelled(_) | V8Error::Timeout(..))) => return Err(e),
+            // The session itself failed (a refused message is half read, the deadline, the process
+            // gone): no fallback on it, the refusal is the answer.
+            Err(e) if insp.is_broken() || matches!(e, V8Error::TooLarge(_) | V8Error::Gone(_) | V8Error::Cancelled(_) | V8Error::Timeout(..)) => {
+                let _ = insp.close();
+                return Err(e);
+            }
             Err(e) => {
                 warn!(pid, error = %e, "the snapshot channel could not be installed: this snapshot goes through the inspector, object ids are not kept across snapshots");
                 let r = fallback(&mut insp);
@@ -551,6 +573,7 @@ mod tests {
                 pid: 1,
                 stream: a,
                 next_id: 1,
+                account: Account::for_pid(1),
             },
             b,
         )
@@ -629,5 +652,39 @@ mod tests {
         );
         drop(peer);
         assert!(ch.closed());
+    }
+
+    /// A frame past the target's memory budget is refused before its payload is allocated
+    /// (TooLarge, counted and reported on the account, the channel dropped); a frame within it
+    /// is held while parsed and its bytes come back afterwards.
+    #[test]
+    fn frames_are_charged_to_the_target_budget() {
+        static POOL: crate::budget::Pool = crate::budget::Pool::new(1 << 20);
+        let (mut ch, mut peer) = pair();
+        ch.account = Account::in_pool(1, 64, &POOL);
+        peer.write_all(&frame(b'M', br#"{"id":1,"result":{"ok":true}}"#))
+            .unwrap();
+        assert_eq!(
+            ch.call("HeapProfiler.enable", json!({}), Duration::from_secs(5))
+                .unwrap(),
+            json!({"ok": true})
+        );
+        assert_eq!(ch.account.report().used_bytes, 0, "given back once parsed");
+        assert_eq!(POOL.usage().0, 0);
+
+        let big = format!(r#"{{"id":2,"result":{{"pad":"{}"}}}}"#, "x".repeat(100));
+        peer.write_all(&frame(b'M', big.as_bytes())).unwrap();
+        let e = ch
+            .call("HeapProfiler.enable", json!({}), Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(e, V8Error::TooLarge(ref m) if m.contains("budget")), "{e}");
+        assert!(broken(&e), "the rest of the frame is unread: the channel is dropped");
+        let report = ch.account.report();
+        assert_eq!(report.used_bytes, 0);
+        assert_eq!(report.refused["v8"].times, 1);
+        assert_eq!(report.refused["v8"].limit, "target");
+        assert!(crate::budget::refusals()
+            .iter()
+            .any(|&(u, l, n)| u == "v8" && l == "target" && n >= 1));
     }
 }

@@ -39,6 +39,12 @@
 //! the handshake to the last call, has one deadline ([`Budget`]), and every read waits at most
 //! [`READ_SLICE`] before the deadline and the [`Cancel`] flag are checked again: a request
 //! that ends (timeout, client gone) stops its session within a slice, whatever the target sends.
+//!
+//! Memory budget: each message read is charged to the target's account
+//! ([`crate::budget::Use::V8`]) while it is held (an event until handled, an answer until its
+//! [`RawReply`] is dropped). The WebSocket library hands a message over whole, so the charge
+//! comes once it is read (up to the frame cap above, in memory for that long); a refusal drops
+//! it at once and fails the call with [`V8Error::TooLarge`] (the session stays in step).
 use std::{
     borrow::Cow,
     collections::HashSet,
@@ -58,7 +64,10 @@ use tracing::info;
 use tungstenite::{protocol::WebSocketConfig, Message, WebSocket};
 
 use super::{guard::Guard, V8Error};
-use crate::process::Process;
+use crate::{
+    budget::{Account, Reservation, Use},
+    process::Process,
+};
 
 /// Largest `/json/list` answer read.
 const MAX_LIST_BYTES: usize = 64 * 1024;
@@ -221,6 +230,8 @@ pub struct Inspector {
     turn: Option<NetnsTurn>,
     /// Keeps every other process off the port until the inspector is closed.
     guard: Option<Guard>,
+    /// The target's share of the memory budget: every message held is charged to it.
+    account: Arc<Account>,
 }
 
 /// Whether the process catches `sig` (its bit in `SigCgt`).
@@ -831,6 +842,7 @@ impl Inspector {
             }
         };
         Ok(Inspector {
+            account: Account::for_pid(pid),
             pid,
             process: process.clone(),
             budget,
@@ -852,6 +864,12 @@ impl Inspector {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the session can no longer be read (a read failed, or a message was refused
+    /// half read): every later call fails.
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
     }
 
     /// The process this session acts on.
@@ -971,6 +989,7 @@ impl Inspector {
         let deadline = Instant::now() + timeout;
         loop {
             let Some(text) = self.read_text(method, deadline, timeout, max_bytes)? else { continue };
+            let held = charge_message(&self.account, self.pid, text.len(), method)?;
             let env: Envelope = serde_json::from_str(text.as_str()).map_err(|_| V8Error::Protocol("the inspector sent something that is not a protocol message".into()))?;
             if env.id == Some(id) {
                 if let Some(err) = &env.error {
@@ -978,7 +997,7 @@ impl Inspector {
                     return Err(V8Error::Remote(method.to_string(), msg.chars().take(200).collect()));
                 }
                 drop(env);
-                return Ok(RawReply(text));
+                return Ok(RawReply(text, Some(held)));
             }
             if let Some(ev) = env.method {
                 on_event(ev.as_ref(), env.params)?;
@@ -1140,13 +1159,22 @@ pub fn envelope(text: &str) -> Result<ParsedEnvelope<'_>, V8Error> {
     })
 }
 
-/// The answer to one call, unparsed (at most the call's message cap).
-pub struct RawReply(tungstenite::Utf8Bytes);
+/// Charges a message of `len` bytes, read from the inspector of `pid` during `method`, to the
+/// target's `account` while it is held.
+fn charge_message(account: &Arc<Account>, pid: u32, len: usize, method: &str) -> Result<Reservation, V8Error> {
+    account.reserve(Use::V8, len as u64).map_err(|e| {
+        V8Error::TooLarge(format!("the inspector of process {pid} sent a {len}-byte message during {method}: {e}"))
+    })
+}
+
+/// The answer to one call, unparsed (at most the call's message cap), charged to the target's
+/// memory budget while it is kept (a worker's nested answer: by the event that carried it).
+pub struct RawReply(tungstenite::Utf8Bytes, #[allow(dead_code, reason = "held for its Drop")] Option<Reservation>);
 
 impl RawReply {
     /// An answer that came as text of its own (a worker's, nested in an event).
     pub fn from_text(text: String) -> RawReply {
-        RawReply(text.into())
+        RawReply(text.into(), None)
     }
 
     /// The whole message's text.
@@ -1220,5 +1248,23 @@ mod tests {
         let any = Listener { addr: "::".parse().unwrap(), port: 9229, inode: 1 };
         assert!(!any.is_loopback());
         assert_eq!(any.connect_addr(), "[::1]:9229".parse().unwrap());
+    }
+
+    /// A message past the target's memory budget is refused as TooLarge (counted, reported);
+    /// one within it is charged while held and given back on drop.
+    #[test]
+    fn messages_are_charged_to_the_target_budget() {
+        static POOL: crate::budget::Pool = crate::budget::Pool::new(1 << 20);
+        let account = Account::in_pool(7, 1000, &POOL);
+        let held = charge_message(&account, 7, 600, "HeapProfiler.stopSampling").unwrap();
+        assert_eq!(account.report().by_use["v8"], 600);
+        let e = charge_message(&account, 7, 600, "HeapProfiler.stopSampling").unwrap_err();
+        assert!(matches!(e, V8Error::TooLarge(ref m) if m.contains("budget") && m.contains("600-byte")), "{e}");
+        assert_eq!(e.http().0, 502);
+        drop(held);
+        let report = account.report();
+        assert_eq!((report.used_bytes, POOL.usage().0), (0, 0), "bytes come back on drop");
+        assert_eq!(report.refused["v8"].times, 1);
+        assert_eq!(report.refused["v8"].limit, "target");
     }
 }
