@@ -60,13 +60,13 @@ use crate::{
     process::Process,
     target::TracedTarget,
     v8::{
-        channel::{self, Protocol as _},
+        channel,
         growth as v8_growth,
         heap_limit::HeapUsage,
         inspector::CancelOnDrop,
         sampling, snapshot,
         summary::HeapSummary,
-        workers, Budget, Cancel, Inspector, Thread, V8Error,
+        workers, Budget, Cancel, Inspector, Protocol as _, Thread, V8Error,
     },
 };
 

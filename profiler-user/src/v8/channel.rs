@@ -40,18 +40,17 @@ use std::{
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::{Inspector, V8Error};
+use super::{inspector::RawReply, Budget, Inspector, V8Error};
 use crate::budget::{Account, Reservation, Use};
 
 /// The code evaluated in the target.
 const AGENT_JS: &str = include_str!("channel_agent.js");
 /// How long the target waits for memscope to connect before it removes the channel.
 const EXPIRY: Duration = Duration::from_secs(30);
-/// Largest data frame (V8's snapshot chunks are 64 KiB) or message (a sampling profile).
+/// Largest data frame (V8's snapshot chunks are 64 KiB).
 const MAX_DATA_FRAME: usize = 4 << 20;
-const MAX_MESSAGE_FRAME: usize = MAX_RESULT_BYTES;
-/// Largest answer kept whole: the sampling profile's cap ([`super::inspector::MAX_PROFILE_MESSAGE_BYTES`]).
-pub const MAX_RESULT_BYTES: usize = super::inspector::MAX_PROFILE_MESSAGE_BYTES;
+/// Largest message: a sampling profile, capped as on the inspector.
+const MAX_MESSAGE_FRAME: usize = super::inspector::MAX_PROFILE_MESSAGE_BYTES;
 /// How long the target may take to start listening.
 const CONNECT_WAIT: Duration = Duration::from_secs(5);
 
@@ -66,79 +65,43 @@ pub struct Channel {
     next_id: u64,
     /// The target's share of the memory budget: every frame held is charged to it.
     account: Arc<Account>,
+    /// The deadline and cancellation of the operation under way (set by [`with_channel`]).
+    budget: Budget,
 }
 
-/// A DevTools-protocol peer: an inspector session, or the channel's in-process session.
-pub trait Protocol {
-    fn pid(&self) -> u32;
-    /// Calls `method`, passing the events that arrive meanwhile to `on_event`.
-    fn call_events(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
-    ) -> Result<Value, V8Error>;
-    /// Calls `method` and returns its `result` as raw JSON text (for answers parsed into typed,
-    /// capped structs: a sampling profile), at most [`MAX_RESULT_BYTES`].
-    fn call_raw_result(&mut self, method: &str, params: Value, timeout: Duration) -> Result<String, V8Error>;
-    /// Whether `HeapProfiler.disable` may be sent (never on the channel: it clears the ids).
-    fn may_disable(&self) -> bool;
-    /// The deadline and cancellation the work runs under, when it has one.
-    fn budget(&self) -> Option<&super::Budget> {
-        None
-    }
-    fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
-        self.call_events(method, params, timeout, &mut |_, _| Ok(()))
-    }
-}
-
-/// Every session of one JavaScript thread (the main thread's inspector, a worker's nested
-/// session) speaks this too: it may disable the heap profiler (its ids end with the session).
-impl<T: super::Protocol> Protocol for T {
-    fn pid(&self) -> u32 {
-        super::Protocol::pid(self)
-    }
-    fn call_events(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
-    ) -> Result<Value, V8Error> {
-        super::Protocol::call_with_events(self, method, params, timeout, |m, p| on_event(m, p))
-    }
-    fn call_raw_result(&mut self, method: &str, params: Value, timeout: Duration) -> Result<String, V8Error> {
-        let reply = super::Protocol::call_raw(self, method, params, timeout, MAX_RESULT_BYTES, |_, _| Ok(()))?;
-        Ok(reply.result()?.map(|r| r.get().to_string()).unwrap_or_else(|| "null".into()))
-    }
-    fn budget(&self) -> Option<&super::Budget> {
-        Some(super::Protocol::budget(self))
-    }
-    fn may_disable(&self) -> bool {
-        true
-    }
-}
-
-impl Protocol for Channel {
+/// The channel speaks the protocol like an inspector session, except that it never disables
+/// the heap profiler (that would clear the ids it exists to keep).
+impl super::Protocol for Channel {
     fn pid(&self) -> u32 {
         self.pid
     }
-    fn call_events(
+    fn budget(&self) -> &Budget {
+        &self.budget
+    }
+    fn may_disable(&self) -> bool {
+        false
+    }
+    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
         &mut self,
         method: &str,
         params: Value,
         timeout: Duration,
-        on_event: &mut dyn FnMut(&str, &Value) -> Result<(), V8Error>,
+        mut on_event: F,
     ) -> Result<Value, V8Error> {
-        let result = self.call_raw_result_events(method, params, timeout, on_event)?;
+        let result = self.call_result(method, params, timeout, &mut on_event)?;
         serde_json::from_str(&result).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into()))
     }
-    fn call_raw_result(&mut self, method: &str, params: Value, timeout: Duration) -> Result<String, V8Error> {
-        self.call_raw_result_events(method, params, timeout, &mut |_, _| Ok(()))
-    }
-    fn may_disable(&self) -> bool {
-        false
+    /// `max_bytes`: the channel's frames are capped at [`MAX_MESSAGE_FRAME`] whatever the call.
+    fn call_raw<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
+        &mut self,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+        _max_bytes: usize,
+        mut on_event: F,
+    ) -> Result<RawReply, V8Error> {
+        let result = self.call_result(method, params, timeout, &mut on_event)?;
+        Ok(RawReply::from_text(format!("{{\"result\":{result}}}")))
     }
 }
 
@@ -252,6 +215,7 @@ impl Channel {
             stream,
             next_id: 1,
             account: Account::for_pid(pid),
+            budget: insp.budget().clone(),
         };
         ch.stream
             .write_all(format!("{token}\n").as_bytes())
@@ -384,7 +348,8 @@ impl Channel {
     }
 
     /// Reads until the answer to `id`: data frames to `on_data`, events to `on_event`.
-    fn call_raw_result_events(
+    /// Calls `method`; its `result` as raw JSON text.
+    fn call_result(
         &mut self,
         method: &str,
         params: Value,
@@ -522,7 +487,7 @@ pub fn with_channel<R>(
         *guard = None;
     }
     if guard.is_none() {
-        let mut insp = Inspector::open(process.clone(), &format!("{purpose} (installing the snapshot channel)"), budget)?;
+        let mut insp = Inspector::open(process.clone(), &format!("{purpose} (installing the snapshot channel)"), budget.clone())?;
         match Channel::install(&mut insp) {
             Ok(ch) => {
                 insp.close()?;
@@ -544,6 +509,7 @@ pub fn with_channel<R>(
         }
     }
     let ch = guard.as_mut().expect("installed above");
+    ch.budget = budget;
     let r = f(ch);
     if let Err(e) = &r {
         if broken(e) {
@@ -565,6 +531,7 @@ pub fn forget(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::v8::Protocol as _;
 
     fn pair() -> (Channel, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
@@ -574,6 +541,7 @@ mod tests {
                 stream: a,
                 next_id: 1,
                 account: Account::for_pid(1),
+                budget: Budget::new(Duration::from_secs(60)),
             },
             b,
         )

@@ -58,6 +58,11 @@ pub trait Protocol {
         max_bytes: usize,
         on_event: F,
     ) -> Result<RawReply, V8Error>;
+    /// Whether `HeapProfiler.disable` may be sent: not on the snapshot channel, where it would
+    /// clear the object ids the channel keeps ([`channel`]).
+    fn may_disable(&self) -> bool {
+        true
+    }
     /// Calls `method` and returns its result, ignoring events.
     fn call(&mut self, method: &str, params: Value, timeout: Duration) -> Result<Value, V8Error> {
         self.call_with_events(method, params, timeout, |_, _| Ok(()))

@@ -24,7 +24,7 @@ use serde::{
 };
 use serde_json::json;
 
-use super::{channel::Protocol, V8Error};
+use super::{inspector::MAX_PROFILE_MESSAGE_BYTES, Protocol, V8Error};
 use crate::aggregate::{Frame, FrameInfo, HeapProfile, StackSample, Totals};
 
 /// V8's default sampling interval (bytes).
@@ -91,7 +91,7 @@ pub struct SamplingProfile {
 /// the target's snapshot channel (which never disables `HeapProfiler`: that would renumber
 /// every object of the next heap snapshot), within the session's budget when it has one (a
 /// cancelled request stops the wait at once).
-pub fn profile<P: Protocol + ?Sized>(insp: &mut P, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
+pub fn profile<P: Protocol>(insp: &mut P, duration: Duration, interval: u64) -> Result<HeapProfile, V8Error> {
     let t = Duration::from_secs(30);
     insp.call("HeapProfiler.enable", json!({}), t)?;
     insp.call("HeapProfiler.startSampling", json!({ "samplingInterval": interval as f64 }), t)?;
@@ -101,23 +101,21 @@ pub fn profile<P: Protocol + ?Sized>(insp: &mut P, duration: Duration, interval:
         if left.is_zero() {
             break;
         }
-        if let Some(b) = insp.budget() {
-            b.check("sampling the JavaScript heap")?;
-        }
+        insp.budget().check("sampling the JavaScript heap")?;
         std::thread::sleep(left.min(super::inspector::READ_SLICE));
     }
     // stopSampling answers the profile (as getSamplingProfile would) and stops.
-    let got = insp.call_raw_result("HeapProfiler.stopSampling", json!({}), Duration::from_secs(60));
+    let got = insp.call_raw("HeapProfiler.stopSampling", json!({}), Duration::from_secs(60), MAX_PROFILE_MESSAGE_BYTES, |_, _| Ok(()));
     if insp.may_disable() {
         let _ = insp.call("HeapProfiler.disable", json!({}), t);
     }
-    let parsed = parse_result(got?)?;
+    let parsed = parse_reply(got?)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     to_profile(&parsed, insp.pid(), now, duration, interval)
 }
 
-/// The profile in an answer (a whole message) to `stopSampling` / `getSamplingProfile`: a
-/// worker's, read from its nested message.
+/// The profile in an answer (a whole message) to `stopSampling` / `getSamplingProfile`, from
+/// any session (the main thread's, a worker's nested one, the snapshot channel).
 pub(super) fn parse_reply(reply: super::inspector::RawReply) -> Result<SamplingProfile, V8Error> {
     let result = reply.result()?.ok_or_else(|| V8Error::Protocol("the sampling profile answer has no result".into()))?;
     parse_result(result.get().to_string())

@@ -34,7 +34,7 @@ pub fn take_keeping_ids(
         budget,
         |ch| {
             if gc {
-                channel::Protocol::call(ch, "HeapProfiler.collectGarbage", json!({}), timeout)?;
+                Protocol::call(ch, "HeapProfiler.collectGarbage", json!({}), timeout)?;
             }
             ch.snapshot(timeout, &mut |c| (sink.borrow_mut())(c))
         },
