@@ -81,16 +81,6 @@ impl super::Protocol for Channel {
     fn may_disable(&self) -> bool {
         false
     }
-    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        mut on_event: F,
-    ) -> Result<Value, V8Error> {
-        let result = self.call_result(method, params, timeout, &mut on_event)?;
-        serde_json::from_str(&result).map_err(|_| V8Error::Protocol("the snapshot channel sent something that is not JSON".into()))
-    }
     /// `max_bytes`: the channel's frames are capped at [`MAX_MESSAGE_FRAME`] whatever the call.
     fn call_raw<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
         &mut self,

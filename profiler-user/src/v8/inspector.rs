@@ -892,8 +892,7 @@ impl Inspector {
         timeout: Duration,
         on_event: impl FnMut(&str, &Value) -> Result<(), V8Error>,
     ) -> Result<Value, V8Error> {
-        let reply = self.call_raw(method, params, timeout, MAX_MESSAGE_BYTES, on_event)?;
-        Ok(reply.result()?.map(|r| serde_json::from_str(r.get())).transpose().map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))?.unwrap_or(Value::Null))
+        self.call_raw(method, params, timeout, MAX_MESSAGE_BYTES, on_event)?.result_value()
     }
 
     /// Like [`Self::call_with_events`], accepting an answer of up to `max_bytes` (at most
@@ -1190,6 +1189,15 @@ impl RawReply {
             result: Option<&'a RawValue>,
         }
         serde_json::from_str::<R>(self.text()).map(|r| r.result).map_err(|_| V8Error::Protocol("the inspector's answer is not JSON".into()))
+    }
+
+    /// Its `result` as a JSON tree (`Null` when absent), for answers of a bounded size.
+    pub fn result_value(&self) -> Result<Value, V8Error> {
+        self.result()?
+            .map(|r| serde_json::from_str(r.get()))
+            .transpose()
+            .map_err(|_| V8Error::Protocol("the inspector sent something that is not JSON".into()))
+            .map(|v| v.unwrap_or(Value::Null))
     }
 }
 

@@ -46,7 +46,9 @@ pub trait Protocol {
         params: Value,
         timeout: Duration,
         on_event: F,
-    ) -> Result<Value, V8Error>;
+    ) -> Result<Value, V8Error> {
+        self.call_raw(method, params, timeout, inspector::MAX_MESSAGE_BYTES, on_event)?.result_value()
+    }
     /// Like [`Protocol::call_with_events`], accepting an answer of up to `max_bytes` (at most
     /// [`inspector::MAX_PROFILE_MESSAGE_BYTES`]) and returning it unparsed, for the caller to
     /// parse into typed structs.
@@ -76,15 +78,6 @@ pub trait Protocol {
 impl Protocol for Inspector {
     fn pid(&self) -> u32 {
         Inspector::pid(self)
-    }
-    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        on_event: F,
-    ) -> Result<Value, V8Error> {
-        Inspector::call_with_events(self, method, params, timeout, on_event)
     }
     fn budget(&self) -> &Budget {
         Inspector::budget(self)

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, value::RawValue, Value};
 
 use super::{
-    inspector::{self, MAX_MESSAGE_BYTES, MAX_PROFILE_MESSAGE_BYTES},
+    inspector::{self, MAX_PROFILE_MESSAGE_BYTES},
     sampling,
     summary::HeapSummary,
     Budget, Inspector, Protocol, RawReply, V8Error,
@@ -339,22 +339,6 @@ impl Protocol for WorkerSession<'_> {
         self.insp.budget()
     }
 
-    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        on_event: F,
-    ) -> Result<Value, V8Error> {
-        let reply = self.nested(method, params, timeout, MAX_MESSAGE_BYTES, on_event)?;
-        Ok(reply
-            .result()?
-            .map(|r| serde_json::from_str(r.get()))
-            .transpose()
-            .map_err(|_| V8Error::Protocol("a worker sent something that is not JSON".into()))?
-            .unwrap_or(Value::Null))
-    }
-
     fn call_raw<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
         &mut self,
         method: &str,
@@ -378,20 +362,6 @@ impl Protocol for ThreadSession<'_> {
         match self {
             ThreadSession::Main(i) => i.pid(),
             ThreadSession::Worker(w) => w.pid(),
-        }
-    }
-    fn call_with_events<F: FnMut(&str, &Value) -> Result<(), V8Error>>(
-        &mut self,
-        method: &str,
-        params: Value,
-        timeout: Duration,
-        on_event: F,
-    ) -> Result<Value, V8Error> {
-        match self {
-            ThreadSession::Main(i) => {
-                Inspector::call_with_events(i, method, params, timeout, on_event)
-            }
-            ThreadSession::Worker(w) => w.call_with_events(method, params, timeout, on_event),
         }
     }
     fn budget(&self) -> &Budget {
