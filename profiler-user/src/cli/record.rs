@@ -28,7 +28,7 @@ use crate::{
         growth::{self, Verdict},
         HeapProfile, Measure,
     },
-    bpf::load::{ProbeMode, ProbeSettings},
+    bpf::load::{ProbeMode, ProbeSettings, SourceMode},
     render,
     session::Session,
     target::TracedTarget as _,
@@ -70,6 +70,12 @@ pub struct RecordArgs {
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
     pub probe_mode: ProbeMode,
+    /// Where allocations are seen: `auto` traces a process that carries the USDT
+    /// heap-sampling contract (`ddheap:alloc`/`free`, `otel_memory:alloc`/`free`) through it,
+    /// one trap per sample, and any other process through its allocator; `allocator` and
+    /// `usdt` force either (`usdt` refuses a process without the contract).
+    #[arg(long, value_enum, default_value_t = SourceMode::Auto)]
+    pub source: SourceMode,
     /// Leaks shown in the report.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -98,6 +104,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
+        source: args.source,
     };
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;
