@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// agent vs in-process; the paused share with a gc trigger).
     #[arg(long, conflicts_with = "node_only")]
     v8_only: bool,
+    /// Run only the `usdt` section (a service with the USDT heap-sampling contract: cost per
+    /// pair through the contract vs through uprobes, live bytes of 300 MiB kept).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    usdt_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -122,6 +126,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.usdt_only {
+        let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
+        print!("{}", usdt.render());
+        print_targets(&usdt.targets());
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "usdt": usdt.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let load_before = loadavg();
     let measured = Instant::now();
     let pairs = compare(&tools, &PAIRS, args.repeat)?;
@@ -135,6 +149,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
     let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+    let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -154,14 +169,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mark = if met { "met    " } else { "NOT MET" };
         println!("  [{mark}] {name}: {value} (target {limit})");
     }
+    print!("{}", usdt.render());
+    print_targets(&usdt.targets());
     if let Some(path) = &args.json {
         let mut all = report.to_json();
         all["v8"] = v8.to_json();
+        all["usdt"] = usdt.to_json();
         let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));
     }
     Ok(())
+}
+
+fn print_targets(rows: &[(String, String, String, bool)]) {
+    for (name, limit, value, met) in rows {
+        let mark = if *met { "met    " } else { "NOT MET" };
+        println!("  [{mark}] {name}: {value} (target {limit})");
+    }
 }
 
 // ---- preparation ------------------------------------------------------------------------------

@@ -203,6 +203,9 @@ pub struct SlotOwner {
     /// The interval the target was attached with, and the one in force (the governor's).
     pub base_sample_bytes: u64,
     pub sample_bytes: u64,
+    /// Traced through the USDT contract: the service samples, the governor has no interval
+    /// to change and its floor is one trap per sample.
+    pub usdt: bool,
 }
 
 /// `UNWIND_ROWS` (as the agent's row store), `UNWIND_MAPPINGS` and `UNWIND_STATE`, each target
@@ -330,14 +333,15 @@ impl Probes {
         self.settings
     }
 
-    /// `(target id, slot, configured interval, interval in force)` of every attached target.
-    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64)> {
+    /// `(target id, slot, configured interval, interval in force, traced through the USDT
+    /// contract)` of every attached target.
+    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64, bool)> {
         let slots = self.slots.lock().unwrap();
         (0..MAX_TARGETS)
             .filter_map(|slot| {
                 let o = slots.owners[slot as usize];
                 o.pid?;
-                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes))
+                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes, o.usdt))
             })
             .collect()
     }

@@ -68,6 +68,7 @@ impl TargetProbes {
         owner.pid = Some(pid);
         owner.base_sample_bytes = sample_bytes;
         owner.sample_bytes = sample_bytes;
+        owner.usdt = false;
         let id = target_id(slot, owner.generation);
         reset_slot(&mut slots, slot)?;
         rebalance(&mut slots, probes.settings.max_allocs)?;
@@ -98,6 +99,7 @@ impl TargetProbes {
         let (report, links) = attach::attach_contract(&self.probes, self.id, self.slot, self.pid, contract)?;
         self.links.lock().unwrap().extend(links);
         *self.contract.lock().unwrap() = Some(contract.clone());
+        self.probes.slots.lock().unwrap().owners[self.slot as usize].usdt = true;
         Ok(report)
     }
 

@@ -109,14 +109,25 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
-    eprintln!(
-        "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
-        args.pid,
-        render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
-        render::escape::term(session.allocator()),
-        session.probe_mode().name(),
-        args.duration,
-    );
+    if let Some(source) = session.source() {
+        let live = if session.live_tracking() { "" } else { "; live tracking unavailable (alloc-only build)" };
+        eprintln!(
+            "memscope: attached to {} ({}), source {source} in {} (the service samples its own allocations{live}); recording for {:?} (Ctrl-C to stop)",
+            args.pid,
+            render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
+            render::escape::term(session.allocator()),
+            args.duration,
+        );
+    } else {
+        eprintln!(
+            "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
+            args.pid,
+            render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
+            render::escape::term(session.allocator()),
+            session.probe_mode().name(),
+            args.duration,
+        );
+    }
     let specs = args.triggers.specs()?;
     let mut triggered = if specs.is_empty() {
         None
