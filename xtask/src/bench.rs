@@ -103,6 +103,22 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(args: BenchArgs) -> Result<()> {
     cmd::require_root("`cargo xtask bench`")?;
     let started = Instant::now();
+    if args.usdt_only {
+        // Only memscope is needed: not the C workloads (the 100 MiB one takes minutes).
+        ebpf::build(false)?;
+        step("cargo build --release -p profiler-user");
+        cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"])).context("building memscope failed")?;
+        let scratch = cmd::target_dir().join("bench");
+        fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+        let usdt = crate::bench_usdt::run(&cmd::target_dir().join("release/memscope"), &scratch)?;
+        print!("{}", usdt.render());
+        print_targets(&usdt.targets());
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "usdt": usdt.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let tools = prepare()?;
     if args.node_only {
         let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
@@ -122,16 +138,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         if let Some(path) = &args.json {
             fs::write(path, serde_json::to_string_pretty(&json!({ "v8": v8.to_json() }))? + "\n")
-                .with_context(|| format!("cannot write {}", path.display()))?;
-        }
-        return Ok(());
-    }
-    if args.usdt_only {
-        let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
-        print!("{}", usdt.render());
-        print_targets(&usdt.targets());
-        if let Some(path) = &args.json {
-            fs::write(path, serde_json::to_string_pretty(&json!({ "usdt": usdt.to_json() }))? + "\n")
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
         return Ok(());
