@@ -163,3 +163,53 @@ fn source_usdt_refuses_a_process_without_the_contract() {
     let text = format!("{err:#}");
     assert!(text.contains("no USDT heap-sampling contract"), "{text}");
 }
+
+fn http_get(url: &str, path: &str) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut resp = agent
+        .get(format!("{url}{path}"))
+        .header("Authorization", format!("Bearer {}", common::agent::READ))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// The agent: a selector with `usdt=ddheap` picks the contract service up by itself,
+/// `/v1/targets` says its source, its leaks JSON carries the source and the kept bytes, and
+/// the service samples while the agent traces it.
+#[test]
+fn agent_selects_and_traces_a_contract_service() {
+    use common::agent::{data_dir, standard_tokens, start_agent};
+    require_root();
+    let exe = usdt_service("system", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    // Its own fixture only (other tests run meanwhile); the usdt= term reads its notes.
+    let select = format!("exe={},usdt=ddheap", exe.display());
+    let data = data_dir(dir.path());
+    let agent = start_agent(&["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--select", &select])
+        .unwrap();
+    let mut fixture = Fixture::start(&exe, "serve");
+    let pid = fixture.pid;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let row = loop {
+        let (_, v) = http_get(&agent.url, "/v1/targets");
+        let found = v["targets"].as_array().and_then(|ts| ts.iter().find(|t| t["pid"] == pid).cloned());
+        if let Some(t) = found {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the agent did not attach to {pid}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(row["source"], "usdt:ddheap", "{row:#}");
+    wait_attached(&mut fixture, 1, "agent");
+    fixture.go();
+    let (status, leaks) = http_get(&agent.url, &format!("/v1/targets/{pid}/leaks?min_age=0s"));
+    assert_eq!(status, 200, "{leaks}");
+    assert_eq!(leaks["source"], "usdt:ddheap");
+    assert_eq!(leaks["live_tracking"], true);
+    let live = leaks["totals"]["live_bytes"].as_u64().unwrap();
+    assert!(live as f64 > BIG as f64 * 0.85, "live bytes {live}");
+}

@@ -211,6 +211,14 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// `usdt=` is a match term (any glob over the provider), checked after the others.
+    #[test]
+    fn usdt_term_parses_and_goes_last() {
+        let s = Selector::parse("usdt=ddheap,comm=api").unwrap();
+        assert_eq!(s.terms, vec![Term::Comm(Glob::new("api")), Term::Usdt(Glob::new("ddheap"))]);
+        assert!(Selector::parse("usdt=").is_err());
+    }
+
     use super::*;
     use crate::discover::identity::ContainerIdentity;
 
