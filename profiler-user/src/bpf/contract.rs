@@ -205,8 +205,12 @@ pub fn reg(name: &str) -> Option<u16> {
         return Some(*slot);
     }
     let n: u16 = name.strip_prefix('r')?.trim_end_matches(['d', 'w', 'b']).parse().ok()?;
-    // r8..r15: slots 9 (r8) down to 0 (r15).
-    (8..=15).contains(&n).then(|| 17 - n)
+    // pt_regs begins r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8.
+    match n {
+        12..=15 => Some(15 - n),
+        8..=11 => Some(17 - n),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +233,8 @@ mod tests {
         assert_eq!((a.kind, a.value), (usdt_arg::CONST, -5));
         assert_eq!(arg("8@%r8").unwrap().reg, 9);
         assert_eq!(arg("8@%r15").unwrap().reg, 0);
+        assert_eq!(arg("8@%r11").unwrap().reg, 6);
+        assert_eq!(arg("2@%r13w").unwrap().reg, 2);
         assert_eq!(arg("1@%sil").unwrap().reg, 13);
         // Hostile or foreign descriptions are refused, not guessed.
         for bad in ["3@%rdi", "8@%x0", "8@%ah", "8@4(%rax,%rbx,2)", "8@", "x@%rdi", "8@$zz", "8@%r16"] {
