@@ -37,6 +37,8 @@ pub struct Session {
     source: Option<String>,
     /// With a contract: whether it reports frees (live-heap builds).
     live_tracking: bool,
+    /// With a contract: where the producer keeps its sampling interval, when known.
+    interval_addr: Option<u64>,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
@@ -98,11 +100,11 @@ impl Session {
             Traced::Contract(contract) => target.attach_contract(contract),
         }
         .with_context(|| format!("attaching to process {pid} ({comm})"))?;
-        let (allocator, source, live_tracking) = match traced {
-            Traced::Allocator(a) => (a.path_in_target, None, true),
+        let (allocator, source, live_tracking, interval_addr) = match traced {
+            Traced::Allocator(a) => (a.path_in_target, None, true, None),
             Traced::Contract(c) => {
                 let path = c.objects.iter().map(|o| o.path_in_target.as_str()).collect::<Vec<_>>().join(", ");
-                (path, Some(c.source_name()), c.live_tracking())
+                (path, Some(c.source_name()), c.live_tracking(), contract::interval_address(pid, &c))
             }
         };
         let probe_mode = probes.probe_mode();
@@ -124,6 +126,7 @@ impl Session {
             allocator,
             source,
             live_tracking,
+            interval_addr,
             sites,
             unwind,
             target,
@@ -141,6 +144,12 @@ impl Session {
     /// when through its allocator.
     pub fn source(&self) -> Option<&str> {
         self.source.as_deref()
+    }
+
+    /// The producer's mean sampling interval now, when memscope can read it (the `ddheap`
+    /// sampler's).
+    pub fn producer_interval(&self) -> Option<u64> {
+        contract::read_interval(self.pid, self.interval_addr?)
     }
 
     /// Whether frees are seen (false only for a contract without a `free` probe).
@@ -304,6 +313,8 @@ impl TracedTarget for Session {
         if let Some(source) = &self.source {
             profile.source = Some(source.clone());
             profile.live_tracking = Some(self.live_tracking);
+            // The producer's interval (0: unknown): what every output reports as the sampling.
+            profile.sample_bytes = self.producer_interval().unwrap_or(0);
             if !self.live_tracking {
                 // Nothing is ever seen freed: every sample would look live forever.
                 without_live_figures(&mut profile);
@@ -333,7 +344,7 @@ impl TracedTarget for Session {
             unwind: build::unwind(&counters),
             unwind_tables: Some(self.unwind.stats()),
             memory_budget: Some(self.budget.report()),
-            sample_bytes: self.target.sample_bytes(),
+            sample_bytes: if self.source.is_some() { self.producer_interval().unwrap_or(0) } else { self.target.sample_bytes() },
             probe_cost: self.target.cost(),
             probe_mode: self.probe_mode().name().to_string(),
             source: self.source.clone().unwrap_or_else(|| "allocator".to_string()),

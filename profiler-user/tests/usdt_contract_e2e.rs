@@ -70,6 +70,8 @@ fn check_live_service(exe: &Path, label: &str) {
     fixture.go();
     let p = session.snapshot(Duration::ZERO).unwrap();
     assert_eq!(p.source.as_deref(), Some("usdt:ddheap"));
+    // The producer's interval, read from the service (it set 64 KiB).
+    assert_eq!(p.sample_bytes, 64 * 1024, "{label}");
     // ~1,600 samples at the fixture's 64 KiB interval: 2.5% standard error.
     within(label, "keep_big live", site(&p, "keep_big").0, BIG, 0.12);
     within(label, "keep_big allocated", site(&p, "keep_big").1, BIG, 0.12);

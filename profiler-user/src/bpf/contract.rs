@@ -213,6 +213,39 @@ pub fn reg(name: &str) -> Option<u16> {
     }
 }
 
+/// `libdd-profiling-heap-sampler`'s process-wide interval (0: its default,
+/// [`DDHEAP_DEFAULT_INTERVAL`]); a `u64` in the object's data.
+const DDHEAP_INTERVAL_SYMBOL: &str = "dd_sampling_interval_override";
+pub const DDHEAP_DEFAULT_INTERVAL: u64 = 512 * 1024;
+
+/// Where the producer keeps its mean sampling interval in `pid`'s memory, when it is known:
+/// the `ddheap` sampler's `dd_sampling_interval_override` symbol in the first contract object
+/// whose symbol table has it (placed by the alloc site's load bias). `None` when not known.
+pub fn interval_address(pid: u32, contract: &Contract) -> Option<u64> {
+    use object::{Object as _, ObjectSymbol as _};
+    if contract.provider != "ddheap" {
+        return None;
+    }
+    let maps = procfs::maps(pid).ok()?;
+    contract.objects.iter().find_map(|o| {
+        let (site, _) = o.alloc.first()?;
+        let bytes = o.host_path.bytes().ok()?;
+        let file = object::File::parse(&bytes[..]).ok()?;
+        let sym = file.symbols().find(|s| s.name() == Ok(DDHEAP_INTERVAL_SYMBOL))?;
+        let site_addr = procfs::address_of(&maps, &o.path_in_target, site.file_offset, 1)?;
+        Some(site_addr.wrapping_sub(site.pc).wrapping_add(sym.address()))
+    })
+}
+
+/// The producer's interval now, read at `addr` (from [`interval_address`]): its default when
+/// it reads 0, below 64 KiB clamped as the sampler does. `None` when unreadable.
+pub fn read_interval(pid: u32, addr: u64) -> Option<u64> {
+    let mem = std::sync::Arc::new(std::fs::File::open(format!("/proc/{pid}/mem")).ok()?);
+    let b = crate::target_mem::read_at(&mem, addr, 8).ok()?;
+    let v = u64::from_ne_bytes(b.try_into().ok()?);
+    Some(if v == 0 { DDHEAP_DEFAULT_INTERVAL } else { v.max(64 * 1024) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
