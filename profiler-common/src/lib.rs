@@ -474,6 +474,56 @@ pub const MAX_ROWS_PER_FILE: u32 = 1 << ROW_SEARCH_STEPS;
 /// Snapshot trigger slots (`--on-return`, `--on-usdt`) of one loaded object, all targets together.
 pub const MAX_TRIGGERS: u32 = 4096;
 
+/// The USDT heap-sampling contract (`ddheap:alloc(ptr, size, weight)` / `ddheap:free(ptr)`, or
+/// `otel_memory:*` with the same arguments): the service samples its own allocations and the
+/// probes only see samples. Where one probe site finds its arguments, as its `.note.stapsdt`
+/// describes them (`8@%rdi`, `-4@$5`, `8@-16(%rbp)`), compiled by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtArg {
+    /// One of [`usdt_arg`].
+    pub kind: u32,
+    /// For registers: the register's index in `struct pt_regs` (in u64 slots).
+    pub reg: u16,
+    /// The argument's size in bytes (1, 2, 4 or 8).
+    pub size: u8,
+    /// 1 when the value is sign-extended from `size` bytes.
+    pub signed: u8,
+    /// The constant ([`usdt_arg::CONST`]) or the displacement ([`usdt_arg::REG_DEREF`]).
+    pub value: i64,
+}
+const _: () = assert!(core::mem::size_of::<UsdtArg>() == 16);
+
+/// [`UsdtArg::kind`]s.
+pub mod usdt_arg {
+    /// The argument is missing: reads as 0.
+    pub const NONE: u32 = 0;
+    pub const CONST: u32 = 1;
+    /// The register's value.
+    pub const REG: u32 = 2;
+    /// The value at `register + value` in the target's memory.
+    pub const REG_DEREF: u32 = 3;
+}
+
+/// The arguments of one contract probe site (`alloc` has three, `free` one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsdtSpec {
+    pub args: [UsdtArg; 3],
+}
+const _: () = assert!(core::mem::size_of::<UsdtSpec>() == 48);
+
+/// Contract probe sites one target may have (its alloc and free sites in every object that
+/// carries the contract): the target's specs are `USDT_SPECS[slot * USDT_SPECS_PER_TARGET ..]`,
+/// and a site's attach cookie is [`usdt_cookie`].
+pub const USDT_SPECS_PER_TARGET: u32 = 16;
+
+/// Attach cookie of a contract probe site: bits 0..8 = the site's index among its target's
+/// specs, bits 8..48 = the target (as [`encode_cookie`]).
+pub const fn usdt_cookie(site: u32, target: u64) -> u64 {
+    (site as u64 & 0xff) | (target << 8)
+}
+
 /// Entries in the exponential table used for Poisson byte sampling.
 pub const EXP_TABLE_LEN: usize = 1024;
 /// Fixed-point scale of the exponential table's values.
@@ -491,4 +541,5 @@ mod pod {
     unsafe impl aya::Pod for super::UnwindMapping {}
     unsafe impl aya::Pod for super::TargetConfig {}
     unsafe impl aya::Pod for super::LiveKey {}
+    unsafe impl aya::Pod for super::UsdtSpec {}
 }

@@ -22,6 +22,7 @@ mod maps;
 mod probes;
 mod stack;
 mod triggers;
+mod usdt;
 
 #[cfg(not(test))]
 #[panic_handler]

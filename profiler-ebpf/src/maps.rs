@@ -9,8 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use profiler_common::{
-    AllocInfo, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow,
-    COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, WEIGHT_TABLE_LEN,
+    AllocInfo, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow, UsdtSpec,
+    COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, USDT_SPECS_PER_TARGET,
+    WEIGHT_TABLE_LEN,
 };
 
 /// Each target slot's settings (sampling interval, live-allocation quota).
@@ -94,6 +95,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_TARGET
 /// Per slot, bytes left before the next sample on this CPU (Poisson byte sampling).
 #[map]
 pub static SAMPLE_COUNTDOWN: PerCpuArray<i64> = PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+
+/// Where each contract probe site (`usdt.rs`) finds its arguments: `USDT_SPECS_PER_TARGET`
+/// per target slot, written by the agent before it attaches the site.
+#[map]
+pub static USDT_SPECS: Array<UsdtSpec> = Array::with_max_entries(MAX_TARGETS * USDT_SPECS_PER_TARGET, 0);
 
 /// Hits of snapshot triggers (`--on-return`, `--on-usdt`), indexed by the attach cookie (slots
 /// the agent gives out across targets); it polls them and takes a snapshot when a count moves.

@@ -55,7 +55,7 @@ pub struct Target {
 }
 
 #[inline(always)]
-fn target(cookie: u64) -> Option<Target> {
+pub fn target(cookie: u64) -> Option<Target> {
     let id = cookie_target(cookie);
     let slot = target_slot(id);
     let cfg = TARGETS.get(slot)?;
@@ -63,7 +63,7 @@ fn target(cookie: u64) -> Option<Target> {
 }
 
 #[inline(always)]
-fn cookie(ctx: *mut c_void) -> u64 {
+pub fn cookie(ctx: *mut c_void) -> u64 {
     unsafe { bpf_get_attach_cookie(ctx) }
 }
 
@@ -359,7 +359,7 @@ fn on_alloc_return(t: &Target, regs: *const pt_regs, pid_tgid: u64) -> Result<()
 }
 
 #[inline(always)]
-fn remember(t: &Target, ptr: u64, size: u64, weight: u64, stack: StackKey) {
+pub fn remember(t: &Target, ptr: u64, size: u64, weight: u64, stack: StackKey) {
     // The target's share of the shared map: past it, its allocations are dropped (counted),
     // not other targets'.
     let live = TARGET_LIVE.get_ptr_mut(t.slot).unwrap_or(null_mut());
@@ -417,7 +417,7 @@ fn live_filter_slot(t: &Target, ptr: u64) -> *mut u64 {
 /// Drops a tracked allocation; counts frees of addresses that were never tracked (not for
 /// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
-fn forget(t: &Target, ptr: u64, count_untracked: bool) {
+pub fn forget(t: &Target, ptr: u64, count_untracked: bool) {
     // While sampling, most frees are of unsampled memory: a zero counter says so without a
     // `LIVE` lookup (a hash-map lookup is a function call, an array lookup is inlined).
     let filter = live_filter_slot(t, ptr);

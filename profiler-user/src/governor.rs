@@ -10,6 +10,11 @@
 //! ~0.4 us more for a return. The interval changes the sampled part only: the entry trap of
 //! every call is the floor, which no interval removes; a budget below it is reported
 //! (`floor_percent`), not met.
+//!
+//! A target traced through the USDT heap-sampling contract (see [`crate::bpf::contract`])
+//! traps once per sample the service itself took and once per free of one: no per-call floor.
+//! Its interval is the service's, not the governor's: the governor reports its cost (the
+//! floor is then those traps) and leaves it alone.
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
@@ -68,6 +73,7 @@ struct Period {
     secs: f64,
     entries: u64,
     returns: u64,
+    usdt: bool,
 }
 
 /// Starts the governor of `probes` (returns at once; the thread ends with the probes).
@@ -101,27 +107,33 @@ fn run(probes: Weak<Probes>, budget: f64) {
         seen.retain(|id, _| targets.iter().any(|t| t.0 == *id));
         // Events of every target this period, to share the programs' run time by.
         let mut periods = Vec::new();
-        for (id, slot, base, current) in targets {
+        for (id, slot, base, current, usdt) in targets {
             let Ok(c) = reader::read_counters(&probes.maps, slot) else { continue };
             let n = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
-            let entries = n(Counter::Allocs) + n(Counter::FailedAllocs) + n(Counter::Frees) + n(Counter::UntrackedFrees);
-            let returns = if probes.session.is_some() { n(Counter::SampledAllocs) } else { n(Counter::Allocs) };
+            let (entries, returns) = if usdt {
+                // One trap per sample and per free of a sample; `Allocs` is an estimate there.
+                (n(Counter::SampledAllocs) + n(Counter::FailedAllocs) + n(Counter::Frees) + n(Counter::UntrackedFrees), 0)
+            } else {
+                let entries = n(Counter::Allocs) + n(Counter::FailedAllocs) + n(Counter::Frees) + n(Counter::UntrackedFrees);
+                (entries, if probes.session.is_some() { n(Counter::SampledAllocs) } else { n(Counter::Allocs) })
+            };
             let now = Instant::now();
             let prev = seen.insert(id, Seen { at: now, entries, returns });
             let Some(prev) = prev else { continue };
             let secs = now.duration_since(prev.at).as_secs_f64().max(1e-3);
             let (entries, returns) = (entries.saturating_sub(prev.entries), returns.saturating_sub(prev.returns));
-            periods.push(Period { id, slot, base, current, secs, entries, returns });
+            periods.push(Period { id, slot, base, current, secs, entries, returns, usdt });
         }
         let all_events: u64 = periods.iter().map(|p| p.entries + p.returns).sum();
         let ns_per_run = if bpf_runs > 0 { bpf_ns as f64 / bpf_runs as f64 } else { 0.0 };
-        for Period { id, slot, base, current, secs, entries, returns } in periods {
+        for Period { id, slot, base, current, secs, entries, returns, usdt } in periods {
             let share = if all_events > 0 { (entries + returns) as f64 / all_events as f64 } else { 0.0 };
             let floor_ns = entries as f64 * ENTRY_TRAP_NS;
             let cost_ns = floor_ns + returns as f64 * RETURN_TRAP_NS + bpf_ns as f64 * share;
             let cpu_percent = cost_ns / (secs * 1e9) * 100.0;
             let floor_percent = floor_ns / (secs * 1e9) * 100.0;
-            let next = next_interval(current, base, cpu_percent, budget);
+            // The service's sampler decides a contract target's interval.
+            let next = if usdt { current } else { next_interval(current, base, cpu_percent, budget) };
             if next != current {
                 debug!(target = id, cpu_percent, budget, from = current, to = next, "sampling interval changed");
                 if let Err(e) = probes.set_slot_sample_bytes(slot, next) {
@@ -166,6 +178,9 @@ fn bpf_run_stats(probes: &Probes) -> (u64, u64) {
     let mut fds: Vec<RawFd> = Vec::new();
     if let Some(s) = &probes.session {
         fds.extend([s.malloc.raw_fd(), s.alloc.raw_fd(), s.free.raw_fd()]);
+    }
+    if let Ok([alloc, free]) = &probes.usdt {
+        fds.extend([alloc.raw_fd(), free.raw_fd()]);
     }
     {
         let ebpf = probes.ebpf.lock().unwrap();

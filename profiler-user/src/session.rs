@@ -14,7 +14,8 @@ use crate::{
     aggregate::{build, HeapProfile},
     bpf::{
         attach::{self, ProbeSiteReport, TriggerPoint},
-        load::{self, ProbeMode, ProbeSettings, Probes},
+        contract,
+        load::{self, ProbeMode, ProbeSettings, Probes, SourceMode},
         target_view::TargetProbes,
     },
     pause::PauseLedger,
@@ -32,6 +33,12 @@ pub struct Session {
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
     allocator: String,
+    /// `usdt:ddheap` when traced through the USDT contract, `None` through its allocator.
+    source: Option<String>,
+    /// With a contract: whether it reports frees (live-heap builds).
+    live_tracking: bool,
+    /// With a contract: where the producer keeps its sampling interval, when known.
+    interval_addr: Option<u64>,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
@@ -69,9 +76,14 @@ impl Session {
         // end (its pid could be reused by another one meanwhile).
         let process = Arc::new(Process::open(pid)?);
         let comm = procfs::comm(pid)?;
-        let allocator = attach::find_allocator(pid)?;
+        let traced = choose_source(probes, pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;
+        // Through the contract the service samples: the probes record every sample they see.
+        let sample_bytes = match &traced {
+            Traced::Allocator(_) => probes.settings().sample_bytes,
+            Traced::Contract(_) => 0,
+        };
+        let mut target = TargetProbes::claim(probes, pid, sample_bytes)?;
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(
             process.clone(),
@@ -83,14 +95,25 @@ impl Session {
         )?;
         // The mappings are in place before the first probe fires.
         let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
-        let sites = target.attach(&allocator).with_context(|| format!("attaching to process {pid} ({comm})"))?;
+        let sites = match &traced {
+            Traced::Allocator(allocator) => target.attach(allocator),
+            Traced::Contract(contract) => target.attach_contract(contract),
+        }
+        .with_context(|| format!("attaching to process {pid} ({comm})"))?;
+        let (allocator, source, live_tracking, interval_addr) = match traced {
+            Traced::Allocator(a) => (a.path_in_target, None, true, None),
+            Traced::Contract(c) => {
+                let path = c.objects.iter().map(|o| o.path_in_target.as_str()).collect::<Vec<_>>().join(", ");
+                (path, Some(c.source_name()), c.live_tracking(), contract::interval_address(pid, &c))
+            }
+        };
         let probe_mode = probes.probe_mode();
         let budget = crate::budget::Account::for_pid(pid);
         let symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
         unwind.set_attach_ms(attach_ms);
-        info!(pid, allocator = %allocator.path_in_target, ?probe_mode, attach_ms, slot = target.slot(), "attached");
+        info!(pid, %allocator, source = source.as_deref().unwrap_or("allocator"), ?probe_mode, attach_ms, slot = target.slot(), "attached");
         let inner = Arc::new(Mutex::new(Inner { symbolizer }));
         let target = Arc::new(target);
         spawn_jit_pinner(pid, Arc::downgrade(&target), Arc::downgrade(&inner));
@@ -100,7 +123,10 @@ impl Session {
             process,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
-            allocator: allocator.path_in_target,
+            allocator,
+            source,
+            live_tracking,
+            interval_addr,
             sites,
             unwind,
             target,
@@ -112,6 +138,23 @@ impl Session {
 
     pub fn allocator(&self) -> &str {
         &self.allocator
+    }
+
+    /// `usdt:ddheap` (or `usdt:otel_memory`) when traced through the USDT contract, `None`
+    /// when through its allocator.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
+    }
+
+    /// The producer's mean sampling interval now, when memscope can read it (the `ddheap`
+    /// sampler's).
+    pub fn producer_interval(&self) -> Option<u64> {
+        contract::read_interval(self.pid, self.interval_addr?)
+    }
+
+    /// Whether frees are seen (false only for a contract without a `free` probe).
+    pub fn live_tracking(&self) -> bool {
+        self.live_tracking
     }
 
     pub fn probe_sites(&self) -> &[ProbeSiteReport] {
@@ -185,6 +228,47 @@ fn spawn_jit_pinner(pid: u32, target: std::sync::Weak<TargetProbes>, inner: std:
     }
 }
 
+/// What a target is traced through.
+enum Traced {
+    Allocator(attach::Allocator),
+    Contract(contract::Contract),
+}
+
+/// The USDT contract when the target carries it and `--source` allows it, else its allocator
+/// (`--source usdt` refuses a target without the contract, or a kernel that cannot trace it).
+fn choose_source(probes: &Probes, pid: u32) -> anyhow::Result<Traced> {
+    let mode = probes.settings().source;
+    if mode == SourceMode::Allocator {
+        return Ok(Traced::Allocator(attach::find_allocator(pid)?));
+    }
+    if let Err(e) = &probes.usdt {
+        anyhow::ensure!(mode != SourceMode::Usdt, "--source usdt: this kernel cannot trace the USDT contract: {e}");
+        return Ok(Traced::Allocator(attach::find_allocator(pid)?));
+    }
+    if mode == SourceMode::Usdt {
+        return Ok(Traced::Contract(contract::require(pid)?));
+    }
+    match contract::find(pid) {
+        Ok(Some(c)) => return Ok(Traced::Contract(c)),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(pid, "looking for the USDT contract: {e}; tracing the allocator"),
+    }
+    Ok(Traced::Allocator(attach::find_allocator(pid)?))
+}
+
+/// An alloc-only producer: live bytes and leaks cannot be known, only what was allocated.
+fn without_live_figures(p: &mut HeapProfile) {
+    p.totals.live_bytes = 0;
+    p.totals.live_allocs = 0;
+    for s in &mut p.stacks {
+        s.live_bytes = 0;
+        s.live_allocs = 0;
+        s.leak_bytes = 0;
+        s.leak_allocs = 0;
+        s.oldest_age_s = 0.0;
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -226,6 +310,16 @@ impl TracedTarget for Session {
             }
         }
         profile.expand_inlined();
+        if let Some(source) = &self.source {
+            profile.source = Some(source.clone());
+            profile.live_tracking = Some(self.live_tracking);
+            // The producer's interval (0: unknown): what every output reports as the sampling.
+            profile.sample_bytes = self.producer_interval().unwrap_or(0);
+            if !self.live_tracking {
+                // Nothing is ever seen freed: every sample would look live forever.
+                without_live_figures(&mut profile);
+            }
+        }
         profile.unwind_tables = Some(self.unwind.stats());
         profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
         if !exited {
@@ -238,7 +332,7 @@ impl TracedTarget for Session {
     fn stats(&self) -> TargetStats {
         let counters = self.target.counters().unwrap_or_default();
         let c = |k: Counter| counters.get(k as usize).copied().unwrap_or(0);
-        let (live_bytes, live_allocs) = build::live_from_counters(&counters);
+        let (live_bytes, live_allocs) = if self.live_tracking { build::live_from_counters(&counters) } else { (0, 0) };
         TargetStats {
             pid: self.pid,
             comm: self.comm.clone(),
@@ -250,9 +344,10 @@ impl TracedTarget for Session {
             unwind: build::unwind(&counters),
             unwind_tables: Some(self.unwind.stats()),
             memory_budget: Some(self.budget.report()),
-            sample_bytes: self.target.sample_bytes(),
+            sample_bytes: if self.source.is_some() { self.producer_interval().unwrap_or(0) } else { self.target.sample_bytes() },
             probe_cost: self.target.cost(),
             probe_mode: self.probe_mode().name().to_string(),
+            source: self.source.clone().unwrap_or_else(|| "allocator".to_string()),
             alive: self.alive(),
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),

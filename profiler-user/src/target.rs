@@ -33,6 +33,11 @@ pub struct TargetStats {
     pub probe_cost: Option<crate::governor::ProbeCost>,
     /// How the allocator probes are attached: `session` or `classic`.
     pub probe_mode: String,
+    /// Where its allocations are seen: `allocator` (probes on its allocator's functions) or
+    /// `usdt:ddheap` / `usdt:otel_memory` (the service's own samples, see
+    /// [`crate::bpf::contract`]).
+    #[serde(default)]
+    pub source: String,
     pub alive: bool,
     /// The workload's labels (workload, node, namespace, pod, container, executable) when the
     /// target is a workload's process; filled by the agent.

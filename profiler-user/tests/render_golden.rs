@@ -165,6 +165,8 @@ fn fixture() -> HeapProfile {
         stacks,
         mappings: Vec::new(),
         probe_gaps: None,
+        source: None,
+        live_tracking: None,
     }
 }
 

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// agent vs in-process; the paused share with a gc trigger).
     #[arg(long, conflicts_with = "node_only")]
     v8_only: bool,
+    /// Run only the `usdt` section (a service with the USDT heap-sampling contract: cost per
+    /// pair through the contract vs through uprobes, live bytes of 300 MiB kept).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    usdt_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -99,6 +103,22 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn run(args: BenchArgs) -> Result<()> {
     cmd::require_root("`cargo xtask bench`")?;
     let started = Instant::now();
+    if args.usdt_only {
+        // Only memscope is needed: not the C workloads (the 100 MiB one takes minutes).
+        ebpf::build(false)?;
+        step("cargo build --release -p profiler-user");
+        cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"])).context("building memscope failed")?;
+        let scratch = cmd::target_dir().join("bench");
+        fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
+        let usdt = crate::bench_usdt::run(&cmd::target_dir().join("release/memscope"), &scratch)?;
+        print!("{}", usdt.render());
+        print_targets(&usdt.targets());
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "usdt": usdt.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     let tools = prepare()?;
     if args.node_only {
         let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
@@ -135,6 +155,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
     let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+    let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -154,14 +175,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mark = if met { "met    " } else { "NOT MET" };
         println!("  [{mark}] {name}: {value} (target {limit})");
     }
+    print!("{}", usdt.render());
+    print_targets(&usdt.targets());
     if let Some(path) = &args.json {
         let mut all = report.to_json();
         all["v8"] = v8.to_json();
+        all["usdt"] = usdt.to_json();
         let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));
     }
     Ok(())
+}
+
+fn print_targets(rows: &[(String, String, String, bool)]) {
+    for (name, limit, value, met) in rows {
+        let mark = if *met { "met    " } else { "NOT MET" };
+        println!("  [{mark}] {name}: {value} (target {limit})");
+    }
 }
 
 // ---- preparation ------------------------------------------------------------------------------

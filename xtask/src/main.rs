@@ -5,6 +5,7 @@
 //! and the privileged commands (`test`, `demo`) need root.
 mod bench;
 mod bench_node;
+mod bench_usdt;
 mod bench_v8;
 mod cmd;
 mod demo;

@@ -128,6 +128,8 @@ pub fn build(
         stacks,
         mappings: Vec::new(),
         probe_gaps: None,
+        source: None,
+        live_tracking: None,
     }
 }
 

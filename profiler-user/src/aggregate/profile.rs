@@ -154,6 +154,35 @@ pub struct HeapProfile {
     /// in a gap may still be listed as live. `None` when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_gaps: Option<crate::pause::ProbeGaps>,
+    /// Where the figures come from when not from the allocator's functions: `usdt:ddheap` or
+    /// `usdt:otel_memory` (the service sampled its own allocations and the figures are its
+    /// weights, see [`crate::bpf::contract`]). `None`: the allocator probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// With a USDT source: whether the producer reports the frees of its samples. `false` (an
+    /// alloc-only build): live bytes and leaks are unavailable, only allocation figures hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_tracking: Option<bool>,
+}
+
+impl HeapProfile {
+    /// What an output says about where its figures come from, when not the allocator probes:
+    /// `usdt:ddheap (the service's own samples, mean interval 512 KiB; live tracking
+    /// unavailable: alloc-only build)`.
+    pub fn source_note(&self) -> Option<String> {
+        let source = self.source.as_deref()?;
+        let interval = if self.sample_bytes > 0 {
+            format!("mean interval {}", crate::render::human_bytes(self.sample_bytes))
+        } else {
+            "interval unknown".to_string()
+        };
+        let live = if self.live_tracking == Some(false) {
+            "; live tracking unavailable: the producer reports no frees (alloc-only build)"
+        } else {
+            ""
+        };
+        Some(format!("{source} (the service's own samples, {interval}{live})"))
+    }
 }
 
 /// One executable mapping of a file in the target.

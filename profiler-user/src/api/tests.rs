@@ -144,6 +144,7 @@ impl TracedTarget for FakeTarget {
             sample_bytes: 0,
             probe_cost: None,
             probe_mode: "session".into(),
+            source: "allocator".into(),
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),
             pauses: None,

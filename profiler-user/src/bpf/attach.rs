@@ -13,10 +13,11 @@ use aya::{
     },
     Ebpf,
 };
-use profiler_common::{encode_cookie, AllocKind};
+use profiler_common::{encode_cookie, usdt_cookie, AllocKind, USDT_SPECS_PER_TARGET};
 use tracing::{debug, info};
 
 use super::{
+    contract,
     elf_symbols::FunctionSymbol,
     families, forwarding,
     load::Probes,
@@ -67,6 +68,8 @@ pub enum AttachError {
     Attach { function: String, path: String, source: Box<ProgramError>, hint: &'static str },
     #[error(transparent)]
     Session(#[from] SessionLinkError),
+    #[error("cannot trace the USDT heap-sampling contract of process {pid}: {reason}")]
+    Contract { pid: u32, reason: String },
 }
 
 const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's memleak, may hold a uprobe with a reference counter at this place; stop it and retry)";
@@ -179,7 +182,11 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
                 k if k.frees() => &mut free_probes,
                 _ => &mut alloc_probes,
             };
-            list.push(SessionProbe { file_offset: sym.file_offset + site.offset, cookie: encode_cookie(kind, target) });
+            list.push(SessionProbe {
+                file_offset: sym.file_offset + site.offset,
+                cookie: encode_cookie(kind, target),
+                ref_ctr_offset: 0,
+            });
         } else {
             let mut ebpf = probes.ebpf.lock().unwrap();
             links.extend(attach_classic(&mut ebpf, pid, alloc, kind, target, sym, &site)?);
@@ -203,6 +210,56 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
             links.push(Link::Session(program.attach(&alloc.host_path, list, pid)?));
         }
     }
+    Ok((report, links))
+}
+
+/// Attaches the contract's programs at every `alloc` and `free` site of `contract` for `pid`,
+/// target `target` in `slot`: one uprobe_multi link per program and object, each site's
+/// semaphore its reference counter (held while the link lives). Each site's arguments go to
+/// `USDT_SPECS` first.
+pub fn attach_contract(
+    probes: &Probes,
+    target: u64,
+    slot: u32,
+    pid: u32,
+    contract: &contract::Contract,
+) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
+    let [alloc_prog, free_prog] = probes.usdt.as_ref().map_err(|e| AttachError::Contract { pid, reason: e.clone() })?;
+    let mut links = Vec::new();
+    let mut report = Vec::new();
+    let mut k = 0u32;
+    let mut specs = probes.usdt_specs.lock().unwrap();
+    for object in &contract.objects {
+        for (program, sites, name) in [(alloc_prog, &object.alloc, "alloc"), (free_prog, &object.free, "free")] {
+            let mut list = Vec::new();
+            for (probe, spec) in sites {
+                specs
+                    .set(slot * USDT_SPECS_PER_TARGET + k, *spec, 0)
+                    .map_err(|e| AttachError::Contract { pid, reason: format!("USDT_SPECS: {e}") })?;
+                list.push(SessionProbe {
+                    file_offset: probe.file_offset,
+                    cookie: usdt_cookie(k, target),
+                    ref_ctr_offset: probe.semaphore_file_offset.unwrap_or(0),
+                });
+                report.push(ProbeSiteReport {
+                    function: format!("{}:{name}", contract.provider),
+                    offset: probe.file_offset,
+                    emulated: true,
+                    reason: format!(
+                        "USDT site in {} (arguments {:?}{})",
+                        object.path_in_target,
+                        probe.args,
+                        if probe.semaphore_file_offset.is_some() { ", semaphore held by the link" } else { "" }
+                    ),
+                });
+                k += 1;
+            }
+            if !list.is_empty() {
+                links.push(Link::Session(program.attach(&object.host_path, &list, pid)?));
+            }
+        }
+    }
+    info!(pid, provider = %contract.provider, sites = k, live = contract.live_tracking(), "USDT heap-sampling contract attached");
     Ok((report, links))
 }
 

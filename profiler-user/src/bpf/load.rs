@@ -42,6 +42,9 @@ pub struct ProbeSettings {
     /// At most this many unwind rows (8 bytes each) in all; `record` sizes the map to what its
     /// target maps at attach, plus room for libraries loaded later.
     pub max_unwind_rows: u32,
+    /// Where allocations are seen: the USDT heap-sampling contract when a target has it, or
+    /// its allocator's functions (see [`super::contract`]).
+    pub source: SourceMode,
 }
 
 impl Default for ProbeSettings {
@@ -52,6 +55,7 @@ impl Default for ProbeSettings {
             sample_bytes: 0,
             probe_mode: ProbeMode::Auto,
             max_unwind_rows: DEFAULT_MAX_UNWIND_ROWS,
+            source: SourceMode::Auto,
         }
     }
 }
@@ -89,6 +93,29 @@ impl ProbeMode {
     }
 }
 
+/// Where a target's allocations are seen (`--source`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceMode {
+    /// The USDT heap-sampling contract (`ddheap`, `otel_memory`) when the target has it: one
+    /// trap per sample instead of two per `malloc`+`free` pair; its allocator otherwise.
+    #[default]
+    Auto,
+    /// The allocator's functions, even when the target has the contract.
+    Allocator,
+    /// The contract only: a target without it is refused.
+    Usdt,
+}
+
+impl SourceMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceMode::Auto => "auto",
+            SourceMode::Allocator => "allocator",
+            SourceMode::Usdt => "usdt",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("this memscope was built without its eBPF object: run `cargo xtask build-ebpf`, then rebuild")]
@@ -116,6 +143,9 @@ pub struct Probes {
     pub(crate) ebpf: Mutex<Ebpf>,
     /// The programs, when the probes are attached as uprobe.session.
     pub(crate) session: Option<SessionPrograms>,
+    /// The USDT contract's programs (`alloc`, `free`), when the kernel has uprobe_multi links
+    /// (6.6+) and the source is not forced to the allocator.
+    pub(crate) usdt: Result<[SessionProgram; 2], String>,
     pub(crate) maps: ProbeMaps,
     /// Per-slot settings and state, written when a target comes, goes or changes its rate.
     pub(crate) slots: Mutex<SlotMaps>,
@@ -126,6 +156,8 @@ pub struct Probes {
     pub(crate) unreferenced_stacks: Mutex<std::collections::HashSet<u64>>,
     /// `COUNTERS`, for the readers on other threads (`counters_handle`).
     counters_data: MapData,
+    /// `USDT_SPECS`: where each contract probe site finds its arguments.
+    pub(crate) usdt_specs: Mutex<Array<MapData, profiler_common::UsdtSpec>>,
     /// What the probes cost each target (by target id), measured by the governor.
     pub(crate) costs: Mutex<std::collections::HashMap<u64, crate::governor::ProbeCost>>,
 }
@@ -171,6 +203,9 @@ pub struct SlotOwner {
     /// The interval the target was attached with, and the one in force (the governor's).
     pub base_sample_bytes: u64,
     pub sample_bytes: u64,
+    /// Traced through the USDT contract: the service samples, the governor has no interval
+    /// to change and its floor is one trap per sample.
+    pub usdt: bool,
 }
 
 /// `UNWIND_ROWS` (as the agent's row store), `UNWIND_MAPPINGS` and `UNWIND_STATE`, each target
@@ -238,7 +273,14 @@ impl Probes {
                 Err(e) => return Err(LoadError::Session(e)),
             },
         };
-        debug!(session = session.is_some(), "probe programs loaded");
+        let usdt = match settings.source {
+            SourceMode::Allocator => Err("--source allocator".to_string()),
+            _ => SessionProgram::load_multi(OBJECT, &ebpf, ["usdt_alloc", "usdt_free"]).map_err(|e| {
+                info!("the USDT heap-sampling contract cannot be traced here (uprobe_multi links need Linux 6.6+): {e}");
+                e.to_string()
+            }),
+        };
+        debug!(session = session.is_some(), usdt = usdt.is_ok(), "probe programs loaded");
         let rows = array(&mut ebpf, "UNWIND_ROWS")?;
         let rows = SharedRows::over(rows, unwind_rows.max(1)).map_err(|e| LoadError::Mmap { name: "UNWIND_ROWS", source: e })?;
         let unwind = UnwindMaps {
@@ -266,9 +308,12 @@ impl Probes {
             stacks: take(&mut ebpf, "STACKS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
         };
+        let usdt_specs = take(&mut ebpf, "USDT_SPECS")?;
         Ok(Probes {
             ebpf: Mutex::new(ebpf),
             session,
+            usdt,
+            usdt_specs: Mutex::new(usdt_specs),
             maps,
             slots: Mutex::new(slots),
             unwind,
@@ -288,14 +333,15 @@ impl Probes {
         self.settings
     }
 
-    /// `(target id, slot, configured interval, interval in force)` of every attached target.
-    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64)> {
+    /// `(target id, slot, configured interval, interval in force, traced through the USDT
+    /// contract)` of every attached target.
+    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64, bool)> {
         let slots = self.slots.lock().unwrap();
         (0..MAX_TARGETS)
             .filter_map(|slot| {
                 let o = slots.owners[slot as usize];
                 o.pid?;
-                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes))
+                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes, o.usdt))
             })
             .collect()
     }

@@ -6,6 +6,7 @@ pub mod forwarding;
 pub mod probe_site;
 pub mod attach;
 pub mod batch;
+pub mod contract;
 pub mod load;
 pub mod reader;
 pub mod session_link;

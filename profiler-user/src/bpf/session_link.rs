@@ -21,6 +21,9 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `enum bpf_attach_type` (uapi/linux/bpf.h), after BPF_TRACE_KPROBE_SESSION = 56.
 const BPF_TRACE_UPROBE_SESSION: u32 = 57;
+/// Plain uprobes in a uprobe_multi link (Linux 6.6+): the USDT contract's programs, whose
+/// links also take reference counters (USDT semaphores).
+const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 const LOG_SIZE: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +36,18 @@ pub enum SessionLinkError {
     MapType(String),
     #[error("cannot relocate eBPF program {name}: {reason}")]
     Relocate { name: String, reason: String },
-    #[error("the kernel refused eBPF program {name} as a uprobe.session program: {source}{log}")]
+    #[error("the kernel refused eBPF program {name} as a uprobe.session (or uprobe_multi) program: {source}{log}")]
     Load { name: String, source: io::Error, log: String },
     #[error("cannot attach a uprobe.session link to {path}: {source}")]
     Attach { path: String, source: io::Error },
 }
 
-/// A loaded uprobe.session program.
+/// A loaded uprobe.session program (or, from [`SessionProgram::load_multi`], a plain uprobe
+/// program for uprobe_multi links).
 #[derive(Debug)]
 pub struct SessionProgram {
     fd: OwnedFd,
+    attach_type: u32,
 }
 
 /// Probes attached through one uprobe_multi link; dropping it detaches all of them.
@@ -56,6 +61,9 @@ pub struct SessionLink {
 pub struct SessionProbe {
     pub file_offset: u64,
     pub cookie: u64,
+    /// File offset of a `u16` the kernel increments in the target while the probe is
+    /// installed and decrements when it goes (a USDT semaphore), 0 for none.
+    pub ref_ctr_offset: u64,
 }
 
 fn map_fd(map: &Map) -> Option<RawFd> {
@@ -81,6 +89,21 @@ impl SessionProgram {
     /// Loads programs `names` of `object`, their map references pointing at `ebpf`'s maps (call
     /// before taking any map out of `ebpf`).
     pub fn load<const N: usize>(object: &[u8], ebpf: &Ebpf, names: [&str; N]) -> Result<[Self; N], SessionLinkError> {
+        Self::load_as(object, ebpf, names, BPF_TRACE_UPROBE_SESSION)
+    }
+
+    /// Loads programs `names` as plain uprobes for uprobe_multi links (Linux 6.6+), whose
+    /// probes may carry reference counters (see [`SessionProbe::ref_ctr_offset`]).
+    pub fn load_multi<const N: usize>(object: &[u8], ebpf: &Ebpf, names: [&str; N]) -> Result<[Self; N], SessionLinkError> {
+        Self::load_as(object, ebpf, names, BPF_TRACE_UPROBE_MULTI)
+    }
+
+    fn load_as<const N: usize>(
+        object: &[u8],
+        ebpf: &Ebpf,
+        names: [&str; N],
+        attach_type: u32,
+    ) -> Result<[Self; N], SessionLinkError> {
         let mut obj =
             aya_obj::Object::parse(object).map_err(|e| SessionLinkError::Parse(e.to_string()))?;
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
@@ -102,9 +125,9 @@ impl SessionProgram {
             let missing = || SessionLinkError::MissingProgram(name.to_string());
             let program = obj.programs.get(name).ok_or_else(missing)?;
             let function = obj.functions.get(&program.function_key()).ok_or_else(missing)?;
-            let fd = prog_load(name, &function.instructions, &obj.license)
+            let fd = prog_load(name, &function.instructions, &obj.license, attach_type)
                 .map_err(|(source, log)| SessionLinkError::Load { name: name.to_string(), source, log })?;
-            Ok(SessionProgram { fd })
+            Ok(SessionProgram { fd, attach_type })
         };
         let mut loaded = Vec::with_capacity(N);
         for name in names {
@@ -121,14 +144,16 @@ impl SessionProgram {
             .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let offsets: Vec<u64> = probes.iter().map(|p| p.file_offset).collect();
         let cookies: Vec<u64> = probes.iter().map(|p| p.cookie).collect();
+        let ref_ctrs: Vec<u64> = probes.iter().map(|p| p.ref_ctr_offset).collect();
+        let ref_ctr_offsets = if ref_ctrs.iter().any(|&r| r != 0) { ref_ctrs.as_ptr() as u64 } else { 0 };
         let attr = LinkCreateAttr {
             prog_fd: self.fd.as_raw_fd() as u32,
             target_fd: 0,
-            attach_type: BPF_TRACE_UPROBE_SESSION,
+            attach_type: self.attach_type,
             flags: 0,
             path: c_path.as_ptr() as u64,
             offsets: offsets.as_ptr() as u64,
-            ref_ctr_offsets: 0,
+            ref_ctr_offsets,
             cookies: cookies.as_ptr() as u64,
             cnt: probes.len() as u32,
             multi_flags: 0,
@@ -187,6 +212,7 @@ fn prog_load(
     name: &str,
     insns: &[aya_obj::generated::bpf_insn],
     license: &CString,
+    attach_type: u32,
 ) -> Result<OwnedFd, (io::Error, String)> {
     let mut prog_name = [0u8; 16];
     for (dst, src) in prog_name.iter_mut().zip(name.bytes().take(15)) {
@@ -204,7 +230,7 @@ fn prog_load(
         prog_flags: 0,
         prog_name,
         prog_ifindex: 0,
-        expected_attach_type: BPF_TRACE_UPROBE_SESSION,
+        expected_attach_type: attach_type,
     };
     let first = match bpf(BPF_PROG_LOAD, &attr) {
         Ok(fd) => return Ok(fd),

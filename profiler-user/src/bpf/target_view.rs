@@ -27,6 +27,7 @@ use super::{
     load::{Probes, SlotMaps},
     reader::{self, RawSnapshot, RawStack},
 };
+use super::contract::Contract;
 use crate::target_fs::TargetFile;
 
 /// Snapshot triggers (return and USDT probe sites) one target may have.
@@ -51,6 +52,8 @@ pub struct TargetProbes {
     links: Mutex<Vec<Link>>,
     /// The allocator the links were made on, to make them again after a suspension.
     allocator: Mutex<Option<attach::Allocator>>,
+    /// Or the USDT contract they were made on.
+    contract: Mutex<Option<Contract>>,
     triggers: Mutex<Vec<(u32, Link)>>,
 }
 
@@ -65,6 +68,7 @@ impl TargetProbes {
         owner.pid = Some(pid);
         owner.base_sample_bytes = sample_bytes;
         owner.sample_bytes = sample_bytes;
+        owner.usdt = false;
         let id = target_id(slot, owner.generation);
         reset_slot(&mut slots, slot)?;
         rebalance(&mut slots, probes.settings.max_allocs)?;
@@ -76,6 +80,7 @@ impl TargetProbes {
             id,
             links: Mutex::new(Vec::new()),
             allocator: Mutex::new(None),
+            contract: Mutex::new(None),
             triggers: Mutex::new(Vec::new()),
         })
     }
@@ -85,6 +90,16 @@ impl TargetProbes {
         let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc)?;
         self.links.lock().unwrap().extend(links);
         *self.allocator.lock().unwrap() = Some(alloc.clone());
+        Ok(report)
+    }
+
+    /// Attaches the USDT contract's probes for this target instead of allocator probes: the
+    /// service's own sampler decides, the probes see samples only.
+    pub fn attach_contract(&mut self, contract: &Contract) -> Result<Vec<ProbeSiteReport>, AttachError> {
+        let (report, links) = attach::attach_contract(&self.probes, self.id, self.slot, self.pid, contract)?;
+        self.links.lock().unwrap().extend(links);
+        *self.contract.lock().unwrap() = Some(contract.clone());
+        self.probes.slots.lock().unwrap().owners[self.slot as usize].usdt = true;
         Ok(report)
     }
 
@@ -110,6 +125,11 @@ impl TargetProbes {
     pub fn resume_allocator_probes(&self) -> Result<(), AttachError> {
         let mut links = self.links.lock().unwrap();
         if !links.is_empty() {
+            return Ok(());
+        }
+        if let Some(contract) = self.contract.lock().unwrap().clone() {
+            let (_, fresh) = attach::attach_contract(&self.probes, self.id, self.slot, self.pid, &contract)?;
+            links.extend(fresh);
             return Ok(());
         }
         let Some(alloc) = self.allocator.lock().unwrap().clone() else { return Ok(()) };

@@ -16,7 +16,7 @@ use super::trigger_args::TriggerArgs;
 use crate::{
     aggregate::growth,
     api::{self, AgentConfig, Limits, TlsFiles, TriggerSettings},
-    bpf::load::{ProbeMode, ProbeSettings},
+    bpf::load::{ProbeMode, ProbeSettings, SourceMode},
     session::EbpfAttacher,
     store::Retention,
     target::Attacher,
@@ -84,6 +84,12 @@ pub struct AgentArgs {
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
     pub probe_mode: ProbeMode,
+    /// Where allocations are seen: `auto` traces a process that carries the USDT
+    /// heap-sampling contract (`ddheap:alloc`/`free`, `otel_memory:alloc`/`free`) through it,
+    /// one trap per sample, and any other process through its allocator; `allocator` and
+    /// `usdt` force either (`usdt` refuses a process without the contract).
+    #[arg(long, value_enum, default_value_t = SourceMode::Auto)]
+    pub source: SourceMode,
     /// Concurrent snapshots and renders; more are answered 503 at once.
     #[arg(long, default_value_t = Limits::default().max_expensive, value_name = "N")]
     pub max_renders: usize,
@@ -176,6 +182,7 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
+        source: args.source,
     };
     Arc::new(EbpfAttacher::new(settings, args.cpu_budget))
 }

@@ -28,7 +28,7 @@ use crate::{
         growth::{self, Verdict},
         HeapProfile, Measure,
     },
-    bpf::load::{ProbeMode, ProbeSettings},
+    bpf::load::{ProbeMode, ProbeSettings, SourceMode},
     render,
     session::Session,
     target::TracedTarget as _,
@@ -70,6 +70,12 @@ pub struct RecordArgs {
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
     pub probe_mode: ProbeMode,
+    /// Where allocations are seen: `auto` traces a process that carries the USDT
+    /// heap-sampling contract (`ddheap:alloc`/`free`, `otel_memory:alloc`/`free`) through it,
+    /// one trap per sample, and any other process through its allocator; `allocator` and
+    /// `usdt` force either (`usdt` refuses a process without the contract).
+    #[arg(long, value_enum, default_value_t = SourceMode::Auto)]
+    pub source: SourceMode,
     /// Leaks shown in the report.
     #[arg(long, default_value_t = 20)]
     pub top: usize,
@@ -98,18 +104,30 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
+        source: args.source,
     };
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
-    eprintln!(
-        "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
-        args.pid,
-        render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
-        render::escape::term(session.allocator()),
-        session.probe_mode().name(),
-        args.duration,
-    );
+    if let Some(source) = session.source() {
+        let live = if session.live_tracking() { "" } else { "; live tracking unavailable (alloc-only build)" };
+        eprintln!(
+            "memscope: attached to {} ({}), source {source} in {} (the service samples its own allocations{live}); recording for {:?} (Ctrl-C to stop)",
+            args.pid,
+            render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
+            render::escape::term(session.allocator()),
+            args.duration,
+        );
+    } else {
+        eprintln!(
+            "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
+            args.pid,
+            render::escape::term(&crate::procfs::comm(args.pid).unwrap_or_default()),
+            render::escape::term(session.allocator()),
+            session.probe_mode().name(),
+            args.duration,
+        );
+    }
     let specs = args.triggers.specs()?;
     let mut triggered = if specs.is_empty() {
         None

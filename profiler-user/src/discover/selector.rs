@@ -3,7 +3,8 @@
 //! A selector is terms joined with `,`, all of which must match: `comm=GLOB` (the process
 //! name, `/proc/PID/comm`), `exe=GLOB` (the executable's path as the process sees it),
 //! `cgroup=GLOB` (the cgroup v2 path), `container=GLOB` (the container's id or name),
-//! `pod=NAMESPACE/NAME-GLOB`. A term that is a snapshot trigger (`every=30s`, `growth=20%`,
+//! `pod=NAMESPACE/NAME-GLOB`, `usdt=PROVIDER-GLOB` (the process carries the USDT
+//! heap-sampling contract, see [`crate::bpf::contract`]; `usdt=*` for any provider). A term that is a snapshot trigger (`every=30s`, `growth=20%`,
 //! `exit`, ...; see [`crate::trigger::TriggerSpec`]) is not a match term: it is attached to
 //! every process the selector attaches. `forks=true` is not a match term either: it makes the
 //! agent follow the processes that an attached process of this selector forks (new processes,
@@ -65,6 +66,10 @@ pub enum Term {
     Cgroup(Glob),
     Container(Glob),
     Pod { namespace: Glob, name: Glob },
+    /// `usdt=PROVIDER-GLOB`: the process carries the USDT heap-sampling contract of a matching
+    /// provider (`ddheap`, `otel_memory`; `usdt=*` for any), read from the notes of the files
+    /// it maps (checked after every other term: it reads files).
+    Usdt(Glob),
 }
 
 impl Term {
@@ -79,6 +84,7 @@ impl Term {
             Term::Pod { namespace, name } => p.container.as_ref().is_some_and(|c| {
                 matches!((&c.namespace, &c.pod), (Some(ns), Some(pod)) if namespace.matches(ns) && name.matches(pod))
             }),
+            Term::Usdt(g) => crate::bpf::contract::find(p.pid).ok().flatten().is_some_and(|c| g.matches(&c.provider)),
         }
     }
 }
@@ -133,6 +139,7 @@ impl Selector {
                 "exe" => Term::Exe(glob()?),
                 "cgroup" => Term::Cgroup(glob()?),
                 "container" => Term::Container(glob()?),
+                "usdt" => Term::Usdt(glob()?),
                 "forks" => {
                     let follow = match value {
                         "true" => true,
@@ -160,7 +167,7 @@ impl Selector {
                 }
                 _ => {
                     let spec: TriggerSpec = raw.parse().map_err(|e: String| {
-                        bad(format!("{e} (match terms: comm=, exe=, cgroup=, container=, pod=NS/NAME; also forks=true)"))
+                        bad(format!("{e} (match terms: comm=, exe=, cgroup=, container=, pod=NS/NAME, usdt=PROVIDER; also forks=true)"))
                     })?;
                     if triggers.contains(&spec) {
                         return Err(bad(format!("trigger {} is given twice", spec.describe())));
@@ -172,8 +179,10 @@ impl Selector {
             terms.push(term);
         }
         if terms.is_empty() {
-            return Err(bad(format!("{expr:?} has no match term (comm=, exe=, cgroup=, container=, pod=)")));
+            return Err(bad(format!("{expr:?} has no match term (comm=, exe=, cgroup=, container=, pod=, usdt=)")));
         }
+        // The term that reads files goes last: `all` stops at the first term that fails.
+        terms.sort_by_key(|t| matches!(t, Term::Usdt(_)));
         Ok(Selector { expr: expr.to_string(), terms, triggers, follow_forks: follow_forks.unwrap_or(false), pause_budget })
     }
 
@@ -202,6 +211,14 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    /// `usdt=` is a match term (any glob over the provider), checked after the others.
+    #[test]
+    fn usdt_term_parses_and_goes_last() {
+        let s = Selector::parse("usdt=ddheap,comm=api").unwrap();
+        assert_eq!(s.terms, vec![Term::Comm(Glob::new("api")), Term::Usdt(Glob::new("ddheap"))]);
+        assert!(Selector::parse("usdt=").is_err());
+    }
+
     use super::*;
     use crate::discover::identity::ContainerIdentity;
 

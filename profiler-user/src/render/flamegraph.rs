@@ -30,7 +30,9 @@ fn options(title: &str, subtitle: String) -> Options<'static> {
 }
 
 fn sampling(p: &HeapProfile) -> String {
-    if p.sample_bytes > 0 {
+    if let Some(note) = p.source_note() {
+        format!("source {note}, values are estimates")
+    } else if p.sample_bytes > 0 {
         format!("sampled every {} on average, values are estimates", super::human_bytes(p.sample_bytes))
     } else {
         "every allocation recorded".to_string()

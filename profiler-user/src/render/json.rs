@@ -10,6 +10,7 @@
 //!   "unwind": { "truncated_no_cfi": n, "truncated_bad_frame": n, "truncated_depth": n,
 //!               "truncated_unmapped": n, "frame_pointer_frames": n },
 //!   "unseen_before_attach_bytes", "untracked_frees",
+//!   "source", "live_tracking" (only for a USDT source: "usdt:ddheap", false for alloc-only),
 //!   "leaks": [ { "bytes", "allocs", "oldest_age_s",
 //!                "frames": [ { "function", "file", "line", "module", "address" } ] } ] }
 //!   (`"inlined": true` on a frame inlined into the next one, at the same address)
@@ -93,6 +94,10 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         "leak_stacks": leak_stacks,
         "leaks": leaks,
     });
+    if let Some(source) = &p.source {
+        out["source"] = json!(source);
+        out["live_tracking"] = json!(p.live_tracking.unwrap_or(true));
+    }
     if let Some(g) = p.probe_gaps {
         out["probe_gaps"] = json!({
             "count": g.count,

@@ -346,6 +346,9 @@ pub fn pprof_profile(p: &HeapProfile) -> PprofProfile {
     if p.target_exited {
         comment.push(strings.get("the target exited during the recording"));
     }
+    if let Some(note) = p.source_note() {
+        comment.push(strings.get(&format!("source: {note}")));
+    }
 
     let period_type = ValueType { r#type: strings.get("space"), unit: strings.get("bytes") };
     let default_sample_type = strings.get("inuse_space");

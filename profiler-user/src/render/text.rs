@@ -24,7 +24,9 @@ pub fn leak_report(p: &HeapProfile, top: usize) -> String {
 fn header(out: &mut String, p: &HeapProfile) {
     let t = &p.totals;
     let _ = writeln!(out, "memscope heap report: pid {}, {} recorded", p.pid, secs(p.duration_s));
-    if p.sample_bytes > 0 {
+    if let Some(note) = p.source_note() {
+        let _ = writeln!(out, "  source:     {note} (numbers below are estimates)");
+    } else if p.sample_bytes > 0 {
         let _ = writeln!(
             out,
             "  sampling:   one sample per {} allocated on average (numbers below are estimates)",
@@ -78,6 +80,14 @@ fn header(out: &mut String, p: &HeapProfile) {
 
 fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
     let all = p.leaks();
+    if p.live_tracking == Some(false) {
+        let _ = writeln!(
+            out,
+            "Leaks cannot be judged: the service's sampler reports no frees (an alloc-only build; live tracking \
+             needs its live-heap feature). Allocation figures only."
+        );
+        return;
+    }
     if all.is_empty() && p.totals.allocs == 0 {
         // Not "No leaks": nothing was seen, which says nothing about the heap.
         let _ = writeln!(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod rust_usdt;
 
 use std::{
     io::{BufRead, BufReader, Write},
