@@ -31,6 +31,8 @@ pub struct Session {
     process: Arc<Process>,
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
+    /// What the target's files say memscope cannot see ([`crate::coverage`]).
+    coverage_hints: crate::coverage::Hints,
     allocator: String,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
@@ -71,6 +73,7 @@ impl Session {
         let comm = procfs::comm(pid)?;
         let allocator = attach::find_allocator(pid)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
+        let coverage_hints = crate::coverage::Hints::for_process(pid, &allocator.path_in_target);
         let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(
@@ -100,6 +103,7 @@ impl Session {
             process,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
+            coverage_hints,
             allocator: allocator.path_in_target,
             sites,
             unwind,
@@ -230,6 +234,9 @@ impl TracedTarget for Session {
         profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
+            let t = &profile.totals;
+            profile.coverage = crate::coverage::of_process(self.pid, t.live_bytes, self.unseen_before_attach_bytes, t.allocs, &self.coverage_hints, true)
+                .filter(|_| self.alive());
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
@@ -256,6 +263,8 @@ impl TracedTarget for Session {
             alive: self.alive(),
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),
+            coverage: crate::coverage::of_process(self.pid, live_bytes, self.unseen_before_attach_bytes, c(Counter::Allocs), &self.coverage_hints, false)
+                .filter(|_| self.alive()),
         }
     }
 

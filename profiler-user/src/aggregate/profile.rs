@@ -154,6 +154,10 @@ pub struct HeapProfile {
     /// in a gap may still be listed as live. `None` when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_gaps: Option<crate::pause::ProbeGaps>,
+    /// What share of the process's anonymous memory this profile accounts for, and why it is
+    /// low when it is ([`crate::coverage`]); `None` when unknown (a profile built offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<crate::coverage::Coverage>,
 }
 
 /// One executable mapping of a file in the target.

@@ -10,6 +10,13 @@
 //!   "unwind": { "truncated_no_cfi": n, "truncated_bad_frame": n, "truncated_depth": n,
 //!               "truncated_unmapped": n, "frame_pointer_frames": n },
 //!   "unseen_before_attach_bytes", "untracked_frees",
+//!   "coverage": { "rss_anon_bytes", "traced_live_bytes", "before_attach_bytes",
+//!                 "unaccounted_bytes", "ratio", "low",
+//!                 "reasons": [ { "reason": "<stable name>", "text", "bytes"? } ],
+//!                 "breakdown"?: { "rss_bytes", "brk_heap_bytes", "anon_mapping_bytes",
+//!                   "thread_stack_bytes", "file_backed_bytes", "file_private_anon_bytes",
+//!                   "shared_bytes", "other_bytes", "mappings", "threads_located", "complete" } }
+//!     (absent when the process's memory could not be read; see crate::coverage),
 //!   "leaks": [ { "bytes", "allocs", "oldest_age_s",
 //!                "frames": [ { "function", "file", "line", "module", "address" } ] } ] }
 //!   (`"inlined": true` on a frame inlined into the next one, at the same address)
@@ -93,6 +100,9 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         "leak_stacks": leak_stacks,
         "leaks": leaks,
     });
+    if let Some(c) = &p.coverage {
+        out["coverage"] = serde_json::to_value(c).unwrap_or(Value::Null);
+    }
     if let Some(g) = p.probe_gaps {
         out["probe_gaps"] = json!({
             "count": g.count,
