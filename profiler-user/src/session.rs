@@ -56,22 +56,37 @@ impl Session {
     /// sized to what the target maps. Errors are one line each: no such process, no
     /// privilege, no allocator, kernel refusal.
     pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
+        Session::attach_named(pid, settings, &Default::default())
+    }
+
+    /// [`Session::attach`] with the allocator's entry points named by address
+    /// (`--alloc-symbol`, see [`crate::bpf::stripped`]) when `named` is not empty.
+    pub fn attach_named(pid: u32, settings: ProbeSettings, named: &crate::bpf::stripped::NamedEntries) -> anyhow::Result<Session> {
         load::check_environment()?;
         let plan = unwind::target::plan(pid);
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
         let probes = Arc::new(Probes::load(settings, capacity)?);
-        Session::attach_on(&probes, pid, plan)
+        Session::attach_on_named(&probes, pid, plan, named)
     }
 
     /// Starts tracing `pid` in a slot of the loaded `probes` (the agent's, shared by all its
     /// targets), with the unwind tables of `plan`.
     pub fn attach_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
+        Session::attach_on_named(probes, pid, plan, &Default::default())
+    }
+
+    fn attach_on_named(
+        probes: &Arc<Probes>,
+        pid: u32,
+        plan: unwind::target::Plan,
+        named: &crate::bpf::stripped::NamedEntries,
+    ) -> anyhow::Result<Session> {
         let started = Instant::now();
         // Everything read about `pid` below is checked to come from this very process at the
         // end (its pid could be reused by another one meanwhile).
         let process = Arc::new(Process::open(pid)?);
         let comm = procfs::comm(pid)?;
-        let allocator = attach::find_allocator(pid)?;
+        let allocator = attach::find_allocator_named(pid, named)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
         let coverage_hints = crate::coverage::Hints::for_process(pid, &allocator.path_in_target);
         let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;

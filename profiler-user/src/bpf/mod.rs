@@ -9,4 +9,5 @@ pub mod batch;
 pub mod load;
 pub mod reader;
 pub mod session_link;
+pub mod stripped;
 pub mod target_view;

@@ -82,6 +82,15 @@ pub struct RecordArgs {
     /// Leak verdicts use the last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
+    /// The allocator's entry points by address, for a stripped executable without a debug file:
+    /// `malloc=0x401a20,free=0x4021f0` (link-time addresses, as nm prints them in an unstripped
+    /// build; C allocator names: malloc, calloc, realloc, free, ...). See docs/coverage.md.
+    #[arg(long, value_name = "NAME=ADDR,...", value_parser = parse_alloc_symbols)]
+    pub alloc_symbol: Option<crate::bpf::stripped::NamedEntries>,
+}
+
+fn parse_alloc_symbols(s: &str) -> Result<crate::bpf::stripped::NamedEntries, String> {
+    crate::bpf::stripped::NamedEntries::parse(s).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_window(s: &str) -> Result<usize, String> {
@@ -100,7 +109,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         max_unwind_rows: args.max_unwind_rows,
     };
     install_stop_handler();
-    let session = Session::attach(args.pid, settings)?;
+    let session = Session::attach_named(args.pid, settings, &args.alloc_symbol.clone().unwrap_or_default())?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
     eprintln!(
         "memscope: attached to {} ({}), allocator {}, {rate}, {} probes; recording for {:?} (Ctrl-C to stop)",
