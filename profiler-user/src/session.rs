@@ -88,7 +88,7 @@ impl Session {
         let comm = procfs::comm(pid)?;
         let allocator = attach::find_allocator_named(pid, named)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        let coverage_hints = crate::coverage::Hints::for_process(pid, &allocator.path_in_target);
+        let coverage_hints = crate::coverage::Hints::for_process(pid, &allocator.path_in_target, allocator.shims_only());
         let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(

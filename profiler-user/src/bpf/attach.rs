@@ -17,7 +17,7 @@ use profiler_common::{encode_cookie, AllocKind};
 use tracing::{debug, info};
 
 use super::{
-    elf_symbols::FunctionSymbol,
+    elf_symbols::{ElfError, FunctionSymbol},
     families, forwarding,
     stripped::{self, NamedEntries},
     load::Probes,
@@ -115,6 +115,8 @@ pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator,
     for (i, procfs::MappedObject { path, host_path }) in candidates.iter().enumerate() {
         let mut found = match families::defined_in(host_path) {
             Ok(s) => s,
+            // A stripped executable: its debug file may name its allocator.
+            Err(ElfError::NoSymbols { .. }) if i == 0 => stripped::from_debug_file(pid, host_path),
             Err(e) => {
                 debug!("skipping {path}: {e}");
                 continue;
@@ -126,9 +128,6 @@ pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator,
                 debug!("no Rust allocator shims in {path}: {e}");
                 Vec::new()
             });
-            if found.is_empty() && stripped::is_stripped(host_path) {
-                found = stripped::from_debug_file(pid, host_path);
-            }
         }
         if found.is_empty() {
             continue;
@@ -154,6 +153,14 @@ pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator,
     }
     let searched: Vec<&str> = candidates.iter().map(|o| o.path.as_str()).collect();
     Err(AttachError::NoAllocator { pid, searched: searched.join(", ") })
+}
+
+impl Allocator {
+    /// Probed at Rust's allocator shims only (the fallback for an unrecognized
+    /// `#[global_allocator]`).
+    pub fn shims_only(&self) -> bool {
+        self.families == [families::Family::RustShims.name()]
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, AttachError> {

@@ -155,7 +155,9 @@ impl Hints {
     /// Looks at the target's executable and mapped objects: `allocator_path` is the object
     /// memscope probes (as the target sees it), `exe` and `objects` the target's executable
     /// (a host path reopening it) and the paths of what it maps.
-    pub fn inspect(exe_in_target: &str, exe: &std::path::Path, allocator_path: &str, objects: &[String]) -> Hints {
+    /// `shims_only`: the allocator is probed at Rust's allocator shims only (the fallback of
+    /// [`crate::bpf::families`], which rustc 1.9x inlines away from most calls).
+    pub fn inspect(exe_in_target: &str, exe: &std::path::Path, allocator_path: &str, shims_only: bool, objects: &[String]) -> Hints {
         let mut reasons = Vec::new();
         let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
         if objects.iter().chain([&exe_in_target.to_string()]).any(|p| {
@@ -184,8 +186,9 @@ impl Hints {
             reasons.push(Reason::GoRuntimeHeap);
         }
         // A Rust executable whose global allocator is not the system one (no `__rdl_alloc`),
-        // probed elsewhere than in itself: its allocator was not recognized.
-        if rust && !system_allocator && allocator_path != exe_in_target {
+        // probed elsewhere than in itself, or at its shims only: its allocator was not
+        // recognized.
+        if rust && !system_allocator && (allocator_path != exe_in_target || shims_only) {
             reasons.push(Reason::StaticAllocatorNotRecognized);
         }
         Hints { reasons }
@@ -195,11 +198,11 @@ impl Hints {
 impl Hints {
     /// [`Hints::inspect`] on `pid`'s executable and mapped objects (none when they cannot be
     /// read: the figures still give their reasons).
-    pub fn for_process(pid: u32, allocator_path: &str) -> Hints {
+    pub fn for_process(pid: u32, allocator_path: &str, shims_only: bool) -> Hints {
         let Ok(objects) = crate::procfs::objects(pid) else { return Hints::default() };
         let Some(exe) = objects.first() else { return Hints::default() };
         let paths: Vec<String> = objects.iter().map(|o| o.path.clone()).collect();
-        Hints::inspect(&exe.path, exe.host_path.path(), allocator_path, &paths)
+        Hints::inspect(&exe.path, exe.host_path.path(), allocator_path, shims_only, &paths)
     }
 }
 
