@@ -80,7 +80,8 @@ fn header(out: &mut String, p: &HeapProfile) {
 /// The coverage statement ([`crate::coverage`]): always a line, and when low, why in words.
 fn coverage(out: &mut String, p: &HeapProfile) {
     let Some(c) = &p.coverage else {
-        let _ = writeln!(out, "  coverage:   unknown (the process's memory could not be read at snapshot time)");
+        let why = if p.target_exited { "the process had exited" } else { "its memory could not be read" };
+        let _ = writeln!(out, "  coverage:   unknown: {why} at snapshot time (see docs/coverage.md)");
         return;
     };
     let _ = writeln!(
@@ -163,11 +164,11 @@ fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
         // The two figures state different things: say how they relate.
         let _ = writeln!(
             out,
-            "Of the {} live, {} {} older than {} (listed below); the rest is younger.",
+            "Live {}: {} of it older than {} (the leaks below), {} younger.",
             human_bytes(p.totals.live_bytes),
             human_bytes(leaked),
-            if leaked == 1 { "is" } else { "are" },
-            secs(p.min_age_s)
+            secs(p.min_age_s),
+            human_bytes(p.totals.live_bytes.saturating_sub(leaked))
         );
     }
     let _ = writeln!(
@@ -261,6 +262,23 @@ mod tests {
         assert!(r.contains("No allocation seen since attach"), "{r}");
         p.totals.allocs = 3;
         assert!(leak_report(&p, 5).contains("No leaks"));
+    }
+
+    /// A low coverage is stated with its reasons, and "No leaks" then says what it covers.
+    #[test]
+    fn low_coverage_qualifies_no_leaks() {
+        use crate::coverage::{assess, Figures, Hints, Reason};
+        let hints = Hints { reasons: vec![Reason::StaticAllocatorNotRecognized] };
+        let figures = Figures { rss_anon_bytes: 1 << 30, traced_live_bytes: 864, rss_anon_at_attach: 0, allocs: 3 };
+        let p = HeapProfile { coverage: Some(assess(figures, &hints, None)), totals: crate::aggregate::Totals { allocs: 3, ..Default::default() }, ..HeapProfile::default() };
+        let r = leak_report(&p, 5);
+        assert!(r.contains("  coverage:   864 B traced live of 1.0 GiB anonymous memory (RssAnon): 0%"), "{r}");
+        assert!(r.contains("LOW COVERAGE") && r.contains("  - statically linked allocator not recognized"), "{r}");
+        assert!(r.contains("No leaks: no live allocation is older than 0.0s. This covers only the 0%"), "{r}");
+        let figures = Figures { rss_anon_bytes: 1 << 20, traced_live_bytes: 1 << 20, rss_anon_at_attach: 0, allocs: 3 };
+        let p = HeapProfile { coverage: Some(assess(figures, &hints, None)), ..p };
+        let r = leak_report(&p, 5);
+        assert!(!r.contains("LOW") && r.contains("No leaks: no live allocation is older than 0.0s.\n"), "{r}");
     }
 
     #[test]
