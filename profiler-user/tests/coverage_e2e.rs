@@ -77,6 +77,7 @@ fn malloc_process_is_covered() {
     let b = c.breakdown.as_ref().expect("breakdown");
     assert!(b.complete && b.anon_mapping_bytes + b.brk_heap_bytes >= 32 << 20, "{b:#?}");
     let report = leak_report(&p, 5);
+    eprintln!("{report}");
     assert!(!report.contains("LOW COVERAGE"), "{report}");
     assert_never_bare_no_leaks(&report);
     assert_eq!(leaks_json(&p, None)["coverage"]["low"], false);
@@ -100,6 +101,7 @@ fn direct_mmap_gets_the_low_coverage_line() {
     let mmap = c.reasons.iter().find(|w| w.reason == Reason::DirectMmap).unwrap_or_else(|| panic!("{c:#?}"));
     assert!(mmap.bytes.unwrap_or(0) >= 60 << 20, "{c:#?}");
     let report = leak_report(&p, 5);
+    eprintln!("{report}");
     assert!(report.contains("LOW COVERAGE") && report.contains("memory mapped directly with mmap"), "{report}");
     assert_never_bare_no_leaks(&report);
     let json = leaks_json(&p, None);
@@ -129,6 +131,7 @@ fn unrecognized_rust_global_allocator_is_stated() {
     let why = reasons(&p);
     assert!(why.contains(&Reason::StaticAllocatorNotRecognized), "{why:?}");
     let report = leak_report(&p, 5);
+    eprintln!("{report}");
     assert!(report.contains("statically linked allocator not recognized"), "{report}");
     assert_never_bare_no_leaks(&report);
     let cheap = session.stats().coverage.expect("coverage");
