@@ -32,7 +32,7 @@ pub struct Session {
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
     /// What the target's files say memscope cannot see ([`crate::coverage`]).
-    coverage_hints: crate::coverage::Hints,
+    coverage: crate::coverage::Tracker,
     allocator: String,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
@@ -61,7 +61,11 @@ impl Session {
 
     /// [`Session::attach`] with the allocator's entry points named by address
     /// (`--alloc-symbol`, see [`crate::bpf::stripped`]) when `named` is not empty.
-    pub fn attach_named(pid: u32, settings: ProbeSettings, named: &crate::bpf::stripped::NamedEntries) -> anyhow::Result<Session> {
+    pub fn attach_named(
+        pid: u32,
+        settings: ProbeSettings,
+        named: &crate::bpf::stripped::NamedEntries,
+    ) -> anyhow::Result<Session> {
         load::check_environment()?;
         let plan = unwind::target::plan(pid);
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
@@ -88,7 +92,7 @@ impl Session {
         let comm = procfs::comm(pid)?;
         let allocator = attach::find_allocator_named(pid, named)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
-        let coverage_hints = crate::coverage::Hints::for_process(pid, &allocator.path_in_target, allocator.shims_only());
+        let coverage = crate::coverage::Tracker::new(pid, &allocator, unseen);
         let mut target = TargetProbes::claim(probes, pid, probes.settings().sample_bytes)?;
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(
@@ -118,7 +122,7 @@ impl Session {
             process,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
-            coverage_hints,
+            coverage,
             allocator: allocator.path_in_target,
             sites,
             unwind,
@@ -250,8 +254,7 @@ impl TracedTarget for Session {
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
             let t = &profile.totals;
-            profile.coverage = crate::coverage::of_process(self.pid, t.live_bytes, self.unseen_before_attach_bytes, t.allocs, &self.coverage_hints, true)
-                .filter(|_| self.alive());
+            profile.coverage = self.coverage.of(self.pid, t.live_bytes, t.allocs, true).filter(|_| self.alive());
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
@@ -278,8 +281,7 @@ impl TracedTarget for Session {
             alive: self.alive(),
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),
-            coverage: crate::coverage::of_process(self.pid, live_bytes, self.unseen_before_attach_bytes, c(Counter::Allocs), &self.coverage_hints, false)
-                .filter(|_| self.alive()),
+            coverage: self.coverage.of(self.pid, live_bytes, c(Counter::Allocs), false).filter(|_| self.alive()),
         }
     }
 

@@ -209,7 +209,8 @@ fn stripped_root() -> StrippedRoot {
     run(Command::new("strip").arg("--strip-all").arg(&exe));
     let out = Command::new("readelf").arg("-n").arg(&exe).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let build_id = text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).expect("a build id").trim().to_string();
+    let build_id =
+        text.lines().find_map(|l| l.trim().strip_prefix("Build ID: ")).expect("a build id").trim().to_string();
     let nm = Command::new("nm").arg(&exe).output().unwrap();
     assert!(!nm.status.success() || nm.stdout.is_empty(), "the executable is stripped");
     StrippedRoot { root, unstripped, build_id }
@@ -219,7 +220,8 @@ impl StrippedRoot {
     fn place_debug_file(&self) {
         let dir = self.root.path().join(format!("usr/lib/debug/.build-id/{}", &self.build_id[..2]));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::rename(self.root.path().join("fixture.debug"), dir.join(format!("{}.debug", &self.build_id[2..]))).unwrap();
+        std::fs::rename(self.root.path().join("fixture.debug"), dir.join(format!("{}.debug", &self.build_id[2..])))
+            .unwrap();
     }
 
     /// The fixture running chrooted into the root.

@@ -85,10 +85,12 @@ impl NamedEntries {
         self.0
             .iter()
             .map(|(kind, name, address)| {
-                let not_code = || NamedError::NotCode { name: name.clone(), address: *address, path: shown.to_string() };
+                let not_code =
+                    || NamedError::NotCode { name: name.clone(), address: *address, path: shown.to_string() };
                 let file_offset = image.file_offset(*address).ok_or_else(not_code)?;
                 let bytes = image.code(*address, NAMED_CODE_BYTES).ok_or_else(not_code)?.to_vec();
-                let f = FunctionSymbol { name: name.clone(), version: None, vaddr: *address, size: 0, file_offset, bytes };
+                let f =
+                    FunctionSymbol { name: name.clone(), version: None, vaddr: *address, size: 0, file_offset, bytes };
                 Ok((Entry { family: Family::Standard, kind: *kind, symbol: name.clone() }, f))
             })
             .collect()
@@ -108,7 +110,8 @@ pub fn build_id(path: &Path) -> Option<String> {
 /// Where the debug file of a file with build id `id` is, inside the target's root.
 pub fn debug_file_path(id: &str) -> Option<String> {
     let (dir, rest) = (id.get(..2)?, id.get(2..)?);
-    (!rest.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"))
+    (!rest.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("/usr/lib/debug/.build-id/{dir}/{rest}.debug"))
 }
 
 /// The allocator entry points of the executable at `exe` (a host path) found through its debug
@@ -138,7 +141,8 @@ pub fn from_debug_file(pid: u32, exe: &Path) -> Vec<(Entry, FunctionSymbol)> {
             // The debug file's addresses and sizes hold; its code is not there (NOBITS): the
             // executable's is.
             let file_offset = image.file_offset(vaddr)?;
-            let len = if size == 0 { NAMED_CODE_BYTES } else { size.min(super::elf_symbols::MAX_FUNCTION_BYTES as u64) };
+            let len =
+                if size == 0 { NAMED_CODE_BYTES } else { size.min(super::elf_symbols::MAX_FUNCTION_BYTES as u64) };
             let bytes = image.code(vaddr, len)?.to_vec();
             let f = FunctionSymbol { name: e.symbol.clone(), version: None, vaddr, size, file_offset, bytes };
             Some((e, f))

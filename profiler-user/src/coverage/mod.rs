@@ -84,7 +84,7 @@ impl Reason {
     pub fn text(self) -> &'static str {
         match self {
             Reason::StaticAllocatorNotRecognized => {
-                "statically linked allocator not recognized: the executable allocates through its own #[global_allocator], not through the libc malloc memscope probes (name its entry points with --alloc-symbol)"
+                "statically linked allocator not recognized: the executable allocates through its own #[global_allocator], which memscope does not see (rustc inlines it past Rust's allocator shims; entry points with C layouts can be named with --alloc-symbol)"
             }
             Reason::PythonPymalloc => {
                 "Python's pymalloc arenas: objects up to 512 bytes come from 256 KiB arenas Python maps directly with mmap (PYTHONMALLOC=malloc makes them visible)"
@@ -157,7 +157,13 @@ impl Hints {
     /// (a host path reopening it) and the paths of what it maps.
     /// `shims_only`: the allocator is probed at Rust's allocator shims only (the fallback of
     /// [`crate::bpf::families`], which rustc 1.9x inlines away from most calls).
-    pub fn inspect(exe_in_target: &str, exe: &std::path::Path, allocator_path: &str, shims_only: bool, objects: &[String]) -> Hints {
+    pub fn inspect(
+        exe_in_target: &str,
+        exe: &std::path::Path,
+        allocator_path: &str,
+        shims_only: bool,
+        objects: &[String],
+    ) -> Hints {
         let mut reasons = Vec::new();
         let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
         if objects.iter().chain([&exe_in_target.to_string()]).any(|p| {
@@ -209,10 +215,39 @@ impl Hints {
 /// The statement for process `pid` now: its `RssAnon` read from `/proc/PID/status`, and with
 /// `breakdown` its whole RSS by kind from `/proc/PID/smaps` (a snapshot's; the cheap figures
 /// of `/v1/targets` and `/metrics` go without). `None` when the process cannot be read.
-pub fn of_process(pid: u32, traced_live_bytes: u64, rss_anon_at_attach: u64, allocs: u64, hints: &Hints, breakdown: bool) -> Option<Coverage> {
+pub fn of_process(
+    pid: u32,
+    traced_live_bytes: u64,
+    rss_anon_at_attach: u64,
+    allocs: u64,
+    hints: &Hints,
+    breakdown: bool,
+) -> Option<Coverage> {
     let rss_anon_bytes = crate::procfs::status_bytes(pid, "RssAnon").ok()?;
     let breakdown = if breakdown { smaps::read(pid) } else { None };
     Some(assess(Figures { rss_anon_bytes, traced_live_bytes, rss_anon_at_attach, allocs }, hints, breakdown))
+}
+
+/// One traced target's coverage: its hints and its `RssAnon` at attach, kept from attach.
+#[derive(Clone, Debug, Default)]
+pub struct Tracker {
+    hints: Hints,
+    rss_anon_at_attach: u64,
+}
+
+impl Tracker {
+    /// At attach to `pid`, probed at `allocator`, `rss_anon_at_attach` resident then.
+    pub fn new(pid: u32, allocator: &crate::bpf::attach::Allocator, rss_anon_at_attach: u64) -> Tracker {
+        Tracker {
+            hints: Hints::for_process(pid, &allocator.path_in_target, allocator.shims_only()),
+            rss_anon_at_attach,
+        }
+    }
+
+    /// [`of_process`] with what was found at attach.
+    pub fn of(&self, pid: u32, traced_live_bytes: u64, allocs: u64, breakdown: bool) -> Option<Coverage> {
+        of_process(pid, traced_live_bytes, self.rss_anon_at_attach, allocs, &self.hints, breakdown)
+    }
 }
 
 /// The figures a coverage statement is made of.
@@ -326,7 +361,8 @@ mod tests {
         assert_eq!(names, ["static_allocator_not_recognized", "no_allocation_seen", "not_seen_allocated"]);
         assert!(c.summary().contains("LOW: static_allocator_not_recognized"), "{}", c.summary());
 
-        let b = Breakdown { anon_mapping_bytes: 64 << 20, brk_heap_bytes: 1 << 20, complete: true, ..Default::default() };
+        let b =
+            Breakdown { anon_mapping_bytes: 64 << 20, brk_heap_bytes: 1 << 20, complete: true, ..Default::default() };
         let c = assess(figures(66 << 20, 1 << 20, 0, 50), &Hints::default(), Some(b));
         let names: Vec<&str> = c.reasons.iter().map(|w| w.reason.name()).collect();
         assert_eq!(names, ["direct_mmap"]);

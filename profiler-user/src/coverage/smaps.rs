@@ -297,12 +297,19 @@ Rss:                   8 kB
     /// breakdown says it is incomplete, and reading goes on; garbage never panics.
     #[test]
     fn bounded_against_hostile_names() {
-        let long = format!("7f4000000000-7f4000001000 rw-p 00000000 00:00 0 [anon:{}]\nRss: 4 kB\n", "x".repeat(MAX_LINE * 3));
+        let long =
+            format!("7f4000000000-7f4000001000 rw-p 00000000 00:00 0 [anon:{}]\nRss: 4 kB\n", "x".repeat(MAX_LINE * 3));
         let text = format!("{long}{SMAPS}");
         let b = parse(text.as_bytes(), &[]).unwrap();
         assert!(!b.complete);
         assert_eq!(b.brk_heap_bytes, 100 << 10);
-        for junk in ["", "\n\n", "Rss: 5 kB\n", "zz-yy rw-p 0 0 0\nRss: x kB\n", "1-2 rw-p 0 0:0 0\nRss: 99999999999999999999 kB\n"] {
+        for junk in [
+            "",
+            "\n\n",
+            "Rss: 5 kB\n",
+            "zz-yy rw-p 0 0 0\nRss: x kB\n",
+            "1-2 rw-p 0 0:0 0\nRss: 99999999999999999999 kB\n",
+        ] {
             let _ = parse(junk.as_bytes(), &[]).unwrap();
         }
     }

@@ -270,7 +270,11 @@ mod tests {
         use crate::coverage::{assess, Figures, Hints, Reason};
         let hints = Hints { reasons: vec![Reason::StaticAllocatorNotRecognized] };
         let figures = Figures { rss_anon_bytes: 1 << 30, traced_live_bytes: 864, rss_anon_at_attach: 0, allocs: 3 };
-        let p = HeapProfile { coverage: Some(assess(figures, &hints, None)), totals: crate::aggregate::Totals { allocs: 3, ..Default::default() }, ..HeapProfile::default() };
+        let p = HeapProfile {
+            coverage: Some(assess(figures, &hints, None)),
+            totals: crate::aggregate::Totals { allocs: 3, ..Default::default() },
+            ..HeapProfile::default()
+        };
         let r = leak_report(&p, 5);
         assert!(r.contains("  coverage:   864 B traced live of 1.0 GiB anonymous memory (RssAnon): 0%"), "{r}");
         assert!(r.contains("LOW COVERAGE") && r.contains("  - statically linked allocator not recognized"), "{r}");
