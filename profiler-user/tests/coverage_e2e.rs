@@ -313,3 +313,30 @@ fn sampled_counts_are_consistent() {
     assert_eq!(older.leaked_bytes(), 0);
     assert!(older.totals.live_bytes <= older.totals.allocated_bytes);
 }
+
+/// Python keeping a million small tuples: pymalloc serves them from arenas it maps directly,
+/// not through malloc (only the list's array is malloc'd): low coverage, "Python's pymalloc
+/// arenas" among the reasons.
+#[test]
+fn python_pymalloc_is_named() {
+    require_root();
+    let script = "import os, sys\n\
+                  print('ready', os.getpid(), flush=True)\n\
+                  keep = []\n\
+                  for line in sys.stdin:\n\
+                  \x20   keep.append([(i, i + 1) for i in range(1_000_000)])\n\
+                  \x20   print('done', flush=True)\n";
+    // Debian's python3 (the one a node runs), not a version manager's shim.
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", script]).env_remove("PYTHONMALLOC");
+    let mut fixture = Fixture::spawn(cmd);
+    let session = Session::attach(fixture.pid, full()).unwrap();
+    fixture.go();
+    let p = session.snapshot(Duration::ZERO).unwrap();
+    let why = reasons(&p);
+    assert!(p.coverage.as_ref().unwrap().low, "{:#?}", p.coverage);
+    assert!(why.contains(&Reason::PythonPymalloc), "{why:?}");
+    let report = leak_report(&p, 1);
+    assert!(report.contains("Python's pymalloc arenas"), "{report}");
+    assert_never_bare_no_leaks(&report);
+}
