@@ -7,7 +7,8 @@
 //! [`target_fs`] opens files a target controls without leaving its root; [`target`] is the
 //! seam between the tracing half and the serving half; [`discover`] picks the processes to trace
 //! and [`workload`] keeps them across restarts; [`trigger`] decides when to take snapshots
-//! without being asked; [`pause`] takes the probes out of a target while V8 walks its heap
+//! without being asked; [`coverage`] states what share of a target's memory memscope accounts for
+//! and why it is low; [`pause`] takes the probes out of a target while V8 walks its heap
 //! and keeps the time memscope pauses it within a budget.
 pub mod agent;
 pub mod aggregate;
@@ -15,6 +16,7 @@ pub mod api;
 pub mod bpf;
 pub mod budget;
 pub mod cli;
+pub mod coverage;
 pub mod discover;
 pub mod export;
 pub mod errors;

@@ -32,6 +32,8 @@ pub struct Session {
     process: Arc<Process>,
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
+    /// What the target's files say memscope cannot see ([`crate::coverage`]).
+    coverage: crate::coverage::Tracker,
     allocator: String,
     /// `usdt:ddheap` when traced through the USDT contract, `None` through its allocator.
     source: Option<String>,
@@ -61,23 +63,49 @@ impl Session {
     /// sized to what the target maps. Errors are one line each: no such process, no
     /// privilege, no allocator, kernel refusal.
     pub fn attach(pid: u32, settings: ProbeSettings) -> anyhow::Result<Session> {
+        Session::attach_named(pid, settings, &Default::default())
+    }
+
+    /// [`Session::attach`] with the allocator's entry points named by address
+    /// (`--alloc-symbol`, see [`crate::bpf::stripped`]) when `named` is not empty.
+    pub fn attach_named(
+        pid: u32,
+        settings: ProbeSettings,
+        named: &crate::bpf::stripped::NamedEntries,
+    ) -> anyhow::Result<Session> {
         load::check_environment()?;
         let plan = unwind::target::plan(pid);
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
         let probes = Arc::new(Probes::load(settings, capacity)?);
-        Session::attach_on(&probes, pid, plan)
+        Session::attach_on_named(&probes, pid, plan, named)
     }
 
     /// Starts tracing `pid` in a slot of the loaded `probes` (the agent's, shared by all its
     /// targets), with the unwind tables of `plan`.
     pub fn attach_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
+        Session::attach_on_named(probes, pid, plan, &Default::default())
+    }
+
+    fn attach_on_named(
+        probes: &Arc<Probes>,
+        pid: u32,
+        plan: unwind::target::Plan,
+        named: &crate::bpf::stripped::NamedEntries,
+    ) -> anyhow::Result<Session> {
         let started = Instant::now();
         // Everything read about `pid` below is checked to come from this very process at the
         // end (its pid could be reused by another one meanwhile).
         let process = Arc::new(Process::open(pid)?);
         let comm = procfs::comm(pid)?;
-        let traced = choose_source(probes, pid)?;
+        let traced = choose_source(probes, pid, named)?;
         let unseen = procfs::status_bytes(pid, "RssAnon").unwrap_or(0);
+        let coverage = match &traced {
+            Traced::Allocator(a) => crate::coverage::Tracker::new(pid, &a.path_in_target, a.shims_only(), unseen),
+            Traced::Contract(c) => {
+                let path = c.objects.first().map(|o| o.path_in_target.as_str()).unwrap_or_default();
+                crate::coverage::Tracker::new(pid, path, false, unseen)
+            }
+        };
         // Through the contract the service samples: the probes record every sample they see.
         let sample_bytes = match &traced {
             Traced::Allocator(_) => probes.settings().sample_bytes,
@@ -123,6 +151,7 @@ impl Session {
             process,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
+            coverage,
             allocator,
             source,
             live_tracking,
@@ -236,14 +265,14 @@ enum Traced {
 
 /// The USDT contract when the target carries it and `--source` allows it, else its allocator
 /// (`--source usdt` refuses a target without the contract, or a kernel that cannot trace it).
-fn choose_source(probes: &Probes, pid: u32) -> anyhow::Result<Traced> {
+fn choose_source(probes: &Probes, pid: u32, named: &crate::bpf::stripped::NamedEntries) -> anyhow::Result<Traced> {
     let mode = probes.settings().source;
     if mode == SourceMode::Allocator {
-        return Ok(Traced::Allocator(attach::find_allocator(pid)?));
+        return Ok(Traced::Allocator(attach::find_allocator_named(pid, named)?));
     }
     if let Err(e) = &probes.usdt {
         anyhow::ensure!(mode != SourceMode::Usdt, "--source usdt: this kernel cannot trace the USDT contract: {e}");
-        return Ok(Traced::Allocator(attach::find_allocator(pid)?));
+        return Ok(Traced::Allocator(attach::find_allocator_named(pid, named)?));
     }
     if mode == SourceMode::Usdt {
         return Ok(Traced::Contract(contract::require(pid)?));
@@ -253,7 +282,7 @@ fn choose_source(probes: &Probes, pid: u32) -> anyhow::Result<Traced> {
         Ok(None) => {}
         Err(e) => tracing::warn!(pid, "looking for the USDT contract: {e}; tracing the allocator"),
     }
-    Ok(Traced::Allocator(attach::find_allocator(pid)?))
+    Ok(Traced::Allocator(attach::find_allocator_named(pid, named)?))
 }
 
 /// An alloc-only producer: live bytes and leaks cannot be known, only what was allocated.
@@ -324,6 +353,8 @@ impl TracedTarget for Session {
         profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
+            let t = &profile.totals;
+            profile.coverage = self.coverage.of(self.pid, t.live_bytes, t.allocs, true).filter(|_| self.alive());
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "profile built and symbolized");
         Ok(profile)
@@ -351,6 +382,7 @@ impl TracedTarget for Session {
             alive: self.alive(),
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),
+            coverage: self.coverage.of(self.pid, live_bytes, c(Counter::Allocs), false).filter(|_| self.alive()),
         }
     }
 

@@ -47,6 +47,10 @@ pub struct TargetStats {
     /// figures and its pause budget (see [`crate::pause`]); absent for targets that keep none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pauses: Option<crate::pause::PauseStatus>,
+    /// What share of the target's anonymous memory memscope accounts for, and why it is low
+    /// when it is ([`crate::coverage`]: the cheap statement, without the RSS breakdown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<crate::coverage::Coverage>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.

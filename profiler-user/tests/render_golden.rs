@@ -167,6 +167,7 @@ fn fixture() -> HeapProfile {
         probe_gaps: None,
         source: None,
         live_tracking: None,
+        coverage: None,
     }
 }
 

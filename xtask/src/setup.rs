@@ -33,6 +33,7 @@ const PACKAGES: &[&str] = &[
     "util-linux",                     // setpriv, for the missing-privilege test
     "libjemalloc2",                   // other allocators, preloaded in a tracing test
     "libtcmalloc-minimal4",
+    "musl-tools",                     // musl-gcc, for the static musl fixture (coverage_e2e)
     "libc6-dbg",    // names in libc (start_thread, raise) for the unwinding tests
     "redis-server", // a Debian program without frame pointers, traced under load
     "redis-tools",  // redis-benchmark, its load generator

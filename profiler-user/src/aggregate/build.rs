@@ -56,11 +56,55 @@ pub fn live_from_counters(counters: &[u64]) -> (u64, u64) {
 /// Estimated live (bytes, allocations) never above what was exactly allocated since attach
 /// (`allocated_bytes`, `allocs`, counted at every call): a sampled estimate's error (a few
 /// large weights) could otherwise show more live allocations than were ever made, as
-/// `live_allocs` 185,157 > `allocs` 183,830 did. Only the totals are clamped; each stack's own
-/// estimate is left as it is (its error is what the sampling bound says), so the stacks may sum
-/// a little above the totals when sampling.
+/// `live_allocs` 185,157 > `allocs` 183,830 did. A snapshot scales its stacks down with the
+/// totals ([`fit_stacks`]), so the stacks, the leak list and the totals state the same thing.
 pub fn clamp_estimates(live_bytes: u64, live_allocs: u64, allocated_bytes: u64, allocs: u64) -> (u64, u64) {
     (live_bytes.min(allocated_bytes), live_allocs.min(allocs))
+}
+
+/// `v * num / den`, rounded down (`num <= den`).
+fn scale(v: u64, num: u64, den: u64) -> u64 {
+    if den == 0 {
+        return 0;
+    }
+    (u128::from(v) * u128::from(num) / u128::from(den)) as u64
+}
+
+/// Scales the stacks' estimates down, proportionally, where their sums exceed what was
+/// exactly counted since attach: live and total bytes to `allocated_bytes`, live and total
+/// allocations to `allocs` (leaked figures with their live ones). Exact recordings never
+/// exceed and are left as they are. Afterwards the totals are the stacks' sums, so no
+/// estimated figure is above its exact counterpart and the live figure is what the stacks
+/// (and the leak list, a part of them) add up to.
+pub fn fit_stacks(stacks: &mut [StackSample], allocated_bytes: u64, allocs: u64) {
+    let sum = |f: fn(&StackSample) -> u64, stacks: &[StackSample]| stacks.iter().map(f).fold(0u64, u64::saturating_add);
+    let total_bytes = sum(|s| s.total_bytes, stacks);
+    if total_bytes > allocated_bytes {
+        for s in stacks.iter_mut() {
+            s.total_bytes = scale(s.total_bytes, allocated_bytes, total_bytes);
+        }
+    }
+    let total_allocs = sum(|s| s.total_allocs, stacks);
+    if total_allocs > allocs {
+        for s in stacks.iter_mut() {
+            s.total_allocs = scale(s.total_allocs, allocs, total_allocs);
+        }
+    }
+    // Live is at most what was allocated since attach.
+    let live_bytes = sum(|s| s.live_bytes, stacks);
+    if live_bytes > allocated_bytes {
+        for s in stacks.iter_mut() {
+            s.leak_bytes = scale(s.leak_bytes, allocated_bytes, live_bytes);
+            s.live_bytes = scale(s.live_bytes, allocated_bytes, live_bytes);
+        }
+    }
+    let live_allocs = sum(|s| s.live_allocs, stacks);
+    if live_allocs > allocs {
+        for s in stacks.iter_mut() {
+            s.leak_allocs = scale(s.leak_allocs, allocs, live_allocs);
+            s.live_allocs = scale(s.live_allocs, allocs, live_allocs);
+        }
+    }
 }
 
 pub fn build(
@@ -99,12 +143,9 @@ pub fn build(
             oldest_age_s: (oldest_age_s * 1000.0).round() / 1000.0,
         });
     }
-    let (live_bytes, live_allocs) = clamp_estimates(
-        stacks.iter().map(|s| s.live_bytes).sum(),
-        count_of(raw.stacks.iter().map(|s| s.live_allocs_fp).sum()),
-        c(Counter::AllocBytes),
-        c(Counter::Allocs),
-    );
+    fit_stacks(&mut stacks, c(Counter::AllocBytes), c(Counter::Allocs));
+    let live_bytes = stacks.iter().map(|s| s.live_bytes).sum();
+    let live_allocs = stacks.iter().map(|s| s.live_allocs).sum();
     let totals = Totals {
         live_bytes,
         live_allocs,
@@ -130,6 +171,7 @@ pub fn build(
         probe_gaps: None,
         source: None,
         live_tracking: None,
+        coverage: None,
     }
 }
 
@@ -169,6 +211,35 @@ mod tests {
         let p = build(&raw, &ctx, |_| Default::default());
         assert_eq!((p.totals.live_bytes, p.totals.live_allocs), (1 << 20, 183_830));
         assert_eq!((p.totals.allocated_bytes, p.totals.allocs), (1 << 20, 183_830));
+        // The stacks say what the totals say.
+        assert_eq!(p.stacks[0].live_bytes, p.totals.live_bytes);
+        assert_eq!(p.stacks[0].live_allocs, p.totals.live_allocs);
+    }
+
+    /// Several stacks over the exact counts are scaled down together, leaks with them, so the
+    /// leak list never says more than the live figure; exact stacks are untouched.
+    #[test]
+    fn stacks_fit_the_exact_counts() {
+        let s = |live: u64, leak: u64, total: u64| StackSample {
+            live_bytes: live,
+            leak_bytes: leak,
+            live_allocs: live / 10,
+            leak_allocs: leak / 10,
+            total_bytes: total,
+            total_allocs: total / 10,
+            ..Default::default()
+        };
+        let mut stacks = vec![s(600, 600, 900), s(600, 300, 600)];
+        fit_stacks(&mut stacks, 1000, 100);
+        let live: u64 = stacks.iter().map(|s| s.live_bytes).sum();
+        let leak: u64 = stacks.iter().map(|s| s.leak_bytes).sum();
+        let total: u64 = stacks.iter().map(|s| s.total_bytes).sum();
+        let allocs: u64 = stacks.iter().map(|s| s.live_allocs).sum();
+        assert!(live <= 1000 && total <= 1000 && allocs <= 100 && leak <= live, "{stacks:?}");
+        assert_eq!((stacks[0].live_bytes, stacks[0].leak_bytes), (500, 500));
+        let mut exact = vec![s(100, 50, 200)];
+        fit_stacks(&mut exact, 200, 20);
+        assert_eq!(exact, vec![s(100, 50, 200)]);
     }
 
     /// The probes' fixed-point weight is `size / (1 - exp(-size / T))` within 0.01% for every

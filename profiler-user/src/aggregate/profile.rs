@@ -183,6 +183,10 @@ impl HeapProfile {
         };
         Some(format!("{source} (the service's own samples, {interval}{live})"))
     }
+    /// What share of the process's anonymous memory this profile accounts for, and why it is
+    /// low when it is ([`crate::coverage`]); `None` when unknown (a profile built offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<crate::coverage::Coverage>,
 }
 
 /// One executable mapping of a file in the target.

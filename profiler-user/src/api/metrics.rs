@@ -108,6 +108,7 @@ impl Metrics {
         for t in targets {
             let _ = writeln!(out, "memscope_target_sample_bytes{{{}}} {}", target_labels(t), t.sample_bytes);
         }
+        coverage(&mut out, targets);
         let governed: Vec<_> = targets.iter().filter_map(|t| Some((t, t.probe_cost.as_ref()?))).collect();
         if !governed.is_empty() {
             family(&mut out, "memscope_target_probe_cpu_percent", "gauge", "Share of one CPU the probes cost the target (governor's measure).");
@@ -196,6 +197,57 @@ impl Metrics {
         let evicted = super::conn_limits::evicted();
         let _ = writeln!(out, "memscope_http_refused_total{{limit=\"connections\"}} {evicted}");
         out
+    }
+}
+
+/// The coverage series ([`crate::coverage`]), one per workload (its labels), or per executable
+/// name for a target of no workload: never a pid label (a pid changes with every restart).
+/// Targets sharing labels (a workload's processes) are summed; the ratio is of the sums.
+fn coverage(out: &mut String, targets: &[TargetStats]) {
+    let mut by: BTreeMap<String, (u64, u64, bool, std::collections::BTreeSet<&'static str>)> = BTreeMap::new();
+    for t in targets {
+        let Some(c) = &t.coverage else { continue };
+        let labels = if t.labels.is_empty() {
+            format!("comm=\"{}\"", escape(&t.comm))
+        } else {
+            t.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
+        };
+        let e = by.entry(labels).or_default();
+        e.0 += c.rss_anon_bytes;
+        e.1 += c.traced_live_bytes.min(c.rss_anon_bytes);
+        e.2 |= c.low;
+        e.3.extend(c.reasons.iter().map(|w| w.reason.name()));
+    }
+    if by.is_empty() {
+        return;
+    }
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(out, "memscope_coverage_anon_rss_bytes", "gauge", "Resident anonymous memory (RssAnon) of the traced processes, by workload.");
+    for (l, (rss, _, _, _)) in &by {
+        let _ = writeln!(out, "memscope_coverage_anon_rss_bytes{{{l}}} {rss}");
+    }
+    family(out, "memscope_coverage_traced_bytes", "gauge", "Live bytes memscope traced by stack, at most RssAnon, by workload.");
+    for (l, (_, traced, _, _)) in &by {
+        let _ = writeln!(out, "memscope_coverage_traced_bytes{{{l}}} {traced}");
+    }
+    family(out, "memscope_coverage_ratio", "gauge", "Share of the resident anonymous memory memscope traced by stack (1 when there is none).");
+    for (l, (rss, traced, _, _)) in &by {
+        let ratio = if *rss == 0 { 1.0 } else { *traced as f64 / *rss as f64 };
+        let _ = writeln!(out, "memscope_coverage_ratio{{{l}}} {ratio:.4}");
+    }
+    family(out, "memscope_coverage_low_reason", "gauge", "1 for each reason a workload's coverage is low (see docs/coverage.md).");
+    for (l, (_, _, low, reasons)) in &by {
+        if !*low {
+            continue;
+        }
+        if reasons.is_empty() {
+            let _ = writeln!(out, "memscope_coverage_low_reason{{{l},reason=\"unexplained\"}} 1");
+        }
+        for r in reasons {
+            let _ = writeln!(out, "memscope_coverage_low_reason{{{l},reason=\"{r}\"}} 1");
+        }
     }
 }
 
@@ -302,7 +354,21 @@ mod tests {
             alive: true,
             ..TargetStats::default()
         };
-        let text = m.render(&[t], (2, 100), 0);
+        let low = crate::coverage::assess(
+            crate::coverage::Figures { rss_anon_bytes: 1 << 30, traced_live_bytes: 4096, rss_anon_at_attach: 0, allocs: 0 },
+            &crate::coverage::Hints { reasons: vec![crate::coverage::Reason::StaticAllocatorNotRecognized] },
+            None,
+        );
+        let t = TargetStats { coverage: Some(low), ..t };
+        let mut sibling = t.clone();
+        sibling.pid = 8;
+        let text = m.render(&[t, sibling], (2, 100), 0);
+        // Coverage: no pid label, the two processes of one name summed, reasons as labels.
+        assert!(text.contains("memscope_coverage_anon_rss_bytes{comm=\"we\\\"ird\"} 2147483648"), "{text}");
+        assert!(text.contains("memscope_coverage_traced_bytes{comm=\"we\\\"ird\"} 8192"), "{text}");
+        assert!(text.contains("memscope_coverage_ratio{comm=\"we\\\"ird\"} 0.0000"), "{text}");
+        assert!(text.contains("memscope_coverage_low_reason{comm=\"we\\\"ird\",reason=\"static_allocator_not_recognized\"} 1"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("memscope_coverage") && l.contains("pid=")), "{text}");
         assert!(text.contains("memscope_target_live_bytes{pid=\"7\",comm=\"we\\\"ird\"} 4096"), "{text}");
         assert!(text.contains("reason=\"stack_map_full\"} 3"));
         assert!(text.contains("memscope_target_unwind_total{pid=\"7\",comm=\"we\\\"ird\",reason=\"truncated_bad_frame\"} 5"), "{text}");

@@ -148,6 +148,7 @@ impl TracedTarget for FakeTarget {
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),
             pauses: None,
+            coverage: None,
         }
     }
 }

@@ -18,8 +18,9 @@ use tracing::{debug, info};
 
 use super::{
     contract,
-    elf_symbols::FunctionSymbol,
+    elf_symbols::{ElfError, FunctionSymbol},
     families, forwarding,
+    stripped::{self, NamedEntries},
     load::Probes,
     probe_site::{self, ProbeRole, ProbeSite},
     session_link::{SessionLink, SessionLinkError, SessionProbe},
@@ -60,6 +61,10 @@ pub enum AttachError {
     Proc(#[from] ProcError),
     #[error("process {pid} has no recognizable allocator: none of its mapped objects defines an allocation and a free of a known allocator (C malloc/free, jemalloc with or without a je_/_rjem_ prefix, mimalloc, tcmalloc) and its executable defines no Rust allocator shims (searched {searched})")]
     NoAllocator { pid: u32, searched: String },
+    #[error("process {pid}'s executable {exe} is stripped (no symbol table) and memscope found no allocator it uses: install its debug file at {debug_file} inside the process's root (objcopy --only-keep-debug; found by build id), or name the allocator's entry points by address with --alloc-symbol malloc=0xADDR,free=0xADDR (addresses as nm prints them in an unstripped build)")]
+    Stripped { pid: u32, exe: String, debug_file: String },
+    #[error(transparent)]
+    Named(#[from] super::stripped::NamedError),
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("cannot load eBPF program {name}: {source}")]
@@ -84,7 +89,26 @@ const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's 
 /// `malloc`. An executable defining Rust's allocator shims for a `#[global_allocator]` none of
 /// the families recognizes is probed at the shims.
 pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
+    find_allocator_named(pid, &NamedEntries::default())
+}
+
+/// [`find_allocator`], or with `named` entry points (`--alloc-symbol`) the executable at those
+/// addresses. A stripped executable's allocator is also looked for through its debug file
+/// (see [`super::stripped`]).
+pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
     let mut candidates = procfs::objects(pid)?;
+    if !named.is_empty() {
+        let exe = candidates.first().ok_or(AttachError::NoAllocator { pid, searched: String::new() })?;
+        let found = named.resolve(&exe.host_path, &exe.path)?;
+        let functions = found.into_iter().map(|(e, s)| (e.kind, s)).collect();
+        info!(pid, allocator = %exe.path, "allocator named by address (--alloc-symbol)");
+        return Ok(Allocator {
+            path_in_target: exe.path.clone(),
+            host_path: exe.host_path.clone(),
+            functions,
+            families: vec!["named by address (--alloc-symbol)".into()],
+        });
+    }
     let is_libc = |o: &procfs::MappedObject| {
         let base = o.path.rsplit('/').next().unwrap_or(&o.path);
         base.starts_with("libc.so") || base.starts_with("libc-")
@@ -94,6 +118,8 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
     for (i, procfs::MappedObject { path, host_path }) in candidates.iter().enumerate() {
         let mut found = match families::defined_in(host_path) {
             Ok(s) => s,
+            // A stripped executable: its debug file may name its allocator.
+            Err(ElfError::NoSymbols { .. }) if i == 0 => stripped::from_debug_file(pid, host_path),
             Err(e) => {
                 debug!("skipping {path}: {e}");
                 continue;
@@ -121,8 +147,23 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
         info!(pid, allocator = %path, families = ?names, "allocator found");
         return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions, families: names });
     }
+    if let Some(exe) = candidates.iter().find(|o| !is_libc(o)).filter(|o| stripped::is_stripped(&o.host_path)) {
+        let id = stripped::build_id(&exe.host_path);
+        let debug_file = id.as_deref().and_then(stripped::debug_file_path).unwrap_or_else(|| {
+            "/usr/lib/debug/.build-id/xx/yyyy.debug (the executable has no build id: only --alloc-symbol can help)".into()
+        });
+        return Err(AttachError::Stripped { pid, exe: exe.path.clone(), debug_file });
+    }
     let searched: Vec<&str> = candidates.iter().map(|o| o.path.as_str()).collect();
     Err(AttachError::NoAllocator { pid, searched: searched.join(", ") })
+}
+
+impl Allocator {
+    /// Probed at Rust's allocator shims only (the fallback for an unrecognized
+    /// `#[global_allocator]`).
+    pub fn shims_only(&self) -> bool {
+        self.families == [families::Family::RustShims.name()]
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, AttachError> {

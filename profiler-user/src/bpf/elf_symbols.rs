@@ -463,7 +463,9 @@ impl CodeImage {
                 code_sections.push(place);
             }
             let Ok(Some((relas, link))) = section.rela(endian, &*data) else { continue };
-            let linked = sections.section(link).map_err(parse_err)?;
+            // A stripped static executable keeps `.rela.plt` (IRELATIVE) linked to the symbol
+            // table strip removed: no imports to learn from it.
+            let Ok(linked) = sections.section(link) else { continue };
             // A crafted file may link relocations to a section that is no symbol table
             // (object's parser asserts on that; found by fuzzing).
             if !matches!(linked.sh_type(endian), elf::SHT_DYNSYM | elf::SHT_SYMTAB) {

@@ -10,4 +10,5 @@ pub mod contract;
 pub mod load;
 pub mod reader;
 pub mod session_link;
+pub mod stripped;
 pub mod target_view;

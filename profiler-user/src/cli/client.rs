@@ -624,11 +624,25 @@ pub(crate) fn targets_table(v: &Value) -> String {
                 dropped.to_string(),
                 t["probe_mode"].as_str().unwrap_or("").to_owned(),
                 paused_cell(&t["pauses"]),
+                coverage_cell(&t["coverage"]),
                 ago(u(&t["attached_at_ms"])),
             ]
         })
         .collect();
-    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "PAUSED", "ATTACHED"], &rows)
+    table(&["PID", "COMM", "ALIVE", "LIVE", "LIVE ALLOCS", "ALLOCS", "FREES", "DROPPED", "PROBES", "PAUSED", "COVERAGE", "ATTACHED"], &rows)
+}
+
+/// The COVERAGE column: the share of the target's anonymous memory traced by stack, and when
+/// low, its reasons' names (`3% LOW: static_allocator_not_recognized`); `?` when unknown.
+fn coverage_cell(c: &Value) -> String {
+    let Some(ratio) = c["ratio"].as_f64() else { return "?".to_string() };
+    let mut s = format!("{:.0}%", ratio * 100.0);
+    if c["low"].as_bool().unwrap_or(false) {
+        let empty = Vec::new();
+        let names: Vec<&str> = c["reasons"].as_array().unwrap_or(&empty).iter().filter_map(|w| w["reason"].as_str()).collect();
+        let _ = write!(s, " LOW: {}", if names.is_empty() { "unexplained".to_string() } else { names.join(",") });
+    }
+    s
 }
 
 /// The PAUSED column: paused share / budget, probe gaps, firings suppressed to spare the
@@ -672,7 +686,18 @@ pub(crate) fn leaks_table(v: &Value) -> String {
             g.get("total_ms").map_or(0, u)
         );
     }
-    if leaks.is_empty() {
+    let coverage = &v["coverage"];
+    let low = coverage["low"].as_bool().unwrap_or(false);
+    if !coverage.is_null() {
+        let _ = writeln!(out, "coverage: {}", coverage_cell(coverage));
+        let empty = Vec::new();
+        for w in coverage["reasons"].as_array().unwrap_or(&empty) {
+            let _ = writeln!(out, "  - {}", w["text"].as_str().unwrap_or(""));
+        }
+    }
+    if leaks.is_empty() && low {
+        out.push_str("no leaks found among the memory memscope sees, a small share of the process's (see coverage)\n");
+    } else if leaks.is_empty() {
         out.push_str("no leaks found\n");
     }
     for (i, l) in leaks.iter().enumerate() {
@@ -1007,6 +1032,12 @@ mod tests {
             "paused_percent": 0.84, "budget_percent": 5.0, "suppressed": {"pause_budget": 10, "self_caused_gc": 2}});
         let t = targets_table(&paused);
         assert!(t.contains("0.8%/5% 3 gaps 12 supp"), "{t}");
+        assert!(t.contains("COVERAGE") && t.lines().nth(1).unwrap().contains(" ? "), "{t}");
+        let mut low = targets.clone();
+        low["targets"][0]["coverage"] = serde_json::json!({"ratio": 0.03, "low": true,
+            "reasons": [{"reason": "static_allocator_not_recognized", "text": "..."}]});
+        let t = targets_table(&low);
+        assert!(t.contains("3% LOW: static_allocator_not_recognized"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});

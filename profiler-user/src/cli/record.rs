@@ -88,6 +88,15 @@ pub struct RecordArgs {
     /// Leak verdicts use the last this many snapshots (at least 3).
     #[arg(long, default_value_t = growth::DEFAULT_WINDOW, value_parser = parse_window, help_heading = "Triggers")]
     pub verdict_window: usize,
+    /// The allocator's entry points by address, for a stripped executable without a debug file:
+    /// `malloc=0x401a20,free=0x4021f0` (link-time addresses, as nm prints them in an unstripped
+    /// build; C allocator names: malloc, calloc, realloc, free, ...). See docs/coverage.md.
+    #[arg(long, value_name = "NAME=ADDR,...", value_parser = parse_alloc_symbols)]
+    pub alloc_symbol: Option<crate::bpf::stripped::NamedEntries>,
+}
+
+fn parse_alloc_symbols(s: &str) -> Result<crate::bpf::stripped::NamedEntries, String> {
+    crate::bpf::stripped::NamedEntries::parse(s).map_err(|e| e.to_string())
 }
 
 pub(crate) fn parse_window(s: &str) -> Result<usize, String> {
@@ -107,7 +116,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         source: args.source,
     };
     install_stop_handler();
-    let session = Session::attach(args.pid, settings)?;
+    let session = Session::attach_named(args.pid, settings, &args.alloc_symbol.clone().unwrap_or_default())?;
     let rate = if args.sampling == 0 { "every allocation".to_string() } else { format!("sampling 1 per {} bytes", args.sampling) };
     if let Some(source) = session.source() {
         let live = if session.live_tracking() { "" } else { "; live tracking unavailable (alloc-only build)" };

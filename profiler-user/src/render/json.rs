@@ -11,6 +11,13 @@
 //!               "truncated_unmapped": n, "frame_pointer_frames": n },
 //!   "unseen_before_attach_bytes", "untracked_frees",
 //!   "source", "live_tracking" (only for a USDT source: "usdt:ddheap", false for alloc-only),
+//!   "coverage": { "rss_anon_bytes", "traced_live_bytes", "before_attach_bytes",
+//!                 "unaccounted_bytes", "ratio", "low",
+//!                 "reasons": [ { "reason": "<stable name>", "text", "bytes"? } ],
+//!                 "breakdown"?: { "rss_bytes", "brk_heap_bytes", "anon_mapping_bytes",
+//!                   "thread_stack_bytes", "file_backed_bytes", "file_private_anon_bytes",
+//!                   "shared_bytes", "other_bytes", "mappings", "threads_located", "complete" } }
+//!     (absent when the process's memory could not be read; see crate::coverage),
 //!   "leaks": [ { "bytes", "allocs", "oldest_age_s",
 //!                "frames": [ { "function", "file", "line", "module", "address" } ] } ] }
 //!   (`"inlined": true` on a frame inlined into the next one, at the same address)
@@ -97,6 +104,8 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
     if let Some(source) = &p.source {
         out["source"] = json!(source);
         out["live_tracking"] = json!(p.live_tracking.unwrap_or(true));
+    if let Some(c) = &p.coverage {
+        out["coverage"] = serde_json::to_value(c).unwrap_or(Value::Null);
     }
     if let Some(g) = p.probe_gaps {
         out["probe_gaps"] = json!({

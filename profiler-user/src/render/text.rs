@@ -76,6 +76,72 @@ fn header(out: &mut String, p: &HeapProfile) {
     if p.target_exited {
         let _ = writeln!(out, "  the target exited during the recording");
     }
+    coverage(out, p);
+}
+
+/// The coverage statement ([`crate::coverage`]): always a line, and when low, why in words.
+fn coverage(out: &mut String, p: &HeapProfile) {
+    let Some(c) = &p.coverage else {
+        let why = if p.target_exited { "the process had exited" } else { "its memory could not be read" };
+        let _ = writeln!(out, "  coverage:   unknown: {why} at snapshot time (see docs/coverage.md)");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "  coverage:   {} traced live of {} anonymous memory (RssAnon): {:.0}%; {} there before attach, {} unaccounted",
+        human_bytes(c.traced_live_bytes),
+        human_bytes(c.rss_anon_bytes),
+        c.ratio * 100.0,
+        human_bytes(c.before_attach_bytes),
+        human_bytes(c.unaccounted_bytes)
+    );
+    if let Some(b) = &c.breakdown {
+        let _ = writeln!(
+            out,
+            "  memory:     RSS {} = brk heap {}, anonymous mappings {}, thread stacks {}, file-backed {} (+{} written copies), shared {}, other {}{}",
+            human_bytes(b.rss_bytes),
+            human_bytes(b.brk_heap_bytes),
+            human_bytes(b.anon_mapping_bytes),
+            human_bytes(b.thread_stack_bytes),
+            human_bytes(b.file_backed_bytes),
+            human_bytes(b.file_private_anon_bytes),
+            human_bytes(b.shared_bytes),
+            human_bytes(b.other_bytes),
+            if b.complete { "" } else { " (incomplete: a bound on the target's mappings was reached)" }
+        );
+    }
+    if c.low {
+        let _ = writeln!(
+            out,
+            "LOW COVERAGE: memscope accounts for {:.0}% of the process's anonymous memory by stack. Why:",
+            c.ratio * 100.0
+        );
+        if c.reasons.is_empty() {
+            let _ = writeln!(out, "  - unexplained");
+        }
+        for w in &c.reasons {
+            match w.bytes {
+                Some(b) => {
+                    let _ = writeln!(out, "  - {} ({})", w.text, human_bytes(b));
+                }
+                None => {
+                    let _ = writeln!(out, "  - {}", w.text);
+                }
+            }
+        }
+    }
+}
+
+/// What the leak list can claim: all of the memory, or only the part memscope sees.
+fn scope_note(p: &HeapProfile) -> String {
+    match &p.coverage {
+        Some(c) if c.low => format!(
+            " This covers only the {:.0}% of the process's anonymous memory memscope sees (see LOW COVERAGE above).",
+            c.ratio * 100.0
+        ),
+        Some(_) => String::new(),
+        None => " Coverage unknown: memory memscope does not see is not judged.".to_string(),
+    }
 }
 
 fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
@@ -93,20 +159,33 @@ fn leaks(out: &mut String, p: &HeapProfile, top: usize) {
         let _ = writeln!(
             out,
             "No allocation seen since attach: the process did not allocate through the probed allocator \
-             (it may use one memscope does not recognize, or a runtime heap such as Go's); leaks cannot be judged."
+             (it may use one memscope does not recognize, or a runtime heap such as Go's); leaks cannot be judged.{}",
+            scope_note(p)
         );
         return;
     }
     if all.is_empty() {
-        let _ = writeln!(out, "No leaks: no live allocation is older than {}.", secs(p.min_age_s));
+        let _ = writeln!(out, "No leaks: no live allocation is older than {}.{}", secs(p.min_age_s), scope_note(p));
         return;
     }
     let shown = all.len().min(top);
+    let leaked = p.leaked_bytes();
+    if leaked != p.totals.live_bytes {
+        // The two figures state different things: say how they relate.
+        let _ = writeln!(
+            out,
+            "Live {}: {} of it older than {} (the leaks below), {} younger.",
+            human_bytes(p.totals.live_bytes),
+            human_bytes(leaked),
+            secs(p.min_age_s),
+            human_bytes(p.totals.live_bytes.saturating_sub(leaked))
+        );
+    }
     let _ = writeln!(
         out,
         "Top leaks (live and older than {}): {} in {}, showing {} of {}",
         secs(p.min_age_s),
-        human_bytes(p.leaked_bytes()),
+        human_bytes(leaked),
         plural(all.len() as u64, "stack"),
         shown,
         all.len()
@@ -193,6 +272,27 @@ mod tests {
         assert!(r.contains("No allocation seen since attach"), "{r}");
         p.totals.allocs = 3;
         assert!(leak_report(&p, 5).contains("No leaks"));
+    }
+
+    /// A low coverage is stated with its reasons, and "No leaks" then says what it covers.
+    #[test]
+    fn low_coverage_qualifies_no_leaks() {
+        use crate::coverage::{assess, Figures, Hints, Reason};
+        let hints = Hints { reasons: vec![Reason::StaticAllocatorNotRecognized] };
+        let figures = Figures { rss_anon_bytes: 1 << 30, traced_live_bytes: 864, rss_anon_at_attach: 0, allocs: 3 };
+        let p = HeapProfile {
+            coverage: Some(assess(figures, &hints, None)),
+            totals: crate::aggregate::Totals { allocs: 3, ..Default::default() },
+            ..HeapProfile::default()
+        };
+        let r = leak_report(&p, 5);
+        assert!(r.contains("  coverage:   864 B traced live of 1.0 GiB anonymous memory (RssAnon): 0%"), "{r}");
+        assert!(r.contains("LOW COVERAGE") && r.contains("  - statically linked allocator not recognized"), "{r}");
+        assert!(r.contains("No leaks: no live allocation is older than 0.0s. This covers only the 0%"), "{r}");
+        let figures = Figures { rss_anon_bytes: 1 << 20, traced_live_bytes: 1 << 20, rss_anon_at_attach: 0, allocs: 3 };
+        let p = HeapProfile { coverage: Some(assess(figures, &hints, None)), ..p };
+        let r = leak_report(&p, 5);
+        assert!(!r.contains("LOW") && r.contains("No leaks: no live allocation is older than 0.0s.\n"), "{r}");
     }
 
     #[test]

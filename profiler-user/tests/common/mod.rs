@@ -55,6 +55,42 @@ pub fn spawn_record(pid: u32, out: &Path, extra: &[&str]) -> Child {
         .expect("starting memscope record")
 }
 
+/// Builds tests/fixtures/rust_alloc with `feature` (None: the system allocator) and returns a private copy
+/// of the executable (see [`build_fixture`] for why a copy per test process and thread).
+pub fn rust_service(feature: Option<&str>) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rust_alloc");
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures/rust_alloc");
+    std::fs::create_dir_all(root.join("src")).unwrap();
+    // Copied only when changed: cargo's cache (by mtime) then holds across runs.
+    for file in ["Cargo.toml", "src/main.rs"] {
+        let text = std::fs::read(src.join(file)).unwrap();
+        if std::fs::read(root.join(file)).ok().as_deref() != Some(&text[..]) {
+            let tmp = root.join(format!("{file}.{}", std::process::id()));
+            std::fs::write(&tmp, &text).unwrap();
+            std::fs::rename(&tmp, root.join(file)).unwrap();
+        }
+    }
+    let name = feature.unwrap_or("system");
+    let target = root.join(format!("target-{name}"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--release", "--quiet"])
+        .env("CARGO_TARGET_DIR", &target)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET");
+    if let Some(f) = feature {
+        cmd.args(["--features", f]);
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("running cargo: {e}"));
+    assert!(status.success(), "building the Rust fixture with {name} (crates.io must be reachable the first time)");
+    let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+    let copy = root.join(format!("rust_alloc-{name}.{}.{thread}", std::process::id()));
+    std::fs::copy(target.join("release/rust_alloc_fixture"), &copy).unwrap();
+    copy
+}
+
 pub fn alloc_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| build_fixture("alloc_fixture", &[])).clone()
