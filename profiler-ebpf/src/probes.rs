@@ -55,7 +55,7 @@ pub struct Target {
 }
 
 #[inline(always)]
-fn target(cookie: u64) -> Option<Target> {
+pub(crate) fn target(cookie: u64) -> Option<Target> {
     let id = cookie_target(cookie);
     let slot = target_slot(id);
     let cfg = TARGETS.get(slot)?;
@@ -63,7 +63,7 @@ fn target(cookie: u64) -> Option<Target> {
 }
 
 #[inline(always)]
-fn cookie(ctx: *mut c_void) -> u64 {
+pub(crate) fn cookie(ctx: *mut c_void) -> u64 {
     unsafe { bpf_get_attach_cookie(ctx) }
 }
 
@@ -137,7 +137,7 @@ fn sample(t: &Target, size: u64) -> bool {
 /// The bytes a sample of `size` taken at interval `mean` stands for: the same computation
 /// as `profiler_common::sample_weight`, with the table in `WEIGHT_TABLE`.
 #[inline(always)]
-fn weight(size: u64, mean: u64) -> u64 {
+pub(crate) fn weight(size: u64, mean: u64) -> u64 {
     if mean == 0 || size >= mean.saturating_mul(WEIGHT_X_MAX) {
         return size;
     }
@@ -359,7 +359,7 @@ fn on_alloc_return(t: &Target, regs: *const pt_regs, pid_tgid: u64) -> Result<()
 }
 
 #[inline(always)]
-fn remember(t: &Target, ptr: u64, size: u64, weight: u64, stack: StackKey) {
+pub(crate) fn remember(t: &Target, ptr: u64, size: u64, weight: u64, stack: StackKey) {
     // The target's share of the shared map: past it, its allocations are dropped (counted),
     // not other targets'.
     let live = TARGET_LIVE.get_ptr_mut(t.slot).unwrap_or(null_mut());
@@ -418,6 +418,13 @@ fn live_filter_slot(t: &Target, ptr: u64) -> *mut u64 {
 /// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
 fn forget(t: &Target, ptr: u64, count_untracked: bool) {
+    forget_as(t, ptr, count_untracked, false);
+}
+
+/// [`forget`]; `estimated`: the free is counted as what its sample stands for (the Go
+/// runtime's samples, whose allocations are counted so too), not as one call.
+#[inline(always)]
+pub(crate) fn forget_as(t: &Target, ptr: u64, count_untracked: bool, estimated: bool) {
     // While sampling, most frees are of unsampled memory: a zero counter says so without a
     // `LIVE` lookup (a hash-map lookup is a function call, an array lookup is inlined).
     let filter = live_filter_slot(t, ptr);
@@ -440,10 +447,16 @@ fn forget(t: &Target, ptr: u64, count_untracked: bool) {
     if !filter.is_null() {
         unsafe { add(filter, 1u64.wrapping_neg()) };
     }
-    count(t, Counter::Frees, 1);
-    count(t, Counter::FreeBytes, size);
+    let weight_frees = sample_count_weight(weight, size);
+    if estimated {
+        count(t, Counter::Frees, (weight_frees + 0xffff) >> 16);
+        count(t, Counter::FreeBytes, weight);
+    } else {
+        count(t, Counter::Frees, 1);
+        count(t, Counter::FreeBytes, size);
+    }
     count(t, Counter::WeightFreeBytes, weight);
-    count(t, Counter::WeightFrees, sample_count_weight(weight, size));
+    count(t, Counter::WeightFrees, weight_frees);
 }
 
 #[uprobe]

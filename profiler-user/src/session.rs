@@ -32,6 +32,8 @@ pub struct Session {
     attached_at: Instant,
     unseen_before_attach_bytes: u64,
     allocator: String,
+    /// How a Go program's heap is seen (`bpf::go_runtime`).
+    runtime_heap: Option<String>,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
@@ -100,6 +102,7 @@ impl Session {
             process,
             attached_at: Instant::now(),
             unseen_before_attach_bytes: unseen,
+            runtime_heap: allocator.runtime_heap().map(str::to_string),
             allocator: allocator.path_in_target,
             sites,
             unwind,
@@ -228,6 +231,7 @@ impl TracedTarget for Session {
         profile.expand_inlined();
         profile.unwind_tables = Some(self.unwind.stats());
         profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
+        profile.runtime_heap = self.runtime_heap.clone();
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
         }
@@ -256,6 +260,7 @@ impl TracedTarget for Session {
             alive: self.alive(),
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),
+            runtime_heap: self.runtime_heap.clone(),
         }
     }
 

@@ -42,6 +42,9 @@ pub struct TargetStats {
     /// figures and its pause budget (see [`crate::pause`]); absent for targets that keep none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pauses: Option<crate::pause::PauseStatus>,
+    /// How a Go program's heap is seen (see [`HeapProfile::runtime_heap`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_heap: Option<String>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.

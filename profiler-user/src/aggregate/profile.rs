@@ -154,6 +154,11 @@ pub struct HeapProfile {
     /// in a gap may still be listed as live. `None` when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_gaps: Option<crate::pause::ProbeGaps>,
+    /// How a Go program's own heap is seen (`bpf::go_runtime`): "Go runtime heap (go1.19.8):
+    /// traced through the runtime's sampling (MemProfileRate 524288)", or why it is not.
+    /// `None` for a program that is not Go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_heap: Option<String>,
 }
 
 /// One executable mapping of a file in the target.

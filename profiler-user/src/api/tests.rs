@@ -147,6 +147,7 @@ impl TracedTarget for FakeTarget {
             alive: !self.dead.load(Ordering::SeqCst),
             labels: Default::default(),
             pauses: None,
+            runtime_heap: None,
         }
     }
 }

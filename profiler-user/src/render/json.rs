@@ -93,6 +93,9 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
         "leak_stacks": leak_stacks,
         "leaks": leaks,
     });
+    if let Some(r) = &p.runtime_heap {
+        out["runtime_heap"] = json!(r);
+    }
     if let Some(g) = p.probe_gaps {
         out["probe_gaps"] = json!({
             "count": g.count,
