@@ -13,7 +13,9 @@
 //! for a Go version whose runtime it validated).
 use core::ffi::c_void;
 
-use aya_ebpf::{helpers::bpf_probe_read_user, macros::uprobe, programs::ProbeContext, EbpfContext as _};
+use aya_ebpf::{
+    helpers::bpf_probe_read_user, macros::uprobe, programs::ProbeContext, EbpfContext as _,
+};
 use profiler_common::{sample_count_weight, Counter, StackKey};
 
 use crate::{
@@ -46,9 +48,23 @@ fn try_go_malloc(ctx: &ProbeContext) -> Option<()> {
     let stack_id = stack::record_at_go_entry(&t, ctx.regs);
     let caller = unsafe { bpf_probe_read_user((*ctx.regs).rsp as *const u64) }.unwrap_or(0);
     // What the sample stands for is what the heap holds: counted as such.
-    count(&t, Counter::Allocs, (sample_count_weight(w, size) + 0xffff) >> 16);
+    count(
+        &t,
+        Counter::Allocs,
+        (sample_count_weight(w, size) + 0xffff) >> 16,
+    );
     count(&t, Counter::AllocBytes, w);
-    remember(&t, ptr, size, w, StackKey { caller, stack_id, target: t.id });
+    remember(
+        &t,
+        ptr,
+        size,
+        w,
+        StackKey {
+            caller,
+            stack_id,
+            target: t.id,
+        },
+    );
     Some(())
 }
 
@@ -66,7 +82,8 @@ fn try_go_free(ctx: &ProbeContext) -> Option<()> {
         return None;
     }
     let (special, ptr) = unsafe { ((*ctx.regs).rax, (*ctx.regs).rbx) };
-    let kind = unsafe { bpf_probe_read_user((special + go.special_kind as u64) as *const u8) }.ok()?;
+    let kind =
+        unsafe { bpf_probe_read_user((special + go.special_kind as u64) as *const u8) }.ok()?;
     if kind as u32 != go.special_profile || ptr == 0 {
         return None;
     }

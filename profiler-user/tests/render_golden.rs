@@ -165,6 +165,7 @@ fn fixture() -> HeapProfile {
         stacks,
         mappings: Vec::new(),
         probe_gaps: None,
+        runtime_heap: None,
     }
 }
 

@@ -100,11 +100,24 @@ pub enum GoError {
     )]
     UnsupportedVersion { pid: u32, version: String },
     #[error("process {pid} is a Go program ({version}) but {path} lacks {missing} in its symbol table (built with -ldflags=-s?): memscope cannot find the runtime's sampling points")]
-    MissingSymbols { pid: u32, version: String, path: String, missing: String },
+    MissingSymbols {
+        pid: u32,
+        version: String,
+        path: String,
+        missing: String,
+    },
     #[error("process {pid}: {path} is not mapped where its symbols say (Go program {version})")]
-    NotMapped { pid: u32, version: String, path: String },
+    NotMapped {
+        pid: u32,
+        version: String,
+        path: String,
+    },
     #[error("process {pid} (Go program {version}): reading runtime.MemProfileRate: {source}")]
-    ReadRate { pid: u32, version: String, source: std::io::Error },
+    ReadRate {
+        pid: u32,
+        version: String,
+        source: std::io::Error,
+    },
     #[error("process {pid} is a Go program ({version}) whose runtime samples no allocation (runtime.MemProfileRate is 0: it never links runtime.MemProfile, so the linker switched the sampling off); memscope sees the Go heap only through that sampling and has nothing else to trace")]
     ProfilingOff { pid: u32, version: String },
 }
@@ -138,7 +151,12 @@ pub fn version_in(data: &[u8]) -> Option<Option<String>> {
 
 /// Whether memscope traces the heap of a Go program of `version`.
 pub fn supported(version: &str) -> bool {
-    SUPPORTED.iter().any(|p| version == *p || version.strip_prefix(p).is_some_and(|rest| rest.starts_with('.')))
+    SUPPORTED.iter().any(|p| {
+        version == *p
+            || version
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 /// The Go runtime of process `pid`, if its executable is a Go program: `Ok(None)` when it is
@@ -146,8 +164,13 @@ pub fn supported(version: &str) -> bool {
 /// its points.
 pub fn detect(pid: u32) -> Result<Option<GoRuntime>, GoError> {
     let objects = procfs::objects(pid)?;
-    let Some(exe) = objects.first() else { return Ok(None) };
-    let data = exe.host_path.bytes().map_err(|source| ElfError::Io { path: exe.host_path.path().to_owned(), source })?;
+    let Some(exe) = objects.first() else {
+        return Ok(None);
+    };
+    let data = exe.host_path.bytes().map_err(|source| ElfError::Io {
+        path: exe.host_path.path().to_owned(),
+        source,
+    })?;
     let version = match version_in(&data) {
         None => return Ok(None),
         Some(None) => "a Go release before go1.18".to_string(),
@@ -169,18 +192,32 @@ pub fn detect(pid: u32) -> Result<Option<GoRuntime>, GoError> {
     }
     drop(data);
     let found = elf_symbols::resolve(&exe.host_path, &[MALLOC, FREE, CGO_SWITCH])?;
-    let [malloc, free, switch]: [Option<FunctionSymbol>; 3] = found.try_into().expect("three names");
-    let missing: Vec<&str> = [(MALLOC, malloc.is_some()), (FREE, free.is_some()), (RATE, rate_vaddr.is_some())]
-        .into_iter()
-        .filter(|(_, found)| !found)
-        .map(|(n, _)| n)
-        .collect();
+    let [malloc, free, switch]: [Option<FunctionSymbol>; 3] =
+        found.try_into().expect("three names");
+    let missing: Vec<&str> = [
+        (MALLOC, malloc.is_some()),
+        (FREE, free.is_some()),
+        (RATE, rate_vaddr.is_some()),
+    ]
+    .into_iter()
+    .filter(|(_, found)| !found)
+    .map(|(n, _)| n)
+    .collect();
     let (Some(malloc), Some(free), Some(rate_vaddr)) = (malloc, free, rate_vaddr) else {
-        return Err(GoError::MissingSymbols { pid, version, path: exe.path.clone(), missing: missing.join(", ") });
+        return Err(GoError::MissingSymbols {
+            pid,
+            version,
+            path: exe.path.clone(),
+            missing: missing.join(", "),
+        });
     };
     // The load bias (0 for the default non-PIE build): where the probed code is mapped.
     let maps = procfs::maps(pid)?;
-    let not_mapped = || GoError::NotMapped { pid, version: version.clone(), path: exe.path.clone() };
+    let not_mapped = || GoError::NotMapped {
+        pid,
+        version: version.clone(),
+        path: exe.path.clone(),
+    };
     let at = procfs::address_of(&maps, &exe.path, malloc.file_offset, 1).ok_or_else(not_mapped)?;
     let bias = at.wrapping_sub(malloc.vaddr);
     let mut config = GO_1_19;
@@ -189,7 +226,11 @@ pub fn detect(pid: u32) -> Result<Option<GoRuntime>, GoError> {
         config.cgocall_start = s.vaddr.wrapping_add(bias);
         config.cgocall_end = config.cgocall_start + s.size;
     }
-    let rate = read_rate(pid, config.rate_addr).map_err(|source| GoError::ReadRate { pid, version: version.clone(), source })?;
+    let rate = read_rate(pid, config.rate_addr).map_err(|source| GoError::ReadRate {
+        pid,
+        version: version.clone(),
+        source,
+    })?;
     Ok(Some(GoRuntime {
         version,
         path_in_target: exe.path.clone(),
