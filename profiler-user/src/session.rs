@@ -117,6 +117,11 @@ impl Session {
         &self.allocator
     }
 
+    /// How a Go program's heap is seen, when the target is one.
+    pub fn runtime_heap(&self) -> Option<&str> {
+        self.runtime_heap.as_deref()
+    }
+
     pub fn probe_sites(&self) -> &[ProbeSiteReport] {
         &self.sites
     }

@@ -27,14 +27,19 @@ const GO_CACHE: &str = "/tmp/memscope-test-go-cache";
 /// a private copy of the executable (one per test process and thread: a probed file is not
 /// rewritten under another test).
 fn go_fixture(cgo: bool) -> PathBuf {
+    go_fixture_tagged(cgo, "")
+}
+
+/// [`go_fixture`] built with the build tags `tags` (`noprof`: without runtime/pprof).
+fn go_fixture_tagged(cgo: bool, tags: &str) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/go_heap");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures/go_heap");
     std::fs::create_dir_all(&out).unwrap();
-    let name = if cgo { "go_heap-cgo" } else { "go_heap-nocgo" };
+    let name = format!("go_heap-{}{tags}", if cgo { "cgo" } else { "nocgo" });
     let built = out.join(format!("{name}.{}", std::process::id()));
     let status = Command::new("go")
         .current_dir(&src)
-        .args(["build", "-o"])
+        .args(["build", "-tags", tags, "-o"])
         .arg(&built)
         .arg(".")
         .env("CGO_ENABLED", if cgo { "1" } else { "0" })
@@ -208,6 +213,15 @@ fn check_go_heap(cgo: bool) -> HeapProfile {
         "{label}: {:?}",
         p.dropped
     );
+    // Every output says how the Go heap is seen and shows the Go stacks.
+    let text = profiler_user::render::text::leak_report(&p, 20);
+    assert!(text.contains(&line) && text.contains("main.keepA"), "{label}: {text}");
+    let json = profiler_user::render::json::leaks_json(&p, None);
+    assert_eq!(json["runtime_heap"], line.as_str());
+    let folded = profiler_user::render::folded::folded(&p, profiler_user::aggregate::Measure::Inuse);
+    assert!(folded.lines().any(|l| l.contains("main.keepA")), "{label}: {folded}");
+    let pprof = profiler_user::render::pprof::pprof_profile(&p);
+    assert!(pprof.string_table.iter().any(|s| s == "main.keepB"), "{label}: pprof names main.keepB");
     let _ = std::fs::remove_file(&exe);
     p
 }
@@ -316,4 +330,22 @@ fn unvalidated_go_version_is_refused_by_name() {
     drop(fixture);
     let _ = std::fs::remove_file(&exe);
     let _ = std::fs::remove_file(&patched);
+}
+
+/// A Go program that never links `runtime.MemProfile` (here: without runtime/pprof): the
+/// linker switched the runtime's sampling off (MemProfileRate 0), so its Go heap cannot be
+/// seen, and without cgo there is nothing else: refused, saying why, never "No leaks".
+#[test]
+fn go_program_without_sampling_is_refused_clearly() {
+    require_root();
+    let exe = go_fixture_tagged(false, "noprof");
+    let mut fixture = Fixture::start(&exe, "");
+    assert_eq!(fixture.ask("rate?"), "rate 0");
+    let err = match Session::attach(fixture.pid, ProbeSettings::default()) {
+        Ok(_) => panic!("a Go program with its sampling off was traced"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("runtime.MemProfileRate is 0") && err.contains("go1.19"), "{err}");
+    drop(fixture);
+    let _ = std::fs::remove_file(&exe);
 }

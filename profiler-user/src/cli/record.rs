@@ -110,6 +110,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         session.probe_mode().name(),
         args.duration,
     );
+    if let Some(line) = session.runtime_heap() {
+        eprintln!("memscope: {}", render::escape::term(line));
+    }
     let specs = args.triggers.specs()?;
     let mut triggered = if specs.is_empty() {
         None
