@@ -4,6 +4,10 @@
 //! keeps the rest of the data path as it is: stacks are hashed and stored here, every recorded
 //! allocation keeps its stack key, exact counts stay exact.
 //!
+//! In a Go program built with cgo, C code runs on the thread's system stack: its stack ends
+//! in `runtime.asmcgocall`, and the walk continues on the goroutine's stack from what
+//! asmcgocall saved (see [`cgo_step`]), into the Go function that made the cgo call.
+//!
 //! Each step is verified before its frame is kept: the return address must lie in an
 //! executable mapping of the target, the CFA must move up the stack, every rule must be one
 //! this code evaluates. A walk that cannot go on ends there, counted by reason
