@@ -124,10 +124,13 @@ pub enum GoError {
 
 /// The Go version in an executable's `.go.buildinfo`: `Some(None)` for a Go program whose
 /// build information does not hold it inline (before Go 1.18), `None` for no Go program.
-pub fn version_in(data: &[u8]) -> Option<Option<String>> {
+/// Reads the section headers and at most [`BUILDINFO_READ`] bytes of the section: a hostile
+/// file cannot make it read more.
+pub fn version_in<'d, R: object::ReadRef<'d>>(data: R) -> Option<Option<String>> {
     let file = object::File::parse(data).ok()?;
     let section = file.section_by_name(".go.buildinfo")?;
-    let info = section.data().ok()?;
+    let (offset, size) = section.file_range()?;
+    let info = data.read_bytes_at(offset, size.min(BUILDINFO_READ)).ok()?;
     // 14 bytes of magic, the pointer size, the flags (2: version and module info inline).
     if info.len() < 32 || &info[..14] != b"\xff Go buildinf:" {
         return None;
@@ -149,6 +152,9 @@ pub fn version_in(data: &[u8]) -> Option<Option<String>> {
     Some(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
+/// The most of `.go.buildinfo` read: its header and the version string (a few dozen bytes).
+const BUILDINFO_READ: u64 = 4096;
+
 /// Whether memscope traces the heap of a Go program of `version`.
 pub fn supported(version: &str) -> bool {
     SUPPORTED.iter().any(|p| {
@@ -167,10 +173,9 @@ pub fn detect(pid: u32) -> Result<Option<GoRuntime>, GoError> {
     let Some(exe) = objects.first() else {
         return Ok(None);
     };
-    let data = exe.host_path.bytes().map_err(|source| ElfError::Io {
-        path: exe.host_path.path().to_owned(),
-        source,
-    })?;
+    // Read on demand (headers, one section, the symbol table), not the whole file: every
+    // process memscope attaches to is asked this first.
+    let data = object::ReadCache::new(exe.host_path.file());
     let version = match version_in(&data) {
         None => return Ok(None),
         Some(None) => "a Go release before go1.18".to_string(),
@@ -181,7 +186,7 @@ pub fn detect(pid: u32) -> Result<Option<GoRuntime>, GoError> {
     }
     let mut rate_vaddr = None;
     let mut cgo = false;
-    if let Ok(file) = object::File::parse(&*data) {
+    if let Ok(file) = object::File::parse(&data) {
         for s in file.symbols() {
             match s.name() {
                 Ok(RATE) => rate_vaddr = Some(s.address()),
@@ -276,6 +281,6 @@ mod tests {
     #[test]
     fn this_test_binary_is_not_go() {
         let data = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert_eq!(version_in(&data), None);
+        assert_eq!(version_in(&data[..]), None);
     }
 }
