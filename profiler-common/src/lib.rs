@@ -151,6 +151,31 @@ pub struct TargetConfig {
 }
 const _: () = assert!(core::mem::size_of::<TargetConfig>() == 16);
 
+/// Per-target settings of the Go runtime probes (`GO_TARGETS[slot]`), written by the agent when
+/// the target is a Go program whose runtime layout memscope validated (see `profiler-user`'s
+/// `bpf::go_runtime`); all zero otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoTarget {
+    /// Address of `runtime.MemProfileRate` in the target (the sampling rate the runtime uses:
+    /// read at each sample, so a program changing it is followed); 0: not a Go target.
+    pub rate_addr: u64,
+    /// `[start, end)` of `runtime.asmcgocall.abi0` in the target, where a cgo call switches
+    /// to the system stack; 0 when the program has none.
+    pub cgocall_start: u64,
+    pub cgocall_end: u64,
+    /// Offsets in the runtime's `g`: `stack.hi`, `sched.sp`, `sched.bp`.
+    pub g_stack_hi: u16,
+    pub g_sched_sp: u16,
+    pub g_sched_bp: u16,
+    /// Offset of `special.kind` in the runtime's `special`.
+    pub special_kind: u16,
+    /// `_KindSpecialProfile`: the special `freeSpecial` gets for a sampled object.
+    pub special_profile: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<GoTarget>() == 40);
+
 /// Key of the shared `LIVE` map: an address in one target.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -542,4 +567,5 @@ mod pod {
     unsafe impl aya::Pod for super::TargetConfig {}
     unsafe impl aya::Pod for super::LiveKey {}
     unsafe impl aya::Pod for super::UsdtSpec {}
+    unsafe impl aya::Pod for super::GoTarget {}
 }

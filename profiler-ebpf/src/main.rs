@@ -11,6 +11,9 @@
 //! uretprobe) and `free_entry` do the same on older kernels. The attach cookie says which
 //! function a probe is on (see `profiler_common::encode_cookie`).
 //!
+//! A Go program's own heap is seen through its runtime's sampling instead (`go.rs`): one
+//! probe where the runtime records a sampled allocation, one where the GC frees it.
+//!
 //! Needs a kernel with uprobes, BPF attach cookies (5.15+) and atomics (5.12+).
 #![no_std]
 #![no_main]
@@ -18,6 +21,7 @@
 #![allow(internal_features)]
 
 mod discover;
+mod go;
 mod maps;
 mod probes;
 mod stack;

@@ -9,14 +9,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use profiler_common::{
-    AllocInfo, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow, UsdtSpec,
-    COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, USDT_SPECS_PER_TARGET,
+    AllocInfo, GoTarget, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow,
+    UsdtSpec, COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, USDT_SPECS_PER_TARGET,
     WEIGHT_TABLE_LEN,
 };
 
 /// Each target slot's settings (sampling interval, live-allocation quota).
 #[map]
 pub static TARGETS: Array<TargetConfig> = Array::with_max_entries(MAX_TARGETS, 0);
+
+/// Each target slot's Go runtime settings (all zero for a target that is not a Go program):
+/// read by the Go probes (`go.rs`) and by the stack walk (the cgo switch of stacks).
+#[map]
+pub static GO_TARGETS: Array<GoTarget> = Array::with_max_entries(MAX_TARGETS, 0);
 
 /// Live allocations in `LIVE` per target slot, held against its `live_quota`.
 #[map]

@@ -137,7 +137,7 @@ fn sample(t: &Target, size: u64) -> bool {
 /// The bytes a sample of `size` taken at interval `mean` stands for: the same computation
 /// as `profiler_common::sample_weight`, with the table in `WEIGHT_TABLE`.
 #[inline(always)]
-fn weight(size: u64, mean: u64) -> u64 {
+pub(crate) fn weight(size: u64, mean: u64) -> u64 {
     if mean == 0 || size >= mean.saturating_mul(WEIGHT_X_MAX) {
         return size;
     }
@@ -418,6 +418,13 @@ fn live_filter_slot(t: &Target, ptr: u64) -> *mut u64 {
 /// realloc's old pointer, whose free the allocator may already have reported through `free`).
 #[inline(always)]
 pub fn forget(t: &Target, ptr: u64, count_untracked: bool) {
+    forget_as(t, ptr, count_untracked, false);
+}
+
+/// [`forget`]; `estimated`: the free is counted as what its sample stands for (the Go
+/// runtime's samples, whose allocations are counted so too), not as one call.
+#[inline(always)]
+pub(crate) fn forget_as(t: &Target, ptr: u64, count_untracked: bool, estimated: bool) {
     // While sampling, most frees are of unsampled memory: a zero counter says so without a
     // `LIVE` lookup (a hash-map lookup is a function call, an array lookup is inlined).
     let filter = live_filter_slot(t, ptr);
@@ -440,10 +447,16 @@ pub fn forget(t: &Target, ptr: u64, count_untracked: bool) {
     if !filter.is_null() {
         unsafe { add(filter, 1u64.wrapping_neg()) };
     }
-    count(t, Counter::Frees, 1);
-    count(t, Counter::FreeBytes, size);
+    let weight_frees = sample_count_weight(weight, size);
+    if estimated {
+        count(t, Counter::Frees, (weight_frees + 0xffff) >> 16);
+        count(t, Counter::FreeBytes, weight);
+    } else {
+        count(t, Counter::Frees, 1);
+        count(t, Counter::FreeBytes, size);
+    }
     count(t, Counter::WeightFreeBytes, weight);
-    count(t, Counter::WeightFrees, sample_count_weight(weight, size));
+    count(t, Counter::WeightFrees, weight_frees);
 }
 
 #[uprobe]

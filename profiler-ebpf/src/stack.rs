@@ -4,18 +4,22 @@
 //! keeps the rest of the data path as it is: stacks are hashed and stored here, every recorded
 //! allocation keeps its stack key, exact counts stay exact.
 //!
+//! In a Go program built with cgo, C code runs on the thread's system stack: its stack ends
+//! in `runtime.asmcgocall`, and the walk continues on the goroutine's stack from what
+//! asmcgocall saved (see [`cgo_step`]), into the Go function that made the cgo call.
+//!
 //! Each step is verified before its frame is kept: the return address must lie in an
 //! executable mapping of the target, the CFA must move up the stack, every rule must be one
 //! this code evaluates. A walk that cannot go on ends there, counted by reason
 //! (`Counter::Truncated*`): a short stack, never a garbage frame.
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
 use profiler_common::{
-    mapping, rbp, row, Counter, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
+    mapping, rbp, row, Counter, GoTarget, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
     MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS, UNWIND_STATE_STRIDE,
 };
 
 use crate::{
-    maps::{STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
+    maps::{GO_TARGETS, STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
     probes::{count, Target},
 };
 
@@ -177,23 +181,70 @@ const WALK_FRAMES: usize = MAX_FRAMES;
 /// be stored, then counted).
 #[inline(always)]
 pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
+    let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    record_from(t, Frame { pc: ip, sp, fp, exact: true })
+}
+
+/// Unwinds the stack at the entry of a Go function called with a frame pointer chain (the Go
+/// ABI on amd64): `[rsp]` is the return address into the caller, rbp the caller's frame.
+#[inline(always)]
+pub fn record_at_go_entry(t: &Target, regs: *const pt_regs) -> u64 {
+    let (sp, fp) = unsafe { ((*regs).rsp, (*regs).rbp) };
+    let Some(ra) = read(sp) else { return 0 };
+    record_from(t, Frame { pc: ra, sp: sp + 8, fp, exact: false })
+}
+
+/// The Go goroutine frame a cgo call came from, when `f` returns into
+/// `runtime.asmcgocall.abi0` after its `CALL` to C on the system stack: the C code's frames
+/// end there, the Go caller's stack is elsewhere. asmcgocall keeps the goroutine's `g` at
+/// 48(SP) and the depth of its stack pointer below `g.stack.hi` at 40(SP) (Go 1.19's
+/// asm_amd64.s); before switching it saved its stack and frame pointers in `g.sched`. The two
+/// must agree, and the frame pointer must lie in the goroutine's stack, or the walk ends here.
+#[inline(always)]
+fn cgo_step(f: &Frame, go: &GoTarget) -> Result<Option<Frame>, Counter> {
+    let bad = Counter::TruncatedBadFrame;
+    let g = read(f.sp + 48).ok_or(bad)?;
+    let depth = read(f.sp + 40).ok_or(bad)?;
+    if g == 0 {
+        return Err(bad);
+    }
+    let hi = read(g + go.g_stack_hi as u64).ok_or(bad)?;
+    let sched_sp = read(g + go.g_sched_sp as u64).ok_or(bad)?;
+    let sched_bp = read(g + go.g_sched_bp as u64).ok_or(bad)?;
+    let old_sp = hi.wrapping_sub(depth);
+    if sched_sp != old_sp || depth == 0 || depth > MAX_FRAME_SIZE || sched_bp < old_sp || sched_bp >= hi {
+        return Err(bad);
+    }
+    let pc = read(old_sp).ok_or(bad)?;
+    if pc == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Frame { pc, sp: old_sp + 8, fp: sched_bp, exact: false }))
+}
+
+/// Unwinds from `start` (see [`record`]), stores the stack and returns its key.
+#[inline(always)]
+fn record_from(t: &Target, start: Frame) -> u64 {
     let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     let frames = unsafe { &mut *frames };
-    let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    // A Go program's cgo switch (all zero for other targets: never matches).
+    let go = GO_TARGETS.get(t.slot).copied().unwrap_or_default();
+    let ip = start.pc;
     frames.ips[0] = ip;
     let mut hash = mix(FNV_OFFSET, ip);
     let mut n = 1;
-    let mut f = Frame { pc: ip, sp, fp, exact: true };
-    let mut m = find_mapping(t.slot, ip);
+    let mut f = start;
+    let mut m = find_mapping(t.slot, if start.exact { ip } else { ip - 1 });
     let mut ended = m.is_none();
     if ended {
         count(t, Counter::TruncatedUnmapped, 1);
     }
     while !ended && n < WALK_FRAMES {
         let Some(here) = m else { break };
-        let next = match step(t, &f, &here) {
+        let in_cgocall = f.pc > go.cgocall_start && f.pc <= go.cgocall_end;
+        let next = match if in_cgocall { cgo_step(&f, &go) } else { step(t, &f, &here) } {
             Ok(Some(next)) => next,
             Ok(None) => {
                 ended = true;

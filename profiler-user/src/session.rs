@@ -41,6 +41,8 @@ pub struct Session {
     live_tracking: bool,
     /// With a contract: where the producer keeps its sampling interval, when known.
     interval_addr: Option<u64>,
+    /// How a Go program's heap is seen (`bpf::go_runtime`).
+    runtime_heap: Option<String>,
     sites: Vec<ProbeSiteReport>,
     unwind: UnwindHandle,
     target: Arc<TargetProbes>,
@@ -128,6 +130,10 @@ impl Session {
             Traced::Contract(contract) => target.attach_contract(contract),
         }
         .with_context(|| format!("attaching to process {pid} ({comm})"))?;
+        let runtime_heap = match &traced {
+            Traced::Allocator(a) => a.runtime_heap().map(str::to_string),
+            Traced::Contract(_) => None,
+        };
         let (allocator, source, live_tracking, interval_addr) = match traced {
             Traced::Allocator(a) => (a.path_in_target, None, true, None),
             Traced::Contract(c) => {
@@ -156,6 +162,7 @@ impl Session {
             source,
             live_tracking,
             interval_addr,
+            runtime_heap,
             sites,
             unwind,
             target,
@@ -184,6 +191,11 @@ impl Session {
     /// Whether frees are seen (false only for a contract without a `free` probe).
     pub fn live_tracking(&self) -> bool {
         self.live_tracking
+    }
+
+    /// How a Go program's heap is seen, when the target is one.
+    pub fn runtime_heap(&self) -> Option<&str> {
+        self.runtime_heap.as_deref()
     }
 
     pub fn probe_sites(&self) -> &[ProbeSiteReport] {
@@ -351,6 +363,7 @@ impl TracedTarget for Session {
         }
         profile.unwind_tables = Some(self.unwind.stats());
         profile.probe_gaps = Some(self.pauses.gaps()).filter(|g| g.count > 0);
+        profile.runtime_heap = self.runtime_heap.clone();
         if !exited {
             profile.mappings = crate::symbolize::mappings::executable_mappings(self.pid);
             let t = &profile.totals;
@@ -383,6 +396,7 @@ impl TracedTarget for Session {
             labels: Default::default(),
             pauses: Some(self.pauses.status(&crate::pause::default_budget())),
             coverage: self.coverage.of(self.pid, live_bytes, c(Counter::Allocs), false).filter(|_| self.alive()),
+            runtime_heap: self.runtime_heap.clone(),
         }
     }
 

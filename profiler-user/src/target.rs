@@ -51,6 +51,9 @@ pub struct TargetStats {
     /// when it is ([`crate::coverage`]: the cheap statement, without the RSS breakdown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coverage: Option<crate::coverage::Coverage>,
+    /// How a Go program's heap is seen (see [`HeapProfile::runtime_heap`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_heap: Option<String>,
 }
 
 /// A process being traced. Dropping the last handle detaches the probes.

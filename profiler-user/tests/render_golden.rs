@@ -168,6 +168,7 @@ fn fixture() -> HeapProfile {
         source: None,
         live_tracking: None,
         coverage: None,
+        runtime_heap: None,
     }
 }
 

@@ -40,7 +40,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",                       // `ip`, for the Node.js test in a network namespace of its own
     "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
     "curl",                           // the second client, bound to 127.0.0.2, during it
-    "golang-go",                      // `go tool pprof`, to read memscope's pprof in node_v8_exports_e2e
+    "golang-go",                      // `go tool pprof` (node_v8_exports_e2e); Go fixtures (go_heap_e2e)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

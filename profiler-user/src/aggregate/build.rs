@@ -172,6 +172,7 @@ pub fn build(
         source: None,
         live_tracking: None,
         coverage: None,
+        runtime_heap: None,
     }
 }
 

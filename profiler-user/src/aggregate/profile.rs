@@ -187,6 +187,11 @@ impl HeapProfile {
     /// low when it is ([`crate::coverage`]); `None` when unknown (a profile built offline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coverage: Option<crate::coverage::Coverage>,
+    /// How a Go program's own heap is seen (`bpf::go_runtime`): "Go runtime heap (go1.19.8):
+    /// traced through the runtime's sampling (MemProfileRate 524288)", or why it is not.
+    /// `None` for a program that is not Go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_heap: Option<String>,
 }
 
 /// One executable mapping of a file in the target.

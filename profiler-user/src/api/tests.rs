@@ -149,6 +149,7 @@ impl TracedTarget for FakeTarget {
             labels: Default::default(),
             pauses: None,
             coverage: None,
+            runtime_heap: None,
         }
     }
 }

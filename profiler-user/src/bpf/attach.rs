@@ -3,7 +3,9 @@
 //! every free it defines, each at the site chosen by
 //! [`super::probe_site`]. With uprobe.session (see [`super::session_link`]) they go into three
 //! links (`malloc`, the other allocation functions, `free`); otherwise each allocation function
-//! gets a uprobe and a uretprobe, `free` a uprobe.
+//! gets a uprobe and a uretprobe, `free` a uprobe. A Go program's own heap gets two more
+//! uprobes on its runtime's sampling (see [`super::go_runtime`]), beside libc's `malloc` for
+//! its C code when it uses cgo.
 use std::num::NonZeroU32;
 
 use aya::{
@@ -13,13 +15,14 @@ use aya::{
     },
     Ebpf,
 };
-use profiler_common::{encode_cookie, usdt_cookie, AllocKind, USDT_SPECS_PER_TARGET};
+use profiler_common::{encode_cookie, target_slot, usdt_cookie, AllocKind, USDT_SPECS_PER_TARGET};
 use tracing::{debug, info};
 
 use super::{
     contract,
     elf_symbols::{ElfError, FunctionSymbol},
     families, forwarding,
+    go_runtime::{self, GoError, GoRuntime},
     stripped::{self, NamedEntries},
     load::Probes,
     probe_site::{self, ProbeRole, ProbeSite},
@@ -41,8 +44,19 @@ pub struct Allocator {
     /// The allocation functions it defines: at least one allocation and one free, each with
     /// its argument layout.
     pub functions: Vec<(AllocKind, FunctionSymbol)>,
-    /// The recognized families these belong to (see [`families::Family::name`]).
+    /// The recognized families these belong to (see [`families::Family::name`]), and how a
+    /// Go program's heap is seen ([`GoRuntime::statement`]).
     pub families: Vec<String>,
+    /// A Go program's runtime, probed at its sampling points (`functions` may then be empty:
+    /// a program built without cgo has no C allocator).
+    pub go: Option<GoRuntime>,
+}
+
+impl Allocator {
+    /// How the Go heap is seen, when the target is a Go program.
+    pub fn runtime_heap(&self) -> Option<&str> {
+        self.families.iter().find(|f| f.starts_with("Go runtime heap")).map(String::as_str)
+    }
 }
 
 /// Where each probe went, for logs and `--verbose` output.
@@ -75,6 +89,10 @@ pub enum AttachError {
     Session(#[from] SessionLinkError),
     #[error("cannot trace the USDT heap-sampling contract of process {pid}: {reason}")]
     Contract { pid: u32, reason: String },
+    #[error(transparent)]
+    Go(#[from] GoError),
+    #[error("eBPF map GO_TARGETS: {0}")]
+    GoMap(#[from] aya::maps::MapError),
 }
 
 const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's memleak, may hold a uprobe with a reference counter at this place; stop it and retry)";
@@ -88,6 +106,9 @@ const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's 
 /// `tikv-jemallocator` or `mimalloc`, a static glibc or musl) is probed, not libc's unused
 /// `malloc`. An executable defining Rust's allocator shims for a `#[global_allocator]` none of
 /// the families recognizes is probed at the shims.
+///
+/// A Go program (see [`go_runtime`]) is traced through its runtime's sampling, and at the C
+/// allocator too when it has one (cgo); a Go version memscope did not validate is refused.
 pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
     find_allocator_named(pid, &NamedEntries::default())
 }
@@ -96,6 +117,32 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
 /// addresses. A stripped executable's allocator is also looked for through its debug file
 /// (see [`super::stripped`]).
 pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
+    let go = go_runtime::detect(pid)?;
+    let c = find_c_allocator(pid, named);
+    let Some(go) = go else { return c };
+    let statement = go.statement();
+    info!(pid, version = %go.version, rate = go.rate, cgo = go.cgo, "Go program");
+    let traced = go.rate > 0;
+    match c {
+        Ok(mut alloc) => {
+            alloc.families.push(statement);
+            alloc.go = traced.then_some(go);
+            Ok(alloc)
+        }
+        Err(AttachError::NoAllocator { .. }) if traced => Ok(Allocator {
+            path_in_target: go.path_in_target.clone(),
+            host_path: go.host_path.clone(),
+            functions: Vec::new(),
+            families: vec![statement],
+            go: Some(go),
+        }),
+        Err(AttachError::NoAllocator { .. }) => Err(GoError::ProfilingOff { pid, version: go.version }.into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The C allocator (see [`find_allocator_named`]).
+fn find_c_allocator(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
     let mut candidates = procfs::objects(pid)?;
     if !named.is_empty() {
         let exe = candidates.first().ok_or(AttachError::NoAllocator { pid, searched: String::new() })?;
@@ -107,6 +154,7 @@ pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator,
             host_path: exe.host_path.clone(),
             functions,
             families: vec!["named by address (--alloc-symbol)".into()],
+            go: None,
         });
     }
     let is_libc = |o: &procfs::MappedObject| {
@@ -145,7 +193,13 @@ pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator,
         let functions = found.into_iter().map(|(e, s)| (e.kind, s)).collect();
         let functions = forwarding::without_forwarders(host_path, functions);
         info!(pid, allocator = %path, families = ?names, "allocator found");
-        return Ok(Allocator { path_in_target: path.clone(), host_path: host_path.clone(), functions, families: names });
+        return Ok(Allocator {
+            path_in_target: path.clone(),
+            host_path: host_path.clone(),
+            functions,
+            families: names,
+            go: None,
+        });
     }
     if let Some(exe) = candidates.iter().find(|o| !is_libc(o)).filter(|o| stripped::is_stripped(&o.host_path)) {
         let id = stripped::build_id(&exe.host_path);
@@ -242,6 +296,11 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
             reason: site.reason,
         });
     }
+    if let Some(go) = &alloc.go {
+        let (sites, go_links) = attach_go(probes, target, pid, go)?;
+        report.extend(sites);
+        links.extend(go_links);
+    }
     if let Some(programs) = &probes.session {
         let per_program = [(&programs.malloc, &malloc_probes), (&programs.alloc, &alloc_probes), (&programs.free, &free_probes)];
         for (program, list) in per_program {
@@ -301,6 +360,37 @@ pub fn attach_contract(
         }
     }
     info!(pid, provider = %contract.provider, sites = k, live = contract.live_tracking(), "USDT heap-sampling contract attached");
+/// The Go runtime's probes: its settings in the target's `GO_TARGETS` slot first, then a
+/// uprobe at the entry of `runtime.mProf_Malloc` (each sampled allocation) and one at
+/// `runtime.freeSpecial` (the GC freeing an object with a special). Both run once per sampled
+/// object, not per allocation: their probe sites are not worth choosing.
+fn attach_go(probes: &Probes, target: u64, pid: u32, go: &GoRuntime) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
+    probes.slots.lock().unwrap().go.set(target_slot(target), go.config, 0)?;
+    let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).expect("pid 0 is never traced"));
+    let mut ebpf = probes.ebpf.lock().unwrap();
+    let mut links = Vec::new();
+    let mut report = Vec::new();
+    for (program, sym) in [("go_malloc", &go.malloc), ("go_free", &go.free)] {
+        let at = UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(sym.file_offset),
+            cookie: Some(encode_cookie(AllocKind::Malloc, target)),
+        };
+        let err = |source: ProgramError| AttachError::Attach {
+            function: sym.name.clone(),
+            path: go.path_in_target.clone(),
+            source: Box::new(source),
+            hint: "",
+        };
+        let prog = self::program(&mut ebpf, program)?;
+        let id = prog.attach(at, &go.host_path, scope).map_err(err)?;
+        links.push(Link::Uprobe(prog.take_link(id).map_err(err)?));
+        report.push(ProbeSiteReport {
+            function: sym.name.clone(),
+            offset: 0,
+            emulated: false,
+            reason: "Go runtime: one hit per sampled object (MemProfileRate), at its entry".into(),
+        });
+    }
     Ok((report, links))
 }
 

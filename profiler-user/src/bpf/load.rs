@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    target_id, weight_table, AllocInfo, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, EXP_TABLE_LEN, EXP_TABLE_SHIFT,
+    target_id, weight_table, AllocInfo, GoTarget, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, EXP_TABLE_LEN, EXP_TABLE_SHIFT,
     MAX_TARGETS,
 };
 use tracing::{debug, info};
@@ -194,6 +194,8 @@ pub struct SlotMaps {
     pub trigger_hits: Array<MapData, u64>,
     /// Trigger slots (indices into `TRIGGER_HITS`) in use.
     pub triggers_used: std::collections::BTreeSet<u32>,
+    /// Each slot's Go runtime settings (zero: not a Go program), see `bpf::go_runtime`.
+    pub go: Array<MapData, GoTarget>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -301,6 +303,7 @@ impl Probes {
             owners: vec![SlotOwner::default(); MAX_TARGETS as usize],
             trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
             triggers_used: Default::default(),
+            go: take(&mut ebpf, "GO_TARGETS")?,
         };
         let maps = ProbeMaps {
             live: take(&mut ebpf, "LIVE")?,

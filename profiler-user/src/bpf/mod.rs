@@ -3,6 +3,7 @@
 pub mod elf_symbols;
 pub mod families;
 pub mod forwarding;
+pub mod go_runtime;
 pub mod probe_site;
 pub mod attach;
 pub mod batch;

@@ -297,6 +297,7 @@ fn reset_slot(slots: &mut SlotMaps, slot: u32) -> Result<(), MapError> {
     slots.countdown.set(slot, PerCpuValues::try_from(vec![0i64; cpus])?, 0)?;
     slots.target_live.set(slot, 0, 0)?;
     slots.active_calls.set(slot, 0, 0)?;
+    slots.go.set(slot, profiler_common::GoTarget::default(), 0)?;
     Ok(())
 }
 

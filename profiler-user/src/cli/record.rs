@@ -137,6 +137,9 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
             args.duration,
         );
     }
+    if let Some(line) = session.runtime_heap() {
+        eprintln!("memscope: {}", render::escape::term(line));
+    }
     let specs = args.triggers.specs()?;
     let mut triggered = if specs.is_empty() {
         None

@@ -104,8 +104,12 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
     if let Some(source) = &p.source {
         out["source"] = json!(source);
         out["live_tracking"] = json!(p.live_tracking.unwrap_or(true));
+    }
     if let Some(c) = &p.coverage {
         out["coverage"] = serde_json::to_value(c).unwrap_or(Value::Null);
+    }
+    if let Some(r) = &p.runtime_heap {
+        out["runtime_heap"] = json!(r);
     }
     if let Some(g) = p.probe_gaps {
         out["probe_gaps"] = json!({

@@ -67,6 +67,9 @@ fn header(out: &mut String, p: &HeapProfile) {
             plural(truncated, "stack walk")
         );
     }
+    if let Some(r) = &p.runtime_heap {
+        let _ = writeln!(out, "  {}", term(r));
+    }
     let _ =
         writeln!(out, "  heap bytes allocated before attach (not seen): {}", human_bytes(p.unseen_before_attach_bytes));
     if p.untracked_frees > 0 {
