@@ -8,14 +8,20 @@
 //! executable mapping of the target, the CFA must move up the stack, every rule must be one
 //! this code evaluates. A walk that cannot go on ends there, counted by reason
 //! (`Counter::Truncated*`): a short stack, never a garbage frame.
+//!
+//! In a V8 target (Node.js; `JS_FRAME_CONFIG` of its slot enabled) each frame walked by frame
+//! pointers also gives its JavaScript function when it has one: the frame's function slot names
+//! a `JSFunction`, whose `SharedFunctionInfo` is kept per frame in `JS_FRAMES` and is part of
+//! the stack's identity (see `profiler_common::JsFrameConfig`). Interpreted functions all
+//! return into the same interpreter code: without it, two of them would share one stack.
 use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
 use profiler_common::{
-    mapping, rbp, row, Counter, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
+    mapping, rbp, row, Counter, JsFrameConfig, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
     MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS, UNWIND_STATE_STRIDE,
 };
 
 use crate::{
-    maps::{STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
+    maps::{JS_FRAMES, JS_FRAME_CONFIG, STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
     probes::{count, Target},
 };
 
@@ -107,14 +113,36 @@ struct Frame {
     exact: bool,
 }
 
+/// The `SharedFunctionInfo` of the JavaScript function whose frame pointer is `fp`, or 0
+/// when the frame is no JavaScript frame (its context slot holds a frame-type marker, a Smi)
+/// or a read fails. Only tags are checked here; the agent checks the object's type.
+#[inline(always)]
+fn js_function(js: &JsFrameConfig, fp: u64) -> u64 {
+    let at = fp.wrapping_add(js.pair_offset as i64 as u64);
+    let Ok(pair) = (unsafe { bpf_probe_read_user(at as *const [u64; 2]) }) else { return 0 };
+    let context = pair[(js.context_index & 1) as usize];
+    let function = pair[(js.function_index & 1) as usize];
+    if context & js.tag_mask != js.tag || function & js.tag_mask != js.tag {
+        return 0;
+    }
+    match read(function.wrapping_add(js.shared_offset)) {
+        Some(shared) if shared & js.tag_mask == js.tag => shared,
+        _ => 0,
+    }
+}
+
 /// The caller's frame by the frame-pointer chain: for code without CFI (JIT code, a file
 /// without unwind tables, V8's builtins inside node's own CFI-covered binary), which keeps
 /// frame pointers or else fails the checks here. `fail` says why the walk ends if it does.
+/// In a V8 target, `js_fn` gets the frame's JavaScript function (see [`js_function`]).
 #[inline(always)]
-fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter> {
+fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter, js: &JsFrameConfig, js_fn: &mut u64) -> Result<Option<Frame>, Counter> {
     // A frame pointer lies above the stack pointer, inside the stack, 8-byte aligned.
     if f.fp < f.sp || f.fp - f.sp > MAX_FRAME_SIZE || f.fp & 7 != 0 {
         return Err(fail);
+    }
+    if js.enabled != 0 {
+        *js_fn = js_function(js, f.fp);
     }
     let frame = unsafe { bpf_probe_read_user(f.fp as *const [u64; 2]) }.map_err(|_| fail)?;
     count(t, Counter::FramePointerFrames, 1);
@@ -128,10 +156,10 @@ fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter) -> Result<Option<Fra
 /// early, Ok(None) at the outermost frame. Per frame, whichever the code supports: its CFI
 /// row, else frame pointers.
 #[inline(always)]
-fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
+fn step(t: &Target, f: &Frame, m: &UnwindMapping, js: &JsFrameConfig, js_fn: &mut u64) -> Result<Option<Frame>, Counter> {
     let bad = Counter::TruncatedBadFrame;
     if m.kind == mapping::FRAME_POINTERS {
-        return frame_pointer_step(t, f, bad);
+        return frame_pointer_step(t, f, bad, js, js_fn);
     }
     let lookup = if f.exact { f.pc } else { f.pc - 1 };
     let r = find_row(m, lookup);
@@ -147,7 +175,7 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Count
             return Ok(Some(Frame { pc, sp, fp, exact: true }));
         }
         row::END => return Ok(None),
-        row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi),
+        row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi, js, js_fn),
         _ => return Err(bad),
     };
     if cfa <= f.sp || cfa - f.sp > MAX_FRAME_SIZE {
@@ -181,6 +209,10 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
         return 0;
     };
     let frames = unsafe { &mut *frames };
+    let js = JS_FRAME_CONFIG.get(t.slot).copied().unwrap_or_default();
+    // Frame i's JavaScript function at `js_frames.ips[i]`, only for a V8 target.
+    let js_frames = if js.enabled != 0 { STACK_SCRATCH.get_ptr_mut(1) } else { None };
+    let mut any_js = false;
     let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     frames.ips[0] = ip;
     let mut hash = mix(FNV_OFFSET, ip);
@@ -193,7 +225,19 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     }
     while !ended && n < WALK_FRAMES {
         let Some(here) = m else { break };
-        let next = match step(t, &f, &here) {
+        let mut js_fn = 0u64;
+        let stepped = step(t, &f, &here, &js, &mut js_fn);
+        if let Some(js_frames) = js_frames {
+            // Frame n - 1 is `f`, the frame just stepped from.
+            if let Some(slot) = unsafe { &mut *js_frames }.ips.get_mut(n - 1) {
+                *slot = js_fn;
+            }
+            if js_fn != 0 {
+                hash = mix(hash, js_fn);
+                any_js = true;
+            }
+        }
+        let next = match stepped {
             Ok(Some(next)) => next,
             Ok(None) => {
                 ended = true;
@@ -232,6 +276,20 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     for (i, ip) in frames.ips.iter_mut().enumerate() {
         if i >= n {
             unsafe { core::ptr::write_volatile(ip, 0) };
+        }
+    }
+    if let Some(js_frames) = js_frames {
+        if any_js {
+            let js_frames = unsafe { &mut *js_frames };
+            // The last frame was not stepped from when the depth ran out.
+            for (i, f) in js_frames.ips.iter_mut().enumerate() {
+                if i >= n || (!ended && i + 1 == n) {
+                    unsafe { core::ptr::write_volatile(f, 0) };
+                }
+            }
+            // Before the stack itself: a reader that finds the stack finds its functions.
+            // A full map loses the names of this stack's frames, not the stack.
+            let _ = JS_FRAMES.insert(&id, js_frames, 0);
         }
     }
     match STACKS.insert(&id, frames, BPF_NOEXIST) {

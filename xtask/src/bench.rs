@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// agent vs in-process; the paused share with a gc trigger).
     #[arg(long, conflicts_with = "node_only")]
     v8_only: bool,
+    /// Run only the `js names` section (JavaScript names without flags: 10 runs of a plain
+    /// `node`, the share of each function's bytes that carry its name).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    js_names_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -109,6 +113,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.js_names_only {
+        let js = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
+        print!("{}", js.render());
+        for (name, limit, value, met) in js.targets() {
+            let mark = if met { "met    " } else { "NOT MET" };
+            println!("  [{mark}] {name}: {value} (target {limit})");
+        }
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "js_names": js.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     if args.v8_only {
         let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
         print!("{}", v8.render());
@@ -135,6 +152,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
     let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+    let js_names = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -154,9 +172,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mark = if met { "met    " } else { "NOT MET" };
         println!("  [{mark}] {name}: {value} (target {limit})");
     }
+    print!("{}", js_names.render());
+    for (name, limit, value, met) in js_names.targets() {
+        let mark = if met { "met    " } else { "NOT MET" };
+        println!("  [{mark}] {name}: {value} (target {limit})");
+    }
     if let Some(path) = &args.json {
         let mut all = report.to_json();
         all["v8"] = v8.to_json();
+        all["js_names"] = js_names.to_json();
         let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));

@@ -128,6 +128,7 @@ pub fn build(
         stacks,
         mappings: Vec::new(),
         probe_gaps: None,
+        js_names: None,
     }
 }
 

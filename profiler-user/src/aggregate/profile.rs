@@ -154,6 +154,10 @@ pub struct HeapProfile {
     /// in a gap may still be listed as live. `None` when there was none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_gaps: Option<crate::pause::ProbeGaps>,
+    /// In a V8 (Node.js) target: JavaScript frames named from V8's heap and those that could
+    /// not be (by reason), since attach. `None` for other targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub js_names: Option<crate::symbolize::v8::JsNameStats>,
 }
 
 /// One executable mapping of a file in the target.

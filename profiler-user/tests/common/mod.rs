@@ -126,6 +126,18 @@ impl Fixture {
         f
     }
 
+    /// tests/fixtures/`script` under plain `node`, started with no flag at all (as services
+    /// run in production), in a temporary directory.
+    pub fn node_plain(script: &str) -> Fixture {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(script);
+        let cwd = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("node");
+        cmd.current_dir(cwd.path()).arg(script);
+        let mut f = Fixture::spawn(cmd);
+        f.node_cwd = Some(cwd);
+        f
+    }
+
     /// Sends one line, returns the answer line (without its newline).
     pub fn ask(&mut self, q: &str) -> String {
         let stdin = self.stdin.as_mut().unwrap();
