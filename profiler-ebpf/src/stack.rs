@@ -13,8 +13,12 @@
 //! pointers also gives its JavaScript function when it has one: the frame's function slot names
 //! a `JSFunction`, whose `SharedFunctionInfo` is kept per frame in `JS_FRAMES` and is part of
 //! the stack's identity (see `profiler_common::JsFrameConfig`). Interpreted functions all
-//! return into the same interpreter code: without it, two of them would share one stack.
-use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
+//! return into the same interpreter code: without it, two of them would share one stack. That
+//! read is branch-free (each branch multiplies what the verifier walks through 64 frames).
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_raw},
+};
 use profiler_common::{
     mapping, rbp, row, Counter, JsFrameConfig, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
     MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS, UNWIND_STATE_STRIDE,
@@ -111,55 +115,55 @@ struct Frame {
     sp: u64,
     fp: u64,
     exact: bool,
+    /// Found by the frame-pointer chain from the frame before (which keeps frame pointers:
+    /// JIT code, V8's builtins).
+    by_fp: bool,
 }
 
-/// The `SharedFunctionInfo` of the JavaScript function whose frame pointer is `fp`, or 0
-/// when the frame is no JavaScript frame (its context slot holds a frame-type marker, a Smi)
-/// or a read fails. Only tags are checked here; the agent checks the object's type.
+/// The `SharedFunctionInfo` of the JavaScript function whose frame pointer is `fp`, or 0 when
+/// the frame is no JavaScript frame (its context slot holds a frame-type marker, a Smi) or a
+/// read fails (the helper then zeroes its buffer). Only tags are checked here; the agent checks
+/// the object's type. No branch: the verifier would walk each one in every frame.
 #[inline(always)]
 fn js_function(js: &JsFrameConfig, fp: u64) -> u64 {
-    let at = fp.wrapping_add(js.pair_offset as i64 as u64);
-    let Ok(pair) = (unsafe { bpf_probe_read_user(at as *const [u64; 2]) }) else { return 0 };
-    let context = pair[(js.context_index & 1) as usize];
-    let function = pair[(js.function_index & 1) as usize];
-    if context & js.tag_mask != js.tag || function & js.tag_mask != js.tag {
-        return 0;
-    }
-    match read(function.wrapping_add(js.shared_offset)) {
-        Some(shared) if shared & js.tag_mask == js.tag => shared,
-        _ => 0,
-    }
+    let mut pair = [0u64; 2];
+    let mut shared = 0u64;
+    let at = fp.wrapping_add(js.function_offset as i64 as u64);
+    unsafe { probe_read_raw(pair.as_mut_ptr() as *mut _, 16, at as *const _) };
+    let (function, context) = (pair[0], pair[1]);
+    unsafe { probe_read_raw(&mut shared as *mut u64 as *mut _, 8, function.wrapping_add(js.shared_offset) as *const _) };
+    // 0 when all three carry the heap-object tag.
+    let bad = ((function ^ js.tag) | (context ^ js.tag) | (shared ^ js.tag)) & js.tag_mask;
+    // 1 when `bad` is 0 (it is below 2^63).
+    let keep = ((bad | bad.wrapping_neg()) >> 63) ^ 1;
+    shared.wrapping_mul(keep)
 }
 
 /// The caller's frame by the frame-pointer chain: for code without CFI (JIT code, a file
 /// without unwind tables, V8's builtins inside node's own CFI-covered binary), which keeps
 /// frame pointers or else fails the checks here. `fail` says why the walk ends if it does.
-/// In a V8 target, `js_fn` gets the frame's JavaScript function (see [`js_function`]).
 #[inline(always)]
-fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter, js: &JsFrameConfig, js_fn: &mut u64) -> Result<Option<Frame>, Counter> {
+fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter) -> Result<Option<Frame>, Counter> {
     // A frame pointer lies above the stack pointer, inside the stack, 8-byte aligned.
     if f.fp < f.sp || f.fp - f.sp > MAX_FRAME_SIZE || f.fp & 7 != 0 {
         return Err(fail);
-    }
-    if js.enabled != 0 {
-        *js_fn = js_function(js, f.fp);
     }
     let frame = unsafe { bpf_probe_read_user(f.fp as *const [u64; 2]) }.map_err(|_| fail)?;
     count(t, Counter::FramePointerFrames, 1);
     if frame[1] == 0 {
         return Ok(None);
     }
-    Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false }))
+    Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false, by_fp: true }))
 }
 
 /// The caller's frame of `f`, which lies in mapping `m`; Err(counter) when the walk ends
 /// early, Ok(None) at the outermost frame. Per frame, whichever the code supports: its CFI
 /// row, else frame pointers.
 #[inline(always)]
-fn step(t: &Target, f: &Frame, m: &UnwindMapping, js: &JsFrameConfig, js_fn: &mut u64) -> Result<Option<Frame>, Counter> {
+fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Counter> {
     let bad = Counter::TruncatedBadFrame;
     if m.kind == mapping::FRAME_POINTERS {
-        return frame_pointer_step(t, f, bad, js, js_fn);
+        return frame_pointer_step(t, f, bad);
     }
     let lookup = if f.exact { f.pc } else { f.pc - 1 };
     let r = find_row(m, lookup);
@@ -172,10 +176,10 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping, js: &JsFrameConfig, js_fn: &mu
             let pc = read(f.sp + UC_RIP).ok_or(bad)?;
             let sp = read(f.sp + UC_RSP).ok_or(bad)?;
             let fp = read(f.sp + UC_RBP).ok_or(bad)?;
-            return Ok(Some(Frame { pc, sp, fp, exact: true }));
+            return Ok(Some(Frame { pc, sp, fp, exact: true, by_fp: false }));
         }
         row::END => return Ok(None),
-        row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi, js, js_fn),
+        row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi),
         _ => return Err(bad),
     };
     if cfa <= f.sp || cfa - f.sp > MAX_FRAME_SIZE {
@@ -191,7 +195,7 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping, js: &JsFrameConfig, js_fn: &mu
     if ra == 0 {
         return Ok(None);
     }
-    Ok(Some(Frame { pc: ra, sp: cfa, fp, exact: false }))
+    Ok(Some(Frame { pc: ra, sp: cfa, fp, exact: false, by_fp: false }))
 }
 
 /// Frames the probes unwind at most. The verifier checks each iteration on its own: with the
@@ -209,15 +213,17 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
         return 0;
     };
     let frames = unsafe { &mut *frames };
+    let Some(js_frames) = STACK_SCRATCH.get_ptr_mut(1) else {
+        return 0;
+    };
+    // Frame i's JavaScript function at `js_frames.ips[i]` (V8 targets only).
+    let js_frames = unsafe { &mut *js_frames };
     let js = JS_FRAME_CONFIG.get(t.slot).copied().unwrap_or_default();
-    // Frame i's JavaScript function at `js_frames.ips[i]`, only for a V8 target.
-    let js_frames = if js.enabled != 0 { STACK_SCRATCH.get_ptr_mut(1) } else { None };
-    let mut any_js = false;
     let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
     frames.ips[0] = ip;
     let mut hash = mix(FNV_OFFSET, ip);
     let mut n = 1;
-    let mut f = Frame { pc: ip, sp, fp, exact: true };
+    let mut f = Frame { pc: ip, sp, fp, exact: true, by_fp: false };
     let mut m = find_mapping(t.slot, ip);
     let mut ended = m.is_none();
     if ended {
@@ -225,19 +231,7 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     }
     while !ended && n < WALK_FRAMES {
         let Some(here) = m else { break };
-        let mut js_fn = 0u64;
-        let stepped = step(t, &f, &here, &js, &mut js_fn);
-        if let Some(js_frames) = js_frames {
-            // Frame n - 1 is `f`, the frame just stepped from.
-            if let Some(slot) = unsafe { &mut *js_frames }.ips.get_mut(n - 1) {
-                *slot = js_fn;
-            }
-            if js_fn != 0 {
-                hash = mix(hash, js_fn);
-                any_js = true;
-            }
-        }
-        let next = match stepped {
+        let next = match step(t, &f, &here) {
             Ok(Some(next)) => next,
             Ok(None) => {
                 ended = true;
@@ -258,6 +252,13 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
             ended = true;
             break;
         }
+        // `f` keeps frame pointers: in a V8 target, its function.
+        let mut js_fn = 0;
+        if next.by_fp && js.enabled != 0 {
+            js_fn = js_function(&js, f.fp);
+        }
+        js_frames.ips[n - 1] = js_fn;
+        hash = mix(hash, js_fn);
         frames.ips[n] = next.pc;
         hash = mix(hash, next.pc);
         n += 1;
@@ -278,19 +279,16 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
             unsafe { core::ptr::write_volatile(ip, 0) };
         }
     }
-    if let Some(js_frames) = js_frames {
-        if any_js {
-            let js_frames = unsafe { &mut *js_frames };
-            // The last frame was not stepped from when the depth ran out.
-            for (i, f) in js_frames.ips.iter_mut().enumerate() {
-                if i >= n || (!ended && i + 1 == n) {
-                    unsafe { core::ptr::write_volatile(f, 0) };
-                }
+    if js.enabled != 0 {
+        // Only frames stepped from have a function; the last one does not.
+        for (i, f) in js_frames.ips.iter_mut().enumerate() {
+            if i + 1 >= n {
+                unsafe { core::ptr::write_volatile(f, 0) };
             }
-            // Before the stack itself: a reader that finds the stack finds its functions.
-            // A full map loses the names of this stack's frames, not the stack.
-            let _ = JS_FRAMES.insert(&id, js_frames, 0);
         }
+        // Before the stack itself: a reader that finds the stack finds its functions. A full
+        // map loses the names of this stack's frames, not the stack.
+        let _ = JS_FRAMES.insert(&id, js_frames, 0);
     }
     match STACKS.insert(&id, frames, BPF_NOEXIST) {
         Ok(()) => id,

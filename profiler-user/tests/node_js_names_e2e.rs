@@ -7,11 +7,17 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::{require_root, Fixture};
-use profiler_user::{aggregate::HeapProfile, bpf::load::ProbeSettings, session::Session, target::TracedTarget};
+use profiler_user::{
+    aggregate::HeapProfile, bpf::load::ProbeSettings, session::Session, target::TracedTarget,
+};
 
 /// Live bytes of the stacks with a frame named `name`.
 fn live_through(p: &HeapProfile, name: &str) -> u64 {
-    p.stacks.iter().filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(name))).map(|s| s.live_bytes).sum()
+    p.stacks
+        .iter()
+        .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(name)))
+        .map(|s| s.live_bytes)
+        .sum()
 }
 
 /// The fixture's ground truth: bytes each function keeps.
@@ -33,7 +39,17 @@ fn largest(p: &HeapProfile) -> String {
     top.sort_by_key(|s| std::cmp::Reverse(s.live_bytes));
     top.iter()
         .take(5)
-        .map(|s| format!("{} B: {}", s.live_bytes, s.frames.iter().map(|f| f.display_name()).collect::<Vec<_>>().join(" < ")))
+        .map(|s| {
+            format!(
+                "{} B: {}",
+                s.live_bytes,
+                s.frames
+                    .iter()
+                    .map(|f| f.display_name())
+                    .collect::<Vec<_>>()
+                    .join(" < ")
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -54,7 +70,10 @@ fn flagless_node_functions_keep_their_names() {
         let truth = truth(&mut node);
         let p = session.snapshot(Duration::ZERO).unwrap();
         drop(node);
-        let js = p.js_names.clone().expect("a node target has JavaScript naming stats");
+        let js = p
+            .js_names
+            .clone()
+            .expect("a node target has JavaScript naming stats");
         assert!(js.layout_error.is_none(), "run {run}: {js:?}");
         assert!(js.named > 0, "run {run}: no JavaScript frame named: {js:?}");
         for (name, &bytes) in &truth {
@@ -64,7 +83,11 @@ fn flagless_node_functions_keep_their_names() {
         }
         // Each name on its own bytes only: no stack carries two of them.
         for s in &p.stacks {
-            let names: Vec<&str> = truth.keys().map(String::as_str).filter(|n| s.frames.iter().any(|f| f.function.as_deref() == Some(*n))).collect();
+            let names: Vec<&str> = truth
+                .keys()
+                .map(String::as_str)
+                .filter(|n| s.frames.iter().any(|f| f.function.as_deref() == Some(*n)))
+                .collect();
             assert!(names.len() <= 1, "run {run}: one stack carries {names:?}");
         }
     }

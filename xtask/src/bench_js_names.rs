@@ -34,11 +34,16 @@ pub struct Run {
 
 impl Run {
     pub fn share(&self, f: &str) -> f64 {
-        self.functions.get(f).map_or(0.0, |&(truth, named)| named as f64 / truth.max(1) as f64)
+        self.functions
+            .get(f)
+            .map_or(0.0, |&(truth, named)| named as f64 / truth.max(1) as f64)
     }
 
     fn worst(&self) -> f64 {
-        self.functions.keys().map(|f| self.share(f)).fold(f64::INFINITY, f64::min)
+        self.functions
+            .keys()
+            .map(|f| self.share(f))
+            .fold(f64::INFINITY, f64::min)
     }
 }
 
@@ -102,8 +107,13 @@ fn start_node(dir: &Path) -> Result<Node> {
         .context("starting node")?;
     let stdin = child.stdin.take().context("node stdin")?;
     let stdout: ChildStdout = child.stdout.take().context("node stdout")?;
-    let node = Node { child, stdin, lines: Lines::of(stdout) };
-    node.lines.wait("`ready` from node", |l| l.starts_with("ready "))?;
+    let node = Node {
+        child,
+        stdin,
+        lines: Lines::of(stdout),
+    };
+    node.lines
+        .wait("`ready` from node", |l| l.starts_with("ready "))?;
     Ok(node)
 }
 
@@ -115,7 +125,19 @@ fn one_run(memscope: &Path, scratch: &Path, run: usize) -> Result<Run> {
     let pid = node.child.id();
     let out = dir.join("out");
     let mut record = Command::new(memscope)
-        .args(["record", "--pid", &pid.to_string(), "--duration", "1h", "--sampling", "full", "--min-age", "0s", "--json-top", "100000"])
+        .args([
+            "record",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            "1h",
+            "--sampling",
+            "full",
+            "--min-age",
+            "0s",
+            "--json-top",
+            "100000",
+        ])
         .arg("--out")
         .arg(&out)
         .env("MEMSCOPE_LOG", "info")
@@ -134,7 +156,9 @@ fn one_run(memscope: &Path, scratch: &Path, run: usize) -> Result<Run> {
     writeln!(node.stdin, "go")?;
     node.lines.wait("`done` from node", |l| l == "done")?;
     writeln!(node.stdin, "truth?")?;
-    let truth = node.lines.wait("the truth from node", |l| l.starts_with("truth "))?;
+    let truth = node
+        .lines
+        .wait("the truth from node", |l| l.starts_with("truth "))?;
     unsafe { libc::kill(record.id() as libc::pid_t, libc::SIGINT) };
     let deadline = Instant::now() + DEADLINE;
     while record.try_wait()?.is_none() {
@@ -145,10 +169,13 @@ fn one_run(memscope: &Path, scratch: &Path, run: usize) -> Result<Run> {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(node);
-    let leaks: Value = serde_json::from_slice(&fs::read(out.join("leaks.json")).context("reading leaks.json")?)?;
+    let leaks: Value =
+        serde_json::from_slice(&fs::read(out.join("leaks.json")).context("reading leaks.json")?)?;
     let mut functions = BTreeMap::new();
     for kv in truth.trim_start_matches("truth ").split(' ') {
-        let Some((name, bytes)) = kv.split_once('=') else { continue };
+        let Some((name, bytes)) = kv.split_once('=') else {
+            continue;
+        };
         if !name.ends_with("Leak") {
             continue;
         }
@@ -157,7 +184,11 @@ fn one_run(memscope: &Path, scratch: &Path, run: usize) -> Result<Run> {
             .as_array()
             .map(|l| {
                 l.iter()
-                    .filter(|s| s["frames"].as_array().is_some_and(|f| f.iter().any(|f| f["function"] == name)))
+                    .filter(|s| {
+                        s["frames"]
+                            .as_array()
+                            .is_some_and(|f| f.iter().any(|f| f["function"] == name))
+                    })
                     .map(|s| s["bytes"].as_u64().unwrap_or(0))
                     .sum()
             })
@@ -165,13 +196,22 @@ fn one_run(memscope: &Path, scratch: &Path, run: usize) -> Result<Run> {
         functions.insert(name.to_string(), (bytes, named));
     }
     let js = &leaks["js_names"];
-    let unnamed = js["unnamed"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+    let unnamed = js["unnamed"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
     let _ = fs::remove_dir_all(&dir);
-    Ok(Run { functions, named_frames: js["named"].as_u64().unwrap_or(0), unnamed_frames: unnamed })
+    Ok(Run {
+        functions,
+        named_frames: js["named"].as_u64().unwrap_or(0),
+        unnamed_frames: unnamed,
+    })
 }
 
 pub fn run(memscope: &Path, scratch: &Path) -> Result<JsNames> {
-    step(format!("js names: {RUNS} runs of a flagless node under memscope record --sampling full"));
+    step(format!(
+        "js names: {RUNS} runs of a flagless node under memscope record --sampling full"
+    ));
     let mut runs = Vec::new();
     for i in 0..RUNS {
         runs.push(one_run(memscope, scratch, i).with_context(|| format!("js names run {i}"))?);
@@ -181,7 +221,10 @@ pub fn run(memscope: &Path, scratch: &Path) -> Result<JsNames> {
 
 impl JsNames {
     fn names(&self) -> Vec<String> {
-        self.runs.first().map(|r| r.functions.keys().cloned().collect()).unwrap_or_default()
+        self.runs
+            .first()
+            .map(|r| r.functions.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn good_runs(&self) -> usize {
@@ -191,12 +234,24 @@ impl JsNames {
     pub fn render(&self) -> String {
         let names = self.names();
         let mut out = String::from("\n## JavaScript names without flags (plain `node`, `memscope record --sampling full`)\n\n");
-        out.push_str(&format!("| run | {} | JS frames named | unnamed |\n|---|", names.join(" | ")));
+        out.push_str(&format!(
+            "| run | {} | JS frames named | unnamed |\n|---|",
+            names.join(" | ")
+        ));
         out.push_str(&"---|".repeat(names.len() + 2));
         out.push('\n');
         for (i, r) in self.runs.iter().enumerate() {
-            let shares: Vec<String> = names.iter().map(|n| format!("{:.1}%", 100.0 * r.share(n))).collect();
-            out.push_str(&format!("| {} | {} | {} | {} |\n", i + 1, shares.join(" | "), r.named_frames, r.unnamed_frames));
+            let shares: Vec<String> = names
+                .iter()
+                .map(|n| format!("{:.1}%", 100.0 * r.share(n)))
+                .collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                i + 1,
+                shares.join(" | "),
+                r.named_frames,
+                r.unnamed_frames
+            ));
         }
         out.push_str(&format!(
             "\nShare of the bytes each function keeps that carry its name; runs with every share >= {:.0}%: {} of {}\n",

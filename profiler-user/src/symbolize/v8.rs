@@ -132,7 +132,10 @@ impl V8Layout {
     /// The layout of the V8 in the ELF file `path` (the target's executable or libnode).
     pub fn from_file(file: &crate::target_fs::TargetFile) -> Result<V8Layout, V8Error> {
         let path = file.shown().to_string();
-        let data = file.bytes().map_err(|source| V8Error::Io { path: path.clone(), source })?;
+        let data = file.bytes().map_err(|source| V8Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         V8Layout::from_elf(&data, &path)
     }
 
@@ -147,19 +150,32 @@ impl V8Layout {
         if s.is_empty() {
             return Err(V8Error::NotV8 { path: path.into() });
         }
-        let missing = |symbol: &str| V8Error::MissingSymbol { path: path.into(), symbol: format!("v8dbg_{symbol}") };
+        let missing = |symbol: &str| V8Error::MissingSymbol {
+            path: path.into(),
+            symbol: format!("v8dbg_{symbol}"),
+        };
         let get = |name: &str| s.get(name).copied().ok_or_else(|| missing(name));
         // A class field, whatever type suffix this V8 version gives it
         // (`name_or_scope_info__Object`, `..._Tagged_Object_`, ...).
         let field = |class_field: &str| -> Result<i64, V8Error> {
             let prefix = format!("class_{class_field}__");
-            let mut found: Vec<(&String, i64)> = s.iter().filter(|(k, _)| k.starts_with(&prefix)).map(|(k, v)| (k, *v)).collect();
+            let mut found: Vec<(&String, i64)> = s
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, v)| (k, *v))
+                .collect();
             found.sort();
-            found.first().map(|(_, v)| *v).ok_or_else(|| missing(&format!("class_{class_field}__*")))
+            found
+                .first()
+                .map(|(_, v)| *v)
+                .ok_or_else(|| missing(&format!("class_{class_field}__*")))
         };
         let ty = |class_type: &str| -> Result<u16, V8Error> {
             let v = get(&format!("type_{class_type}"))?;
-            u16::try_from(v).map_err(|_| V8Error::Unsupported { path: path.into(), reason: format!("instance type {class_type} = {v}") })
+            u16::try_from(v).map_err(|_| V8Error::Unsupported {
+                path: path.into(),
+                reason: format!("instance type {class_type} = {v}"),
+            })
         };
         let small = |name: &str| -> Result<u16, V8Error> {
             let v = get(name)?;
@@ -169,7 +185,10 @@ impl V8Layout {
             u64::try_from(v)
                 .ok()
                 .filter(|&v| v < 4096)
-                .ok_or_else(|| V8Error::Unsupported { path: path.into(), reason: format!("field offset {v}") })
+                .ok_or_else(|| V8Error::Unsupported {
+                    path: path.into(),
+                    reason: format!("field offset {v}"),
+                })
         };
         let tagged = get("TaggedSize")?;
         if tagged != 8 || get("SystemPointerSize")? != 8 {
@@ -180,10 +199,10 @@ impl V8Layout {
         }
         let fp_function = get("off_fp_function")?;
         let fp_context = get("off_fp_context")?;
-        if (fp_function - fp_context).abs() != 8 || !(-4096..=4096).contains(&fp_function) {
+        if fp_context != fp_function + 8 || !(-4096..=4096).contains(&fp_function) {
             return Err(V8Error::Unsupported {
                 path: path.into(),
-                reason: format!("frame slots function {fp_function}, context {fp_context} are not adjacent"),
+                reason: format!("frame slots function {fp_function}, context {fp_context}: the probes read the context right above the function"),
             });
         }
         let smi_shift = get("SmiShiftSize")? + get("SmiValueShift").unwrap_or(1).max(1);
@@ -226,7 +245,11 @@ impl V8Layout {
             type_scope_info: ty("ScopeInfo__SCOPE_INFO_TYPE")?,
             type_script: ty("Script__SCRIPT_TYPE")?,
             type_fixed_array: ty("FixedArray__FIXED_ARRAY_TYPE")?,
-            scope_info_data: if scope_on_heap_object { map + 8 } else { off(field("FixedArray__data")?)? },
+            scope_info_data: if scope_on_heap_object {
+                map + 8
+            } else {
+                off(field("FixedArray__data")?)?
+            },
             scope_info_ncontextlocals: off(get("scopeinfo_idx_ncontextlocals")?)?,
             scope_info_first_vars: off(get("scopeinfo_idx_first_vars")?)?,
         })
@@ -234,12 +257,9 @@ impl V8Layout {
 
     /// What the probes need to find a frame's function (see `profiler_common::JsFrameConfig`).
     pub fn frame_config(&self) -> JsFrameConfig {
-        let pair_offset = self.fp_function.min(self.fp_context);
         JsFrameConfig {
             enabled: 1,
-            pair_offset: pair_offset as i32,
-            context_index: u32::from(self.fp_context != pair_offset),
-            function_index: u32::from(self.fp_function != pair_offset),
+            function_offset: self.fp_function as i32,
             shared_offset: self.js_function_shared.wrapping_sub(self.heap_object_tag),
             tag_mask: self.heap_object_tag_mask,
             tag: self.heap_object_tag,
@@ -249,19 +269,30 @@ impl V8Layout {
 
 /// Every `v8dbg_*` data symbol of an ELF file and its 4-byte value (0 in `.bss`).
 fn v8dbg_symbols(data: &[u8], path: &str) -> Result<HashMap<String, i64>, V8Error> {
-    let file = object::File::parse(data).map_err(|source| V8Error::Parse { path: path.into(), source })?;
+    let file = object::File::parse(data).map_err(|source| V8Error::Parse {
+        path: path.into(),
+        source,
+    })?;
     let mut out = HashMap::new();
     // V8 exports its metadata (debuggers read it from running processes): `.dynsym` only, so
     // a large binary's full symbol table is not scanned at every attach.
     for sym in file.dynamic_symbols() {
         let Ok(name) = sym.name() else { continue };
-        let Some(name) = name.strip_prefix("v8dbg_") else { continue };
+        let Some(name) = name.strip_prefix("v8dbg_") else {
+            continue;
+        };
         if out.contains_key(name) || out.len() >= 8192 {
             continue;
         }
-        let Some(index) = sym.section_index() else { continue };
-        let Ok(section) = file.section_by_index(index) else { continue };
-        let Some(at) = sym.address().checked_sub(section.address()) else { continue };
+        let Some(index) = sym.section_index() else {
+            continue;
+        };
+        let Ok(section) = file.section_by_index(index) else {
+            continue;
+        };
+        let Some(at) = sym.address().checked_sub(section.address()) else {
+            continue;
+        };
         // `.bss` (no bytes in the file) holds the zeros.
         let value = match section.data() {
             Ok([]) => 0,
@@ -373,7 +404,11 @@ type Read<T> = Result<T, Unnamed>;
 
 impl<M: Memory> JsNamer<M> {
     pub fn new(layout: V8Layout, mem: M) -> JsNamer<M> {
-        JsNamer { layout, mem, scripts: HashMap::new() }
+        JsNamer {
+            layout,
+            mem,
+            scripts: HashMap::new(),
+        }
     }
 
     /// Forgets what was read about scripts (objects move: a new batch reads them again).
@@ -383,7 +418,9 @@ impl<M: Memory> JsNamer<M> {
 
     fn word(&self, addr: u64) -> Read<u64> {
         let mut b = [0u8; 8];
-        self.mem.read(addr, &mut b).map_err(|_| Unnamed::Unreadable)?;
+        self.mem
+            .read(addr, &mut b)
+            .map_err(|_| Unnamed::Unreadable)?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -410,7 +447,12 @@ impl<M: Memory> JsNamer<M> {
             return Err(Unnamed::NotAFunction);
         }
         let mut t = [0u8; 2];
-        self.mem.read(map - self.layout.heap_object_tag + self.layout.map_instance_type, &mut t).map_err(|_| Unnamed::Unreadable)?;
+        self.mem
+            .read(
+                map - self.layout.heap_object_tag + self.layout.map_instance_type,
+                &mut t,
+            )
+            .map_err(|_| Unnamed::Unreadable)?;
         Ok((addr, u16::from_le_bytes(t)))
     }
 
@@ -439,14 +481,20 @@ impl<M: Memory> JsNamer<M> {
             Ok(s) if self.is_heap_object(s) => self.script(s, start_pos),
             _ => (None, None),
         };
-        Ok(JsName { function, script, line })
+        Ok(JsName {
+            function,
+            script,
+            line,
+        })
     }
 
     /// The function name and start position in a `ScopeInfo` (see the module doc).
     fn scope_info(&self, addr: u64) -> (Option<String>, Option<u32>) {
         let l = &self.layout;
         let data = addr + l.scope_info_data;
-        let Ok(locals) = self.word(data + 8 * l.scope_info_ncontextlocals) else { return (None, None) };
+        let Ok(locals) = self.word(data + 8 * l.scope_info_ncontextlocals) else {
+            return (None, None);
+        };
         if !self.is_smi(locals) {
             return (None, None);
         }
@@ -463,7 +511,10 @@ impl<M: Memory> JsNamer<M> {
         if self.mem.read(data + 8 * first as u64, &mut raw).is_err() {
             return (None, None);
         }
-        let slots: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        let slots: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let mut name = None;
         let mut prev: Option<i64> = None;
         for &slot in &slots {
@@ -491,7 +542,9 @@ impl<M: Memory> JsNamer<M> {
 
     /// A script's name and the line of `start_pos` in it.
     fn script(&mut self, tagged: u64, start_pos: Option<u32>) -> (Option<Arc<str>>, Option<u32>) {
-        let Ok((addr, ty)) = self.object(tagged) else { return (None, None) };
+        let Ok((addr, ty)) = self.object(tagged) else {
+            return (None, None);
+        };
         if ty != self.layout.type_script {
             return (None, None);
         }
@@ -526,13 +579,21 @@ impl<M: Memory> JsNamer<M> {
         if !self.is_smi(len) {
             return None;
         }
-        let len = usize::try_from(self.smi(len)).ok().filter(|&n| n <= MAX_LINE_ENDS)?;
+        let len = usize::try_from(self.smi(len))
+            .ok()
+            .filter(|&n| n <= MAX_LINE_ENDS)?;
         let mut raw = vec![0u8; len * 8];
         self.mem.read(addr + l.fixed_array_data, &mut raw).ok()?;
         let ends: Vec<u32> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .map(|v| if self.is_smi(v) { self.smi(v).clamp(0, u32::MAX as i64) as u32 } else { u32::MAX })
+            .map(|v| {
+                if self.is_smi(v) {
+                    self.smi(v).clamp(0, u32::MAX as i64) as u32
+                } else {
+                    u32::MAX
+                }
+            })
             .collect();
         // Line ends only grow; anything else is not a line table.
         ends.windows(2).all(|w| w[0] <= w[1]).then_some(ends)
@@ -546,7 +607,15 @@ impl<M: Memory> JsNamer<M> {
     }
 
     /// Appends characters `[from, from + len)` of string `tagged` to `out`, up to `cap` in all.
-    fn append_string(&self, tagged: u64, from: usize, len: usize, cap: usize, out: &mut String, depth: u32) -> Read<()> {
+    fn append_string(
+        &self,
+        tagged: u64,
+        from: usize,
+        len: usize,
+        cap: usize,
+        out: &mut String,
+        depth: u32,
+    ) -> Read<()> {
         let l = &self.layout;
         if depth > MAX_STRING_DEPTH {
             return Err(Unnamed::UnreadableName);
@@ -556,7 +625,9 @@ impl<M: Memory> JsNamer<M> {
             return Err(Unnamed::UnreadableName);
         }
         let mut b = [0u8; 4];
-        self.mem.read(addr + l.string_length, &mut b).map_err(|_| Unnamed::Unreadable)?;
+        self.mem
+            .read(addr + l.string_length, &mut b)
+            .map_err(|_| Unnamed::Unreadable)?;
         let length = i32::from_le_bytes(b);
         let length = usize::try_from(length).map_err(|_| Unnamed::UnreadableName)?;
         let from = from.min(length);
@@ -570,14 +641,23 @@ impl<M: Memory> JsNamer<M> {
             let n = len.min(room);
             if ty & l.string_encoding_mask == l.one_byte_string_tag {
                 let mut chars = vec![0u8; n];
-                self.mem.read(addr + l.seq_one_byte_chars + from as u64, &mut chars).map_err(|_| Unnamed::Unreadable)?;
+                self.mem
+                    .read(addr + l.seq_one_byte_chars + from as u64, &mut chars)
+                    .map_err(|_| Unnamed::Unreadable)?;
                 // Latin-1.
                 out.extend(chars.iter().map(|&c| c as char));
             } else {
                 let mut raw = vec![0u8; n * 2];
-                self.mem.read(addr + l.seq_two_byte_chars + 2 * from as u64, &mut raw).map_err(|_| Unnamed::Unreadable)?;
-                let units: Vec<u16> = raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-                out.extend(char::decode_utf16(units).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)));
+                self.mem
+                    .read(addr + l.seq_two_byte_chars + 2 * from as u64, &mut raw)
+                    .map_err(|_| Unnamed::Unreadable)?;
+                let units: Vec<u16> = raw
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                out.extend(
+                    char::decode_utf16(units).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)),
+                );
             }
             Ok(())
         } else if representation == l.thin_string_tag {
@@ -603,7 +683,14 @@ impl<M: Memory> JsNamer<M> {
                 return Err(Unnamed::UnreadableName);
             }
             let offset = usize::try_from(self.smi(offset)).map_err(|_| Unnamed::UnreadableName)?;
-            self.append_string(parent, offset.saturating_add(from), len, cap, out, depth + 1)
+            self.append_string(
+                parent,
+                offset.saturating_add(from),
+                len,
+                cap,
+                out,
+                depth + 1,
+            )
         } else {
             // External strings: their characters are behind a C++ resource object.
             Err(Unnamed::UnreadableName)
@@ -616,7 +703,9 @@ impl<M: Memory> JsNamer<M> {
             return Err(Unnamed::UnreadableName);
         }
         let mut b = [0u8; 4];
-        self.mem.read(addr + self.layout.string_length, &mut b).map_err(|_| Unnamed::Unreadable)?;
+        self.mem
+            .read(addr + self.layout.string_length, &mut b)
+            .map_err(|_| Unnamed::Unreadable)?;
         usize::try_from(i32::from_le_bytes(b)).map_err(|_| Unnamed::UnreadableName)
     }
 }
@@ -624,13 +713,24 @@ impl<M: Memory> JsNamer<M> {
 /// Sets up `symbolizer` to name the JavaScript frames of `process` from the result of
 /// [`find_layout`] (nothing for a target without V8; a refusal is kept and shown in its
 /// profiles).
-pub fn enable(symbolizer: &mut super::Symbolizer, process: &crate::process::Process, layout: Result<Option<V8Layout>, V8Error>) {
+pub fn enable(
+    symbolizer: &mut super::Symbolizer,
+    process: &crate::process::Process,
+    layout: Result<Option<V8Layout>, V8Error>,
+) {
     match layout.map(|l| l.map(|l| open_namer(process, l))) {
         Ok(None) => {}
         Ok(Some(Ok(namer))) => symbolizer.enable_js(namer),
-        Ok(Some(Err(e))) => symbolizer.js_unavailable(format!("cannot read the memory of process {}: {e}", process.pid())),
+        Ok(Some(Err(e))) => symbolizer.js_unavailable(format!(
+            "cannot read the memory of process {}: {e}",
+            process.pid()
+        )),
         Err(e) => {
-            tracing::info!(pid = process.pid(), reason = e.reason(), "JavaScript frames stay unnamed: {e}");
+            tracing::info!(
+                pid = process.pid(),
+                reason = e.reason(),
+                "JavaScript frames stay unnamed: {e}"
+            );
             symbolizer.js_unavailable(e.to_string());
         }
     }
@@ -638,10 +738,20 @@ pub fn enable(symbolizer: &mut super::Symbolizer, process: &crate::process::Proc
 
 /// A target's namer over its `/proc/PID/mem`, opened now: the file stays bound to this process's
 /// memory (a reused pid cannot redirect it); checked against `process` after opening.
-pub fn open_namer(process: &crate::process::Process, layout: V8Layout) -> io::Result<JsNamer<Arc<File>>> {
-    let mem = File::open(Path::new("/proc").join(process.pid().to_string()).join("mem"))?;
+pub fn open_namer(
+    process: &crate::process::Process,
+    layout: V8Layout,
+) -> io::Result<JsNamer<Arc<File>>> {
+    let mem = File::open(
+        Path::new("/proc")
+            .join(process.pid().to_string())
+            .join("mem"),
+    )?;
     if !process.alive() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "the process exited"));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the process exited",
+        ));
     }
     Ok(JsNamer::new(layout, Arc::new(mem)))
 }
@@ -677,7 +787,9 @@ mod tests {
         fn read(&self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
             let m = self.0.borrow();
             for (i, b) in buf.iter_mut().enumerate() {
-                *b = *m.get(&(addr + i as u64)).ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+                *b = *m
+                    .get(&(addr + i as u64))
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
             }
             Ok(())
         }
@@ -700,7 +812,10 @@ mod tests {
             ("class_Map__instance_type__uint16_t", 12),
             ("class_JSFunction__shared__SharedFunctionInfo", 24),
             ("class_SharedFunctionInfo__name_or_scope_info__Object", 16),
-            ("class_SharedFunctionInfo__script_or_debug_info__HeapObject", 32),
+            (
+                "class_SharedFunctionInfo__script_or_debug_info__HeapObject",
+                32,
+            ),
             ("class_Script__name__Object", 16),
             ("class_Script__line_ends__Object", 56),
             ("class_String__length__int32_t", 12),
@@ -744,7 +859,10 @@ mod tests {
 
     impl Builder {
         fn new() -> Builder {
-            Builder { heap: Heap::default(), next: 0x10_0000 }
+            Builder {
+                heap: Heap::default(),
+                next: 0x10_0000,
+            }
         }
         fn alloc(&mut self, size: u64) -> u64 {
             let a = self.next;
@@ -779,7 +897,15 @@ mod tests {
     fn names_functions_through_scope_info_and_strings() {
         let layout = V8Layout::from_symbols(&node20(), "node").unwrap();
         let cfg = layout.frame_config();
-        assert_eq!((cfg.pair_offset, cfg.context_index, cfg.function_index, cfg.shared_offset), (-16, 1, 0, 23));
+        assert_eq!(
+            (
+                cfg.function_offset,
+                cfg.shared_offset,
+                cfg.tag_mask,
+                cfg.tag
+            ),
+            (-16, 23, 3, 1)
+        );
         let mut b = Builder::new();
         let name = b.one_byte("leftLeak");
         let file = b.one_byte("/srv/app.js");
@@ -793,7 +919,18 @@ mod tests {
         b.set(script, 56, ends);
         // ScopeInfo: flags, params, 2 context locals, 2 names, 2 infos, then the name and positions.
         let scope = b.object(261, 8 + 16 * 8);
-        let slots = [Builder::smi(0), Builder::smi(1), Builder::smi(2), file, file, Builder::smi(0), Builder::smi(0), name, Builder::smi(60), Builder::smi(80)];
+        let slots = [
+            Builder::smi(0),
+            Builder::smi(1),
+            Builder::smi(2),
+            file,
+            file,
+            Builder::smi(0),
+            Builder::smi(0),
+            name,
+            Builder::smi(60),
+            Builder::smi(80),
+        ];
         for (i, s) in slots.iter().enumerate() {
             b.set(scope, 8 + 8 * i as u64, *s);
         }
@@ -802,7 +939,10 @@ mod tests {
         b.set(sfi, 32, script);
         let mut namer = JsNamer::new(layout.clone(), b.heap);
         let n = namer.name(sfi).unwrap();
-        assert_eq!((&*n.function, n.script.as_deref(), n.line), ("leftLeak", Some("/srv/app.js"), Some(3)));
+        assert_eq!(
+            (&*n.function, n.script.as_deref(), n.line),
+            ("leftLeak", Some("/srv/app.js"), Some(3))
+        );
 
         let mut b = Builder::new();
         let name = b.one_byte("rightLeak");
@@ -834,7 +974,10 @@ mod tests {
         assert_eq!(namer.name(8).unwrap_err(), Unnamed::NotAFunction);
         assert_eq!(namer.name(sfi).unwrap_err(), Unnamed::UnreadableName);
         // Past the heap's bytes: unreadable, not a huge allocation.
-        assert_eq!(namer.string(huge, MAX_NAME).unwrap_err(), Unnamed::Unreadable);
+        assert_eq!(
+            namer.string(huge, MAX_NAME).unwrap_err(),
+            Unnamed::Unreadable
+        );
     }
 
     /// Missing metadata and pointer compression are refused with the symbol or the reason.
@@ -843,17 +986,30 @@ mod tests {
         let mut s = node20();
         s.remove("class_JSFunction__shared__SharedFunctionInfo");
         let e = V8Layout::from_symbols(&s, "node").unwrap_err();
-        assert!(e.to_string().contains("v8dbg_class_JSFunction__shared__*"), "{e}");
+        assert!(
+            e.to_string().contains("v8dbg_class_JSFunction__shared__*"),
+            "{e}"
+        );
         let mut s = node20();
         s.insert("TaggedSize".into(), 4);
-        assert_eq!(V8Layout::from_symbols(&s, "node").unwrap_err().reason(), "v8_build_unsupported");
-        assert_eq!(V8Layout::from_symbols(&HashMap::new(), "x").unwrap_err().reason(), "not_v8");
+        assert_eq!(
+            V8Layout::from_symbols(&s, "node").unwrap_err().reason(),
+            "v8_build_unsupported"
+        );
+        assert_eq!(
+            V8Layout::from_symbols(&HashMap::new(), "x")
+                .unwrap_err()
+                .reason(),
+            "not_v8"
+        );
     }
 
     /// The node on this machine: its layout is read from its own symbols.
     #[test]
     fn reads_the_installed_node() {
-        let Ok(data) = std::fs::read("/usr/bin/node") else { return };
+        let Ok(data) = std::fs::read("/usr/bin/node") else {
+            return;
+        };
         let layout = V8Layout::from_elf(&data, "/usr/bin/node").unwrap();
         assert_eq!(layout.frame_config().tag, 1);
         assert_eq!(layout.js_function_shared, 24);
