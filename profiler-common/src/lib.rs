@@ -496,6 +496,31 @@ pub const UNWIND_STATE_STRIDE: u32 = 4;
 pub const ROW_SEARCH_STEPS: u32 = 22;
 pub const MAX_ROWS_PER_FILE: u32 = 1 << ROW_SEARCH_STEPS;
 
+/// How the probes find the JavaScript function of a V8 frame (per target slot, `JS_FRAME_CONFIG`;
+/// the agent fills it from the target executable's `v8dbg_*` symbols, see `profiler-user`'s
+/// `symbolize::v8`). For each frame walked by frame pointers (JIT code, V8's builtins) of a
+/// target with `enabled != 0`, the probe reads the two words at `fp + function_offset`: the
+/// frame's function slot and, 8 bytes above it, its context slot. A frame whose two slots
+/// both carry the heap-object tag is a JavaScript frame (other V8 frames keep a Smi frame
+/// marker in the context slot); the probe then reads the function's `SharedFunctionInfo`
+/// (`*(function + shared_offset)`), keeps it for that frame in `JS_FRAMES` and mixes it into
+/// the stack's identity: two interpreted functions, whose frames return into the same
+/// interpreter code, do not share a stack; closures of one function literal do.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JsFrameConfig {
+    pub enabled: u32,
+    /// The function slot's offset from the frame pointer (V8: -16; the context slot is at
+    /// `function_offset + 8`).
+    pub function_offset: i32,
+    /// `JSFunction::shared`'s offset minus the heap-object tag.
+    pub shared_offset: u64,
+    /// Heap-object tag and its mask (V8: 1 and 3).
+    pub tag_mask: u64,
+    pub tag: u64,
+}
+const _: () = assert!(core::mem::size_of::<JsFrameConfig>() == 32);
+
 /// Snapshot trigger slots (`--on-return`, `--on-usdt`) of one loaded object, all targets together.
 pub const MAX_TRIGGERS: u32 = 4096;
 
@@ -568,4 +593,5 @@ mod pod {
     unsafe impl aya::Pod for super::LiveKey {}
     unsafe impl aya::Pod for super::UsdtSpec {}
     unsafe impl aya::Pod for super::GoTarget {}
+    unsafe impl aya::Pod for super::JsFrameConfig {}
 }

@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use profiler_common::{
-    AllocInfo, GoTarget, InFlight, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping, UnwindRow,
-    UsdtSpec, COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE, USDT_SPECS_PER_TARGET,
-    WEIGHT_TABLE_LEN,
+    AllocInfo, GoTarget, InFlight, JsFrameConfig, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, UnwindMapping,
+    UnwindRow, UsdtSpec, COUNTER_COUNT, EXP_TABLE_LEN, MAX_TARGETS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE,
+    USDT_SPECS_PER_TARGET, WEIGHT_TABLE_LEN,
 };
 
 /// Each target slot's settings (sampling interval, live-allocation quota).
@@ -78,9 +78,24 @@ pub static STACK_STATS: PerCpuHashMap<StackKey, StackStats> = PerCpuHashMap::wit
 #[map]
 pub static STACKS: HashMap<u64, StackFrames> = HashMap::with_max_entries(1 << 15, 0);
 
-/// Where a stack is assembled before it is hashed and stored (too big for the BPF stack).
+/// Where a stack is assembled before it is hashed and stored (too big for the BPF stack):
+/// entry 0 its return addresses, entry 1 its JavaScript functions (see `JS_FRAMES`).
 #[map]
-pub static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(1, 0);
+pub static STACK_SCRATCH: PerCpuArray<StackFrames> = PerCpuArray::with_max_entries(2, 0);
+
+/// Per target slot: how to find the JavaScript function of a V8 frame (`enabled == 0`: not a
+/// V8 target, nothing is read). Written by the agent.
+#[map]
+pub static JS_FRAME_CONFIG: Array<JsFrameConfig> = Array::with_max_entries(MAX_TARGETS, 0);
+
+/// Not preallocated: only stacks with JavaScript frames take an entry.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The `SharedFunctionInfo` of each JavaScript frame of a stack, by the stack's key in
+/// `STACKS` (`ips[i]` is frame i's, 0 where the frame is not JavaScript); only stacks with at
+/// least one. Sized like `STACKS` by the agent.
+#[map]
+pub static JS_FRAMES: HashMap<u64, StackFrames> = HashMap::with_max_entries(1 << 15, BPF_F_NO_PREALLOC);
 
 /// Allocator calls between entry and return, one slot per thread (pid_tgid), reused from call
 /// to call. LRU so the slots of threads that ended make room for new ones.

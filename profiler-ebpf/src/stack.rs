@@ -12,14 +12,25 @@
 //! executable mapping of the target, the CFA must move up the stack, every rule must be one
 //! this code evaluates. A walk that cannot go on ends there, counted by reason
 //! (`Counter::Truncated*`): a short stack, never a garbage frame.
-use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_user};
+//!
+//! In a V8 target (Node.js; `JS_FRAME_CONFIG` of its slot enabled) each frame walked by frame
+//! pointers also gives its JavaScript function when it has one: the frame's function slot names
+//! a `JSFunction`, whose `SharedFunctionInfo` is kept per frame in `JS_FRAMES` and is part of
+//! the stack's identity (see `profiler_common::JsFrameConfig`). Interpreted functions all
+//! return into the same interpreter code: without it, two of them would share one stack. That
+//! read is branch-free (each branch multiplies what the verifier walks through 64 frames).
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_raw},
+};
 use profiler_common::{
-    mapping, rbp, row, Counter, GoTarget, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES, MAX_ROWS_PER_FILE,
+    mapping, rbp, row, Counter, GoTarget, JsFrameConfig, UnwindMapping, UnwindRow, MAPPING_SEARCH_STEPS, MAX_FRAMES,
+    MAX_ROWS_PER_FILE,
     MAX_UNWIND_MAPPINGS, ROW_SEARCH_STEPS, UNWIND_STATE_STRIDE,
 };
 
 use crate::{
-    maps::{GO_TARGETS, STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
+    maps::{GO_TARGETS, JS_FRAMES, JS_FRAME_CONFIG, STACKS, STACK_SCRATCH, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_STATE},
     probes::{count, Target},
 };
 
@@ -109,6 +120,28 @@ struct Frame {
     sp: u64,
     fp: u64,
     exact: bool,
+    /// Found by the frame-pointer chain from the frame before (which keeps frame pointers:
+    /// JIT code, V8's builtins).
+    by_fp: bool,
+}
+
+/// The `SharedFunctionInfo` of the JavaScript function whose frame pointer is `fp`, or 0 when
+/// the frame is no JavaScript frame (its context slot holds a frame-type marker, a Smi) or a
+/// read fails (the helper then zeroes its buffer). Only tags are checked here; the agent checks
+/// the object's type. No branch: the verifier would walk each one in every frame.
+#[inline(always)]
+fn js_function(js: &JsFrameConfig, fp: u64) -> u64 {
+    let mut pair = [0u64; 2];
+    let mut shared = 0u64;
+    let at = fp.wrapping_add(js.function_offset as i64 as u64);
+    unsafe { probe_read_raw(pair.as_mut_ptr() as *mut _, 16, at as *const _) };
+    let (function, context) = (pair[0], pair[1]);
+    unsafe { probe_read_raw(&mut shared as *mut u64 as *mut _, 8, function.wrapping_add(js.shared_offset) as *const _) };
+    // 0 when all three carry the heap-object tag.
+    let bad = ((function ^ js.tag) | (context ^ js.tag) | (shared ^ js.tag)) & js.tag_mask;
+    // 1 when `bad` is 0 (it is below 2^63).
+    let keep = ((bad | bad.wrapping_neg()) >> 63) ^ 1;
+    shared.wrapping_mul(keep)
 }
 
 /// The caller's frame by the frame-pointer chain: for code without CFI (JIT code, a file
@@ -125,7 +158,7 @@ fn frame_pointer_step(t: &Target, f: &Frame, fail: Counter) -> Result<Option<Fra
     if frame[1] == 0 {
         return Ok(None);
     }
-    Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false }))
+    Ok(Some(Frame { pc: frame[1], sp: f.fp + 16, fp: frame[0], exact: false, by_fp: true }))
 }
 
 /// The caller's frame of `f`, which lies in mapping `m`; Err(counter) when the walk ends
@@ -148,7 +181,7 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Count
             let pc = read(f.sp + UC_RIP).ok_or(bad)?;
             let sp = read(f.sp + UC_RSP).ok_or(bad)?;
             let fp = read(f.sp + UC_RBP).ok_or(bad)?;
-            return Ok(Some(Frame { pc, sp, fp, exact: true }));
+            return Ok(Some(Frame { pc, sp, fp, exact: true, by_fp: false }));
         }
         row::END => return Ok(None),
         row::NONE => return frame_pointer_step(t, f, Counter::TruncatedNoCfi),
@@ -167,7 +200,7 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Count
     if ra == 0 {
         return Ok(None);
     }
-    Ok(Some(Frame { pc: ra, sp: cfa, fp, exact: false }))
+    Ok(Some(Frame { pc: ra, sp: cfa, fp, exact: false, by_fp: false }))
 }
 
 /// Frames the probes unwind at most. The verifier checks each iteration on its own: with the
@@ -182,7 +215,7 @@ const WALK_FRAMES: usize = MAX_FRAMES;
 #[inline(always)]
 pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-    record_from(t, Frame { pc: ip, sp, fp, exact: true })
+    record_from(t, Frame { pc: ip, sp, fp, exact: true, by_fp: false })
 }
 
 /// Unwinds the stack at the entry of a Go function called with a frame pointer chain (the Go
@@ -191,7 +224,7 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
 pub fn record_at_go_entry(t: &Target, regs: *const pt_regs) -> u64 {
     let (sp, fp) = unsafe { ((*regs).rsp, (*regs).rbp) };
     let Some(ra) = read(sp) else { return 0 };
-    record_from(t, Frame { pc: ra, sp: sp + 8, fp, exact: false })
+    record_from(t, Frame { pc: ra, sp: sp + 8, fp, exact: false, by_fp: false })
 }
 
 /// The Go goroutine frame a cgo call came from, when `f` returns into
@@ -219,7 +252,7 @@ fn cgo_step(f: &Frame, go: &GoTarget) -> Result<Option<Frame>, Counter> {
     if pc == 0 {
         return Ok(None);
     }
-    Ok(Some(Frame { pc, sp: old_sp + 8, fp: sched_bp, exact: false }))
+    Ok(Some(Frame { pc, sp: old_sp + 8, fp: sched_bp, exact: false, by_fp: false }))
 }
 
 /// Unwinds from `start` (see [`record`]), stores the stack and returns its key.
@@ -231,6 +264,12 @@ fn record_from(t: &Target, start: Frame) -> u64 {
     let frames = unsafe { &mut *frames };
     // A Go program's cgo switch (all zero for other targets: never matches).
     let go = GO_TARGETS.get(t.slot).copied().unwrap_or_default();
+    let Some(js_frames) = STACK_SCRATCH.get_ptr_mut(1) else {
+        return 0;
+    };
+    // Frame i's JavaScript function at `js_frames.ips[i]` (V8 targets only).
+    let js_frames = unsafe { &mut *js_frames };
+    let js = JS_FRAME_CONFIG.get(t.slot).copied().unwrap_or_default();
     let ip = start.pc;
     frames.ips[0] = ip;
     let mut hash = mix(FNV_OFFSET, ip);
@@ -265,6 +304,13 @@ fn record_from(t: &Target, start: Frame) -> u64 {
             ended = true;
             break;
         }
+        // `f` keeps frame pointers: in a V8 target, its function.
+        let mut js_fn = 0;
+        if next.by_fp && js.enabled != 0 {
+            js_fn = js_function(&js, f.fp);
+        }
+        js_frames.ips[n - 1] = js_fn;
+        hash = mix(hash, js_fn);
         frames.ips[n] = next.pc;
         hash = mix(hash, next.pc);
         n += 1;
@@ -284,6 +330,17 @@ fn record_from(t: &Target, start: Frame) -> u64 {
         if i >= n {
             unsafe { core::ptr::write_volatile(ip, 0) };
         }
+    }
+    if js.enabled != 0 {
+        // Only frames stepped from have a function; the last one does not.
+        for (i, f) in js_frames.ips.iter_mut().enumerate() {
+            if i + 1 >= n {
+                unsafe { core::ptr::write_volatile(f, 0) };
+            }
+        }
+        // Before the stack itself: a reader that finds the stack finds its functions. A full
+        // map loses the names of this stack's frames, not the stack.
+        let _ = JS_FRAMES.insert(&id, js_frames, 0);
     }
     match STACKS.insert(&id, frames, BPF_NOEXIST) {
         Ok(()) => id,

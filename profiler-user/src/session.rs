@@ -114,6 +114,10 @@ impl Session {
             Traced::Contract(_) => 0,
         };
         let mut target = TargetProbes::claim(probes, pid, sample_bytes)?;
+        let v8 = crate::symbolize::v8::find_layout(pid);
+        if let Ok(Some(layout)) = &v8 {
+            target.enable_js_frames(layout.frame_config())?;
+        }
         let maps = &probes.unwind;
         let unwinder = TargetUnwinder::new(
             process.clone(),
@@ -143,7 +147,8 @@ impl Session {
         };
         let probe_mode = probes.probe_mode();
         let budget = crate::budget::Account::for_pid(pid);
-        let symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
+        let mut symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
+        crate::symbolize::v8::enable(&mut symbolizer, &process, v8);
         anyhow::ensure!(process.alive(), "process {pid} ({comm}) exited while memscope attached to it");
         let attach_ms = started.elapsed().as_millis() as u64;
         unwind.set_attach_ms(attach_ms);
@@ -256,7 +261,7 @@ fn spawn_jit_pinner(pid: u32, target: std::sync::Weak<TargetProbes>, inner: std:
         let (Some(target), Some(inner)) = (target.upgrade(), inner.upgrade()) else { return };
         let mut guard = inner.lock().unwrap();
         let symbolizer = &mut guard.symbolizer;
-        if !symbolizer.has_jit() {
+        if !symbolizer.pins() {
             continue;
         }
         match target.new_stacks(symbolizer.pinned_stacks()) {
@@ -341,15 +346,19 @@ impl TracedTarget for Session {
             target_exited: exited,
         };
         let started = Instant::now();
+        // Stacks the naming thread has not seen yet (JavaScript names are read now, not later).
+        let fresh: Vec<_> = raw.stacks.iter().filter(|s| !symbolizer.pinned_stacks().contains(&s.key)).cloned().collect();
+        symbolizer.pin_jit(&fresh);
         let mut profile = build::build(&raw, &ctx, |addrs| symbolizer.symbolize(addrs));
         // JIT frames named when their stack was new win over today's perf map.
         for (r, s) in raw.stacks.iter().zip(profile.stacks.iter_mut()) {
-            for (addr, frame) in r.return_addresses().into_iter().zip(s.frames.iter_mut()) {
-                if let Some(pinned) = symbolizer.pinned(&r.key, addr) {
+            for (i, (addr, frame)) in r.return_addresses().into_iter().zip(s.frames.iter_mut()).enumerate() {
+                if let Some(pinned) = symbolizer.pinned_at(&r.key, i, addr) {
                     *frame = pinned.clone();
                 }
             }
         }
+        profile.js_names = symbolizer.js_stats();
         profile.expand_inlined();
         if let Some(source) = &self.source {
             profile.source = Some(source.clone());

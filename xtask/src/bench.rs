@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// pair through the contract vs through uprobes, live bytes of 300 MiB kept).
     #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
     usdt_only: bool,
+    /// Run only the `js names` section (JavaScript names without flags: 10 runs of a plain
+    /// `node`, the share of each function's bytes that carry its name).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    js_names_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -129,6 +133,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.js_names_only {
+        let js = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
+        print!("{}", js.render());
+        for (name, limit, value, met) in js.targets() {
+            let mark = if met { "met    " } else { "NOT MET" };
+            println!("  [{mark}] {name}: {value} (target {limit})");
+        }
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "js_names": js.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     if args.v8_only {
         let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
         print!("{}", v8.render());
@@ -156,6 +173,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
     let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
     let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
+    let js_names = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -177,10 +195,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     print!("{}", usdt.render());
     print_targets(&usdt.targets());
+    print!("{}", js_names.render());
+    print_targets(&js_names.targets());
     if let Some(path) = &args.json {
         let mut all = report.to_json();
         all["v8"] = v8.to_json();
         all["usdt"] = usdt.to_json();
+        all["js_names"] = js_names.to_json();
         let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));

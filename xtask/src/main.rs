@@ -4,6 +4,7 @@
 //! Targets Debian 12 with rustup (stable default, nightly present or installable); the apt step
 //! and the privileged commands (`test`, `demo`) need root.
 mod bench;
+mod bench_js_names;
 mod bench_node;
 mod bench_usdt;
 mod bench_v8;

@@ -173,6 +173,7 @@ pub fn build(
         live_tracking: None,
         coverage: None,
         runtime_heap: None,
+        js_names: None,
     }
 }
 

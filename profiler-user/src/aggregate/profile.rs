@@ -163,6 +163,19 @@ pub struct HeapProfile {
     /// alloc-only build): live bytes and leaks are unavailable, only allocation figures hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_tracking: Option<bool>,
+    /// What share of the process's anonymous memory this profile accounts for, and why it is
+    /// low when it is ([`crate::coverage`]); `None` when unknown (a profile built offline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<crate::coverage::Coverage>,
+    /// How a Go program's own heap is seen (`bpf::go_runtime`): "Go runtime heap (go1.19.8):
+    /// traced through the runtime's sampling (MemProfileRate 524288)", or why it is not.
+    /// `None` for a program that is not Go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_heap: Option<String>,
+    /// In a V8 (Node.js) target: JavaScript frames named from V8's heap and those that could
+    /// not be (by reason), since attach. `None` for other targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub js_names: Option<crate::symbolize::v8::JsNameStats>,
 }
 
 impl HeapProfile {
@@ -183,15 +196,6 @@ impl HeapProfile {
         };
         Some(format!("{source} (the service's own samples, {interval}{live})"))
     }
-    /// What share of the process's anonymous memory this profile accounts for, and why it is
-    /// low when it is ([`crate::coverage`]); `None` when unknown (a profile built offline).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub coverage: Option<crate::coverage::Coverage>,
-    /// How a Go program's own heap is seen (`bpf::go_runtime`): "Go runtime heap (go1.19.8):
-    /// traced through the runtime's sampling (MemProfileRate 524288)", or why it is not.
-    /// `None` for a program that is not Go.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_heap: Option<String>,
 }
 
 /// One executable mapping of a file in the target.

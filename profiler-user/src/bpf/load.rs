@@ -178,6 +178,8 @@ pub struct ProbeMaps {
     pub stack_stats: PerCpuHashMap<MapData, StackKey, StackStats>,
     pub stacks: HashMap<MapData, u64, StackFrames>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// The JavaScript functions of stacks that have some (see `profiler_common::JsFrameConfig`).
+    pub js_frames: HashMap<MapData, u64, StackFrames>,
 }
 
 /// The per-slot maps the agent writes.
@@ -196,6 +198,8 @@ pub struct SlotMaps {
     pub triggers_used: std::collections::BTreeSet<u32>,
     /// Each slot's Go runtime settings (zero: not a Go program), see `bpf::go_runtime`.
     pub go: Array<MapData, GoTarget>,
+    /// How the probes find a V8 frame's function, per slot (disabled for other targets).
+    pub js_config: Array<MapData, profiler_common::JsFrameConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -259,6 +263,7 @@ impl Probes {
             .map_max_entries("LIVE", settings.max_allocs.max(1))
             .map_max_entries("STACKS", settings.max_stacks.max(1))
             .map_max_entries("STACK_STATS", settings.max_stacks.max(1))
+            .map_max_entries("JS_FRAMES", settings.max_stacks.max(1))
             .map_max_entries("UNWIND_ROWS", unwind_rows.max(1))
             .load(OBJECT)
             .map_err(|e| LoadError::Load(Box::new(e)))?;
@@ -304,12 +309,14 @@ impl Probes {
             trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
             triggers_used: Default::default(),
             go: take(&mut ebpf, "GO_TARGETS")?,
+            js_config: take(&mut ebpf, "JS_FRAME_CONFIG")?,
         };
         let maps = ProbeMaps {
             live: take(&mut ebpf, "LIVE")?,
             stack_stats: take(&mut ebpf, "STACK_STATS")?,
             stacks: take(&mut ebpf, "STACKS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
+            js_frames: take(&mut ebpf, "JS_FRAMES")?,
         };
         let usdt_specs = take(&mut ebpf, "USDT_SPECS")?;
         Ok(Probes {

@@ -7,7 +7,7 @@ use std::collections::HashMap as StdHashMap;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{IterableMap as _, MapError};
-use profiler_common::{sample_count_weight, AllocInfo, LiveKey, StackKey, StackStats, COUNTER_COUNT};
+use profiler_common::{sample_count_weight, AllocInfo, LiveKey, StackFrames, StackKey, StackStats, COUNTER_COUNT};
 
 use super::{batch, load::ProbeMaps};
 
@@ -18,6 +18,9 @@ pub struct RawStack {
     /// The stack from the stack map, innermost first; `ips[0]` is the caller (as `key.caller`).
     /// Empty when the stack could not be recorded.
     pub ips: Vec<u64>,
+    /// In a V8 target: the `SharedFunctionInfo` (tagged) of the JavaScript function of frame
+    /// `ips[i]` at `js[i]`, 0 for frames that are not JavaScript; empty when none is.
+    pub js: Vec<u64>,
     /// Allocated since attach (the kernel's per-stack totals).
     pub stats: StackStats,
     /// Live allocations: weighted bytes, and weighted allocations in 16.16 fixed point (see
@@ -37,16 +40,23 @@ impl RawStack {
     /// the allocator's return), then the walk (`ips[0]` is the caller again). A walk that starts
     /// with the caller does not repeat it.
     pub fn return_addresses(&self) -> Vec<u64> {
+        self.return_frames().into_iter().map(|(addr, _)| addr).collect()
+    }
+
+    /// [`RawStack::return_addresses`], each with its frame's JavaScript function (0 if none).
+    pub fn return_frames(&self) -> Vec<(u64, u64)> {
+        let js = |i: usize| self.js.get(i).copied().unwrap_or(0);
         let mut out = Vec::with_capacity(self.ips.len() + 1);
         if self.key.caller != 0 {
-            out.push(self.key.caller);
+            // The caller is `ips[0]`'s frame when the walk starts there.
+            out.push((self.key.caller, if self.ips.first() == Some(&self.key.caller) { js(0) } else { 0 }));
         }
         for (i, &ip) in self.ips.iter().enumerate().skip(1) {
             if i == 1 && ip == self.key.caller {
                 continue;
             }
             if ip != 0 {
-                out.push(ip);
+                out.push((ip, js(i)));
             }
         }
         out
@@ -173,7 +183,7 @@ pub fn read(maps: &ProbeMaps, target: u64, slot: u32, min_age_ns: u64) -> Result
     let counters = read_counters(maps, slot)?;
     let cutoff = now_ns.saturating_sub(min_age_ns);
     // The live allocations (the bulk) and the stacks are read on two threads.
-    let (live, stats, frames_by_id) = std::thread::scope(|scope| {
+    let (live, stats, (frames_by_id, js_by_id)) = std::thread::scope(|scope| {
         let live = scope.spawn(|| live_by_stack(maps, target, cutoff));
         let stats = stack_stats(maps, Some(target));
         let frames = stats.as_ref().map(|stats| stack_frames(maps, stats)).unwrap_or_default();
@@ -193,6 +203,9 @@ pub fn read(maps: &ProbeMaps, target: u64, slot: u32, min_age_ns: u64) -> Result
         if let Some(ips) = frames_by_id.get(&s.key.stack_id) {
             s.ips = ips.clone();
         }
+        if let Some(js) = js_by_id.get(&s.key.stack_id) {
+            s.js = js.clone();
+        }
     }
     let mut stacks: Vec<RawStack> = stacks.into_values().collect();
     stacks.sort_by_key(|s| s.key);
@@ -205,28 +218,61 @@ pub fn read(maps: &ProbeMaps, target: u64, slot: u32, min_age_ns: u64) -> Result
 pub fn new_stacks(maps: &ProbeMaps, target: u64, known: &std::collections::HashSet<StackKey>) -> Result<Vec<RawStack>, MapError> {
     let fresh: Vec<(StackKey, StackStats)> =
         stack_stats(maps, Some(target))?.into_iter().filter(|(k, _)| !known.contains(k)).collect();
-    let frames = stack_frames(maps, &fresh);
+    let (frames, js) = stack_frames(maps, &fresh);
     Ok(fresh
         .into_iter()
-        .map(|(key, stats)| RawStack { key, stats, ips: frames.get(&key.stack_id).cloned().unwrap_or_default(), ..Default::default() })
+        .map(|(key, stats)| RawStack {
+            key,
+            stats,
+            ips: frames.get(&key.stack_id).cloned().unwrap_or_default(),
+            js: js.get(&key.stack_id).cloned().unwrap_or_default(),
+            ..Default::default()
+        })
         .collect())
 }
 
-/// The frames of every stack id in `stats` (a stack whose id was evicted reads as empty).
-fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> StdHashMap<u64, Vec<u64>> {
-    let mut frames: StdHashMap<u64, Vec<u64>> = StdHashMap::new();
+/// The frames of every stack id in `stats` (a stack whose id was evicted reads as empty), and
+/// the JavaScript functions of those that have some.
+type StackIds = StdHashMap<u64, Vec<u64>>;
+fn stack_frames(maps: &ProbeMaps, stats: &[(StackKey, StackStats)]) -> (StackIds, StackIds) {
+    let mut frames: StackIds = StdHashMap::new();
+    let mut js: StackIds = StdHashMap::new();
     for (key, _) in stats {
         if key.stack_id == 0 || frames.contains_key(&key.stack_id) {
             continue;
         }
-        let ips = maps
+        let ips: Vec<u64> = maps
             .stacks
             .get(&key.stack_id, 0)
             .map(|t| t.ips.iter().copied().take_while(|&ip| ip != 0).collect())
             .unwrap_or_default();
         frames.insert(key.stack_id, ips);
     }
-    frames
+    let mut keep = |id: u64, f: &StackFrames| {
+        if let Some(ips) = frames.get(&id) {
+            js.insert(id, f.ips[..ips.len().min(f.ips.len())].to_vec());
+        }
+    };
+    // A few stacks (the naming thread's new ones): a lookup each. Many (a snapshot): one
+    // listing of the map, not a lookup per stack.
+    if frames.len() <= 256 {
+        for id in frames.keys() {
+            if let Ok(f) = maps.js_frames.get(id, 0) {
+                keep(*id, &f);
+            }
+        }
+        return (frames, js);
+    }
+    let fd = maps.js_frames.map().fd().as_fd().as_raw_fd();
+    let listed = batch::for_each_chunk(fd, |ids: &[u64], values: &[StackFrames]| {
+        ids.iter().zip(values).for_each(|(id, f)| keep(*id, f));
+    });
+    if listed.is_err() {
+        for entry in maps.js_frames.iter().flatten() {
+            keep(entry.0, &entry.1);
+        }
+    }
+    (frames, js)
 }
 
 #[cfg(test)]

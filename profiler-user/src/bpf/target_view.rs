@@ -85,6 +85,12 @@ impl TargetProbes {
         })
     }
 
+    /// Lets the probes keep the JavaScript function of each V8 frame of this target (before
+    /// [`TargetProbes::attach`]: from its first allocation on).
+    pub fn enable_js_frames(&self, config: profiler_common::JsFrameConfig) -> Result<(), MapError> {
+        self.probes.slots.lock().unwrap().js_config.set(self.slot, config, 0)
+    }
+
     /// Attaches the allocator probes for this target.
     pub fn attach(&mut self, alloc: &attach::Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
         let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc)?;
@@ -283,6 +289,9 @@ fn release_slot(probes: &Probes, slot: u32, pid: u32, triggers: &[u32]) {
     }
     slots.owners[slot as usize].pid = None;
     slots.owners[slot as usize].sample_bytes = 0;
+    if let Err(e) = slots.js_config.set(slot, profiler_common::JsFrameConfig::default(), 0) {
+        warn!(pid, "cannot clear the target's V8 frame settings: {e}");
+    }
     if let Err(e) = write_config(&mut slots, slot, 0).and_then(|()| rebalance(&mut slots, probes.settings.max_allocs)) {
         warn!(pid, "cannot release the target's slot: {e}");
     }
@@ -298,6 +307,7 @@ fn reset_slot(slots: &mut SlotMaps, slot: u32) -> Result<(), MapError> {
     slots.target_live.set(slot, 0, 0)?;
     slots.active_calls.set(slot, 0, 0)?;
     slots.go.set(slot, profiler_common::GoTarget::default(), 0)?;
+    slots.js_config.set(slot, profiler_common::JsFrameConfig::default(), 0)?;
     Ok(())
 }
 
@@ -350,6 +360,17 @@ fn purge(probes: &Probes, id: u64) {
     }
     let (doomed, kept): (Vec<u64>, Vec<u64>) = unreferenced.into_iter().partition(|id| previous.contains(id));
     let stacks = batch::delete(stacks_fd, &doomed);
+    // Their JavaScript functions (only stacks of V8 targets have an entry).
+    let js_fd = maps.js_frames.map().fd().as_fd().as_raw_fd();
+    let doomed_set: HashSet<u64> = doomed.iter().copied().collect();
+    let mut js_doomed: Vec<u64> = Vec::new();
+    if batch::for_each_chunk(js_fd, |ids: &[u64], _: &[profiler_common::StackFrames]| {
+        js_doomed.extend(ids.iter().filter(|id| doomed_set.contains(id)));
+    })
+    .is_ok()
+    {
+        batch::delete(js_fd, &js_doomed);
+    }
     *previous = kept.into_iter().collect();
     debug!(target = id, live, stats = stats_deleted, stacks, "departed target purged");
 }

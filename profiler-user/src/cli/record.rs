@@ -439,6 +439,17 @@ pub fn write_outputs(
             each.join(", ")
         ));
     }
+    if let Some(js) = &profile.js_names {
+        report.push_str(&format!("\nJavaScript frames named from V8's heap: {}; {} JS frames unnamed", js.named, js.unnamed_total()));
+        let why: Vec<String> = js.unnamed.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        if !why.is_empty() {
+            report.push_str(&format!(" ({})", why.join(", ")));
+        }
+        if let Some(e) = &js.layout_error {
+            report.push_str(&format!("; V8 not readable: {e}"));
+        }
+        report.push('\n');
+    }
     write("report.txt", report.as_bytes())?;
     let started = Instant::now();
     let mut json = render::json::leaks_json(profile, Some(json_top));

@@ -119,6 +119,15 @@ pub fn leaks_json(p: &HeapProfile, top: Option<usize>) -> Value {
             "note": "the allocator probes were out of the process during V8 heap walks: allocations and frees in these windows were not seen, so memory freed then may be listed as live (leaks with may_include_unseen_frees)",
         });
     }
+    if let Some(js) = &p.js_names {
+        let unnamed = js.unnamed_total();
+        out["js_names"] = json!({
+            "named": js.named,
+            "unnamed": js.unnamed,
+            "layout_error": js.layout_error,
+            "note": format!("{unnamed} JS frames unnamed (their frames keep the interpreter's or JIT code's name or address)"),
+        });
+    }
     out
 }
 

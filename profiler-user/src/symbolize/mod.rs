@@ -8,9 +8,17 @@
 //! (stack, address); a snapshot uses the pinned name, and looks the perf map up only for frames
 //! that were not pinned. V8 frees code and reuses its memory: a name looked up only when a
 //! snapshot is read can belong to code that was written there later.
+//!
+//! JavaScript frames of a Node.js target started without flags are named from V8's heap
+//! ([`v8`]): the probes keep each V8 frame's function (its `SharedFunctionInfo`), and
+//! [`Symbolizer::pin_jit`] reads its name, script and line at the same time as the JIT names,
+//! pinned per (stack, frame position): two frames of one stack can return to the same
+//! interpreter address for two different functions. A name from the perf map, when the target
+//! writes one, wins; frames that could not be named are counted ([`v8::JsNameStats`]).
 pub mod mappings;
 pub mod modules;
 pub mod perf_map;
+pub mod v8;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -47,6 +55,19 @@ pub struct Symbolizer {
     /// Stacks whose JIT frames are all pinned (or that have none), and attempts for the others.
     pinned_stacks: HashSet<StackKey>,
     pin_attempts: HashMap<StackKey, u8>,
+    /// JavaScript frames named from V8's heap, by (stack, position in its return addresses).
+    pinned_js: HashMap<(StackKey, usize), Frame>,
+    js: Option<JsFrames>,
+}
+
+/// What names a V8 target's JavaScript frames.
+struct JsFrames {
+    /// `None` once its reader was lost (a read blocked past its deadline) or when the layout
+    /// could not be read.
+    namer: Option<v8::JsNamer<Arc<std::fs::File>>>,
+    /// Stacks whose JavaScript frames were named (or counted unnamed) already.
+    done: HashSet<StackKey>,
+    stats: v8::JsNameStats,
 }
 
 /// Attempts to name a stack's JIT frames (the perf map line may not be written yet).
@@ -74,6 +95,101 @@ impl Symbolizer {
             pinned: HashMap::new(),
             pinned_stacks: HashSet::new(),
             pin_attempts: HashMap::new(),
+            pinned_js: HashMap::new(),
+            js: None,
+        }
+    }
+
+    /// Names this target's JavaScript frames from its V8 heap with `namer` (see [`v8`]).
+    pub fn enable_js(&mut self, namer: v8::JsNamer<Arc<std::fs::File>>) {
+        self.js = Some(JsFrames { namer: Some(namer), done: HashSet::new(), stats: Default::default() });
+    }
+
+    /// A V8 target whose layout could not be read: its JavaScript frames are counted unnamed,
+    /// and `error` says why.
+    pub fn js_unavailable(&mut self, error: String) {
+        let stats = v8::JsNameStats { layout_error: Some(error), ..Default::default() };
+        self.js = Some(JsFrames { namer: None, done: HashSet::new(), stats });
+    }
+
+    /// JavaScript frames named and unnamed since attach (a V8 target only).
+    pub fn js_stats(&self) -> Option<v8::JsNameStats> {
+        self.js.as_ref().map(|j| j.stats.clone())
+    }
+
+    /// Whether there is anything to pin: a perf map, or JavaScript frames to name.
+    pub fn pins(&self) -> bool {
+        self.js.is_some() || self.has_jit()
+    }
+
+    /// The frame pinned for position `index` (address `addr`) of stack `key`: its JavaScript
+    /// name, else its perf-map name.
+    pub fn pinned_at(&self, key: &StackKey, index: usize, addr: u64) -> Option<&Frame> {
+        self.pinned.get(&(*key, addr)).or_else(|| self.pinned_js.get(&(*key, index)))
+    }
+
+    /// Names the JavaScript frames of `stacks` not named yet: one batch of reads of the
+    /// target's memory on a worker, with a deadline.
+    fn pin_js(&mut self, stacks: &[RawStack]) {
+        let Some(js) = self.js.as_mut() else { return };
+        let mut work: Vec<(StackKey, usize, u64, u64)> = Vec::new();
+        for s in stacks {
+            if s.js.is_empty() || !js.done.insert(s.key) {
+                continue;
+            }
+            for (i, (addr, f)) in s.return_frames().into_iter().enumerate() {
+                if f != 0 {
+                    work.push((s.key, i, f, addr));
+                }
+            }
+        }
+        if work.is_empty() {
+            return;
+        }
+        let unnamed = |js: &mut JsFrames, why: v8::Unnamed, n: u64| {
+            *js.stats.unnamed.entry(why.name().to_string()).or_default() += n;
+        };
+        let Some(mut namer) = js.namer.take() else {
+            let why = if js.stats.layout_error.is_some() { v8::Unnamed::NoLayout } else { v8::Unnamed::TimedOut };
+            unnamed(js, why, work.len() as u64);
+            return;
+        };
+        let mut sfis: Vec<u64> = work.iter().map(|w| w.2).collect();
+        sfis.sort_unstable();
+        sfis.dedup();
+        let named = crate::target_mem::with_deadline("naming JavaScript frames", crate::target_mem::DEADLINE, move || {
+            namer.new_batch();
+            let names: HashMap<u64, Result<v8::JsName, v8::Unnamed>> = sfis.iter().map(|&f| (f, namer.name(f))).collect();
+            Ok((namer, names))
+        });
+        let names = match named {
+            Ok((namer, names)) => {
+                js.namer = Some(namer);
+                names
+            }
+            Err(e) => {
+                tracing::warn!("JavaScript frames left unnamed: {e}");
+                unnamed(js, v8::Unnamed::TimedOut, work.len() as u64);
+                return;
+            }
+        };
+        for (key, i, f, address) in work {
+            match names.get(&f) {
+                Some(Ok(n)) => {
+                    js.stats.named += 1;
+                    let frame = FrameInfo {
+                        function: Some(intern(&mut self.names, &n.function)),
+                        file: n.script.as_deref().map(|f| intern(&mut self.names, f)),
+                        line: n.line,
+                        module: Some(intern(&mut self.names, "[js]")),
+                        address,
+                        ..Default::default()
+                    };
+                    self.pinned_js.insert((key, i), frame.into());
+                }
+                Some(Err(why)) => unnamed(js, *why, 1),
+                None => unnamed(js, v8::Unnamed::Unreadable, 1),
+            }
         }
     }
 
@@ -91,6 +207,13 @@ impl Symbolizer {
     /// for its (stack, address).
     pub fn pin_jit(&mut self, stacks: &[RawStack]) {
         if stacks.is_empty() {
+            return;
+        }
+        self.pin_js(stacks);
+        if !self.has_jit() {
+            for s in stacks {
+                self.pinned_stacks.insert(s.key);
+            }
             return;
         }
         if self.modules.refresh() {

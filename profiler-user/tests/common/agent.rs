@@ -15,7 +15,9 @@ pub const ADMIN: &str = "e2e-admin-token-0123456789";
 
 pub fn memscope() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_memscope"));
-    c.env_remove("MEMSCOPE_TOKEN").env_remove("MEMSCOPE_AGENT").env("MEMSCOPE_LOG", "warn,audit=info");
+    c.env_remove("MEMSCOPE_TOKEN")
+        .env_remove("MEMSCOPE_AGENT")
+        .env("MEMSCOPE_LOG", "warn,audit=info");
     c
 }
 
@@ -27,18 +29,34 @@ pub fn token_file(dir: &Path, text: &str, mode: u32) -> PathBuf {
 }
 
 pub fn standard_tokens(dir: &Path) -> PathBuf {
-    token_file(dir, &format!("# e2e\nviewer read {READ}\nops admin {ADMIN}\n"), 0o600)
+    token_file(
+        dir,
+        &format!("# e2e\nviewer read {READ}\nops admin {ADMIN}\n"),
+        0o600,
+    )
 }
 
 /// Runs a command to its end (at most 60 s); returns its status, stdout and stderr.
 pub fn run(mut cmd: Command) -> (ExitStatus, String, String) {
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let out = rx.recv_timeout(Duration::from_secs(60)).expect("command did not end within 60 s").unwrap();
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("command did not end within 60 s")
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A running agent; killed when dropped.
@@ -57,7 +75,11 @@ impl Agent {
 
     /// Stderr lines printed so far.
     pub fn log(&self) -> Vec<String> {
-        self.early.iter().cloned().chain(self.stderr.try_iter()).collect()
+        self.early
+            .iter()
+            .cloned()
+            .chain(self.stderr.try_iter())
+            .collect()
     }
 }
 
@@ -100,7 +122,12 @@ pub fn start_agent_command(mut cmd: Command) -> Result<Agent, String> {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => {
                 if let Some(url) = line.strip_prefix("memscope agent: listening on ") {
-                    return Ok(Agent { child, url: url.trim().to_owned(), early: seen, stderr: rx });
+                    return Ok(Agent {
+                        child,
+                        url: url.trim().to_owned(),
+                        early: seen,
+                        stderr: rx,
+                    });
                 }
                 seen.push(line);
             }
@@ -131,4 +158,3 @@ pub fn client(url: &str, token: Option<&str>, args: &[&str]) -> (ExitStatus, Str
     }
     run(c)
 }
-

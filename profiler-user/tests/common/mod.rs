@@ -29,7 +29,8 @@ pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     std::fs::create_dir_all(&dir).unwrap();
     let tag = extra.join("").replace(['-', '='], "");
-    let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+    let thread =
+        format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
     let out = dir.join(format!("{name}{tag}.{}.{thread}", std::process::id()));
     let status = Command::new(compiler)
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
@@ -37,7 +38,9 @@ pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
         .arg(&src)
         .args(extra)
         .status()
-        .unwrap_or_else(|e| panic!("running {compiler} (`cargo xtask setup` installs gcc and g++): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("running {compiler} (`cargo xtask setup` installs gcc and g++): {e}")
+        });
     assert!(status.success(), "compiling {}", src.display());
     out
 }
@@ -46,7 +49,14 @@ pub fn build_fixture(name: &str, extra: &[&str]) -> PathBuf {
 /// (its progress and "attached" line) and stdout discarded.
 pub fn spawn_record(pid: u32, out: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_memscope"))
-        .args(["record", "--pid", &pid.to_string(), "--duration", "60s", "--out"])
+        .args([
+            "record",
+            "--pid",
+            &pid.to_string(),
+            "--duration",
+            "60s",
+            "--out",
+        ])
         .arg(out)
         .args(extra)
         .stdout(Stdio::null())
@@ -93,7 +103,8 @@ pub fn rust_service(feature: Option<&str>) -> PathBuf {
 
 pub fn alloc_fixture() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| build_fixture("alloc_fixture", &[])).clone()
+    P.get_or_init(|| build_fixture("alloc_fixture", &[]))
+        .clone()
 }
 
 /// A running fixture process: it printed "ready <pid>" and waits for "go" on stdin (the
@@ -111,10 +122,20 @@ pub struct Fixture {
 impl Fixture {
     /// Starts `cmd` with piped stdin/stdout and waits for its "ready" line.
     pub fn spawn(mut cmd: Command) -> Fixture {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("starting fixture");
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting fixture");
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut f = Fixture { pid: child.id(), child, stdin, stdout: Some(stdout), node_cwd: None };
+        let mut f = Fixture {
+            pid: child.id(),
+            child,
+            stdin,
+            stdout: Some(stdout),
+            node_cwd: None,
+        };
         let line = f.read_line();
         assert!(line.starts_with("ready "), "fixture said {line:?}");
         f
@@ -137,7 +158,10 @@ impl Fixture {
             }
             Err(_) => {
                 let _ = self.child.kill();
-                panic!("fixture {} did not answer within {FIXTURE_DEADLINE:?}", self.pid);
+                panic!(
+                    "fixture {} did not answer within {FIXTURE_DEADLINE:?}",
+                    self.pid
+                );
             }
         }
     }
@@ -152,12 +176,32 @@ impl Fixture {
     /// tests/fixtures/`script` under node with JIT symbols (`--perf-basic-prof
     /// --interpreted-frames-native-stack`) and `--expose-gc`, in a temporary directory.
     pub fn node(script: &str) -> Fixture {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(script);
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(script);
         let cwd = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("node");
         cmd.current_dir(cwd.path())
-            .args(["--expose-gc", "--perf-basic-prof", "--interpreted-frames-native-stack"])
+            .args([
+                "--expose-gc",
+                "--perf-basic-prof",
+                "--interpreted-frames-native-stack",
+            ])
             .arg(script);
+        let mut f = Fixture::spawn(cmd);
+        f.node_cwd = Some(cwd);
+        f
+    }
+
+    /// tests/fixtures/`script` under plain `node`, started with no flag at all (as services
+    /// run in production), in a temporary directory.
+    pub fn node_plain(script: &str) -> Fixture {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(script);
+        let cwd = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("node");
+        cmd.current_dir(cwd.path()).arg(script);
         let mut f = Fixture::spawn(cmd);
         f.node_cwd = Some(cwd);
         f
@@ -179,7 +223,9 @@ impl Fixture {
     /// The number after `word` in the answer to `word?`.
     pub fn count(&mut self, word: &str) -> u64 {
         let a = self.ask(&format!("{word}?"));
-        a.strip_prefix(&format!("{word} ")).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("fixture said {a:?}"))
+        a.strip_prefix(&format!("{word} "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("fixture said {a:?}"))
     }
 
     /// Closes stdin: the fixture exits.
@@ -203,5 +249,9 @@ impl Drop for Fixture {
 
 /// The privileged tests need root; in CI they must run, so this fails instead of skipping.
 pub fn require_root() {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "memscope's end-to-end tests need root (eBPF)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "memscope's end-to-end tests need root (eBPF)"
+    );
 }
