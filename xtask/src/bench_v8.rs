@@ -179,9 +179,12 @@ fn start_agent(memscope: &Path, dir: &Path, extra: &[&str]) -> Result<Agent> {
         .spawn()
         .context("starting memscope agent")?;
     let stderr = child.stderr.take().context("agent stderr")?;
+    // Kept for a look after the run: DIR/agent.log.
+    let mut log = fs::File::create(dir.join("agent.log"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(log, "{line}");
             if let Some(i) = line.find("listening on http://") {
                 let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
             }
@@ -268,7 +271,7 @@ fn share(memscope: &Path, dir: &Path, label: &'static str, budget: Option<&str>,
     if let Some(b) = budget {
         args.extend(["--pause-budget", b]);
     }
-    let agent = start_agent(memscope, &dir.join("share"), &args)?;
+    let agent = start_agent(memscope, &dir.join(format!("share-{}", budget.unwrap_or("default").replace(['%', '/'], "_"))), &args)?;
     wait_recording(&agent.url, svc.pid())?;
     svc.ask("gap?")?;
     svc.ask("paused?")?;
