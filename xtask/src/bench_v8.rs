@@ -33,6 +33,8 @@ use crate::cmd::step;
 pub const MAX_PAUSE_RATIO: f64 = 1.2;
 /// One budget window (the default's): the bench measures the share over what the budget caps.
 const SHARE_SECONDS: u64 = 60;
+/// The service alone first, for what the machine costs it without memscope.
+const BASELINE_SECONDS: u64 = 20;
 /// Budgets of the paused-share runs: (label, `--pause-budget` or the default, its percent).
 const SHARE_BUDGETS: [(&str, Option<&str>, f64); 2] = [("default 5%/60s", None, 5.0), ("25%/60s", Some("25%/60s"), 25.0)];
 const TOKEN: &str = "bench-v8-admin-token-0123456789";
@@ -64,6 +66,8 @@ impl HeapRun {
 
 pub struct ShareRun {
     pub label: &'static str,
+    /// The service's own measure over [`BASELINE_SECONDS`] before the agent attached.
+    pub baseline_percent: f64,
     /// The budget as the trigger reports it, and its percent.
     pub budget: String,
     pub budget_percent: f64,
@@ -266,6 +270,11 @@ fn share(memscope: &Path, dir: &Path, label: &'static str, budget: Option<&str>,
     step(format!("v8: gc trigger with --v8-summaries on the 60 MB service for {SHARE_SECONDS} s, pause budget {label}"));
     let mut svc = Service::start(HEAPS[0].1)?;
     std::thread::sleep(Duration::from_secs(2));
+    // What the machine alone costs the service (its load, the service's own GCs): no agent.
+    svc.ask("paused?")?;
+    let base_started = Instant::now();
+    std::thread::sleep(Duration::from_secs(BASELINE_SECONDS));
+    let baseline_percent = svc.ask("paused?")?[0] / 10.0 / base_started.elapsed().as_secs_f64();
     let pid = svc.pid().to_string();
     let mut args = vec!["--pid", &pid, "--on-gc", "--min-spacing", "1s", "--v8-summaries"];
     if let Some(b) = budget {
@@ -287,6 +296,7 @@ fn share(memscope: &Path, dir: &Path, label: &'static str, budget: Option<&str>,
     let gc = t["triggers"].as_array().and_then(|v| v.first().cloned()).unwrap_or_default();
     let run = ShareRun {
         label,
+        baseline_percent,
         budget: gc["pause_budget"].as_str().unwrap_or("?").to_string(),
         budget_percent,
         seconds,
@@ -308,9 +318,21 @@ fn share(memscope: &Path, dir: &Path, label: &'static str, budget: Option<&str>,
     Ok(run)
 }
 
+/// The services' inspectors listen on 9229 in the host's network namespace: the bench takes
+/// its turn with the node end-to-end tests (their lock file, tests/common/node.rs).
+fn host_netns_turn() -> Result<fs::File> {
+    let f = fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock"))?;
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) } != 0 {
+        bail!("cannot lock {}", std::env::temp_dir().join("memscope-v8-e2e.lock").display());
+    }
+    Ok(f)
+}
+
 pub fn run(memscope: &Path, scratch: &Path, heaps_too: bool) -> Result<V8Run> {
     let dir = scratch.join("v8");
     fs::create_dir_all(&dir)?;
+    step("v8: waiting for the turn on the host's inspector port (/tmp/memscope-v8-e2e.lock)");
+    let _turn = host_netns_turn()?;
     let mut heaps = Vec::new();
     if heaps_too {
         for (label, keep) in HEAPS {
@@ -327,8 +349,8 @@ pub fn run(memscope: &Path, scratch: &Path, heaps_too: bool) -> Result<V8Run> {
 impl ShareRun {
     fn line(&self) -> String {
         let mut s = format!(
-            "budget {}, {:.0} s: the service paused {:.2}% of the time by its own clock ({} gaps over 50 ms, {:.0} ms), memscope says {:.2}% ({} summaries, {} ms); {} firings, suppressed {} by the budget, {} as exceeding it alone, {} self-caused GCs; longest event-loop gap {:.0} ms; predicted pause {}, rate {}",
-            self.budget, self.seconds, self.service_percent(), self.service_pauses, self.service_paused_ms, self.paused_percent, self.gaps, self.gap_ms,
+            "budget {}, {:.0} s: the service paused {:.2}% of the time by its own clock ({} gaps over 50 ms, {:.0} ms; {:.2}% before the agent attached), memscope says {:.2}% ({} summaries, {} ms); {} firings, suppressed {} by the budget, {} as exceeding it alone, {} self-caused GCs; longest event-loop gap {:.0} ms; predicted pause {}, rate {}",
+            self.budget, self.seconds, self.service_percent(), self.service_pauses, self.service_paused_ms, self.baseline_percent, self.paused_percent, self.gaps, self.gap_ms,
             self.fired, self.suppressed_budget, self.suppressed_exceeds, self.suppressed_self_caused, self.max_gap_ms,
             self.predicted_ms.map_or("-".into(), |m| format!("{:.1} s", m as f64 / 1e3)),
             self.rate_ms_per_mib.map_or("not measured".into(), |r| format!("{r:.1} ms/MiB")),
@@ -396,7 +418,7 @@ impl V8Run {
                 "self_attached_gap_ms": h.self_attached_gap_ms, "ratio": h.ratio(),
             })).collect::<Vec<_>>(),
             "shares": self.shares.iter().map(|r| json!({
-                "label": r.label, "budget": r.budget, "budget_percent": r.budget_percent,
+                "label": r.label, "baseline_percent": r.baseline_percent, "budget": r.budget, "budget_percent": r.budget_percent,
                 "seconds": r.seconds, "paused_percent": r.paused_percent, "service_paused_ms": r.service_paused_ms,
                 "service_pauses": r.service_pauses, "service_percent": r.service_percent(), "gaps": r.gaps,
                 "gap_ms": r.gap_ms, "fired": r.fired, "suppressed_pause_budget": r.suppressed_budget,
