@@ -195,6 +195,11 @@ struct Record {
     recent: VecDeque<(Instant, Instant)>,
     /// The learned summary rate, ms per MiB of anonymous memory.
     rate: Option<f64>,
+    /// The anonymous memory at the start of the last measured summary, and how much more the
+    /// summary itself left in the process (V8's snapshot structures, memory the allocator
+    /// keeps): not heap a next summary walks.
+    anon_before: u64,
+    inflation: u64,
     /// The last prediction, and whether it exceeded the whole budget.
     predicted: Option<Duration>,
     exceeds: bool,
@@ -281,9 +286,14 @@ impl PauseLedger {
     }
 
     /// The pause a summary of a target of `anon_bytes` anonymous memory is predicted to take.
+    /// What the last summary left in the process is not counted (the anonymous memory of a
+    /// Node.js service grows by several times its heap after a heap snapshot and does not come
+    /// back), but growth since is.
     pub fn predict(&self, anon_bytes: u64) -> Duration {
-        let rate = self.record.lock().unwrap().rate.unwrap_or(DEFAULT_MS_PER_MIB);
-        Duration::from_secs_f64((PREDICTION_MARGIN * rate * anon_bytes as f64 / MIB / 1e3).min(MAX_BUDGET_WINDOW.as_secs_f64()))
+        let r = self.record.lock().unwrap();
+        let rate = r.rate.unwrap_or(DEFAULT_MS_PER_MIB);
+        let size = if r.inflation > 0 { anon_bytes.saturating_sub(r.inflation).max(r.anon_before.min(anon_bytes)) } else { anon_bytes };
+        Duration::from_secs_f64((PREDICTION_MARGIN * rate * size as f64 / MIB / 1e3).min(MAX_BUDGET_WINDOW.as_secs_f64()))
     }
 
     /// Whether one more summary of a target of `anon_bytes` anonymous memory keeps the share
@@ -336,7 +346,15 @@ impl PauseLedger {
                 if !r.exceeds_logged {
                     r.exceeds_logged = true;
                     let pct = (predicted.as_secs_f64() * 100.0 / budget.window.as_secs_f64()).ceil();
-                    warn!(pid, budget = %budget, "{why}: its triggered summaries are refused; a budget of {pct}% of this window (or a longer window) would admit one");
+                    let minutes = (predicted.as_secs_f64() * 100.0 / budget.percent.max(0.01) / 60.0).ceil();
+                    let instead = if pct <= 100.0 {
+                        format!("a budget of {pct}% of this window, or a window of {minutes} min at {}%, would admit one", budget.percent)
+                    } else if minutes <= 60.0 {
+                        format!("a window of {minutes} min at {}% would admit one", budget.percent)
+                    } else {
+                        "no budget of at most 1 h would admit one (the pause alone is that long)".to_string()
+                    };
+                    warn!(pid, budget = %budget, "{why}: its triggered summaries are refused; {instead}");
                 }
                 why
             }
@@ -413,6 +431,7 @@ impl PauseLedger {
             return;
         }
         let hits = trigger_hits(target);
+        let anon_after = gate.learn_bytes.and_then(|_| anon_bytes(target));
         if let Err(e) = target.resume_probes() {
             self.resume_failures.fetch_add(1, Ordering::Relaxed);
             warn!(pid = target.pid(), error = %crate::errors::one_line(&e), "cannot put the allocator probes back after a V8 operation");
@@ -432,6 +451,9 @@ impl PauseLedger {
                     Some(old) if sample < old => old * 0.75 + sample * 0.25,
                     _ => sample,
                 });
+                if let Some(after) = anon_after {
+                    (r.anon_before, r.inflation) = (bytes, after.saturating_sub(bytes));
+                }
             }
             r.recent.push_back((since, end));
             while r.recent.front().is_some_and(|(_, b)| end.saturating_duration_since(*b) > MAX_BUDGET_WINDOW) {
@@ -566,6 +588,21 @@ mod tests {
         let r = learn(100 << 20, 1_000);
         assert!((r - 25.0).abs() < 0.5, "faster: a quarter of the way: {r}");
         assert_eq!(l.status(&PauseBudget::default()).rate_ms_per_mib.map(|x| x.round()), Some(25.0));
+    }
+
+    /// What the last summary left in the process is not counted in the next prediction;
+    /// growth since is.
+    #[test]
+    fn prediction_leaves_out_what_a_summary_left() {
+        let l = PauseLedger::new();
+        {
+            let mut r = l.record.lock().unwrap();
+            r.rate = Some(8.0);
+            (r.anon_before, r.inflation) = (100 << 20, 400 << 20);
+        }
+        assert_eq!(l.predict(500 << 20), Duration::from_secs(1), "500 MiB after a summary of 100: 100");
+        assert_eq!(l.predict(600 << 20), Duration::from_secs(2), "100 MiB of growth since");
+        assert_eq!(l.predict(50 << 20), Duration::from_millis(500), "memory given back: what there is");
     }
 
     struct NoTarget;
