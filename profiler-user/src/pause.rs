@@ -55,7 +55,7 @@ pub const MAX_BUDGET_WINDOW: Duration = Duration::from_secs(3600);
 /// summaries has been measured: with [`PREDICTION_MARGIN`], above what a summary took on a
 /// loaded 2-core machine (see docs/performance.md), so that the first one does not go past
 /// the budget.
-pub const DEFAULT_MS_PER_MIB: f64 = 80.0;
+pub const DEFAULT_MS_PER_MIB: f64 = 100.0;
 /// Predictions are the rate times the size times this: one summary may take longer than the
 /// last on a loaded machine.
 pub const PREDICTION_MARGIN: f64 = 1.25;

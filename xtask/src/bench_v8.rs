@@ -36,7 +36,7 @@ const SHARE_SECONDS: u64 = 60;
 /// The service alone first, for what the machine costs it without memscope.
 const BASELINE_SECONDS: u64 = 20;
 /// Budgets of the paused-share runs: (label, `--pause-budget` or the default, its percent).
-const SHARE_BUDGETS: [(&str, Option<&str>, f64); 2] = [("default 5%/60s", None, 5.0), ("25%/60s", Some("25%/60s"), 25.0)];
+const SHARE_BUDGETS: [(&str, Option<&str>, f64); 2] = [("default 5%/60s", None, 5.0), ("50%/60s", Some("50%/60s"), 50.0)];
 const TOKEN: &str = "bench-v8-admin-token-0123456789";
 /// Heaps measured: (label, MB of objects the service keeps).
 const HEAPS: [(&str, u32); 2] = [("60 MB", 58), ("500 MB", 490)];
