@@ -15,6 +15,16 @@ use common::{
 };
 use serde_json::Value;
 
+/// The `memscope-*` directories in the target's /tmp.
+fn memscope_dirs(pid: u32) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/root/tmp"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("memscope-") && e.path().is_dir())
+        .map(|e| e.path())
+        .collect()
+}
+
 /// `go tool pprof ARGS FILE`, at most 60 s; its stdout. Fails clearly when Go is missing.
 fn go_pprof(args: &[&str], file: &std::path::Path) -> String {
     let mut cmd = Command::new("go");
@@ -293,6 +303,7 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
     require_root();
     let _turn = host_netns_turn();
     let mut node = node::node_js_heap();
+    let dirs_before = memscope_dirs(node.pid);
     assert_eq!(node.ask("grow 1000"), "grown 1000");
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
@@ -367,12 +378,8 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
         0,
         "the target listens on no TCP port afterwards"
     );
-    let left: Vec<_> = std::fs::read_dir(format!("/proc/{}/root/tmp", node.pid))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("memscope-") && e.path().is_dir())
-        .map(|e| e.path())
-        .collect();
+    // Only the directories made since the test started: /tmp is shared with other tests.
+    let left: Vec<_> = memscope_dirs(node.pid).difference(&dirs_before).cloned().collect();
     assert!(
         left.is_empty(),
         "the channel's socket is left in the target's /tmp: {left:?}"
