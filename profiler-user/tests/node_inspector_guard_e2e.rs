@@ -15,46 +15,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{require_root, Fixture};
+use common::{
+    node::{alive, held, host_netns_turn, script},
+    require_root, Fixture,
+};
 
-/// The process `pid`, held by pidfd and start time as the V8 functions take it.
-fn held(pid: u32) -> std::sync::Arc<profiler_user::process::Process> {
-    std::sync::Arc::new(profiler_user::process::Process::open(pid).unwrap())
-}
 use profiler_user::v8::{
     self,
     guard::{self, Guard},
     inspector::{self, own_listener_sockets, own_listeners},
 };
 
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes, node_v8_e2e too) that open one there take turns.
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(std::env::temp_dir().join("memscope-v8-e2e.lock"))
-        .unwrap();
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-        0
-    );
-    f
-}
-
 /// The tests of this file check that the guard is detached after them: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn fixture_script() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js")
-}
-
-fn alive(pid: u32) -> bool {
-    unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
 /// What a connect from a socket memscope did not register gives.
@@ -224,7 +200,7 @@ fn squatter_gets_nothing_during_a_summary() {
     let _turn = host_netns_turn();
     let mut node = Fixture::spawn({
         let mut c = Command::new("node");
-        c.arg(fixture_script());
+        c.arg(script("node_js_heap.js"));
         c
     });
     assert_eq!(node.ask("grow 300"), "grown 300");
@@ -332,7 +308,7 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
             &format!(
                 "ip link set lo up; {}exec node --inspect-port=[::1]:9229 {}",
                 impostor(&log),
-                fixture_script().display()
+                script("node_js_heap.js").display()
             ),
         ]);
         c
@@ -365,7 +341,7 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
             "-c",
             &format!(
                 "ip link set lo up; exec node --inspect-port=0.0.0.0:9229 {}",
-                fixture_script().display()
+                script("node_js_heap.js").display()
             ),
         ]);
         c
@@ -456,7 +432,7 @@ fn inspector_on_an_unexpected_port_is_closed_and_refused() {
             &format!(
                 "ip link set lo up; exec node -r {} {}",
                 preload.display(),
-                fixture_script().display()
+                script("node_js_heap.js").display()
             ),
         ]);
         c

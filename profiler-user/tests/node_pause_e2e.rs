@@ -9,42 +9,19 @@ mod common;
 
 use std::{
     io::Read as _,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{agent::*, require_root, Fixture};
+use common::{
+    agent::*,
+    node::{self, get_json, get_text, host_netns_turn, wait_for},
+    require_root, Fixture,
+};
 use serde_json::Value;
 
 /// The busy service, with no flag; `keep_mb` MB of JavaScript objects kept.
 fn node_busy(keep_mb: u32) -> Fixture {
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_busy.js");
-    let mut cmd = Command::new("node");
-    cmd.arg(script).arg(keep_mb.to_string());
-    Fixture::spawn(cmd)
-}
-
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes) that open one there take turns (the lock of tests/node_v8_e2e.rs).
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
-    f
-}
-
-fn agent_http() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into()
-}
-
-fn get_json(url: &str) -> Value {
-    let resp = agent_http().get(url).header("Authorization", &format!("Bearer {ADMIN}")).call().unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{url}");
-    serde_json::from_slice(&resp.into_body().read_to_vec().unwrap()).unwrap()
-}
-
-fn get_text(url: &str) -> String {
-    let resp = agent_http().get(url).header("Authorization", &format!("Bearer {ADMIN}")).call().unwrap();
-    resp.into_body().read_to_string().unwrap()
+    node::node("node_busy.js", &[&keep_mb.to_string()])
 }
 
 /// The target's row of `/v1/targets`.
@@ -60,15 +37,6 @@ fn bpf_links(agent_pid: i32) -> usize {
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|l| l.to_string_lossy().contains("bpf_link"))
         .count()
-}
-
-/// Waits (at most `secs`) for `cond`, polling every 100 ms.
-fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A heap snapshot through the agent takes the target's allocator probes out of the process
@@ -95,11 +63,8 @@ fn v8_snapshot_suspends_the_allocator_probes() {
     assert_eq!(row["pauses"]["probe_gaps"]["count"], 0, "{row}");
     assert_eq!(row["pauses"]["paused"], false);
 
-    let resp = agent_http()
-        .get(&format!("{}/v1/targets/{pid}/v8/heap-snapshot", a.url))
-        .header("Authorization", &format!("Bearer {ADMIN}"))
-        .call()
-        .unwrap();
+    // Read as it streams (common::node::http reads the whole body).
+    let resp = node::http_agent().get(&format!("{}/v1/targets/{pid}/v8/heap-snapshot", a.url)).header("Authorization", &format!("Bearer {ADMIN}")).call().unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let mut body = resp.into_body().into_reader();
     let mut head = vec![0u8; 4096];
@@ -131,10 +96,7 @@ fn v8_snapshot_suspends_the_allocator_probes() {
     assert!(metrics.lines().any(|l| l.starts_with("memscope_target_probe_gaps_total{") && l.ends_with(" 1")), "{metrics}");
     assert!(metrics.contains("memscope_target_suppressed_firings_total{"), "{metrics}");
 
-    let (s, b) = {
-        let r = agent_http().post(&format!("{}/v1/targets/{pid}/actions/gc", a.url)).header("Authorization", &format!("Bearer {ADMIN}")).send("").unwrap();
-        (r.status().as_u16(), r.into_body().read_to_string().unwrap())
-    };
+    let (s, b) = node::http_json("POST", &format!("{}/v1/targets/{pid}/actions/gc", a.url), ADMIN, None);
     assert_eq!(s, 200, "{b}");
     wait_for(30, "the links to come back after the GC", || bpf_links(a.pid()) == attached);
     assert_eq!(target_row(&a.url, pid)["pauses"]["probe_gaps"]["count"], 2);
@@ -164,11 +126,14 @@ fn gc_trigger_keeps_within_the_pause_budget() {
     .unwrap();
     let triggers = || get_json(&format!("{}/v1/targets/{pid}/triggers", a.url));
     let gc = |v: &Value| v["triggers"].as_array().and_then(|t| t.iter().find(|t| t["spec"] == "gc").cloned()).unwrap_or_else(|| panic!("no gc trigger: {v}"));
+    // Refused by the budget: the share would pass it, or (a summary slower than 12 s on a
+    // loaded machine) one alone is more than the 15 s it allows.
+    let refused = |t: &Value| t["suppressed_pause_budget"].as_u64().unwrap() + t["suppressed_pause_exceeds_budget"].as_u64().unwrap();
     let started = Instant::now();
     // Until the budget has refused firings and at least 20 s went by (30 s at most).
     wait_for(40, "the pause budget to refuse gc firings", || {
         let t = gc(&triggers());
-        started.elapsed() > Duration::from_secs(20) && t["suppressed_pause_budget"].as_u64().unwrap() > 0
+        started.elapsed() > Duration::from_secs(20) && refused(&t) > 0
     });
     // No window open at the end of the check (a summary may still run).
     wait_for(30, "the last summary to end", || target_row(&a.url, pid)["pauses"]["paused"] == false);
@@ -182,17 +147,69 @@ fn gc_trigger_keeps_within_the_pause_budget() {
         "every summary's own GC is counted as self-caused, none fired: {t}"
     );
     assert_eq!(p["suppressed"]["pause_budget"], t["suppressed_pause_budget"], "{p} {t}");
+    assert_eq!(p["suppressed"]["pause_exceeds_budget"], t["suppressed_pause_exceeds_budget"], "{p} {t}");
     assert_eq!(p["suppressed"]["self_caused_gc"], t["suppressed_self_caused"], "{p} {t}");
     assert_eq!(p["probe_gaps"]["count"].as_u64().unwrap(), fired, "one window per summary: {p} {t}");
     assert_eq!(t["pause_budget"], "5%/300s");
-    // The paused share of the last 5 minutes: within the budget as long as the first summary
-    // takes less than 15 s (the budget admits one more pause when one as long as the last
-    // fits). A 5-minute window: one summary of this small heap took 1.7 to 5.6 s on a loaded
-    // 2-core machine, past the 3 s of a 60 s window.
+    // The paused share of the last 5 minutes: each summary is admitted only when its own
+    // predicted pause (the target's anonymous memory times the rate learned from the previous
+    // summaries, a conservative default before the first) fits in what is left of the budget.
+    // A 5-minute window: one summary of this small heap took 1.7 to 5.6 s on a loaded 2-core
+    // machine, past the 3 s of a 60 s window.
+    assert!(p["rate_ms_per_mib"].as_f64().is_some_and(|r| r > 0.0), "a summary taught the rate: {p}");
+    assert!(t["last_refusal"].as_str().is_some_and(|r| r.starts_with("pause_budget: a summary is predicted") || r.starts_with("pause_exceeds_budget: a summary is predicted")), "{t}");
     let share = p["paused_percent"].as_f64().unwrap();
     assert!(share <= 5.0, "paused {share}% of the time, budget 5%: {p}");
     let metrics = get_text(&format!("{}/metrics", a.url));
     assert!(metrics.contains("memscope_target_paused_ratio{"), "{metrics}");
-    assert!(metrics.lines().any(|l| l.starts_with("memscope_target_suppressed_firings_total{") && l.contains("reason=\"pause_budget\"") && !l.ends_with(" 0")), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("memscope_target_suppressed_firings_total{") && (l.contains("reason=\"pause_budget\"") || l.contains("reason=\"pause_exceeds_budget\"")) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    drop(node);
+}
+
+/// A budget smaller than what one summary of the target is predicted to take: no summary is
+/// ever taken (the target is never paused), and the refusals say why, with the predicted
+/// pause: `pause_exceeds_budget` in the trigger, the targets table, /metrics and the log.
+#[test]
+fn summary_longer_than_the_budget_is_refused_and_said() {
+    require_root();
+    let _turn = host_netns_turn();
+    let node = node_busy(5);
+    let pid = node.pid;
+    let dir = tempfile::tempdir().unwrap();
+    let tf = standard_tokens(dir.path());
+    // 1% of 10 s: 100 ms, less than any summary of a node process (tens of MiB of anonymous
+    // memory at the default rate until one is measured).
+    let a = start_agent(&[
+        "--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--rate-limit", "1000", "--data-dir", &data_dir(dir.path()), "--pid", &pid.to_string(),
+        "--on-gc", "--min-spacing", "200ms", "--v8-summaries", "--pause-budget", "1%/10s",
+    ])
+    .unwrap();
+    let gc = || {
+        let v = get_json(&format!("{}/v1/targets/{pid}/triggers", a.url));
+        v["triggers"].as_array().and_then(|t| t.iter().find(|t| t["spec"] == "gc").cloned()).unwrap_or_else(|| panic!("no gc trigger: {v}"))
+    };
+    wait_for(60, "gc firings refused as exceeding the budget", || gc()["suppressed_pause_exceeds_budget"].as_u64().unwrap() >= 3);
+    let t = gc();
+    assert_eq!(t["fired"], 0, "no summary fits: {t}");
+    assert_eq!(t["suppressed_pause_budget"], 0, "{t}");
+    let why = t["last_refusal"].as_str().unwrap_or_default();
+    assert!(why.starts_with("pause_exceeds_budget: a summary is predicted to pause the target") && why.contains("1%/10s ever allows"), "{t}");
+    let row = target_row(&a.url, pid);
+    let p = &row["pauses"];
+    assert_eq!(p["exceeds_budget"], true, "{p}");
+    assert!(p["predicted_ms"].as_u64().unwrap() > 100, "{p}");
+    assert_eq!(p["probe_gaps"]["count"], 0, "never paused: {p}");
+    assert_eq!(p["paused_ms"], 0, "{p}");
+    assert!(p["suppressed"]["pause_exceeds_budget"].as_u64().unwrap() >= 3, "{p}");
+    let metrics = get_text(&format!("{}/metrics", a.url));
+    assert!(metrics.lines().any(|l| l.starts_with("memscope_target_pause_exceeds_budget{") && l.ends_with(" 1")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.starts_with("memscope_target_suppressed_firings_total{") && l.contains("reason=\"pause_exceeds_budget\"") && !l.ends_with(" 0")), "{metrics}");
+    let log = a.log();
+    let said: Vec<_> = log.iter().filter(|l| l.contains("pause_exceeds_budget")).collect();
+    assert_eq!(said.len(), 1, "said once, not at every firing: {said:?}");
+    assert!(said[0].contains("would admit one"), "{}", said[0]);
     drop(node);
 }

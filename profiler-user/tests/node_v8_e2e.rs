@@ -10,25 +10,13 @@ use std::{
     time::Duration,
 };
 
-use common::{agent::*, require_root, Fixture};
+use common::{
+    agent::*,
+    node::{alive, count_in_snapshot, eval_tokens as tokens, held, host_netns_turn, http, node_js_heap, EVAL},
+    require_root, Fixture,
+};
 use profiler_user::v8::{self, inspector::own_listeners, summary};
 use serde_json::Value;
-
-/// The node fixture, with no flag at all.
-fn node_js_heap() -> Fixture {
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js");
-    let mut cmd = Command::new("node");
-    cmd.arg(script);
-    Fixture::spawn(cmd)
-}
-
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes) that open one there take turns.
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
-    f
-}
 
 /// A log line without its ANSI colours.
 fn plain(l: &str) -> String {
@@ -46,54 +34,6 @@ fn plain(l: &str) -> String {
         }
     }
     out
-}
-
-/// The process running as `pid`, held by pidfd.
-fn held(pid: u32) -> std::sync::Arc<profiler_user::process::Process> {
-    std::sync::Arc::new(profiler_user::process::Process::open(pid).unwrap())
-}
-
-fn alive(pid: u32) -> bool {
-    unsafe { libc::kill(pid as i32, 0) == 0 }
-}
-
-const EVAL: &str = "e2e-eval-token-0123456789";
-
-fn tokens(dir: &std::path::Path) -> std::path::PathBuf {
-    token_file(dir, &format!("viewer read {READ}\nops admin {ADMIN}\nrepl eval {EVAL}\n"), 0o600)
-}
-
-fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Vec<u8>) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(120))).build().into();
-    let auth = format!("Bearer {token}");
-    let resp = match method {
-        "GET" => agent.get(url).header("Authorization", &auth).call(),
-        _ => agent.post(url).header("Authorization", &auth).content_type("application/json").send(body.unwrap_or("{}")),
-    }
-    .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().with_config().limit(1 << 30).read_to_vec().unwrap();
-    (status, body)
-}
-
-/// Checks the `.heapsnapshot` format and counts the objects named `class`.
-fn count_in_snapshot(bytes: &[u8], class: &str) -> u64 {
-    let v: Value = serde_json::from_slice(bytes).expect("the heap snapshot is JSON");
-    let meta = &v["snapshot"]["meta"];
-    let fields: Vec<&str> = meta["node_fields"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-    for f in ["type", "name", "id", "self_size", "edge_count"] {
-        assert!(fields.contains(&f), "node_fields {fields:?} lacks {f}");
-    }
-    let types: Vec<&str> = meta["node_types"][0].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-    let nodes = v["nodes"].as_array().unwrap();
-    assert_eq!(nodes.len() % fields.len(), 0);
-    assert_eq!(nodes.len() / fields.len(), v["snapshot"]["node_count"].as_u64().unwrap() as usize);
-    let strings = v["strings"].as_array().unwrap();
-    let (ti, ni) = (fields.iter().position(|f| *f == "type").unwrap(), fields.iter().position(|f| *f == "name").unwrap());
-    nodes
-        .chunks(fields.len())
-        .filter(|n| types[n[ti].as_u64().unwrap() as usize] == "object" && strings[n[ni].as_u64().unwrap() as usize] == class)
-        .count() as u64
 }
 
 fn opened_sessions(log: &[String], purpose: &str) -> usize {

@@ -8,53 +8,21 @@ mod common;
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
-use common::{agent::*, require_root, Fixture};
+use common::{
+    agent::*,
+    node::{self, host_netns_turn},
+    require_root,
+};
 use serde_json::Value;
 
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes) that open one there take turns (the lock of node_v8_e2e.rs).
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(std::env::temp_dir().join("memscope-v8-e2e.lock"))
-        .unwrap();
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-        0
-    );
-    f
-}
-
-fn fixture(name: &str) -> Fixture {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let mut cmd = Command::new("node");
-    cmd.arg(script);
-    Fixture::spawn(cmd)
-}
-
-fn http_get(url: &str, token: &str) -> (u16, Vec<u8>) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
-        .build()
-        .into();
-    let resp = agent
-        .get(url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .unwrap();
-    let status = resp.status().as_u16();
-    (
-        status,
-        resp.into_body()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .unwrap(),
-    )
+/// The `memscope-*` directories in the target's /tmp.
+fn memscope_dirs(pid: u32) -> BTreeSet<PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/root/tmp"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("memscope-") && e.path().is_dir())
+        .map(|e| e.path())
+        .collect()
 }
 
 /// `go tool pprof ARGS FILE`, at most 60 s; its stdout. Fails clearly when Go is missing.
@@ -141,7 +109,7 @@ fn same_tree(ours: &BTreeSet<String>, reference: &BTreeSet<String>, what: &str) 
 #[test]
 fn v8_sampling_profile_keeps_nodes_call_tree() {
     require_root();
-    let mut node = fixture("node_siblings.js");
+    let mut node = node::node("node_siblings.js", &[]);
     std::thread::sleep(Duration::from_millis(500));
     let answer = node.ask("ref 3000");
     let reference: Vec<String> = serde_json::from_str(
@@ -174,12 +142,11 @@ fn v8_sampling_profile_keeps_nodes_call_tree() {
     ])
     .unwrap();
     let profile = |format: &str| {
-        let (s, b) = http_get(
-            &format!(
+        let (s, b) = node::http("GET", &format!(
                 "{}/v1/targets/{}/v8/heap-profile?seconds=3&format={format}",
                 a.url, node.pid
             ),
-            READ,
+            READ, None,
         );
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
         b
@@ -335,7 +302,8 @@ fn memlab_new_and_alive(dir: &std::path::Path, snaps: &[PathBuf; 3], class: &str
 fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
     require_root();
     let _turn = host_netns_turn();
-    let mut node = fixture("node_js_heap.js");
+    let mut node = node::node_js_heap();
+    let dirs_before = memscope_dirs(node.pid);
     assert_eq!(node.ask("grow 1000"), "grown 1000");
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
@@ -359,27 +327,17 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
         }
         if i == 2 {
             // The agent's other V8 work in between renumbers nothing either.
-            let (s, b) = http_get(
-                &format!(
+            let (s, b) = node::http("GET", &format!(
                     "{}/v1/targets/{}/v8/heap-profile?seconds=1&format=folded",
                     a.url, node.pid
                 ),
-                READ,
+                READ, None,
             );
             assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(120)))
-                .build()
-                .into();
-            let resp = agent
-                .post(&format!("{}/v1/targets/{}/actions/gc", a.url, node.pid))
-                .header("Authorization", &format!("Bearer {ADMIN}"))
-                .send("{}")
-                .unwrap();
-            assert_eq!(resp.status().as_u16(), 200);
+            let gc = format!("{}/v1/targets/{}/actions/gc", a.url, node.pid);
+            assert_eq!(node::http("POST", &gc, ADMIN, None).0, 200);
         }
-        let (s, b) = http_get(&url, ADMIN);
+        let (s, b) = node::http("GET", &url, ADMIN, None);
         assert_eq!(
             s,
             200,
@@ -420,12 +378,8 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
         0,
         "the target listens on no TCP port afterwards"
     );
-    let left: Vec<_> = std::fs::read_dir(format!("/proc/{}/root/tmp", node.pid))
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("memscope-") && e.path().is_dir())
-        .map(|e| e.path())
-        .collect();
+    // Only the directories made since the test started: /tmp is shared with other tests.
+    let left: Vec<_> = memscope_dirs(node.pid).difference(&dirs_before).cloned().collect();
     assert!(
         left.is_empty(),
         "the channel's socket is left in the target's /tmp: {left:?}"

@@ -10,50 +10,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, require_root, spawn_record, Fixture};
+use common::{
+    agent::*,
+    node::{self, alive, count_in_snapshot, held, host_netns_turn, http_json, script},
+    require_root, spawn_record, Fixture,
+};
 use profiler_user::v8::{inspector::own_listeners, workers, Budget, Thread};
 use serde_json::Value;
-
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes, those of tests/node_v8_e2e.rs too) take turns through the same lock file.
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(std::env::temp_dir().join("memscope-v8-e2e.lock"))
-        .unwrap();
-    assert_eq!(
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
-        0
-    );
-    f
-}
-
-/// The process running as `pid`, held by pidfd (as the agent and the CLI hold their targets).
-fn held(pid: u32) -> std::sync::Arc<profiler_user::process::Process> {
-    std::sync::Arc::new(profiler_user::process::Process::open(pid).unwrap())
-}
 
 /// One deadline for a library call's whole session.
 fn budget() -> Budget {
     Budget::new(Duration::from_secs(120))
 }
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
 /// tests/fixtures/node_workers.js: one worker holding `n` WorkerHeld, the main thread 100 MainHeld.
 fn node_with_worker(n: u64) -> Fixture {
-    let mut cmd = Command::new("node");
-    cmd.arg(fixture("node_workers.js")).arg(n.to_string());
-    Fixture::spawn(cmd)
-}
-
-fn alive(pid: u32) -> bool {
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    node::node("node_workers.js", &[&n.to_string()])
 }
 
 fn count(s: &Value, name: &str) -> u64 {
@@ -63,38 +35,6 @@ fn count(s: &Value, name: &str) -> u64 {
         .iter()
         .find(|c| c["name"] == name)
         .map_or(0, |c| c["count"].as_u64().unwrap())
-}
-
-/// Objects of type `object` named `class` in a `.heapsnapshot`.
-fn count_in_snapshot(bytes: &[u8], class: &str) -> u64 {
-    let v: Value = serde_json::from_slice(bytes).expect("the heap snapshot is JSON");
-    let meta = &v["snapshot"]["meta"];
-    let fields: Vec<&str> = meta["node_fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
-    let types: Vec<&str> = meta["node_types"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    let strings = v["strings"].as_array().unwrap();
-    let (ti, ni) = (
-        fields.iter().position(|f| *f == "type").unwrap(),
-        fields.iter().position(|f| *f == "name").unwrap(),
-    );
-    v["nodes"]
-        .as_array()
-        .unwrap()
-        .chunks(fields.len())
-        .filter(|n| {
-            types[n[ti].as_u64().unwrap() as usize] == "object"
-                && strings[n[ni].as_u64().unwrap() as usize] == class
-        })
-        .count() as u64
 }
 
 fn cli(args: &[&str]) -> (String, String) {
@@ -331,27 +271,6 @@ impl TapMkdir for PathBuf {
     }
 }
 
-fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let auth = format!("Bearer {token}");
-    let resp = match method {
-        "GET" => agent.get(url).header("Authorization", &auth).call(),
-        _ => agent
-            .post(url)
-            .header("Authorization", &auth)
-            .content_type("application/json")
-            .send(body.unwrap_or("{}")),
-    }
-    .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().read_to_vec().unwrap();
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
 /// Inspector sessions the agent opened to read the used heap (its audit log).
 fn used_heap_sessions(a: &Agent) -> usize {
     a.log()
@@ -376,7 +295,7 @@ fn v8_heap_limit_trigger() {
     let _turn = host_netns_turn();
     let mut cmd = Command::new("node");
     cmd.arg("--max-old-space-size=64")
-        .arg(fixture("node_heap_limit.js"));
+        .arg(script("node_heap_limit.js"));
     let mut node = Fixture::spawn(cmd);
     let dir = tempfile::tempdir().unwrap();
     let tf = standard_tokens(dir.path());
@@ -392,7 +311,7 @@ fn v8_heap_limit_trigger() {
     ])
     .unwrap();
     let triggers = format!("{}/v1/targets/{}/triggers", a.url, node.pid);
-    let (s, v) = http(
+    let (s, v) = http_json(
         "POST",
         &triggers,
         ADMIN,
@@ -401,7 +320,7 @@ fn v8_heap_limit_trigger() {
     assert_eq!(s, 201, "{v}");
 
     std::thread::sleep(Duration::from_secs(3));
-    let (_, v) = http("GET", &triggers, READ, None);
+    let (_, v) = http_json("GET", &triggers, READ, None);
     assert_eq!(v["triggers"][0]["fired"], 0, "{v}");
     assert_eq!(
         used_heap_sessions(&a),
@@ -424,7 +343,7 @@ fn v8_heap_limit_trigger() {
     let heap = loop {
         // Polled gently: the agent rate-limits each token (429 is retried).
         std::thread::sleep(Duration::from_secs(1));
-        let (s, list) = http("GET", &format!("{}/v1/snapshots", a.url), READ, None);
+        let (s, list) = http_json("GET", &format!("{}/v1/snapshots", a.url), READ, None);
         if s == 429 {
             continue;
         }
@@ -436,7 +355,7 @@ fn v8_heap_limit_trigger() {
             .and_then(|s| s["id"].as_str())
             .map(str::to_string);
         if let Some(id) = id {
-            let (s, v) = http(
+            let (s, v) = http_json(
                 "GET",
                 &format!("{}/v1/snapshots/{id}?format=leaks&top=1000", a.url),
                 READ,
@@ -472,7 +391,7 @@ fn v8_heap_limit_trigger() {
         used_heap_sessions(&a)
     );
     std::thread::sleep(Duration::from_secs(3));
-    let (_, v) = http("GET", &triggers, READ, None);
+    let (_, v) = http_json("GET", &triggers, READ, None);
     assert_eq!(
         v["triggers"][0]["fired"], 1,
         "fired more than once per crossing: {v}"
@@ -489,7 +408,7 @@ fn v8_heap_limit_with_record() {
     require_root();
     let _turn = host_netns_turn();
     let mut cmd = Command::new("node");
-    cmd.arg("--max-old-space-size=64").arg(fixture("node_heap_limit.js"));
+    cmd.arg("--max-old-space-size=64").arg(script("node_heap_limit.js"));
     let mut node = Fixture::spawn(cmd);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rec");

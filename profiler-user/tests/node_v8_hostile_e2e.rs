@@ -14,35 +14,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, require_root, Fixture};
-use serde_json::Value;
+use common::{
+    agent::*,
+    node::{eval_tokens as tokens, host_netns_turn, http_json, node_js_heap, EVAL},
+    require_root,
+};
 
-const EVAL: &str = "e2e-eval-token-0123456789";
 const PYTHON: &str = "/usr/bin/python3";
 /// The agent's memory bound whatever a target sends.
 const RSS_BOUND: u64 = 256 << 20;
 
-fn tokens(dir: &std::path::Path) -> std::path::PathBuf {
-    token_file(dir, &format!("viewer read {READ}\nops admin {ADMIN}\nrepl eval {EVAL}\n"), 0o600)
-}
-
-/// The node fixture, with no flag at all.
-fn node_js_heap() -> Fixture {
-    let mut cmd = Command::new("node");
-    cmd.arg(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node_js_heap.js"));
-    Fixture::spawn(cmd)
-}
-
 fn fake_script() -> String {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_inspector.py").display().to_string()
-}
-
-/// Node's inspector listens on 9229 in the host's network namespace: tests (threads or
-/// processes) that open one there take turns (the lock of tests/node_v8_e2e.rs).
-fn host_netns_turn() -> std::fs::File {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(std::env::temp_dir().join("memscope-v8-e2e.lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) }, 0);
-    f
 }
 
 /// A process of the test with its stdout lines, killed when dropped.
@@ -121,19 +104,6 @@ fn newcomer_as(pid: u32) -> Proc {
     panic!("could not start a process as pid {pid}");
 }
 
-fn http(method: &str, url: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(90))).build().into();
-    let auth = format!("Bearer {token}");
-    let resp = match method {
-        "GET" => agent.get(url).header("Authorization", &auth).call(),
-        _ => agent.post(url).header("Authorization", &auth).content_type("application/json").send(body.unwrap_or("{}")),
-    }
-    .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().with_config().limit(64 << 20).read_to_vec().unwrap();
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
 /// The agent's peak resident memory (VmHWM).
 fn peak_rss(agent: &Agent) -> u64 {
     profiler_user::procfs::status_bytes(agent.pid() as u32, "VmHWM").unwrap()
@@ -161,7 +131,7 @@ fn a_reused_pid_gets_410_and_no_signal() {
         ("POST", "actions/gc", ADMIN, None),
         ("POST", "actions/eval", EVAL, Some(r#"{"expression": "process.pid"}"#)),
     ] {
-        let (s, b) = http(method, &format!("{base}/{route}"), token, body);
+        let (s, b) = http_json(method, &format!("{base}/{route}"), token, body);
         assert!(s == 410 || s == 404, "{method} {route}: {s} {b}");
         assert_eq!(b["code"], "target_exited", "{method} {route}: {b}");
         assert!(b["error"].as_str().unwrap().contains("has exited"), "{b}");
@@ -182,7 +152,7 @@ fn a_huge_message_is_refused_and_memory_stays_bounded() {
     let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &fake.pid().to_string()]).unwrap();
     let base = format!("{}/v1/targets/{}", a.url, fake.pid());
     for round in ["announced", "fragmented"] {
-        let (s, b) = http("POST", &format!("{base}/actions/gc"), ADMIN, None);
+        let (s, b) = http_json("POST", &format!("{base}/actions/gc"), ADMIN, None);
         assert_eq!((s, b["code"].as_str()), (502, Some("v8_too_large")), "{round}: {b}");
         assert!(b["error"].as_str().unwrap().contains("larger than the 4 MiB"), "{round}: {b}");
         // The fake stops listening once the session is gone.
@@ -209,7 +179,7 @@ fn a_huge_sample_array_is_refused_and_memory_stays_bounded() {
     let a = start_agent(&["--tokens", tf.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data_dir(dir.path()), "--pid", &fake.pid().to_string()]).unwrap();
     let base = format!("{}/v1/targets/{}", a.url, fake.pid());
     for (round, says) in [("64 MiB", "larger than the 16 MiB"), ("700000 samples", "more than 500000 samples")] {
-        let (s, b) = http("GET", &format!("{base}/v8/heap-profile?seconds=1"), READ, None);
+        let (s, b) = http_json("GET", &format!("{base}/v8/heap-profile?seconds=1"), READ, None);
         assert_eq!((s, b["code"].as_str()), (502, Some("v8_too_large")), "{round}: {b} {:?}", a.log());
         assert!(b["error"].as_str().unwrap().contains(says), "{round}: {b}");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -247,10 +217,10 @@ fn a_dripping_inspector_frees_its_render_slot_when_the_request_ends() {
         (&fakes[2], "GET", "v8/heap-profile?seconds=1", READ),
     ] {
         let started = Instant::now();
-        let (s, b) = http(method, &format!("{}/v1/targets/{}/{route}", a.url, fake.pid()), token, None);
+        let (s, b) = http_json(method, &format!("{}/v1/targets/{}/{route}", a.url, fake.pid()), token, None);
         assert_eq!((s, b["code"].as_str()), (503, Some("timeout")), "{route}: {b}");
         assert!(started.elapsed() < Duration::from_secs(30), "{route}: the request outlived its timeout by far: {:?}", started.elapsed());
-        let (s, b) = http("GET", &format!("{}/v1/targets/{}/v8/heap-profile?seconds=1&format=json", a.url, node.pid), READ, None);
+        let (s, b) = http_json("GET", &format!("{}/v1/targets/{}/v8/heap-profile?seconds=1&format=json", a.url, node.pid), READ, None);
         assert_ne!(b["code"].as_str(), Some("busy"), "after {route}: the render slot is still taken: {b}");
         assert_eq!(s, 200, "after {route}: {b}");
     }

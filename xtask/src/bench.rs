@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// `node`, the share of each function's bytes that carry its name).
     #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
     js_names_only: bool,
+    /// Run only the paused-share part of the `v8` section (the gc trigger under the pause
+    /// budget, a few minutes), not the snapshot pauses.
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    v8_share_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -146,8 +150,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if args.v8_only {
-        let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+    if args.v8_only || args.v8_share_only {
+        let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch, !args.v8_share_only)?;
         print!("{}", v8.render());
         for (name, limit, value, met) in v8.targets() {
             let mark = if met { "met    " } else { "NOT MET" };
@@ -171,7 +175,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let big = big_attach(&tools, args.repeat)?;
     let snapshot = snapshot_cost(&tools, args.repeat)?;
     let node = crate::bench_node::run(&tools.memscope, &tools.scratch)?;
-    let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch)?;
+    let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch, true)?;
     let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
     let js_names = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
     let report = Report {

@@ -4,15 +4,18 @@
 use std::sync::Arc;
 
 use super::State;
-use crate::{pause::PauseGuard, target::TracedTarget};
+use crate::{
+    pause::{Operation, PauseGuard},
+    target::TracedTarget,
+};
 
 /// The traced target whose process is `pid`, if the agent traces it.
 pub(crate) fn target_of(state: &State, pid: u32) -> Option<Arc<dyn TracedTarget>> {
     state.targets.read().unwrap().values().find(|e| e.target.pid() == pid).map(|e| e.target.clone())
 }
 
-/// Opens a pause window on the traced target `pid` (its allocator probes leave the process
-/// until the guard drops); `None` when the agent does not trace it.
-pub(crate) fn begin(state: &State, pid: u32) -> Option<PauseGuard> {
-    PauseGuard::begin(target_of(state, pid)?)
+/// Opens a pause window for `op` on the traced target `pid` (its allocator probes leave the
+/// process until the guard drops); `None` when the agent does not trace it.
+pub(crate) fn begin(state: &State, pid: u32, op: Operation) -> Option<PauseGuard> {
+    PauseGuard::begin(target_of(state, pid)?, op)
 }

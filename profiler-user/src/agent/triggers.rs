@@ -16,10 +16,12 @@
 //! later.
 //!
 //! Pause budget: a firing whose snapshot would get a V8 heap summary (`--v8-summaries`, a
-//! Node.js target) pauses the target; when one more pause (as long as its last) would take
-//! the target's paused share past the trigger's budget ([`crate::pause`]: `pause_budget` of
-//! the trigger, of the selector that made it, or the agent's `--pause-budget`, 5% of 60 s by
-//! default), the firing is refused and counted as suppressed (`suppressed_pause_budget`).
+//! Node.js target) pauses the target; when the summary's predicted pause ([`crate::pause`]:
+//! the target's anonymous memory times its learned rate) would take the target's paused
+//! share past the trigger's budget (`pause_budget` of the trigger, of the selector that made
+//! it, or the agent's `--pause-budget`, 5% of 60 s by default), the firing is refused and
+//! counted as suppressed (`suppressed_pause_budget`); when that pause alone is more than the
+//! budget allows in a whole window, as `suppressed_pause_exceeds_budget` (it would never fit).
 //! Probe hits memscope itself caused (the summaries' own garbage collections) never fire
 //! (`suppressed_self_caused`, see [`crate::trigger::engine`]).
 //!
@@ -52,7 +54,7 @@ use crate::{
         growth::{self, Verdict},
         HeapProfile,
     },
-    pause::PauseBudget,
+    pause::{Admission, PauseBudget},
     target::TracedTarget,
     trigger::{TriggerEngine, TriggerSpec, POLL_INTERVAL},
     v8::{
@@ -109,8 +111,12 @@ struct AgentTrigger {
     busy_suppressed: u64,
     /// Its pause budget (`None`: the agent's).
     pause_budget: Option<PauseBudget>,
-    /// Firings refused by the pause budget.
+    /// Firings refused by the pause budget: the share would pass it, or one summary alone is
+    /// more than it allows.
     budget_suppressed: u64,
+    exceeds_suppressed: u64,
+    /// Why the last one was refused.
+    last_refusal: Option<String>,
 }
 
 /// One trigger as `GET /v1/targets/{id}/triggers` shows it.
@@ -126,8 +132,15 @@ pub struct TriggerView {
     /// expensive work was full (`suppressed_busy` of them).
     pub suppressed: u64,
     pub suppressed_busy: u64,
-    /// Refused because the target's paused share would go past the pause budget.
+    /// Refused because the target's paused share, with the summary's predicted pause, would
+    /// go past the pause budget.
     pub suppressed_pause_budget: u64,
+    /// Refused because one summary's predicted pause alone is more than the budget allows in
+    /// a whole window: it would never fit (raise the budget or lengthen its window).
+    pub suppressed_pause_exceeds_budget: u64,
+    /// Why the last firing the budget refused was refused, with the predicted pause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_refusal: Option<String>,
     /// Probe hits memscope caused itself (its V8 operations' garbage collections).
     pub suppressed_self_caused: u64,
     /// The pause budget its firings are held to (`PCT%/WINDOWs`).
@@ -156,10 +169,12 @@ impl AgentTrigger {
             spec,
             reason,
             // A firing the budget refused took no snapshot: suppressed, not fired.
-            fired: fired.saturating_sub(self.budget_suppressed),
-            suppressed: suppressed + self.busy_suppressed + self.budget_suppressed,
+            fired: fired.saturating_sub(self.budget_suppressed + self.exceeds_suppressed),
+            suppressed: suppressed + self.busy_suppressed + self.budget_suppressed + self.exceeds_suppressed,
             suppressed_busy: self.busy_suppressed,
             suppressed_pause_budget: self.budget_suppressed,
+            suppressed_pause_exceeds_budget: self.exceeds_suppressed,
+            last_refusal: self.last_refusal.clone(),
             suppressed_self_caused: self_caused,
             pause_budget: self.budget().to_string(),
             probes,
@@ -349,7 +364,7 @@ pub(crate) fn attach(
     for s in specs {
         let engine = TriggerEngine::attach(host, std::slice::from_ref(s), min_spacing).map_err(AttachError::Failed)?;
         let id = state.next_trigger_id.fetch_add(1, Ordering::Relaxed);
-        added.push(AgentTrigger { id, origin, engine, busy_suppressed: 0, pause_budget, budget_suppressed: 0 });
+        added.push(AgentTrigger { id, origin, engine, busy_suppressed: 0, pause_budget, budget_suppressed: 0, exceeds_suppressed: 0, last_refusal: None });
     }
     let views: Vec<TriggerView> = added.iter().map(AgentTrigger::view).collect();
     tracking.triggers.lock().unwrap().extend(added);
@@ -425,13 +440,22 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
         // Its snapshot would get a V8 summary: a pause of the target, within its budget only.
         let pauses = *summarizes.get_or_insert_with(|| super::v8::would_summarize(state, target.pid()));
         if pauses && !is_exit {
-            if let Some(ledger) = target.pauses().filter(|l| !l.admits(&budget, std::time::Instant::now())) {
-                ledger.note_budget_refusal();
-                if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
-                    t.budget_suppressed += 1;
+            if let Some(ledger) = target.pauses() {
+                // Its own predicted pause must fit, not only those that already happened.
+                let anon = crate::pause::anon_bytes(target).unwrap_or(0);
+                let verdict = ledger.admit(&budget, anon, std::time::Instant::now());
+                if let Some(why) = verdict.reason() {
+                    ledger.note_refusal(target.pid(), &budget, &verdict);
+                    if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
+                        match verdict {
+                            Admission::ExceedsBudget { .. } => t.exceeds_suppressed += 1,
+                            _ => t.budget_suppressed += 1,
+                        }
+                        t.last_refusal = ledger.status(&budget).last_refusal;
+                    }
+                    tracing::debug!(pid = target.pid(), reason = %f.reason, %budget, refused = why, ?verdict, "firing refused by the pause budget");
+                    continue;
                 }
-                tracing::debug!(pid = target.pid(), reason = %f.reason, %budget, "firing refused by the pause budget");
-                continue;
             }
         }
         let Some(_permit) = permit(state, is_exit) else {

@@ -11,6 +11,7 @@ use tracing::info;
 use super::{triggers::Tracking, State};
 use crate::{
     aggregate::growth::{Trend, Verdict},
+    pause::Operation,
     target::TracedTarget,
     v8::{growth as v8_growth, heap_limit::HeapUsage, summary::HeapSummary, Budget, Inspector},
 };
@@ -62,7 +63,7 @@ pub(crate) fn note_snapshot(state: &State, tracking: &Tracking, target: &dyn Tra
     }
     let path = summary_path(state, id);
     let budget = Budget::new(state.request_timeout);
-    let pause = super::pauses::begin(state, pid);
+    let pause = super::pauses::begin(state, pid, Operation::Summary);
     let summary = crate::v8::summary_keeping_ids(&process, false, reason, budget);
     drop(pause);
     let result = summary.map_err(|e| e.to_string()).and_then(|summary| {
@@ -98,12 +99,15 @@ pub(crate) fn note_heap_limit(state: &State, tracking: &Tracking, target: &dyn T
     let pid = process.pid();
     let path = summary_path(state, id);
     let budget = Budget::new(state.request_timeout);
+    // A pause of the target like any summary's: its probes out, counted in its share.
+    let pause = super::pauses::begin(state, pid, Operation::Summary);
     let taken = Inspector::open(process, &format!("trigger {reason}: summary"), budget).and_then(|mut insp| {
         let heap = crate::v8::heap_limit::read(&mut insp)?;
         let summary = crate::v8::summary_with(&mut insp, false, reason)?;
         insp.close()?;
         Ok((heap, summary))
     });
+    drop(pause);
     let result = taken.map_err(|e| e.to_string()).and_then(|(heap, summary)| {
         let (verdicts, _) = tracking.note_v8_summary(&summary);
         let stored = StoredSummary { summary, verdicts, heap: Some(heap) };

@@ -138,7 +138,11 @@ impl Metrics {
             for (l, p) in &paused {
                 let _ = writeln!(out, "memscope_target_pause_budget_ratio{{{l}}} {:.6}", p.budget_percent / 100.0);
             }
-            family(&mut out, "memscope_target_suppressed_firings_total", "counter", "Trigger firings not taken to spare the target a pause, by reason (pause_budget, self_caused_gc).");
+            family(&mut out, "memscope_target_pause_exceeds_budget", "gauge", "1 when one triggered V8 summary alone is predicted to pause the target longer than its pause budget ever allows (its triggered summaries are refused).");
+            for (l, p) in &paused {
+                let _ = writeln!(out, "memscope_target_pause_exceeds_budget{{{l}}} {}", u8::from(p.exceeds_budget));
+            }
+            family(&mut out, "memscope_target_suppressed_firings_total", "counter", "Trigger firings not taken to spare the target a pause, by reason (pause_budget, pause_exceeds_budget, self_caused_gc).");
             for (l, p) in &paused {
                 for (reason, n) in &p.suppressed {
                     let _ = writeln!(out, "memscope_target_suppressed_firings_total{{{l},reason=\"{}\"}} {n}", escape(reason));

@@ -52,6 +52,7 @@ use super::{
 };
 use crate::{
     aggregate::Measure,
+    pause::Operation,
     render,
     process::Process,
     v8::{
@@ -166,8 +167,15 @@ pub(crate) async fn summary(state: Arc<State>, p: Principal, id: u32, q: Vec<(St
         let (gc, thread) = (flag(&q, "gc")?, thread_param(&q)?);
         let process = node_target(&state, id)?;
         let reason = format!("api by {}", p.name);
+        let st = state.clone();
         cancellable(&state, format!("target:{id}|v8-summary|{gc}|{thread}"), move |budget| {
-            let mut list = workers::summaries_of(process, &thread, gc, &reason, budget).map_err(v8_error)?;
+            // A pause of the target: counted in its share; the main thread's summary with no
+            // GC is what triggered summaries are, its length teaches their predicted pause.
+            let op = if thread == Thread::Main && !gc { Operation::Summary } else { Operation::Other };
+            let pause = super::pauses::begin(&st, process.pid(), op);
+            let list = workers::summaries_of(process, &thread, gc, &reason, budget);
+            drop(pause);
+            let mut list = list.map_err(v8_error)?;
             let body = if thread == Thread::All { serde_json::to_vec(&list) } else { serde_json::to_vec(&list.pop()) }
                 .map_err(|e| ApiError::internal("internal", e.to_string()))?;
             Ok(Rendered { content_type: "application/json", body: Bytes::from(body), status: 200 })
@@ -281,7 +289,7 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, thread: &Thre
     let result = if *thread == Thread::Main {
         // Through the target's snapshot channel: the ids of surviving objects stay the same from
         // one snapshot to the next (see crate::v8::channel).
-        let pause = crate::agent::pauses::begin(state, pid);
+        let pause = crate::agent::pauses::begin(state, pid, Operation::Other);
         let bytes = snapshot::take_keeping_ids(&process, purpose, gc, budget, &mut sink);
         drop(pause);
         bytes
@@ -289,7 +297,7 @@ fn stream_snapshot(state: &State, process: Arc<Process>, gc: bool, thread: &Thre
         // A worker's isolate: through a nested session of the inspector.
         let timeout = budget.left();
         Inspector::open(process, purpose, budget).and_then(|mut insp| {
-            let pause = crate::agent::pauses::begin(state, pid);
+            let pause = crate::agent::pauses::begin(state, pid, Operation::Other);
             let taken = workers::with_threads(&mut insp, thread, |_, s| snapshot::take(s, gc, timeout, &mut sink));
             drop(pause);
             let bytes = taken?.pop().map(|(_, b)| b).unwrap_or(0);
@@ -411,7 +419,7 @@ pub(crate) async fn gc(state: Arc<State>, p: Principal, id: u32) -> Result<Respo
         exclusive_session(&state, move |budget| {
             let started = Instant::now();
             let t = budget.left();
-            let pause = traced.and_then(crate::pause::PauseGuard::begin);
+            let pause = traced.and_then(|t| crate::pause::PauseGuard::begin(t, Operation::Other));
             let done = channel::with_channel(&process, &purpose, budget, |ch| ch.call("HeapProfiler.collectGarbage", serde_json::json!({}), t).map(|_| ()), |insp| {
                 insp.collect_garbage()
             });

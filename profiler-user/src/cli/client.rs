@@ -664,6 +664,10 @@ fn paused_cell(p: &Value) -> String {
     if suppressed > 0 {
         let _ = write!(s, " {suppressed} supp");
     }
+    // One summary alone is predicted to take more than the budget ever allows.
+    if p["exceeds_budget"].as_bool() == Some(true) {
+        let _ = write!(s, ", one needs {:.1}s", u(&p["predicted_ms"]) as f64 / 1e3);
+    }
     s
 }
 
@@ -1038,6 +1042,10 @@ mod tests {
             "reasons": [{"reason": "static_allocator_not_recognized", "text": "..."}]});
         let t = targets_table(&low);
         assert!(t.contains("3% LOW: static_allocator_not_recognized"), "{t}");
+        paused["targets"][0]["pauses"]["exceeds_budget"] = true.into();
+        paused["targets"][0]["pauses"]["predicted_ms"] = 8400.into();
+        let t = targets_table(&paused);
+        assert!(t.contains("0.8%/5% 3 gaps 12 supp, one needs 8.4s"), "{t}");
         let leaks = serde_json::json!({"pid": 7, "min_age_s": 30.0, "totals": {"live_bytes": 4096, "live_allocs": 3},
             "leaks": [{"bytes": 2048, "allocs": 2, "oldest_age_s": 55.0,
                        "frames": [{"function": "leaky", "file": "/src/demo.c", "line": 7, "module": null, "address": "0x1"}]}]});

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod rust_usdt;
+pub mod node;
 
 use std::{
     io::{BufRead, BufReader, Write},
