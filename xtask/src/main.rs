@@ -4,6 +4,7 @@
 //! Targets Debian 12 with rustup (stable default, nightly present or installable); the apt step
 //! and the privileged commands (`test`, `demo`) need root.
 mod bench;
+mod bench_agent;
 mod bench_node;
 mod bench_v8;
 mod cmd;
@@ -11,6 +12,7 @@ mod demo;
 mod deploy;
 mod ebpf;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 
@@ -55,6 +57,8 @@ enum Task {
     DeployCheck,
     /// Fuzz the parsers of everything a target or a client controls (N seconds per target).
     Fuzz(fuzz::FuzzArgs),
+    /// Build the agent's container image from deploy/Containerfile (podman, buildah or docker).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench(args) => bench::run(args)?,
         Task::DeployCheck => deploy::check()?,
         Task::Fuzz(args) => fuzz::run(args)?,
+        Task::Image(args) => image::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -40,6 +40,7 @@ const PACKAGES: &[&str] = &[
     "slowhttptest",                   // slowloris against the agent (agent_dos_e2e)
     "curl",                           // the second client, bound to 127.0.0.2, during it
     "golang-go",                      // `go tool pprof`, to read memscope's pprof in node_v8_exports_e2e
+    "postgresql",                     // a fork-per-connection server (forks_e2e, `cargo xtask bench --pg-only`)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -11,7 +11,8 @@
 //! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`] (rate budgets: a valid
 //! token's own, the unauthenticated ones apart), [`errors`], [`metrics`], [`audit`] (bounded
 //! audit lines: clipped values, aggregated denials), [`tls`] (listener, TLS, connection cap)
-//! and [`conn_limits`] (which connections give way under the cap), [`triggers`] (snapshot
+//! and [`conn_limits`] (which connections give way under the cap), [`metrics_listener`] (the
+//! read-only `/metrics` listener on the pod IP, its own token), [`triggers`] (snapshot
 //! triggers, their poller, and leak verdicts per target). Snapshots are kept by
 //! [`crate::store`].
 //!
@@ -50,6 +51,7 @@ pub mod errors;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
+pub mod metrics_listener;
 pub mod pauses;
 pub mod routes;
 pub mod tls;
@@ -101,6 +103,8 @@ pub struct AgentConfig {
     pub node: workloads::NodeConfig,
     /// `--v8-summaries`: a V8 heap summary with every stored snapshot of a Node.js target.
     pub v8_summaries: bool,
+    /// `--metrics-listen` and `--metrics-token-file`: a read-only `/metrics` listener.
+    pub metrics: Option<metrics_listener::MetricsListen>,
 }
 
 impl Default for AgentConfig {
@@ -119,6 +123,7 @@ impl Default for AgentConfig {
             allow_eval: false,
             node: workloads::NodeConfig::default(),
             v8_summaries: false,
+            metrics: None,
         }
     }
 }
@@ -236,6 +241,7 @@ pub struct Agent {
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     local_addr: SocketAddr,
+    metrics: Option<metrics_listener::MetricsServer>,
 }
 
 /// The refusals that happen before anything is opened: no token file, or a remote address
@@ -330,7 +336,16 @@ impl Agent {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
-        Ok(Agent { state, listener, tls, local_addr })
+        let metrics = match &config.metrics {
+            Some(m) => Some(metrics_listener::MetricsServer::bind(m, tls.clone()).await?),
+            None => None,
+        };
+        Ok(Agent { state, listener, tls, local_addr, metrics })
+    }
+
+    /// The metrics listener's address (`--metrics-listen`), when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
     }
 
     /// The address actually bound (useful with port 0).
@@ -349,7 +364,7 @@ impl Agent {
     /// Serves until `shutdown` completes, then stops accepting and lets requests in progress
     /// finish. The token file is re-read on SIGHUP meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Agent { state, listener, tls, local_addr } = self;
+        let Agent { state, listener, tls, local_addr, metrics } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
         let poller = triggers::spawn_poller(state.clone());
         let denials = {
@@ -363,6 +378,8 @@ impl Agent {
             })
         };
         let pushing = workloads::spawn_push(&state);
+        let select_watch = workloads::spawn_select_file_watch(&state);
+        let metrics = metrics.map(|m| m.spawn(state.clone()));
         let limits = state.limits.clone();
         let incoming = tls::incoming(
             listener,
@@ -429,8 +446,8 @@ impl Agent {
         poller.abort();
         denials.abort();
         state.denials.flush_if_due();
-        if let Some(p) = pushing {
-            p.abort();
+        for task in [pushing, select_watch, metrics].into_iter().flatten() {
+            task.abort();
         }
         result
     }

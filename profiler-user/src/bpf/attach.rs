@@ -81,6 +81,16 @@ const EINVAL_HINT: &str = " (the kernel said EINVAL: another tracer, e.g. bcc's 
 /// `malloc`. An executable defining Rust's allocator shims for a `#[global_allocator]` none of
 /// the families recognizes is probed at the shims.
 pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
+    let found = find_allocator_in(pid);
+    // A process that exited meanwhile (a zombie's maps read empty; its files cannot be opened)
+    // has no allocator to find: it is gone, not refused.
+    match found {
+        Err(AttachError::NoAllocator { .. }) if !procfs::running(pid) => Err(ProcError::NoSuchProcess(pid).into()),
+        other => other,
+    }
+}
+
+fn find_allocator_in(pid: u32) -> Result<Allocator, AttachError> {
     let mut candidates = procfs::objects(pid)?;
     let is_libc = |o: &procfs::MappedObject| {
         let base = o.path.rsplit('/').next().unwrap_or(&o.path);
