@@ -942,7 +942,10 @@ pub(crate) fn spawn_push(state: &Arc<State>) -> Option<tokio::task::JoinHandle<(
 /// One round: a profile of each attached workload, queued.
 fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>) {
     let Some(w) = state.workloads.get() else { return };
-    for wl in w.list().into_iter().filter(|w| w.attached) {
+    let list = w.list();
+    // Bounded by the workloads listed now (not by every workload ever pushed).
+    last.lock().unwrap().retain(|id, _| list.iter().any(|w| w.id == *id));
+    for wl in list.into_iter().filter(|w| w.attached) {
         let Some(pid) = wl.pid else { continue };
         let Some(target) = state.targets.read().unwrap().get(&pid).map(|e| e.target.clone()) else { continue };
         let skipped = || pusher.stats.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

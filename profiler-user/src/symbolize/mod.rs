@@ -31,8 +31,54 @@ use perf_map::PerfMap;
 
 thread_local! {
     // blazesym's symbolizer is not Send; each thread keeps its own, with its parsed-file cache
-    // (keyed by path and file identity, so a reused /proc/self/fd number cannot fool it).
-    static BLAZE: Blaze = Blaze::builder().enable_inlined_fns(true).enable_code_info(true).build();
+    // (keyed by path and file identity, so a reused /proc/self/fd number cannot fool it), and
+    // how far it applied the list of closed files (see `forget`).
+    static BLAZE: std::cell::RefCell<(Blaze, u64)> = std::cell::RefCell::new((new_blaze(), 0));
+}
+
+fn new_blaze() -> Blaze {
+    Blaze::builder().enable_inlined_fns(true).enable_code_info(true).build()
+}
+
+/// Paths (`/proc/self/fd/N`) of modules closed since the start, the oldest dropped past
+/// [`MAX_CLOSED`]: `(number of the first one kept, paths)`. blazesym keeps what it parsed of a
+/// file for as long as its symbolizer lives, and one per thread lives as long as the agent: a
+/// closed module's parsed symbols and DWARF (and its file, held open) would stay, a leak with
+/// every process that exits, and the fd number reused by the next file would keep the old
+/// one's parse alive too. Each thread evicts these paths before it symbolizes again.
+static CLOSED: std::sync::Mutex<(u64, std::collections::VecDeque<std::path::PathBuf>)> =
+    std::sync::Mutex::new((0, std::collections::VecDeque::new()));
+/// Closed paths remembered; a thread that fell further behind starts a new symbolizer.
+const MAX_CLOSED: usize = 4096;
+
+/// The module read through `open_path` was closed: every thread drops what it parsed of it.
+pub(crate) fn forget(open_path: &std::path::Path) {
+    let mut closed = CLOSED.lock().unwrap();
+    closed.1.push_back(open_path.to_owned());
+    if closed.1.len() > MAX_CLOSED {
+        closed.1.pop_front();
+        closed.0 += 1;
+    }
+}
+
+/// Runs `f` with this thread's symbolizer, after evicting the modules closed since its last use.
+fn with_blaze<R>(f: impl FnOnce(&Blaze) -> R) -> R {
+    BLAZE.with(|cell| {
+        let mut b = cell.borrow_mut();
+        {
+            let closed = CLOSED.lock().unwrap();
+            let end = closed.0 + closed.1.len() as u64;
+            if b.1 < closed.0 {
+                *b = (new_blaze(), end);
+            } else {
+                for path in closed.1.iter().skip((b.1 - closed.0) as usize) {
+                    let _ = b.0.evict(&blazesym::symbolize::evict::Evict::Elf(blazesym::symbolize::evict::Elf::new(path.clone())));
+                }
+                b.1 = end;
+            }
+        }
+        f(&b.0)
+    })
 }
 
 pub struct Symbolizer {
@@ -161,8 +207,7 @@ impl Symbolizer {
                 Vec::new()
             } else {
                 let src = Source::Elf(Elf::new(open_path));
-                BLAZE
-                    .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
+                with_blaze(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
                     .unwrap_or_default()
             };
             let module = intern(&mut self.names, &module);
