@@ -132,12 +132,13 @@ fn agent_memory_stays_bounded_with_pushing_targets() {
     const RUN: Duration = Duration::from_secs(60);
     let dir = tempfile::tempdir().unwrap();
     let exe = build_fixture("steady_fixture", &[]);
-    // A comm of its own (at most 15 characters), so that no other test's process matches.
-    let comm = format!("stdy{}", std::process::id() % 100_000_000);
-    let target = dir.path().join(&comm);
-    std::fs::copy(&exe, &target).unwrap();
+    // A comm of its own, so that no other test's process matches, and an executable per target:
+    // a workload is a selector, an executable and a cgroup, so each is a workload of its own.
+    let prefix = format!("stdy{}", std::process::id() % 100_000_000);
     let mut procs = Procs(Vec::new());
-    for _ in 0..TARGETS {
+    for i in 0..TARGETS {
+        let target = dir.path().join(format!("{prefix}_{i:02}"));
+        std::fs::copy(&exe, &target).unwrap();
         procs.0.push(Command::new(&target).stdin(Stdio::null()).spawn().unwrap());
     }
     let (push_url, pushed) = receiver();
@@ -152,7 +153,7 @@ fn agent_memory_stays_bounded_with_pushing_targets() {
         "--rate-limit",
         "1000",
         "--select",
-        &format!("comm={comm}"),
+        &format!("comm={prefix}_*"),
         "--push",
         &push_url,
         "--push-interval",
@@ -392,7 +393,7 @@ fn select_file_changes_apply_without_detaching_other_targets() {
     std::fs::write(&tmp, format!("comm={a}\ncomm={b}\n")).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     wait_until(Duration::from_secs(30), "b attached after the file changed", || attached(pid_b));
-    assert_eq!(attached_at(pid_a), Some(a_since), "a was detached and attached again");
+    assert_eq!(attached_at(pid_a), Some(a_since.clone()), "a was detached and attached again");
     // A bad line: refused, nothing changes.
     std::fs::write(&tmp, format!("comm={a}\nbogus\n")).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
@@ -405,7 +406,7 @@ fn select_file_changes_apply_without_detaching_other_targets() {
     std::fs::write(&tmp, format!("comm={a}\n")).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     wait_until(Duration::from_secs(30), "b detached after its selector left the file", || !attached(pid_b));
-    assert_eq!(attached_at(pid_a), Some(a_since), "a was detached and attached again");
+    assert_eq!(attached_at(pid_a), Some(a_since.clone()), "a was detached and attached again");
     let (_, m) = http(&url, "GET", "/metrics", READ, None);
     assert_eq!(metric(&m, "memscope_select_file_reloads_total{result=\"applied\"}"), Some(2.0), "{m}");
 }

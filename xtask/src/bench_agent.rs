@@ -58,7 +58,14 @@ fn agent(memscope: &Path, dir: &Path, extra: &[String]) -> Result<(Killed, Strin
     fs::write(&tokens, format!("bench admin {TOKEN}\n"))?;
     fs::set_permissions(&tokens, fs::Permissions::from_mode(0o600))?;
     let mut child = Command::new(memscope)
-        .args(["agent", "--listen", "127.0.0.1:0", "--rate-limit", "1000", "--tokens"])
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "1000",
+            "--tokens",
+        ])
         .arg(&tokens)
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -77,7 +84,9 @@ fn agent(memscope: &Path, dir: &Path, extra: &[String]) -> Result<(Killed, Strin
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(60)).context("the agent did not say where it listens")?;
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the agent did not say where it listens")?;
     Ok((Killed(vec![child]), url))
 }
 
@@ -89,7 +98,10 @@ fn get(url: &str, path: &str) -> Result<String> {
         .output()
         .context("running curl")?;
     if !out.status.success() {
-        bail!("GET {path}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "GET {path}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -100,7 +112,15 @@ fn workloads(url: &str) -> Result<Vec<Value>> {
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 fn status_kib(pid: u32, key: &str) -> Result<u64> {
@@ -113,20 +133,36 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
 
 fn cpu_s(pid: u32) -> Result<f64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     Ok(ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64)
 }
 
 /// Kernel memory of every BPF map `pid` holds, each map once.
 fn bpf_map_bytes(pid: u32) -> u64 {
     let mut seen = std::collections::HashSet::new();
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
     let mut total = 0;
     for fd in dir.flatten() {
-        let Ok(info) = fs::read_to_string(fd.path()) else { continue };
-        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+        let Ok(info) = fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
         if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
             if seen.insert(id) {
                 total += memlock.parse::<u64>().unwrap_or(0);
@@ -167,7 +203,9 @@ fn receiver() -> Result<(String, Arc<AtomicU64>)> {
                 if reader.read_exact(&mut body).is_ok() {
                     c.fetch_add(1, Ordering::Relaxed);
                 }
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
             });
         }
     });
@@ -180,9 +218,18 @@ fn slope_mib_per_h(points: &[(f64, f64)]) -> f64 {
     if n < 2.0 {
         return 0.0;
     }
-    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
-    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), p| (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx).powi(2)));
-    if den == 0.0 { 0.0 } else { num / den * 3600.0 }
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let (num, den) = points.iter().fold((0.0, 0.0), |(a, b), p| {
+        (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx).powi(2))
+    });
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den * 3600.0
+    }
 }
 
 // ---- soak --------------------------------------------------------------------------------------
@@ -198,23 +245,44 @@ pub struct SoakRun {
     pub cpu_s: f64,
 }
 
-pub fn soak(memscope: &Path, scratch: &Path, targets: usize, minutes: f64, push_interval_s: u64) -> Result<SoakRun> {
-    step(format!("soak: one agent, {targets} steady targets pushing every {push_interval_s}s, {minutes} min"));
+pub fn soak(
+    memscope: &Path,
+    scratch: &Path,
+    targets: usize,
+    minutes: f64,
+    push_interval_s: u64,
+) -> Result<SoakRun> {
+    step(format!(
+        "soak: one agent, {targets} steady targets pushing every {push_interval_s}s, {minutes} min"
+    ));
     let dir = scratch.join("soak");
     fs::create_dir_all(&dir)?;
-    let comm = "memscope_steady";
-    let exe = dir.join(comm);
+    let exe = dir.join("steady_fixture");
     let source = cmd::workspace_root().join("profiler-user/tests/fixtures/steady_fixture.c");
-    cmd::run(Command::new("cc").args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"]).arg(&exe).arg(&source))
-        .context("compiling steady_fixture.c")?;
+    cmd::run(
+        Command::new("cc")
+            .args(["-O1", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(&exe)
+            .arg(&source),
+    )
+    .context("compiling steady_fixture.c")?;
+    // One executable per target (comm `msteady_N`): a workload is a selector, an executable and
+    // a cgroup, so each is a workload of its own, as 50 services on a node are.
     let mut services = Killed(Vec::new());
-    for _ in 0..targets {
-        services.0.push(Command::new(&exe).stdin(Stdio::null()).spawn().context("starting a steady target")?);
+    for i in 0..targets {
+        let copy = dir.join(format!("msteady_{i:03}"));
+        fs::copy(&exe, &copy).with_context(|| format!("copying to {}", copy.display()))?;
+        services.0.push(
+            Command::new(&copy)
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting a steady target")?,
+        );
     }
     let (push_url, pushed) = receiver()?;
     let extra: Vec<String> = vec![
         "--select".into(),
-        format!("comm={comm}"),
+        "comm=msteady_*".into(),
         "--push".into(),
         push_url,
         "--push-interval".into(),
@@ -224,7 +292,10 @@ pub fn soak(memscope: &Path, scratch: &Path, targets: usize, minutes: f64, push_
     let pid = agent.0[0].id();
     let t = Instant::now();
     loop {
-        let attached = workloads(&url)?.iter().filter(|w| w["attached"] == true).count();
+        let attached = workloads(&url)?
+            .iter()
+            .filter(|w| w["attached"] == true)
+            .count();
         if attached >= targets {
             break;
         }
@@ -233,7 +304,10 @@ pub fn soak(memscope: &Path, scratch: &Path, targets: usize, minutes: f64, push_
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    step(format!("  {targets} attached in {:.1} s; sampling RSS every 10 s", t.elapsed().as_secs_f64()));
+    step(format!(
+        "  {targets} attached in {:.1} s; sampling RSS every 10 s",
+        t.elapsed().as_secs_f64()
+    ));
     let cpu_before = cpu_s(pid)?;
     let started = Instant::now();
     let run = Duration::from_secs_f64(minutes * 60.0);
@@ -241,7 +315,12 @@ pub fn soak(memscope: &Path, scratch: &Path, targets: usize, minutes: f64, push_
     while started.elapsed() < run {
         std::thread::sleep(Duration::from_secs(10));
         let sample = (started.elapsed().as_secs_f64(), status_kib(pid, "VmRSS:")?);
-        step(format!("  t={:>4.0}s RSS {:.1} MiB, {} profiles received", sample.0, sample.1 as f64 / 1024.0, pushed.load(Ordering::Relaxed)));
+        step(format!(
+            "  t={:>4.0}s RSS {:.1} MiB, {} profiles received",
+            sample.0,
+            sample.1 as f64 / 1024.0,
+            pushed.load(Ordering::Relaxed)
+        ));
         rss.push(sample);
     }
     let out = SoakRun {
@@ -266,14 +345,20 @@ impl SoakRun {
     /// MiB per hour over the second half.
     fn slope(&self) -> f64 {
         let half = self.rss.len() / 2;
-        let pts: Vec<(f64, f64)> = self.rss[half..].iter().map(|&(t, k)| (t, k as f64 / 1024.0)).collect();
+        let pts: Vec<(f64, f64)> = self.rss[half..]
+            .iter()
+            .map(|&(t, k)| (t, k as f64 / 1024.0))
+            .collect();
         slope_mib_per_h(&pts)
     }
 
     pub fn targets_table(&self) -> Vec<(String, String, String, bool)> {
         vec![
             (
-                format!("soak: agent RSS max, {} targets pushing every {}s", self.targets, self.push_interval_s),
+                format!(
+                    "soak: agent RSS max, {} targets pushing every {}s",
+                    self.targets, self.push_interval_s
+                ),
                 format!("< {SOAK_MAX_RSS_MIB:.0} MiB"),
                 format!("{:.1} MiB", self.max_mib()),
                 self.max_mib() < SOAK_MAX_RSS_MIB,
@@ -288,7 +373,11 @@ impl SoakRun {
     }
 
     pub fn render(&self) -> String {
-        let series: Vec<String> = self.rss.iter().map(|(t, k)| format!("{t:.0}s:{:.1}", *k as f64 / 1024.0)).collect();
+        let series: Vec<String> = self
+            .rss
+            .iter()
+            .map(|(t, k)| format!("{t:.0}s:{:.1}", *k as f64 / 1024.0))
+            .collect();
         format!(
             "\nsoak: {} targets, push every {}s, {:.1} min: RSS max {:.1} MiB, slope (second half) {:.1} MiB/h, \
              BPF maps {:.0} MiB, {} profiles received, agent CPU {:.1}% of one core\n  RSS MiB: {}\n",
@@ -323,9 +412,11 @@ struct Postgres {
 
 impl Postgres {
     fn start(dir: &Path, port: u16) -> Result<Postgres> {
-        let bin = fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()));
+        let bin = fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin"))
+                .find(|b| b.join("initdb").exists())
+        });
         let bin = match bin {
             Some(b) => b,
             None => {
@@ -340,30 +431,80 @@ impl Postgres {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir)?;
         cmd::run(Command::new("chown").args(["-R", "postgres:"]).arg(dir))?;
-        let pg = Postgres { dir: dir.to_owned(), bin, port };
+        let pg = Postgres {
+            dir: dir.to_owned(),
+            bin,
+            port,
+        };
         let data = dir.join("data");
-        pg.as_postgres(&[pg.bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-N"])?;
-        let opts = format!("-p {port} -k {} -c listen_addresses='' -c max_connections=40 -c fsync=off", dir.display());
+        pg.as_postgres(&[
+            pg.bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-N",
+        ])?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses='' -c max_connections=40 -c fsync=off",
+            dir.display()
+        );
         let log = dir.join("log");
-        pg.as_postgres(&[pg.bin.join("pg_ctl").to_str().unwrap(), "-D", data.to_str().unwrap(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "start"])?;
+        pg.as_postgres(&[
+            pg.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ])?;
         cmd::run(pg.client("pgbench").args(["-i", "-q", "postgres"])).context("pgbench -i")?;
         Ok(pg)
     }
 
     fn as_postgres(&self, args: &[&str]) -> Result<()> {
-        cmd::run(Command::new("runuser").args(["-u", "postgres", "--"]).args(args).stdout(Stdio::null()))
+        cmd::run(
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .stdout(Stdio::null()),
+        )
     }
 
     fn client(&self, tool: &str) -> Command {
         let mut c = Command::new(self.bin.join(tool));
-        c.args(["-h", self.dir.to_str().unwrap(), "-p", &self.port.to_string(), "-U", "postgres"]).stdin(Stdio::null());
+        c.args([
+            "-h",
+            self.dir.to_str().unwrap(),
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .stdin(Stdio::null());
         c
     }
 
     fn tps(&self, seconds: u32) -> Result<f64> {
-        let out = cmd::output(self.client("pgbench").args(["-C", "-S", "-T", &seconds.to_string(), "postgres"]))?;
+        let out = cmd::output(self.client("pgbench").args([
+            "-C",
+            "-S",
+            "-T",
+            &seconds.to_string(),
+            "postgres",
+        ]))?;
         out.lines()
-            .find_map(|l| l.strip_prefix("tps = ")?.split_whitespace().next()?.parse().ok())
+            .find_map(|l| {
+                l.strip_prefix("tps = ")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
             .with_context(|| format!("no tps in pgbench's output:\n{out}"))
     }
 }
@@ -371,7 +512,14 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.dir.join("data");
-        let _ = self.as_postgres(&[self.bin.join("pg_ctl").to_str().unwrap(), "-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
+        let _ = self.as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -397,7 +545,10 @@ pub fn pg(memscope: &Path, scratch: &Path) -> Result<PgRun> {
     let (agent, url) = agent(memscope, &dir.join("agent"), &["--select".into(), selector])?;
     let pid = agent.0[0].id();
     let t = Instant::now();
-    while !workloads(&url)?.iter().any(|w| w["attached"] == true && w["worker"].is_null()) {
+    while !workloads(&url)?
+        .iter()
+        .any(|w| w["attached"] == true && w["worker"].is_null())
+    {
         if t.elapsed() > Duration::from_secs(120) {
             bail!("the postmaster was not attached within 2 minutes");
         }
@@ -408,20 +559,45 @@ pub fn pg(memscope: &Path, scratch: &Path) -> Result<PgRun> {
     let cpu_before = cpu_s(pid)?;
     let traced = pg.tps(PG_SECONDS)?;
     let agent_cpu_s = cpu_s(pid)? - cpu_before;
-    step(format!("  traced: {traced:.0} tps, agent CPU {agent_cpu_s:.1} s"));
+    step(format!(
+        "  traced: {traced:.0} tps, agent CPU {agent_cpu_s:.1} s"
+    ));
     let metrics = get(&url, "/metrics")?;
     let forks = ["seen", "short_lived", "exited_while_attaching", "attached"]
         .iter()
-        .map(|r| (r.to_string(), metric(&metrics, &format!("memscope_forks_total{{result=\"{r}\"}}"))))
+        .map(|r| {
+            (
+                r.to_string(),
+                metric(&metrics, &format!("memscope_forks_total{{result=\"{r}\"}}")),
+            )
+        })
         .collect();
     let list = workloads(&url)?;
-    let failed = list.iter().filter_map(|w| w["last_error"].as_str().map(|e| format!("{}: {e}", w["id"]))).collect();
-    let workers_attached = list.iter().filter(|w| w["attached"] == true && !w["worker"].is_null()).count();
+    let failed = list
+        .iter()
+        .filter_map(|w| {
+            w["last_error"]
+                .as_str()
+                .map(|e| format!("{}: {e}", w["id"]))
+        })
+        .collect();
+    let workers_attached = list
+        .iter()
+        .filter(|w| w["attached"] == true && !w["worker"].is_null())
+        .count();
     let agent_peak_rss_kib = status_kib(pid, "VmHWM:")?;
     drop(agent);
     let after = pg.tps(PG_SECONDS)?;
     step(format!("  untraced again: {after:.0} tps"));
-    Ok(PgRun { untraced_tps: vec![before, after], traced_tps: traced, agent_cpu_s, agent_peak_rss_kib, forks, failed, workers_attached })
+    Ok(PgRun {
+        untraced_tps: vec![before, after],
+        traced_tps: traced,
+        agent_cpu_s,
+        agent_peak_rss_kib,
+        forks,
+        failed,
+        workers_attached,
+    })
 }
 
 impl PgRun {
@@ -430,7 +606,11 @@ impl PgRun {
     }
 
     fn ratio(&self) -> f64 {
-        if self.untraced() > 0.0 { self.traced_tps / self.untraced() } else { 0.0 }
+        if self.untraced() > 0.0 {
+            self.traced_tps / self.untraced()
+        } else {
+            0.0
+        }
     }
 
     pub fn targets_table(&self) -> Vec<(String, String, String, bool)> {
@@ -439,16 +619,35 @@ impl PgRun {
             (
                 "pg: pgbench -C tps traced / untraced (forks=true)".into(),
                 format!(">= {PG_MIN_RATIO:.2}"),
-                format!("{:.2} ({:.0} / {:.0})", self.ratio(), self.traced_tps, self.untraced()),
+                format!(
+                    "{:.2} ({:.0} / {:.0})",
+                    self.ratio(),
+                    self.traced_tps,
+                    self.untraced()
+                ),
                 self.ratio() >= PG_MIN_RATIO,
             ),
-            ("pg: backends refused".into(), "0".into(), self.failed.len().to_string(), self.failed.is_empty()),
-            ("pg: agent peak RSS".into(), format!("< {SOAK_MAX_RSS_MIB:.0} MiB"), format!("{rss:.1} MiB"), rss < SOAK_MAX_RSS_MIB),
+            (
+                "pg: backends refused".into(),
+                "0".into(),
+                self.failed.len().to_string(),
+                self.failed.is_empty(),
+            ),
+            (
+                "pg: agent peak RSS".into(),
+                format!("< {SOAK_MAX_RSS_MIB:.0} MiB"),
+                format!("{rss:.1} MiB"),
+                rss < SOAK_MAX_RSS_MIB,
+            ),
         ]
     }
 
     pub fn render(&self) -> String {
-        let forks: Vec<String> = self.forks.iter().map(|(k, v)| format!("{k} {v:.0}")).collect();
+        let forks: Vec<String> = self
+            .forks
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
         format!(
             "\npg: pgbench -C -S {PG_SECONDS}s: untraced {:.0} tps (runs {:?}), traced {:.0} tps ({:.2}); agent CPU {:.1} s \
              ({:.0}% of one core), peak RSS {:.1} MiB; forks: {}; workers attached now {}; failed workloads {}{}\n",
@@ -483,7 +682,9 @@ mod tests {
     /// The slope of a line is found; a flat series has none.
     #[test]
     fn slope() {
-        let pts: Vec<(f64, f64)> = (0..10).map(|i| (i as f64 * 60.0, 100.0 + i as f64)).collect();
+        let pts: Vec<(f64, f64)> = (0..10)
+            .map(|i| (i as f64 * 60.0, 100.0 + i as f64))
+            .collect();
         assert!((slope_mib_per_h(&pts) - 60.0).abs() < 1e-9);
         assert_eq!(slope_mib_per_h(&[(0.0, 5.0), (10.0, 5.0)]), 0.0);
     }

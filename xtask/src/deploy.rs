@@ -65,17 +65,30 @@ fn manifests_in(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Every manifest of `dir` is a resource of its `kustomization.yaml` (a `- FILE` line).
 fn check_kustomization(dir: &Path, manifests: &[PathBuf]) -> Result<()> {
     let path = dir.join("kustomization.yaml");
-    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let listed: Vec<&str> = text.lines().filter_map(|l| strip_comment(l).trim().strip_prefix("- ")).map(str::trim).collect();
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let listed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| strip_comment(l).trim().strip_prefix("- "))
+        .map(str::trim)
+        .collect();
     let missing: Vec<&str> = manifests
         .iter()
         .filter_map(|m| m.file_name()?.to_str())
         .filter(|name| !listed.contains(name))
         .collect();
     if !missing.is_empty() {
-        bail!("{} does not list {}: `kubectl apply -k` would leave them out", path.display(), missing.join(", "));
+        bail!(
+            "{} does not list {}: `kubectl apply -k` would leave them out",
+            path.display(),
+            missing.join(", ")
+        );
     }
-    step(format!("{}: lists all {} manifests", path.display(), manifests.len()));
+    step(format!(
+        "{}: lists all {} manifests",
+        path.display(),
+        manifests.len()
+    ));
     Ok(())
 }
 
@@ -119,11 +132,25 @@ sys.exit(1 if failures else 0)
 fn validate_monitors(dir: &Path, manifests: &[PathBuf]) -> Result<()> {
     step(format!(
         "jsonschema (vendored Prometheus Operator CRD schema, strict): {}",
-        manifests.iter().filter_map(|p| p.file_name()?.to_str()).collect::<Vec<_>>().join(" ")
+        manifests
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
-    let (ok, log) = run_captured(python().arg("-c").arg(MONITOR_CHECK).arg(dir).args(manifests))?;
+    let (ok, log) = run_captured(
+        python()
+            .arg("-c")
+            .arg(MONITOR_CHECK)
+            .arg(dir)
+            .args(manifests),
+    )?;
     if !ok {
-        bail!("the monitors in {} do not fit their CRD schema:\n{}", dir.display(), log.trim_end());
+        bail!(
+            "the monitors in {} do not fit their CRD schema:\n{}",
+            dir.display(),
+            log.trim_end()
+        );
     }
     Ok(())
 }

@@ -35,13 +35,24 @@ fn usable(engine: &str) -> Result<(), String> {
         "docker" => vec!["info", "--format", "{{.ServerVersion}}"],
         _ => vec!["version"],
     };
-    let out = Command::new(engine).args(&probe).stdin(std::process::Stdio::null()).output();
+    let out = Command::new(engine)
+        .args(&probe)
+        .stdin(std::process::Stdio::null())
+        .output();
     match out {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => {
             let err = String::from_utf8_lossy(&o.stderr);
-            let line = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed").trim();
-            Err(format!("{engine}: `{engine} {}` failed: {line}", probe.join(" ")))
+            let line = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("failed")
+                .trim();
+            Err(format!(
+                "{engine}: `{engine} {}` failed: {line}",
+                probe.join(" ")
+            ))
         }
         Err(e) => Err(format!("{engine}: {e}")),
     }
@@ -67,10 +78,13 @@ pub fn run(args: ImageArgs) -> Result<()> {
             tried.join("; ")
         );
     };
-    let tag = args.tag.unwrap_or_else(|| format!("memscope:{}", env!("CARGO_PKG_VERSION")));
+    let tag = args
+        .tag
+        .unwrap_or_else(|| format!("memscope:{}", env!("CARGO_PKG_VERSION")));
     crate::ebpf::build(false)?;
     step("cargo build --release -p profiler-user");
-    cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"])).context("building memscope failed")?;
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"]))
+        .context("building memscope failed")?;
     let context = cmd::target_dir().join("release");
     let containerfile = cmd::workspace_root().join("deploy/Containerfile");
     let mut build = Command::new(engine);
@@ -78,9 +92,20 @@ pub fn run(args: ImageArgs) -> Result<()> {
         "buildah" => build.args(["bud", "--layers"]),
         _ => build.arg("build"),
     };
-    build.arg("-f").arg(&containerfile).arg("-t").arg(&tag).arg(&context);
-    step(format!("{} (context {})", cmd::describe(&build), context.display()));
+    build
+        .arg("-f")
+        .arg(&containerfile)
+        .arg("-t")
+        .arg(&tag)
+        .arg(&context);
+    step(format!(
+        "{} (context {})",
+        cmd::describe(&build),
+        context.display()
+    ));
     cmd::run(&mut build).with_context(|| format!("{engine} could not build {tag}"))?;
-    step(format!("built {tag}; push it to your registry and set it in deploy/kustomization.yaml (images:)"));
+    step(format!(
+        "built {tag}; push it to your registry and set it in deploy/kustomization.yaml (images:)"
+    ));
     Ok(())
 }
