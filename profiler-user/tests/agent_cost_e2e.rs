@@ -189,12 +189,27 @@ fn agent_memory_stays_bounded_with_pushing_targets() {
     assert!(mib(end) - mib(mid) < 16.0, "agent RSS grew {:.1} MiB over the second half: {samples:?}", mib(end) - mib(mid));
 }
 
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ").then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
+        })
+        .expect("cgroup v2 is mounted")
+}
+
 /// A PostgreSQL cluster of its own, in a temporary directory (initdb as user postgres, a Unix
-/// socket only); stopped and removed when dropped.
+/// socket only) and a cgroup of its own (so that a selector finds its processes, not those of
+/// another cluster on the machine: a workload is a selector, an executable and a cgroup);
+/// stopped and removed when dropped.
 struct Postgres {
     dir: PathBuf,
     port: u16,
     bin: PathBuf,
+    cgroup: PathBuf,
 }
 
 impl Postgres {
@@ -206,7 +221,9 @@ impl Postgres {
         std::fs::create_dir_all(dir).unwrap();
         let chown = Command::new("chown").args(["-R", "postgres:"]).arg(dir).status().unwrap();
         assert!(chown.success());
-        let pg = Postgres { dir: dir.to_owned(), port, bin };
+        let cgroup = cgroup2_root().join(format!("memscope-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&cgroup).unwrap();
+        let pg = Postgres { dir: dir.to_owned(), port, bin, cgroup };
         let run = |args: &[&str]| {
             let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).stdin(Stdio::null()).output().unwrap();
             assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -214,19 +231,17 @@ impl Postgres {
         let data = dir.join("data");
         run(&[pg.bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-N"]);
         let opts = format!("-p {port} -k {} -c listen_addresses='' -c max_connections=40 -c fsync=off", dir.display());
-        run(&[
-            pg.bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &opts,
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ]);
+        // pg_ctl (and the postmaster it starts) in the cluster's cgroup.
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec runuser -u postgres -- "$@""#)
+            .arg(&pg.cgroup)
+            .arg(pg.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-o", &opts, "-l", dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
         let init = pg.client("pgbench").args(["-i", "-q", "postgres"]).output().unwrap();
         assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
         pg
@@ -263,6 +278,12 @@ impl Drop for Postgres {
             .stderr(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -297,7 +318,8 @@ fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached
     let untraced = pg.pgbench_connect_per_tx(4);
     let tokens = standard_tokens(dir.path());
     // Only this cluster's processes: other tests may run their own postgres.
-    let selector = format!("comm=postgres,exe={}/postgres,forks=true", pg.bin.display());
+    let cgroup = pg.cgroup.file_name().unwrap().to_str().unwrap().to_string();
+    let selector = format!("comm=postgres,cgroup=*{cgroup},forks=true");
     let agent = start_agent(&[
         "--listen",
         "127.0.0.1:0",
@@ -312,7 +334,7 @@ fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached
     ])
     .unwrap();
     let url = agent.url.clone();
-    wait_until(Duration::from_secs(60), "the postmaster attached", || {
+    wait_until(Duration::from_secs(120), "the postmaster attached", || {
         workloads(&url).iter().any(|w| w["pid"] == postmaster && w["attached"] == true)
     });
     let before: Vec<u32> = children(postmaster);
@@ -376,6 +398,8 @@ fn select_file_changes_apply_without_detaching_other_targets() {
         tokens.to_str().unwrap(),
         "--data-dir",
         &data_dir(dir.path()),
+        "--rate-limit",
+        "1000",
         "--select-file",
         file.to_str().unwrap(),
     ])
