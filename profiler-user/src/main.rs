@@ -30,7 +30,20 @@ fn tune_allocator() {
     }
 }
 
+/// Runs [`tune_allocator`] from the process's constructors, before `main` and before the
+/// first allocation: mimalloc reserves its first arena at that allocation, with the options in
+/// force then (an arena committed eagerly keeps purged pages resident; set from `main`, the
+/// options came too late for it: 85-92 MiB of RssAnon with 50 pushing targets instead of
+/// 15-41 MiB).
+#[used]
+#[link_section = ".init_array"]
+static TUNE_ALLOCATOR: extern "C" fn() = {
+    extern "C" fn tune() {
+        tune_allocator();
+    }
+    tune
+};
+
 fn main() -> ExitCode {
-    tune_allocator();
     profiler_user::cli::main()
 }
