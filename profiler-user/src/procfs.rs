@@ -47,6 +47,14 @@ pub fn exists(pid: u32) -> bool {
     pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` still runs code: it exists and is neither a zombie (`Z`, exited, not reaped
+/// yet: its `maps` reads empty) nor dead (`X`).
+pub fn running(pid: u32) -> bool {
+    let Ok(stat) = read(pid, "stat") else { return false };
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z" | "X" | "x"))
+}
+
 fn read(pid: u32, what: &'static str) -> Result<String, ProcError> {
     let text = fs::File::open(format!("/proc/{pid}/{what}")).and_then(|f| target_fs::read_text(&f, Kind::ProcText));
     text.map_err(|source| {

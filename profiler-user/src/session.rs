@@ -432,6 +432,13 @@ impl TracedTarget for Session {
 /// Attaches real eBPF sessions, every one a target of the same probes: loaded (and verified)
 /// at the first attach with the agent's settings, `settings.max_unwind_rows` unwind rows and
 /// `settings.max_allocs` live allocations for all targets together.
+///
+/// The maps are preallocated at their full size when the probes load (hash maps of the
+/// kernel's preallocated kind: no allocation in the probes, no failure under memory pressure),
+/// so their memory does not follow the number of targets. With [`EbpfAttacher::release_idle`],
+/// probes no target has used for that long are unloaded, their maps freed: an agent with
+/// nothing to trace holds no map memory, and the next attach loads them again (0.5 to 0.7 s
+/// of verification).
 pub struct EbpfAttacher {
     settings: ProbeSettings,
     /// `--cpu-budget`: the governor's share of one CPU per target (percent).
@@ -442,6 +449,36 @@ pub struct EbpfAttacher {
 impl EbpfAttacher {
     pub fn new(settings: ProbeSettings, cpu_budget: Option<f64>) -> EbpfAttacher {
         EbpfAttacher { settings, cpu_budget, probes: Mutex::new(None) }
+    }
+
+    /// Unloads the probes (and frees their maps) once no target has held them for `after`:
+    /// checked on a thread of its own, which ends when the attacher is dropped.
+    pub fn release_idle(self: &Arc<Self>, after: Duration) {
+        let weak = Arc::downgrade(self);
+        let tick = (after / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let spawned = std::thread::Builder::new().name("probe-release".into()).spawn(move || {
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                std::thread::sleep(tick);
+                let Some(attacher) = weak.upgrade() else { return };
+                let mut probes = attacher.probes.lock().unwrap();
+                // Held by the attacher alone: no target (each holds its slot's `Arc`).
+                let unused = probes.as_ref().is_some_and(|p| Arc::strong_count(p) == 1);
+                if !unused {
+                    idle_since = None;
+                    continue;
+                }
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= after {
+                    *probes = None;
+                    idle_since = None;
+                    info!(idle_s = after.as_secs(), "no target for a while: probes unloaded and their maps freed");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the thread that unloads idle probes; they stay loaded");
+        }
     }
 
     /// The probes, once loaded.

@@ -74,6 +74,21 @@ pub struct BenchArgs {
     /// budget, a few minutes), not the snapshot pauses.
     #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
     v8_share_only: bool,
+    /// Run only the `soak` section (the agent's RSS over time with targets pushing profiles).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only"])]
+    soak_only: bool,
+    /// `soak`: how long, in minutes (the target is an hour).
+    #[arg(long, default_value_t = 5.0)]
+    soak_minutes: f64,
+    /// `soak`: how many targets.
+    #[arg(long, default_value_t = 50)]
+    soak_targets: usize,
+    /// `soak`: each workload's push interval, in seconds.
+    #[arg(long, default_value_t = 10)]
+    soak_push_interval: u64,
+    /// Run only the `pg` section (PostgreSQL under pgbench -C with forks=true).
+    #[arg(long, conflicts_with_all = ["node_only", "v8_only", "soak_only"])]
+    pg_only: bool,
 }
 
 // Iteration counts: the whole bench stays within ~5 minutes on 2 cores (bpftrace costs ~12 us
@@ -150,6 +165,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if args.soak_only {
+        let soak = crate::bench_agent::soak(&tools.memscope, &tools.scratch, args.soak_targets, args.soak_minutes, args.soak_push_interval)?;
+        print!("{}", soak.render());
+        print_targets(&soak.targets_table());
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "soak": soak.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
+    if args.pg_only {
+        let pg = crate::bench_agent::pg(&tools.memscope, &tools.scratch)?;
+        print!("{}", pg.render());
+        print_targets(&pg.targets_table());
+        if let Some(path) = &args.json {
+            fs::write(path, serde_json::to_string_pretty(&json!({ "pg": pg.to_json() }))? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        return Ok(());
+    }
     if args.v8_only || args.v8_share_only {
         let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch, !args.v8_share_only)?;
         print!("{}", v8.render());
@@ -178,6 +213,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let v8 = crate::bench_v8::run(&tools.memscope, &tools.scratch, true)?;
     let usdt = crate::bench_usdt::run(&tools.memscope, &tools.scratch)?;
     let js_names = crate::bench_js_names::run(&tools.memscope, &tools.scratch)?;
+    let soak = crate::bench_agent::soak(&tools.memscope, &tools.scratch, args.soak_targets, args.soak_minutes, args.soak_push_interval)?;
+    let pg = crate::bench_agent::pg(&tools.memscope, &tools.scratch)?;
     let report = Report {
         machine: machine(load_before),
         repeat: args.repeat,
@@ -201,11 +238,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
     print_targets(&usdt.targets());
     print!("{}", js_names.render());
     print_targets(&js_names.targets());
+    print!("{}", soak.render());
+    print_targets(&soak.targets_table());
+    print!("{}", pg.render());
+    print_targets(&pg.targets_table());
     if let Some(path) = &args.json {
         let mut all = report.to_json();
         all["v8"] = v8.to_json();
         all["usdt"] = usdt.to_json();
         all["js_names"] = js_names.to_json();
+        all["soak"] = soak.to_json();
+        all["pg"] = pg.to_json();
         let text = serde_json::to_string_pretty(&all)?;
         fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
         step(format!("wrote {}", path.display()));

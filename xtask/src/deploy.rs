@@ -14,6 +14,14 @@
 //!   durations) without starting the agent. `memscope` is built first (`cargo build -p
 //!   profiler-user`, debug) so that the help is the current one.
 //!
+//! - `deploy/monitoring/*.yaml` (the Prometheus Operator's PodMonitor, a CRD that
+//!   kubernetes-validate does not know) are validated with Python's `jsonschema` (installed with
+//!   kubernetes-validate) against the CRD's openAPI schema vendored beside them
+//!   (`podmonitor.schema.json`), made strict as `kubectl apply --validate=strict` is: a field the
+//!   schema does not define is an error.
+//! - Each `kustomization.yaml` lists every manifest of its directory, so `kubectl apply -k`
+//!   applies all of them.
+//!
 //! Limits: no YAML parser (xtask keeps its dependencies small). The container's `args` are read
 //! by indentation and must be a block list (`- item` lines) of plain or quoted scalars. Paths
 //! given to the agent (token file, certificates) are not checked: they exist only in the pod.
@@ -41,7 +49,110 @@ pub fn check() -> Result<()> {
     let manifests = manifests(&deploy)?;
     ensure_validator()?;
     validate(&manifests)?;
+    check_kustomization(&deploy, &manifests)?;
+    let monitoring = deploy.join("monitoring");
+    let monitors = manifests_in(&monitoring)?;
+    validate_monitors(&monitoring, &monitors)?;
+    check_kustomization(&monitoring, &monitors)?;
     check_agent_args(&deploy.join("daemonset.yaml"))
+}
+
+/// `*.yaml` of `dir` except `kustomization.yaml`, sorted.
+fn manifests_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    manifests(dir)
+}
+
+/// Every manifest of `dir` is a resource of its `kustomization.yaml` (a `- FILE` line).
+fn check_kustomization(dir: &Path, manifests: &[PathBuf]) -> Result<()> {
+    let path = dir.join("kustomization.yaml");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let listed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| strip_comment(l).trim().strip_prefix("- "))
+        .map(str::trim)
+        .collect();
+    let missing: Vec<&str> = manifests
+        .iter()
+        .filter_map(|m| m.file_name()?.to_str())
+        .filter(|name| !listed.contains(name))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} does not list {}: `kubectl apply -k` would leave them out",
+            path.display(),
+            missing.join(", ")
+        );
+    }
+    step(format!(
+        "{}: lists all {} manifests",
+        path.display(),
+        manifests.len()
+    ));
+    Ok(())
+}
+
+/// Validates the custom resources of `dir` against the vendored CRD schemas (see the module
+/// doc): `KIND` -> `kind.schema.json` in lower case.
+const MONITOR_CHECK: &str = r#"
+import json, sys, yaml, jsonschema
+def strict(s):
+    if isinstance(s, dict):
+        s = {k: strict(v) for k, v in s.items()}
+        if s.get("type") == "object" and "properties" in s and "additionalProperties" not in s                 and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s["additionalProperties"] = False
+        return s
+    if isinstance(s, list):
+        return [strict(v) for v in s]
+    return s
+schema_dir, failures = sys.argv[1], 0
+for path in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if doc is None:
+            continue
+        kind = doc.get("kind", "?")
+        try:
+            schema = strict(json.load(open(f"{schema_dir}/{kind.lower()}.schema.json")))
+        except FileNotFoundError:
+            print(f"{path}: no vendored schema for kind {kind}"); failures += 1; continue
+        schema.pop("$comment", None)
+        # metadata is the API server's ObjectMeta, not the CRD's: name and namespace at least.
+        meta = doc.get("metadata") or {}
+        if not meta.get("name") or not meta.get("namespace"):
+            print(f"{path}: {kind} needs metadata.name and metadata.namespace"); failures += 1
+        if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+            print(f"{path}: apiVersion {doc.get('apiVersion')!r} is not monitoring.coreos.com/v1"); failures += 1
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+        for e in errors:
+            print(f"{path}: {kind} {'/'.join(map(str, e.path)) or '(root)'}: {e.message}")
+        failures += len(errors)
+sys.exit(1 if failures else 0)
+"#;
+
+fn validate_monitors(dir: &Path, manifests: &[PathBuf]) -> Result<()> {
+    step(format!(
+        "jsonschema (vendored Prometheus Operator CRD schema, strict): {}",
+        manifests
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let (ok, log) = run_captured(
+        python()
+            .arg("-c")
+            .arg(MONITOR_CHECK)
+            .arg(dir)
+            .args(manifests),
+    )?;
+    if !ok {
+        bail!(
+            "the monitors in {} do not fit their CRD schema:\n{}",
+            dir.display(),
+            log.trim_end()
+        );
+    }
+    Ok(())
 }
 
 /// `deploy/*.yaml` except `kustomization.yaml`, sorted.

@@ -5,6 +5,7 @@
 //! and the privileged commands (`test`, `demo`) need root.
 mod bench;
 mod bench_js_names;
+mod bench_agent;
 mod bench_node;
 mod bench_usdt;
 mod bench_v8;
@@ -13,6 +14,7 @@ mod demo;
 mod deploy;
 mod ebpf;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 
@@ -57,6 +59,8 @@ enum Task {
     DeployCheck,
     /// Fuzz the parsers of everything a target or a client controls (N seconds per target).
     Fuzz(fuzz::FuzzArgs),
+    /// Build the agent's container image from deploy/Containerfile (podman, buildah or docker).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +85,7 @@ fn run(task: Task) -> Result<ExitCode> {
         Task::Bench(args) => bench::run(args)?,
         Task::DeployCheck => deploy::check()?,
         Task::Fuzz(args) => fuzz::run(args)?,
+        Task::Image(args) => image::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

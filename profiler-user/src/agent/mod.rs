@@ -199,19 +199,25 @@ pub async fn start(state: &Arc<State>, config: StartConfig<'_>) -> anyhow::Resul
 pub struct Background {
     poller: JoinHandle<()>,
     pushing: Option<JoinHandle<()>>,
+    /// `--select-file`'s watch.
+    select_watch: Option<JoinHandle<()>>,
 }
 
 /// Starts the agent's background tasks (within a tokio runtime).
 pub fn spawn_background(state: &Arc<State>) -> Background {
-    Background { poller: triggers::spawn_poller(state.clone()), pushing: workloads::spawn_push(state) }
+    Background {
+        poller: triggers::spawn_poller(state.clone()),
+        pushing: workloads::spawn_push(state),
+        select_watch: workloads::spawn_select_file_watch(state),
+    }
 }
 
 impl Background {
     /// Stops them.
     pub fn abort(self) {
         self.poller.abort();
-        if let Some(p) = self.pushing {
-            p.abort();
+        for task in [self.pushing, self.select_watch].into_iter().flatten() {
+            task.abort();
         }
     }
 }

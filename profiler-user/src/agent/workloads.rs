@@ -4,12 +4,23 @@
 //! that starts matching later from the exec events of [`crate::discover::ProcWatcher`], and
 //! detaches a process when it exits (after its exit trigger, if any, took its snapshot).
 //!
+//! Selectors come from the flags (`--select`), from a `--select-file` (a mounted ConfigMap),
+//! which is watched ([`spawn_select_file_watch`]: selectors it no longer has are removed and
+//! their workloads detached, new ones added and scanned for; unchanged ones keep their targets
+//! attached), and from the API (persisted).
+//!
 //! A workload's [`Tracking`] (snapshot series, verdicts) is handed from one process of the
 //! workload to the next, its selector's triggers are attached again to each new process, and
 //! its snapshots are stored under its id (`/v1/workloads/{id}/snapshots`). One process per
 //! workload is traced at a time: the first that matches. Under a `forks=true` selector, the
 //! processes an attached process forks (from the fork events) are attached as its workers,
-//! workloads of their own ([`workload::worker`]).
+//! workloads of their own ([`workload::worker`]), once they lived `--fork-min-lifetime`: a
+//! fork-per-connection server (PostgreSQL, a pre-fork CGI server under `pgbench -C`-like load)
+//! forks hundreds of children a second that live a few milliseconds each; attaching each (its
+//! allocator searched, its probes verified and attached, its unwind maps written) would cost
+//! the agent a core and the server most of its throughput, for children that exit before
+//! their first snapshot. Those are counted (`memscope_forks_total{result="short_lived"}`), not
+//! attached; a child that exits while it is being attached is counted as such, never refused.
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -38,16 +49,39 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 /// How long attaching a process that just exec'd is retried (its allocator may not be mapped
 /// yet: the dynamic loader maps libc right after exec).
 const ATTACH_RETRY_FOR: Duration = Duration::from_millis(800);
+/// Default of `--fork-min-lifetime`: a child of a `forks=true` workload is attached once it
+/// lived this long (connection backends living a few ms are not worth attaching; pre-fork
+/// workers are attached well within a second).
+pub const DEFAULT_FORK_MIN_LIFETIME: Duration = Duration::from_millis(250);
 
 /// What the node-level agent is told at start.
 #[derive(Clone, Debug, Default)]
 pub struct NodeConfig {
     /// `--select`, in order.
     pub selectors: Vec<Selector>,
+    /// `--select-file`, watched for changes, and the selectors it held at start.
+    pub select_file: Option<std::path::PathBuf>,
+    pub file_selectors: Vec<Selector>,
     /// `--node-root`.
     pub node_paths: NodePaths,
     /// `--push` and its options.
     pub push: Option<crate::export::push::PushConfig>,
+    /// `--fork-min-lifetime`: how long a child of a `forks=true` workload must live before it
+    /// is attached.
+    pub fork_min_lifetime: Duration,
+}
+
+/// What became of the children of `forks=true` workloads (`memscope_forks_total`).
+#[derive(Default)]
+pub struct ForkStats {
+    /// Children of a followed process seen (fork events).
+    pub seen: std::sync::atomic::AtomicU64,
+    /// Exited (or reaped) before `--fork-min-lifetime`: not attached.
+    pub short_lived: std::sync::atomic::AtomicU64,
+    /// Exited while being attached (counted, not an attach failure).
+    pub exited_while_attaching: std::sync::atomic::AtomicU64,
+    /// Attached as workers.
+    pub attached: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct Entry {
@@ -69,7 +103,19 @@ pub struct Workloads {
     own_pid: u32,
     /// `--push`: the queue and sender of heap profiles.
     pub(crate) pusher: std::sync::OnceLock<Arc<Pusher>>,
+    fork_min_lifetime: Duration,
+    pub(crate) forks: ForkStats,
+    /// `--select-file` and the text of it in force.
+    select_file: Option<std::path::PathBuf>,
+    select_text: Mutex<Option<String>>,
+    /// Changes of `--select-file` applied and refused (`memscope_select_file_reloads_total`).
+    reloads_applied: std::sync::atomic::AtomicU64,
+    reloads_refused: std::sync::atomic::AtomicU64,
 }
+
+/// How often `--select-file` is checked for a change (kubelet itself takes up to a minute or
+/// two to update a mounted ConfigMap).
+const SELECT_FILE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A selector as `/v1/selectors` shows it.
 #[derive(Serialize)]
@@ -93,6 +139,11 @@ impl Workloads {
                 selectors.push(SelectorEntry { selector: s.clone(), origin: "flag" });
             }
         }
+        for s in &config.file_selectors {
+            if !selectors.iter().any(|e| e.selector.id() == s.id()) {
+                selectors.push(SelectorEntry { selector: s.clone(), origin: "file" });
+            }
+        }
         let restored = file.load()?;
         if !restored.is_empty() {
             info!(count = restored.len(), file = %file.path().display(), "selectors restored");
@@ -113,6 +164,12 @@ impl Workloads {
             events: Mutex::new(None),
             own_pid: std::process::id(),
             pusher: std::sync::OnceLock::new(),
+            fork_min_lifetime: config.fork_min_lifetime,
+            forks: ForkStats::default(),
+            select_text: Mutex::new(config.select_file.as_deref().and_then(|p| workload::read_select_text(p).ok())),
+            select_file: config.select_file.clone(),
+            reloads_applied: Default::default(),
+            reloads_refused: Default::default(),
         })
     }
 
@@ -226,6 +283,130 @@ impl Workloads {
     }
 }
 
+/// Checks `--select-file` every [`SELECT_FILE_INTERVAL`] and applies its changes (see
+/// [`reload_select_file`]); `None` without the flag.
+pub(crate) fn spawn_select_file_watch(state: &Arc<State>) -> Option<tokio::task::JoinHandle<()>> {
+    state.workloads.get()?.select_file.as_ref()?;
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SELECT_FILE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let st = state.clone();
+            let _ = tokio::task::spawn_blocking(move || reload_select_file(&st)).await;
+        }
+    }))
+}
+
+/// What a reload of `--select-file` changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reload {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Pids detached with the removed selectors.
+    pub detached: Vec<u32>,
+}
+
+/// Re-reads `--select-file`; when its text changed, removes the selectors it no longer has
+/// (their workloads' processes detached, as `DELETE /v1/selectors/{id}` does) and adds the
+/// new ones (then scans for their processes). Selectors in both keep their targets attached;
+/// a line that changed is a new selector (the old one removed). A file that cannot be read or
+/// parsed changes nothing: the error is logged and counted, and the same text is not reported
+/// again. Blocking.
+pub fn reload_select_file(state: &Arc<State>) -> Result<Reload, String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(w) = state.workloads.get() else { return Ok(Reload::default()) };
+    let Some(path) = w.select_file.clone() else { return Ok(Reload::default()) };
+    let refuse = |text: Option<String>, line: String| {
+        let mut last = w.select_text.lock().unwrap();
+        if text.is_none() || *last != text {
+            warn!(file = %path.display(), error = %line, "--select-file changed but cannot be used; the selectors in force stay");
+            w.reloads_refused.fetch_add(1, Relaxed);
+        }
+        if text.is_some() {
+            *last = text;
+        }
+        Err(line)
+    };
+    let text = match workload::read_select_text(&path) {
+        Ok(t) => t,
+        Err(e) => return refuse(None, crate::errors::one_line(&e)),
+    };
+    if w.select_text.lock().unwrap().as_deref() == Some(text.as_str()) {
+        return Ok(Reload::default());
+    }
+    let wanted = match workload::parse_select_file(&path, &text) {
+        Ok(s) => s,
+        Err(e) => return refuse(Some(text), crate::errors::one_line(&e)),
+    };
+    let mut reload = Reload::default();
+    {
+        let mut sels = w.selectors.lock().unwrap();
+        let wanted_ids: Vec<String> = wanted.iter().map(|s| s.id()).collect();
+        let kept = sels.len() - sels.iter().filter(|e| e.origin == "file" && !wanted_ids.contains(&e.selector.id())).count();
+        let new: Vec<&Selector> = wanted.iter().filter(|s| !sels.iter().any(|e| e.selector.id() == s.id())).collect();
+        if kept + new.len() > MAX_SELECTORS {
+            drop(sels);
+            return refuse(Some(text), format!("{}: more than {MAX_SELECTORS} selectors in all", path.display()));
+        }
+        sels.retain(|e| {
+            let gone = e.origin == "file" && !wanted_ids.contains(&e.selector.id());
+            if gone {
+                reload.removed.push(e.selector.id());
+            }
+            !gone
+        });
+        for s in new {
+            reload.added.push(s.id());
+            sels.push(SelectorEntry { selector: s.clone(), origin: "file" });
+        }
+    }
+    *w.select_text.lock().unwrap() = Some(text);
+    w.reloads_applied.fetch_add(1, Relaxed);
+    for sid in &reload.removed {
+        reload.detached.extend(detach_selector(state, w, sid));
+    }
+    info!(file = %path.display(), added = ?reload.added, removed = ?reload.removed, detached = reload.detached.len(), "--select-file reloaded");
+    if !reload.added.is_empty() {
+        if let Err(e) = Workloads::start_watching(state) {
+            warn!(error = %crate::errors::one_line(&e), "starting the process watcher failed");
+        }
+        Workloads::scan(state);
+    }
+    Ok(reload)
+}
+
+/// Detaches the processes of the workloads of selector `sid` (removed): they stay listed with
+/// their snapshots. Returns their pids.
+fn detach_selector(state: &State, w: &Workloads, sid: &str) -> Vec<u32> {
+    let pids: Vec<u32> = {
+        let mut reg = w.registry.lock().unwrap();
+        reg.values_mut()
+            .filter(|e| e.workload.selector == sid)
+            .filter_map(|e| {
+                let pid = e.workload.pid;
+                e.workload.gone();
+                pid
+            })
+            .collect()
+    };
+    let mut by_pid = w.by_pid.lock().unwrap();
+    let mut detached = Vec::new();
+    for pid in &pids {
+        by_pid.remove(pid);
+        crate::v8::channel::forget(*pid);
+        if let Some(e) = state.targets.write().unwrap().remove(pid) {
+            detached.push(e);
+        }
+    }
+    drop(by_pid);
+    // Dropped on a thread of its own: detaching takes the kernel a while.
+    drop(std::thread::Builder::new().name("detach".into()).spawn(move || drop(detached)));
+    pids
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -250,8 +431,9 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
                     ProcEvent::Exit(pid) => exited(&st, pid),
                     // Most new tasks (threads above all) are of processes not followed: dismissed here.
                     ProcEvent::Fork { parent, child } => {
-                        if state.workloads.get().is_some_and(|w| w.follows_forks_of(parent)) {
-                            drop(tokio::task::spawn_blocking(move || forked(&st, parent, child)));
+                        if let Some(w) = state.workloads.get().filter(|w| w.follows_forks_of(parent)) {
+                            w.forks.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::spawn(fork_after_min_lifetime(st, parent, child, w.fork_min_lifetime));
                         }
                     }
                 }
@@ -301,6 +483,24 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
     if let Some((tracking, fresh)) = reserve(state, w, pid, &identity, &selector.id()) {
         attach_reserved(state, w, pid, &identity, &selector, tracking, fresh, just_exec);
     }
+}
+
+/// Attaches `child` of the followed `parent` as a worker if it still runs, as `parent`'s child,
+/// after `min_lifetime` (see the module doc); a child gone by then is counted as short-lived.
+async fn fork_after_min_lifetime(state: Arc<State>, parent: u32, child: u32, min_lifetime: Duration) {
+    if !min_lifetime.is_zero() {
+        tokio::time::sleep(min_lifetime).await;
+    }
+    let Some(w) = state.workloads.get() else { return };
+    // Still running, and still `parent`'s (not a reused pid, not re-parented after its
+    // parent exited).
+    let running = crate::procfs::running(child) && crate::procfs::status_number(child, "PPid") == Some(parent);
+    if !running {
+        w.forks.short_lived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(pid = child, parent, "a forked child exited before --fork-min-lifetime: not attached");
+        return;
+    }
+    drop(tokio::task::spawn_blocking(move || forked(&state, parent, child)));
 }
 
 /// Most worker slots of one workload (`forks=true`).
@@ -400,6 +600,13 @@ fn attach_reserved(
     state.attaching.lock().unwrap().remove(&pid);
     let target: Arc<dyn TracedTarget> = match target {
         Ok(t) => t,
+        // Gone meanwhile (a short-lived child, a restart): not a failure of the workload.
+        Err(line) if !crate::procfs::running(pid) => {
+            tracing::debug!(pid, workload = %identity.id, error = %line, "the process exited while it was being attached");
+            w.forks.exited_while_attaching.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            release(None);
+            return;
+        }
         Err(line) => {
             warn!(pid, workload = %identity.id, error = %line, "attaching a workload's process failed");
             release(Some(line));
@@ -423,6 +630,9 @@ fn attach_reserved(
         previous
     };
     drop(previous);
+    if identity.labels.contains_key("worker") {
+        w.forks.attached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     info!(pid, workload = %identity.id, selector = %selector.expr, restarted,
           latency_ms = started.elapsed().as_millis() as u64, "workload attached");
     tracking.remove_finished();
@@ -545,7 +755,10 @@ pub(crate) fn spawn_push(state: &Arc<State>) -> Option<tokio::task::JoinHandle<(
 /// One round: a profile of each attached workload, queued.
 fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>) {
     let Some(w) = state.workloads.get() else { return };
-    for wl in w.list().into_iter().filter(|w| w.attached) {
+    let list = w.list();
+    // Bounded by the workloads listed now (not by every workload ever pushed).
+    last.lock().unwrap().retain(|id, _| list.iter().any(|w| w.id == *id));
+    for wl in list.into_iter().filter(|w| w.attached) {
         let Some(pid) = wl.pid else { continue };
         let Some(target) = state.targets.read().unwrap().get(&pid).map(|e| e.target.clone()) else { continue };
         let skipped = || pusher.stats.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -581,6 +794,37 @@ fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>
         let from = last.lock().unwrap().insert(wl.id.clone(), until).unwrap_or_else(|| wl.attached_at_ms.unwrap_or(profile.taken_at_ms) / 1000);
         pusher.enqueue(PushJob { query: push::ingest_query(&app, &labels, from, until), body });
     }
+}
+
+/// What became of the children of `forks=true` workloads, and the reloads of `--select-file`,
+/// in the Prometheus text format.
+pub(crate) fn node_metrics(state: &State) -> String {
+    use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
+    let Some(w) = state.workloads.get() else { return String::new() };
+    let f = &w.forks;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP memscope_forks_total Children of forks=true workloads, by what became of them.\n# TYPE memscope_forks_total counter"
+    );
+    for (result, n) in [
+        ("seen", &f.seen),
+        ("short_lived", &f.short_lived),
+        ("exited_while_attaching", &f.exited_while_attaching),
+        ("attached", &f.attached),
+    ] {
+        let _ = writeln!(out, "memscope_forks_total{{result=\"{result}\"}} {}", n.load(Relaxed));
+    }
+    if w.select_file.is_some() {
+        let _ = writeln!(
+            out,
+            "# HELP memscope_select_file_reloads_total Changes of --select-file applied or refused (unreadable, a bad line).\n# TYPE memscope_select_file_reloads_total counter"
+        );
+        for (result, n) in [("applied", &w.reloads_applied), ("refused", &w.reloads_refused)] {
+            let _ = writeln!(out, "memscope_select_file_reloads_total{{result=\"{result}\"}} {}", n.load(Relaxed));
+        }
+    }
+    out
 }
 
 /// The pusher's counters in the Prometheus text format (empty without `--push`).

@@ -801,6 +801,7 @@ pub(crate) fn metrics(state: &State) -> Response {
     crate::agent::workloads::label_stats(state, &mut stats);
     let mut text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
     text.push_str(&crate::agent::workloads::push_metrics(state));
+    text.push_str(&crate::agent::workloads::node_metrics(state));
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

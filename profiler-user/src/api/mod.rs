@@ -14,7 +14,8 @@
 //! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`] (rate budgets: a valid
 //! token's own, the unauthenticated ones apart), [`errors`], [`metrics`], [`audit`] (bounded
 //! audit lines: clipped values, aggregated denials), [`tls`] (listener, TLS, connection cap)
-//! and [`conn_limits`] (which connections give way under the cap), [`workload_handlers`]
+//! and [`conn_limits`] (which connections give way under the cap), [`metrics_listener`] (the
+//! read-only `/metrics` listener on the pod IP, its own token), [`workload_handlers`]
 //! (selectors and workloads), [`v8`] (the JavaScript heap of Node.js targets). Snapshots are
 //! kept by [`crate::store`].
 //!
@@ -43,6 +44,7 @@ pub mod errors;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
+pub mod metrics_listener;
 pub mod routes;
 pub mod tls;
 pub mod v8;
@@ -92,6 +94,8 @@ pub struct AgentConfig {
     pub node: workloads::NodeConfig,
     /// `--v8-summaries`: a V8 heap summary with every stored snapshot of a Node.js target.
     pub v8_summaries: bool,
+    /// `--metrics-listen` and `--metrics-token-file`: a read-only `/metrics` listener.
+    pub metrics: Option<metrics_listener::MetricsListen>,
 }
 
 impl Default for AgentConfig {
@@ -110,6 +114,7 @@ impl Default for AgentConfig {
             allow_eval: false,
             node: workloads::NodeConfig::default(),
             v8_summaries: false,
+            metrics: None,
         }
     }
 }
@@ -177,6 +182,7 @@ pub struct Agent {
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     local_addr: SocketAddr,
+    metrics: Option<metrics_listener::MetricsServer>,
 }
 
 /// The refusals that happen before anything is opened: no token file, or a remote address
@@ -250,7 +256,16 @@ impl Agent {
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
-        Ok(Agent { state, listener, tls, local_addr })
+        let metrics = match &config.metrics {
+            Some(m) => Some(metrics_listener::MetricsServer::bind(m, tls.clone()).await?),
+            None => None,
+        };
+        Ok(Agent { state, listener, tls, local_addr, metrics })
+    }
+
+    /// The metrics listener's address (`--metrics-listen`), when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
     }
 
     /// The address actually bound (useful with port 0).
@@ -269,7 +284,7 @@ impl Agent {
     /// Serves until `shutdown` completes, then stops accepting and lets requests in progress
     /// finish. The token file is re-read on SIGHUP meanwhile.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Agent { state, listener, tls, local_addr } = self;
+        let Agent { state, listener, tls, local_addr, metrics } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
         let background = crate::agent::spawn_background(&state.agent);
         let denials = {
@@ -282,6 +297,7 @@ impl Agent {
                 }
             })
         };
+        let metrics = metrics.map(|m| m.spawn(state.clone()));
         let limits = state.limits.clone();
         let incoming = tls::incoming(
             listener,
@@ -348,6 +364,9 @@ impl Agent {
         background.abort();
         denials.abort();
         state.denials.flush_if_due();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         result
     }
 }

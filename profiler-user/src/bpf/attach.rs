@@ -117,6 +117,17 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
 /// addresses. A stripped executable's allocator is also looked for through its debug file
 /// (see [`super::stripped`]).
 pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
+    let found = find_any_allocator(pid, named);
+    // A process that exited meanwhile (a zombie's maps read empty; its files cannot be opened)
+    // has no allocator to find: it is gone, not refused.
+    match found {
+        Err(AttachError::NoAllocator { .. }) if !procfs::running(pid) => Err(ProcError::NoSuchProcess(pid).into()),
+        other => other,
+    }
+}
+
+/// The Go runtime's sampling and the C allocator (see [`find_allocator_named`]).
+fn find_any_allocator(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
     let go = go_runtime::detect(pid)?;
     let c = find_c_allocator(pid, named);
     let Some(go) = go else { return c };

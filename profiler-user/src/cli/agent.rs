@@ -80,6 +80,11 @@ pub struct AgentArgs {
     /// default, 4 Mi rows, is 32 MiB). Files that do not fit use frame pointers, counted.
     #[arg(long, default_value_t = 1 << 22, value_name = "N")]
     pub max_unwind_rows: u32,
+    /// Unload the probes, freeing their preallocated maps (`--max-allocs`, `--max-stacks`,
+    /// `--max-unwind-rows`), after this long without any target; the next attach loads them
+    /// again (about half a second of CPU). `0s` keeps them loaded.
+    #[arg(long, default_value = "60s", value_parser = crate::units::parse_duration, value_name = "DURATION")]
+    pub release_probes_after: Duration,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
@@ -131,6 +136,15 @@ pub struct AgentArgs {
     /// Selectors and node paths (`--select`, `--node-root`).
     #[command(flatten)]
     pub node: Box<super::node_args::NodeArgs>,
+    /// Also serve `GET /metrics` (and `/healthz`, `/readyz`) read-only on this address, e.g. the
+    /// pod IP for an in-cluster Prometheus; nothing else of the API is reachable there. Needs
+    /// --metrics-token-file; TLS with --tls-cert/--tls-key when given.
+    #[arg(long, value_name = "ADDR:PORT", requires = "metrics_token_file")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File (mode 0600) holding the one bearer token `/metrics` on --metrics-listen accepts;
+    /// re-read when it changes.
+    #[arg(long, value_name = "FILE", requires = "metrics_listen")]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -170,6 +184,10 @@ impl AgentArgs {
                 ..defaults
             },
             node: self.node.config(self.allow_insecure_remote)?,
+            metrics: match (self.metrics_listen, &self.metrics_token_file) {
+                (Some(addr), Some(token_file)) => Some(api::metrics_listener::MetricsListen { addr, token_file: token_file.clone() }),
+                _ => None,
+            },
         })
     }
 }
@@ -184,7 +202,11 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         max_unwind_rows: args.max_unwind_rows,
         source: args.source,
     };
-    Arc::new(EbpfAttacher::new(settings, args.cpu_budget))
+    let attacher = Arc::new(EbpfAttacher::new(settings, args.cpu_budget));
+    if !args.release_probes_after.is_zero() {
+        attacher.release_idle(args.release_probes_after);
+    }
+    attacher
 }
 
 fn parse_budget(s: &str) -> Result<f64, String> {
@@ -214,6 +236,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         let agent = api::Agent::start(config, attacher).await?;
         let scheme = if agent.is_tls() { "https" } else { "http" };
         eprintln!("memscope agent: listening on {scheme}://{}", agent.local_addr());
+        if let Some(addr) = agent.metrics_addr() {
+            eprintln!("memscope agent: metrics on {scheme}://{addr}/metrics");
+        }
         agent.run(api::shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -20,9 +20,17 @@ pub struct NodeArgs {
     #[arg(long = "select", value_name = "EXPR", value_parser = parse_selector, help_heading = "Node")]
     pub selectors: Vec<Selector>,
     /// Selectors, one per line (`#` starts a comment), as --select takes them: e.g. a
-    /// ConfigMap mounted into the DaemonSet.
+    /// ConfigMap mounted into the DaemonSet. Watched: when it changes, selectors it no longer
+    /// has are removed (their workloads detached), new ones added; the others keep their
+    /// targets attached. A changed file that does not parse is refused, logged and counted,
+    /// and the selectors in force stay.
     #[arg(long, value_name = "FILE", help_heading = "Node")]
     pub select_file: Option<PathBuf>,
+    /// A child forked by a process traced under a `forks=true` selector is attached once it
+    /// lived this long; children that exit sooner (a connection backend of a
+    /// fork-per-connection server) are counted, not attached. 0 attaches every child.
+    #[arg(long, default_value = "250ms", value_parser = super::units::parse_duration, value_name = "DURATION", help_heading = "Node")]
+    pub fork_min_lifetime: std::time::Duration,
     /// Where the node's /var/lib/kubelet and /run of the container runtime are found
     /// (`/host` when the node's root is mounted there, as in the DaemonSet).
     #[arg(long, default_value = "/", value_name = "DIR", help_heading = "Node")]
@@ -54,19 +62,7 @@ pub struct NodeArgs {
 
 /// Selectors of a `--select-file`: one per line, blank lines and `#` comments skipped.
 pub fn read_select_file(path: &std::path::Path) -> anyhow::Result<Vec<Selector>> {
-    use anyhow::Context as _;
-    let meta = std::fs::metadata(path).with_context(|| format!("--select-file {}", path.display()))?;
-    anyhow::ensure!(meta.len() <= 1 << 20, "--select-file {}: larger than 1 MiB", path.display());
-    let text = std::fs::read_to_string(path).with_context(|| format!("--select-file {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split_once('#').map_or(line, |(l, _)| l).trim();
-        if line.is_empty() {
-            continue;
-        }
-        out.push(Selector::parse(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?);
-    }
-    Ok(out)
+    crate::workload::parse_select_file(path, &crate::workload::read_select_text(path)?)
 }
 
 fn parse_selector(s: &str) -> Result<Selector, String> {
@@ -106,11 +102,18 @@ impl NodeArgs {
                 })
             }
         };
-        let mut selectors = self.selectors.clone();
-        if let Some(f) = &self.select_file {
-            selectors.extend(read_select_file(f)?);
-        }
-        Ok(NodeConfig { selectors, node_paths: NodePaths { root: self.node_root.clone() }, push })
+        let file_selectors = match &self.select_file {
+            Some(f) => read_select_file(f)?,
+            None => Vec::new(),
+        };
+        Ok(NodeConfig {
+            selectors: self.selectors.clone(),
+            select_file: self.select_file.clone(),
+            file_selectors,
+            node_paths: NodePaths { root: self.node_root.clone() },
+            push,
+            fork_min_lifetime: self.fork_min_lifetime,
+        })
     }
 }
 

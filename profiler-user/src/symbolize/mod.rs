@@ -37,10 +37,86 @@ use crate::{
 use modules::{Modules, Place};
 use perf_map::PerfMap;
 
-thread_local! {
-    // blazesym's symbolizer is not Send; each thread keeps its own, with its parsed-file cache
-    // (keyed by path and file identity, so a reused /proc/self/fd number cannot fool it).
-    static BLAZE: Blaze = Blaze::builder().enable_inlined_fns(true).enable_code_info(true).build();
+/// blazesym's symbolizer with its cache of parsed files lives on one thread of its own
+/// (blazesym's symbolizer is not Send), which every snapshot asks. One per thread that
+/// symbolizes (a per-thread cache) held a parse of the same files (libc's DWARF: tens of MiB)
+/// on each of the runtime's up to 16 blocking threads: the agent's RSS grew with every thread
+/// that ever rendered a profile. Its cache is keyed by path and file identity, so a reused
+/// /proc/self/fd number cannot fool it.
+type Job = Box<dyn FnOnce(&mut (Blaze, u64)) + Send>;
+static WORKER: std::sync::OnceLock<std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>> = std::sync::OnceLock::new();
+
+fn new_blaze() -> Blaze {
+    Blaze::builder().enable_inlined_fns(true).enable_code_info(true).build()
+}
+
+fn worker() -> Option<std::sync::mpsc::Sender<Job>> {
+    let cell = WORKER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("symbolize".into()).spawn(move || {
+            // The symbolizer, and how far it applied the list of closed files (see `forget`).
+            let mut state = (new_blaze(), 0u64);
+            for job in rx {
+                let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut state)));
+                if caught.is_err() {
+                    tracing::warn!("symbolizing panicked; the symbolizer starts afresh");
+                    state = (new_blaze(), 0);
+                }
+            }
+        });
+        match spawned {
+            Ok(_) => std::sync::Mutex::new(Some(tx)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the symbolizer's thread: frames stay unnamed");
+                std::sync::Mutex::new(None)
+            }
+        }
+    });
+    cell.lock().unwrap().clone()
+}
+
+/// Paths (`/proc/self/fd/N`) of modules closed since the start, the oldest dropped past
+/// [`MAX_CLOSED`]: `(number of the first one kept, paths)`. blazesym keeps what it parsed of a
+/// file for as long as its symbolizer lives, and one per thread lives as long as the agent: a
+/// closed module's parsed symbols and DWARF (and its file, held open) would stay, a leak with
+/// every process that exits, and the fd number reused by the next file would keep the old
+/// one's parse alive too. The symbolizer's thread evicts these paths before its next job.
+static CLOSED: std::sync::Mutex<(u64, std::collections::VecDeque<std::path::PathBuf>)> =
+    std::sync::Mutex::new((0, std::collections::VecDeque::new()));
+/// Closed paths remembered; a symbolizer that fell further behind starts afresh.
+const MAX_CLOSED: usize = 4096;
+
+/// The module read through `open_path` was closed: the symbolizer drops what it parsed of it.
+pub(crate) fn forget(open_path: &std::path::Path) {
+    let mut closed = CLOSED.lock().unwrap();
+    closed.1.push_back(open_path.to_owned());
+    if closed.1.len() > MAX_CLOSED {
+        closed.1.pop_front();
+        closed.0 += 1;
+    }
+}
+
+/// Runs `f` on the symbolizer's thread, after evicting the modules closed since its last job;
+/// `None` when that thread is not there.
+fn with_blaze<R: Send + 'static>(f: impl FnOnce(&Blaze) -> R + Send + 'static) -> Option<R> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move |b: &mut (Blaze, u64)| {
+        {
+            let closed = CLOSED.lock().unwrap();
+            let end = closed.0 + closed.1.len() as u64;
+            if b.1 < closed.0 {
+                *b = (new_blaze(), end);
+            } else {
+                for path in closed.1.iter().skip((b.1 - closed.0) as usize) {
+                    let _ = b.0.evict(&blazesym::symbolize::evict::Evict::Elf(blazesym::symbolize::evict::Elf::new(path.clone())));
+                }
+                b.1 = end;
+            }
+        }
+        let _ = reply.send(f(&b.0));
+    });
+    worker()?.send(job).ok()?;
+    answer.recv().ok()
 }
 
 pub struct Symbolizer {
@@ -283,10 +359,11 @@ impl Symbolizer {
             let results = if open_path.as_os_str().is_empty() {
                 Vec::new()
             } else {
-                let src = Source::Elf(Elf::new(open_path));
-                BLAZE
-                    .with(|b| b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()))
-                    .unwrap_or_default()
+                with_blaze(move |b| {
+                    let src = Source::Elf(Elf::new(open_path));
+                    b.symbolize(&src, Input::FileOffset(&offsets)).map(|r| r.into_iter().map(named).collect::<Vec<_>>()).unwrap_or_default()
+                })
+                .unwrap_or_default()
             };
             let module = intern(&mut self.names, &module);
             for (i, &(addr, off)) in items.iter().enumerate() {

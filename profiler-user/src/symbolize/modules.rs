@@ -35,6 +35,13 @@ pub struct Module {
     _charge: Option<Reservation>,
 }
 
+impl Drop for Module {
+    /// What blazesym parsed of it is dropped too (by each thread, at its next use).
+    fn drop(&mut self) {
+        super::forget(&self.open_path);
+    }
+}
+
 /// Bytes per ELF symbol blazesym keeps once it parsed a table (its address-sorted index, and
 /// the name-sorted one built for lookups by name): an estimate.
 const SYMBOL_INDEX_BYTES: u64 = 32;

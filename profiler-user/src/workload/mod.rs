@@ -172,8 +172,37 @@ impl Workload {
 #[derive(Clone, Debug)]
 pub struct SelectorEntry {
     pub selector: Selector,
-    /// `flag` (`--select`, not persisted) or `api` (persisted in the data directory).
+    /// `flag` (`--select`, not persisted), `file` (`--select-file`, watched, not persisted) or
+    /// `api` (persisted in the data directory).
     pub origin: &'static str,
+}
+
+/// Most bytes of a `--select-file`.
+pub const MAX_SELECT_FILE_BYTES: u64 = 1 << 20;
+
+/// The selectors of a `--select-file`'s text: one per line, blank lines and `#` comments
+/// skipped; a bad line is named by its number.
+pub fn parse_select_file(path: &Path, text: &str) -> anyhow::Result<Vec<Selector>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split_once('#').map_or(line, |(l, _)| l).trim();
+        if line.is_empty() {
+            continue;
+        }
+        out.push(Selector::parse(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?);
+    }
+    Ok(out)
+}
+
+/// Reads a `--select-file` (at most [`MAX_SELECT_FILE_BYTES`]): its text.
+pub fn read_select_text(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let f = fs::File::open(path).with_context(|| format!("--select-file {}", path.display()))?;
+    let mut text = String::new();
+    f.take(MAX_SELECT_FILE_BYTES + 1).read_to_string(&mut text).with_context(|| format!("--select-file {}", path.display()))?;
+    anyhow::ensure!(text.len() as u64 <= MAX_SELECT_FILE_BYTES, "--select-file {}: larger than 1 MiB", path.display());
+    Ok(text)
 }
 
 /// `selectors.json` in the data directory: the selectors added through the API, restored when
