@@ -371,6 +371,9 @@ pub fn attach_contract(
         }
     }
     info!(pid, provider = %contract.provider, sites = k, live = contract.live_tracking(), "USDT heap-sampling contract attached");
+    Ok((report, links))
+}
+
 /// The Go runtime's probes: its settings in the target's `GO_TARGETS` slot first, then a
 /// uprobe at the entry of `runtime.mProf_Malloc` (each sampled allocation) and one at
 /// `runtime.freeSpecial` (the GC freeing an object with a special). Both run once per sampled
