@@ -165,6 +165,7 @@ fn fixture() -> HeapProfile {
         stacks,
         mappings: Vec::new(),
         probe_gaps: None,
+        js_names: None,
     }
 }
 
