@@ -169,6 +169,7 @@ fn fixture() -> HeapProfile {
         live_tracking: None,
         coverage: None,
         runtime_heap: None,
+        js_names: None,
     }
 }
 

@@ -918,7 +918,11 @@ mod tests {
         b.set(script, 16, file);
         b.set(script, 56, ends);
         // ScopeInfo: flags, params, 2 context locals, 2 names, 2 infos, then the name and positions.
-        let scope = b.object(261, 8 + 16 * 8);
+        // 24 slots: the rest Smi 0 (the namer reads 16 slots past the context locals).
+        let scope = b.object(261, 8 + 24 * 8);
+        for i in 0..24u64 {
+            b.set(scope, 8 + 8 * i, Builder::smi(0));
+        }
         let slots = [
             Builder::smi(0),
             Builder::smi(1),
