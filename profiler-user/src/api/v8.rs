@@ -172,7 +172,7 @@ pub(crate) async fn summary(state: Arc<State>, p: Principal, id: u32, q: Vec<(St
             // A pause of the target: counted in its share; the main thread's summary with no
             // GC is what triggered summaries are, its length teaches their predicted pause.
             let op = if thread == Thread::Main && !gc { Operation::Summary } else { Operation::Other };
-            let pause = super::pauses::begin(&st, process.pid(), op);
+            let pause = crate::agent::pauses::begin(&st, process.pid(), op);
             let list = workers::summaries_of(process, &thread, gc, &reason, budget);
             drop(pause);
             let mut list = list.map_err(v8_error)?;
