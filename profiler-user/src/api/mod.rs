@@ -207,6 +207,12 @@ impl State {
         tracking
     }
 
+    /// Whether one more target may be attached (`--max-targets`).
+    pub(crate) fn has_target_room(&self) -> bool {
+        let targets = self.targets.read().unwrap();
+        targets.len() + self.attaching.lock().unwrap().len() < self.limits.max_targets
+    }
+
     /// Reserves `pid` for an attach: 409 when it is attached, being attached, or the target
     /// limit is reached.
     pub(crate) fn begin_attach(&self, pid: u32) -> Result<(), ApiError> {
@@ -218,7 +224,7 @@ impl State {
         if targets.len() + attaching.len() >= self.limits.max_targets {
             return Err(ApiError::conflict(
                 "too_many_targets",
-                format!("already tracing {} targets; detach one first", self.limits.max_targets),
+                format!("already tracing {} targets (--max-targets); detach one first", self.limits.max_targets),
             ));
         }
         attaching.insert(pid);

@@ -80,6 +80,15 @@ pub struct AgentArgs {
     /// default, 4 Mi rows, is 32 MiB). Files that do not fit use frame pointers, counted.
     #[arg(long, default_value_t = 1 << 22, value_name = "N")]
     pub max_unwind_rows: u32,
+    /// Processes traced at once, all together (`--pid`, the API, workloads). Workloads found past
+    /// it wait in a queue and are attached in order as targets leave; `/readyz` and
+    /// `memscope_workloads{state="waiting"}` say so. Each costs 80 KiB of BPF maps.
+    #[arg(long, default_value_t = crate::api::limits::DEFAULT_MAX_TARGETS, value_parser = parse_max_targets, value_name = "N")]
+    pub max_targets: usize,
+    /// A workload whose last process exited is removed from `/v1/workloads` after this long
+    /// (its stored snapshots stay, under retention).
+    #[arg(long, default_value = "6h", value_parser = crate::units::parse_duration, value_name = "DURATION", help_heading = "Node")]
+    pub workload_ttl: Duration,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
@@ -161,9 +170,10 @@ impl AgentArgs {
                 token_per_sec: self.rate_limit,
                 token_burst: burst,
                 request_timeout: self.request_timeout,
+                max_targets: self.max_targets,
                 ..defaults
             },
-            node: self.node.config(self.allow_insecure_remote)?,
+            node: crate::api::workloads::NodeConfig { workload_ttl: self.workload_ttl, ..self.node.config(self.allow_insecure_remote)? },
         })
     }
 }
@@ -176,8 +186,17 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
+        target_slots: crate::bpf::load::slots_for(args.max_targets),
     };
     Arc::new(EbpfAttacher::new(settings, args.cpu_budget))
+}
+
+fn parse_max_targets(s: &str) -> Result<usize, String> {
+    let max = profiler_common::MAX_TARGET_SLOTS as usize / 2;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of targets between 1 and {max}")),
+    }
 }
 
 fn parse_budget(s: &str) -> Result<f64, String> {

@@ -110,7 +110,7 @@ impl NodeArgs {
         if let Some(f) = &self.select_file {
             selectors.extend(read_select_file(f)?);
         }
-        Ok(NodeConfig { selectors, node_paths: NodePaths { root: self.node_root.clone() }, push })
+        Ok(NodeConfig { selectors, node_paths: NodePaths { root: self.node_root.clone() }, push, ..NodeConfig::default() })
     }
 }
 

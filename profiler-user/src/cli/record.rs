@@ -98,6 +98,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         sample_bytes: args.sampling,
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
+        target_slots: 1,
     };
     install_stop_handler();
     let session = Session::attach(args.pid, settings)?;
