@@ -421,7 +421,8 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     let name = query_param(target, "name").unwrap();
     let exe_s = exe.to_str().unwrap();
     let exe_base = exe.file_name().unwrap().to_str().unwrap();
-    assert!(name.starts_with(&format!("{exe_base}{{")), "{name}");
+    // Outside Kubernetes the application name is the workload's id (unique per workload).
+    assert!(name.starts_with(&format!("{}{{", w["id"].as_str().unwrap())), "{name}");
     for label in [format!("executable={exe_s}"), format!("workload={}", w["id"].as_str().unwrap()), "node=".to_string()] {
         assert!(name.contains(&label), "{label} missing in {name}");
     }

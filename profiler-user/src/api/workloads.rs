@@ -947,6 +947,9 @@ struct WorkloadView {
     workload: Workload,
     /// `attached`, `waiting` (for a target slot), `failed` or `exited`.
     state: &'static str,
+    /// Its place in the capacity queue (0: attached next) while it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_position: Option<usize>,
     /// The live figures of its current process (as `/v1/targets`), when attached.
     stats: Option<crate::target::TargetStats>,
     /// Snapshots stored under it.
@@ -955,13 +958,18 @@ struct WorkloadView {
 
 pub(crate) fn list_workloads(state: &State) -> Response {
     let list = state.workloads.get().map(|w| w.list()).unwrap_or_default();
+    let positions: HashMap<String, usize> = state
+        .workloads
+        .get()
+        .map(|w| w.queue.lock().unwrap().iter().enumerate().map(|(i, q)| (q.workload.clone(), i)).collect())
+        .unwrap_or_default();
     let metas = state.store.list();
     let views: Vec<WorkloadView> = list
         .into_iter()
         .map(|w| {
             let stats = w.pid.and_then(|p| state.targets.read().unwrap().get(&p).map(|e| e.target.stats()));
             let snapshots = metas.iter().filter(|m| m.workload.as_deref() == Some(&w.id)).count();
-            WorkloadView { state: w.state(), workload: w, stats, snapshots }
+            WorkloadView { state: w.state(), queue_position: positions.get(&w.id).copied(), workload: w, stats, snapshots }
         })
         .collect();
     json_reply(StatusCode::OK, &serde_json::json!({ "workloads": views }))
