@@ -430,6 +430,7 @@ impl Workloads {
         family("memscope_workload_attach_failures_total", "counter", "Attaches of workloads' processes that failed (see /v1/workloads last_error).", c.attach_failures.load(Ordering::Relaxed));
         family("memscope_workload_queued_total", "counter", "Workloads that had to wait for a target slot (--max-targets).", c.queued.load(Ordering::Relaxed));
         family("memscope_workloads_pruned_total", "counter", "Workloads removed after --workload-ttl without a process.", c.pruned.load(Ordering::Relaxed));
+        family("memscope_workload_exec_moved_total", "counter", "Exec events of matching processes found in another cgroup than they exec'd in (a runtime's init before its exec): identified at their next exec.", c.unsettled.load(Ordering::Relaxed));
         out
     }
 }
