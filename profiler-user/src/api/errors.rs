@@ -14,7 +14,7 @@ use warp::{
     Rejection, Reply,
 };
 
-use crate::store::StoreError;
+use crate::{agent::AttachRefused, store::StoreError};
 
 /// An error answered to a client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +122,15 @@ impl Reply for ApiError {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"memscope\""));
         }
         resp
+    }
+}
+
+impl From<AttachRefused> for ApiError {
+    fn from(e: AttachRefused) -> ApiError {
+        match e {
+            AttachRefused::AlreadyAttached(_) => ApiError::conflict("already_attached", e.to_string()),
+            AttachRefused::TooManyTargets(_) => ApiError::conflict("too_many_targets", e.to_string()),
+        }
     }
 }
 

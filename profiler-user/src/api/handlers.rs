@@ -29,10 +29,13 @@ use super::{
     auth::{Principal, Role},
     errors::ApiError,
     limits::{self, Rendered},
-    triggers::{self, Tracking},
-    State, TargetEntry,
+    State,
 };
 use crate::{
+    agent::{
+        triggers::{self, Tracking},
+        TargetEntry,
+    },
     aggregate::{growth, HeapProfile, Measure},
     render,
     store::{SnapshotId, SnapshotMeta},
@@ -41,7 +44,7 @@ use crate::{
 };
 
 /// Leak age used when a request names none.
-pub const DEFAULT_MIN_AGE: Duration = Duration::from_secs(30);
+pub use crate::agent::triggers::DEFAULT_MIN_AGE;
 /// Longest `min_age` accepted.
 const MAX_MIN_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default and largest `top`.
@@ -339,7 +342,7 @@ fn view(entry: &TargetEntry) -> TargetView {
 pub(crate) fn list_targets(state: &State) -> Response {
     let mut targets: Vec<TargetView> = state.targets.read().unwrap().values().map(view).collect();
     for t in &mut targets {
-        super::workloads::label_stats(state, std::slice::from_mut(&mut t.stats));
+        crate::agent::workloads::label_stats(state, std::slice::from_mut(&mut t.stats));
     }
     json_reply(StatusCode::OK, &serde_json::json!({ "targets": targets, "target_files": crate::target_fs::report() }))
 }
@@ -443,7 +446,7 @@ pub(crate) async fn leaks(state: Arc<State>, id: u32, q: Vec<(String, String)>) 
         let mut json = render::json::leaks_json(&p, Some(top));
         // Verdicts of the target's stored snapshots (read after this snapshot: the newest).
         growth::annotate_leaks_json(&mut json, &tracking.verdicts());
-        super::v8::annotate_leaks(&tracking, top, &mut json);
+        crate::agent::v8::annotate_leaks(&tracking, top, &mut json);
         json_rendered(&json)
     })
     .await
@@ -512,7 +515,7 @@ async fn take_snapshot_inner(
             let comm = t.stats().comm;
             let stored = st.store.put_for(&p, &comm, "api", tracking.workload())?;
             triggers::note_snapshot(&st, &tracking, &p, &stored.meta.id, &stored.removed);
-            super::v8::note_snapshot(&st, &tracking, &*t, &stored.meta.id, "api", &stored.removed);
+            crate::agent::v8::note_snapshot(&st, &tracking, &*t, &stored.meta.id, "api", &stored.removed);
             Ok(stored)
         }),
     )
@@ -602,7 +605,7 @@ async fn snapshot_leaks(state: Arc<State>, id: SnapshotId, q: &Params) -> Result
             obj.insert("reason".into(), serde_json::json!(meta.reason));
             obj.insert("taken_at".into(), serde_json::json!(crate::trigger::rfc3339_utc(meta.taken_at_ms)));
         }
-        super::v8::annotate_stored_leaks(&st, id.as_str(), top.unwrap_or(DEFAULT_TOP), &mut json);
+        crate::agent::v8::annotate_stored_leaks(&st, id.as_str(), top.unwrap_or(DEFAULT_TOP), &mut json);
         json_rendered(&json)
     })
     .await
@@ -652,7 +655,7 @@ pub(crate) async fn diff(
             }
             _ => {
                 let mut json = render::json::diff_json(&before, &after, Some(top));
-                super::v8::annotate_diff(&st, a.as_str(), b.as_str(), top, &mut json);
+                crate::agent::v8::annotate_diff(&st, a.as_str(), b.as_str(), top, &mut json);
                 json_rendered(&json)
             }
         }
@@ -803,10 +806,10 @@ pub(crate) async fn delete_trigger(state: Arc<State>, p: Principal, id: u32, tid
 // Metrics and documents
 
 pub(crate) fn metrics(state: &State) -> Response {
-    let stats = super::workloads::metric_stats(state);
+    let stats = crate::agent::workloads::metric_stats(state);
     let mut text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
-    text.push_str(&super::workloads::push_metrics(state));
-    text.push_str(&super::workloads::node_metrics(state));
+    text.push_str(&crate::agent::workloads::push_metrics(state));
+    text.push_str(&crate::agent::workloads::node_metrics(state));
     let mut resp = Response::new(Body::from(text));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

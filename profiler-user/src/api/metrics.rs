@@ -32,8 +32,9 @@ pub struct Metrics {
     pub refused_auth_failures: AtomicU64,
     /// Requests with a valid token refused by their token's budget.
     pub refused_token: AtomicU64,
-    /// Expensive requests refused because the cap was full.
-    pub refused_busy: AtomicU64,
+    /// Expensive requests refused because the cap was full (shared with the agent's triggers:
+    /// [`crate::agent::State`]'s `refused_busy`).
+    pub refused_busy: std::sync::Arc<AtomicU64>,
 }
 
 /// The route template that `method path` matches, or `unmatched`.
@@ -186,7 +187,7 @@ impl Metrics {
             ("unauthenticated_per_address", &self.refused_unauth_address),
             ("auth_failures", &self.refused_auth_failures),
             ("token", &self.refused_token),
-            ("busy", &self.refused_busy),
+            ("busy", &*self.refused_busy),
         ] {
             let _ = writeln!(out, "memscope_http_refused_total{{limit=\"{limit}\"}} {}", c.load(Ordering::Relaxed));
         }

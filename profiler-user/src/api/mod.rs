@@ -1,6 +1,9 @@
-//! The agent's HTTP maintenance endpoint: `memscope agent` serves live heap reports, leak
-//! reports, flamegraphs, stored snapshots and their diffs, and Prometheus metrics, for the
-//! targets it traces (through an [`Attacher`]; the API knows nothing of eBPF).
+//! The agent's HTTP maintenance endpoint: what each route does. `memscope agent` serves live
+//! heap reports, leak reports, flamegraphs, stored snapshots and their diffs, and Prometheus
+//! metrics, for the targets it traces (through an [`Attacher`]; the API knows nothing of eBPF).
+//! How a process becomes a target (the registry, workloads and discovery, triggers, push,
+//! pauses) is [`crate::agent`]'s: the handlers call into it and own no agent state; [`State`]
+//! is the HTTP layer's (auth, rate limits, single-flight, metrics) around the agent's.
 //!
 //! Security is on by default: loopback unless told otherwise, a remote address only with TLS
 //! (or `--allow-insecure-remote`, with a warning at start and in `/readyz`), bearer tokens with
@@ -11,26 +14,15 @@
 //! Layout: [`routes`] (filters), [`handlers`], [`auth`], [`limits`] (rate budgets: a valid
 //! token's own, the unauthenticated ones apart), [`errors`], [`metrics`], [`audit`] (bounded
 //! audit lines: clipped values, aggregated denials), [`tls`] (listener, TLS, connection cap)
-//! and [`conn_limits`] (which connections give way under the cap), [`triggers`] (snapshot
-//! triggers, their poller, and leak verdicts per target). Snapshots are kept by
-//! [`crate::store`].
+//! and [`conn_limits`] (which connections give way under the cap), [`workload_handlers`]
+//! (selectors and workloads), [`v8`] (the JavaScript heap of Node.js targets). Snapshots are
+//! kept by [`crate::store`].
 //!
 //! Limits: HTTP/1.1 only; one agent per data directory; the handshake timeout and connection
 //! cap bound what a slow client holds, not what a botnet sends.
-use std::{
-    collections::{BTreeMap, HashSet},
-    future::Future,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, AtomicU64},
-        Arc, Mutex, RwLock,
-    },
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::atomic::AtomicBool, sync::Arc};
 
 use anyhow::{bail, Context as _};
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 use warp::hyper::{
     self,
@@ -38,8 +30,9 @@ use warp::hyper::{
 };
 
 use crate::{
+    agent::workloads,
     store::{Retention, SnapshotStore},
-    target::{Attacher, TracedTarget},
+    target::Attacher,
     trigger::TriggerSpec,
 };
 
@@ -50,19 +43,17 @@ pub mod errors;
 pub mod handlers;
 pub mod limits;
 pub mod metrics;
-pub mod pauses;
 pub mod routes;
 pub mod tls;
-pub mod triggers;
 pub mod v8;
-pub mod workloads;
+pub mod workload_handlers;
 
 #[cfg(test)]
 mod tests;
 
 pub use errors::ApiError;
 pub use limits::Limits;
-pub use triggers::TriggerSettings;
+pub use crate::agent::TriggerSettings;
 
 /// How long requests in progress may still run after the shutdown signal.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -123,41 +114,30 @@ impl Default for AgentConfig {
     }
 }
 
-/// A traced target as the agent holds it.
-pub struct TargetEntry {
-    pub target: Arc<dyn TracedTarget>,
-    pub attached_at_ms: u64,
-    /// Its snapshot triggers, recent snapshots and verdicts.
-    pub tracking: Arc<triggers::Tracking>,
-}
-
-/// Everything the handlers share.
+/// Everything the handlers share: the agent's state (targets, workloads, triggers, store; see
+/// [`crate::agent`], reached through `Deref`) and the HTTP layer's own.
 pub struct State {
+    pub(crate) agent: Arc<crate::agent::State>,
     pub(crate) auth: Arc<auth::Auth>,
-    pub(crate) attacher: Arc<dyn Attacher>,
-    pub(crate) targets: RwLock<BTreeMap<u32, TargetEntry>>,
-    /// Pids being attached right now (a second attach of the same pid is a conflict).
-    pub(crate) attaching: Mutex<HashSet<u32>>,
-    pub(crate) store: Arc<SnapshotStore>,
     pub(crate) limiter: limits::RateLimiter,
     /// Denied requests, written to the audit log with bounds.
     pub(crate) denials: audit::DenialLog,
     pub(crate) flights: limits::SingleFlight,
-    pub(crate) expensive: Arc<Semaphore>,
     pub(crate) metrics: metrics::Metrics,
     pub(crate) limits: Limits,
     /// Shown by `/readyz` (e.g. an insecure remote listener).
     pub(crate) warnings: Vec<String>,
     pub(crate) shutting_down: AtomicBool,
-    pub(crate) trigger_settings: TriggerSettings,
-    /// Ids of triggers, unique within this run of the agent.
-    pub(crate) next_trigger_id: AtomicU64,
-    /// Verdicts of stored snapshots, by snapshot id (in memory only).
-    pub(crate) snapshot_verdicts: Mutex<std::collections::HashMap<String, triggers::StoredVerdicts>>,
     /// Heap snapshots in flight, eval spacing, `--allow-eval` (Node.js targets).
     pub(crate) v8: v8::V8State,
-    /// Selectors and workloads (set by [`Agent::start`]).
-    pub(crate) workloads: std::sync::OnceLock<Arc<workloads::Workloads>>,
+}
+
+impl std::ops::Deref for State {
+    type Target = crate::agent::State;
+
+    fn deref(&self) -> &crate::agent::State {
+        &self.agent
+    }
 }
 
 impl State {
@@ -168,72 +148,27 @@ impl State {
         limits: Limits,
         warnings: Vec<String>,
     ) -> State {
+        let agent = crate::agent::State::new(attacher, store, limits.max_expensive, limits.max_targets, limits.request_timeout);
+        State::with_agent(auth, agent, limits, warnings)
+    }
+
+    /// The HTTP layer around an agent's state built by the caller.
+    pub fn with_agent(auth: Arc<auth::Auth>, agent: crate::agent::State, limits: Limits, warnings: Vec<String>) -> State {
+        let mut metrics = metrics::Metrics::default();
+        metrics.refused_busy = agent.refused_busy.clone();
         State {
+            agent: Arc::new(agent),
             auth,
-            attacher,
-            targets: RwLock::new(BTreeMap::new()),
-            attaching: Mutex::new(HashSet::new()),
-            store,
             limiter: limits::RateLimiter::new(&limits),
             denials: audit::DenialLog::default(),
             flights: limits::SingleFlight::new(),
-            expensive: Arc::new(Semaphore::new(limits.max_expensive.max(1))),
-            metrics: metrics::Metrics::default(),
+            metrics,
             limits,
             warnings,
             shutting_down: AtomicBool::new(false),
-            trigger_settings: TriggerSettings::default(),
-            next_trigger_id: AtomicU64::new(1),
-            snapshot_verdicts: Mutex::new(std::collections::HashMap::new()),
             v8: v8::V8State::default(),
-            workloads: std::sync::OnceLock::new(),
         }
     }
-
-    /// A new entry for a target attached now.
-    pub(crate) fn entry(&self, target: Arc<dyn TracedTarget>) -> TargetEntry {
-        TargetEntry {
-            target,
-            attached_at_ms: now_ms(),
-            tracking: Arc::new(triggers::Tracking::new(self.trigger_settings.verdict_window)),
-        }
-    }
-
-    /// Adds a target attached outside the API (at start); returns its tracking state.
-    pub fn insert_target(&self, target: Arc<dyn TracedTarget>) -> Arc<triggers::Tracking> {
-        let entry = self.entry(target.clone());
-        let tracking = entry.tracking.clone();
-        self.targets.write().unwrap().insert(target.pid(), entry);
-        tracking
-    }
-
-    /// Whether one more target may be attached (`--max-targets`).
-    pub(crate) fn has_target_room(&self) -> bool {
-        let targets = self.targets.read().unwrap();
-        targets.len() + self.attaching.lock().unwrap().len() < self.limits.max_targets
-    }
-
-    /// Reserves `pid` for an attach: 409 when it is attached, being attached, or the target
-    /// limit is reached.
-    pub(crate) fn begin_attach(&self, pid: u32) -> Result<(), ApiError> {
-        let targets = self.targets.read().unwrap();
-        let mut attaching = self.attaching.lock().unwrap();
-        if targets.contains_key(&pid) || attaching.contains(&pid) {
-            return Err(ApiError::conflict("already_attached", format!("process {pid} is already traced")));
-        }
-        if targets.len() + attaching.len() >= self.limits.max_targets {
-            return Err(ApiError::conflict(
-                "too_many_targets",
-                format!("already tracing {} targets (--max-targets); detach one first", self.limits.max_targets),
-            ));
-        }
-        attaching.insert(pid);
-        Ok(())
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A started agent: checks passed, tokens loaded, store opened, targets attached, socket bound.
@@ -296,42 +231,21 @@ impl Agent {
         for w in &warnings {
             warn!("{w}");
         }
-        let mut state = State::new(auth, attacher.clone(), Arc::new(store), config.limits.clone(), warnings);
-        state.trigger_settings = config.trigger_settings.clone();
+        let limits = &config.limits;
+        let mut agent =
+            crate::agent::State::new(attacher, Arc::new(store), limits.max_expensive, limits.max_targets, limits.request_timeout);
+        agent.trigger_settings = config.trigger_settings.clone();
+        agent.v8_summaries.store(config.v8_summaries, std::sync::atomic::Ordering::Relaxed);
+        let state = State::with_agent(auth, agent, config.limits.clone(), warnings);
         state.v8.allow_eval.store(config.allow_eval, std::sync::atomic::Ordering::Relaxed);
-        state.v8.summaries.store(config.v8_summaries, std::sync::atomic::Ordering::Relaxed);
         let state = Arc::new(state);
-        for &pid in &config.pids {
-            let attacher = attacher.clone();
-            let target = tokio::task::spawn_blocking(move || attacher.attach(pid))
-                .await
-                .context("attaching")?
-                .with_context(|| format!("attaching to process {pid}"))?;
-            info!(pid, "attached");
-            let tracking = state.insert_target(target.clone());
-            if !config.triggers.is_empty() {
-                let (st, specs) = (state.clone(), config.triggers.clone());
-                let spacing = st.trigger_settings.min_spacing;
-                tokio::task::spawn_blocking(move || {
-                    triggers::attach(&st, &*target, &tracking, &specs, spacing, triggers::Origin::Flag, None)
-                })
-                .await
-                .context("attaching triggers")?
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-        }
-        let registry = workloads::Workloads::new(&config.node, &config.data_dir)?;
-        let watch = registry.has_selectors();
-        if let Some(push) = &config.node.push {
-            let pusher = crate::export::push::Pusher::start(push.clone()).context("starting --push")?;
-            let _ = registry.pusher.set(pusher);
-        }
-        let _ = state.workloads.set(Arc::new(registry));
-        if watch {
-            workloads::Workloads::start_watching(&state)?;
-            let st = state.clone();
-            tokio::task::spawn_blocking(move || workloads::Workloads::scan(&st)).await.context("scanning processes")?;
-        }
+        let start = crate::agent::StartConfig {
+            pids: &config.pids,
+            triggers: &config.triggers,
+            node: &config.node,
+            data_dir: &config.data_dir,
+        };
+        crate::agent::start(&state.agent, start).await?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
@@ -357,7 +271,7 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Agent { state, listener, tls, local_addr } = self;
         let reload = auth::spawn_sighup_reload(state.auth.clone()).context("installing the SIGHUP handler")?;
-        let poller = triggers::spawn_poller(state.clone());
+        let background = crate::agent::spawn_background(&state.agent);
         let denials = {
             let st = state.clone();
             tokio::spawn(async move {
@@ -368,7 +282,6 @@ impl Agent {
                 }
             })
         };
-        let pushing = workloads::spawn_push(&state);
         let limits = state.limits.clone();
         let incoming = tls::incoming(
             listener,
@@ -432,12 +345,9 @@ impl Agent {
             }
         };
         reload.abort();
-        poller.abort();
+        background.abort();
         denials.abort();
         state.denials.flush_if_due();
-        if let Some(p) = pushing {
-            p.abort();
-        }
         result
     }
 }

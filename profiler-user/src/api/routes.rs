@@ -20,7 +20,7 @@ use warp::{
     Filter, Rejection, Reply,
 };
 
-use super::{auth::Role, errors::ApiError, handlers, workloads, State};
+use super::{auth::Role, errors::ApiError, handlers, workload_handlers as workloads, State};
 
 /// Every route the agent serves, as `(method, path template)`.
 pub const ROUTES: &[(&str, &str)] = &[

@@ -198,7 +198,7 @@ fn fixture_with(limits: Limits, delay: Duration) -> Fixture {
     ));
     let target = Arc::new(FakeTarget::new(PID, delay));
     state.insert_target(target.clone());
-    super::workloads::adopt_for_test(&state, PID, WORKLOAD, &dir.path().join("data"));
+    crate::agent::workloads::adopt_for_test(&state, PID, WORKLOAD, &dir.path().join("data"));
     Fixture { state, target, _dir: dir }
 }
 
@@ -820,7 +820,7 @@ async fn post_triggers(state: &Arc<State>, pid: u32, body: &str, token: &str) ->
 
 /// Runs one poll of every target's triggers to its end (the poller does this every 20 ms).
 async fn poll(state: &Arc<State>) {
-    for job in super::triggers::poll_once(state) {
+    for job in crate::agent::triggers::poll_once(&state.agent) {
         job.await.unwrap();
     }
 }

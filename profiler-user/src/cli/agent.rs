@@ -173,7 +173,7 @@ impl AgentArgs {
                 max_targets: self.max_targets,
                 ..defaults
             },
-            node: crate::api::workloads::NodeConfig { workload_ttl: self.workload_ttl, ..self.node.config(self.allow_insecure_remote)? },
+            node: crate::agent::workloads::NodeConfig { workload_ttl: self.workload_ttl, ..self.node.config(self.allow_insecure_remote)? },
         })
     }
 }

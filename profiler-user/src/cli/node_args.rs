@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::{
-    api::workloads::NodeConfig,
+    agent::workloads::NodeConfig,
     discover::{NodePaths, Selector},
     export::push::{self, PushAuth, PushConfig},
 };

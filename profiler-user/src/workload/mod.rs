@@ -13,7 +13,7 @@
 //! out instead of being averaged away).
 //!
 //! This module owns the identities and the registry (pure data) and the selectors file of the
-//! data directory ([`SelectorFile`]); the agent drives them (`api::workloads`).
+//! data directory ([`SelectorFile`]); the agent drives them (`agent::workloads`).
 use std::{
     collections::BTreeMap,
     fs,

@@ -63,6 +63,8 @@ use crate::{
 
 /// Most triggers one target may have at once (probe sites have their own limit of 64).
 pub const MAX_TRIGGERS_PER_TARGET: usize = 32;
+/// Leak age of snapshots when none is given: what their leak reports count as leaked.
+pub const DEFAULT_MIN_AGE: Duration = Duration::from_secs(30);
 /// Most leaks per stored snapshot whose verdicts are kept (the largest).
 const MAX_STORED_VERDICTS: usize = 10_000;
 
@@ -82,7 +84,7 @@ impl Default for TriggerSettings {
         TriggerSettings {
             min_spacing: crate::trigger::DEFAULT_MIN_SPACING,
             verdict_window: growth::DEFAULT_WINDOW,
-            min_age: super::handlers::DEFAULT_MIN_AGE,
+            min_age: DEFAULT_MIN_AGE,
         }
     }
 }
@@ -436,7 +438,7 @@ fn poll_job(state: &State, target: &dyn TracedTarget, tracking: &Tracking) {
             if let Some(t) = tracking.triggers.lock().unwrap().iter_mut().find(|t| t.id == tid) {
                 t.busy_suppressed += 1;
             }
-            state.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
+            state.refused_busy.fetch_add(1, Ordering::Relaxed);
             continue;
         };
         let pid = target.pid();
@@ -474,7 +476,7 @@ fn permit(state: &State, wait: bool) -> Option<OwnedSemaphorePermit> {
         return None;
     }
     let sem = state.expensive.clone();
-    let limit = state.limits.request_timeout;
+    let limit = state.request_timeout;
     tokio::runtime::Handle::current()
         .block_on(async move { tokio::time::timeout(limit, sem.acquire_owned()).await.ok()?.ok() })
 }

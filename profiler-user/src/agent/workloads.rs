@@ -31,19 +31,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
-use warp::{
-    http::{Method, StatusCode},
-    reply::Response,
-};
 
 use super::{
-    auth::Principal,
-    errors::ApiError,
-    handlers::{self, audit_action, json_reply},
     triggers::{self, Tracking},
     State, TargetEntry,
 };
@@ -51,7 +43,7 @@ use crate::{
     discover::{self, NodePaths, ProcEvent, ProcWatcher, Selector},
     export::push::{self, PushJob, Pusher},
     target::TracedTarget,
-    workload::{self, SelectorEntry, SelectorFile, Workload},
+    workload::{self, SelectorEntry, SelectorFile, SelectorFileError, Workload},
 };
 
 /// Most selectors at once.
@@ -119,9 +111,9 @@ enum Why {
     Queue,
 }
 
-struct Entry {
-    workload: Workload,
-    tracking: Arc<Tracking>,
+pub(crate) struct Entry {
+    pub(crate) workload: Workload,
+    pub(crate) tracking: Arc<Tracking>,
 }
 
 /// The selectors and the workload registry (see the module doc).
@@ -129,10 +121,10 @@ pub struct Workloads {
     node: NodePaths,
     node_name: String,
     file: SelectorFile,
-    selectors: Mutex<Vec<SelectorEntry>>,
-    registry: Mutex<BTreeMap<String, Entry>>,
+    pub(crate) selectors: Mutex<Vec<SelectorEntry>>,
+    pub(crate) registry: Mutex<BTreeMap<String, Entry>>,
     /// Pid traced now -> its workload.
-    by_pid: Mutex<HashMap<u32, String>>,
+    pub(crate) by_pid: Mutex<HashMap<u32, String>>,
     watcher: Mutex<Option<ProcWatcher>>,
     events: Mutex<Option<mpsc::Sender<ProcEvent>>>,
     own_pid: u32,
@@ -251,7 +243,7 @@ impl Workloads {
         }
     }
 
-    fn selector_views(&self) -> Vec<SelectorView> {
+    pub(crate) fn selector_views(&self) -> Vec<SelectorView> {
         let reg = self.registry.lock().unwrap();
         self.selectors
             .lock()
@@ -270,31 +262,18 @@ impl Workloads {
             .collect()
     }
 
-    fn save(&self, selectors: &[SelectorEntry]) -> Result<(), ApiError> {
+    /// Persists the selectors added through the API (a failure is logged here; the caller
+    /// puts the list back as it was).
+    pub(crate) fn save(&self, selectors: &[SelectorEntry]) -> Result<(), SelectorFileError> {
         let api: Vec<&Selector> = selectors.iter().filter(|e| e.origin == "api").map(|e| &e.selector).collect();
-        self.file.save(&api).map_err(|e| {
-            warn!(error = %e, "saving the selectors failed");
-            match e.io_kind() {
-                Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) => ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "storage_full",
-                    "the data directory is full: the selectors were not saved and nothing changed; free space",
-                ),
-                Some(std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "storage_read_only",
-                    "the data directory is not writable: the selectors were not saved and nothing changed",
-                ),
-                _ => ApiError::internal("store_failed", "saving the selectors failed; see the agent's log"),
-            }
-        })
+        self.file.save(&api).inspect_err(|e| warn!(error = %e, "saving the selectors failed"))
     }
 
     /// The current pid and tracking of a workload.
-    fn current(&self, id: &str) -> Result<(Option<u32>, Arc<Tracking>), ApiError> {
+    pub(crate) fn current(&self, id: &str) -> Option<(Option<u32>, Arc<Tracking>)> {
         let reg = self.registry.lock().unwrap();
-        let e = reg.get(id).ok_or_else(|| ApiError::not_found("workload_not_found", format!("no workload {id}")))?;
-        Ok((e.workload.pid, e.tracking.clone()))
+        let e = reg.get(id)?;
+        Some((e.workload.pid, e.tracking.clone()))
     }
 
     /// The labels of the workload traced as `pid`, if it is one (for metrics and push).
@@ -314,6 +293,46 @@ impl Workloads {
     /// Every workload, and the pid traced now when there is one.
     pub fn list(&self) -> Vec<Workload> {
         self.registry.lock().unwrap().values().map(|e| e.workload.clone()).collect()
+    }
+
+    /// Each waiting workload's place in the capacity queue.
+    pub fn queue_positions(&self) -> HashMap<String, usize> {
+        self.queue.lock().unwrap().iter().enumerate().map(|(i, q)| (q.workload.clone(), i)).collect()
+    }
+
+    /// The workloads of the selector `sid` (just deleted) leave the list and the queue, and
+    /// their processes are detached. Returns their ids and the pids detached.
+    pub fn remove_workloads_of(&self, state: &State, sid: &str) -> (Vec<String>, Vec<u32>) {
+        let (ids, pids): (Vec<String>, Vec<u32>) = {
+            let mut reg = self.registry.lock().unwrap();
+            let ids: Vec<String> = reg.iter().filter(|(_, e)| e.workload.selector == sid).map(|(id, _)| id.clone()).collect();
+            let mut pids = Vec::new();
+            for id in &ids {
+                if let Some(e) = reg.remove(id) {
+                    pids.extend(e.workload.pid);
+                }
+            }
+            (ids, pids)
+        };
+        self.queue.lock().unwrap().retain(|q| !ids.contains(&q.workload));
+        let mut by_pid = self.by_pid.lock().unwrap();
+        let mut detached = Vec::new();
+        let mut detached_pids = Vec::new();
+        for pid in &pids {
+            if by_pid.remove(pid).is_none() {
+                continue;
+            }
+            detached_pids.push(*pid);
+            crate::v8::channel::forget(*pid);
+            if let Some(e) = state.targets.write().unwrap().remove(pid) {
+                detached.push(e);
+            }
+        }
+        drop(by_pid);
+        drop(tokio::task::spawn_blocking(move || drop(detached)));
+        self.slot_freed.notify_one();
+        info!(selector = %sid, workloads = ids.len(), detached = detached_pids.len(), "selector deleted: its workloads left the list");
+        (ids, detached_pids)
     }
 
     /// Processes waiting for a target slot.
@@ -347,7 +366,7 @@ impl Workloads {
                 }
             }
         };
-        let max = state.limits.max_targets;
+        let max = state.max_targets;
         let first_wait = {
             let mut reg = self.registry.lock().unwrap();
             let Some(e) = reg.get_mut(id) else { return };
@@ -424,7 +443,7 @@ impl Workloads {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
         family("memscope_agent_targets", "gauge", "Processes traced now.", targets as u64);
-        family("memscope_agent_max_targets", "gauge", "Processes the agent traces at most (--max-targets).", state.limits.max_targets as u64);
+        family("memscope_agent_max_targets", "gauge", "Processes the agent traces at most (--max-targets).", state.max_targets as u64);
         let c = &self.counters;
         family("memscope_workload_restarts_total", "counter", "New processes of known workloads attached.", c.restarts.load(Ordering::Relaxed));
         family("memscope_workload_attach_failures_total", "counter", "Attaches of workloads' processes that failed (see /v1/workloads last_error).", c.attach_failures.load(Ordering::Relaxed));
@@ -706,9 +725,9 @@ fn attach_reserved(
         }
     };
     if let Err(e) = state.begin_attach(pid) {
-        match e.code {
-            "too_many_targets" => w.enqueue(state, pid, &identity.id, why == Why::Queue),
-            _ => release(e.message.clone()),
+        match e {
+            crate::agent::AttachRefused::TooManyTargets(_) => w.enqueue(state, pid, &identity.id, why == Why::Queue),
+            e => release(e.to_string()),
         }
         return;
     }
@@ -720,10 +739,10 @@ fn attach_reserved(
                 break Err(None);
             }
             Err(e) if just_started && started.elapsed() < ATTACH_RETRY_FOR && crate::procfs::exists(pid) => {
-                tracing::debug!(pid, error = %crate::cli::one_line(&e), "attach after exec or fork failed; retrying");
+                tracing::debug!(pid, error = %crate::errors::one_line(&e), "attach after exec or fork failed; retrying");
                 std::thread::sleep(Duration::from_millis(40));
             }
-            Err(e) => break Err(Some(crate::cli::one_line(&e))),
+            Err(e) => break Err(Some(crate::errors::one_line(&e))),
         }
     };
     state.attaching.lock().unwrap().remove(&pid);
@@ -808,7 +827,7 @@ fn exited(state: &Arc<State>, pid: u32) {
     };
     info!(pid, workload = %id, "workload process exited");
     let st = state.clone();
-    let limit = state.limits.request_timeout;
+    let limit = state.request_timeout;
     tokio::spawn(async move {
         let started = Instant::now();
         while !tracking.idle() && started.elapsed() < limit {
@@ -829,191 +848,6 @@ fn exited(state: &Arc<State>, pid: u32) {
             w.slot_freed.notify_one();
         }
     });
-}
-
-// ---------------------------------------------------------------------------------------------
-// Handlers
-
-fn workloads(state: &State) -> Result<&Arc<Workloads>, ApiError> {
-    state.workloads.get().ok_or_else(|| ApiError::not_found("no_workloads", "this agent has no workload registry"))
-}
-
-pub(crate) fn list_selectors(state: &State) -> Response {
-    let views = state.workloads.get().map(|w| w.selector_views()).unwrap_or_default();
-    json_reply(StatusCode::OK, &serde_json::json!({ "selectors": views }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SelectorBody {
-    select: String,
-}
-
-pub(crate) async fn add_selector(state: Arc<State>, p: Principal, body: Bytes) -> Result<Response, ApiError> {
-    let result = add_selector_inner(&state, &body).await;
-    let detail = result.as_ref().map(|(id, _)| format!("added selector {id}"));
-    audit_action(&p, &Method::POST, "/v1/selectors", detail.as_deref().map_err(|e| *e));
-    result.map(|(_, r)| r)
-}
-
-async fn add_selector_inner(state: &Arc<State>, body: &[u8]) -> Result<(String, Response), ApiError> {
-    let w = workloads(state)?.clone();
-    let b: SelectorBody = serde_json::from_slice(body).map_err(|_| {
-        ApiError::bad_request("bad_body", "expected a JSON body {\"select\": \"comm=GLOB,exe=GLOB,...\"}")
-    })?;
-    let selector =
-        Selector::parse(&b.select).map_err(|e| ApiError::bad_request("bad_selector", e.to_string().chars().take(200).collect::<String>()))?;
-    let id = selector.id();
-    {
-        let mut sels = w.selectors.lock().unwrap();
-        if sels.iter().any(|e| e.selector.id() == id) {
-            return Err(ApiError::conflict("selector_exists", format!("selector {id} already exists")));
-        }
-        if sels.len() >= MAX_SELECTORS {
-            return Err(ApiError::conflict("too_many_selectors", format!("at most {MAX_SELECTORS} selectors")));
-        }
-        sels.push(SelectorEntry { selector: selector.clone(), origin: "api" });
-        if let Err(e) = w.save(&sels) {
-            sels.pop();
-            return Err(e);
-        }
-    }
-    info!(selector = %selector.expr, id = %id, "selector added");
-    Workloads::start_watching(state).map_err(|e| {
-        let line = crate::cli::one_line(&e);
-        warn!(error = %line, "starting the process watcher failed");
-        ApiError::internal("watch_failed", format!("watching processes failed: {line}"))
-    })?;
-    let st = state.clone();
-    drop(tokio::task::spawn_blocking(move || Workloads::scan(&st)));
-    let view = w.selector_views().into_iter().find(|v| v.id == id);
-    Ok((id, json_reply(StatusCode::CREATED, &view)))
-}
-
-pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Result<Response, ApiError> {
-    let route = format!("/v1/selectors/{}", sid.chars().take(64).collect::<String>());
-    let result = (|| {
-        let w = workloads(state)?;
-        let mut sels = w.selectors.lock().unwrap();
-        let Some(i) = sels.iter().position(|e| e.selector.id() == sid) else {
-            return Err(ApiError::not_found("selector_not_found", format!("no selector {}", sid.chars().take(64).collect::<String>())));
-        };
-        let removed = sels.remove(i);
-        if let Err(e) = w.save(&sels) {
-            sels.insert(i, removed);
-            return Err(e);
-        }
-        drop(sels);
-        // Its workloads are detached and leave the list (their stored snapshots stay, under
-        // retention, at /v1/workloads/{id}/snapshots).
-        let (ids, pids): (Vec<String>, Vec<u32>) = {
-            let mut reg = w.registry.lock().unwrap();
-            let ids: Vec<String> = reg.iter().filter(|(_, e)| e.workload.selector == sid).map(|(id, _)| id.clone()).collect();
-            let mut pids = Vec::new();
-            for id in &ids {
-                if let Some(e) = reg.remove(id) {
-                    pids.extend(e.workload.pid);
-                }
-            }
-            (ids, pids)
-        };
-        w.queue.lock().unwrap().retain(|q| !ids.contains(&q.workload));
-        let mut by_pid = w.by_pid.lock().unwrap();
-        let mut detached = Vec::new();
-        let mut detached_pids = Vec::new();
-        for pid in &pids {
-            if by_pid.remove(pid).is_none() {
-                continue;
-            }
-            detached_pids.push(*pid);
-            crate::v8::channel::forget(*pid);
-            if let Some(e) = state.targets.write().unwrap().remove(pid) {
-                detached.push(e);
-            }
-        }
-        drop(by_pid);
-        drop(tokio::task::spawn_blocking(move || drop(detached)));
-        w.slot_freed.notify_one();
-        info!(selector = %sid, workloads = ids.len(), detached = detached_pids.len(), "selector deleted: its workloads left the list");
-        Ok(json_reply(StatusCode::OK, &serde_json::json!({ "deleted": sid, "detached": detached_pids, "removed_workloads": ids })))
-    })();
-    audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
-    result
-}
-
-/// One workload as `GET /v1/workloads` lists it.
-#[derive(Serialize)]
-struct WorkloadView {
-    #[serde(flatten)]
-    workload: Workload,
-    /// `attached`, `waiting` (for a target slot), `failed` or `exited`.
-    state: &'static str,
-    /// Its place in the capacity queue (0: attached next) while it waits.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    queue_position: Option<usize>,
-    /// The live figures of its current process (as `/v1/targets`), when attached.
-    stats: Option<crate::target::TargetStats>,
-    /// Snapshots stored under it.
-    snapshots: usize,
-}
-
-pub(crate) fn list_workloads(state: &State) -> Response {
-    let list = state.workloads.get().map(|w| w.list()).unwrap_or_default();
-    let positions: HashMap<String, usize> = state
-        .workloads
-        .get()
-        .map(|w| w.queue.lock().unwrap().iter().enumerate().map(|(i, q)| (q.workload.clone(), i)).collect())
-        .unwrap_or_default();
-    let metas = state.store.list();
-    let views: Vec<WorkloadView> = list
-        .into_iter()
-        .map(|w| {
-            let stats = w.pid.and_then(|p| state.targets.read().unwrap().get(&p).map(|e| e.target.stats()));
-            let snapshots = metas.iter().filter(|m| m.workload.as_deref() == Some(&w.id)).count();
-            WorkloadView { state: w.state(), queue_position: positions.get(&w.id).copied(), workload: w, stats, snapshots }
-        })
-        .collect();
-    json_reply(StatusCode::OK, &serde_json::json!({ "workloads": views }))
-}
-
-/// The pid a workload is traced as now: 404 for an unknown workload, 409 between processes.
-fn attached_pid(state: &State, id: &str) -> Result<u32, ApiError> {
-    if !workload::valid_id(id) {
-        return Err(ApiError::bad_request("bad_workload_id", "invalid workload id"));
-    }
-    let (pid, _) = workloads(state)?.current(id)?;
-    let pid = pid.ok_or_else(|| ApiError::conflict("workload_not_attached", format!("workload {id} has no process traced now")))?;
-    if !state.targets.read().unwrap().contains_key(&pid) {
-        return Err(ApiError::conflict("workload_not_attached", format!("workload {id} is being attached")));
-    }
-    Ok(pid)
-}
-
-pub(crate) async fn heap(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let pid = attached_pid(&state, &id)?;
-    handlers::heap(state, pid, q).await
-}
-
-pub(crate) async fn leaks(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let pid = attached_pid(&state, &id)?;
-    handlers::leaks(state, pid, q).await
-}
-
-pub(crate) async fn flamegraph(state: Arc<State>, id: String, q: Vec<(String, String)>) -> Result<Response, ApiError> {
-    let pid = attached_pid(&state, &id)?;
-    handlers::flamegraph(state, pid, q).await
-}
-
-pub(crate) fn snapshots(state: &State, id: String) -> Result<Response, ApiError> {
-    if !workload::valid_id(&id) {
-        return Err(ApiError::bad_request("bad_workload_id", "invalid workload id"));
-    }
-    let known = workloads(state)?.current(&id).is_ok();
-    let list: Vec<_> = state.store.list().into_iter().filter(|m| m.workload.as_deref() == Some(id.as_str())).collect();
-    if !known && list.is_empty() {
-        return Err(ApiError::not_found("workload_not_found", format!("no workload {id}")));
-    }
-    Ok(json_reply(StatusCode::OK, &serde_json::json!({ "id": id, "snapshots": list })))
 }
 
 /// Adds the workload labels (workload, node, namespace, pod, container, executable) to the
@@ -1073,7 +907,7 @@ pub(crate) struct Capacity {
 pub(crate) fn capacity(state: &State) -> Capacity {
     let waiting = state.workloads.get().map_or(0, |w| w.waiting());
     let targets = state.targets.read().unwrap().len();
-    Capacity { targets, max_targets: state.limits.max_targets, waiting, over_capacity: waiting > 0 }
+    Capacity { targets, max_targets: state.max_targets, waiting, over_capacity: waiting > 0 }
 }
 
 /// The node-level series (`memscope_workloads{state}`, capacity, counters).
@@ -1131,7 +965,7 @@ fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>
         let profile = match target.snapshot(state.trigger_settings.min_age) {
             Ok(p) => p,
             Err(e) => {
-                warn!(pid, workload = %wl.id, error = %crate::cli::one_line(&e), "snapshot for push failed");
+                warn!(pid, workload = %wl.id, error = %crate::errors::one_line(&e), "snapshot for push failed");
                 skipped();
                 continue;
             }
