@@ -728,7 +728,8 @@ fn wait_workloads(url: &str, within: Duration, what: &str, pred: impl Fn(&[Value
             *m.entry(w["state"].as_str().unwrap_or("?").to_string()).or_default() += 1;
             m
         });
-        assert!(t.elapsed() < within, "not within {within:?}: {what}; workloads by state: {states:?}");
+        let failed: Vec<&Value> = ws.iter().filter(|w| w["state"] == "failed").take(3).collect();
+        assert!(t.elapsed() < within, "not within {within:?}: {what}; workloads by state: {states:?}; failed: {failed:#?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -109,7 +109,12 @@ enum Why {
     Scan,
     /// Its turn in the capacity queue came.
     Queue,
+    /// A second try after an attach right after its exec failed.
+    Retry,
 }
+
+/// When an attach right after an exec failed, the one more try comes this much later.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub(crate) struct Entry {
     pub(crate) workload: Workload,
@@ -753,6 +758,15 @@ fn attach_reserved(
         Err(Some(line)) => {
             warn!(pid, workload = %identity.id, error = %line, "attaching a workload's process failed");
             release(line);
+            // Just started on a loaded node, its loader may still be mapping its libraries
+            // after the retry window: one more try a second later.
+            if just_started && crate::procfs::exists(pid) {
+                let st = state.clone();
+                let _ = std::thread::Builder::new().name("attach-retry".into()).spawn(move || {
+                    std::thread::sleep(RETRY_AFTER);
+                    consider(&st, pid, Why::Retry);
+                });
+            }
             return;
         }
     };
