@@ -777,13 +777,16 @@ fn series_of(text: &str, id: &str) -> std::collections::BTreeSet<String> {
 
 /// The agent's BPF map memory (the `memlock` of every map it holds, from fdinfo) and RSS.
 fn agent_memory(pid: i32) -> (u64, u64) {
-    let mut maps = 0;
+    // Each map once, however many descriptors the agent holds on it.
+    let mut by_id = std::collections::BTreeMap::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
         let Ok(info) = std::fs::read_to_string(e.path()) else { continue };
-        if info.lines().any(|l| l.starts_with("map_id:")) {
-            maps += info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            by_id.insert(id, memlock);
         }
     }
+    let maps = by_id.values().sum();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
     (maps, rss_kib * 1024)
