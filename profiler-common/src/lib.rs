@@ -113,21 +113,28 @@ impl AllocKind {
     }
 }
 
-/// Targets one loaded object traces at once: each has a slot in the per-target maps.
-pub const MAX_TARGETS: u32 = 128;
+/// Target slots of the object as built: the per-target maps' declared size. The agent resizes
+/// them at load time to the slots it needs (`memscope agent --max-targets`, plus room for
+/// targets being released), at most [`MAX_TARGET_SLOTS`].
+pub const MAX_TARGETS: u32 = 256;
 
-/// A traced process as the probes know it: its slot (bits 0..8) and the slot's generation
-/// (bits 8..40), which the agent changes each time the slot is given to another process, so
+/// Bits of a target id that name its slot.
+pub const TARGET_SLOT_BITS: u32 = 16;
+/// The most slots a target id can name.
+pub const MAX_TARGET_SLOTS: u32 = 1 << TARGET_SLOT_BITS;
+
+/// A traced process as the probes know it: its slot (bits 0..16) and the slot's generation
+/// (bits 16..48), which the agent changes each time the slot is given to another process, so
 /// entries a departed target left in the shared maps never match its successor.
 pub const fn target_id(slot: u32, generation: u32) -> u64 {
-    (slot as u64 & 0xff) | ((generation as u64) << 8)
+    (slot as u64 & (MAX_TARGET_SLOTS as u64 - 1)) | ((generation as u64) << TARGET_SLOT_BITS)
 }
 
 pub const fn target_slot(target: u64) -> u32 {
-    (target & 0xff) as u32
+    (target & (MAX_TARGET_SLOTS as u64 - 1)) as u32
 }
 
-/// Attach cookie layout: bits 0..8 = [`AllocKind`], bits 8..48 = the target ([`target_id`]).
+/// Attach cookie layout: bits 0..8 = [`AllocKind`], bits 8..56 = the target ([`target_id`]).
 pub const fn encode_cookie(kind: AllocKind, target: u64) -> u64 {
     kind as u64 | (target << 8)
 }
@@ -482,8 +489,8 @@ pub mod mapping {
 }
 
 /// Mappings per half of a target's range of `UNWIND_MAPPINGS` (the agent fills one half while
-/// the probes read the other, then flips the target's `UNWIND_STATE`): 128 targets x 2 x 1024
-/// x 40 bytes = 10 MiB. Node.js maps ~100 executable ranges, a large C++ service a few hundred.
+/// the probes read the other, then flips the target's `UNWIND_STATE`): 80 KiB per target slot
+/// (2 x 1024 x 40 bytes), 20 MiB for 256 slots. Node.js maps ~100 executable ranges, a large C++ service a few hundred.
 pub const MAX_UNWIND_MAPPINGS: u32 = 1024;
 // A slot's range is whole pages (the agent maps only its own).
 const _: () = assert!((2 * MAX_UNWIND_MAPPINGS as usize * core::mem::size_of::<UnwindMapping>()).is_multiple_of(4096));

@@ -78,7 +78,8 @@ impl Session {
         load::check_environment()?;
         let plan = unwind::target::plan(pid);
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
-        let probes = Arc::new(Probes::load(settings, capacity)?);
+        // One target: one slot (each is 80 KiB of kernel memory).
+        let probes = Arc::new(Probes::load(ProbeSettings { target_slots: 1, ..settings }, capacity)?);
         Session::attach_on_named(&probes, pid, plan, named)
     }
 

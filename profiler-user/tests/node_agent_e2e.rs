@@ -421,8 +421,8 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
     assert!(from < until, "{target}");
     let name = query_param(target, "name").unwrap();
     let exe_s = exe.to_str().unwrap();
-    let exe_base = exe.file_name().unwrap().to_str().unwrap();
-    assert!(name.starts_with(&format!("{exe_base}{{")), "{name}");
+    // Outside Kubernetes the application name is the workload's id (unique per workload).
+    assert!(name.starts_with(&format!("{}{{", w["id"].as_str().unwrap())), "{name}");
     for label in [format!("executable={exe_s}"), format!("workload={}", w["id"].as_str().unwrap()), "node=".to_string()] {
         assert!(name.contains(&label), "{label} missing in {name}");
     }
@@ -694,5 +694,274 @@ fn forked_workers_are_followed_with_forks_true_only() {
         assert!(t.elapsed() < Duration::from_secs(10), "{} of {N} workers attached after the agent's restart: {v:#}", ws.len());
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(agent);
+}
+
+/// A process that joins cgroup `cg`, spins `linger` rounds of the shell (the set-up a runtime's
+/// init does between joining the container's cgroup and exec'ing its program), then execs
+/// `exe args`: the pid stays, the image changes.
+fn start_in_cgroup(cg: &Path, exe: &Path, args: &str, linger: u32) -> Container {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs; i=0; while [ $i -lt {linger} ]; do i=$((i+1)); done; exec {} {args}",
+        cg.display(),
+        exe.display()
+    );
+    Container(Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().unwrap())
+}
+
+fn workloads(url: &str) -> Vec<Value> {
+    let (status, v) = http(url, "GET", "/v1/workloads", READ, None);
+    assert_eq!(status, 200, "{v}");
+    v["workloads"].as_array().unwrap().clone()
+}
+
+/// Polls `/v1/workloads` until `pred` holds for the whole list.
+fn wait_workloads(url: &str, within: Duration, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let ws = workloads(url);
+        if pred(&ws) {
+            eprintln!("{what}: {:?}", t.elapsed());
+            return ws;
+        }
+        let states: std::collections::BTreeMap<String, usize> = ws.iter().fold(Default::default(), |mut m, w| {
+            *m.entry(w["state"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+            m
+        });
+        let failed: Vec<&Value> = ws.iter().filter(|w| w["state"] == "failed").take(3).collect();
+        assert!(t.elapsed() < within, "not within {within:?}: {what}; workloads by state: {states:?}; failed: {failed:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_state(ws: &[Value], state: &str) -> usize {
+    ws.iter().filter(|w| w["state"] == state).count()
+}
+
+fn metrics_text(url: &str) -> String {
+    let (status, m) = http(url, "GET", "/metrics", READ, None);
+    assert_eq!(status, 200);
+    m.as_str().unwrap().to_string()
+}
+
+/// `promtool check metrics` finds nothing to say about `text` (CI installs apt `prometheus`).
+fn promtool_clean(text: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt prometheus; `cargo xtask setup` installs it)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "promtool did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
+}
+
+/// The label sets (names and values, without the sample) of the `memscope_target_*` series
+/// of workload `id`.
+fn series_of(text: &str, id: &str) -> std::collections::BTreeSet<String> {
+    let needle = format!("workload=\"{id}\"");
+    text.lines()
+        .filter(|l| l.starts_with("memscope_target_") && l.contains(&needle))
+        .map(|l| l.rsplit_once(' ').unwrap().0.to_string())
+        .collect()
+}
+
+/// The agent's BPF map memory (the `memlock` of every map it holds, from fdinfo) and RSS.
+fn agent_memory(pid: i32) -> (u64, u64) {
+    // Each map once, however many descriptors the agent holds on it.
+    let mut by_id = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(e.path()) else { continue };
+        let field = |name: &str| info.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok());
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            by_id.insert(id, memlock);
+        }
+    }
+    let maps = by_id.values().sum();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+    (maps, rss_kib * 1024)
+}
+
+/// 150 distinct workloads (150 small processes, each in a cgroup of its own) in one agent:
+/// at the default `--max-targets` all are attached, within 256 MiB of BPF maps and 256 MiB of
+/// RSS, counted in `memscope_workloads`, their series labelled by workload (no pid), and
+/// `promtool check metrics` finds nothing to say; 10 of them restarted keep their series'
+/// label sets; deleting their selector empties the list. With `--max-targets 100`, 100 are
+/// attached and 50 wait, visibly (`state`, `queue_position`, metrics, `/readyz`, a log line);
+/// when 50 attached processes exit, the 50 waiting are attached in their queue's order.
+#[test]
+fn a_node_of_150_workloads_is_traced_queued_in_order_and_labelled_by_workload() {
+    require_root();
+    let _serial = one_at_a_time();
+    const N: usize = 150;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let exe = build_fixture("workload_fixture", &[]);
+    let root = cgroup2_root();
+    let base = format!("memscope-cap-{}", std::process::id());
+    let mut cgroups = Cgroups(Vec::new());
+    let cgs: Vec<PathBuf> = (0..N).map(|i| cgroups.make(&root, &format!("{base}/w{i:03}"))).collect();
+    let select = format!("cgroup=/{base}/*");
+
+    // The default --max-targets: every one attached.
+    let args = ["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000"];
+    let agent = start_agent(&args).unwrap();
+    let (status, v) = http(&agent.url, "POST", "/v1/selectors", ADMIN, Some(&format!("{{\"select\": \"{select}\"}}")));
+    assert_eq!(status, 201, "{v}");
+    let sid = v["id"].as_str().unwrap().to_string();
+    let mut procs: Vec<Container> = cgs.iter().map(|cg| start_in_cgroup(cg, &exe, "500", 0)).collect();
+    let ws = wait_workloads(&agent.url, Duration::from_secs(180), "150 workloads attached", |ws| count_state(ws, "attached") == N);
+    assert_eq!(ws.len(), N, "one workload per cgroup");
+    let (maps, rss) = agent_memory(agent.pid());
+    eprintln!("{N} targets: BPF maps {} MiB, agent RSS {} MiB", maps / MIB, rss / MIB);
+    assert!(maps <= 256 * MIB, "BPF maps {maps} bytes with {N} targets");
+    assert!(rss <= 256 * MIB, "agent RSS {rss} bytes with {N} targets");
+    let text = metrics_text(&agent.url);
+    assert!(text.contains(&format!("memscope_workloads{{state=\"attached\"}} {N}\n")), "{text}");
+    assert!(text.contains(&format!("memscope_agent_targets {N}\n")), "{text}");
+    assert!(text.contains("memscope_agent_max_targets 256\n"), "{text}");
+    let targets: Vec<&str> = text.lines().filter(|l| l.starts_with("memscope_target_")).collect();
+    assert!(targets.iter().all(|l| !l.contains("pid=")), "a workload series carries a pid");
+    promtool_clean(&text);
+
+    // 10 restarted: new pids, the same workloads, the same label sets.
+    let ids: Vec<(String, u64)> = cgs[..10]
+        .iter()
+        .map(|cg| {
+            let rel = format!("/{}", cg.strip_prefix(&root).unwrap().display());
+            let w = ws.iter().find(|w| w["labels"]["cgroup"] == rel.as_str()).unwrap_or_else(|| panic!("no workload in {rel}"));
+            (w["id"].as_str().unwrap().to_string(), w["pid"].as_u64().unwrap())
+        })
+        .collect();
+    let before: Vec<_> = ids.iter().map(|(id, _)| series_of(&text, id)).collect();
+    assert!(before.iter().all(|s| s.len() >= 5), "{before:#?}");
+    for (i, cg) in cgs[..10].iter().enumerate() {
+        let _ = procs[i].0.kill();
+        let _ = procs[i].0.wait();
+        procs[i] = start_in_cgroup(cg, &exe, "500", 0);
+    }
+    wait_workloads(&agent.url, Duration::from_secs(60), "10 restarts attached", |ws| {
+        ids.iter().all(|(id, old)| ws.iter().any(|w| w["id"] == id.as_str() && w["attached"] == true && w["pid"].as_u64() != Some(*old) && w["restarts"] == 1))
+    });
+    let text = metrics_text(&agent.url);
+    let after: Vec<_> = ids.iter().map(|(id, _)| series_of(&text, id)).collect();
+    assert_eq!(before, after, "a restart changed the label sets of its workload's series");
+    assert!(text.contains("memscope_workload_restarts_total 10\n"), "{text}");
+    promtool_clean(&text);
+
+    // Its selector deleted: its workloads leave the list.
+    let (status, v) = http(&agent.url, "DELETE", &format!("/v1/selectors/{sid}"), ADMIN, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["removed_workloads"].as_array().unwrap().len(), N, "{v}");
+    assert!(workloads(&agent.url).is_empty());
+    let (_, targets) = http(&agent.url, "GET", "/v1/targets", READ, None);
+    assert_eq!(targets["targets"], serde_json::json!([]));
+    drop(agent);
+
+    // --max-targets 100: 100 attached, 50 waiting, and it shows.
+    let small = [&args[..], &["--max-targets", "100", "--select", &select]].concat();
+    let agent = start_agent(&small).unwrap();
+    let ws = wait_workloads(&agent.url, Duration::from_secs(180), "100 attached, 50 waiting", |ws| {
+        count_state(ws, "attached") == 100 && count_state(ws, "waiting") == 50
+    });
+    let mut waiting: Vec<&Value> = ws.iter().filter(|w| w["state"] == "waiting").collect();
+    waiting.sort_by_key(|w| w["queue_position"].as_u64());
+    let positions: Vec<u64> = waiting.iter().map(|w| w["queue_position"].as_u64().unwrap()).collect();
+    assert_eq!(positions, (0..50).collect::<Vec<u64>>());
+    assert!(waiting.iter().all(|w| w["last_error"].as_str().unwrap().contains("--max-targets")), "{waiting:#?}");
+    let (status, ready) = http(&agent.url, "GET", "/readyz", READ, None);
+    assert_eq!(status, 200);
+    assert_eq!((ready["capacity"]["over_capacity"].as_bool(), ready["capacity"]["waiting"].as_u64()), (Some(true), Some(50)), "{ready}");
+    assert!(ready["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("over capacity")), "{ready}");
+    let text = metrics_text(&agent.url);
+    for line in ["memscope_workloads{state=\"waiting\"} 50\n", "memscope_workloads{state=\"attached\"} 100\n", "memscope_workload_queued_total 50\n", "memscope_agent_max_targets 100\n"] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+    promtool_clean(&text);
+    assert!(agent.log().iter().any(|l| l.contains("over capacity")), "no log line says the node is over capacity");
+
+    // 50 attached processes exit: the waiting ones are attached, first in the queue first.
+    let order: Vec<String> = waiting.iter().map(|w| w["id"].as_str().unwrap().to_string()).collect();
+    let attached: Vec<u32> = ws.iter().filter(|w| w["state"] == "attached").take(50).map(|w| w["pid"].as_u64().unwrap() as u32).collect();
+    for c in procs.iter_mut().filter(|c| attached.contains(&c.0.id())) {
+        let _ = c.0.kill();
+        let _ = c.0.wait();
+    }
+    let ws = wait_workloads(&agent.url, Duration::from_secs(120), "the 50 waiting attached", |ws| {
+        count_state(ws, "waiting") == 0 && count_state(ws, "attached") == 100
+    });
+    assert_eq!(count_state(&ws, "exited"), 50);
+    let at: Vec<u64> = order.iter().map(|id| ws.iter().find(|w| w["id"] == id.as_str()).unwrap()["attached_at_ms"].as_u64().unwrap()).collect();
+    assert!(at.windows(2).all(|p| p[0] <= p[1]), "not attached in the queue's order: {at:?}");
+    let (_, ready) = http(&agent.url, "GET", "/readyz", READ, None);
+    assert_eq!(ready["capacity"]["over_capacity"], false, "{ready}");
+    drop(agent);
+    drop(procs);
+}
+
+/// A process that joins a cgroup and then execs (as `runc init` joins the container's cgroup,
+/// then execs its program), lingering in between, is known by what it execs: over 20 rounds
+/// no workload ever shows the shell it was before, and each round's program is attached under
+/// its cgroup's workload (5 cgroups, 5 workloads).
+#[test]
+fn a_process_joining_a_cgroup_then_exec_ing_is_known_by_its_program() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let exe = build_fixture("workload_fixture", &[]);
+    let root = cgroup2_root();
+    let base = format!("memscope-exec-{}", std::process::id());
+    let mut cgroups = Cgroups(Vec::new());
+    let cgs: Vec<PathBuf> = (0..5).map(|i| cgroups.make(&root, &format!("{base}/c{i}"))).collect();
+    let select = format!("cgroup=/{base}/*");
+    let args = ["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select];
+    let agent = start_agent(&args).unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((Vec::<Value>::new(), std::collections::BTreeSet::<String>::new())));
+    let poller = {
+        let (url, stop, seen, exe) = (agent.url.clone(), stop.clone(), seen.clone(), exe.to_str().unwrap().to_string());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for w in workloads(&url) {
+                    let mut s = seen.lock().unwrap();
+                    s.1.insert(w["id"].as_str().unwrap().to_string());
+                    if w["labels"]["executable"] != exe.as_str() {
+                        s.0.push(w);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    for round in 0..20 {
+        let c = start_in_cgroup(&cgs[round % 5], &exe, "500", 20_000);
+        let pid = c.0.id();
+        let (w, took) = wait_workload(&agent.url, Duration::from_secs(30), |w| w["pid"] == pid && w["attached"] == true);
+        eprintln!("round {round}: attached {took:?} after the start");
+        assert_eq!(w["labels"]["executable"], exe.to_str().unwrap(), "{w:#}");
+        drop(c);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poller.join().unwrap();
+    let (wrong, ids) = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(wrong.is_empty(), "workloads of the pre-exec image: {wrong:#?}");
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    let text = metrics_text(&agent.url);
+    eprintln!("{}", text.lines().find(|l| l.starts_with("memscope_workload_exec_moved_total")).unwrap_or("no exec_moved counter"));
     drop(agent);
 }

@@ -42,6 +42,7 @@ const PACKAGES: &[&str] = &[
     "curl",                           // the second client, bound to 127.0.0.2, during it
     "golang-go",                      // `go tool pprof` (node_v8_exports_e2e); Go fixtures (go_heap_e2e)
     "postgresql",                     // a fork-per-connection server (agent_cost_e2e, `cargo xtask bench --pg-only`)
+    "prometheus",                     // `promtool check metrics` on /metrics (node_agent_e2e)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -56,7 +56,7 @@ pub struct TargetEntry {
 pub enum AttachRefused {
     #[error("process {0} is already traced")]
     AlreadyAttached(u32),
-    #[error("already tracing {0} targets; detach one first")]
+    #[error("already tracing {0} targets (--max-targets); detach one first")]
     TooManyTargets(usize),
 }
 
@@ -126,6 +126,12 @@ impl State {
         let tracking = entry.tracking.clone();
         self.targets.write().unwrap().insert(target.pid(), entry);
         tracking
+    }
+
+    /// Whether one more target may be attached (`--max-targets`).
+    pub(crate) fn has_target_room(&self) -> bool {
+        let targets = self.targets.read().unwrap();
+        targets.len() + self.attaching.lock().unwrap().len() < self.max_targets
     }
 
     /// Reserves `pid` for an attach: refused when it is attached, being attached, or the target

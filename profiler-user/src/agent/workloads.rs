@@ -21,9 +21,24 @@
 //! the agent a core and the server most of its throughput, for children that exit before
 //! their first snapshot. Those are counted (`memscope_forks_total{result="short_lived"}`), not
 //! attached; a child that exits while it is being attached is counted as such, never refused.
+//!
+//! Capacity: the agent traces at most `--max-targets` processes. A workload found past it is
+//! not refused silently: it waits in a queue (state `waiting`, a log line, `/readyz` says the
+//! node is over capacity, `memscope_workloads{state="waiting"}`) and is attached, oldest
+//! first, as soon as a target leaves.
+//!
+//! Housekeeping: a deleted selector's workloads leave the list; a workload without a process
+//! is removed `--workload-ttl` after its last one exited (its stored snapshots stay, under
+//! retention). A process is identified by what it runs after its `exec`: one found in
+//! another cgroup than the one it exec'd in moved there since (as `runc init` joins the
+//! container's cgroup, then execs the container's program) and is left for its next exec; a
+//! traced process that execs is identified again.
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -54,8 +69,11 @@ const ATTACH_RETRY_FOR: Duration = Duration::from_millis(800);
 /// workers are attached well within a second).
 pub const DEFAULT_FORK_MIN_LIFETIME: Duration = Duration::from_millis(250);
 
+/// `--workload-ttl`: how long a workload without a process stays listed.
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(6 * 3600);
+
 /// What the node-level agent is told at start.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct NodeConfig {
     /// `--select`, in order.
     pub selectors: Vec<Selector>,
@@ -69,6 +87,8 @@ pub struct NodeConfig {
     /// `--fork-min-lifetime`: how long a child of a `forks=true` workload must live before it
     /// is attached.
     pub fork_min_lifetime: Duration,
+    /// `--workload-ttl`.
+    pub workload_ttl: Duration,
 }
 
 /// What became of the children of `forks=true` workloads (`memscope_forks_total`).
@@ -83,6 +103,60 @@ pub struct ForkStats {
     /// Attached as workers.
     pub attached: std::sync::atomic::AtomicU64,
 }
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            selectors: Vec::new(),
+            select_file: None,
+            file_selectors: Vec::new(),
+            node_paths: NodePaths::default(),
+            push: None,
+            fork_min_lifetime: Duration::ZERO,
+            workload_ttl: DEFAULT_WORKLOAD_TTL,
+        }
+    }
+}
+
+/// A process waiting for a target slot.
+#[derive(Clone, Debug)]
+struct Queued {
+    pid: u32,
+    /// Its start time: a pid reused meanwhile is not the same process.
+    start: u64,
+    workload: String,
+}
+
+/// Node-level counters (`/metrics`).
+#[derive(Default)]
+pub struct Counters {
+    /// New processes of known workloads attached.
+    pub restarts: AtomicU64,
+    /// Attaches that failed (not those that waited for capacity).
+    pub attach_failures: AtomicU64,
+    /// Processes that had to wait for a target slot.
+    pub queued: AtomicU64,
+    /// Workloads removed after `--workload-ttl` without a process.
+    pub pruned: AtomicU64,
+    /// Exec events of processes that had moved to another cgroup since (left for their next exec).
+    pub unsettled: AtomicU64,
+}
+
+/// Why a process is considered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Why {
+    /// It exec'd, in the cgroup with this id (0: unknown).
+    Exec(u64),
+    /// Found running (at start, when a selector is added).
+    Scan,
+    /// Its turn in the capacity queue came.
+    Queue,
+    /// A second try after an attach right after its exec failed.
+    Retry,
+}
+
+/// When an attach right after an exec failed, the one more try comes this much later.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub(crate) struct Entry {
     pub(crate) workload: Workload,
@@ -111,6 +185,15 @@ pub struct Workloads {
     /// Changes of `--select-file` applied and refused (`memscope_select_file_reloads_total`).
     reloads_applied: std::sync::atomic::AtomicU64,
     reloads_refused: std::sync::atomic::AtomicU64,
+    /// Processes waiting for a target slot (`--max-targets`), oldest first.
+    queue: Mutex<VecDeque<Queued>>,
+    /// Woken when a target leaves: a slot may be free for the queue.
+    slot_freed: tokio::sync::Notify,
+    /// Whether the last capacity check found the node over capacity (logged when it changes).
+    over_capacity: AtomicBool,
+    pub(crate) counters: Counters,
+    /// `--workload-ttl`.
+    ttl: Duration,
 }
 
 /// How often `--select-file` is checked for a change (kubelet itself takes up to a minute or
@@ -170,6 +253,11 @@ impl Workloads {
             select_file: config.select_file.clone(),
             reloads_applied: Default::default(),
             reloads_refused: Default::default(),
+            queue: Mutex::new(VecDeque::new()),
+            slot_freed: tokio::sync::Notify::new(),
+            over_capacity: AtomicBool::new(false),
+            counters: Counters::default(),
+            ttl: config.workload_ttl,
         })
     }
 
@@ -192,6 +280,7 @@ impl Workloads {
         })?);
         *w.events.lock().unwrap() = Some(tx);
         tokio::spawn(run_events(state.clone(), rx));
+        tokio::spawn(run_queue(state.clone()));
         Ok(())
     }
 
@@ -203,7 +292,7 @@ impl Workloads {
             // Two at a time: attaching is mostly the kernel verifying the probes.
             let chunks: Vec<&[u32]> = pids.chunks(pids.len().div_ceil(2).max(1)).collect();
             for chunk in chunks {
-                s.spawn(move || chunk.iter().for_each(|&pid| consider(state, pid, false)));
+                s.spawn(move || chunk.iter().for_each(|&pid| consider(state, pid, Why::Scan)));
             }
         });
         let Some(w) = state.workloads.get() else { return };
@@ -271,15 +360,167 @@ impl Workloads {
         self.selectors.lock().unwrap().iter().any(|e| e.selector.follow_forks && e.selector.id() == selector)
     }
 
-    /// Whether `pid` is traced as a worker (`forks=true`).
-    fn is_worker(&self, pid: u32) -> bool {
-        let Some(id) = self.by_pid.lock().unwrap().get(&pid).cloned() else { return false };
-        self.registry.lock().unwrap().get(&id).is_some_and(|e| e.workload.worker.is_some())
-    }
-
     /// Every workload, and the pid traced now when there is one.
     pub fn list(&self) -> Vec<Workload> {
         self.registry.lock().unwrap().values().map(|e| e.workload.clone()).collect()
+    }
+
+    /// Each waiting workload's place in the capacity queue.
+    pub fn queue_positions(&self) -> HashMap<String, usize> {
+        self.queue.lock().unwrap().iter().enumerate().map(|(i, q)| (q.workload.clone(), i)).collect()
+    }
+
+    /// The workloads of the selector `sid` (just deleted) leave the list and the queue, and
+    /// their processes are detached. Returns their ids and the pids detached.
+    pub fn remove_workloads_of(&self, state: &State, sid: &str) -> (Vec<String>, Vec<u32>) {
+        let (ids, pids): (Vec<String>, Vec<u32>) = {
+            let mut reg = self.registry.lock().unwrap();
+            let ids: Vec<String> = reg.iter().filter(|(_, e)| e.workload.selector == sid).map(|(id, _)| id.clone()).collect();
+            let mut pids = Vec::new();
+            for id in &ids {
+                if let Some(e) = reg.remove(id) {
+                    pids.extend(e.workload.pid);
+                }
+            }
+            (ids, pids)
+        };
+        self.queue.lock().unwrap().retain(|q| !ids.contains(&q.workload));
+        let mut by_pid = self.by_pid.lock().unwrap();
+        let mut detached = Vec::new();
+        let mut detached_pids = Vec::new();
+        for pid in &pids {
+            if by_pid.remove(pid).is_none() {
+                continue;
+            }
+            detached_pids.push(*pid);
+            crate::v8::channel::forget(*pid);
+            if let Some(e) = state.targets.write().unwrap().remove(pid) {
+                detached.push(e);
+            }
+        }
+        drop(by_pid);
+        drop(tokio::task::spawn_blocking(move || drop(detached)));
+        self.slot_freed.notify_one();
+        info!(selector = %sid, workloads = ids.len(), detached = detached_pids.len(), "selector deleted: its workloads left the list");
+        (ids, detached_pids)
+    }
+
+    /// Processes waiting for a target slot.
+    pub fn waiting(&self) -> usize {
+        self.queue.lock().unwrap().len()
+    }
+
+    /// Puts `pid` of workload `id` (reserved for it) in the capacity queue: at its workload's
+    /// place if the workload waits already, else at the back (at the front when its turn had
+    /// come and the slot was taken meanwhile).
+    fn enqueue(&self, state: &State, pid: u32, id: &str, front: bool) {
+        let Ok(start) = crate::process::start_ticks(pid) else {
+            self.release_gone(id, pid);
+            return;
+        };
+        let position = {
+            let mut q = self.queue.lock().unwrap();
+            let entry = Queued { pid, start, workload: id.to_string() };
+            match q.iter().position(|e| e.workload == id) {
+                Some(i) => {
+                    q[i] = entry;
+                    i
+                }
+                None if front => {
+                    q.push_front(entry);
+                    0
+                }
+                None => {
+                    q.push_back(entry);
+                    q.len() - 1
+                }
+            }
+        };
+        let max = state.max_targets;
+        let first_wait = {
+            let mut reg = self.registry.lock().unwrap();
+            let Some(e) = reg.get_mut(id) else { return };
+            let first = e.workload.waiting_since_ms.is_none();
+            e.workload.wait(pid, now_ms(), format!("waiting for a target slot: {max} targets traced (--max-targets)"));
+            first
+        };
+        if first_wait && !front {
+            self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            warn!(pid, workload = %id, position, max_targets = max,
+                  "over capacity: the workload waits for a target slot (--max-targets); attached when one is free");
+        }
+        if !self.over_capacity.swap(true, Ordering::Relaxed) {
+            warn!(max_targets = max, "the node is over capacity: workloads wait for a target slot (see /readyz)");
+        }
+    }
+
+    /// Takes `pid` out of the queue (it exited or exec'd); its workload has no process then.
+    fn unqueue(&self, pid: u32) -> bool {
+        let removed: Vec<Queued> = {
+            let mut q = self.queue.lock().unwrap();
+            let (gone, kept): (Vec<Queued>, Vec<Queued>) = q.drain(..).partition(|e| e.pid == pid);
+            *q = kept.into();
+            gone
+        };
+        for e in &removed {
+            self.release_gone(&e.workload, pid);
+        }
+        !removed.is_empty()
+    }
+
+    /// The workload `id`, reserved or waiting for `pid`, has no process now.
+    fn release_gone(&self, id: &str, pid: u32) {
+        if let Some(e) = self.registry.lock().unwrap().get_mut(id) {
+            if e.workload.pid == Some(pid) {
+                e.workload.gone(now_ms());
+            }
+        }
+    }
+
+    /// Removes the workloads without a process for longer than `--workload-ttl`.
+    fn prune(&self, now_ms: u64) {
+        let ttl = self.ttl.as_millis() as u64;
+        let mut reg = self.registry.lock().unwrap();
+        let before = reg.len();
+        reg.retain(|id, e| {
+            let expired = e.workload.pid.is_none() && e.workload.exited_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= ttl);
+            if expired {
+                info!(workload = %id, "workload removed: no process for --workload-ttl (its stored snapshots stay)");
+            }
+            !expired
+        });
+        self.counters.pruned.fetch_add((before - reg.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// The node-level series (`/metrics`): workloads by state, the capacity, restarts, attach
+    /// failures, queued processes and pruned workloads.
+    pub(crate) fn metrics(&self, state: &State) -> String {
+        use std::fmt::Write as _;
+        let mut by_state: BTreeMap<&'static str, u64> = ["attached", "waiting", "failed", "exited"].into_iter().map(|s| (s, 0)).collect();
+        for e in self.registry.lock().unwrap().values() {
+            *by_state.entry(e.workload.state()).or_default() += 1;
+        }
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family("memscope_workloads", "gauge", "Workloads by state: attached, waiting (for a target slot, --max-targets), failed (the last attach failed), exited (no process; removed after --workload-ttl).");
+        for (st, n) in &by_state {
+            let _ = writeln!(out, "memscope_workloads{{state=\"{st}\"}} {n}");
+        }
+        let targets = state.targets.read().unwrap().len();
+        let mut family = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        family("memscope_agent_targets", "gauge", "Processes traced now.", targets as u64);
+        family("memscope_agent_max_targets", "gauge", "Processes the agent traces at most (--max-targets).", state.max_targets as u64);
+        let c = &self.counters;
+        family("memscope_workload_restarts_total", "counter", "New processes of known workloads attached.", c.restarts.load(Ordering::Relaxed));
+        family("memscope_workload_attach_failures_total", "counter", "Attaches of workloads' processes that failed (see /v1/workloads last_error).", c.attach_failures.load(Ordering::Relaxed));
+        family("memscope_workload_queued_total", "counter", "Workloads that had to wait for a target slot (--max-targets).", c.queued.load(Ordering::Relaxed));
+        family("memscope_workloads_pruned_total", "counter", "Workloads removed after --workload-ttl without a process.", c.pruned.load(Ordering::Relaxed));
+        family("memscope_workload_exec_moved_total", "counter", "Exec events of matching processes found in another cgroup than they exec'd in (a runtime's init before its exec): identified at their next exec.", c.unsettled.load(Ordering::Relaxed));
+        out
     }
 }
 
@@ -421,12 +662,16 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
                 let Some(e) = e else { return };
                 let st = state.clone();
                 match e {
-                    ProcEvent::Exec(pid) => {
-                        // A worker that execs is another program now, no longer its parent's worker.
-                        if state.workloads.get().is_some_and(|w| w.is_worker(pid)) {
-                            exited(&st, pid);
-                        }
-                        drop(tokio::task::spawn_blocking(move || consider(&st, pid, true)))
+                    ProcEvent::Exec { pid, cgroup } => {
+                        drop(tokio::task::spawn_blocking(move || {
+                            // A traced (or waiting) process that execs is another program now:
+                            // what it was identified by is void.
+                            let previous = exec_replaced(&st, pid);
+                            consider(&st, pid, Why::Exec(cgroup));
+                            if let Some(old) = previous {
+                                forget_if_only(&st, &old, pid);
+                            }
+                        }))
                     }
                     ProcEvent::Exit(pid) => exited(&st, pid),
                     // Most new tasks (threads above all) are of processes not followed: dismissed here.
@@ -440,6 +685,7 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
             }
             _ = sweep.tick() => {
                 let Some(w) = state.workloads.get() else { continue };
+                w.prune(now_ms());
                 let pids: Vec<u32> = w.by_pid.lock().unwrap().keys().copied().collect();
                 for pid in pids {
                     let alive = state.targets.read().unwrap().get(&pid).and_then(|e| e.target.trigger_host().map(|h| h.alive()));
@@ -452,10 +698,106 @@ async fn run_events(state: Arc<State>, mut rx: mpsc::Receiver<ProcEvent>) {
     }
 }
 
+/// Attaches the processes of the capacity queue, oldest first, while there is room.
+async fn run_queue(state: Arc<State>) {
+    let Some(w) = state.workloads.get().cloned() else { return };
+    loop {
+        // Woken when a target leaves; every second too (targets detached through the API).
+        let _ = tokio::time::timeout(Duration::from_secs(1), w.slot_freed.notified()).await;
+        if w.waiting() == 0 {
+            if w.over_capacity.swap(false, Ordering::Relaxed) {
+                info!("the node is no longer over capacity: no workload waits for a target slot");
+            }
+            continue;
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || drain_queue(&st)).await;
+    }
+}
+
+/// One pass over the capacity queue. Blocking.
+fn drain_queue(state: &Arc<State>) {
+    let Some(w) = state.workloads.get() else { return };
+    // Each waiting process once per pass: one put back (every slot of the probes still held
+    // by departed targets) waits for the next.
+    let mut turns = w.waiting();
+    while turns > 0 && state.has_target_room() {
+        turns -= 1;
+        let Some(q) = w.queue.lock().unwrap().pop_front() else { break };
+        let waiting = {
+            let mut reg = w.registry.lock().unwrap();
+            match reg.get_mut(&q.workload) {
+                Some(e) if e.workload.pid == Some(q.pid) && e.workload.waiting_since_ms.is_some() => {
+                    // Its reservation is given up for a fresh look at the process.
+                    e.workload.pid = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !waiting {
+            continue;
+        }
+        if crate::process::start_ticks(q.pid).ok() != Some(q.start) {
+            if let Some(e) = w.registry.lock().unwrap().get_mut(&q.workload) {
+                e.workload.gone(now_ms());
+            }
+            continue;
+        }
+        consider(state, q.pid, Why::Queue);
+        // Not taken by the queue's workload (it matches nothing now, or another process of
+        // the workload was attached): that workload waits no more.
+        let mut reg = w.registry.lock().unwrap();
+        if let Some(e) = reg.get_mut(&q.workload) {
+            if e.workload.pid.is_none() && e.workload.waiting_since_ms.is_some() {
+                e.workload.gone(now_ms());
+            }
+        }
+    }
+}
+
+/// `pid`, traced or waiting, exec'd: it is detached (no exit snapshot: it did not exit) and
+/// its workload has no process. Returns that workload. Blocking.
+fn exec_replaced(state: &Arc<State>, pid: u32) -> Option<String> {
+    let w = state.workloads.get()?;
+    let queued = w.queue.lock().unwrap().iter().find(|e| e.pid == pid).map(|e| e.workload.clone());
+    if let Some(id) = queued {
+        w.unqueue(pid);
+        return Some(id);
+    }
+    let id = w.by_pid.lock().unwrap().remove(&pid)?;
+    if let Some(e) = w.registry.lock().unwrap().get_mut(&id) {
+        if e.workload.pid == Some(pid) {
+            e.workload.gone(now_ms());
+        }
+    }
+    crate::v8::channel::forget(pid);
+    let removed = state.targets.write().unwrap().remove(&pid);
+    drop(removed);
+    info!(pid, workload = %id, "a traced process exec'd: identified again by what it runs now");
+    Some(id)
+}
+
+/// After `pid` exec'd: the workload `id` it was known by before, if it never had another
+/// process, no snapshot and no process now, was only its image before that exec (a
+/// wrapper, a runtime's init): it leaves the list.
+fn forget_if_only(state: &State, id: &str, pid: u32) {
+    let Some(w) = state.workloads.get() else { return };
+    if w.by_pid.lock().unwrap().get(&pid).is_some_and(|now| now == id) {
+        return;
+    }
+    let mut reg = w.registry.lock().unwrap();
+    let only = reg.get(id).is_some_and(|e| e.workload.pid.is_none() && e.workload.pids.iter().all(|&p| p == pid));
+    if only && !state.store.list().iter().any(|m| m.workload.as_deref() == Some(id)) {
+        reg.remove(id);
+        info!(pid, workload = %id, "workload removed: it was a process's image before its exec");
+    }
+}
+
 /// Attaches `pid` if a selector matches it and its workload has no process traced. Blocking.
 /// Under a `forks=true` selector, a process whose parent is of the same workload is a worker:
 /// attached as one when its parent is traced (else left for its parent's turn).
-fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
+fn consider(state: &Arc<State>, pid: u32, why: Why) {
     let Some(w) = state.workloads.get() else { return };
     if pid == w.own_pid || w.by_pid.lock().unwrap().contains_key(&pid) {
         return;
@@ -468,6 +810,17 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
             None => return,
         }
     };
+    // Identified by what it exec'd: a process in another cgroup than the one it exec'd in
+    // moved there since (a runtime's init joining the container), and runs the image it will
+    // replace at its next exec.
+    if let Why::Exec(exec_cgroup) = why {
+        let now = discover::identity::cgroup_v2_id(pid);
+        if exec_cgroup != 0 && now.is_some_and(|c| c != exec_cgroup) {
+            w.counters.unsettled.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pid, exe = %info.exe, "moved to another cgroup since its exec: identified at its next exec");
+            return;
+        }
+    }
     let identity = workload::identify(&selector, &info, &w.node_name);
     if selector.follow_forks {
         if let Some(ppid) = crate::procfs::status_number(pid, "PPid") {
@@ -481,7 +834,7 @@ fn consider(state: &Arc<State>, pid: u32, just_exec: bool) {
         }
     }
     if let Some((tracking, fresh)) = reserve(state, w, pid, &identity, &selector.id()) {
-        attach_reserved(state, w, pid, &identity, &selector, tracking, fresh, just_exec);
+        attach_reserved(state, w, pid, &identity, &selector, tracking, fresh, why);
     }
 }
 
@@ -527,7 +880,7 @@ fn forked(state: &Arc<State>, parent: u32, child: u32) {
     for slot in 0..MAX_WORKER_SLOTS {
         let identity = workload::worker(&parent_identity, slot);
         if let Some((tracking, fresh)) = reserve(state, w, child, &identity, &selector.id()) {
-            return attach_reserved(state, w, child, &identity, &selector, tracking, fresh, true);
+            return attach_reserved(state, w, child, &identity, &selector, tracking, fresh, Why::Exec(0));
         }
     }
     warn!(pid = child, workload = %parent_id, "not attached: the workload has {MAX_WORKER_SLOTS} workers attached already");
@@ -543,7 +896,7 @@ fn reserve(state: &State, w: &Workloads, pid: u32, identity: &workload::Identity
         match e.workload.pid {
             Some(p) if p != pid && !crate::procfs::exists(p) => {
                 w.by_pid.lock().unwrap().remove(&p);
-                e.workload.gone();
+                e.workload.gone(now_ms());
             }
             Some(_) => return None,
             None => {}
@@ -560,8 +913,9 @@ fn reserve(state: &State, w: &Workloads, pid: u32, identity: &workload::Identity
 }
 
 /// Attaches `pid` as the process of the workload `identity` (reserved for it), with its
-/// selector's triggers. `just_started`: it just exec'd or was forked, so a failed attach is
-/// retried for a while. Blocking.
+/// selector's triggers. After an exec or a fork (`why`), a failed attach is retried for a
+/// while; without room (`--max-targets`, or every slot of the probes taken) the process
+/// waits in the capacity queue. Blocking.
 #[allow(clippy::too_many_arguments)]
 fn attach_reserved(
     state: &Arc<State>,
@@ -571,52 +925,76 @@ fn attach_reserved(
     selector: &Selector,
     tracking: Arc<Tracking>,
     fresh: bool,
-    just_started: bool,
+    why: Why,
 ) {
     if fresh {
         restore_series(state, &tracking, &identity.id);
     }
-    let release = |error: Option<String>| {
+    let just_started = matches!(why, Why::Exec(_));
+    let release = |error: String| {
+        w.counters.attach_failures.fetch_add(1, Ordering::Relaxed);
         if let Some(e) = w.registry.lock().unwrap().get_mut(&identity.id) {
-            e.workload.pid = None;
-            e.workload.last_error = error;
+            e.workload.failed(error, now_ms());
         }
     };
     if let Err(e) = state.begin_attach(pid) {
-        release(Some(e.to_string()));
+        match e {
+            crate::agent::AttachRefused::TooManyTargets(_) => w.enqueue(state, pid, &identity.id, why == Why::Queue),
+            e => release(e.to_string()),
+        }
         return;
     }
     let started = Instant::now();
     let target = loop {
         match state.attacher.attach(pid) {
             Ok(t) => break Ok(t),
+            Err(e) if e.downcast_ref::<crate::bpf::target_view::SlotError>().is_some_and(|e| matches!(e, crate::bpf::target_view::SlotError::Full(_))) => {
+                break Err(None);
+            }
             Err(e) if just_started && started.elapsed() < ATTACH_RETRY_FOR && crate::procfs::exists(pid) => {
                 tracing::debug!(pid, error = %crate::errors::one_line(&e), "attach after exec or fork failed; retrying");
                 std::thread::sleep(Duration::from_millis(40));
             }
-            Err(e) => break Err(crate::errors::one_line(&e)),
+            Err(e) => break Err(Some(crate::errors::one_line(&e))),
         }
     };
     state.attaching.lock().unwrap().remove(&pid);
     let target: Arc<dyn TracedTarget> = match target {
         Ok(t) => t,
         // Gone meanwhile (a short-lived child, a restart): not a failure of the workload.
-        Err(line) if !crate::procfs::running(pid) => {
+        Err(Some(line)) if !crate::procfs::running(pid) => {
             tracing::debug!(pid, workload = %identity.id, error = %line, "the process exited while it was being attached");
-            w.forks.exited_while_attaching.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            release(None);
+            w.forks.exited_while_attaching.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = w.registry.lock().unwrap().get_mut(&identity.id) {
+                e.workload.gone(now_ms());
+            }
             return;
         }
-        Err(line) => {
+        // Every slot of the probes is taken (departed targets not yet released): it waits.
+        Err(None) => return w.enqueue(state, pid, &identity.id, true),
+        Err(Some(line)) => {
             warn!(pid, workload = %identity.id, error = %line, "attaching a workload's process failed");
-            release(Some(line));
+            release(line);
+            // Just started on a loaded node, its loader may still be mapping its libraries
+            // after the retry window: one more try a second later.
+            if just_started && crate::procfs::exists(pid) {
+                let st = state.clone();
+                let _ = std::thread::Builder::new().name("attach-retry".into()).spawn(move || {
+                    std::thread::sleep(RETRY_AFTER);
+                    consider(&st, pid, Why::Retry);
+                });
+            }
             return;
         }
     };
     let restarted = {
         let mut reg = w.registry.lock().unwrap();
         let e = reg.get_mut(&identity.id).expect("registered above");
+        let restarts = e.workload.restarts;
         e.workload.attached(pid, identity.labels.clone(), now_ms());
+        if e.workload.restarts > restarts {
+            w.counters.restarts.fetch_add(1, Ordering::Relaxed);
+        }
         e.workload.restarts > 0
     };
     w.by_pid.lock().unwrap().insert(pid, identity.id.clone());
@@ -669,12 +1047,15 @@ fn restore_series(state: &State, tracking: &Tracking, id: &str) {
 /// (an exit snapshot) are done.
 fn exited(state: &Arc<State>, pid: u32) {
     let Some(w) = state.workloads.get() else { return };
+    if w.unqueue(pid) {
+        return;
+    }
     let Some(id) = w.by_pid.lock().unwrap().remove(&pid) else { return };
     let tracking = {
         let mut reg = w.registry.lock().unwrap();
         let Some(e) = reg.get_mut(&id) else { return };
         if e.workload.pid == Some(pid) {
-            e.workload.gone();
+            e.workload.gone(now_ms());
         }
         e.tracking.clone()
     };
@@ -697,6 +1078,9 @@ fn exited(state: &Arc<State>, pid: u32) {
         if let Some(entry) = removed {
             drop(tokio::task::spawn_blocking(move || drop(entry)));
         }
+        if let Some(w) = st.workloads.get() {
+            w.slot_freed.notify_one();
+        }
     });
 }
 
@@ -714,6 +1098,55 @@ pub(crate) fn label_stats(state: &State, stats: &mut [crate::target::TargetStats
             }
         }
     }
+}
+
+/// The targets' figures for `/metrics`. A workload's process is labelled by its workload
+/// (workload, node, namespace, pod, container, executable, worker), never by its pid: the
+/// series of a workload keep their labels across its restarts. A previous process of a
+/// workload still being detached (its exit snapshot) is left out, so that one workload has
+/// one series. Other targets (`--pid`, `POST /v1/targets`) are labelled by pid and comm.
+pub(crate) fn metric_stats(state: &State) -> Vec<crate::target::TargetStats> {
+    let w = state.workloads.get();
+    let targets = state.targets.read().unwrap();
+    let mut out = Vec::with_capacity(targets.len());
+    for (pid, e) in targets.iter() {
+        let current = w.and_then(|w| w.labels_of_pid(*pid));
+        if e.tracking.workload().is_some() && current.is_none() {
+            continue;
+        }
+        let mut s = e.target.stats();
+        if let Some((id, labels)) = current {
+            s.labels.insert("workload".into(), id);
+            for k in PUSH_LABELS {
+                if let Some(v) = labels.get(*k) {
+                    s.labels.insert(k.to_string(), v.clone());
+                }
+            }
+        }
+        out.push(s);
+    }
+    out
+}
+
+/// What `/readyz` says of the capacity.
+#[derive(Serialize)]
+pub(crate) struct Capacity {
+    pub targets: usize,
+    pub max_targets: usize,
+    /// Workloads waiting for a target slot.
+    pub waiting: usize,
+    pub over_capacity: bool,
+}
+
+pub(crate) fn capacity(state: &State) -> Capacity {
+    let waiting = state.workloads.get().map_or(0, |w| w.waiting());
+    let targets = state.targets.read().unwrap().len();
+    Capacity { targets, max_targets: state.max_targets, waiting, over_capacity: waiting > 0 }
+}
+
+/// The node-level series (`memscope_workloads{state}`, capacity, counters).
+pub(crate) fn node_metrics(state: &State) -> String {
+    state.workloads.get().map(|w| w.metrics(state)).unwrap_or_default()
 }
 
 /// The labels a workload's figures carry outside the agent (`/metrics`, `--push`).
@@ -785,11 +1218,7 @@ fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>
         let mut labels: BTreeMap<String, String> =
             PUSH_LABELS.iter().filter_map(|k| wl.labels.get(*k).map(|v| (k.to_string(), v.clone()))).collect();
         labels.insert("workload".into(), wl.id.clone());
-        let app = wl
-            .labels
-            .get("container")
-            .cloned()
-            .unwrap_or_else(|| wl.labels.get("executable").map(|e| e.rsplit('/').next().unwrap_or(e).to_string()).unwrap_or_default());
+        let app = push::service_name(&wl.id, &wl.labels);
         let until = profile.taken_at_ms / 1000;
         let from = last.lock().unwrap().insert(wl.id.clone(), until).unwrap_or_else(|| wl.attached_at_ms.unwrap_or(profile.taken_at_ms) / 1000);
         pusher.enqueue(PushJob { query: push::ingest_query(&app, &labels, from, until), body });

@@ -310,7 +310,16 @@ pub(crate) fn readyz(state: &State) -> Response {
             &serde_json::json!({ "status": "shutting down", "warnings": state.warnings }),
         );
     }
-    json_reply(StatusCode::OK, &serde_json::json!({ "status": "ready", "warnings": state.warnings }))
+    // Over capacity the agent is still ready (what it traces is served); it says so.
+    let capacity = super::workloads::capacity(state);
+    let mut warnings = state.warnings.clone();
+    if capacity.over_capacity {
+        warnings.push(format!(
+            "over capacity: {} workload(s) wait for a target slot ({} of --max-targets {} traced)",
+            capacity.waiting, capacity.targets, capacity.max_targets
+        ));
+    }
+    json_reply(StatusCode::OK, &serde_json::json!({ "status": "ready", "warnings": warnings, "capacity": capacity }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -797,8 +806,7 @@ pub(crate) async fn delete_trigger(state: Arc<State>, p: Principal, id: u32, tid
 // Metrics and documents
 
 pub(crate) fn metrics(state: &State) -> Response {
-    let mut stats: Vec<TargetStats> = state.targets.read().unwrap().values().map(|e| e.target.stats()).collect();
-    crate::agent::workloads::label_stats(state, &mut stats);
+    let stats = crate::agent::workloads::metric_stats(state);
     let mut text = state.metrics.render(&stats, state.store.usage(), state.flights.in_flight());
     text.push_str(&crate::agent::workloads::push_metrics(state));
     text.push_str(&crate::agent::workloads::node_metrics(state));

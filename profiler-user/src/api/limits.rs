@@ -68,7 +68,7 @@ pub struct Limits {
     /// yet shown a valid token; a new one past it closes the address's oldest (see
     /// [`super::conn_limits`]).
     pub max_connections_per_address: usize,
-    /// Most targets traced at once.
+    /// Most targets traced at once (`--max-targets`); workloads past it wait in a queue.
     pub max_targets: usize,
     /// Largest request body.
     pub body_bytes: u64,
@@ -80,6 +80,10 @@ pub struct Limits {
     /// connection is served: bytes arriving slowly do not extend it), and a request body.
     pub header_read_timeout: Duration,
 }
+
+/// `--max-targets`: a node's worth of containers (kubelet's default is 110 pods a node), within
+/// the probes' 256 MiB of maps (docs/performance.md).
+pub const DEFAULT_MAX_TARGETS: usize = 256;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -95,7 +99,7 @@ impl Default for Limits {
             max_expensive: 2,
             max_connections: 128,
             max_connections_per_address: 16,
-            max_targets: 64,
+            max_targets: DEFAULT_MAX_TARGETS,
             body_bytes: BODY_LIMIT_DEFAULT,
             request_timeout: Duration::from_secs(120),
             tls_handshake_timeout: Duration::from_secs(10),

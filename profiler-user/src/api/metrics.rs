@@ -255,7 +255,13 @@ fn coverage(out: &mut String, targets: &[TargetStats]) {
     }
 }
 
+/// The labels of a target's series: a workload's process has its workload's labels only (a
+/// pid changes with every restart: one label set per workload keeps the series count to the
+/// workloads', not to the processes they ever had); other targets have pid and comm.
 fn target_labels(t: &TargetStats) -> String {
+    if t.labels.contains_key("workload") {
+        return t.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",");
+    }
     let mut l = format!("pid=\"{}\",comm=\"{}\"", t.pid, escape(&t.comm));
     for (k, v) in &t.labels {
         let _ = write!(l, ",{k}=\"{}\"", escape(v));
@@ -263,13 +269,9 @@ fn target_labels(t: &TargetStats) -> String {
     l
 }
 
-/// Labels of the pause series: the workload's labels when the target has them (a pid changes
-/// with every restart), else pid and comm.
+/// Labels of the pause series: as every other series of the target.
 fn pause_labels(t: &TargetStats) -> String {
-    if t.labels.is_empty() {
-        return target_labels(t);
-    }
-    t.labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
+    target_labels(t)
 }
 
 /// Escapes a label value: backslash, double quote and newline.
@@ -382,5 +384,26 @@ mod tests {
         assert!(text.contains("route=\"unmatched\",status=\"404\"} 1"));
         assert!(text.contains("memscope_agent_cpu_seconds_total "));
         assert!(text.contains("memscope_agent_resident_bytes "));
+    }
+
+    /// A workload's process is labelled by its workload, never by pid or comm: a restart (a
+    /// new pid) leaves the label set unchanged.
+    #[test]
+    fn workload_series_carry_no_pid() {
+        let m = Metrics::default();
+        let labels: BTreeMap<String, String> =
+            [("workload", "app-0123456789ab"), ("namespace", "shop"), ("pod", "web-0"), ("container", "app")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let of = |pid| TargetStats { pid, comm: "srv".into(), labels: labels.clone(), alive: true, ..TargetStats::default() };
+        let (a, b) = (m.render(&[of(41)], (0, 0), 0), m.render(&[of(42)], (0, 0), 0));
+        let series = |text: &str| -> Vec<String> {
+            text.lines().filter(|l| l.starts_with("memscope_target_")).map(|l| l.rsplit_once(' ').unwrap().0.to_string()).collect()
+        };
+        assert!(!series(&a).is_empty());
+        assert_eq!(series(&a), series(&b));
+        assert!(series(&a).iter().all(|l| !l.contains("pid=") && !l.contains("comm=")), "{a}");
+        assert!(a.contains("memscope_target_alive{container=\"app\",namespace=\"shop\",pod=\"web-0\",workload=\"app-0123456789ab\"} 1"), "{a}");
     }
 }

@@ -754,9 +754,15 @@ async fn metrics_exposition() {
     assert!(r.content_type().starts_with("text/plain; version=0.0.4"));
     let text = String::from_utf8(r.body.to_vec()).unwrap();
     for needle in [
-        "memscope_target_live_bytes{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\"} 3072",
-        "memscope_target_events_total{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\",kind=\"alloc\"} 10",
-        "memscope_target_dropped_events_total{pid=\"4242\",comm=\"fake\",node=\"n1\",workload=\"fake-000000000001\",reason=\"stack_map_full\"} 1",
+        // A workload's process: its workload's labels, no pid.
+        "memscope_target_live_bytes{node=\"n1\",workload=\"fake-000000000001\"} 3072",
+        "memscope_target_events_total{node=\"n1\",workload=\"fake-000000000001\",kind=\"alloc\"} 10",
+        "memscope_target_dropped_events_total{node=\"n1\",workload=\"fake-000000000001\",reason=\"stack_map_full\"} 1",
+        "memscope_workloads{state=\"attached\"} 1",
+        "memscope_workloads{state=\"waiting\"} 0",
+        "memscope_agent_targets 1",
+        "memscope_agent_max_targets 256",
+        "memscope_workload_attach_failures_total 0",
         "memscope_agent_cpu_seconds_total",
         "memscope_agent_resident_bytes",
         "memscope_http_requests_total{method=\"GET\",route=\"/v1/targets/{id}/leaks\",status=\"200\"} 1",

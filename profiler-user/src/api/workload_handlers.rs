@@ -110,29 +110,10 @@ pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Resul
             return Err(save_error(e));
         }
         drop(sels);
-        // Its workloads are detached; they stay listed with their snapshots.
-        let pids: Vec<u32> = {
-            let mut reg = w.registry.lock().unwrap();
-            reg.values_mut()
-                .filter(|e| e.workload.selector == sid)
-                .filter_map(|e| {
-                    let pid = e.workload.pid;
-                    e.workload.gone();
-                    pid
-                })
-                .collect()
-        };
-        let mut by_pid = w.by_pid.lock().unwrap();
-        let mut detached = Vec::new();
-        for pid in &pids {
-            by_pid.remove(pid);
-            crate::v8::channel::forget(*pid);
-            if let Some(e) = state.targets.write().unwrap().remove(pid) {
-                detached.push(e);
-            }
-        }
-        drop(tokio::task::spawn_blocking(move || drop(detached)));
-        Ok(json_reply(StatusCode::OK, &serde_json::json!({ "deleted": sid, "detached": pids })))
+        // Its workloads are detached and leave the list (their stored snapshots stay, under
+        // retention, at /v1/workloads/{id}/snapshots).
+        let (ids, detached) = w.remove_workloads_of(state, &sid);
+        Ok(json_reply(StatusCode::OK, &serde_json::json!({ "deleted": sid, "detached": detached, "removed_workloads": ids })))
     })();
     audit_action(&p, &Method::DELETE, &route, result.as_ref().map(|_| "deleted"));
     result
@@ -143,6 +124,11 @@ pub(crate) fn delete_selector(state: &State, p: Principal, sid: String) -> Resul
 struct WorkloadView {
     #[serde(flatten)]
     workload: Workload,
+    /// `attached`, `waiting` (for a target slot), `failed` or `exited`.
+    state: &'static str,
+    /// Its place in the capacity queue (0: attached next) while it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_position: Option<usize>,
     /// The live figures of its current process (as `/v1/targets`), when attached.
     stats: Option<crate::target::TargetStats>,
     /// Snapshots stored under it.
@@ -151,13 +137,14 @@ struct WorkloadView {
 
 pub(crate) fn list_workloads(state: &State) -> Response {
     let list = state.workloads.get().map(|w| w.list()).unwrap_or_default();
+    let positions = state.workloads.get().map(|w| w.queue_positions()).unwrap_or_default();
     let metas = state.store.list();
     let views: Vec<WorkloadView> = list
         .into_iter()
         .map(|w| {
             let stats = w.pid.and_then(|p| state.targets.read().unwrap().get(&p).map(|e| e.target.stats()));
             let snapshots = metas.iter().filter(|m| m.workload.as_deref() == Some(&w.id)).count();
-            WorkloadView { workload: w, stats, snapshots }
+            WorkloadView { state: w.state(), queue_position: positions.get(&w.id).copied(), workload: w, stats, snapshots }
         })
         .collect();
     json_reply(StatusCode::OK, &serde_json::json!({ "workloads": views }))

@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    target_id, weight_table, AllocInfo, GoTarget, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, EXP_TABLE_LEN, EXP_TABLE_SHIFT,
-    MAX_TARGETS,
+    target_id, weight_table, AllocInfo, GoTarget, LiveKey, StackFrames, StackKey, StackStats, TargetConfig, COUNTER_COUNT,
+    EXP_TABLE_LEN, EXP_TABLE_SHIFT, MAX_TARGETS, MAX_TARGET_SLOTS, MAX_UNWIND_MAPPINGS, UNWIND_STATE_STRIDE,
 };
 use tracing::{debug, info};
 
@@ -45,6 +45,18 @@ pub struct ProbeSettings {
     /// Where allocations are seen: the USDT heap-sampling contract when a target has it, or
     /// its allocator's functions (see [`super::contract`]).
     pub source: SourceMode,
+    /// Target slots of the per-target maps (80 KiB of kernel memory each, mostly the unwind
+    /// mappings): the agent's `--max-targets` plus room for targets being released
+    /// ([`slots_for`]); `record` needs one.
+    pub target_slots: u32,
+}
+
+/// Slots for `max_targets` targets: a departed target keeps its slot until its links are
+/// released (an RCU grace period each, on a thread of its own), so a busy node needs a few
+/// more than it traces at once.
+pub fn slots_for(max_targets: usize) -> u32 {
+    let extra = (max_targets / 16).max(8);
+    u32::try_from(max_targets.saturating_add(extra)).unwrap_or(u32::MAX).clamp(1, MAX_TARGET_SLOTS)
 }
 
 impl Default for ProbeSettings {
@@ -56,6 +68,7 @@ impl Default for ProbeSettings {
             probe_mode: ProbeMode::Auto,
             max_unwind_rows: DEFAULT_MAX_UNWIND_ROWS,
             source: SourceMode::Auto,
+            target_slots: MAX_TARGETS,
         }
     }
 }
@@ -259,7 +272,15 @@ impl Probes {
     /// Loads the object once, with `unwind_rows` unwind rows for all targets together.
     pub fn load(settings: ProbeSettings, unwind_rows: u32) -> Result<Probes, LoadError> {
         check_environment()?;
+        let slots = settings.target_slots.clamp(1, MAX_TARGET_SLOTS);
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("TARGETS", slots)
+            .map_max_entries("TARGET_LIVE", slots)
+            .map_max_entries("ACTIVE_CALLS", slots)
+            .map_max_entries("SAMPLE_COUNTDOWN", slots)
+            .map_max_entries("COUNTERS", slots * COUNTER_COUNT)
+            .map_max_entries("UNWIND_STATE", slots * UNWIND_STATE_STRIDE)
+            .map_max_entries("UNWIND_MAPPINGS", slots * 2 * MAX_UNWIND_MAPPINGS)
             .map_max_entries("LIVE", settings.max_allocs.max(1))
             .map_max_entries("STACKS", settings.max_stacks.max(1))
             .map_max_entries("STACK_STATS", settings.max_stacks.max(1))
@@ -305,7 +326,7 @@ impl Probes {
             active_calls: take(&mut ebpf, "ACTIVE_CALLS")?,
             countdown: take(&mut ebpf, "SAMPLE_COUNTDOWN")?,
             counters: per_cpu_counters(dup_map("COUNTERS", &counters_data)?)?,
-            owners: vec![SlotOwner::default(); MAX_TARGETS as usize],
+            owners: vec![SlotOwner::default(); slots as usize],
             trigger_hits: take(&mut ebpf, "TRIGGER_HITS")?,
             triggers_used: Default::default(),
             go: take(&mut ebpf, "GO_TARGETS")?,
@@ -347,7 +368,7 @@ impl Probes {
     /// contract)` of every attached target.
     pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64, bool)> {
         let slots = self.slots.lock().unwrap();
-        (0..MAX_TARGETS)
+        (0..slots.owners.len() as u32)
             .filter_map(|slot| {
                 let o = slots.owners[slot as usize];
                 o.pid?;

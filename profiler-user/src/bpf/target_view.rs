@@ -18,7 +18,7 @@ use std::{
 };
 
 use aya::maps::{IterableMap as _, MapError, PerCpuValues};
-use profiler_common::{target_id, LiveKey, StackKey, TargetConfig, COUNTER_COUNT, MAX_TARGETS, MAX_TRIGGERS};
+use profiler_common::{target_id, LiveKey, StackKey, TargetConfig, COUNTER_COUNT, MAX_TRIGGERS};
 use tracing::{debug, warn};
 
 use super::{
@@ -35,8 +35,8 @@ pub const MAX_TRIGGERS_PER_TARGET: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
-    #[error("memscope traces at most {MAX_TARGETS} processes at once: detach one first")]
-    Full,
+    #[error("all {0} target slots of the probes are taken (memscope agent --max-targets): detach one first")]
+    Full(usize),
     #[error("at most {MAX_TRIGGERS} snapshot triggers in all, {MAX_TRIGGERS_PER_TARGET} per target")]
     TriggersFull,
     #[error("eBPF map: {0}")]
@@ -62,7 +62,7 @@ impl TargetProbes {
     /// sampling every `sample_bytes` bytes; every target's share of `LIVE` is recomputed.
     pub fn claim(probes: &Arc<Probes>, pid: u32, sample_bytes: u64) -> Result<TargetProbes, SlotError> {
         let mut slots = probes.slots.lock().unwrap();
-        let slot = slots.owners.iter().position(|o| o.pid.is_none()).ok_or(SlotError::Full)? as u32;
+        let slot = slots.owners.iter().position(|o| o.pid.is_none()).ok_or(SlotError::Full(slots.owners.len()))? as u32;
         let owner = &mut slots.owners[slot as usize];
         owner.generation = owner.generation.wrapping_add(1).max(1);
         owner.pid = Some(pid);
@@ -320,7 +320,7 @@ pub(super) fn write_config(slots: &mut SlotMaps, slot: u32, max_allocs: u32) -> 
 
 /// Every attached target gets an equal share of `LIVE` (`--max-allocs`).
 fn rebalance(slots: &mut SlotMaps, max_allocs: u32) -> Result<(), MapError> {
-    for slot in 0..MAX_TARGETS {
+    for slot in 0..slots.owners.len() as u32 {
         if slots.owners[slot as usize].pid.is_some() {
             write_config(slots, slot, max_allocs)?;
         }

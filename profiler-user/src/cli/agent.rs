@@ -85,6 +85,15 @@ pub struct AgentArgs {
     /// again (about half a second of CPU). `0s` keeps them loaded.
     #[arg(long, default_value = "60s", value_parser = crate::units::parse_duration, value_name = "DURATION")]
     pub release_probes_after: Duration,
+    /// Processes traced at once, all together (`--pid`, the API, workloads). Workloads found past
+    /// it wait in a queue and are attached in order as targets leave; `/readyz` and
+    /// `memscope_workloads{state="waiting"}` say so. Each costs 80 KiB of BPF maps.
+    #[arg(long, default_value_t = crate::api::limits::DEFAULT_MAX_TARGETS, value_parser = parse_max_targets, value_name = "N")]
+    pub max_targets: usize,
+    /// A workload whose last process exited is removed from `/v1/workloads` after this long
+    /// (its stored snapshots stay, under retention).
+    #[arg(long, default_value = "6h", value_parser = crate::units::parse_duration, value_name = "DURATION", help_heading = "Node")]
+    pub workload_ttl: Duration,
     /// How the allocator probes are attached: `session` (Linux 6.13+) lets unsampled calls
     /// skip the return trap; `auto` uses it where the kernel has it.
     #[arg(long, value_enum, default_value_t = ProbeMode::Auto)]
@@ -181,9 +190,10 @@ impl AgentArgs {
                 token_per_sec: self.rate_limit,
                 token_burst: burst,
                 request_timeout: self.request_timeout,
+                max_targets: self.max_targets,
                 ..defaults
             },
-            node: self.node.config(self.allow_insecure_remote)?,
+            node: crate::agent::workloads::NodeConfig { workload_ttl: self.workload_ttl, ..self.node.config(self.allow_insecure_remote)? },
             metrics: match (self.metrics_listen, &self.metrics_token_file) {
                 (Some(addr), Some(token_file)) => Some(api::metrics_listener::MetricsListen { addr, token_file: token_file.clone() }),
                 _ => None,
@@ -201,12 +211,21 @@ fn attacher(args: &AgentArgs) -> Arc<dyn Attacher> {
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
         source: args.source,
+        target_slots: crate::bpf::load::slots_for(args.max_targets),
     };
     let attacher = Arc::new(EbpfAttacher::new(settings, args.cpu_budget));
     if !args.release_probes_after.is_zero() {
         attacher.release_idle(args.release_probes_after);
     }
     attacher
+}
+
+fn parse_max_targets(s: &str) -> Result<usize, String> {
+    let max = profiler_common::MAX_TARGET_SLOTS as usize / 2;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of targets between 1 and {max}")),
+    }
 }
 
 fn parse_budget(s: &str) -> Result<f64, String> {

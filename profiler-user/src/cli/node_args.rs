@@ -113,6 +113,7 @@ impl NodeArgs {
             node_paths: NodePaths { root: self.node_root.clone() },
             push,
             fork_min_lifetime: self.fork_min_lifetime,
+            ..NodeConfig::default()
         })
     }
 }

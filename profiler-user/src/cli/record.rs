@@ -114,6 +114,7 @@ pub fn run(args: RecordArgs) -> anyhow::Result<ExitCode> {
         probe_mode: args.probe_mode,
         max_unwind_rows: args.max_unwind_rows,
         source: args.source,
+        target_slots: 1,
     };
     install_stop_handler();
     let session = Session::attach_named(args.pid, settings, &args.alloc_symbol.clone().unwrap_or_default())?;

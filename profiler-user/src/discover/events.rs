@@ -33,7 +33,10 @@ const RING_BYTES: u32 = 256 * 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProcEvent {
     /// The process replaced its image (`execve`): comm, exe and maps are the new ones.
-    Exec(u32),
+    /// `cgroup` is the cgroup v2 id it exec'd in (0 if unknown): found later in another one,
+    /// it moved after this exec, and what it runs is not yet the image it will be known by
+    /// (`runc init` joins the container's cgroup, then execs the container's program).
+    Exec { pid: u32, cgroup: u64 },
     /// The process (its thread-group leader) exited.
     Exit(u32),
     /// `parent` (a tgid) created the task `child`: a new process, or a thread of `parent`
@@ -42,13 +45,13 @@ pub enum ProcEvent {
 }
 
 impl ProcEvent {
-    /// Decodes `[kind << 32 | tgid, parent tgid]`.
-    pub fn decode([raw, parent]: [u64; 2]) -> Option<ProcEvent> {
+    /// Decodes `[kind << 32 | tgid, word]` (word: the exec's cgroup id, or the fork's parent).
+    pub fn decode([raw, word]: [u64; 2]) -> Option<ProcEvent> {
         let pid = raw as u32;
         match raw >> 32 {
-            1 => Some(ProcEvent::Exec(pid)),
+            1 => Some(ProcEvent::Exec { pid, cgroup: word }),
             2 => Some(ProcEvent::Exit(pid)),
-            3 => Some(ProcEvent::Fork { parent: parent as u32, child: pid }),
+            3 => Some(ProcEvent::Fork { parent: word as u32, child: pid }),
             _ => None,
         }
     }
@@ -212,7 +215,7 @@ mod tests {
 
     #[test]
     fn decodes_events() {
-        assert_eq!(ProcEvent::decode([(1 << 32) | 42, 0]), Some(ProcEvent::Exec(42)));
+        assert_eq!(ProcEvent::decode([(1 << 32) | 42, 77]), Some(ProcEvent::Exec { pid: 42, cgroup: 77 }));
         assert_eq!(ProcEvent::decode([(2 << 32) | 7, 0]), Some(ProcEvent::Exit(7)));
         assert_eq!(ProcEvent::decode([(3 << 32) | 9, 5]), Some(ProcEvent::Fork { parent: 5, child: 9 }));
         assert_eq!(ProcEvent::decode([4 << 32, 0]), None);

@@ -115,6 +115,28 @@ pub fn process_info(pid: u32, node: &NodePaths) -> Option<ProcessInfo> {
     Some(ProcessInfo { pid, comm, exe, cgroup, container })
 }
 
+/// The id of the cgroup v2 group `pid` is in now (the inode of its directory, what
+/// `bpf_get_current_cgroup_id` gives the exec event), or `None` when it cannot be told (no
+/// cgroup v2, a group outside the agent's cgroup namespace, the process gone).
+pub fn cgroup_v2_id(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    static ROOT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mounts.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount = pre.split(' ').nth(4)?;
+            post.starts_with("cgroup2 ").then(|| PathBuf::from(mount))
+        })
+    });
+    let file = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = file.lines().find_map(|l| l.strip_prefix("0::"))?;
+    if path.split('/').any(|c| c == "..") {
+        return None;
+    }
+    fs::metadata(root.as_ref()?.join(path.trim_start_matches('/'))).ok().map(|m| m.ino())
+}
+
 /// The v2 path, unless a v1 line names a container and the v2 one does not (hybrid hosts).
 pub fn cgroup_path(file: &str) -> String {
     let mut v2 = None;

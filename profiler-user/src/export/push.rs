@@ -142,6 +142,21 @@ fn url_encode(s: &str) -> String {
 }
 
 /// `name=APP{k=v,...}&from=&until=&format=pprof&spyName=memscope`.
+/// The application name (Pyroscope's `service_name`) of a workload: unique per workload, as
+/// Pyroscope's own Kubernetes discovery names a container (`namespace/…/container`):
+/// `NAMESPACE/POD/CONTAINER` for a pod's container (a worker, `forks=true`, adds `/wSLOT`),
+/// else the workload's id (its executable's or container's name and a hash).
+pub fn service_name(workload: &str, labels: &BTreeMap<String, String>) -> String {
+    let name = match (labels.get("namespace"), labels.get("pod"), labels.get("container")) {
+        (Some(ns), Some(pod), Some(container)) => format!("{ns}/{pod}/{container}"),
+        _ => return workload.to_string(),
+    };
+    match labels.get("worker") {
+        Some(slot) => format!("{name}/w{slot}"),
+        None => name,
+    }
+}
+
 pub fn ingest_query(app: &str, labels: &BTreeMap<String, String>, from_s: u64, until_s: u64) -> String {
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={}", label_value(v))).collect();
     let name = format!("{}{{{}}}", label_value(app), labels.join(","));
@@ -283,6 +298,22 @@ fn base64(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Three pods whose container is `app` push under three names; a worker under its own;
+    /// a process outside Kubernetes under its workload id.
+    #[test]
+    fn service_names_are_unique_per_workload() {
+        let l = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let names: std::collections::BTreeSet<String> = ["web-0", "web-1", "api-7f9c"]
+            .iter()
+            .map(|pod| service_name("app-1", &l(&[("namespace", "shop"), ("pod", pod), ("container", "app")])))
+            .collect();
+        assert_eq!(names.len(), 3);
+        assert!(names.contains("shop/web-0/app"), "{names:?}");
+        let worker = l(&[("namespace", "db"), ("pod", "pg-0"), ("container", "postgres"), ("worker", "3")]);
+        assert_eq!(service_name("postgres-w3-1", &worker), "db/pg-0/postgres/w3");
+        assert_eq!(service_name("leaky-0123456789ab", &l(&[("executable", "/opt/leaky")])), "leaky-0123456789ab");
+    }
 
     #[test]
     fn query_and_encodings() {

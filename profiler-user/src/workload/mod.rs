@@ -123,8 +123,13 @@ pub struct Workload {
     pub attached: bool,
     pub first_seen_ms: u64,
     pub attached_at_ms: Option<u64>,
-    /// Why the last attach failed, if it did.
+    /// Why the last attach failed (or why its process waits), if it did.
     pub last_error: Option<String>,
+    /// Since when its process waits for a target slot (`--max-targets`), if it does.
+    pub waiting_since_ms: Option<u64>,
+    /// When its last process exited, was detached or failed to attach: without a process it
+    /// is removed `--workload-ttl` later.
+    pub exited_at_ms: Option<u64>,
 }
 
 impl Workload {
@@ -142,18 +147,60 @@ impl Workload {
             first_seen_ms: now_ms,
             attached_at_ms: None,
             last_error: None,
+            waiting_since_ms: None,
+            exited_at_ms: None,
         }
     }
 
-    /// Notes that `pid` is attached now (a restart when the workload had a process before).
-    pub fn attached(&mut self, pid: u32, labels: BTreeMap<String, String>, now_ms: u64) {
-        if !self.pids.is_empty() {
-            self.restarts += 1;
+    /// `attached`, `waiting` (for a target slot), `failed` (the last attach failed) or
+    /// `exited` (no process).
+    pub fn state(&self) -> &'static str {
+        if self.attached {
+            "attached"
+        } else if self.waiting_since_ms.is_some() {
+            "waiting"
+        } else if self.last_error.is_some() && self.pid.is_none() {
+            "failed"
+        } else if self.pid.is_some() {
+            // Reserved: being attached.
+            "waiting"
+        } else {
+            "exited"
         }
-        self.pids.push(pid);
+    }
+
+    /// Notes that `pid` waits for a target slot (reserved for it meanwhile).
+    pub fn wait(&mut self, pid: u32, now_ms: u64, why: String) {
+        self.pid = Some(pid);
+        self.attached = false;
+        self.waiting_since_ms.get_or_insert(now_ms);
+        self.exited_at_ms = None;
+        self.last_error = Some(why);
+    }
+
+    /// Notes that attaching its process failed.
+    pub fn failed(&mut self, error: String, now_ms: u64) {
+        self.pid = None;
+        self.attached = false;
+        self.waiting_since_ms = None;
+        self.last_error = Some(error);
+        self.exited_at_ms = Some(now_ms);
+    }
+
+    /// Notes that `pid` is attached now (a restart when the workload had another process
+    /// before; the same process again after its exec is not one).
+    pub fn attached(&mut self, pid: u32, labels: BTreeMap<String, String>, now_ms: u64) {
+        if self.pids.last() != Some(&pid) {
+            if !self.pids.is_empty() {
+                self.restarts += 1;
+            }
+            self.pids.push(pid);
+        }
         if self.pids.len() > MAX_PAST_PIDS {
             self.pids.remove(0);
         }
+        self.waiting_since_ms = None;
+        self.exited_at_ms = None;
         self.labels = labels;
         self.pid = Some(pid);
         self.attached = true;
@@ -161,10 +208,12 @@ impl Workload {
         self.last_error = None;
     }
 
-    /// Notes that its process exited (or was detached).
-    pub fn gone(&mut self) {
+    /// Notes that its process exited (or was detached, or stopped waiting).
+    pub fn gone(&mut self, now_ms: u64) {
         self.pid = None;
         self.attached = false;
+        self.waiting_since_ms = None;
+        self.exited_at_ms = Some(now_ms);
     }
 }
 
@@ -359,7 +408,7 @@ mod tests {
         let mut w = Workload::new(&id, "s1", 0);
         w.attached(5, id.labels.clone(), 1);
         assert_eq!((w.restarts, w.pid, w.attached), (0, Some(5), true));
-        w.gone();
+        w.gone(2);
         w.attached(6, id.labels.clone(), 2);
         assert_eq!((w.restarts, w.pids.clone()), (1, vec![5, 6]));
         for p in 0..100 {
