@@ -607,7 +607,7 @@ pub fn reload_select_file(state: &Arc<State>) -> Result<Reload, String> {
     *w.select_text.lock().unwrap() = Some(text);
     w.reloads_applied.fetch_add(1, Relaxed);
     for sid in &reload.removed {
-        reload.detached.extend(detach_selector(state, w, sid));
+        reload.detached.extend(w.remove_workloads_of(state, sid).1);
     }
     info!(file = %path.display(), added = ?reload.added, removed = ?reload.removed, detached = reload.detached.len(), "--select-file reloaded");
     if !reload.added.is_empty() {
@@ -617,35 +617,6 @@ pub fn reload_select_file(state: &Arc<State>) -> Result<Reload, String> {
         Workloads::scan(state);
     }
     Ok(reload)
-}
-
-/// Detaches the processes of the workloads of selector `sid` (removed): they stay listed with
-/// their snapshots. Returns their pids.
-fn detach_selector(state: &State, w: &Workloads, sid: &str) -> Vec<u32> {
-    let pids: Vec<u32> = {
-        let mut reg = w.registry.lock().unwrap();
-        reg.values_mut()
-            .filter(|e| e.workload.selector == sid)
-            .filter_map(|e| {
-                let pid = e.workload.pid;
-                e.workload.gone();
-                pid
-            })
-            .collect()
-    };
-    let mut by_pid = w.by_pid.lock().unwrap();
-    let mut detached = Vec::new();
-    for pid in &pids {
-        by_pid.remove(pid);
-        crate::v8::channel::forget(*pid);
-        if let Some(e) = state.targets.write().unwrap().remove(pid) {
-            detached.push(e);
-        }
-    }
-    drop(by_pid);
-    // Dropped on a thread of its own: detaching takes the kernel a while.
-    drop(std::thread::Builder::new().name("detach".into()).spawn(move || drop(detached)));
-    pids
 }
 
 fn now_ms() -> u64 {
@@ -1144,9 +1115,9 @@ pub(crate) fn capacity(state: &State) -> Capacity {
     Capacity { targets, max_targets: state.max_targets, waiting, over_capacity: waiting > 0 }
 }
 
-/// The node-level series (`memscope_workloads{state}`, capacity, counters).
+/// The node-level series (`memscope_workloads{state}`, capacity, counters, forks, reloads).
 pub(crate) fn node_metrics(state: &State) -> String {
-    state.workloads.get().map(|w| w.metrics(state)).unwrap_or_default()
+    state.workloads.get().map(|w| w.metrics(state) + &fork_metrics(w)).unwrap_or_default()
 }
 
 /// The labels a workload's figures carry outside the agent (`/metrics`, `--push`).
@@ -1227,9 +1198,8 @@ fn push_round(state: &State, pusher: &Pusher, last: &Mutex<HashMap<String, u64>>
 
 /// What became of the children of `forks=true` workloads, and the reloads of `--select-file`,
 /// in the Prometheus text format.
-pub(crate) fn node_metrics(state: &State) -> String {
+fn fork_metrics(w: &Workloads) -> String {
     use std::{fmt::Write as _, sync::atomic::Ordering::Relaxed};
-    let Some(w) = state.workloads.get() else { return String::new() };
     let f = &w.forks;
     let mut out = String::new();
     let _ = writeln!(
