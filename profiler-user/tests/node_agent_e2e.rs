@@ -179,12 +179,13 @@ fn containers_are_found_followed_across_restarts_and_agent_restarts() {
     assert_eq!(v["triggers"], serde_json::json!(["every=1s"]));
 
     // Started after the agent: attached on its exec event, not on a later scan. The latency
-    // itself (tens of ms) is measured in `cargo xtask bench`; 5 s holds on a loaded 2-core machine.
+    // itself (tens of ms) is measured in `cargo xtask bench`; the bound holds on a loaded 2-core
+    // machine (8.6 s seen while the 150-workload test ran beside it).
     let cg1 = cgroups.make(&root, &format!("{pod_slice}/cri-containerd-{}.scope", container_id(1)));
     let c1 = Container::start(&cg1, &exe);
-    let (w, took) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let (w, took) = wait_workload(&agent.url, Duration::from_secs(30), |w| w["attached"] == true);
     eprintln!("attached {took:?} after the container started");
-    assert!(took < Duration::from_secs(5), "attached after {took:?}");
+    assert!(took < Duration::from_secs(20), "attached after {took:?}");
     let id = w["id"].as_str().unwrap().to_string();
     let pid1 = w["pid"].as_u64().unwrap();
     assert!(id.starts_with("app-"), "{w:#}");
@@ -403,7 +404,7 @@ fn push_sends_labelled_pprof_with_build_ids_and_counts_refusals() {
 
     let agent = start_agent(&args).unwrap();
     let mut fixture = Command::new(&exe).spawn().unwrap();
-    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(30), |w| w["attached"] == true);
     let t = Instant::now();
     let first = loop {
         if let Some(r) = rx.requests.lock().unwrap().iter().find(|r| r.3 == 200).cloned() {
@@ -514,7 +515,7 @@ fn push_over_tls_trusts_the_given_ca_only() {
 
     let trusted = args(&cert);
     let agent = start_agent(&strs(&trusted)).unwrap();
-    let (w, _) = wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    let (w, _) = wait_workload(&agent.url, Duration::from_secs(30), |w| w["attached"] == true);
     let t = Instant::now();
     let (line, _, body, _) = loop {
         if let Some(r) = rx.requests.lock().unwrap().first().cloned() {
@@ -537,7 +538,7 @@ fn push_over_tls_trusts_the_given_ca_only() {
     let before = rx.requests.lock().unwrap().len();
     let untrusted = args(&other);
     let agent = start_agent(&strs(&untrusted)).unwrap();
-    wait_workload(&agent.url, Duration::from_secs(10), |w| w["attached"] == true);
+    wait_workload(&agent.url, Duration::from_secs(30), |w| w["attached"] == true);
     let t = Instant::now();
     loop {
         let (_, m) = http(&agent.url, "GET", "/metrics", READ, None);

@@ -151,12 +151,16 @@ enum Why {
     Scan,
     /// Its turn in the capacity queue came.
     Queue,
-    /// A second try after an attach right after its exec failed.
-    Retry,
+    /// Another try (the how-many-th) after an attach right after its exec failed.
+    Retry(u32),
 }
 
-/// When an attach right after an exec failed, the one more try comes this much later.
+/// When an attach right after an exec failed, the next try comes this much later, doubled at
+/// each of at most `RETRIES` tries (1 + 2 + 4 + 8 s): on a loaded node the dynamic loader of a
+/// process that just exec'd may take seconds to map its libraries (6 of 150 workloads were
+/// refused with a single retry while the whole test suite ran beside them).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+const RETRIES: u32 = 4;
 
 pub(crate) struct Entry {
     pub(crate) workload: Workload,
@@ -947,12 +951,17 @@ fn attach_reserved(
             warn!(pid, workload = %identity.id, error = %line, "attaching a workload's process failed");
             release(line);
             // Just started on a loaded node, its loader may still be mapping its libraries
-            // after the retry window: one more try a second later.
-            if just_started && crate::procfs::exists(pid) {
+            // after the retry window: a few more tries, further and further apart.
+            let tries = match why {
+                Why::Exec(_) => Some(0),
+                Why::Retry(n) if n + 1 < RETRIES => Some(n + 1),
+                _ => None,
+            };
+            if let Some(n) = tries.filter(|_| crate::procfs::exists(pid)) {
                 let st = state.clone();
                 let _ = std::thread::Builder::new().name("attach-retry".into()).spawn(move || {
-                    std::thread::sleep(RETRY_AFTER);
-                    consider(&st, pid, Why::Retry);
+                    std::thread::sleep(RETRY_AFTER * 2u32.pow(n));
+                    consider(&st, pid, Why::Retry(n));
                 });
             }
             return;

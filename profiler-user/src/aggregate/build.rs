@@ -143,14 +143,20 @@ pub fn build(
             oldest_age_s: (oldest_age_s * 1000.0).round() / 1000.0,
         });
     }
-    fit_stacks(&mut stacks, c(Counter::AllocBytes), c(Counter::Allocs));
+    // Sampled stacks are estimates: fitted to the exact counts. Exact ones (every allocation
+    // recorded) are kept as they are: read a moment after the counters, they may hold a few
+    // allocations more, so the totals are raised to them instead (never scaled, which would
+    // break bytes = allocations x size on an exact stack).
+    if ctx.sample_bytes > 0 {
+        fit_stacks(&mut stacks, c(Counter::AllocBytes), c(Counter::Allocs));
+    }
     let live_bytes = stacks.iter().map(|s| s.live_bytes).sum();
     let live_allocs = stacks.iter().map(|s| s.live_allocs).sum();
     let totals = Totals {
         live_bytes,
         live_allocs,
-        allocated_bytes: c(Counter::AllocBytes),
-        allocs: c(Counter::Allocs),
+        allocated_bytes: c(Counter::AllocBytes).max(stacks.iter().map(|s| s.total_bytes).sum()),
+        allocs: c(Counter::Allocs).max(stacks.iter().map(|s| s.total_allocs).sum()),
         frees: c(Counter::Frees) + c(Counter::UntrackedFrees),
     };
     HeapProfile {
