@@ -208,6 +208,10 @@ fn step(t: &Target, f: &Frame, m: &UnwindMapping) -> Result<Option<Frame>, Count
 /// branching searches 64 frames exceeded its million-instruction budget, and a `bpf_loop`
 /// callback was no cheaper to verify).
 const WALK_FRAMES: usize = MAX_FRAMES;
+/// Frames the USDT contract's probe unwinds at most: its argument decoding leaves the verifier
+/// less room, and with 64 frames (beside the V8 frame read and the cgo switch) it went past
+/// the verifier's million instructions.
+const SHALLOW_FRAMES: usize = 32;
 
 /// Unwinds the stack at an allocator's return (rip is the caller's return address, rsp and
 /// rbp as the caller has them), stores it in `STACKS` and returns its key (0 when it could not
@@ -215,7 +219,14 @@ const WALK_FRAMES: usize = MAX_FRAMES;
 #[inline(always)]
 pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
     let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
-    record_from(t, Frame { pc: ip, sp, fp, exact: true, by_fp: false })
+    record_from::<WALK_FRAMES>(t, Frame { pc: ip, sp, fp, exact: true, by_fp: false })
+}
+
+/// [`record`], at most [`SHALLOW_FRAMES`] deep.
+#[inline(always)]
+pub fn record_shallow(t: &Target, regs: *const pt_regs) -> u64 {
+    let (ip, sp, fp) = unsafe { ((*regs).rip, (*regs).rsp, (*regs).rbp) };
+    record_from::<SHALLOW_FRAMES>(t, Frame { pc: ip, sp, fp, exact: true, by_fp: false })
 }
 
 /// Unwinds the stack at the entry of a Go function called with a frame pointer chain (the Go
@@ -224,7 +235,7 @@ pub fn record(t: &Target, regs: *const pt_regs) -> u64 {
 pub fn record_at_go_entry(t: &Target, regs: *const pt_regs) -> u64 {
     let (sp, fp) = unsafe { ((*regs).rsp, (*regs).rbp) };
     let Some(ra) = read(sp) else { return 0 };
-    record_from(t, Frame { pc: ra, sp: sp + 8, fp, exact: false, by_fp: false })
+    record_from::<WALK_FRAMES>(t, Frame { pc: ra, sp: sp + 8, fp, exact: false, by_fp: false })
 }
 
 /// The Go goroutine frame a cgo call came from, when `f` returns into
@@ -269,7 +280,7 @@ fn cgo_step(f: &Frame, go: &GoTarget) -> Result<Option<Frame>, Counter> {
 
 /// Unwinds from `start` (see [`record`]), stores the stack and returns its key.
 #[inline(always)]
-fn record_from(t: &Target, start: Frame) -> u64 {
+fn record_from<const FRAMES: usize>(t: &Target, start: Frame) -> u64 {
     let Some(frames) = STACK_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -292,7 +303,7 @@ fn record_from(t: &Target, start: Frame) -> u64 {
     if ended {
         count(t, Counter::TruncatedUnmapped, 1);
     }
-    while !ended && n < WALK_FRAMES {
+    while !ended && n < FRAMES {
         let Some(here) = m else { break };
         let in_cgocall = f.pc > go.cgocall_start && f.pc <= go.cgocall_end;
         let next = match if in_cgocall { cgo_step(&f, &go) } else { step(t, &f, &here) } {

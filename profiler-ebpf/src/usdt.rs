@@ -90,7 +90,7 @@ pub fn usdt_alloc(ctx: ProbeContext) -> u32 {
     // What the sample stands for, as the allocator probes count every call they see.
     count(&t, Counter::Allocs, profiler_common::sample_count_weight(weight, size) >> 16);
     count(&t, Counter::AllocBytes, weight);
-    let stack_id = stack::record(&t, regs);
+    let stack_id = stack::record_shallow(&t, regs);
     remember(&t, ptr, size, weight, StackKey { caller: 0, stack_id, target: t.id });
     0
 }

@@ -966,3 +966,34 @@ fn a_process_joining_a_cgroup_then_exec_ing_is_known_by_its_program() {
     eprintln!("{}", text.lines().find(|l| l.starts_with("memscope_workload_exec_moved_total")).unwrap_or("no exec_moved counter"));
     drop(agent);
 }
+
+/// A workload whose process exited stays listed (state `exited`) until `--workload-ttl`, then
+/// leaves the list, counted as pruned.
+#[test]
+fn workloads_without_a_process_are_pruned_after_the_ttl() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = standard_tokens(dir.path());
+    let data = data_dir(dir.path());
+    let exe = build_fixture("workload_fixture", &[]);
+    let root = cgroup2_root();
+    let base = format!("memscope-ttl-{}", std::process::id());
+    let mut cgroups = Cgroups(Vec::new());
+    let cg = cgroups.make(&root, &format!("{base}/c0"));
+    let select = format!("cgroup=/{base}/*");
+    let args = ["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select, "--workload-ttl", "3s"];
+    let agent = start_agent(&args).unwrap();
+    let c = start_in_cgroup(&cg, &exe, "500", 0);
+    let pid = c.0.id();
+    wait_workload(&agent.url, Duration::from_secs(30), |w| w["pid"] == pid && w["attached"] == true);
+    drop(c);
+    wait_workloads(&agent.url, Duration::from_secs(30), "the exited workload listed as exited", |ws| {
+        ws.len() == 1 && ws[0]["state"] == "exited"
+    });
+    let exited = Instant::now();
+    wait_workloads(&agent.url, Duration::from_secs(30), "the exited workload pruned", |ws| ws.is_empty());
+    assert!(exited.elapsed() >= Duration::from_secs(1), "pruned {:?} after its exit was seen: before the TTL", exited.elapsed());
+    assert_eq!(metric(&metrics_text(&agent.url), "memscope_workloads_pruned_total"), 1);
+    drop(agent);
+}
