@@ -698,6 +698,34 @@ fn forked_workers_are_followed_with_forks_true_only() {
     drop(agent);
 }
 
+/// An agent selecting the `n` cgroups it made under `memscope-NAME-PID/` (`c0`, `c1`, ...), with
+/// `extra` flags, and the workload fixture to start in them.
+struct CgroupAgent {
+    agent: Agent,
+    cgs: Vec<PathBuf>,
+    exe: PathBuf,
+    _cgroups: Cgroups,
+    _dir: tempfile::TempDir,
+}
+
+impl CgroupAgent {
+    fn start(name: &str, n: usize, extra: &[&str]) -> CgroupAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = standard_tokens(dir.path());
+        let data = data_dir(dir.path());
+        let exe = build_fixture("workload_fixture", &[]);
+        let root = cgroup2_root();
+        let base = format!("memscope-{name}-{}", std::process::id());
+        let mut cgroups = Cgroups(Vec::new());
+        let cgs: Vec<PathBuf> = (0..n).map(|i| cgroups.make(&root, &format!("{base}/c{i}"))).collect();
+        let select = format!("cgroup=/{base}/*");
+        let mut args = vec!["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select];
+        args.extend_from_slice(extra);
+        let agent = start_agent(&args).unwrap();
+        CgroupAgent { agent, cgs, exe, _cgroups: cgroups, _dir: dir }
+    }
+}
+
 /// A process that joins cgroup `cg`, spins `linger` rounds of the shell (the set-up a runtime's
 /// init does between joining the container's cgroup and exec'ing its program), then execs
 /// `exe args`: the pid stays, the image changes.
@@ -920,17 +948,7 @@ fn a_node_of_150_workloads_is_traced_queued_in_order_and_labelled_by_workload() 
 fn a_process_joining_a_cgroup_then_exec_ing_is_known_by_its_program() {
     require_root();
     let _serial = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = standard_tokens(dir.path());
-    let data = data_dir(dir.path());
-    let exe = build_fixture("workload_fixture", &[]);
-    let root = cgroup2_root();
-    let base = format!("memscope-exec-{}", std::process::id());
-    let mut cgroups = Cgroups(Vec::new());
-    let cgs: Vec<PathBuf> = (0..5).map(|i| cgroups.make(&root, &format!("{base}/c{i}"))).collect();
-    let select = format!("cgroup=/{base}/*");
-    let args = ["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select];
-    let agent = start_agent(&args).unwrap();
+    let CgroupAgent { agent, cgs, exe, _cgroups, _dir } = CgroupAgent::start("exec", 5, &[]);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = std::sync::Arc::new(std::sync::Mutex::new((Vec::<Value>::new(), std::collections::BTreeSet::<String>::new())));
@@ -973,18 +991,8 @@ fn a_process_joining_a_cgroup_then_exec_ing_is_known_by_its_program() {
 fn workloads_without_a_process_are_pruned_after_the_ttl() {
     require_root();
     let _serial = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = standard_tokens(dir.path());
-    let data = data_dir(dir.path());
-    let exe = build_fixture("workload_fixture", &[]);
-    let root = cgroup2_root();
-    let base = format!("memscope-ttl-{}", std::process::id());
-    let mut cgroups = Cgroups(Vec::new());
-    let cg = cgroups.make(&root, &format!("{base}/c0"));
-    let select = format!("cgroup=/{base}/*");
-    let args = ["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select, "--workload-ttl", "3s"];
-    let agent = start_agent(&args).unwrap();
-    let c = start_in_cgroup(&cg, &exe, "500", 0);
+    let CgroupAgent { agent, cgs, exe, _cgroups, _dir } = CgroupAgent::start("ttl", 1, &["--workload-ttl", "3s"]);
+    let c = start_in_cgroup(&cgs[0], &exe, "500", 0);
     let pid = c.0.id();
     wait_workload(&agent.url, Duration::from_secs(30), |w| w["pid"] == pid && w["attached"] == true);
     drop(c);
