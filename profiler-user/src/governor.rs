@@ -107,7 +107,8 @@ fn run(probes: Weak<Probes>, budget: f64) {
         seen.retain(|id, _| targets.iter().any(|t| t.0 == *id));
         // Events of every target this period, to share the programs' run time by.
         let mut periods = Vec::new();
-        for (id, slot, base, current, usdt) in targets {
+        for (id, slot, owner) in targets {
+            let (base, current, usdt) = (owner.base_sample_bytes, owner.sample_bytes, owner.usdt);
             let Ok(c) = reader::read_counters(&probes.maps, slot) else { continue };
             let n = |k: Counter| c.get(k as usize).copied().unwrap_or(0);
             let (entries, returns) = if usdt {
@@ -115,7 +116,8 @@ fn run(probes: Weak<Probes>, budget: f64) {
                 (n(Counter::SampledAllocs) + n(Counter::FailedAllocs) + n(Counter::Frees) + n(Counter::UntrackedFrees), 0)
             } else {
                 let entries = n(Counter::Allocs) + n(Counter::FailedAllocs) + n(Counter::Frees) + n(Counter::UntrackedFrees);
-                (entries, if probes.session.is_some() { n(Counter::SampledAllocs) } else { n(Counter::Allocs) })
+                let session = probes.session.is_some() && !owner.classic;
+                (entries, if session { n(Counter::SampledAllocs) } else { n(Counter::Allocs) })
             };
             let now = Instant::now();
             let prev = seen.insert(id, Seen { at: now, entries, returns });

@@ -201,6 +201,20 @@ pub fn exe(pid: u32) -> Result<String, ProcError> {
         })
 }
 
+/// Whether `pid` has a child running its own executable (forked, not exec'd: a prefork
+/// server's workers, PostgreSQL's backends). Children as `/proc/PID/task/*/children` lists
+/// them; false when that cannot be read.
+pub fn forks_workers(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = |p: u32| fs::metadata(format!("/proc/{p}/exe")).ok().map(|m| (m.dev(), m.ino()));
+    let Some(own) = id(pid) else { return false };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| {
+        let children = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        children.split_whitespace().filter_map(|c| c.parse().ok()).any(|c| id(c) == Some(own))
+    })
+}
+
 /// A `kB` field of `/proc/PID/status` (e.g. `VmRSS`, `RssAnon`), in bytes.
 pub fn status_bytes(pid: u32, field: &str) -> Result<u64, ProcError> {
     let status = read(pid, "status")?;

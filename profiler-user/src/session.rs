@@ -80,13 +80,19 @@ impl Session {
         let capacity = load::unwind_capacity(plan.rows, settings.max_unwind_rows);
         // One target: one slot (each is 80 KiB of kernel memory).
         let probes = Arc::new(Probes::load(ProbeSettings { target_slots: 1, ..settings }, capacity)?);
-        Session::attach_on_named(&probes, pid, plan, named)
+        Session::attach_on_named(&probes, pid, plan, named, false)
     }
 
     /// Starts tracing `pid` in a slot of the loaded `probes` (the agent's, shared by all its
     /// targets), with the unwind tables of `plan`.
     pub fn attach_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
-        Session::attach_on_named(probes, pid, plan, &Default::default())
+        Session::attach_on_named(probes, pid, plan, &Default::default(), false)
+    }
+
+    /// [`Session::attach_on`] for a process known to fork short-lived children (a
+    /// `forks=true` workload): see [`classic_for_forks`].
+    pub fn attach_forking_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
+        Session::attach_on_named(probes, pid, plan, &Default::default(), true)
     }
 
     fn attach_on_named(
@@ -94,6 +100,7 @@ impl Session {
         pid: u32,
         plan: unwind::target::Plan,
         named: &crate::bpf::stripped::NamedEntries,
+        forks: bool,
     ) -> anyhow::Result<Session> {
         let started = Instant::now();
         // Everything read about `pid` below is checked to come from this very process at the
@@ -131,7 +138,7 @@ impl Session {
         // The mappings are in place before the first probe fires.
         let unwind = UnwindHandle::start(unwinder, probes.counters_handle()?);
         let sites = match &traced {
-            Traced::Allocator(allocator) => target.attach(allocator),
+            Traced::Allocator(allocator) => target.attach(allocator, classic_for_forks(probes, pid, forks)),
             Traced::Contract(contract) => target.attach_contract(contract),
         }
         .with_context(|| format!("attaching to process {pid} ({comm})"))?;
@@ -146,7 +153,7 @@ impl Session {
                 (path, Some(c.source_name()), c.live_tracking(), contract::interval_address(pid, &c))
             }
         };
-        let probe_mode = probes.probe_mode();
+        let probe_mode = target.probe_mode();
         let budget = crate::budget::Account::for_pid(pid);
         let mut symbolizer = Symbolizer::for_process(process.clone(), budget.clone());
         crate::symbolize::v8::enable(&mut symbolizer, &process, v8);
@@ -156,6 +163,11 @@ impl Session {
         info!(pid, %allocator, source = source.as_deref().unwrap_or("allocator"), ?probe_mode, attach_ms, slot = target.slot(), "attached");
         let inner = Arc::new(Mutex::new(Inner { symbolizer }));
         let target = Arc::new(target);
+        target.join_file();
+        if source.is_some() {
+            // Libraries `dlopen`ed later may carry the contract too.
+            unwind.on_maps_change(Arc::new(target.contract_follower(&process)));
+        }
         spawn_jit_pinner(pid, Arc::downgrade(&target), Arc::downgrade(&inner));
         Ok(Session {
             pid,
@@ -210,7 +222,7 @@ impl Session {
 
     /// How the probes were attached: `Session` or `Classic`.
     pub fn probe_mode(&self) -> ProbeMode {
-        self.target.probes().probe_mode()
+        self.target.probe_mode()
     }
 
     /// This target's part of the probes (its sampling interval, counters, maps).
@@ -273,6 +285,22 @@ fn spawn_jit_pinner(pid: u32, target: std::sync::Weak<TargetProbes>, inner: std:
     if let Err(e) = spawned {
         tracing::warn!(pid, error = %e, "cannot start the JIT naming thread; JIT frames are named at snapshot time only");
     }
+}
+
+/// Whether `pid`'s allocator gets classic uprobes though the probes have uprobe.session
+/// (`--probe-mode auto`): when it forks children (a `forks=true` workload, or children running
+/// its own executable at the attach). The breakpoints of a uprobe_multi link are copied into
+/// every child it forks, where the kernel runs no program and removes none: each call of an
+/// untraced child traps, twice with the return, for nothing. A classic uprobe's breakpoint
+/// leaves an untraced child at its first hit. Measured (`cargo xtask bench --pg-only`):
+/// PostgreSQL under `pgbench -C` (a backend forked per connection) kept 170 of ~420 tps with
+/// the postmaster under uprobe.session, 341 under classic uprobes.
+fn classic_for_forks(probes: &Probes, pid: u32, forks: bool) -> bool {
+    let classic = probes.settings().probe_mode == ProbeMode::Auto && (forks || procfs::forks_workers(pid));
+    if classic && probes.session.is_some() {
+        info!(pid, "a process that forks: its allocator gets classic uprobes, which its untraced children shed");
+    }
+    classic
 }
 
 /// What a target is traced through.
@@ -515,6 +543,13 @@ impl Attacher for EbpfAttacher {
         let plan = unwind::target::plan(pid);
         let probes = self.loaded()?;
         Ok(Arc::new(Session::attach_on(&probes, pid, plan)?))
+    }
+
+    fn attach_forking(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
+        load::check_environment()?;
+        let plan = unwind::target::plan(pid);
+        let probes = self.loaded()?;
+        Ok(Arc::new(Session::attach_forking_on(&probes, pid, plan)?))
     }
 
     /// Loads the probes (0.5 to 0.7 s of verification, and the maps allocated) at once.

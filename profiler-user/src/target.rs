@@ -91,6 +91,11 @@ pub trait TracedTarget: Send + Sync {
 /// Starts tracing processes. Errors carry one clear line for the operator.
 pub trait Attacher: Send + Sync {
     fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>>;
+    /// [`Attacher::attach`] for a process known to fork short-lived children (a `forks=true`
+    /// workload), which may be traced differently (see `session::classic_for_forks`).
+    fn attach_forking(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
+        self.attach(pid)
+    }
     /// Does now what the first attach would otherwise do first (load the probes), so that the
     /// first process found does not wait for it.
     fn warm_up(&self) {}

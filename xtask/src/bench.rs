@@ -127,7 +127,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     cmd::require_root("`cargo xtask bench`")?;
     let started = Instant::now();
     if args.usdt_only {
-        // Only memscope is needed: not the C workloads (the 100 MiB one takes minutes).
+        // Only memscope and bpftrace are needed: not the C workloads (the 100 MiB one takes
+        // minutes).
+        bpftrace()?;
         ebpf::build(false)?;
         step("cargo build --release -p profiler-user");
         cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"])).context("building memscope failed")?;
@@ -277,12 +279,16 @@ struct Tools {
     scratch: PathBuf,
 }
 
-fn prepare() -> Result<Tools> {
+/// bpftrace, installed with the other Debian packages when missing.
+fn bpftrace() -> Result<PathBuf> {
     if cmd::find_in_path("bpftrace").is_none() {
         setup::debian_packages().context("installing bpftrace failed")?;
     }
-    let bpftrace = cmd::find_in_path("bpftrace")
-        .context("bpftrace is still missing after installing Debian packages")?;
+    cmd::find_in_path("bpftrace").context("bpftrace is still missing after installing Debian packages")
+}
+
+fn prepare() -> Result<Tools> {
+    let bpftrace = bpftrace()?;
     ebpf::build(false)?;
     step("cargo build --release -p profiler-user");
     cmd::run(cmd::cargo().args(["build", "--release", "-p", "profiler-user"]))

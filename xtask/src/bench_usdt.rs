@@ -41,7 +41,7 @@ fn build_fixture() -> Result<PathBuf> {
     let src = cmd::workspace_root().join("profiler-user/tests/fixtures/rust_usdt");
     let root = std::env::temp_dir().join("memscope-fixtures/rust_usdt");
     fs::create_dir_all(root.join("src"))?;
-    for file in ["Cargo.toml", "src/main.rs"] {
+    for file in ["Cargo.toml", "src/main.rs", "src/plugin.rs"] {
         let text = fs::read(src.join(file)).with_context(|| format!("reading {}", src.join(file).display()))?;
         if fs::read(root.join(file)).ok().as_deref() != Some(&text[..]) {
             fs::write(root.join(file), &text)?;
@@ -309,6 +309,8 @@ impl UsdtRun {
     pub fn to_json(&self) -> Value {
         json!({
             "bare_ns_per_pair": self.bare_ns,
+            "sampled_while_attached": self.sampled_while_attached,
+            "sampling_after_detach": self.sampling_after_detach,
             "usdt_ns_per_pair": self.usdt_ns,
             "uprobes_ns_per_pair": self.uprobes_ns,
             "usdt_cost_ns": self.usdt_cost(),

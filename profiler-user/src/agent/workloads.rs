@@ -921,7 +921,8 @@ fn attach_reserved(
     }
     let started = Instant::now();
     let target = loop {
-        match state.attacher.attach(pid) {
+        let attached = if selector.follow_forks { state.attacher.attach_forking(pid) } else { state.attacher.attach(pid) };
+        match attached {
             Ok(t) => break Ok(t),
             Err(e) if e.downcast_ref::<crate::bpf::target_view::SlotError>().is_some_and(|e| matches!(e, crate::bpf::target_view::SlotError::Full(_))) => {
                 break Err(None);

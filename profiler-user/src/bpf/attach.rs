@@ -252,7 +252,14 @@ pub enum Link {
 }
 
 /// Attaches every probe for `pid`, target `target` of `probes` (its cookies carry the id).
-pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
+pub fn attach(
+    probes: &Probes,
+    target: u64,
+    pid: u32,
+    alloc: &Allocator,
+    classic: bool,
+) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
+    let session = probes.session.as_ref().filter(|_| !classic);
     let mut links = Vec::new();
     let mut report = Vec::new();
     let mut sites = Vec::new();
@@ -272,7 +279,7 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
         };
         let mut site = probe_site::choose(&sym.bytes, sym.vaddr, role);
         debug!("{}: probe at +{:#x}, rsp delta {}: {}", sym.name, site.offset, site.rsp_delta, site.reason);
-        if probes.session.is_some() {
+        if session.is_some() {
             if !kind.frees() && site.rsp_delta != 0 {
                 // The session's return swaps the return address at [rsp]: only before rsp moves.
                 // +0 was not chosen, so it is not emulated.
@@ -312,7 +319,7 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
         report.extend(sites);
         links.extend(go_links);
     }
-    if let Some(programs) = &probes.session {
+    if let Some(programs) = session {
         let per_program = [(&programs.malloc, &malloc_probes), (&programs.alloc, &alloc_probes), (&programs.free, &free_probes)];
         for (program, list) in per_program {
             if list.is_empty() {
@@ -324,23 +331,29 @@ pub fn attach(probes: &Probes, target: u64, pid: u32, alloc: &Allocator) -> Resu
     Ok((report, links))
 }
 
-/// Attaches the contract's programs at every `alloc` and `free` site of `contract` for `pid`,
-/// target `target` in `slot`: one uprobe_multi link per program and object, each site's
-/// semaphore its reference counter (held while the link lives). Each site's arguments go to
-/// `USDT_SPECS` first.
+/// Attaches the contract's programs at every `alloc` and `free` site of `objects` (of
+/// `provider`'s contract) for `pid`, target `target` in `slot`: one uprobe_multi link per
+/// program and object, each site's semaphore its reference counter (held while the link
+/// lives). Each site's arguments go to `USDT_SPECS` first, from the target's `first_site`th
+/// entry on (objects attached later follow those attached before).
 pub fn attach_contract(
     probes: &Probes,
-    target: u64,
-    slot: u32,
-    pid: u32,
-    contract: &contract::Contract,
+    (target, slot, pid): (u64, u32, u32),
+    provider: &str,
+    objects: &[contract::ContractObject],
+    first_site: u32,
 ) -> Result<(Vec<ProbeSiteReport>, Vec<Link>), AttachError> {
     let [alloc_prog, free_prog] = probes.usdt.as_ref().map_err(|e| AttachError::Contract { pid, reason: e.clone() })?;
+    let sites: usize = objects.iter().map(|o| o.alloc.len() + o.free.len()).sum();
+    if first_site as usize + sites > USDT_SPECS_PER_TARGET as usize {
+        let reason = format!("more than {USDT_SPECS_PER_TARGET} contract probe sites ({})", first_site as usize + sites);
+        return Err(AttachError::Contract { pid, reason });
+    }
     let mut links = Vec::new();
     let mut report = Vec::new();
-    let mut k = 0u32;
+    let mut k = first_site;
     let mut specs = probes.usdt_specs.lock().unwrap();
-    for object in &contract.objects {
+    for object in objects {
         for (program, sites, name) in [(alloc_prog, &object.alloc, "alloc"), (free_prog, &object.free, "free")] {
             let mut list = Vec::new();
             for (probe, spec) in sites {
@@ -353,7 +366,7 @@ pub fn attach_contract(
                     ref_ctr_offset: probe.semaphore_file_offset.unwrap_or(0),
                 });
                 report.push(ProbeSiteReport {
-                    function: format!("{}:{name}", contract.provider),
+                    function: format!("{provider}:{name}"),
                     offset: probe.file_offset,
                     emulated: true,
                     reason: format!(
@@ -370,7 +383,8 @@ pub fn attach_contract(
             }
         }
     }
-    info!(pid, provider = %contract.provider, sites = k, live = contract.live_tracking(), "USDT heap-sampling contract attached");
+    let live = objects.iter().any(|o| !o.free.is_empty());
+    info!(pid, provider, sites = k - first_site, live, "USDT heap-sampling contract attached");
     Ok((report, links))
 }
 

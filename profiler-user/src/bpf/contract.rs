@@ -13,9 +13,13 @@
 //! when the link goes (the service samples exactly while memscope is attached, even when
 //! memscope is killed).
 //!
+//! Objects a target traced through the contract maps later (`dlopen`) are searched as the
+//! unwinder sees its mappings change ([`find_new`]), and attached as they appear.
+//!
 //! Limits: x86-64 argument registers only (a description naming another architecture's
-//! register is refused, the target then traced through its allocator); objects mapped after
-//! the attach are not searched.
+//! register is refused, the target then traced through its allocator); a process traced
+//! through its allocator stays so when it later maps an object with the contract (its
+//! allocator probes already see every allocation of it).
 use profiler_common::{usdt_arg, UsdtArg, UsdtSpec, USDT_SPECS_PER_TARGET};
 use tracing::debug;
 
@@ -78,48 +82,64 @@ pub enum ContractError {
 /// `None`. Objects that cannot be read are left out (logged); sites whose arguments this
 /// x86-64 reader cannot evaluate are left out too.
 pub fn find(pid: u32) -> Result<Option<Contract>, ContractError> {
-    let mut provider: Option<String> = None;
+    let mut provider: Option<&'static str> = None;
     let mut objects = Vec::new();
     for procfs::MappedObject { path, host_path } in procfs::objects(pid)? {
-        let all = match usdt::probes(&host_path) {
-            Ok(p) => p,
-            Err(e) => {
-                debug!("contract search skips {path}: {e}");
-                continue;
-            }
-        };
-        let Some(p) = PROVIDERS
-            .iter()
-            .find(|p| all.iter().any(|u| u.provider == **p && u.name == "alloc"))
-            .filter(|p| provider.as_deref().is_none_or(|q| q == **p))
-        else {
-            continue;
-        };
-        let compiled = |name: &str| -> Vec<(UsdtProbe, UsdtSpec)> {
-            all.iter()
-                .filter(|u| u.provider == *p && u.name == name)
-                .filter_map(|u| match spec(&u.args) {
-                    Ok(s) => Some((u.clone(), s)),
-                    Err(e) => {
-                        debug!("{path}: {p}:{name} at {:#x} left out: {e}", u.pc);
-                        None
-                    }
-                })
-                .collect()
-        };
-        let (alloc, free) = (compiled("alloc"), compiled("free"));
-        if alloc.is_empty() {
-            continue;
+        if let Some((p, object)) = contract_of(path, host_path, provider) {
+            provider = Some(p);
+            objects.push(object);
         }
-        provider = Some(p.to_string());
-        objects.push(ContractObject { path_in_target: path, host_path, alloc, free });
     }
     let Some(provider) = provider else { return Ok(None) };
-    let contract = Contract { provider, objects };
+    let contract = Contract { provider: provider.to_string(), objects };
     if contract.sites() > USDT_SPECS_PER_TARGET as usize {
         return Err(ContractError::TooManySites { pid, sites: contract.sites() });
     }
     Ok(Some(contract))
+}
+
+/// The objects `pid` maps executable now that carry `provider`'s contract, among those whose
+/// path is not in `seen` (each path looked at is added to it, so a library is parsed once):
+/// what a target traced through the contract `dlopen`ed since.
+pub fn find_new(pid: u32, provider: &str, seen: &mut std::collections::HashSet<String>) -> Result<Vec<ContractObject>, ProcError> {
+    let provider = PROVIDERS.iter().copied().find(|p| *p == provider);
+    let mut out = Vec::new();
+    for m in procfs::maps(pid)?.iter().filter(|m| m.executable && m.is_file()) {
+        let path = m.path.clone().unwrap_or_default();
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        match procfs::mapped_file(pid, m) {
+            Ok(host_path) => out.extend(contract_of(path, host_path, provider).map(|(_, o)| o)),
+            Err(e) => debug!("contract search skips {path}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// The contract's sites in one object, with the provider they belong to (only `provider`'s
+/// when given): `None` when the object carries no `alloc` site this reader can evaluate.
+fn contract_of(path: String, host_path: TargetFile, provider: Option<&'static str>) -> Option<(&'static str, ContractObject)> {
+    let all = usdt::probes(&host_path).map_err(|e| debug!("contract search skips {path}: {e}")).ok()?;
+    let p = PROVIDERS
+        .iter()
+        .copied()
+        .find(|p| all.iter().any(|u| u.provider == *p && u.name == "alloc"))
+        .filter(|p| provider.is_none_or(|q| q == *p))?;
+    let compiled = |name: &str| -> Vec<(UsdtProbe, UsdtSpec)> {
+        all.iter()
+            .filter(|u| u.provider == p && u.name == name)
+            .filter_map(|u| match spec(&u.args) {
+                Ok(s) => Some((u.clone(), s)),
+                Err(e) => {
+                    debug!("{path}: {p}:{name} at {:#x} left out: {e}", u.pc);
+                    None
+                }
+            })
+            .collect()
+    };
+    let (alloc, free) = (compiled("alloc"), compiled("free"));
+    (!alloc.is_empty()).then(|| (p, ContractObject { path_in_target: path, host_path, alloc, free }))
 }
 
 /// The contract of `pid`, or an error saying where it was looked for.

@@ -86,7 +86,8 @@ pub fn unwind_capacity(rows: usize, max: u32) -> u32 {
 /// How the allocator probes are attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProbeMode {
-    /// `session` where the kernel has it (6.13+), `classic` otherwise.
+    /// `session` where the kernel has it (6.13+), `classic` otherwise and for processes that
+    /// fork children (their breakpoints would trap in every untraced child).
     #[default]
     Auto,
     /// One uprobe.session program per call: unsampled calls skip the return trap.
@@ -173,6 +174,17 @@ pub struct Probes {
     pub(crate) usdt_specs: Mutex<Array<MapData, profiler_common::UsdtSpec>>,
     /// What the probes cost each target (by target id), measured by the governor.
     pub(crate) costs: Mutex<std::collections::HashMap<u64, crate::governor::ProbeCost>>,
+    /// The targets probed on each allocator file (device, inode), and whether that file is
+    /// probed with classic uprobes for all of them (see `TargetProbes::join_file`).
+    pub(crate) files: Mutex<std::collections::HashMap<(u64, u64), FileTargets>>,
+}
+
+/// The targets whose allocator is one file.
+#[derive(Default)]
+pub(crate) struct FileTargets {
+    /// Classic uprobes for every target on it: a process that forks is traced on it.
+    pub classic: bool,
+    pub targets: Vec<std::sync::Weak<super::target_view::TargetProbes>>,
 }
 
 /// uprobe.session programs. `malloc` and `free`, the most frequent calls, have their own:
@@ -225,6 +237,9 @@ pub struct SlotOwner {
     /// Traced through the USDT contract: the service samples, the governor has no interval
     /// to change and its floor is one trap per sample.
     pub usdt: bool,
+    /// Its allocator probed with classic uprobes even though the probes have uprobe.session
+    /// (a process that forks, see [`crate::session`]): a return trap per allocation.
+    pub classic: bool,
 }
 
 /// `UNWIND_ROWS` (as the agent's row store), `UNWIND_MAPPINGS` and `UNWIND_STATE`, each target
@@ -355,6 +370,7 @@ impl Probes {
             unreferenced_stacks: Default::default(),
             counters_data,
             costs: Default::default(),
+            files: Default::default(),
         })
     }
 
@@ -367,15 +383,14 @@ impl Probes {
         self.settings
     }
 
-    /// `(target id, slot, configured interval, interval in force, traced through the USDT
-    /// contract)` of every attached target.
-    pub(crate) fn attached(&self) -> Vec<(u64, u32, u64, u64, bool)> {
+    /// `(target id, slot, owner)` of every attached target.
+    pub(crate) fn attached(&self) -> Vec<(u64, u32, SlotOwner)> {
         let slots = self.slots.lock().unwrap();
         (0..slots.owners.len() as u32)
             .filter_map(|slot| {
                 let o = slots.owners[slot as usize];
                 o.pid?;
-                Some((target_id(slot, o.generation), slot, o.base_sample_bytes, o.sample_bytes, o.usdt))
+                Some((target_id(slot, o.generation), slot, o))
             })
             .collect()
     }

@@ -19,16 +19,16 @@ use std::{
 
 use aya::maps::{IterableMap as _, MapError, PerCpuValues};
 use profiler_common::{target_id, LiveKey, StackKey, TargetConfig, COUNTER_COUNT, MAX_TRIGGERS};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     attach::{self, AttachError, Link, ProbeSiteReport, TriggerPoint},
     batch,
-    load::{Probes, SlotMaps},
+    load::{ProbeMode, Probes, SlotMaps},
     reader::{self, RawSnapshot, RawStack},
 };
-use super::contract::Contract;
-use crate::target_fs::TargetFile;
+use super::contract::{self, Contract, ContractObject};
+use crate::{process::Process, target_fs::TargetFile};
 
 /// Snapshot triggers (return and USDT probe sites) one target may have.
 pub const MAX_TRIGGERS_PER_TARGET: usize = 64;
@@ -69,6 +69,7 @@ impl TargetProbes {
         owner.base_sample_bytes = sample_bytes;
         owner.sample_bytes = sample_bytes;
         owner.usdt = false;
+        owner.classic = false;
         let id = target_id(slot, owner.generation);
         reset_slot(&mut slots, slot)?;
         rebalance(&mut slots, probes.settings.max_allocs)?;
@@ -91,9 +92,14 @@ impl TargetProbes {
         self.probes.slots.lock().unwrap().js_config.set(self.slot, config, 0)
     }
 
-    /// Attaches the allocator probes for this target.
-    pub fn attach(&mut self, alloc: &attach::Allocator) -> Result<Vec<ProbeSiteReport>, AttachError> {
-        let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc)?;
+    /// Attaches the allocator probes for this target; `classic`: uprobes and uretprobes even
+    /// where the probes have uprobe.session (see [`crate::session`] for when).
+    pub fn attach(&mut self, alloc: &attach::Allocator, classic: bool) -> Result<Vec<ProbeSiteReport>, AttachError> {
+        let file = alloc.host_path.identity();
+        let file_classic = self.probes.files.lock().unwrap().get(&file).is_some_and(|f| f.classic);
+        let classic = classic || file_classic || self.probes.session.is_none();
+        self.probes.slots.lock().unwrap().owners[self.slot as usize].classic = classic;
+        let (report, links) = attach::attach(&self.probes, self.id, self.pid, alloc, classic)?;
         self.links.lock().unwrap().extend(links);
         *self.allocator.lock().unwrap() = Some(alloc.clone());
         Ok(report)
@@ -102,11 +108,121 @@ impl TargetProbes {
     /// Attaches the USDT contract's probes for this target instead of allocator probes: the
     /// service's own sampler decides, the probes see samples only.
     pub fn attach_contract(&mut self, contract: &Contract) -> Result<Vec<ProbeSiteReport>, AttachError> {
-        let (report, links) = attach::attach_contract(&self.probes, self.id, self.slot, self.pid, contract)?;
+        let (report, links) = attach::attach_contract(&self.probes, self.who(), &contract.provider, &contract.objects, 0)?;
         self.links.lock().unwrap().extend(links);
         *self.contract.lock().unwrap() = Some(contract.clone());
         self.probes.slots.lock().unwrap().owners[self.slot as usize].usdt = true;
         Ok(report)
+    }
+
+    /// Adds `objects` (mapped since the attach, e.g. `dlopen`ed, carrying the same provider's
+    /// contract) to a target traced through the contract: attached now, or at the resume when
+    /// the probes are suspended. Objects already traced are left as they are.
+    pub fn extend_contract(&self, objects: Vec<ContractObject>) -> Result<Vec<ProbeSiteReport>, AttachError> {
+        let mut links = self.links.lock().unwrap();
+        let mut contract = self.contract.lock().unwrap();
+        let Some(contract) = contract.as_mut() else { return Ok(Vec::new()) };
+        let fresh: Vec<ContractObject> = objects
+            .into_iter()
+            .filter(|o| contract.objects.iter().all(|known| known.path_in_target != o.path_in_target))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut report = Vec::new();
+        if !links.is_empty() {
+            let (sites, added) =
+                attach::attach_contract(&self.probes, self.who(), &contract.provider, &fresh, contract.sites() as u32)?;
+            links.extend(added);
+            report = sites;
+        }
+        contract.objects.extend(fresh);
+        Ok(report)
+    }
+
+    /// What follows a target traced through the contract as it maps new objects (called by
+    /// [`crate::unwind::UnwindHandle::on_maps_change`]): each executable file it maps is
+    /// searched once, and those carrying the contract's provider are attached
+    /// ([`TargetProbes::extend_contract`]); nothing once `process` or this target is gone.
+    pub fn contract_follower(self: &Arc<Self>, process: &Arc<Process>) -> impl Fn() + Send + Sync + 'static {
+        let (target, process) = (Arc::downgrade(self), Arc::downgrade(process));
+        let seen = Mutex::new(HashSet::new());
+        move || {
+            let (Some(target), Some(process)) = (target.upgrade(), process.upgrade()) else { return };
+            let Some(provider) = target.contract.lock().unwrap().as_ref().map(|c| c.provider.clone()) else { return };
+            let mut seen = seen.lock().unwrap();
+            let found = match contract::find_new(target.pid, &provider, &mut seen) {
+                Ok(found) => found,
+                Err(e) => return debug!(pid = target.pid, "contract search after a maps change: {e}"),
+            };
+            // The maps read were this process's only if it still runs (its pid is not reused).
+            if found.is_empty() || !process.alive() {
+                return;
+            }
+            let paths: Vec<String> = found.iter().map(|o| o.path_in_target.clone()).collect();
+            match target.extend_contract(found) {
+                Ok(sites) => info!(pid = target.pid, ?paths, sites = sites.len(), "USDT contract found in objects mapped since the attach: traced"),
+                Err(e) => warn!(pid = target.pid, ?paths, "USDT contract in objects mapped since the attach not traced: {e}"),
+            }
+        }
+    }
+
+    /// `(target id, slot, pid)`: who the probes' cookies and maps name.
+    fn who(&self) -> (u64, u32, u32) {
+        (self.id, self.slot, self.pid)
+    }
+
+    /// Registers this target with the others probed on its allocator file. A uprobe is one per
+    /// file and offset, and its breakpoint leaves an untraced process (a forked child) only
+    /// when every consumer on it asks for that, which uprobe.session links never do: one
+    /// target on the file under uprobe.session keeps the children of a forking target on it
+    /// trapping. So once a target on a file is probed with classic uprobes because it forks,
+    /// every target on that file is switched to classic uprobes, and later ones attach so.
+    pub fn join_file(self: &Arc<Self>) {
+        let Some(file) = self.allocator.lock().unwrap().as_ref().map(|a| a.host_path.identity()) else { return };
+        let classic = self.probe_mode() == ProbeMode::Classic && self.probes.session.is_some();
+        let switch = {
+            let mut files = self.probes.files.lock().unwrap();
+            let entry = files.entry(file).or_default();
+            entry.targets.retain(|t| t.strong_count() > 0);
+            entry.targets.push(Arc::downgrade(self));
+            if classic && !entry.classic {
+                entry.classic = true;
+                entry.targets.iter().filter_map(std::sync::Weak::upgrade).collect()
+            } else if entry.classic && !classic {
+                // Attached under uprobe.session while a forking target made the file classic.
+                vec![Arc::clone(self)]
+            } else {
+                Vec::new()
+            }
+        };
+        for target in switch {
+            target.switch_to_classic();
+        }
+    }
+
+    /// Replaces this target's uprobe.session links with classic uprobes (see
+    /// [`TargetProbes::join_file`]); calls in flight meanwhile are forgotten, as at a resume.
+    fn switch_to_classic(&self) {
+        let mut links = self.links.lock().unwrap();
+        let Some(alloc) = self.allocator.lock().unwrap().clone() else { return };
+        if self.probe_mode() == ProbeMode::Classic {
+            return;
+        }
+        self.probes.slots.lock().unwrap().owners[self.slot as usize].classic = true;
+        if links.is_empty() {
+            // Suspended: the resume attaches classic uprobes.
+            return;
+        }
+        drop(std::mem::take(&mut *links));
+        self.forget_calls_in_flight();
+        match attach::attach(&self.probes, self.id, self.pid, &alloc, true) {
+            Ok((_, fresh)) => {
+                links.extend(fresh);
+                info!(pid = self.pid, "a process that forks is traced on the same allocator: classic uprobes now");
+            }
+            Err(e) => warn!(pid = self.pid, "switching to classic uprobes failed, the allocator probes stay detached: {e}"),
+        }
     }
 
     /// Takes the allocator probes out of the process (its triggers stay): every link is
@@ -134,13 +250,13 @@ impl TargetProbes {
             return Ok(());
         }
         if let Some(contract) = self.contract.lock().unwrap().clone() {
-            let (_, fresh) = attach::attach_contract(&self.probes, self.id, self.slot, self.pid, &contract)?;
+            let (_, fresh) = attach::attach_contract(&self.probes, self.who(), &contract.provider, &contract.objects, 0)?;
             links.extend(fresh);
             return Ok(());
         }
         let Some(alloc) = self.allocator.lock().unwrap().clone() else { return Ok(()) };
         self.forget_calls_in_flight();
-        let (_, fresh) = attach::attach(&self.probes, self.id, self.pid, &alloc)?;
+        let (_, fresh) = attach::attach(&self.probes, self.id, self.pid, &alloc, self.probe_mode() == ProbeMode::Classic)?;
         links.extend(fresh);
         debug!(pid = self.pid, links = links.len(), "allocator probes resumed");
         Ok(())
@@ -173,6 +289,12 @@ impl TargetProbes {
         if let Err(e) = self.probes.slots.lock().unwrap().active_calls.set(self.slot, 0, 0) {
             warn!(pid = self.pid, "cannot reset the target's calls in flight: {e}");
         }
+    }
+
+    /// How this target's allocator probes are attached: `Session` or `Classic`.
+    pub fn probe_mode(&self) -> ProbeMode {
+        let classic = self.probes.slots.lock().unwrap().owners[self.slot as usize].classic;
+        if classic || self.probes.session.is_none() { ProbeMode::Classic } else { ProbeMode::Session }
     }
 
     /// Whether the allocator probes are attached now.

@@ -107,6 +107,8 @@ pub struct TargetUnwinder {
     stats: UnwindStats,
     /// The target's share of the memory budget.
     budget: Arc<Account>,
+    /// Told when the executable mappings change ([`UnwindHandle::on_maps_change`]).
+    observer: Option<MapsObserver>,
 }
 
 /// Maps the BPF array behind `fd` (created with BPF_F_MMAPABLE) for writing, `bytes` of its
@@ -208,6 +210,7 @@ impl TargetUnwinder {
             last_maps: Vec::new(),
             stats,
             budget: Account::for_pid(pid),
+            observer: None,
         })
     }
 
@@ -385,7 +388,17 @@ impl UnwindHandle {
     pub fn set_attach_ms(&self, ms: u64) {
         self.inner.lock().unwrap().stats.attach_ms = ms;
     }
+
+    /// Calls `observer` now, then each time the target's executable mappings change (a
+    /// `dlopen`, an `munmap`), from the refresher's thread with no lock of the unwinder held.
+    pub fn on_maps_change(&self, observer: MapsObserver) {
+        self.inner.lock().unwrap().observer = Some(Arc::clone(&observer));
+        observer();
+    }
 }
+
+/// What [`UnwindHandle::on_maps_change`] calls.
+pub type MapsObserver = Arc<dyn Fn() + Send + Sync>;
 
 fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapData, u64>, index: u32) {
     let unmapped = || {
@@ -403,8 +416,13 @@ fn refresher(unwinder: Weak<Mutex<TargetUnwinder>>, counters: PerCpuArray<MapDat
         last_refresh = Instant::now();
         let Some(unwinder) = unwinder.upgrade() else { return };
         let mut u = unwinder.lock().unwrap();
-        u.refresh();
-        if !u.process.alive() {
+        let observer = if u.refresh() { u.observer.clone() } else { None };
+        let alive = u.process.alive();
+        drop(u);
+        if let Some(observer) = observer {
+            observer();
+        }
+        if !alive {
             return;
         }
     }

@@ -17,7 +17,7 @@ pub fn usdt_service(name: &str, features: &[&str]) -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rust_usdt");
     let root = root();
     std::fs::create_dir_all(root.join("src")).unwrap();
-    for file in ["Cargo.toml", "src/main.rs"] {
+    for file in ["Cargo.toml", "src/main.rs", "src/plugin.rs"] {
         let text = std::fs::read(src.join(file)).unwrap();
         if std::fs::read(root.join(file)).ok().as_deref() != Some(&text[..]) {
             let tmp = root.join(format!("{file}.{}", std::process::id()));
@@ -41,5 +41,15 @@ pub fn usdt_service(name: &str, features: &[&str]) -> PathBuf {
     let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
     let copy = root.join(format!("rust_usdt-{name}.{}.{thread}", std::process::id()));
     std::fs::copy(target.join("release/rust_usdt_fixture"), &copy).unwrap();
+    copy
+}
+
+/// The plugin built beside [`usdt_service`]`(name, ..)` (call that first), as a private copy
+/// of `libusdt_plugin.so`.
+pub fn usdt_plugin(name: &str) -> PathBuf {
+    let root = root();
+    let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+    let copy = root.join(format!("libusdt_plugin-{name}.{}.{thread}.so", std::process::id()));
+    std::fs::copy(root.join(format!("target-{name}/release/libusdt_plugin.so")), &copy).unwrap();
     copy
 }
