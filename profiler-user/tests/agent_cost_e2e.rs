@@ -311,7 +311,8 @@ fn children(pid: u32) -> Vec<u32> {
 /// backends live a few milliseconds: none is refused (no workload carries an error; a backend
 /// that exits while it is being attached is counted, not refused), they are counted as forks,
 /// the short-lived ones are not attached; a backend that lives (a connection held open by
-/// `pg_sleep`) is attached as a worker of the postmaster's workload. The throughput is logged
+/// `pg_sleep`) is attached as a worker of the postmaster's workload; the postmaster is probed
+/// with classic uprobes, which its short-lived children shed. The throughput is logged
 /// (the bound is `cargo xtask bench --pg-only`'s: timing depends on the machine's load).
 #[test]
 fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached() {
@@ -355,6 +356,12 @@ fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached
     let failed: Vec<&String> = log.iter().filter(|l| l.contains("attaching a workload's process failed")).collect();
     assert!(failed.is_empty(), "attach failures logged: {failed:#?}");
     assert!(seen >= 20.0, "only {seen} forks seen under pgbench -C");
+    // What keeps the backends' throughput: the postmaster under classic uprobes, whose
+    // breakpoints an untraced child sheds at its first hit (tests/fork_children_e2e.rs).
+    let (_, targets) = http(&url, "GET", "/v1/targets", READ, None);
+    let targets: Value = serde_json::from_str(&targets).unwrap();
+    let mode = targets["targets"].as_array().unwrap().iter().find(|t| t["id"] == postmaster).map(|t| t["probe_mode"].clone());
+    assert_eq!(mode, Some(Value::from("classic")), "{targets:#}");
     // A backend that lives: attached as the postmaster's worker.
     let mut held = Procs(vec![pg.client("psql").args(["-c", "select pg_sleep(30)", "postgres"]).stdout(Stdio::null()).spawn().unwrap()]);
     let backend = {
