@@ -119,9 +119,11 @@ pub fn find_allocator(pid: u32) -> Result<Allocator, AttachError> {
 pub fn find_allocator_named(pid: u32, named: &NamedEntries) -> Result<Allocator, AttachError> {
     let found = find_any_allocator(pid, named);
     // A process that exited meanwhile (a zombie's maps read empty; its files cannot be opened)
-    // has no allocator to find: it is gone, not refused.
+    // has no allocator to find: it is gone, not refused. So is one whose maps read empty
+    // before it is a zombie (its memory is released first: a backend closing its connection).
+    let exiting = || !procfs::running(pid) || procfs::maps(pid).map_or(true, |m| m.is_empty());
     match found {
-        Err(AttachError::NoAllocator { .. }) if !procfs::running(pid) => Err(ProcError::NoSuchProcess(pid).into()),
+        Err(AttachError::NoAllocator { .. }) if exiting() => Err(ProcError::NoSuchProcess(pid).into()),
         other => other,
     }
 }
