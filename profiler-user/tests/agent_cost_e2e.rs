@@ -19,37 +19,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, build_fixture, require_root};
+use common::{agent::*, build_fixture, cgroups::cgroup2_root, require_root};
 use serde_json::Value;
 
-/// The tests of this file one at a time: each measures the agent, and two agents verifying
-/// their probes at once on a 2-core host would blur what each costs.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn http(url: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let full = format!("{url}{path}");
-    let auth = format!("Bearer {token}");
-    let mut resp = match (method, body) {
-        ("POST", b) => agent.post(&full).header("Authorization", &auth).send(b.unwrap_or("")),
-        ("DELETE", _) => agent.delete(&full).header("Authorization", &auth).call(),
-        _ => agent.get(&full).header("Authorization", &auth).call(),
-    }
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
-}
+// Its tests run `one_at_a_time`: each measures the agent, and two agents verifying their
+// probes at once on a 2-core host would blur what each costs.
 
 fn json(url: &str, path: &str) -> Value {
-    let (status, text) = http(url, "GET", path, READ, None);
+    let (status, text) = http_text(url, "GET", path, READ, None);
     assert_eq!(status, 200, "GET {path}: {text}");
     serde_json::from_str(&text).unwrap()
-}
-
-fn workloads(url: &str) -> Vec<Value> {
-    json(url, "/v1/workloads")["workloads"].as_array().cloned().unwrap_or_default()
 }
 
 /// The value of the series `name` (with its labels, e.g. `memscope_forks_total{result="seen"}`).
@@ -61,15 +40,6 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 fn status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
-}
-
-/// Waits up to `within` for `pred`; panics with `what` after.
-fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !pred() {
-        assert!(t.elapsed() < within, "not within {within:?}: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Processes killed (and reaped) when dropped.
@@ -146,24 +116,10 @@ fn agent_memory_stays_bounded_with_pushing_targets() {
         procs.0.push(Command::new(&target).stdin(Stdio::null()).spawn().unwrap());
     }
     let (push_url, pushed) = receiver();
-    let tokens = standard_tokens(dir.path());
-    let agent = start_agent(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tokens",
-        tokens.to_str().unwrap(),
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--rate-limit",
-        "1000",
-        "--select",
-        &format!("comm={prefix}_*"),
-        "--push",
-        &push_url,
-        "--push-interval",
-        "1s",
-    ])
-    .unwrap();
+    let agent = start_agent_in(
+        dir.path(),
+        &["--rate-limit", "1000", "--select", &format!("comm={prefix}_*"), "--push", &push_url, "--push-interval", "1s"],
+    );
     let url = agent.url.clone();
     wait_until(Duration::from_secs(120), "every target attached", || {
         workloads(&url).iter().filter(|w| w["attached"] == true).count() == TARGETS
@@ -193,18 +149,6 @@ fn agent_memory_stays_bounded_with_pushing_targets() {
     assert!(sent >= (TARGETS * 10) as u64, "only {sent} profiles arrived");
     assert!(mib(max) < 128.0, "the agent's own memory reached {:.1} MiB: {samples:?}", mib(max));
     assert!(mib(end) - mib(mid) < 16.0, "the agent's own memory grew {:.1} MiB over the second half: {samples:?}", mib(end) - mib(mid));
-}
-
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ").then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
-        })
-        .expect("cgroup v2 is mounted")
 }
 
 /// A PostgreSQL cluster of its own, in a temporary directory (initdb as user postgres, a Unix
@@ -293,19 +237,6 @@ impl Drop for Postgres {
     }
 }
 
-/// Children of `pid` (from /proc/*/stat).
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
-        })
-        .collect()
-}
-
 /// PostgreSQL under `comm=postgres,forks=true` (one backend forked per connection, without
 /// exec): its postmaster is attached, then `pgbench -C` opens hundreds of connections whose
 /// backends live a few milliseconds: none is refused (no workload carries an error; a backend
@@ -323,30 +254,17 @@ fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached
     let pg = Postgres::start(&dir.path().join("pg"), port);
     let postmaster = pg.postmaster();
     let untraced = pg.pgbench_connect_per_tx(4);
-    let tokens = standard_tokens(dir.path());
     // Only this cluster's processes: other tests may run their own postgres.
     let cgroup = pg.cgroup.file_name().unwrap().to_str().unwrap().to_string();
     let selector = format!("comm=postgres,cgroup=*{cgroup},forks=true");
-    let agent = start_agent(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tokens",
-        tokens.to_str().unwrap(),
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--rate-limit",
-        "1000",
-        "--select",
-        &selector,
-    ])
-    .unwrap();
+    let agent = start_agent_in(dir.path(), &["--rate-limit", "1000", "--select", &selector]);
     let url = agent.url.clone();
     wait_until(Duration::from_secs(120), "the postmaster attached", || {
         workloads(&url).iter().any(|w| w["pid"] == postmaster && w["attached"] == true)
     });
     let before: Vec<u32> = children(postmaster);
     let traced = pg.pgbench_connect_per_tx(8);
-    let (_, metrics) = http(&url, "GET", "/metrics", READ, None);
+    let (_, metrics) = http_text(&url, "GET", "/metrics", READ, None);
     let seen = metric(&metrics, "memscope_forks_total{result=\"seen\"}").unwrap_or(0.0);
     let short = metric(&metrics, "memscope_forks_total{result=\"short_lived\"}").unwrap_or(0.0);
     eprintln!("pgbench -C -S: {untraced:.0} tps untraced, {traced:.0} tps traced; forks seen {seen}, short-lived {short}");
@@ -358,7 +276,7 @@ fn fork_per_connection_backends_are_not_refused_and_long_lived_ones_are_attached
     assert!(seen >= 20.0, "only {seen} forks seen under pgbench -C");
     // What keeps the backends' throughput: the postmaster under classic uprobes, whose
     // breakpoints an untraced child sheds at its first hit (tests/fork_children_e2e.rs).
-    let (_, targets) = http(&url, "GET", "/v1/targets", READ, None);
+    let (_, targets) = http_text(&url, "GET", "/v1/targets", READ, None);
     let targets: Value = serde_json::from_str(&targets).unwrap();
     let mode = targets["targets"].as_array().unwrap().iter().find(|t| t["id"] == postmaster).map(|t| t["probe_mode"].clone());
     assert_eq!(mode, Some(Value::from("classic")), "{targets:#}");
@@ -403,20 +321,7 @@ fn select_file_changes_apply_without_detaching_other_targets() {
     let (pid_a, pid_b) = (procs.0[0].id(), procs.0[1].id());
     let file = dir.path().join("selectors");
     std::fs::write(&file, format!("# the ConfigMap\ncomm={a}\n")).unwrap();
-    let tokens = standard_tokens(dir.path());
-    let agent = start_agent(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--tokens",
-        tokens.to_str().unwrap(),
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--rate-limit",
-        "1000",
-        "--select-file",
-        file.to_str().unwrap(),
-    ])
-    .unwrap();
+    let agent = start_agent_in(dir.path(), &["--rate-limit", "1000", "--select-file", file.to_str().unwrap()]);
     let url = agent.url.clone();
     let attached = |pid: u32| workloads(&url).iter().any(|w| w["pid"] == pid && w["attached"] == true);
     wait_until(Duration::from_secs(60), "a attached", || attached(pid_a));
@@ -435,7 +340,7 @@ fn select_file_changes_apply_without_detaching_other_targets() {
     std::fs::write(&tmp, format!("comm={a}\nbogus\n")).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
     wait_until(Duration::from_secs(30), "the bad file counted as refused", || {
-        let (_, m) = http(&url, "GET", "/metrics", READ, None);
+        let (_, m) = http_text(&url, "GET", "/metrics", READ, None);
         metric(&m, "memscope_select_file_reloads_total{result=\"refused\"}") == Some(1.0)
     });
     assert!(attached(pid_a) && attached(pid_b));
@@ -444,7 +349,7 @@ fn select_file_changes_apply_without_detaching_other_targets() {
     std::fs::rename(&tmp, &file).unwrap();
     wait_until(Duration::from_secs(30), "b detached after its selector left the file", || !attached(pid_b));
     assert_eq!(attached_at(pid_a), Some(a_since.clone()), "a was detached and attached again");
-    let (_, m) = http(&url, "GET", "/metrics", READ, None);
+    let (_, m) = http_text(&url, "GET", "/metrics", READ, None);
     assert_eq!(metric(&m, "memscope_select_file_reloads_total{result=\"applied\"}"), Some(2.0), "{m}");
 }
 
@@ -486,18 +391,18 @@ fn metrics_listener_serves_metrics_with_its_own_token_only() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    let (status, body) = http(&metrics_url, "GET", "/metrics", METRICS_TOKEN, None);
+    let (status, body) = http_text(&metrics_url, "GET", "/metrics", METRICS_TOKEN, None);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("# TYPE"), "{body}");
     for bad in [READ, ADMIN, "scrape-token-0123456789abcdeX"] {
-        assert_eq!(http(&metrics_url, "GET", "/metrics", bad, None).0, 401, "token {bad}");
+        assert_eq!(http_text(&metrics_url, "GET", "/metrics", bad, None).0, 401, "token {bad}");
     }
-    assert_eq!(http(&metrics_url, "GET", "/healthz", "", None).0, 200);
-    assert_eq!(http(&metrics_url, "GET", "/readyz", "", None).0, 200);
+    assert_eq!(http_text(&metrics_url, "GET", "/healthz", "", None).0, 200);
+    assert_eq!(http_text(&metrics_url, "GET", "/readyz", "", None).0, 200);
     for path in ["/v1/targets", "/v1/workloads", "/v1/openapi.json", "/metrics/../v1/targets"] {
-        assert_eq!(http(&metrics_url, "GET", path, ADMIN, None).0, 404, "{path}");
+        assert_eq!(http_text(&metrics_url, "GET", path, ADMIN, None).0, 404, "{path}");
     }
-    assert_eq!(http(&metrics_url, "POST", "/metrics", METRICS_TOKEN, Some("")).0, 405);
+    assert_eq!(http_text(&metrics_url, "POST", "/metrics", METRICS_TOKEN, Some("")).0, 405);
     // The API does not take the metrics token.
-    assert_eq!(http(&agent.url, "GET", "/metrics", METRICS_TOKEN, None).0, 401);
+    assert_eq!(http_text(&agent.url, "GET", "/metrics", METRICS_TOKEN, None).0, 401);
 }

@@ -12,58 +12,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{agent::*, build_fixture, require_root};
+use common::{
+    agent::*,
+    build_fixture,
+    cgroups::{cgroup2_root, Cgroups},
+    require_root,
+};
 use serde_json::Value;
 
-/// The tests of this file one at a time: each asserts that processes are attached within a
-/// second, and on a 2-core host four agents verifying their eBPF objects at once pushed the
-/// first attach past 1.5 s.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            post.starts_with("cgroup2 ").then(|| PathBuf::from(pre.split(' ').nth(4).unwrap()))
-        })
-        .expect("cgroup v2 is mounted")
-}
-
-/// The cgroups a test made, removed (deepest first) when dropped.
-struct Cgroups(Vec<PathBuf>);
-
-impl Cgroups {
-    fn make(&mut self, root: &Path, rel: &str) -> PathBuf {
-        let mut p = root.to_path_buf();
-        for comp in rel.split('/') {
-            p.push(comp);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-                self.0.push(p.clone());
-            }
-        }
-        p
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for p in self.0.iter().rev() {
-            for _ in 0..50 {
-                if std::fs::remove_dir(p).is_ok() || !p.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
+// Its tests run `one_at_a_time`: each asserts that processes are attached within a second,
+// and on a 2-core host four agents verifying their eBPF objects at once pushed the first
+// attach past 1.5 s.
 
 /// A simulated container: `exe` in cgroup `cg`, in new mount and pid namespaces (it is pid 1
 /// there). Killed (with its namespace) when dropped.
@@ -82,21 +41,6 @@ impl Drop for Container {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn http(url: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let full = format!("{url}{path}");
-    let auth = format!("Bearer {token}");
-    let mut resp = match (method, body) {
-        ("POST", b) => agent.post(&full).header("Authorization", &auth).send(b.unwrap_or("")),
-        ("DELETE", _) => agent.delete(&full).header("Authorization", &auth).call(),
-        _ => agent.get(&full).header("Authorization", &auth).call(),
-    }
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let status = resp.status().as_u16();
-    let text = resp.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// Polls `/v1/workloads` until `pred` holds for one of them; returns it and the time it took.
@@ -558,23 +502,6 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// Pids of the running children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|c| ppid(*c) == Some(pid))
-        .collect();
-    out.sort_unstable();
-    out
-}
-
-fn ppid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -720,17 +647,13 @@ struct CgroupAgent {
 impl CgroupAgent {
     fn start(name: &str, n: usize, extra: &[&str]) -> CgroupAgent {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = standard_tokens(dir.path());
-        let data = data_dir(dir.path());
         let exe = build_fixture("workload_fixture", &[]);
         let root = cgroup2_root();
         let base = format!("memscope-{name}-{}", std::process::id());
         let mut cgroups = Cgroups(Vec::new());
         let cgs: Vec<PathBuf> = (0..n).map(|i| cgroups.make(&root, &format!("{base}/c{i}"))).collect();
         let select = format!("cgroup=/{base}/*");
-        let mut args = vec!["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data, "--rate-limit", "1000", "--select", &select];
-        args.extend_from_slice(extra);
-        let agent = start_agent(&args).unwrap();
+        let agent = start_agent_in(dir.path(), &[&["--rate-limit", "1000", "--select", &select], extra].concat());
         CgroupAgent { agent, cgs, exe, _cgroups: cgroups, _dir: dir }
     }
 }
@@ -745,12 +668,6 @@ fn start_in_cgroup(cg: &Path, exe: &Path, args: &str, linger: u32) -> Container 
         exe.display()
     );
     Container(Command::new("sh").arg("-c").arg(script).stdin(Stdio::null()).spawn().unwrap())
-}
-
-fn workloads(url: &str) -> Vec<Value> {
-    let (status, v) = http(url, "GET", "/v1/workloads", READ, None);
-    assert_eq!(status, 200, "{v}");
-    v["workloads"].as_array().unwrap().clone()
 }
 
 /// Polls `/v1/workloads` until `pred` holds for the whole list.

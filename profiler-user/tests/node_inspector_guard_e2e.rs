@@ -16,8 +16,8 @@ use std::{
 };
 
 use common::{
-    node::{alive, held, host_netns_turn, script},
-    require_root, Fixture,
+    node::{alive, host_netns_turn, in_own_netns, node_js_heap, script, summary_of_pid},
+    require_root,
 };
 
 use profiler_user::v8::{
@@ -31,6 +31,22 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `node` run by `setpriv` as user `nobody` (group `nogroup`, no supplementary groups).
+fn node_as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node"]);
+    c
+}
+
+/// `nobody` connecting to 127.0.0.1:`port` from node: prints `connected` or the error's code.
+fn nobody_connects(port: u16) -> std::process::Output {
+    node_as_nobody()
+        .arg("-e")
+        .arg(format!("require('net').connect({port}, '127.0.0.1').on('connect', () => {{ console.log('connected'); process.exit(0) }}).on('error', e => {{ console.log(e.code); process.exit(0) }})"))
+        .output()
+        .unwrap()
 }
 
 /// What a connect from a socket memscope did not register gives.
@@ -123,11 +139,7 @@ fn guard_refuses_every_other_socket_until_dropped() {
         "a TCP fast open connect was not refused"
     );
     // Another user's process (not only another socket of this one).
-    let out = Command::new("setpriv")
-        .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e"])
-        .arg(format!("require('net').connect({port}, '127.0.0.1').on('connect', () => {{ console.log('connected'); process.exit(0) }}).on('error', e => {{ console.log(e.code); process.exit(0) }})"))
-        .output()
-        .unwrap();
+    let out = nobody_connects(port);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "EPERM",
@@ -198,24 +210,10 @@ fn squatter_gets_nothing_during_a_summary() {
     require_root();
     let _serial = serial();
     let _turn = host_netns_turn();
-    let mut node = Fixture::spawn({
-        let mut c = Command::new("node");
-        c.arg(script("node_js_heap.js"));
-        c
-    });
+    let mut node = node_js_heap();
     assert_eq!(node.ask("grow 300"), "grown 300");
-    let mut squatter = Command::new("setpriv")
-        .args([
-            "--reuid",
-            "nobody",
-            "--regid",
-            "nogroup",
-            "--clear-groups",
-            "node",
-            "-e",
-            SQUATTER,
-            "9229",
-        ])
+    let mut squatter = node_as_nobody()
+        .args(["-e", SQUATTER, "9229"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -234,8 +232,7 @@ fn squatter_gets_nothing_during_a_summary() {
     );
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..2 {
-        let s = v8::summary_of(held(node.pid), false, "guard-test", v8::Budget::new(Duration::from_secs(120)))
-            .unwrap_or_else(|e| panic!("summary {i}: {e}"));
+        let s = summary_of_pid(node.pid, false, "guard-test").unwrap_or_else(|e| panic!("summary {i}: {e}"));
         assert!(s.get("LeakyRecord").unwrap().count >= 300);
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -264,11 +261,7 @@ fn squatter_gets_nothing_during_a_summary() {
     assert!(alive(node.pid));
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
     let plain = TcpListener::bind("127.0.0.1:9229").unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "node", "-e"])
-        .arg("require('net').connect(9229, '127.0.0.1').on('connect', () => { console.log('connected'); process.exit(0) }).on('error', e => { console.log(e.code); process.exit(0) })")
-        .output()
-        .unwrap();
+    let out = nobody_connects(9229);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "connected",
@@ -299,22 +292,13 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("impostor.log");
     std::fs::write(&log, "").unwrap();
-    let mut node = Fixture::spawn({
-        let mut c = Command::new("unshare");
-        c.args([
-            "--net",
-            "sh",
-            "-c",
-            &format!(
-                "ip link set lo up; {}exec node --inspect-port=[::1]:9229 {}",
-                impostor(&log),
-                script("node_js_heap.js").display()
-            ),
-        ]);
-        c
-    });
+    let mut node = in_own_netns(&format!(
+        "{}exec node --inspect-port=[::1]:9229 {}",
+        impostor(&log),
+        script("node_js_heap.js").display()
+    ));
     assert_eq!(node.ask("grow 200"), "grown 200");
-    let s = v8::summary_of(held(node.pid), false, "impostor-test", v8::Budget::new(Duration::from_secs(120))).unwrap();
+    let s = summary_of_pid(node.pid, false, "impostor-test").unwrap();
     assert!(s.get("LeakyRecord").unwrap().count >= 200);
     let mut seen = String::new();
     std::fs::File::open(&log)
@@ -333,20 +317,11 @@ fn ipv6_inspector_beside_an_ipv4_impostor() {
     assert!(!guard::attached());
     drop(node);
 
-    let node = Fixture::spawn({
-        let mut c = Command::new("unshare");
-        c.args([
-            "--net",
-            "sh",
-            "-c",
-            &format!(
-                "ip link set lo up; exec node --inspect-port=0.0.0.0:9229 {}",
-                script("node_js_heap.js").display()
-            ),
-        ]);
-        c
-    });
-    let err = v8::summary_of(held(node.pid), false, "wildcard-test", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
+    let node = in_own_netns(&format!(
+        "exec node --inspect-port=0.0.0.0:9229 {}",
+        script("node_js_heap.js").display()
+    ));
+    let err = summary_of_pid(node.pid, false, "wildcard-test").unwrap_err();
     assert!(matches!(err, v8::V8Error::Unguardable { .. }), "{err}");
     assert!(err.to_string().contains("0.0.0.0"), "{err}");
     std::thread::sleep(Duration::from_millis(300));
@@ -423,21 +398,12 @@ fn inspector_on_an_unexpected_port_is_closed_and_refused() {
     let dir = tempfile::tempdir().unwrap();
     let preload = dir.path().join("port.js");
     std::fs::write(&preload, "process.debugPort = 9333;\n").unwrap();
-    let node = Fixture::spawn({
-        let mut c = Command::new("unshare");
-        c.args([
-            "--net",
-            "sh",
-            "-c",
-            &format!(
-                "ip link set lo up; exec node -r {} {}",
-                preload.display(),
-                script("node_js_heap.js").display()
-            ),
-        ]);
-        c
-    });
-    let err = v8::summary_of(held(node.pid), false, "moved-port-test", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
+    let node = in_own_netns(&format!(
+        "exec node -r {} {}",
+        preload.display(),
+        script("node_js_heap.js").display()
+    ));
+    let err = summary_of_pid(node.pid, false, "moved-port-test").unwrap_err();
     assert!(
         matches!(err, v8::V8Error::Unguardable { .. }) && err.to_string().contains("9333"),
         "{err}"

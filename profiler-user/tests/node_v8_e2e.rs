@@ -12,10 +12,13 @@ use std::{
 
 use common::{
     agent::*,
-    node::{alive, count_in_snapshot, eval_tokens as tokens, held, host_netns_turn, http, node_js_heap, EVAL},
-    require_root, Fixture,
+    node::{
+        alive, count_in_snapshot, eval_tokens as tokens, host_netns_turn, http, in_own_netns, node_js_heap,
+        summary_of_pid, EVAL,
+    },
+    require_root,
 };
-use profiler_user::v8::{self, inspector::own_listeners, summary};
+use profiler_user::v8::{inspector::own_listeners, summary};
 use serde_json::Value;
 
 /// A log line without its ANSI colours.
@@ -134,9 +137,9 @@ fn v8_summaries_cli_and_refusals() {
     let _turn = host_netns_turn();
     let mut node = node_js_heap();
     assert_eq!(node.ask("grow 1000"), "grown 1000");
-    let before = v8::summary_of(held(node.pid), true, "before", v8::Budget::new(Duration::from_secs(120))).unwrap();
+    let before = summary_of_pid(node.pid, true, "before").unwrap();
     assert_eq!(node.ask("grow 4000"), "grown 5000");
-    let after = v8::summary_of(held(node.pid), true, "after", v8::Budget::new(Duration::from_secs(120))).unwrap();
+    let after = summary_of_pid(node.pid, true, "after").unwrap();
     assert!(after.get("LeakyRecord").unwrap().count >= 5000, "{:?}", after.get("LeakyRecord"));
     let grew = summary::grew(&before, &after);
     let leaky = grew.iter().find(|g| g.name == "LeakyRecord").expect("LeakyRecord grew");
@@ -180,18 +183,16 @@ fn v8_in_another_network_namespace() {
         } else {
             ""
         };
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "sh", "-c", &format!("ip link set lo up; {squatter}exec node {}", script.display())]);
-        Fixture::spawn(cmd)
+        in_own_netns(&format!("{squatter}exec node {}", script.display()))
     };
     let mut node = spawn(false);
     assert_eq!(node.ask("grow 300"), "grown 300");
-    let s = v8::summary_of(held(node.pid), false, "netns", v8::Budget::new(Duration::from_secs(120))).unwrap();
+    let s = summary_of_pid(node.pid, false, "netns").unwrap();
     assert!(s.get("LeakyRecord").unwrap().count >= 300);
     assert_eq!(own_listeners(node.pid), Vec::<u16>::new());
 
     let node2 = spawn(true);
-    let err = v8::summary_of(held(node2.pid), false, "netns", v8::Budget::new(Duration::from_secs(120))).unwrap_err();
+    let err = summary_of_pid(node2.pid, false, "netns").unwrap_err();
     assert!(err.to_string().contains("taken by another process"), "{err}");
     assert!(alive(node2.pid));
     drop(node2);

@@ -129,18 +129,7 @@ fn v8_sampling_profile_keeps_nodes_call_tree() {
 
     let _turn = host_netns_turn();
     let dir = tempfile::tempdir().unwrap();
-    let tf = standard_tokens(dir.path());
-    let a = start_agent(&[
-        "--tokens",
-        tf.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--pid",
-        &node.pid.to_string(),
-    ])
-    .unwrap();
+    let a = start_agent_in(dir.path(), &["--pid", &node.pid.to_string()]);
     let profile = |format: &str| {
         let (s, b) = node::http("GET", &format!(
                 "{}/v1/targets/{}/v8/heap-profile?seconds=3&format={format}",
@@ -306,18 +295,7 @@ fn v8_snapshot_ids_are_stable_across_agent_snapshots() {
     let dirs_before = memscope_dirs(node.pid);
     assert_eq!(node.ask("grow 1000"), "grown 1000");
     let dir = tempfile::tempdir().unwrap();
-    let tf = standard_tokens(dir.path());
-    let a = start_agent(&[
-        "--tokens",
-        tf.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--pid",
-        &node.pid.to_string(),
-    ])
-    .unwrap();
+    let a = start_agent_in(dir.path(), &["--pid", &node.pid.to_string()]);
     let url = format!("{}/v1/targets/{}/v8/heap-snapshot", a.url, node.pid);
     let mut snaps: Vec<PathBuf> = Vec::new();
     let mut ids: Vec<BTreeSet<u64>> = Vec::new();

@@ -153,7 +153,6 @@ fn v8_cli_through_the_agent() {
     let node = node_with_worker(5000);
     let pid = node.pid.to_string();
     let dir = tempfile::tempdir().unwrap();
-    let tf = standard_tokens(dir.path());
     let admin = token_file(
         &dir.path().join("admin").tap_mkdir(),
         &format!("ops admin {ADMIN}\n"),
@@ -164,17 +163,7 @@ fn v8_cli_through_the_agent() {
         &format!("viewer read {READ}\n"),
         0o600,
     );
-    let a = start_agent(&[
-        "--tokens",
-        tf.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--pid",
-        &pid,
-    ])
-    .unwrap();
+    let a = start_agent_in(dir.path(), &["--pid", &pid]);
 
     let (local, _) = cli(&["v8", "summary", &pid, "--json"]);
     let (remote, _) = cli(&[
@@ -298,18 +287,7 @@ fn v8_heap_limit_trigger() {
         .arg(script("node_heap_limit.js"));
     let mut node = Fixture::spawn(cmd);
     let dir = tempfile::tempdir().unwrap();
-    let tf = standard_tokens(dir.path());
-    let a = start_agent(&[
-        "--tokens",
-        tf.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        &data_dir(dir.path()),
-        "--pid",
-        &node.pid.to_string(),
-    ])
-    .unwrap();
+    let a = start_agent_in(dir.path(), &["--pid", &node.pid.to_string()]);
     let triggers = format!("{}/v1/targets/{}/triggers", a.url, node.pid);
     let (s, v) = http_json(
         "POST",

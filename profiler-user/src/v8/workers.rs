@@ -387,6 +387,7 @@ impl Protocol for ThreadSession<'_> {
     }
 }
 
+/// The session of the main thread (`worker` `None`) or of `worker`, on `insp`.
 fn session<'a>(insp: &'a mut Inspector, worker: Option<&Attached>) -> ThreadSession<'a> {
     match worker {
         None => ThreadSession::Main(insp),
@@ -413,7 +414,7 @@ pub fn with_threads<T>(
     let mut out = Vec::new();
     if matches!(thread, Thread::Main | Thread::All) {
         let info = ThreadInfo::main(insp.process())?;
-        let r = f(&info, &mut ThreadSession::Main(insp))?;
+        let r = f(&info, &mut session(insp, None))?;
         out.push((info, r));
         if *thread == Thread::Main {
             return Ok(out);
@@ -429,10 +430,7 @@ pub fn with_threads<T>(
     };
     let result = (|| {
         for w in chosen {
-            let r = f(
-                &w.info,
-                &mut ThreadSession::Worker(WorkerSession::new(insp, w)),
-            )?;
+            let r = f(&w.info, &mut session(insp, Some(w)))?;
             out.push((w.info.clone(), r));
         }
         Ok(())

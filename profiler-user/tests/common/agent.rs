@@ -158,3 +158,75 @@ pub fn client(url: &str, token: Option<&str>, args: &[&str]) -> (ExitStatus, Str
     }
     run(c)
 }
+
+/// The tests of one file one at a time (each test binary has its own lock): for tests that
+/// measure the agent or time its attaches, which agents starting at once on a 2-core host blur.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `method` (`GET`, `POST` of `body`, `DELETE`) of `url` + `path` with `token`: the status and
+/// the body as text, statuses returned (not errors).
+pub fn http_text(url: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let full = format!("{url}{path}");
+    let auth = format!("Bearer {token}");
+    let mut resp = match (method, body) {
+        ("POST", b) => agent.post(&full).header("Authorization", &auth).send(b.unwrap_or("")),
+        ("DELETE", _) => agent.delete(&full).header("Authorization", &auth).call(),
+        _ => agent.get(&full).header("Authorization", &auth).call(),
+    }
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap())
+}
+
+/// [`http_text`], the body read as JSON (a JSON string of the text when it is not JSON).
+pub fn http(url: &str, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let (status, text) = http_text(url, method, path, token, body);
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// The agent's workloads (`GET /v1/workloads` with the read token, which must answer 200).
+pub fn workloads(url: &str) -> Vec<serde_json::Value> {
+    let (status, v) = http(url, "GET", "/v1/workloads", READ, None);
+    assert_eq!(status, 200, "{v}");
+    v["workloads"].as_array().unwrap().clone()
+}
+
+/// Waits up to `within` for `pred`, polling every 100 ms; panics with `what` after.
+pub fn wait_until(within: Duration, what: &str, mut pred: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !pred() {
+        assert!(t.elapsed() < within, "not within {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pids of the running children of `pid`, in order.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| ppid(*c) == Some(pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The parent of `pid` (`PPid` of /proc/PID/status), if it still runs.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Starts `memscope agent` on 127.0.0.1 with [`standard_tokens`] and its data in `dir`, and
+/// `extra` flags; panics when it does not start.
+pub fn start_agent_in(dir: &Path, extra: &[&str]) -> Agent {
+    let tokens = standard_tokens(dir);
+    let data = data_dir(dir);
+    let mut args = vec!["--tokens", tokens.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir", &data];
+    args.extend_from_slice(extra);
+    start_agent(&args).unwrap()
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod cgroups;
 pub mod rust_usdt;
 pub mod node;
 

@@ -1,7 +1,8 @@
 //! Helpers of the Node.js end-to-end tests (node_v8_*_e2e.rs, node_inspector_guard_e2e.rs,
 //! node_pause_e2e.rs), kept here once: the turn on the host's inspector port, the node
-//! fixtures started with no flag, the process handles the V8 functions take, plain HTTP to the
-//! agent with a token, the `.heapsnapshot` check, and polling with a deadline.
+//! fixtures started with no flag or in a network namespace of their own, the process handles
+//! the V8 functions take and a summary through them, plain HTTP to the agent with a token, the
+//! `.heapsnapshot` check, and polling with a deadline.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -47,6 +48,24 @@ pub fn node_js_heap() -> Fixture {
 /// their targets, and the V8 functions take them).
 pub fn held(pid: u32) -> Arc<profiler_user::process::Process> {
     Arc::new(profiler_user::process::Process::open(pid).unwrap())
+}
+
+/// A V8 heap summary of `pid` through [`profiler_user::v8::summary_of`] (a full GC first when
+/// `gc`), within 120 s.
+pub fn summary_of_pid(
+    pid: u32,
+    gc: bool,
+    reason: &str,
+) -> Result<profiler_user::v8::summary::HeapSummary, profiler_user::v8::V8Error> {
+    profiler_user::v8::summary_of(held(pid), gc, reason, profiler_user::v8::Budget::new(Duration::from_secs(120)))
+}
+
+/// `sh -c "ip link set lo up; SHELL"` in a network namespace of its own (`unshare --net`),
+/// started as a fixture (its "ready" line read).
+pub fn in_own_netns(shell: &str) -> Fixture {
+    let mut c = Command::new("unshare");
+    c.args(["--net", "sh", "-c", &format!("ip link set lo up; {shell}")]);
+    Fixture::spawn(c)
 }
 
 /// Whether a process `pid` exists.
