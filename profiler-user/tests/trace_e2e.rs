@@ -258,6 +258,30 @@ fn chosen_probe_sites_count_exactly() {
     assert_eq!(c[Counter::FailedAllocs as usize], 1, "malloc(SIZE_MAX)");
 }
 
+/// Classic probes attached while every thread of the target is allocating record each thread
+/// from then on. An entry seen before its return probe existed used to leave the thread's
+/// in-flight slot active, and every later call of that thread was taken for a nested one,
+/// never recorded: the threads busy at the attach were lost.
+#[test]
+fn classic_probes_attached_to_busy_threads_record_every_thread() {
+    require_root();
+    let exe = common::build_fixture("busy_fixture", &["-pthread"]);
+    let fixture = Fixture::start(&exe, "run");
+    let settings = ProbeSettings { probe_mode: ProbeMode::Classic, ..Default::default() };
+    let session = Session::attach(fixture.pid, settings).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let p = session.snapshot(Duration::ZERO).unwrap();
+    for function in ["busy_a", "busy_b"] {
+        let calls: u64 = p
+            .stacks
+            .iter()
+            .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(function)))
+            .map(|s| s.total_allocs)
+            .sum();
+        assert!(calls > 100, "{function}: {calls} allocations recorded in 0.5 s of a thread allocating without pause");
+    }
+}
+
 /// The two ways of attaching, uprobe.session (one probe per function; unsampled calls skip
 /// the return) and uprobe + uretprobe (kernels before 6.13), record the same thing, every
 /// allocation, sampled, or sampled at one byte (exact again, through the sampled paths).

@@ -452,11 +452,15 @@ fn attach_classic(
     if kind.frees() {
         return Ok(vec![one("free_entry", site.offset)?]);
     }
-    let entry = one("alloc_entry", site.offset)?;
     // A uretprobe is an entry probe that swaps the return address at [rsp]: it can sit at the
     // chosen (cheap) site as long as rsp has not moved there.
     let ret_offset = if site.rsp_delta == 0 { site.offset } else { 0 };
-    Ok(vec![entry, one("alloc_return", ret_offset)?])
+    // The return probe first. A call whose entry was seen before its return probe existed
+    // would leave its thread's `INFLIGHT` slot active, and every later call of that thread
+    // would be taken for a nested one, never recorded (a busy process attached in classic
+    // mode lost whole threads); a return whose entry was not seen is only counted.
+    let ret = one("alloc_return", ret_offset)?;
+    Ok(vec![one("alloc_entry", site.offset)?, ret])
 }
 
 /// Where a snapshot trigger fires.
