@@ -89,12 +89,8 @@ impl Session {
         Session::attach_on_named(probes, pid, plan, &Default::default(), false)
     }
 
-    /// [`Session::attach_on`] for a process known to fork short-lived children (a
-    /// `forks=true` workload): see [`classic_for_forks`].
-    pub fn attach_forking_on(probes: &Arc<Probes>, pid: u32, plan: unwind::target::Plan) -> anyhow::Result<Session> {
-        Session::attach_on_named(probes, pid, plan, &Default::default(), true)
-    }
-
+    /// `forks`: a process known to fork short-lived children (a `forks=true` workload), see
+    /// [`classic_for_forks`].
     fn attach_on_named(
         probes: &Arc<Probes>,
         pid: u32,
@@ -537,19 +533,22 @@ impl EbpfAttacher {
     }
 }
 
-impl Attacher for EbpfAttacher {
-    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
+impl EbpfAttacher {
+    fn attach_with(&self, pid: u32, forks: bool) -> anyhow::Result<Arc<dyn TracedTarget>> {
         load::check_environment()?;
         let plan = unwind::target::plan(pid);
         let probes = self.loaded()?;
-        Ok(Arc::new(Session::attach_on(&probes, pid, plan)?))
+        Ok(Arc::new(Session::attach_on_named(&probes, pid, plan, &Default::default(), forks)?))
+    }
+}
+
+impl Attacher for EbpfAttacher {
+    fn attach(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
+        self.attach_with(pid, false)
     }
 
     fn attach_forking(&self, pid: u32) -> anyhow::Result<Arc<dyn TracedTarget>> {
-        load::check_environment()?;
-        let plan = unwind::target::plan(pid);
-        let probes = self.loaded()?;
-        Ok(Arc::new(Session::attach_forking_on(&probes, pid, plan)?))
+        self.attach_with(pid, true)
     }
 
     /// Loads the probes (0.5 to 0.7 s of verification, and the maps allocated) at once.
