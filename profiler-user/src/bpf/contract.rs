@@ -49,6 +49,9 @@ pub struct Contract {
     /// `ddheap` or `otel_memory`.
     pub provider: String,
     pub objects: Vec<ContractObject>,
+    /// Every object looked at when the contract was found (paths in the target), so that
+    /// [`find_new`] does not parse them again.
+    pub searched: Vec<String>,
 }
 
 impl Contract {
@@ -84,14 +87,16 @@ pub enum ContractError {
 pub fn find(pid: u32) -> Result<Option<Contract>, ContractError> {
     let mut provider: Option<&'static str> = None;
     let mut objects = Vec::new();
+    let mut searched = Vec::new();
     for procfs::MappedObject { path, host_path } in procfs::objects(pid)? {
+        searched.push(path.clone());
         if let Some((p, object)) = contract_of(path, host_path, provider) {
             provider = Some(p);
             objects.push(object);
         }
     }
     let Some(provider) = provider else { return Ok(None) };
-    let contract = Contract { provider: provider.to_string(), objects };
+    let contract = Contract { provider: provider.to_string(), objects, searched };
     if contract.sites() > USDT_SPECS_PER_TARGET as usize {
         return Err(ContractError::TooManySites { pid, sites: contract.sites() });
     }

@@ -141,12 +141,13 @@ impl TargetProbes {
     }
 
     /// What follows a target traced through the contract as it maps new objects (called by
-    /// [`crate::unwind::UnwindHandle::on_maps_change`]): each executable file it maps is
-    /// searched once, and those carrying the contract's provider are attached
+    /// [`crate::unwind::UnwindHandle::on_maps_change`]): each executable file it maps after the
+    /// contract was found is searched once, and those carrying the contract's provider are attached
     /// ([`TargetProbes::extend_contract`]); nothing once `process` or this target is gone.
     pub fn contract_follower(self: &Arc<Self>, process: &Arc<Process>) -> impl Fn() + Send + Sync + 'static {
         let (target, process) = (Arc::downgrade(self), Arc::downgrade(process));
-        let seen = Mutex::new(HashSet::new());
+        let searched = self.contract.lock().unwrap().as_ref().map(|c| c.searched.clone()).unwrap_or_default();
+        let seen = Mutex::new(searched.into_iter().collect::<HashSet<String>>());
         move || {
             let (Some(target), Some(process)) = (target.upgrade(), process.upgrade()) else { return };
             let Some(provider) = target.contract.lock().unwrap().as_ref().map(|c| c.provider.clone()) else { return };
