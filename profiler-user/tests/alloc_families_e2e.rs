@@ -18,11 +18,7 @@ use profiler_user::{aggregate::HeapProfile, bpf::load::ProbeSettings, session::S
 /// (live bytes, live allocations) of the stacks with a frame in the fixture's `function`
 /// (`rust_alloc_fixture::leak_rust`), each stack once.
 fn site(p: &HeapProfile, function: &str) -> (u64, u64) {
-    let named = |f: &str| f == function || f.ends_with(&format!("::{function}"));
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref().is_some_and(named)))
-        .fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
+    common::stacks_through_path(p, function).fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
 }
 
 fn attached(exe: &Path, mode: &str, sample_bytes: u64) -> (Fixture, Session) {

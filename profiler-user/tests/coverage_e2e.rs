@@ -41,11 +41,7 @@ fn reasons(p: &HeapProfile) -> Vec<Reason> {
 
 /// (live bytes, live allocations) of the stacks with a frame named `function`.
 fn site(p: &HeapProfile, function: &str) -> (u64, u64) {
-    let named = |f: &str| f == function || f.ends_with(&format!("::{function}"));
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref().is_some_and(named)))
-        .fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
+    common::stacks_through_path(p, function).fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
 }
 
 /// Whatever the report concludes about leaks, a low coverage is stated with it.

@@ -25,7 +25,8 @@ const PAIRS: u64 = 200_000;
 /// ~1.3 µs here (3.4 µs on a loaded machine), a bare pair ~20 ns.
 const NO_TRAP_NS: f64 = 300.0;
 
-/// How long a child forked now takes per pair.
+/// How much CPU time a child forked now spends per pair (its traps included, its waits for a
+/// CPU on a busy machine not).
 fn child_ns(f: &mut Fixture) -> f64 {
     let a = f.ask(&format!("child {PAIRS}"));
     a.strip_prefix("child_ns ").and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("fixture said {a:?}"))

@@ -64,15 +64,7 @@ fn go_fixture_with(cgo: bool, flags: &[&str]) -> PathBuf {
 
 /// Live bytes of the stacks with a frame in `function`, each stack once.
 fn site(p: &HeapProfile, function: &str) -> u64 {
-    p.stacks
-        .iter()
-        .filter(|s| {
-            s.frames
-                .iter()
-                .any(|f| f.function.as_deref() == Some(function))
-        })
-        .map(|s| s.live_bytes)
-        .sum()
+    common::stacks_through(p, function).map(|s| s.live_bytes).sum()
 }
 
 /// The process's own heap profile: `inuse_space` cumulative per function, as `go tool pprof`
@@ -260,37 +252,10 @@ fn go_heap_with_cgo_and_c_stacks_into_go() {
     let p = check_go_heap(true, &[]);
     let c = site(&p, "keep_c_blocks");
     assert_eq!(c, 64 * 65536, "C allocations from keep_c_blocks, exact");
-    let into_go = p
-        .stacks
-        .iter()
-        .filter(|s| {
-            s.frames
-                .iter()
-                .any(|f| f.function.as_deref() == Some("keep_c_blocks"))
-        })
-        .all(|s| {
-            let names: Vec<&str> = s
-                .frames
-                .iter()
-                .filter_map(|f| f.function.as_deref())
-                .collect();
-            names.contains(&"main.keepC") && names.contains(&"main.main")
-        });
-    let shown: Vec<Vec<&str>> = p
-        .stacks
-        .iter()
-        .filter(|s| {
-            s.frames
-                .iter()
-                .any(|f| f.function.as_deref() == Some("keep_c_blocks"))
-        })
-        .map(|s| {
-            s.frames
-                .iter()
-                .map(|f| f.function.as_deref().unwrap_or("?"))
-                .collect()
-        })
+    let shown: Vec<Vec<&str>> = common::stacks_through(&p, "keep_c_blocks")
+        .map(|s| s.frames.iter().map(|f| f.function.as_deref().unwrap_or("?")).collect())
         .collect();
+    let into_go = shown.iter().all(|names| names.contains(&"main.keepC") && names.contains(&"main.main"));
     assert!(
         into_go,
         "the C stacks continue into the Go caller: {shown:?}"

@@ -10,11 +10,7 @@ use profiler_user::{aggregate::HeapProfile, bpf::load::ProbeSettings, session::S
 
 /// Live bytes of the stacks that pass through JavaScript function `name`.
 fn live_through(p: &HeapProfile, name: &str) -> u64 {
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(name)))
-        .map(|s| s.live_bytes)
-        .sum()
+    common::stacks_through(p, name).map(|s| s.live_bytes).sum()
 }
 
 /// A Buffer leak is reported under the JavaScript function that made it, within 5% of the

@@ -13,11 +13,7 @@ use profiler_user::{
 
 /// Live bytes of the stacks with a frame named `name`.
 fn live_through(p: &HeapProfile, name: &str) -> u64 {
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(name)))
-        .map(|s| s.live_bytes)
-        .sum()
+    common::stacks_through(p, name).map(|s| s.live_bytes).sum()
 }
 
 /// The fixture's ground truth: bytes each function keeps.

@@ -272,12 +272,7 @@ fn classic_probes_attached_to_busy_threads_record_every_thread() {
     std::thread::sleep(Duration::from_millis(500));
     let p = session.snapshot(Duration::ZERO).unwrap();
     for function in ["busy_a", "busy_b"] {
-        let calls: u64 = p
-            .stacks
-            .iter()
-            .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(function)))
-            .map(|s| s.total_allocs)
-            .sum();
+        let calls: u64 = common::stacks_through(&p, function).map(|s| s.total_allocs).sum();
         assert!(calls > 100, "{function}: {calls} allocations recorded in 0.5 s of a thread allocating without pause");
     }
 }
@@ -334,10 +329,7 @@ fn allocator_deleted_on_disk_is_traced() {
 
 /// (live bytes, live allocations) of all stacks with `function` in any frame.
 fn site_anywhere(p: &HeapProfile, function: &str) -> (u64, u64) {
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref() == Some(function)))
-        .fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
+    common::stacks_through(p, function).fold((0, 0), |(b, n), s| (b + s.live_bytes, n + s.live_allocs))
 }
 
 /// C++ `new` and `delete`: through libstdc++'s operators (which call malloc and free) with

@@ -32,11 +32,7 @@ const SMALL: u64 = 10_000 * 1000;
 
 /// (live bytes, allocated bytes) of the stacks with a frame in the fixture's `function`.
 fn site(p: &HeapProfile, function: &str) -> (u64, u64) {
-    let named = |f: &str| f == function || f.ends_with(&format!("::{function}"));
-    p.stacks
-        .iter()
-        .filter(|s| s.frames.iter().any(|f| f.function.as_deref().is_some_and(named)))
-        .fold((0, 0), |(l, t), s| (l + s.live_bytes, t + s.total_bytes))
+    common::stacks_through_path(p, function).fold((0, 0), |(l, t), s| (l + s.live_bytes, t + s.total_bytes))
 }
 
 fn within(label: &str, what: &str, got: u64, truth: u64, bound: f64) {

@@ -14,6 +14,20 @@ use std::{
     sync::OnceLock,
 };
 
+use profiler_user::aggregate::{HeapProfile, StackSample};
+
+/// The stacks of `p` with a frame named `function`.
+pub fn stacks_through<'a>(p: &'a HeapProfile, function: &'a str) -> impl Iterator<Item = &'a StackSample> + 'a {
+    p.stacks.iter().filter(move |s| s.frames.iter().any(|f| f.function.as_deref() == Some(function)))
+}
+
+/// The stacks of `p` with a frame named `function` or `path::function` (a Rust or C++ path).
+pub fn stacks_through_path<'a>(p: &'a HeapProfile, function: &'a str) -> impl Iterator<Item = &'a StackSample> + 'a {
+    let suffix = format!("::{function}");
+    let named = move |f: &str| f == function || f.ends_with(&suffix);
+    p.stacks.iter().filter(move |s| s.frames.iter().any(|f| f.function.as_deref().is_some_and(&named)))
+}
+
 /// Longest a test waits for one line of a fixture (a loaded 2-core machine included).
 pub const FIXTURE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
